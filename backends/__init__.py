@@ -1,0 +1,1 @@
+"""Backends that lower a rewritten graph: `triton` for training kernels, `onnx` for deployment."""

@@ -1,0 +1,1 @@
+"""ONNX export for ONNX Runtime deployment (planned; see docs/architecture.md)."""

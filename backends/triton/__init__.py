@@ -1,0 +1,1 @@
+"""Triton lowering of fused base + adapter linears (planned; see docs/architecture.md)."""

@@ -1,0 +1,65 @@
+"""Write your own pass: scale every attention output by a learnable scalar, initialised to 1.
+
+    attn = scaled_dot_product_attention(q, k, v)  ->  attn = mul(scaled_dot_product_attention(q, k, v), scale)
+
+Registered under a name, it runs from pipeline text like the built-in passes:
+
+    python examples/custom_pass.py
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import fx, nn
+
+import peftc
+from peftc.errors import OptionError
+from peftc.graph import set_tensor
+
+
+@dataclass(frozen=True)
+class AttnScaleOptions:
+    targets: str | None = None  # attention modules to scale (all by default)
+    init: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.init <= 0:
+            raise OptionError(f"attn_scale: init must be positive, got {self.init}")
+
+
+@peftc.register_pass("attn_scale", options=AttnScaleOptions, preserves_outputs=True, replace=True)
+def attn_scale(gm: fx.GraphModule, options: AttnScaleOptions) -> peftc.PassResult:
+    """Multiply each attention output by a learnable scalar `<attention path>.attn_scale`.
+
+    1. Every `scaled_dot_product_attention` site matching `targets` gets one scalar.
+    2. The scalar starts at `init` (1.0 keeps the model's function).
+    """
+    sites = peftc.attention_sites(gm, options.targets)
+    for site in sites:
+        name = f"{site.path}.attn_scale"
+        set_tensor(gm, name, nn.Parameter(torch.full((), options.init)))
+        with gm.graph.inserting_after(site.node):
+            scale = gm.graph.get_attr(name)
+        with gm.graph.inserting_after(scale):
+            scaled = gm.graph.call_function(torch.ops.aten.mul.Tensor, (site.node, scale))
+        site.node.replace_all_uses_with(scaled, delete_user_cb=lambda user: user is not scaled)
+        peftc.tag(scale, pass_name="attn_scale", role="scale", path=site.path)
+        peftc.tag(scaled, pass_name="attn_scale", role="scaled_output", path=site.path)
+    return peftc.PassResult(gm, modified=bool(sites), sites=tuple(s.path for s in sites))
+
+
+def main() -> None:
+    from peftc.models import load_model
+
+    loaded = load_model("tiny-llama")
+    gm = peftc.capture(loaded.model, loaded.args, loaded.kwargs)
+    scaled = peftc.apply(gm, "freeze, attn_scale(init=1.0)", check_numerics=True)
+    print(peftc.diff(gm, scaled))
+    trainable = [name for name, p in scaled.named_parameters() if p.requires_grad]
+    print("trainable:", ", ".join(trainable))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,45 @@
+"""peftc: a compiler for parameter-efficient finetuning.
+
+    gm = peftc.capture(model, args=(input_ids,))
+    gm = peftc.apply(gm, "freeze, dce")
+    print(peftc.show(gm))
+"""
+
+from peftc import errors
+from peftc.capture import capture, export_program
+from peftc.graph import tag, tagged
+from peftc.inspect import diff, save_graph, show, summary, to_dot, to_networkx
+from peftc.pipeline import Pipeline, PipelineResult, Step, apply
+from peftc.registry import PassResult, register_pass, registered_passes
+from peftc.sites import attention_sites, block_sites, embedding_sites, lm_head, linear_sites
+
+from peftc import passes  # noqa: E402  (registers the built-in passes)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "capture",
+    "export_program",
+    "apply",
+    "Pipeline",
+    "PipelineResult",
+    "Step",
+    "PassResult",
+    "register_pass",
+    "registered_passes",
+    "show",
+    "summary",
+    "diff",
+    "to_networkx",
+    "to_dot",
+    "save_graph",
+    "linear_sites",
+    "embedding_sites",
+    "attention_sites",
+    "block_sites",
+    "lm_head",
+    "tag",
+    "tagged",
+    "errors",
+    "passes",
+]

@@ -1,0 +1,147 @@
+"""The `peftc` command line.
+
+    peftc show MODEL [--targets PATTERN]
+    peftc apply MODEL --passes "freeze, dce" [--out DIR]
+    peftc passes [--markdown]
+
+MODEL is a built-in name (`tiny-llama`, `tiny-gpt2`, `tiny-bert`, `minilm`, ...), a local
+Hugging Face model folder, or `package.module:factory`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import io
+import sys
+import typing
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+import peftc
+from peftc._io import atomic_write
+from peftc.errors import PeftcError
+from peftc.models import BUILTIN_MODELS, load_model
+from peftc.registry import PassInfo, registered_passes
+
+__all__ = ["main"]
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.run(args)
+    except PeftcError as e:
+        print(f"peftc: error: {e}", file=sys.stderr)
+        return 2
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="peftc", description="Capture, rewrite and inspect models for PEFT.")
+    sub = parser.add_subparsers(required=True, metavar="COMMAND")
+    model_help = f"built-in ({', '.join(BUILTIN_MODELS)}), a Hugging Face model folder, or package.module:factory"
+
+    show = sub.add_parser("show", help="capture a model and print its graph")
+    show.add_argument("model", help=model_help)
+    show.add_argument("--targets", help="only nodes under module paths matching this pattern")
+    show.add_argument("--max-rows", type=int, default=None, help="print at most this many nodes")
+    show.set_defaults(run=_show)
+
+    apply = sub.add_parser("apply", help="capture a model, run a pass pipeline, report (and save) the result")
+    apply.add_argument("model", help=model_help)
+    apply.add_argument("--passes", required=True, help='pipeline text, e.g. "freeze, dce"')
+    apply.add_argument("--out", type=Path, help="write report.txt, graph.dot/.svg, program.pt2 and trainable.safetensors here")
+    apply.add_argument("--check-numerics", action="store_true", help="compare outputs around passes that preserve them")
+    apply.add_argument("--no-verify", action="store_true", help="skip lint and shape propagation after each pass")
+    apply.set_defaults(run=_apply)
+
+    passes = sub.add_parser("passes", help="list the registered passes with their options")
+    passes.add_argument("--markdown", action="store_true", help="print the pass reference as Markdown")
+    passes.set_defaults(run=_passes)
+    return parser
+
+
+def _show(args: argparse.Namespace) -> int:
+    loaded = load_model(args.model)
+    gm = peftc.capture(loaded.model, loaded.args, loaded.kwargs)
+    print(peftc.show(gm, args.targets, max_rows=args.max_rows))
+    return 0
+
+
+def _apply(args: argparse.Namespace) -> int:
+    loaded = load_model(args.model)
+    gm = peftc.capture(loaded.model, loaded.args, loaded.kwargs)
+    result = peftc.Pipeline.parse(args.passes).run(gm, verify=not args.no_verify, check_numerics=args.check_numerics)
+    rewritten = result.graph_module
+    report = "\n\n".join([
+        f"model: {loaded.name}\npipeline: {args.passes}",
+        str(result),
+        str(peftc.diff(gm, rewritten)),
+        str(peftc.summary(rewritten)),
+    ])
+    print(report)
+    if args.out:
+        _save(rewritten, args.out, report)
+        print(f"\nwrote {args.out}/")
+    return 0
+
+
+def _save(gm: torch.fx.GraphModule, out: Path, report: str) -> None:
+    from safetensors.torch import save
+
+    atomic_write(out / "report.txt", report + "\n")
+    peftc.save_graph(gm, out / "graph.dot", collapse="*.layers.*|*.layer.*|*.h.*|*.block.*")
+    try:
+        peftc.save_graph(gm, out / "graph.svg", collapse="*.layers.*|*.layer.*|*.h.*|*.block.*")
+    except PeftcError as e:
+        print(f"peftc: note: {e}", file=sys.stderr)
+    if peftc.graph.peftc_meta(gm).get("example_inputs"):
+        buffer = io.BytesIO()
+        torch.export.save(peftc.export_program(gm), buffer)
+        atomic_write(out / "program.pt2", buffer.getvalue())
+    trainable = {name: p.detach().contiguous() for name, p in gm.named_parameters() if p.requires_grad}
+    if trainable:
+        atomic_write(out / "trainable.safetensors", save(trainable))
+
+
+def _passes(args: argparse.Namespace) -> int:
+    passes = registered_passes()
+    if args.markdown:
+        print(pass_reference_markdown(passes))
+        return 0
+    for info in passes.values():
+        options = ", ".join(f"{f.name}={f.default!r}" for f in _fields(info))
+        print(f"{info.name}({options})" if options else info.name)
+        print("    " + (info.doc.splitlines() or ["(no description)"])[0])
+    return 0
+
+
+def pass_reference_markdown(passes: dict[str, PassInfo]) -> str:
+    """The pass reference in docs/, generated from docstrings and options dataclasses."""
+    lines = ["# Pass reference", "", "Generated by `peftc passes --markdown`; do not edit by hand.", ""]
+    for info in passes.values():
+        lines += [f"## `{info.name}`", "", info.doc or "(no description)", ""]
+        if info.preserves_outputs:
+            lines += ["Preserves outputs: the numeric check compares outputs before and after it.", ""]
+        fields = _fields(info)
+        if fields:
+            hints = typing.get_type_hints(info.options)
+            lines += ["| option | type | default |", "| --- | --- | --- |"]
+            lines += [f"| `{f.name}` | `{_type_text(hints[f.name])}` | `{f.default!r}` |" for f in fields]
+            lines.append("")
+    return "\n".join(lines)
+
+
+def _fields(info: PassInfo) -> list[dataclasses.Field]:
+    return [f for f in dataclasses.fields(info.options) if f.init] if info.options else []
+
+
+def _type_text(tp: object) -> str:
+    return getattr(tp, "__name__", str(tp).replace("typing.", ""))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

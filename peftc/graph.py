@@ -1,0 +1,107 @@
+"""Small helpers every pass uses: module paths of nodes, tags, parameters on a GraphModule.
+
+Node metadata written by peftc:
+- `meta["module_path"]`: the dotted path of the innermost module the node came from
+  (`model.layers.3.self_attn.q_proj`; `""` for the root), for both capture flavours.
+- `meta["module_type"]`: that module's class, as `module.qualname` text.
+- `meta["peftc"]`: on nodes a pass inserted, `{"pass": ..., "role": ..., **extra}`.
+"""
+
+from __future__ import annotations
+
+import copy
+import itertools
+import warnings
+from typing import Any
+
+import torch
+from torch import fx, nn
+
+__all__ = [
+    "module_path",
+    "module_type",
+    "tag",
+    "tagged",
+    "get_attr_path",
+    "get_tensor",
+    "set_tensor",
+    "clone",
+    "peftc_meta",
+]
+
+
+def module_path(node: fx.Node) -> str:
+    return node.meta.get("module_path", "")
+
+
+def module_type(node: fx.Node) -> str:
+    return node.meta.get("module_type", "")
+
+
+def tag(node: fx.Node, *, pass_name: str, role: str, path: str, type_name: str = "", **extra: Any) -> fx.Node:
+    """Mark `node` as inserted by `pass_name` for the module at `path`."""
+    node.meta["module_path"] = path
+    node.meta["module_type"] = type_name
+    node.meta["peftc"] = {"pass": pass_name, "role": role, **extra}
+    return node
+
+
+def tagged(gm: fx.GraphModule, **match: Any) -> list[fx.Node]:
+    """Nodes whose `meta["peftc"]` has every key/value in `match` (all tagged nodes if empty)."""
+    return [
+        n
+        for n in gm.graph.nodes
+        if "peftc" in n.meta and all(n.meta["peftc"].get(k) == v for k, v in match.items())
+    ]
+
+
+def get_attr_path(node: Any) -> str | None:
+    """The qualified attribute name a `get_attr` node reads, else None."""
+    if isinstance(node, fx.Node) and node.op == "get_attr":
+        return str(node.target)
+    return None
+
+
+def get_tensor(gm: nn.Module, qualname: str) -> torch.Tensor:
+    owner, _, name = qualname.rpartition(".")
+    return getattr(gm.get_submodule(owner), name)
+
+
+def set_tensor(
+    gm: nn.Module, qualname: str, value: torch.Tensor, *, buffer: bool = False, persistent: bool = True
+) -> None:
+    """Register a parameter (or buffer) at `qualname`, creating empty parent modules as needed."""
+    owner_path, _, name = qualname.rpartition(".")
+    owner = gm
+    for part in owner_path.split(".") if owner_path else ():
+        child = owner._modules.get(part)
+        if child is None:
+            child = nn.Module()
+            owner.add_module(part, child)
+        owner = child
+    for registry in (owner._parameters, owner._buffers):
+        registry.pop(name, None)
+    if buffer:
+        owner.register_buffer(name, value, persistent=persistent)
+    elif isinstance(value, nn.Parameter):
+        owner.register_parameter(name, value)
+    else:
+        setattr(owner, name, value)
+
+
+def clone(gm: fx.GraphModule) -> fx.GraphModule:
+    """A copy with its own graph and module tree that shares every tensor with `gm`.
+
+    Passes replace tensors instead of mutating them, so the copy can be rewritten
+    without touching `gm` and without doubling the memory of the weights.
+    """
+    tensors = itertools.chain(gm.named_parameters(remove_duplicate=False), gm.named_buffers(remove_duplicate=False))
+    memo = {id(t): t for _, t in tensors}
+    with warnings.catch_warnings():  # torch's own TreeSpec deprecation, raised while copying the codegen
+        warnings.filterwarnings("ignore", category=FutureWarning, message=".*LeafSpec.*")
+        return copy.deepcopy(gm, memo)
+
+
+def peftc_meta(gm: fx.GraphModule) -> dict[str, Any]:
+    """peftc's per-module record (capture info, pass history), created on first use."""
+    return gm.meta.setdefault("peftc", {})

