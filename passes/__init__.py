@@ -1,5 +1,5 @@
 """Built-in passes, one module per technique; importing this package registers them."""
 
-from peftc.passes import generic
+from peftc.passes import generic, loha, lokr, lora, merge
 
-__all__ = ["generic"]
+__all__ = ["generic", "lora", "loha", "lokr", "merge"]

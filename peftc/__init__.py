@@ -6,7 +6,9 @@
 """
 
 from peftc import errors
+from peftc import adapters
 from peftc.capture import capture, export_program
+from peftc.checkpoint import load_adapter, save_adapter
 from peftc.graph import tag, tagged
 from peftc.inspect import diff, save_graph, show, summary, to_dot, to_networkx
 from peftc.pipeline import Pipeline, PipelineResult, Step, apply
@@ -41,5 +43,8 @@ __all__ = [
     "tag",
     "tagged",
     "errors",
+    "adapters",
+    "save_adapter",
+    "load_adapter",
     "passes",
 ]

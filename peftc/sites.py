@@ -65,6 +65,7 @@ class EmbeddingSite:
     weight: str
     num_embeddings: int
     embedding_dim: int
+    padding_idx: int = -1
 
 
 @dataclass(frozen=True)
@@ -86,20 +87,25 @@ class BlockSite:
     output: fx.Node
 
 
+def _base_nodes(gm: fx.GraphModule) -> list[fx.Node]:
+    """Nodes of the model itself: what passes inserted (tagged `peftc`) is not a site."""
+    return [n for n in gm.graph.nodes if "peftc" not in n.meta]
+
+
 def linear_sites(gm: fx.GraphModule, targets: str | None = None) -> list[LinearSite]:
-    sites = [s for n in gm.graph.nodes if (s := _linear_site(gm, n)) is not None]
+    sites = [s for n in _base_nodes(gm) if (s := _linear_site(gm, n)) is not None]
     return _select(sites, targets, "linear site")
 
 
 def embedding_sites(gm: fx.GraphModule, targets: str | None = None) -> list[EmbeddingSite]:
-    sites = [s for n in gm.graph.nodes if (s := _embedding_site(gm, n)) is not None]
+    sites = [s for n in _base_nodes(gm) if (s := _embedding_site(gm, n)) is not None]
     return _select(sites, targets, "embedding site")
 
 
 def attention_sites(gm: fx.GraphModule, targets: str | None = None) -> list[AttentionSite]:
     sites = [
         AttentionSite(module_path(n), n, *n.args[:3])
-        for n in gm.graph.nodes
+        for n in _base_nodes(gm)
         if n.op == "call_function" and n.target in _SDPA_FNS
     ]
     return _select(sites, targets, "attention site")
@@ -111,7 +117,7 @@ def block_sites(gm: fx.GraphModule, targets: str | None = None) -> list[BlockSit
     order = {n: i for i, n in enumerate(gm.graph.nodes)}
     sites = []
     for path in blocks:
-        inside = [n for n in gm.graph.nodes if n.op not in ("get_attr", "placeholder") and _within(module_path(n), path)]
+        inside = [n for n in _base_nodes(gm) if n.op not in ("get_attr", "placeholder") and _within(module_path(n), path)]
         if not inside:
             continue
         members = set(inside)
@@ -170,17 +176,23 @@ def _embedding_site(gm: fx.GraphModule, n: fx.Node) -> EmbeddingSite | None:
     if n.op == "call_module":
         module = gm.get_submodule(str(n.target))
         if type(module) is nn.Embedding:
+            padding = -1 if module.padding_idx is None else module.padding_idx
             return EmbeddingSite(str(n.target), n, n.args[0], f"{n.target}.weight", module.num_embeddings,
-                                 module.embedding_dim)
+                                 module.embedding_dim, padding)
         return None
     if n.op != "call_function" or n.target not in _EMBEDDING_FNS:
         return None
-    w, ids = (n.args[0], n.args[1]) if n.target is torch.ops.aten.embedding.default else (n.args[1], n.args[0])
+    if n.target is torch.ops.aten.embedding.default:
+        w, ids = n.args[0], n.args[1]
+        padding = n.args[2] if len(n.args) > 2 else n.kwargs.get("padding_idx", -1)
+    else:
+        w, ids = n.args[1], n.args[0]
+        padding = n.args[2] if len(n.args) > 2 else n.kwargs.get("padding_idx")
     weight = get_attr_path(w)
     if weight is None:
         return None
     num, dim = get_tensor(gm, weight).shape
-    return EmbeddingSite(module_path(n), n, ids, weight, num, dim)
+    return EmbeddingSite(module_path(n), n, ids, weight, num, dim, -1 if padding is None else padding)
 
 
 def _within(path: str, prefix: str) -> bool:
