@@ -22,7 +22,7 @@ from torch import fx, nn
 
 from peftc.adapters import BranchBuilder, Technique, adapters, new_parameter, register_technique, resolve_sites
 from peftc.errors import OptionError
-from peftc.graph import get_tensor
+from peftc.graph import get_tensor, qualify
 from peftc.passes.lora import check_adapter_name
 from peftc.registry import PassResult, register_pass
 from peftc.sites import LinearSite
@@ -67,7 +67,7 @@ def loha(gm: fx.GraphModule, options: LohaOptions) -> PassResult:
                     nn.init.zeros_(value)
                 else:
                     nn.init.kaiming_uniform_(value, a=math.sqrt(5))
-            new_parameter(gm, f"{site.path}.{role}.{options.adapter}", value)
+            new_parameter(gm, qualify(site.path, role, options.adapter), value)
         factored += _factored(site, options.r)
         LOHA.insert(gm, site, options.adapter, options)
     adapters(gm)[options.adapter] = {"technique": "loha", "options": options, "active": True, "merged": False,
@@ -82,7 +82,7 @@ def _factored(site: LinearSite, r: int) -> bool:
 
 def _insert(gm: fx.GraphModule, site: LinearSite, adapter: str, options: LohaOptions) -> None:
     b = BranchBuilder(gm, site.node, pass_name="loha", adapter=adapter, path=site.path)
-    w1a, w1b, w2a, w2b = (b.get(f"{site.path}.{role}.{adapter}", role) for role in _ROLES)
+    w1a, w1b, w2a, w2b = (b.get(qualify(site.path, role, adapter), role) for role in _ROLES)
     r = options.r
     if _factored(site, r):
         # U[o, i*r + j] = w1a[o, i] w2a[o, j];  V[i*r + j, n] = w1b[i, n] w2b[j, n]
@@ -102,7 +102,7 @@ def _insert(gm: fx.GraphModule, site: LinearSite, adapter: str, options: LohaOpt
 
 
 def _param_names(gm: fx.GraphModule, site: LinearSite, adapter: str, options: LohaOptions) -> list[str]:
-    return [f"{site.path}.{role}.{adapter}" for role in _ROLES]
+    return [qualify(site.path, role, adapter) for role in _ROLES]
 
 
 def delta_weight(gm: fx.GraphModule, site: LinearSite, adapter: str, options: LohaOptions) -> torch.Tensor:

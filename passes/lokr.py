@@ -23,7 +23,7 @@ from torch import fx, nn
 
 from peftc.adapters import BranchBuilder, Technique, adapters, new_parameter, register_technique, resolve_sites
 from peftc.errors import OptionError
-from peftc.graph import get_tensor
+from peftc.graph import get_tensor, qualify
 from peftc.passes.lora import check_adapter_name
 from peftc.registry import PassResult, register_pass
 from peftc.sites import LinearSite
@@ -110,7 +110,7 @@ def lokr(gm: fx.GraphModule, options: LokrOptions) -> PassResult:
                     nn.init.zeros_(value)
                 else:
                     nn.init.kaiming_uniform_(value, a=math.sqrt(5))
-            new_parameter(gm, f"{site.path}.{role}.{options.adapter}", value)
+            new_parameter(gm, qualify(site.path, role, options.adapter), value)
         LOKR.insert(gm, site, options.adapter, options)
     adapters(gm)[options.adapter] = {"technique": "lokr", "options": options, "active": True, "merged": False,
                                      "sites": [(s.path, "linear") for s in sites]}
@@ -121,7 +121,7 @@ def lokr(gm: fx.GraphModule, options: LokrOptions) -> PassResult:
 def _insert(gm: fx.GraphModule, site: LinearSite, adapter: str, options: LokrOptions) -> None:
     layout = _layout(site, options)
     b = BranchBuilder(gm, site.node, pass_name="lokr", adapter=adapter, path=site.path)
-    params = {role: b.get(f"{site.path}.{role}.{adapter}", role) for role in layout.shapes(options.r)}
+    params = {role: b.get(qualify(site.path, role, adapter), role) for role in layout.shapes(options.r)}
     w1 = params.get("lokr_w1") or b.call(aten.mm.default, params["lokr_w1_a"], params["lokr_w1_b"], role="w1")
     w2 = params.get("lokr_w2") or b.call(aten.mm.default, params["lokr_w2_a"], params["lokr_w2_b"], role="w2")
     x = b.call(aten.reshape.default, site.input, [-1, layout.c, layout.d], role="x_blocks")  # X: (N, c, d)
@@ -132,7 +132,7 @@ def _insert(gm: fx.GraphModule, site: LinearSite, adapter: str, options: LokrOpt
 
 
 def _param_names(gm: fx.GraphModule, site: LinearSite, adapter: str, options: LokrOptions) -> list[str]:
-    return [f"{site.path}.{role}.{adapter}" for role in _layout(site, options).shapes(options.r)]
+    return [qualify(site.path, role, adapter) for role in _layout(site, options).shapes(options.r)]
 
 
 def delta_weight(gm: fx.GraphModule, site: LinearSite, adapter: str, options: LokrOptions) -> torch.Tensor:

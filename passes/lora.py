@@ -33,7 +33,7 @@ from peftc.adapters import (
     weight_of,
 )
 from peftc.errors import OptionError
-from peftc.graph import get_tensor, set_tensor
+from peftc.graph import get_tensor, qualify, set_tensor
 from peftc.registry import PassResult, register_pass
 from peftc.sites import EmbeddingSite, LinearSite
 
@@ -102,10 +102,10 @@ def lora(gm: fx.GraphModule, options: LoraOptions) -> PassResult:
 
 def _names(site: Any, adapter: str, options: LoraOptions) -> dict[str, str]:
     if isinstance(site, EmbeddingSite):
-        return {"A": f"{site.path}.lora_embedding_A.{adapter}", "B": f"{site.path}.lora_embedding_B.{adapter}"}
-    names = {"A": f"{site.path}.lora_A.{adapter}.weight", "B": f"{site.path}.lora_B.{adapter}.weight"}
+        return {"A": qualify(site.path, "lora_embedding_A", adapter), "B": qualify(site.path, "lora_embedding_B", adapter)}
+    names = {"A": qualify(site.path, "lora_A", adapter, "weight"), "B": qualify(site.path, "lora_B", adapter, "weight")}
     if options.dora:
-        names["m"] = f"{site.path}.lora_magnitude_vector.{adapter}.weight"
+        names["m"] = qualify(site.path, "lora_magnitude_vector", adapter, "weight")
     return names
 
 
@@ -131,7 +131,7 @@ def _create_parameters(gm: fx.GraphModule, site: Any, options: LoraOptions) -> N
     if options.dora:
         new_parameter(gm, names["m"], torch.linalg.vector_norm(weight_of(gm, site), dim=1).detach().clone())
     if options.dropout > 0 and isinstance(site, LinearSite):
-        gm.add_submodule(f"{site.path}.lora_dropout.{options.adapter}", nn.Dropout(options.dropout))
+        gm.add_submodule(qualify(site.path, "lora_dropout", options.adapter), nn.Dropout(options.dropout))
 
 
 def _insert(gm: fx.GraphModule, site: Any, adapter: str, options: LoraOptions) -> None:
@@ -147,7 +147,7 @@ def _insert(gm: fx.GraphModule, site: Any, adapter: str, options: LoraOptions) -
         return
     x = site.input
     if options.dropout > 0:
-        x = b.module(f"{site.path}.lora_dropout.{adapter}", x, role="dropout")
+        x = b.module(qualify(site.path, "lora_dropout", adapter), x, role="dropout")
     A, B = b.get(names["A"], "lora_A"), b.get(names["B"], "lora_B")
     lora_out = b.call(aten.linear.default, b.call(aten.linear.default, x, A, role="lora_A_out"), B, role="lora_B_out")
     if not options.dora:

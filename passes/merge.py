@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
 from torch import fx, nn
 
 from peftc import adapters as registry
@@ -52,7 +53,8 @@ def merge(gm: fx.GraphModule, options: MergeOptions) -> PassResult:
         sites = [site_for(gm, path, kind) for path, kind in record["sites"]]
         states = {}
         for site in sites:
-            merged, states[site.path] = method.merge(gm, site, name, record["options"], weight_of(gm, site).detach())
+            with torch.no_grad():
+                merged, states[site.path] = method.merge(gm, site, name, record["options"], weight_of(gm, site))
             _set_weight(gm, site, merged)
             touched.append(site.path)
         remove_branches(gm, name)
@@ -82,7 +84,8 @@ def unmerge(gm: fx.GraphModule, options: UnmergeOptions) -> PassResult:
         method = technique(record["technique"])
         for path, kind in record["sites"]:
             site = site_for(gm, path, kind)
-            base = method.unmerge(gm, site, name, record["options"], weight_of(gm, site).detach(), record["states"][path])
+            with torch.no_grad():
+                base = method.unmerge(gm, site, name, record["options"], weight_of(gm, site), record["states"][path])
             _set_weight(gm, site, base)
             touched.append(path)
         record.update(merged=False, states=None, kept=None, active=False)

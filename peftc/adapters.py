@@ -21,7 +21,7 @@ import torch
 from torch import fx, nn
 
 from peftc.errors import OptionError, PassError, suggest
-from peftc.graph import get_tensor, peftc_meta, set_tensor, tag
+from peftc.graph import get_tensor, peftc_meta, qualify, set_tensor, tag
 from peftc.sites import EmbeddingSite, LinearSite, embedding_sites, linear_sites, lm_head
 from peftc.targets import select
 
@@ -185,10 +185,9 @@ def delete(gm: fx.GraphModule, name: str) -> fx.GraphModule:
             module = gm.get_submodule(owner)
             module._parameters.pop(attr, None)
             module._buffers.pop(attr, None)
-        dropout = f"{path}.{record['technique']}_dropout.{name}"
-        owner, _, attr = dropout.rpartition(".")
-        if owner and attr in getattr(_maybe_module(gm, owner), "_modules", {}):
-            delattr(gm.get_submodule(owner), attr)
+        dropouts = _maybe_module(gm, qualify(path, f"{record['technique']}_dropout"))
+        if dropouts is not None and name in dropouts._modules:
+            delattr(dropouts, name)
     del adapters(gm)[name]
     gm.recompile()
     return gm

@@ -18,6 +18,7 @@ import torch
 from torch import fx, nn
 
 __all__ = [
+    "qualify",
     "module_path",
     "module_type",
     "tag",
@@ -28,6 +29,11 @@ __all__ = [
     "clone",
     "peftc_meta",
 ]
+
+
+def qualify(*parts: str) -> str:
+    """Dotted name from parts, skipping empty ones: `qualify("", "lora_A")` is `lora_A` (root sites)."""
+    return ".".join(p for p in parts if p)
 
 
 def module_path(node: fx.Node) -> str:
