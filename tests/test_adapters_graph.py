@@ -11,17 +11,7 @@ import peftc
 from peftc.checkpoint import CheckpointError
 from peftc.errors import OptionError, TargetError
 from peftc.models import example_inputs, tiny_model
-from conftest import captured, loaded
-
-
-def fill_adapters(gm, seed=0):
-    """Non-zero values everywhere, B included, so merge and parity checks prove something."""
-    torch.manual_seed(seed)
-    with torch.no_grad():
-        for name, p in gm.named_parameters():
-            if p.requires_grad:
-                p.add_(torch.randn_like(p) * 0.1)
-    return gm
+from conftest import captured, fill_trainable, loaded
 
 
 def ops(gm):
@@ -62,8 +52,8 @@ def test_lokr_and_loha_never_build_the_dense_update():
 
 
 def test_several_adapters_switch_disable_delete(base):
-    lora_a = fill_adapters(peftc.apply(base, "lora(r=4, adapter='a', targets='*.q_proj')"))
-    both = fill_adapters(peftc.apply(lora_a, "lora(r=2, adapter='b', targets='*.v_proj|*.q_proj')"), seed=1)
+    lora_a = fill_trainable(peftc.apply(base, "lora(r=4, adapter='a', targets='*.q_proj')"))
+    both = fill_trainable(peftc.apply(lora_a, "lora(r=2, adapter='b', targets='*.v_proj|*.q_proj')"), seed=1)
     assert peftc.adapters.active_adapters(both) == ["a", "b"]
     out_both = run(both)
     only_a = peftc.apply(both, "set_adapter(name='a')")
@@ -91,7 +81,7 @@ def test_several_adapters_switch_disable_delete(base):
     "lokr(r=4, targets='*.q_proj|*.gate_proj')",
 ])
 def test_merge_is_constant_folding(base, text):
-    unmerged = fill_adapters(peftc.apply(base, text))
+    unmerged = fill_trainable(peftc.apply(base, text))
     merged = peftc.apply(unmerged, "merge")
     assert ops(merged) == ops(base)
     assert {n for n, _ in merged.named_parameters()} == {n for n, _ in base.named_parameters()}
@@ -105,14 +95,14 @@ def test_merge_is_constant_folding(base, text):
 
 
 def test_merge_without_keep_cannot_unmerge(base):
-    merged = peftc.apply(fill_adapters(peftc.apply(base, "lora(r=2)")), "merge(keep=false)")
+    merged = peftc.apply(fill_trainable(peftc.apply(base, "lora(r=2)")), "merge(keep=false)")
     assert peftc.adapters.adapters(merged) == {}
     assert not peftc.apply(merged, "unmerge").meta["peftc"]["history"][-1]["modified"]
 
 
 def test_merged_gpt2_conv1d_keeps_its_layout():
     gm = peftc.apply(captured("tiny-gpt2"), "freeze, lora(r=4, targets='*.c_attn|*.c_fc')")
-    fill_adapters(gm)
+    fill_trainable(gm)
     lm = loaded("tiny-gpt2")
     merged = peftc.apply(gm, "merge")
     assert merged.get_parameter("transformer.h.0.attn.c_attn.weight").shape == (64, 192)
@@ -123,7 +113,7 @@ def test_merged_gpt2_conv1d_keeps_its_layout():
 def test_adapters_on_a_symbolic_graph():
     model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 4))
     x = torch.randn(3, 8)
-    gm = fill_adapters(peftc.apply(peftc.capture(model, (x,), method="symbolic"), "freeze, lora(r=2, targets='0|2')"))
+    gm = fill_trainable(peftc.apply(peftc.capture(model, (x,), method="symbolic"), "freeze, lora(r=2, targets='0|2')"))
     merged = peftc.apply(gm, "merge")
     torch.testing.assert_close(merged(x), gm(x))
     assert not torch.allclose(gm(x), model(x))
@@ -134,14 +124,14 @@ def test_active_adapters_add_up_on_one_linear():
     x = torch.randn(5, 8)
     gm = peftc.apply(peftc.capture(model, (x,)), "freeze, lora(r=2, adapter='a', targets='all-linear'), "
                                                   "loha(r=2, adapter='b', targets='all-linear')")
-    fill_adapters(gm)
+    fill_trainable(gm)
     only_a, only_b = (peftc.apply(gm, f"set_adapter(name='{n}')") for n in "ab")
     expected = model(x) + (only_a(x) - model(x)) + (only_b(x) - model(x))
     torch.testing.assert_close(gm(x), expected, atol=1e-6, rtol=1e-5)
 
 
 def test_checkpoint_save_is_atomic_and_round_trips(base, tmp_path, monkeypatch):
-    gm = fill_adapters(peftc.apply(base, "lora(r=4, alpha=16, targets='*.q_proj')"))
+    gm = fill_trainable(peftc.apply(base, "lora(r=4, alpha=16, targets='*.q_proj')"))
     target = tmp_path / "ckpt"
     peftc.save_adapter(gm, target)
     config = json.loads((target / "adapter_config.json").read_text())
@@ -154,7 +144,7 @@ def test_checkpoint_save_is_atomic_and_round_trips(base, tmp_path, monkeypatch):
         raise OSError("disk full")
 
     monkeypatch.setattr("peftc.checkpoint.save_file", crash)
-    other = fill_adapters(peftc.apply(base, "lora(r=4, alpha=16, targets='*.q_proj')"), seed=5)
+    other = fill_trainable(peftc.apply(base, "lora(r=4, alpha=16, targets='*.q_proj')"), seed=5)
     with pytest.raises(OSError, match="disk full"):
         peftc.save_adapter(other, target)
     assert (target / "adapter_model.safetensors").read_bytes() == before
@@ -168,7 +158,7 @@ def test_checkpoint_save_is_atomic_and_round_trips(base, tmp_path, monkeypatch):
 
 
 def test_checkpoint_errors_list_the_problems(base, tmp_path):
-    gm = fill_adapters(peftc.apply(base, "lora(r=4, targets='*.q_proj|*.v_proj')"))
+    gm = fill_trainable(peftc.apply(base, "lora(r=4, targets='*.q_proj|*.v_proj')"))
     peftc.save_adapter(gm, tmp_path / "ok")
     tensors = load_file(tmp_path / "ok" / "adapter_model.safetensors")
     missing_key = "base_model.model.model.layers.1.self_attn.v_proj.lora_B.weight"

@@ -12,15 +12,7 @@ import torch
 
 import peftc
 from peftc.models import example_inputs, tiny_model
-from conftest import loaded, requires_minilm
-
-
-def randomize_adapters(model, seed=1):
-    torch.manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if p.requires_grad:
-                p.add_(torch.randn_like(p) * 0.1)
+from conftest import fill_trainable, loaded, requires_minilm
 
 
 def eager_kwargs(model, kwargs):
@@ -35,7 +27,7 @@ def build_pair(model, args, kwargs, config, tmp_path):
     """(peft model, peftc module) with identical adapter weights."""
     base = copy.deepcopy(model)
     peft_model = peft.get_peft_model(model, config)
-    randomize_adapters(peft_model)
+    fill_trainable(peft_model, seed=1)
     peft_model.save_pretrained(tmp_path)
     gm = peftc.apply(peftc.capture(base, args, kwargs), "freeze")
     return peft_model, peftc.load_adapter(gm, tmp_path)
