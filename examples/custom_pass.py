@@ -44,7 +44,7 @@ def attn_scale(gm: fx.GraphModule, options: AttnScaleOptions) -> peftc.PassResul
             scale = gm.graph.get_attr(name)
         with gm.graph.inserting_after(scale):
             scaled = gm.graph.call_function(torch.ops.aten.mul.Tensor, (site.node, scale))
-        site.node.replace_all_uses_with(scaled, delete_user_cb=lambda user: user is not scaled)
+        site.node.replace_all_uses_with(scaled, delete_user_cb=lambda user, new=scaled: user is not new)
         peftc.tag(scale, pass_name="attn_scale", role="scale", path=site.path)
         peftc.tag(scaled, pass_name="attn_scale", role="scaled_output", path=site.path)
     return peftc.PassResult(gm, modified=bool(sites), sites=tuple(s.path for s in sites))

@@ -10,7 +10,6 @@ from safetensors.torch import load_file, save_file
 import peftc
 from peftc.checkpoint import CheckpointError
 from peftc.errors import OptionError, TargetError
-from peftc.models import example_inputs, tiny_model
 from conftest import captured, fill_trainable, loaded
 
 
