@@ -20,7 +20,15 @@ from dataclasses import dataclass
 import torch
 from torch import fx, nn
 
-from peftc.adapters import BranchBuilder, Technique, adapters, new_parameter, register_technique, resolve_sites
+from peftc.adapters import (
+    BranchBuilder,
+    Technique,
+    adapters,
+    new_parameter,
+    param_like,
+    register_technique,
+    resolve_sites,
+)
 from peftc.errors import OptionError
 from peftc.graph import get_tensor, qualify
 from peftc.passes.lora import check_adapter_name
@@ -58,10 +66,10 @@ def loha(gm: fx.GraphModule, options: LohaOptions) -> PassResult:
     sites = resolve_sites(gm, options.targets, "loha")
     factored = 0
     for site in sites:
-        base = get_tensor(gm, site.weight)
+        like = param_like(gm, site)
         shapes = [(site.out_features, options.r), (options.r, site.in_features)] * 2
         for role, shape in zip(_ROLES, shapes):
-            value = torch.empty(shape, dtype=base.dtype, device=base.device)
+            value = torch.empty(shape, **like)
             if value.device.type != "meta":
                 if role == "hada_w2_b":
                     nn.init.zeros_(value)

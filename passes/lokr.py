@@ -21,7 +21,15 @@ from dataclasses import dataclass
 import torch
 from torch import fx, nn
 
-from peftc.adapters import BranchBuilder, Technique, adapters, new_parameter, register_technique, resolve_sites
+from peftc.adapters import (
+    BranchBuilder,
+    Technique,
+    adapters,
+    new_parameter,
+    param_like,
+    register_technique,
+    resolve_sites,
+)
 from peftc.errors import OptionError
 from peftc.graph import get_tensor, qualify
 from peftc.passes.lora import check_adapter_name
@@ -102,9 +110,9 @@ def lokr(gm: fx.GraphModule, options: LokrOptions) -> PassResult:
         raise OptionError(f"lokr: an adapter named {options.adapter!r} exists; pass adapter=\"other\" or delete it first")
     sites = resolve_sites(gm, options.targets, "lokr")
     for site in sites:
-        base = get_tensor(gm, site.weight)
+        like = param_like(gm, site)
         for role, shape in _layout(site, options).shapes(options.r).items():
-            value = torch.empty(shape, dtype=base.dtype, device=base.device)
+            value = torch.empty(shape, **like)
             if value.device.type != "meta":
                 if role in ("lokr_w1", "lokr_w1_a"):
                     nn.init.zeros_(value)

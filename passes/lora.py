@@ -28,6 +28,7 @@ from peftc.adapters import (
     Technique,
     adapters,
     new_parameter,
+    param_like,
     register_technique,
     resolve_sites,
     weight_of,
@@ -110,9 +111,8 @@ def _names(site: Any, adapter: str, options: LoraOptions) -> dict[str, str]:
 
 
 def _create_parameters(gm: fx.GraphModule, site: Any, options: LoraOptions) -> None:
-    base = get_tensor(gm, site.weight)
     names = _names(site, options.adapter, options)
-    like = {"dtype": base.dtype, "device": base.device}
+    like = param_like(gm, site)
     if isinstance(site, EmbeddingSite):
         A = torch.zeros(options.r, site.num_embeddings, **like)
         B = torch.empty(site.embedding_dim, options.r, **like)

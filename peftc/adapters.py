@@ -244,7 +244,18 @@ def _lm_head_path(gm: fx.GraphModule) -> str | None:
     return head.path if head else None
 
 
+def param_like(gm: fx.GraphModule, site: Site) -> dict[str, Any]:
+    """dtype and device for a site's adapter weights: its output's dtype (NF4 weights are uint8)."""
+    weight = get_tensor(gm, site.weight)
+    val = site.node.meta.get("val")
+    dtype = val.dtype if isinstance(val, torch.Tensor) and val.is_floating_point() else weight.dtype
+    return {"dtype": dtype, "device": weight.device}
+
+
 def weight_of(gm: fx.GraphModule, site: Site) -> torch.Tensor:
     """The base weight in (out, in) layout (embeddings: (num, dim))."""
+    if getattr(site, "kind", "") == "nf4":
+        raise OptionError(f"{site.path!r} is NF4-quantized: merging into it or DoRA on it needs a dequantized "
+                          "weight, which peftc does not support yet; put the adapter on unquantized linears")
     weight = get_tensor(gm, site.weight)
     return weight.T if getattr(site, "fan_in_fan_out", False) else weight

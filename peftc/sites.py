@@ -1,8 +1,9 @@
 """Sites: the places in a captured graph where techniques act, found the same way for
 exported and symbolically traced graphs.
 
-1. Linear sites: `aten.linear`, `F.linear`, `call_module(nn.Linear)`, and GPT-2's `Conv1D`
-   (`addmm(bias, x, W)` with W stored as (in, out)).
+1. Linear sites: `aten.linear`, `F.linear`, `call_module(nn.Linear)`, GPT-2's `Conv1D`
+   (`addmm(bias, x, W)` with W stored as (in, out)), and NF4 linears (`peftc::nf4_linear`,
+   whose `weight` names the packed buffer).
 2. Embedding sites: `aten.embedding`, `F.embedding`, `call_module(nn.Embedding)`.
 3. Attention sites: `scaled_dot_product_attention` with its q, k, v inputs.
 4. Block sites: the repeated blocks of a model (children of its outermost `ModuleList`s,
@@ -162,6 +163,9 @@ def _linear_site(gm: fx.GraphModule, n: fx.Node) -> LinearSite | None:
             return None
         out_features, in_features = get_tensor(gm, weight).shape
         return LinearSite(module_path(n), n, x, weight, get_attr_path(b), in_features, out_features, _LINEAR_FNS[n.target])
+    if str(n.target) == "peftc.nf4_linear.default":  # x, packed, absmax, scale, offset, bias, out, in, blocksize
+        return LinearSite(module_path(n), n, n.args[0], get_attr_path(n.args[1]), get_attr_path(n.args[5]),
+                          n.args[7], n.args[6], "nf4")
     if n.target in _ADDMM_FNS and module_type(n).endswith("Conv1D"):
         b, x, w = n.args[:3]
         weight = get_attr_path(w)
