@@ -22,8 +22,9 @@ from torch import fx, nn
 
 from peftc.adapters import (
     BranchBuilder,
-    Technique,
     adapters,
+    additive_technique,
+    check_new_adapter,
     new_parameter,
     param_like,
     register_technique,
@@ -61,8 +62,7 @@ class LohaOptions:
 @register_pass("loha", options=LohaOptions, preserves_outputs=True)
 def loha(gm: fx.GraphModule, options: LohaOptions) -> PassResult:
     """Insert LoHa branches: `y = W x + b -> y = W x + b + s ((A1 B1) ⊙ (A2 B2)) x`."""
-    if options.adapter in adapters(gm):
-        raise OptionError(f"loha: an adapter named {options.adapter!r} exists; pass adapter=\"other\" or delete it first")
+    check_new_adapter(gm, options.adapter, "loha")
     sites = resolve_sites(gm, options.targets, "loha")
     factored = 0
     for site in sites:
@@ -118,12 +118,4 @@ def delta_weight(gm: fx.GraphModule, site: LinearSite, adapter: str, options: Lo
     return (w1a @ w1b) * (w2a @ w2b) * options.scaling
 
 
-def _merge(gm, site, adapter, options, W):
-    return W + delta_weight(gm, site, adapter, options), None
-
-
-def _unmerge(gm, site, adapter, options, W, state):
-    return W - delta_weight(gm, site, adapter, options)
-
-
-LOHA = register_technique(Technique("loha", _insert, _param_names, _merge, _unmerge))
+LOHA = register_technique(additive_technique("loha", _insert, _param_names, delta_weight))

@@ -23,8 +23,9 @@ from torch import fx, nn
 
 from peftc.adapters import (
     BranchBuilder,
-    Technique,
     adapters,
+    additive_technique,
+    check_new_adapter,
     new_parameter,
     param_like,
     register_technique,
@@ -106,8 +107,7 @@ def _layout(site: LinearSite, options: LokrOptions) -> _Layout:
 @register_pass("lokr", options=LokrOptions, preserves_outputs=True)
 def lokr(gm: fx.GraphModule, options: LokrOptions) -> PassResult:
     """Insert LoKr branches: `y = W x + b -> y = W x + b + s (W1 ⊗ W2) x`, never building W1 ⊗ W2."""
-    if options.adapter in adapters(gm):
-        raise OptionError(f"lokr: an adapter named {options.adapter!r} exists; pass adapter=\"other\" or delete it first")
+    check_new_adapter(gm, options.adapter, "lokr")
     sites = resolve_sites(gm, options.targets, "lokr")
     for site in sites:
         like = param_like(gm, site)
@@ -150,12 +150,4 @@ def delta_weight(gm: fx.GraphModule, site: LinearSite, adapter: str, options: Lo
     return torch.kron(w1, w2) * options.scaling
 
 
-def _merge(gm, site, adapter, options, W):
-    return W + delta_weight(gm, site, adapter, options), None
-
-
-def _unmerge(gm, site, adapter, options, W, state):
-    return W - delta_weight(gm, site, adapter, options)
-
-
-LOKR = register_technique(Technique("lokr", _insert, _param_names, _merge, _unmerge))
+LOKR = register_technique(additive_technique("lokr", _insert, _param_names, delta_weight))

@@ -27,6 +27,7 @@ from peftc.adapters import (
     BranchBuilder,
     Technique,
     adapters,
+    check_new_adapter,
     new_parameter,
     param_like,
     register_technique,
@@ -80,8 +81,7 @@ def lora(gm: fx.GraphModule, options: LoraOptions) -> PassResult:
     The new adapter is active next to any others; `set_adapter` chooses among them. `bias="all"`
     or `"lora_only"` also trains the biases of all linears or of the targeted ones, as peft's `bias`.
     """
-    if options.adapter in adapters(gm):
-        raise OptionError(f"lora: an adapter named {options.adapter!r} exists; pass adapter=\"other\" or delete it first")
+    check_new_adapter(gm, options.adapter, "lora")
     sites = resolve_sites(gm, options.targets, "lora", embeddings=True)
     for site in sites:
         if isinstance(site, EmbeddingSite) and options.dora:

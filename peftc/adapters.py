@@ -61,6 +61,20 @@ class Technique:
 _TECHNIQUES: dict[str, Technique] = {}
 
 
+def additive_technique(name: str, insert: Callable, param_names: Callable, delta: Callable) -> Technique:
+    """A technique whose merge is `W + dW` with `dW = delta(gm, site, adapter, options)`."""
+    return Technique(
+        name, insert, param_names,
+        merge=lambda gm, site, adapter, options, W: (W + delta(gm, site, adapter, options), None),
+        unmerge=lambda gm, site, adapter, options, W, state: W - delta(gm, site, adapter, options),
+    )
+
+
+def check_new_adapter(gm: fx.GraphModule, name: str, pass_name: str) -> None:
+    if name in adapters(gm):
+        raise OptionError(f"{pass_name}: an adapter named {name!r} exists; pass adapter=\"other\" or delete it first")
+
+
 def register_technique(technique: Technique) -> Technique:
     _TECHNIQUES[technique.name] = technique
     return technique
