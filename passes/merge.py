@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 from torch import fx, nn
@@ -21,7 +22,11 @@ from peftc import adapters as registry
 from peftc.adapters import adapters, remove_branches, site_for, technique, weight_of
 from peftc.errors import OptionError
 from peftc.graph import get_tensor, set_tensor
+from peftc.passes.nf4 import fold_into_nf4, nf4_state
+from peftc.quant.nf4 import dequantize_nf4
 from peftc.registry import PassResult, register_pass
+
+_NF4_FOLDED = "folded into NF4"
 
 __all__ = ["MergeOptions", "merge", "unmerge", "set_adapter", "disable_adapters", "delete_adapter"]
 
@@ -30,6 +35,12 @@ __all__ = ["MergeOptions", "merge", "unmerge", "set_adapter", "disable_adapters"
 class MergeOptions:
     adapter: str | None = None  # default: every active adapter
     keep: bool = True  # keep adapter weights so `unmerge` works
+    requantize: bool = False  # NF4 bases: dequantize, add dW, quantize again (stays 4-bit, loses small updates)
+    dtype: Literal["float32", "float16", "bfloat16"] | None = None  # NF4 bases: a dense merged weight instead
+
+    def __post_init__(self) -> None:
+        if self.requantize and self.dtype:
+            raise OptionError("merge: choose requantize=true (stay NF4) or dtype=... (dense), not both")
 
 
 @dataclass(frozen=True)
@@ -46,7 +57,8 @@ class UnmergeOptions:
 def merge(gm: fx.GraphModule, options: MergeOptions) -> PassResult:
     """Fold adapters into base weights: `W x + branch(x) -> (W + dW) x`."""
     names = _chosen(gm, options.adapter, lambda r: r["active"] and not r["merged"], "active, unmerged")
-    touched = []
+    touched: list[str] = []
+    survival: list[float] = []
     for name in names:
         record = adapters(gm)[name]
         method = technique(record["technique"])
@@ -54,8 +66,15 @@ def merge(gm: fx.GraphModule, options: MergeOptions) -> PassResult:
         states = {}
         for site in sites:
             with torch.no_grad():
-                merged, states[site.path] = method.merge(gm, site, name, record["options"], weight_of(gm, site))
-            _set_weight(gm, site, merged)
+                if site.kind == "nf4":
+                    base = dequantize_nf4(nf4_state(gm, site), torch.float32)
+                    merged, _ = method.merge(gm, site, name, record["options"], base)
+                    survival.append(fold_into_nf4(gm, site, merged, base, requantize=options.requantize,
+                                                  dtype=options.dtype))
+                    states[site.path] = _NF4_FOLDED
+                else:
+                    merged, states[site.path] = method.merge(gm, site, name, record["options"], weight_of(gm, site))
+                    _set_weight(gm, site, merged)
             touched.append(site.path)
         remove_branches(gm, name)
         kept = {}
@@ -66,8 +85,12 @@ def merge(gm: fx.GraphModule, options: MergeOptions) -> PassResult:
         record.update(merged=True, states=states, kept=kept if options.keep else None)
         if not options.keep:
             del adapters(gm)[name]
-    return PassResult(gm, modified=bool(names), sites=tuple(touched),
-                      report=f"merged {', '.join(names)} into {len(touched)} weights")
+    report = f"merged {', '.join(names)} into {len(touched)} weights"
+    if survival and options.requantize:
+        mean = sum(survival) / len(survival)
+        report += (f"; requantizing to NF4 kept {mean:.1%} of dW on average (worst {min(survival):.1%})"
+                   + ("; prefer merge(dtype=\"float16\") for this update" if mean < 0.9 else ""))
+    return PassResult(gm, modified=bool(names), sites=tuple(touched), report=report)
 
 
 @register_pass("unmerge", options=UnmergeOptions, preserves_outputs=True)
@@ -79,6 +102,8 @@ def unmerge(gm: fx.GraphModule, options: UnmergeOptions) -> PassResult:
         record = adapters(gm)[name]
         if record.get("kept") is None:
             raise OptionError(f"unmerge: adapter {name!r} was merged with keep=false; its weights are gone")
+        if _NF4_FOLDED in record["states"].values():
+            raise OptionError(f"unmerge: adapter {name!r} was folded into NF4 weights, which cannot be undone exactly")
         for qualname, tensor in record["kept"].items():
             set_tensor(gm, qualname, tensor if isinstance(tensor, nn.Parameter) else nn.Parameter(tensor))
         method = technique(record["technique"])

@@ -20,12 +20,12 @@ from torch import fx
 
 from peftc.adapters import resolve_sites
 from peftc.errors import OptionError
-from peftc.graph import get_tensor, peftc_meta, qualify, set_tensor, tag
+from peftc.graph import get_attr_path, get_tensor, peftc_meta, qualify, set_tensor, tag
 from peftc.quant import ops  # noqa: F401  (registers peftc::nf4_linear)
-from peftc.quant.nf4 import QuantizationError, _check_blocksize, quantize_nf4
+from peftc.quant.nf4 import NF4Weight, QuantizationError, _check_blocksize, dequantize_nf4, quantize_nf4
 from peftc.registry import PassResult, register_pass
 
-__all__ = ["Nf4Options", "nf4"]
+__all__ = ["Nf4Options", "nf4", "nf4_state", "fold_into_nf4"]
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -99,3 +99,72 @@ def _drop_parameter(gm: fx.GraphModule, qualname: str) -> None:
     module = gm.get_submodule(owner)
     module._parameters.pop(attr, None)
     module._buffers.pop(attr, None)
+
+
+def nf4_state(gm: fx.GraphModule, site) -> NF4Weight:
+    """The NF4Weight an `nf4_linear` site reads, from its buffers."""
+    _, packed, absmax, scale, offset, _, out_features, in_features, blocksize = site.node.args
+    read = lambda node: None if node is None else get_tensor(gm, get_attr_path(node))  # noqa: E731
+    return NF4Weight(read(packed), read(absmax), torch.Size((out_features, in_features)), torch.float32, blocksize,
+                     scale is not None, read(scale), read(offset))
+
+
+def fold_into_nf4(gm: fx.GraphModule, site, merged: torch.Tensor, base: torch.Tensor, *, requantize: bool,
+                  dtype: str | None) -> float:
+    """Replace an NF4 site's weight by `merged` (= base + dW, float32, (out, in)).
+
+    `requantize`: quantize `merged` to NF4 again in place of the old buffers (as peft does for
+    bitsandbytes weights); `dtype`: swap the site for a dense `linear` with the merged weight in
+    that dtype. Returns the fraction of dW that survives requantization (1.0 for dense).
+    """
+    state = nf4_state(gm, site)
+    requantized = quantize_nf4(merged, state.blocksize, state.double_quant)
+    delta = merged - base
+    kept = dequantize_nf4(requantized, torch.float32) - base
+    survived = float((kept * delta).sum() / (delta * delta).sum().clamp_min(1e-30))
+    if requantize:
+        for node, field in zip(site.node.args[1:5], ("packed", "absmax", "absmax_scale", "offset")):
+            if node is not None:
+                set_tensor(gm, get_attr_path(node), getattr(requantized, field), buffer=True)
+        return survived
+    if dtype is None:
+        ratio = float(delta.norm() / base.norm().clamp_min(1e-30))
+        raise OptionError(
+            f"merge: {site.path!r} is NF4; this update has ||dW||/||W|| = {ratio:.1e} and requantizing would keep "
+            f"{survived:.1%} of it. Choose merge(dtype=\"float16\") for a dense merged weight"
+            f"{' (recommended here)' if survived < 0.9 else ''} or merge(requantize=true) to stay 4-bit"
+        )
+    _to_dense(gm, site, merged.to(_DTYPES[dtype]))
+    return 1.0
+
+
+def _to_dense(gm: fx.GraphModule, site, weight: torch.Tensor) -> None:
+    graph = gm.graph
+    x, buffers, bias = site.node.args[0], [a for a in site.node.args[1:5] if a is not None], site.node.args[5]
+    out_dtype = site.node.meta["val"].dtype
+    name = qualify(site.path, "weight")
+    set_tensor(gm, name, torch.nn.Parameter(weight, requires_grad=False))
+    with graph.inserting_before(site.node):
+        w = graph.get_attr(name)
+        if weight.dtype != out_dtype:
+            x = graph.call_function(torch.ops.aten._to_copy.default, (x,), {"dtype": weight.dtype})
+            tag(x, pass_name="merge", role="cast", path=site.path)
+        if bias is not None and weight.dtype != out_dtype:
+            bias = graph.call_function(torch.ops.aten._to_copy.default, (bias,), {"dtype": weight.dtype})
+            tag(bias, pass_name="merge", role="cast", path=site.path)
+        dense = graph.call_function(torch.ops.aten.linear.default, (x, w, bias))
+        out = dense
+        if weight.dtype != out_dtype:
+            out = graph.call_function(torch.ops.aten._to_copy.default, (dense,), {"dtype": out_dtype})
+            tag(out, pass_name="merge", role="cast", path=site.path)
+    for node in (w, dense):
+        node.meta.update(module_path=site.path, module_type=site.node.meta.get("module_type", ""))
+    site.node.replace_all_uses_with(out)
+    graph.erase_node(site.node)
+    for node in buffers:
+        if not node.users:
+            qualname = get_attr_path(node)
+            graph.erase_node(node)
+            owner, _, attr = qualname.rpartition(".")
+            gm.get_submodule(owner)._buffers.pop(attr, None)
+    peftc_meta(gm).get("quantized", {}).pop(site.path, None)

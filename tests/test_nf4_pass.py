@@ -83,3 +83,42 @@ def test_nf4_graph_exports_again(quantized):
 def test_bad_nf4_input(text, error, message):
     with pytest.raises(error, match=message):
         peftc.apply(captured("tiny-llama"), text)
+
+
+def test_merge_into_nf4_requantized_or_dense(quantized):
+    lm = loaded("tiny-llama")
+    qlora = peftc.apply(quantized, "freeze, lora(r=4, targets='*.q_proj|*.down_proj')")
+    with torch.no_grad():  # a large update (||dW||/||W|| about 0.1+) mostly survives requantization
+        for name, p in qlora.named_parameters():
+            if "lora_B" in name:
+                p.normal_(std=0.5)
+    expected = qlora(*lm.args, **lm.kwargs).logits
+    with pytest.raises(OptionError, match="requantizing would keep .* of it"):
+        peftc.apply(qlora, "merge")
+    dense = peftc.apply(qlora, "merge(dtype='float32')")
+    assert {s.path: s.kind for s in peftc.linear_sites(dense)}["model.layers.0.self_attn.q_proj"] == "aten.linear"
+    torch.testing.assert_close(dense(*lm.args, **lm.kwargs).logits, expected, atol=1e-4, rtol=1e-4)
+    half = peftc.apply(qlora, "merge(dtype='float16')")
+    assert half.get_parameter("model.layers.0.self_attn.q_proj.weight").dtype == torch.float16
+    torch.testing.assert_close(half(*lm.args, **lm.kwargs).logits, expected, atol=5e-3, rtol=5e-3)
+    requantized = peftc.apply(qlora, "merge(requantize=true)")
+    report = requantized.meta["peftc"]["history"][-1]["report"]
+    assert "requantizing to NF4 kept" in report
+    assert all(s.kind == "nf4" for s in peftc.linear_sites(requantized) if s.path != "lm_head")
+    error = (requantized(*lm.args, **lm.kwargs).logits - expected).abs().max()
+    base_gap = (quantized(*lm.args, **lm.kwargs).logits - expected).abs().max()
+    assert error < base_gap  # the requantized merge keeps most of a large update
+    with pytest.raises(OptionError, match="cannot be undone exactly"):
+        peftc.apply(requantized, "unmerge")
+    with pytest.raises(OptionError, match="not both"):
+        peftc.Pipeline.parse("merge(requantize=true, dtype='float16')")
+
+
+def test_small_updates_vanish_when_requantized(quantized):
+    qlora = peftc.apply(quantized, "freeze, lora(r=4, targets='*.q_proj')")
+    with torch.no_grad():
+        for name, p in qlora.named_parameters():
+            if "lora_B" in name:
+                p.normal_(std=1e-3)
+    report = peftc.apply(qlora, "merge(requantize=true)").meta["peftc"]["history"][-1]["report"]
+    assert 'prefer merge(dtype="float16")' in report
