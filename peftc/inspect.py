@@ -54,6 +54,8 @@ class Summary:
     parameter_bytes: int
     buffer_bytes: int
     by_dtype: dict[str, int]
+    quantized_weights: int = 0  # logical weights stored quantized (buffers, not parameters)
+    quantized_bytes: int = 0  # their storage, statistics included
 
     @property
     def bytes(self) -> int:
@@ -61,7 +63,13 @@ class Summary:
 
     @property
     def bits_per_weight(self) -> float:
-        return 8 * self.parameter_bytes / self.total if self.total else 0.0
+        """Over every weight, parameters and quantized buffers together."""
+        weights = self.total + self.quantized_weights
+        return 8 * (self.parameter_bytes + self.quantized_bytes) / weights if weights else 0.0
+
+    @property
+    def quantized_bits_per_weight(self) -> float:
+        return 8 * self.quantized_bytes / self.quantized_weights if self.quantized_weights else 0.0
 
     @property
     def trainable_fraction(self) -> float:
@@ -69,12 +77,16 @@ class Summary:
 
     def __str__(self) -> str:
         dtypes = ", ".join(f"{k}: {v:,}" for k, v in self.by_dtype.items())
-        return (
+        text = (
             f"parameters: {self.total:,} total, {self.trainable:,} trainable ({100 * self.trainable_fraction:.3f} %), "
             f"{self.frozen:,} frozen\n"
             f"storage: {_bytes(self.parameter_bytes)} parameters + {_bytes(self.buffer_bytes)} buffers, "
             f"{self.bits_per_weight:.2f} bits per weight ({dtypes})"
         )
+        if self.quantized_weights:
+            text += (f"\nquantized: {self.quantized_weights:,} weights in {_bytes(self.quantized_bytes)}, "
+                     f"{self.quantized_bits_per_weight:.3f} bits each")
+        return text
 
 
 def summary(gm: torch.nn.Module) -> Summary:
@@ -82,6 +94,9 @@ def summary(gm: torch.nn.Module) -> Summary:
     by_dtype: dict[str, int] = defaultdict(int)
     for p in params:
         by_dtype[str(p.dtype).removeprefix("torch.")] += p.numel()
+    quantized = peftc_meta(gm).get("quantized", {}) if isinstance(gm, fx.GraphModule) else {}
+    prefixes = tuple(f"{path}.weight_" if path else "weight_" for path in quantized)
+    quantized_bytes = sum(b.numel() * b.element_size() for name, b in gm.named_buffers() if name.startswith(prefixes))
     return Summary(
         total=sum(p.numel() for p in params),
         trainable=sum(p.numel() for p in params if p.requires_grad),
@@ -89,6 +104,8 @@ def summary(gm: torch.nn.Module) -> Summary:
         parameter_bytes=sum(p.numel() * p.element_size() for p in params),
         buffer_bytes=sum(b.numel() * b.element_size() for b in gm.buffers()),
         by_dtype=dict(by_dtype),
+        quantized_weights=sum(quantized.values()),
+        quantized_bytes=quantized_bytes if quantized else 0,
     )
 
 

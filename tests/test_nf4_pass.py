@@ -122,3 +122,14 @@ def test_small_updates_vanish_when_requantized(quantized):
                 p.normal_(std=1e-3)
     report = peftc.apply(qlora, "merge(requantize=true)").meta["peftc"]["history"][-1]["report"]
     assert 'prefer merge(dtype="float16")' in report
+
+
+@pytest.mark.parametrize("double_quant, limit", [(True, 4.13), (False, 4.51)])
+def test_summary_reports_bits_per_quantized_weight(double_quant, limit):
+    model = torch.nn.Sequential(torch.nn.Linear(1024, 1024), torch.nn.GELU(), torch.nn.Linear(1024, 512))
+    gm = peftc.capture(model, (torch.randn(2, 1024),))
+    stats = peftc.summary(peftc.apply(gm, f"nf4(double_quant={str(double_quant).lower()})"))
+    assert stats.quantized_weights == 1024 * 1024 + 1024 * 512
+    assert stats.total == 1024 + 512  # the biases stay parameters
+    assert 4.0 < stats.quantized_bits_per_weight <= limit
+    assert f"{stats.quantized_bits_per_weight:.3f} bits each" in str(stats)
