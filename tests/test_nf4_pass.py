@@ -133,3 +133,43 @@ def test_summary_reports_bits_per_quantized_weight(double_quant, limit):
     assert stats.total == 1024 + 512  # the biases stay parameters
     assert 4.0 < stats.quantized_bits_per_weight <= limit
     assert f"{stats.quantized_bits_per_weight:.3f} bits each" in str(stats)
+
+
+def bnb_linear4bit_model(model):
+    """`model` with every linear but the LM head swapped for bitsandbytes' NF4 `Linear4bit`."""
+    for name, child in list(model.named_children()):
+        if isinstance(child, torch.nn.Linear) and name != "lm_head":
+            quantized = bnb.nn.Linear4bit(child.in_features, child.out_features, bias=child.bias is not None,
+                                          compute_dtype=torch.float32, compress_statistics=True, quant_type="nf4")
+            weight = bnb.nn.Params4bit(child.weight.data.clone(), requires_grad=False, compress_statistics=True,
+                                       quant_type="nf4", blocksize=64)
+            quantized.weight = weight._quantize("cpu")
+            setattr(model, name, quantized)
+        else:
+            bnb_linear4bit_model(child)
+    return model
+
+
+def test_qlora_matches_peft_on_bitsandbytes_linear4bit(tmp_path):
+    import peft
+
+    from peftc.models import example_inputs, tiny_model
+
+    model = tiny_model("llama")
+    args, kwargs = example_inputs(model)
+    gm = peftc.apply(peftc.capture(copy.deepcopy(model), args, kwargs), "nf4, freeze")
+    peft_model = peft.get_peft_model(bnb_linear4bit_model(model), peft.LoraConfig(r=4, lora_alpha=8,
+                                                                                  target_modules=["q_proj", "v_proj"]))
+    fill_trainable(peft_model, seed=1)
+    peft_model.save_pretrained(tmp_path)
+    qlora = peftc.load_adapter(gm, tmp_path)
+    expected = peft_model(*args, **kwargs, use_cache=False).logits
+    got = qlora(*args, **kwargs).logits
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
+    expected.square().mean().backward()
+    got.square().mean().backward()
+    theirs = {n.removeprefix("base_model.model."): p.grad for n, p in peft_model.named_parameters() if p.requires_grad}
+    ours = {n: p.grad for n, p in qlora.named_parameters() if p.requires_grad}
+    assert set(ours) == set(theirs) and len(ours) == 8
+    for name, grad in ours.items():
+        torch.testing.assert_close(grad, theirs[name], atol=1e-6, rtol=1e-4)
