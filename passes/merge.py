@@ -66,7 +66,7 @@ def merge(gm: fx.GraphModule, options: MergeOptions) -> PassResult:
         states = {}
         for site in sites:
             with torch.no_grad():
-                if site.kind == "nf4":
+                if getattr(site, "kind", "") == "nf4":  # embedding sites have no kind
                     base = dequantize_nf4(nf4_state(gm, site), torch.float32)
                     merged, _ = method.merge(gm, site, name, record["options"], base)
                     survival.append(fold_into_nf4(gm, site, merged, base, requantize=options.requantize,
