@@ -235,10 +235,19 @@ def dequantize_nf4(state: NF4Weight, dtype: torch.dtype | None = None) -> torch.
     n = state.numel
     if state.packed.device.type == "meta":
         return torch.empty(state.shape, dtype=dtype, device="meta")
-    packed = state.packed.reshape(-1)
-    codes = torch.stack([packed >> 4, packed & 0xF], dim=1).reshape(-1)[:n]
-    out = _dequantize_blocks(codes, dequantize_absmax(state), NF4_CODE, state.blocksize)
+    # One gather of a 256-entry table of byte -> (high, low) code values, then a broadcast over
+    # whole blocks: half the indices of a per-code lookup and no repeated absmax.
+    pairs = torch.index_select(_byte_table(state.packed.device), 0, state.packed.reshape(-1).long()).reshape(-1)
+    blocks, size = state.blocks, state.blocksize
+    values = torch.nn.functional.pad(pairs, (0, blocks * size - pairs.numel()))[: blocks * size]
+    out = (values.reshape(blocks, size) * dequantize_absmax(state).reshape(blocks, 1)).reshape(-1)[:n]
     return out.reshape(state.shape).to(dtype)
+
+
+@functools.cache
+def _byte_table(device: torch.device) -> torch.Tensor:
+    byte = torch.arange(256)
+    return torch.stack([NF4_CODE[byte >> 4], NF4_CODE[byte & 0xF]], dim=1).to(device)
 
 
 def bits_per_weight(state: NF4Weight) -> float:
