@@ -159,7 +159,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"dev accuracy after:  {evaluate(classifier, dev_x, dev_y):.4f}")
 
     # for deployment, fold B·A into the base weights: the plain encoder again, same predictions
-    classifier.encoder = peftc.apply(classifier.encoder, "merge")
+    # dtype applies to NF4 bases only (QLoRA pipelines): a dense merge keeps all of a small update
+    classifier.encoder = peftc.apply(classifier.encoder, 'merge(dtype="float32")')
     print(f"dev accuracy merged: {evaluate(classifier, dev_x, dev_y):.4f}")
     return 0
 
