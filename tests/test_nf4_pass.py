@@ -24,6 +24,31 @@ def bnb_dequantized_model(model, paths, blocksize=64):
     return reference
 
 
+@pytest.mark.parametrize("bias", [False, True], ids=["no-bias", "bias"])
+def test_nf4_linear_in_row_tiles_equals_the_dense_weight(monkeypatch, bias):
+    """Large weights are decoded and multiplied a tile of rows at a time; the tiles start on block
+    boundaries even when a row is not a whole number of blocks (100 columns, blocks of 64)."""
+    from peftc.quant import nf4, ops
+
+    monkeypatch.setattr(ops, "_TILE_VALUES", 1600)  # 16 rows a tile: 5 tiles, the last one short
+    g = torch.Generator().manual_seed(0)
+    state = nf4.quantize_nf4(torch.randn(70, 100, generator=g), blocksize=64, double_quant=True)
+    b = torch.randn(70, generator=g, requires_grad=True) if bias else None
+    x = torch.randn(2, 3, 100, generator=g, requires_grad=True)
+    y = torch.ops.peftc.nf4_linear(x, state.packed, state.absmax, state.absmax_scale, state.offset, b, 70, 100, 64)
+    dense = nf4.dequantize_nf4(state)
+    x_ref = x.detach().clone().requires_grad_()
+    b_ref = b.detach().clone().requires_grad_() if bias else None
+    y_ref = torch.nn.functional.linear(x_ref, dense, b_ref)
+    torch.testing.assert_close(y, y_ref)
+    grad = torch.randn(y.shape, generator=g)
+    y.backward(grad)
+    y_ref.backward(grad)
+    torch.testing.assert_close(x.grad, x_ref.grad)
+    if bias:
+        torch.testing.assert_close(b.grad, b_ref.grad)
+
+
 @pytest.fixture(scope="module")
 def quantized():
     return peftc.apply(captured("tiny-llama"), "nf4")

@@ -18,6 +18,7 @@ from peftc.quant import (
     dynamic_map,
     quantize_nf4,
 )
+from peftc.quant import nf4
 from peftc.quant.nf4 import _nearest, _quantize_dynamic
 
 try:  # the oracle; the tests that need it skip without it
@@ -109,6 +110,16 @@ def test_many_blocks_double_quant(double_quant):
     w = weight((1000, 333), torch.float32, seed=7)
     w.view(-1)[64 * 300 : 64 * 310] = 0.0  # whole zero blocks: absmax 0
     assert_same_as_bnb(w, 64, double_quant)
+
+
+@needs_bnb
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).removeprefix("torch."))
+def test_decoding_in_steps_matches_bnb(monkeypatch, dtype):
+    """Decoding runs in cache-sized steps; with tiny steps: many of them, a short last step, the
+    float32 scratch of 16-bit outputs and the short last block."""
+    monkeypatch.setattr(nf4, "_TILE", 128)
+    w = weight((100, 333), dtype, seed=11)
+    assert_same_as_bnb(w, 64, double_quant=True)
 
 
 @needs_bnb

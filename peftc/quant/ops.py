@@ -5,26 +5,53 @@
 No standard op dequantizes NF4, so this is a `torch.library.custom_op` with a reference
 implementation, a fake (meta) implementation for shape propagation and export, and autograd:
 the gradient flows to `x` (and a bias that requires it), never to the quantized weight.
+
+The weight is decoded a tile of rows at a time into one reused buffer and multiplied at once, so
+the full-precision weight never exists in memory: peak memory grows by one tile (about 4 MiB), not
+by the layer's float weight, and the decoding writes to memory that is already mapped.
 """
 
 from __future__ import annotations
+
+import math
+from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from peftc.quant.nf4 import NF4Weight, dequantize_nf4
+from peftc.quant.nf4 import NF4Weight, decode_nf4, dequantize_absmax, dequantize_nf4
 
 __all__ = ["nf4_linear", "dequantize"]
+
+_TILE_VALUES = 1 << 20  # weight values decoded per matmul
+
+
+def _state(packed, absmax, absmax_scale, offset, out_features, in_features, blocksize, dtype) -> NF4Weight:
+    return NF4Weight(packed, absmax, torch.Size((out_features, in_features)), dtype, blocksize,
+                     absmax_scale is not None, absmax_scale, offset)
 
 
 def dequantize(
     packed: Tensor, absmax: Tensor, absmax_scale: Tensor | None, offset: Tensor | None,
     out_features: int, in_features: int, blocksize: int, dtype: torch.dtype,
 ) -> Tensor:
-    state = NF4Weight(packed, absmax, torch.Size((out_features, in_features)), dtype, blocksize,
-                      absmax_scale is not None, absmax_scale, offset)
+    state = _state(packed, absmax, absmax_scale, offset, out_features, in_features, blocksize, dtype)
     return dequantize_nf4(state, dtype)
+
+
+def _row_tiles(state: NF4Weight, dtype: torch.dtype) -> Iterator[tuple[int, int, Tensor]]:
+    """(first row, end row, decoded rows) over the weight, decoded into one reused buffer."""
+    rows, cols = state.shape
+    unit = state.blocksize // math.gcd(cols, state.blocksize)  # tiles start on a block boundary
+    tile_rows = max(unit, _TILE_VALUES // cols // unit * unit)
+    absmax = dequantize_absmax(state)
+    buffer = torch.empty(min(tile_rows, rows) * cols, dtype=dtype, device=state.packed.device)
+    for r0 in range(0, rows, tile_rows):
+        r1 = min(r0 + tile_rows, rows)
+        weight = buffer[: (r1 - r0) * cols]
+        decode_nf4(state.packed, absmax, state.blocksize, r0 * cols, weight)
+        yield r0, r1, weight.view(r1 - r0, cols)
 
 
 @torch.library.custom_op("peftc::nf4_linear", mutates_args=())
@@ -32,8 +59,17 @@ def nf4_linear(
     x: Tensor, packed: Tensor, absmax: Tensor, absmax_scale: Tensor | None, offset: Tensor | None,
     bias: Tensor | None, out_features: int, in_features: int, blocksize: int,
 ) -> Tensor:
-    weight = dequantize(packed, absmax, absmax_scale, offset, out_features, in_features, blocksize, x.dtype)
-    return F.linear(x, weight, bias)
+    state = _state(packed, absmax, absmax_scale, offset, out_features, in_features, blocksize, x.dtype)
+    if out_features * in_features <= _TILE_VALUES:
+        return F.linear(x, dequantize_nf4(state, x.dtype), bias)
+    x2 = x.reshape(-1, in_features)
+    y = torch.empty(x2.shape[0], out_features, dtype=x.dtype, device=x.device)
+    for r0, r1, weight in _row_tiles(state, x.dtype):
+        if bias is None:
+            torch.mm(x2, weight.t(), out=y[:, r0:r1])
+        else:
+            torch.addmm(bias[r0:r1], x2, weight.t(), out=y[:, r0:r1])
+    return y.view(*x.shape[:-1], out_features)
 
 
 @nf4_linear.register_fake
@@ -51,8 +87,16 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, grad):
     packed, absmax, absmax_scale, offset = ctx.saved_tensors
-    weight = dequantize(packed, absmax, absmax_scale, offset, *ctx.sizes, ctx.dtype)
-    grad_x = grad @ weight
+    out_features, in_features, _ = ctx.sizes
+    state = _state(packed, absmax, absmax_scale, offset, *ctx.sizes, ctx.dtype)
+    if out_features * in_features <= _TILE_VALUES:
+        grad_x = grad @ dequantize_nf4(state, ctx.dtype)
+    else:
+        grad2 = grad.reshape(-1, out_features)
+        grad_x = torch.zeros(grad2.shape[0], in_features, dtype=grad.dtype, device=grad.device)
+        for r0, r1, weight in _row_tiles(state, ctx.dtype):
+            grad_x.addmm_(grad2[:, r0:r1], weight)
+        grad_x = grad_x.view(*grad.shape[:-1], in_features)
     grad_bias = grad.reshape(-1, grad.shape[-1]).sum(0) if ctx.bias_grad else None
     return grad_x, None, None, None, None, grad_bias, None, None, None
 
