@@ -77,13 +77,14 @@ def capture(
     return gm
 
 
-def export_program(gm: fx.GraphModule, *, dynamic: bool = True) -> torch.export.ExportedProgram:
-    """Export a captured (and rewritten) module again as an ExportedProgram, called with its
-    example inputs positionally, e.g. to `torch.export.save` it."""
-    inputs = peftc_meta(gm).get("example_inputs")
-    if not inputs:
-        raise CaptureError("this module has no example inputs to export with; capture it with args=(...) first")
-    args = tuple(inputs.values())
+def export_program(gm: fx.GraphModule, args: tuple | None = None, *, dynamic: bool = True) -> torch.export.ExportedProgram:
+    """Export a captured (and rewritten) module again as an ExportedProgram, called positionally
+    with `args` (default: its example inputs), e.g. to `torch.export.save` it."""
+    if args is None:
+        inputs = peftc_meta(gm).get("example_inputs")
+        if not inputs:
+            raise CaptureError("this module has no example inputs to export with; capture it with args=(...) first")
+        args = tuple(inputs.values())
     shapes = tuple(_dynamic_spec(a) for a in args) if dynamic else None
     try:
         return torch.export.export(gm, args, dynamic_shapes=shapes, strict=False)

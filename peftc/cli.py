@@ -2,6 +2,7 @@
 
     peftc show MODEL [--targets PATTERN]
     peftc apply MODEL --passes "freeze, dce" [--out DIR]
+    peftc export MODEL --passes "nf4, ..." --onnx OUT.onnx [--dtype float16] [--quant int4] [--adapters]
     peftc passes [--markdown]
 
 MODEL is a built-in name (`tiny-llama`, `tiny-gpt2`, `tiny-bert`, `minilm`, ...), a local
@@ -58,6 +59,18 @@ def _parser() -> argparse.ArgumentParser:
     apply.add_argument("--no-verify", action="store_true", help="skip lint and shape propagation after each pass")
     apply.set_defaults(run=_apply)
 
+    export = sub.add_parser("export", help="capture a model, run a pipeline and export it to ONNX")
+    export.add_argument("model", help=model_help)
+    export.add_argument("--passes", default="", help='pipeline text, e.g. "nf4, freeze, lora(r=8), merge(dtype=\"float32\")"')
+    export.add_argument("--onnx", type=Path, required=True, help="the .onnx file to write")
+    export.add_argument("--dtype", choices=["float32", "float16"], default="float32")
+    export.add_argument("--quant", choices=["nf4", "int4"], default="nf4",
+                        help="NF4 weights as MatMulBnb4 (nf4) or requantized to MatMulNBits (int4)")
+    export.add_argument("--merged", action="store_true", help="fail if an unmerged adapter branch is left")
+    export.add_argument("--adapters", action="store_true",
+                        help="export the base with a LoRA slot and one ONNX Runtime adapter file per adapter")
+    export.set_defaults(run=_export)
+
     passes = sub.add_parser("passes", help="list the registered passes with their options")
     passes.add_argument("--markdown", action="store_true", help="print the pass reference as Markdown")
     passes.set_defaults(run=_passes)
@@ -86,6 +99,20 @@ def _apply(args: argparse.Namespace) -> int:
     if args.out:
         _save(rewritten, args.out, report)
         print(f"\nwrote {args.out}/")
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    from peftc.backends import onnx as peftc_onnx
+
+    loaded = load_model(args.model)
+    gm = peftc.capture(loaded.model, loaded.args, loaded.kwargs)
+    if args.passes.strip():
+        gm = peftc.apply(gm, args.passes)
+    if args.adapters:
+        print(peftc_onnx.export_adapters(gm, args.onnx, quant=args.quant))
+    else:
+        print(peftc_onnx.export(gm, args.onnx, dtype=args.dtype, quant=args.quant, merged=args.merged))
     return 0
 
 

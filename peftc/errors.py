@@ -15,6 +15,7 @@ __all__ = [
     "PassError",
     "VerificationError",
     "ModelNotFoundError",
+    "ExportError",
     "suggest",
 ]
 
@@ -59,6 +60,10 @@ class VerificationError(PeftcError):
 
 class ModelNotFoundError(PeftcError):
     """A model name the CLI cannot resolve."""
+
+
+class ExportError(PeftcError):
+    """A graph or request the ONNX backend cannot export; nothing is written."""
 
 
 def suggest(word: str, choices: Iterable[str], n: int = 3) -> str:

@@ -1,0 +1,276 @@
+"""The ONNX backend against ONNX Runtime: merged, float16, NF4, int4 and multi-adapter exports.
+
+Every exported file passes `onnx.checker` and runs in ONNX Runtime on a batch size and length
+other than the export example's (2 x 16; MiniLM 2 x 14); outputs are compared with peftc's eager
+module. Exports take ~12 s each (torch.onnx's decompositions), so each model is exported once.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import onnx
+import pytest
+import torch
+import torch.utils._pytree as pytree
+
+import peftc
+from peftc.errors import ExportError
+from conftest import captured, fill_trainable, requires_minilm
+
+ort = pytest.importorskip("onnxruntime", reason="ONNX Runtime is the oracle: pip install onnxruntime")
+from peftc.backends import onnx as peftc_onnx  # noqa: E402
+from peftc.backends.onnx import contrib, exporter  # noqa: E402
+
+
+def feeds(gm, batch=3, seq=11, seed=5):
+    """Inputs of a new shape for `gm`: token ids in range, an attention mask with padding."""
+    g = torch.Generator().manual_seed(seed)
+    example = peftc.graph.peftc_meta(gm)["example_inputs"]
+    out = {}
+    for name, value in example.items():
+        if "mask" in name:
+            mask = torch.ones(batch, seq, dtype=value.dtype)
+            mask[0, -3:] = 0
+            out[name] = mask
+        else:
+            out[name] = torch.randint(3, int(value.max()) + 1, (batch, seq), generator=g, dtype=value.dtype)
+    return out
+
+
+def eager(gm, inputs):
+    with torch.no_grad():
+        return [t.numpy() for t in pytree.tree_leaves(gm(*inputs.values())) if isinstance(t, torch.Tensor)]
+
+
+def run_onnx(path, inputs, options=None):
+    session = ort.InferenceSession(str(path), options)
+    return session.run(None, {k: v.numpy() for k, v in inputs.items()})
+
+
+def assert_outputs_close(got, expected, atol):
+    assert len(got) == len(expected)
+    for g, e in zip(got, expected):
+        assert g.shape == e.shape
+        np.testing.assert_allclose(g, e, atol=atol, rtol=0)
+
+
+MERGED = [
+    ("tiny-llama", "lora(r=4, alpha=8, targets='all-linear')"),
+    ("tiny-gpt2", "loha(r=4, targets='*.c_attn|*.c_fc')"),
+    ("tiny-bert", "lokr(r=4, targets='*.query|*.value|*.dense')"),
+    pytest.param("minilm", "lora(r=8, dora=true, targets='*.query|*.value')", marks=requires_minilm),
+]
+
+
+@pytest.mark.parametrize("model, adapter", MERGED, ids=lambda v: v if v.startswith(("tiny", "minilm")) else None)
+def test_merged_export_matches_eager(tmp_path, model, adapter):
+    trained = fill_trainable(peftc.apply(captured(model), f"freeze, {adapter}"))
+    merged = peftc.apply(trained, "merge")
+    result = peftc_onnx.export(merged, tmp_path / "model.onnx", merged=True)
+    onnx.checker.check_model(str(result.path))
+    assert result.bytes == os.path.getsize(result.path)
+    assert [p.name for p in tmp_path.iterdir()] == ["model.onnx"]  # no temp file left
+    inputs = feeds(merged)
+    assert result.inputs == list(inputs)
+    assert_outputs_close(run_onnx(result.path, inputs), eager(merged, inputs), atol=1e-4)
+    assert_outputs_close(run_onnx(result.path, inputs), eager(trained, inputs), atol=1e-4)
+
+
+def test_float16_export(tmp_path):
+    merged = peftc.apply(fill_trainable(peftc.apply(captured("tiny-llama"), "freeze, lora(r=4)")), "merge")
+    fp32 = merged.state_dict()
+    result = peftc_onnx.export(merged, tmp_path / "model16.onnx", dtype="float16")
+    model = onnx.load(str(result.path))
+    onnx.checker.check_model(model)
+    weights = [i for i in model.graph.initializer if len(i.dims) == 2]
+    assert weights and all(i.data_type == onnx.TensorProto.FLOAT16 for i in weights)
+    weight_bytes = sum(exporter._tensor_bytes(i) for i in model.graph.initializer)
+    assert weight_bytes < 0.51 * sum(t.numel() * 4 for t in fp32.values())
+    inputs = feeds(merged)
+    (got,), (expected,) = run_onnx(result.path, inputs), eager(merged, inputs)
+    assert got.dtype == np.float32  # inputs and outputs stay float32
+    np.testing.assert_allclose(got, expected, atol=5e-3 * np.abs(expected).max(), rtol=0)
+
+
+@pytest.fixture(scope="module")
+def quantized():
+    return peftc.apply(captured("tiny-llama"), "nf4")
+
+
+def test_nf4_export_keeps_4bit_weights(tmp_path, quantized):
+    result = peftc_onnx.export(quantized, tmp_path / "nf4.onnx")
+    model = onnx.load(str(result.path))
+    onnx.checker.check_model(model)
+    sites = [s.path for s in peftc.linear_sites(quantized) if s.kind == "nf4"]
+    bnb4 = [n for n in model.graph.node if n.op_type == "MatMulBnb4"]
+    assert len(bnb4) == len(sites) == 14
+    names = {i.name for i in model.graph.initializer}
+    assert not any(f"{path}.weight" in names for path in sites)  # no float copy in the file
+    assert result.quantized_weights == sum(s.in_features * s.out_features for s in peftc.linear_sites(quantized)
+                                           if s.kind == "nf4")
+    assert result.quantized_bits_per_weight <= 4.6
+    inputs = feeds(quantized)
+    assert_outputs_close(run_onnx(result.path, inputs), eager(quantized, inputs), atol=1e-4)
+    # ONNX Runtime's own optimized graph still multiplies by the packed bytes: nothing was folded
+    options = ort.SessionOptions()
+    options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    ort.InferenceSession(str(result.path), options)
+    optimized = onnx.load(options.optimized_model_filepath)
+    assert sum(n.op_type == "MatMulBnb4" for n in optimized.graph.node) == 14
+    assert not [i for i in optimized.graph.initializer if tuple(i.dims) in {(64, 64), (64, 128), (128, 64)}
+                and i.data_type == onnx.TensorProto.FLOAT]
+
+
+def test_int4_requantization_reports_its_error(tmp_path, quantized):
+    result = peftc_onnx.export(quantized, tmp_path / "int4.onnx", quant="int4")
+    model = onnx.load(str(result.path))
+    assert sum(n.op_type == "MatMulNBits" for n in model.graph.node) == 14
+    assert not any(n.op_type == "MatMulBnb4" for n in model.graph.node)
+    error = float(result.notes[0].rsplit("=", 1)[1])
+    assert 0.01 < error < 0.2
+    inputs = feeds(quantized)
+    (got,), (expected,) = run_onnx(result.path, inputs), eager(quantized, inputs)
+    assert 0 < np.abs(got - expected).max() < 0.5 * np.abs(expected).max()
+
+
+def test_int4_dequantization_matches_onnxruntime():
+    """`contrib.dequantize_int4` (used for the reported error) reads MatMulNBits as ONNX Runtime does."""
+    g = np.random.default_rng(0)
+    weight = g.standard_normal((96, 40)).astype(np.float32)  # [K, N]; K not a multiple of the block
+    graph = onnx.helper.make_graph(
+        [onnx.helper.make_node("MatMul", ["x", "w"], ["y"], name="mm")], "g",
+        [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [5, 96])],
+        [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [5, 40])],
+        [onnx.numpy_helper.from_array(weight, "w")])
+    model = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 20)], ir_version=10)
+    quantized, error = contrib.requantize_int4(model, {"w"}, block_size=32)
+    x = g.standard_normal((5, 96)).astype(np.float32)
+    (got,) = ort.InferenceSession(quantized.SerializeToString()).run(None, {"x": x})
+    inits = {i.name: onnx.numpy_helper.to_array(i) for i in quantized.graph.initializer}
+    dense = contrib.dequantize_int4(inits["w_Q4"], inits["w_scales"], inits["w_zero_points"], k=96)
+    np.testing.assert_allclose(got, x @ dense.T, atol=1e-4)
+    assert error == pytest.approx(np.linalg.norm(dense - weight.T) / np.linalg.norm(weight), rel=1e-5)
+
+
+@pytest.fixture(scope="module")
+def two_adapters():
+    text = ("freeze, lora(r=4, alpha=8, targets='*.q_proj|*.v_proj', adapter='a'), "
+            "lora(r=2, alpha=4, rslora=true, targets='*.v_proj|*.o_proj', adapter='b')")
+    return fill_trainable(peftc.apply(captured("tiny-llama"), text))
+
+
+def test_multi_adapter_serving(tmp_path, two_adapters):
+    served = peftc_onnx.export_adapters(two_adapters, tmp_path / "base.onnx")
+    onnx.checker.check_model(str(served.base.path))
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "base.a.onnx_adapter", "base.adapters.json", "base.b.onnx_adapter", "base.onnx"]
+    assert json.loads(served.manifest.read_text())["adapters"] == {"a": "base.a.onnx_adapter", "b": "base.b.onnx_adapter"}
+    model = onnx.load(str(served.base.path))
+    initializers = {i.name: i for i in model.graph.initializer}
+    slots = [i.name for i in model.graph.input if i.name in initializers]
+    assert len(slots) == 2 * 6  # A and B at q_proj, v_proj, o_proj of both layers: names kept, rank-0 defaults
+    assert all(".lora_" in name and 0 in initializers[name].dims for name in slots)
+
+    session = peftc_onnx.AdapterSession(served.base.path)
+    inputs = feeds(two_adapters)
+    base = peftc.apply(two_adapters, "disable_adapters")
+    assert_outputs_close(session.run(inputs), eager(base, inputs), atol=1e-4)
+    outputs = {}
+    for name in ("a", "b"):
+        merged = peftc.apply(two_adapters, f"set_adapter(name={name!r}), merge")
+        merged_file = peftc_onnx.export(merged, tmp_path / f"merged_{name}.onnx", merged=True)
+        outputs[name] = session.run(inputs, adapter=name)
+        assert_outputs_close(outputs[name], run_onnx(merged_file.path, inputs), atol=1e-4)
+    assert np.abs(outputs["a"][0] - outputs["b"][0]).max() > 1e-3  # the adapters differ
+    with pytest.raises(ExportError, match="no adapter 'c'.*serves a, b"):
+        session.run(inputs, adapter="c")
+
+
+def test_cli_export(tmp_path, quantized):
+    from peftc.cli import main
+
+    out = tmp_path / "cli.onnx"
+    assert main(["export", "tiny-llama", "--passes", "nf4", "--onnx", str(out)]) == 0
+    inputs = feeds(quantized)
+    assert_outputs_close(run_onnx(out, inputs), eager(quantized, inputs), atol=1e-4)
+
+
+# --- bad input ------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("peftc_test::halve", mutates_args=())
+def halve(x: torch.Tensor) -> torch.Tensor:
+    return x / 2
+
+
+@halve.register_fake
+def _(x):
+    return torch.empty_like(x)
+
+
+def test_op_without_translation_names_node_and_module(tmp_path):
+    gm = peftc.graph.clone(captured("tiny-llama"))
+    site = next(s for s in peftc.linear_sites(gm) if s.path == "model.layers.1.mlp.up_proj")
+    with gm.graph.inserting_after(site.node):
+        node = gm.graph.call_function(torch.ops.peftc_test.halve.default, (site.node,))
+    node.meta["module_path"] = site.path
+    site.node.replace_all_uses_with(node, delete_user_cb=lambda user: user is not node)
+    gm.recompile()
+    with pytest.raises(ExportError, match=r"halve.*model\.layers\.1\.mlp\.up_proj has no ONNX translation.*TRANSLATIONS"):
+        peftc_onnx.export(gm, tmp_path / "x.onnx")
+    assert not list(tmp_path.iterdir())
+
+
+def test_unmerged_model_refused_when_merged_is_asked(tmp_path, two_adapters):
+    with pytest.raises(ExportError, match=r"merged=True.*'a' \(lora\), 'b' \(lora\).*merge"):
+        peftc_onnx.export(two_adapters, tmp_path / "x.onnx", merged=True)
+
+
+def test_unwritable_path(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    with pytest.raises(ExportError, match="not a writable folder"):
+        peftc_onnx.export(captured("tiny-llama"), blocker / "model.onnx")
+    with pytest.raises(ExportError, match="is a folder"):
+        peftc_onnx.export(captured("tiny-llama"), tmp_path)
+
+
+@pytest.mark.parametrize("option, message", [({"dtype": "bf16"}, "dtype must be one of"),
+                                             ({"quant": "int8"}, "quant must be one of")])
+def test_bad_options(tmp_path, option, message):
+    with pytest.raises(ExportError, match=message):
+        peftc_onnx.export(captured("tiny-llama"), tmp_path / "x.onnx", **option)
+
+
+def test_failed_export_leaves_the_old_file(tmp_path, monkeypatch):
+    target = tmp_path / "model.onnx"
+    target.write_bytes(b"the old model")
+    tiny = onnx.helper.make_model(onnx.helper.make_graph(
+        [onnx.helper.make_node("Identity", ["x"], ["y"])], "g",
+        [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1])],
+        [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1])]))
+    monkeypatch.setattr(exporter, "onnx_model", lambda *a, **k: (tiny, set()))
+    import peftc._io
+
+    def disk_full(fd):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(peftc._io.os, "fsync", disk_full)  # fails mid-write, after the temp file exists
+    with pytest.raises(OSError, match="disk full"):
+        peftc_onnx.export(captured("tiny-llama"), target)
+    assert target.read_bytes() == b"the old model"
+    assert [p.name for p in tmp_path.iterdir()] == ["model.onnx"]
+
+
+@pytest.mark.parametrize("pipeline, message", [
+    ("freeze, lora(r=2, dora=true, targets='*.q_proj')", "DoRA"),
+    ("freeze, loha(r=2, targets='*.q_proj')", "only LoRA adapters"),
+    ("freeze", "no adapters to serve"),
+])
+def test_adapters_that_cannot_be_served(tmp_path, pipeline, message):
+    with pytest.raises(ExportError, match=message):
+        peftc_onnx.export_adapters(peftc.apply(captured("tiny-llama"), pipeline), tmp_path / "base.onnx")
+    assert not list(tmp_path.iterdir())
