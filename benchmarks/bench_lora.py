@@ -34,22 +34,19 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
-import json
 import math
-import os
 import platform
-import shlex
 import statistics
 import sys
-import tempfile
 import time
-import warnings
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
 import torch.nn.functional as F
+
+from common import begin, write_json
 
 SEED = 0
 
@@ -378,33 +375,11 @@ def table(rows: list[Row]) -> str:
     return "\n".join(lines)
 
 
-def write_json(path: str, data: dict) -> None:
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".bench_lora.", suffix=".json", dir=directory)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f, indent=2)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="smaller models, fewer repeats (~30 s smoke run)")
-    parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads for both sides (default 2)")
     parser.add_argument("--only", choices=list(BENCHES), action="append", help="run only these measurements")
-    parser.add_argument("--json", metavar="PATH", help="also write the results as JSON (atomically)")
-    args = parser.parse_args(argv)
-
-    started = time.perf_counter()
-    command = shlex.join([sys.executable, *sys.argv] if argv is None else [sys.executable, __file__, *argv])
-    print(f"command: {command}", flush=True)
-    torch.set_num_threads(args.threads)
-    warnings.filterwarnings("ignore")
+    args, command, started = begin(parser, argv, __file__)
     import peft
     import transformers
 

@@ -28,36 +28,16 @@ This is a benchmark, not part of the test suite; it asserts nothing about speed.
 from __future__ import annotations
 
 import argparse
-import contextlib
-import json
-import os
 import platform
-import shlex
-import statistics
 import sys
-import tempfile
 import time
-import warnings
-from collections.abc import Callable
 from typing import Any
 
 import torch
 
+from common import begin, compare, write_json
+
 SEED = 0
-
-
-def compare(fns: dict[str, Callable[[], Any]], repeat: int, warmup: int) -> dict[str, float]:
-    """Warm each function up, time them in interleaved rounds; return the median seconds of each."""
-    for fn in fns.values():
-        for _ in range(warmup):
-            fn()
-    samples: dict[str, list[float]] = {name: [] for name in fns}
-    for _ in range(repeat):
-        for name, fn in fns.items():
-            start = time.perf_counter()
-            fn()
-            samples[name].append(time.perf_counter() - start)
-    return {name: statistics.median(s) for name, s in samples.items()}
 
 
 def row(measurement: str, peftc: float, bnb: float, unit: str, note: str = "") -> dict[str, Any]:
@@ -174,31 +154,10 @@ def table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def write_json(path: str, data: dict) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=".bench_nf4.", suffix=".json", dir=os.path.dirname(os.path.abspath(path)))
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f, indent=2)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="1024x1024 weights, fewer repeats (~20 s)")
-    parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads for both sides (default 2)")
-    parser.add_argument("--json", metavar="PATH", help="also write the results as JSON (atomically)")
-    args = parser.parse_args(argv)
-
-    started = time.perf_counter()
-    command = shlex.join([sys.executable, *sys.argv] if argv is None else [sys.executable, __file__, *argv])
-    print(f"command: {command}", flush=True)
-    torch.set_num_threads(args.threads)
-    warnings.filterwarnings("ignore")
+    args, command, started = begin(parser, argv, __file__)
     import bitsandbytes as bnb
 
     import peftc

@@ -23,19 +23,16 @@ A benchmark, not a test: it asserts nothing about speed.
 from __future__ import annotations
 
 import argparse
-import json
-import shlex
 import sys
 import tempfile
 import time
-import warnings
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.utils._pytree as pytree
 
-from bench_nf4 import compare
+from common import begin, compare, write_json
 
 
 def inputs_for(gm, batch: int, tokens: int) -> dict[str, torch.Tensor]:
@@ -111,14 +108,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="minilm", help="peftc model name (default: minilm)")
     parser.add_argument("--quick", action="store_true", help="tiny-bert, batch 4 x 32, fewer repeats")
-    parser.add_argument("--threads", type=int, default=2, help="threads for torch and ONNX Runtime (default 2)")
-    parser.add_argument("--json", metavar="PATH", help="also write the results as JSON (atomically)")
-    args = parser.parse_args(argv)
-    started = time.perf_counter()
-    command = shlex.join([sys.executable, *sys.argv] if argv is None else [sys.executable, __file__, *argv])
-    print(f"command: {command}", flush=True)
-    torch.set_num_threads(args.threads)
-    warnings.filterwarnings("ignore")
+    args, command, started = begin(parser, argv, __file__)
     import onnxruntime
 
     model, batch, tokens, repeat, warmup = (("tiny-bert", 4, 32, 5, 1) if args.quick
@@ -132,10 +122,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\nforward rows: ONNX Runtime vs the same peftc module in PyTorch eager (ratio < 1: ONNX Runtime faster); "
           f"file rows: vs the merged fp32 file. Medians of {repeat} interleaved repeats; wall time {wall:.1f} s")
     if args.json:
-        from peftc._io import atomic_write
-
-        atomic_write(args.json, json.dumps({"command": command, "model": model, "batch": batch, "tokens": tokens,
-                                            "threads": args.threads, "rows": rows, "wall_seconds": wall}, indent=2))
+        write_json(args.json, {"command": command, "model": model, "batch": batch, "tokens": tokens,
+                               "threads": args.threads, "rows": rows, "wall_seconds": wall})
         print(f"wrote {args.json}")
     return 0
 
