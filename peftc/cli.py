@@ -2,6 +2,7 @@
 
     peftc show MODEL [--targets PATTERN]
     peftc apply MODEL --passes "freeze, dce" [--out DIR]
+    peftc demo [--steps 150] [--data DIR] [--out DIR] [--pipeline TEXT]
     peftc export MODEL --passes "nf4, ..." --onnx OUT.onnx [--dtype float16] [--quant int4] [--adapters]
     peftc passes [--markdown]
 
@@ -44,6 +45,19 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="peftc", description="Capture, rewrite and inspect models for PEFT.")
     sub = parser.add_subparsers(required=True, metavar="COMMAND")
     model_help = f"built-in ({', '.join(BUILTIN_MODELS)}), a Hugging Face model folder, or package.module:factory"
+
+    demo = sub.add_parser("demo", help="the whole job on real MiniLM + SST-2: quantize, adapt, train, merge, "
+                                       "export, serve in ONNX Runtime, report")
+    demo.add_argument("--out", type=Path, default=Path("peftc-demo"), help="output folder (default: peftc-demo)")
+    demo.add_argument("--data", help="GLUE SST-2 folder (train.tsv, dev.tsv), or 'generated'; default: "
+                                     "$PEFTC_SST2, ../shared/data/sst2, else a generated task")
+    demo.add_argument("--pipeline", default=None, help="the pass pipeline (default: nf4, freeze, lora on query/value)")
+    demo.add_argument("--steps", type=int, default=150, help="training steps (default 150)")
+    demo.add_argument("--batch-size", type=int, default=32)
+    demo.add_argument("--lr", type=float, default=1e-3)
+    demo.add_argument("--dev-size", type=int, default=None, help="evaluate on the first N dev sentences only")
+    demo.add_argument("--seed", type=int, default=0)
+    demo.set_defaults(run=_demo)
 
     show = sub.add_parser("show", help="capture a model and print its graph")
     show.add_argument("model", help=model_help)
@@ -99,6 +113,14 @@ def _apply(args: argparse.Namespace) -> int:
     if args.out:
         _save(rewritten, args.out, report)
         print(f"\nwrote {args.out}/")
+    return 0
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from peftc.demo import PIPELINE, run_demo
+
+    run_demo(args.out, data=args.data, pipeline=args.pipeline or PIPELINE, steps=args.steps,
+             batch_size=args.batch_size, lr=args.lr, dev_size=args.dev_size, seed=args.seed)
     return 0
 
 

@@ -73,3 +73,11 @@ def test_custom_pass_example_runs():
                           check=True, cwd=ROOT)
     assert "parameters added (2)" in done.stdout
     assert "trainable: model.layers.0.self_attn.attn_scale, model.layers.1.self_attn.attn_scale" in done.stdout
+
+
+def test_docs_pass_reference_is_generated_from_the_registry():
+    """docs/passes.md is `peftc passes --markdown` of the built-in passes (a fresh process: no test passes)."""
+    done = subprocess.run([sys.executable, "-m", "peftc.cli", "passes", "--markdown"], capture_output=True, text=True,
+                          cwd=ROOT, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert (ROOT / "docs" / "passes.md").read_text() == done.stdout, "regenerate: peftc passes --markdown > docs/passes.md"

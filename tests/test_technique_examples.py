@@ -1,0 +1,57 @@
+"""Every technique's example script runs (few steps) and shows what it claims: the loss falls on
+Tiny Shakespeare, the merged model equals the adapted one, exports agree with ONNX Runtime."""
+
+from __future__ import annotations
+
+import importlib
+import sys
+from pathlib import Path
+
+import pytest
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+
+
+@pytest.fixture(autouse=True)
+def examples_on_path(monkeypatch):
+    monkeypatch.syspath_prepend(str(EXAMPLES))  # the scripts import their shared `shakespeare` module
+
+
+def run(name: str, *argv: str) -> dict:
+    return importlib.import_module(name).main(list(argv))
+
+
+@pytest.mark.parametrize("name", ["dora", "loha", "lokr", "qlora"])
+def test_adapter_example_trains_and_merges(name):
+    result = run(name, "--steps", "12")
+    assert result["after"] < result["before"] - 0.05  # held-out next-byte loss
+    assert result["merge_gap"] < 1e-4
+    assert 0 < result["trainable"] < 30_000
+    if name == "loha":  # Khatri-Rao: the branch never builds a 64 x 64 (or 128 x 64) update
+        assert result["largest_branch_tensor"] < 64 * 64
+    if name == "qlora":
+        assert result["bits_per_weight"] < 4.14  # 64-wide layers: one absmax group each, its scale and offset
+        assert "requantizing to NF4 kept" in result["requantize_report"]
+
+
+def test_onnx_export_example(tmp_path):
+    pytest.importorskip("onnxruntime")
+    gaps = run("onnx_export", "--steps", "5", "--out", str(tmp_path))["gaps"]
+    assert gaps["dense"] < 1e-4 and gaps["nf4"] < 1e-4
+    assert gaps["int4"] > gaps["nf4"]  # int4 requantization is lossy, and reported
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["dense.onnx", "int4.onnx", "nf4.onnx"]
+
+
+def test_serve_adapters_example(tmp_path):
+    pytest.importorskip("onnxruntime")
+    result = run("serve_adapters", "--steps", "3", "--out", str(tmp_path))
+    assert result["adapters"] == ["early", "late"]
+    assert all(gap < 1e-4 for gap in result["gaps"].values()), result["gaps"]
+
+
+def test_shakespeare_fallback(monkeypatch, tmp_path):
+    shakespeare = importlib.import_module("shakespeare")
+    monkeypatch.setenv("PEFTC_SHAKESPEARE", str(tmp_path / "absent.txt"))
+    data, source = shakespeare.corpus()
+    assert "Sonnet 18" in source and bytes(data[:5].tolist()) == b"Shall"
+    assert sys.modules["shakespeare"] is shakespeare
