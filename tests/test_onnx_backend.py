@@ -238,6 +238,17 @@ def test_unwritable_path(tmp_path):
         peftc_onnx.export(captured("tiny-llama"), tmp_path)
 
 
+def test_inputs_by_position_and_name():
+    gm = captured("tiny-llama")
+    ids, mask = feeds(gm).values()
+    assert exporter._positional(gm, ids, {"attention_mask": mask}) == (ids, mask)
+    assert exporter._positional(gm, None, {"input_ids": ids, "attention_mask": mask}) == (ids, mask)
+    with pytest.raises(ExportError, match=r"missing inputs \['attention_mask'\].*\(input_ids, attention_mask\)"):
+        exporter._positional(gm, (ids,), None)
+    with pytest.raises(ExportError, match="keyword inputs \\['mask'\\]"):
+        exporter._positional(gm, (ids,), {"mask": mask})
+
+
 @pytest.mark.parametrize("option, message", [({"dtype": "bf16"}, "dtype must be one of"),
                                              ({"quant": "int8"}, "quant must be one of")])
 def test_bad_options(tmp_path, option, message):

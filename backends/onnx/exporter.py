@@ -160,7 +160,11 @@ def finish(model: onnx.ModelProto, dtype: str) -> onnx.ModelProto:
 
 
 def write(model: onnx.ModelProto, path: Path, **info: Any) -> OnnxExport:
-    data = model.SerializeToString()
+    try:
+        data = model.SerializeToString()
+    except ValueError as e:  # protobuf's 2 GiB limit
+        raise ExportError(f"the ONNX model is too large for one protobuf file ({e}); export a smaller model, "
+                          f"or quantize it first (nf4) so its weights fit in 2 GiB") from e
     atomic_write(path, data)
     bits, count = _quantized_bits(model)
     return OnnxExport(path, [i.name for i in model.graph.input if not _is_initializer(model, i.name)],
@@ -187,9 +191,8 @@ def _positional(gm: fx.GraphModule, args: tuple | None, kwargs: dict[str, Any] |
         if not example:
             raise ExportError("this graph has no example inputs; pass args=(...) to export")
         return tuple(example.values())
-    args, kwargs = tuple(args or ()), dict(kwargs or {})
-    if not isinstance(args, tuple):
-        args = (args,)
+    args = (args,) if isinstance(args, torch.Tensor) else tuple(args or ())
+    kwargs = dict(kwargs or {})
     unknown = set(kwargs) - set(names[len(args):])
     if len(args) > len(names) or unknown:
         raise ExportError(f"the graph takes ({', '.join(names)}); got {len(args)} positional inputs and "
