@@ -248,9 +248,9 @@ def decode_nf4(packed: torch.Tensor, absmax: torch.Tensor, blocksize: int, start
 
     packed: the tensor's uint8 codes; absmax: its float32 absmax per block; start: a multiple of
     `blocksize`. The products are float32 and rounded once to `out.dtype`, as bitsandbytes does.
-    Decoding in cache-sized steps into `out` itself (no full-size temporaries) is what makes this
-    as fast as bitsandbytes' C kernel: on the CPU, first touches of fresh memory cost more than the
-    decoding."""
+    Decoding in cache-sized steps into `out` itself (no full-size temporaries) keeps this within
+    ~1.5x of bitsandbytes' C kernel: on the CPU, first touches of fresh memory cost more than the
+    decoding (docs/performance.md)."""
     packed = packed.reshape(-1)
     if packed.storage_offset() % 2:
         packed = packed.clone()
