@@ -129,7 +129,7 @@ def _create_parameters(gm: fx.GraphModule, site: Any, options: LoraOptions) -> N
     new_parameter(gm, names["A"], A)
     new_parameter(gm, names["B"], B)
     if options.dora:
-        new_parameter(gm, names["m"], torch.linalg.vector_norm(weight_of(gm, site), dim=1).detach().clone())
+        new_parameter(gm, names["m"], torch.linalg.vector_norm(weight_of(gm, site), dim=1).to(like["dtype"]))
     if options.dropout > 0 and isinstance(site, LinearSite):
         gm.add_submodule(qualify(site.path, "lora_dropout", options.adapter), nn.Dropout(options.dropout))
 
@@ -154,7 +154,12 @@ def _insert(gm: fx.GraphModule, site: Any, adapter: str, options: LoraOptions) -
         b.finish(site.node, b.call(aten.mul.Tensor, lora_out, s, role="scaled"))
         return
     # DoRA, in peft's order of operations (DoraLinearLayer.forward).
-    W = b.get(site.weight, "base_weight")
+    if site.kind == "nf4":  # peft dequantizes a 4-bit base for DoRA's weight norm too
+        _, *state, _, out_features, in_features, blocksize = site.node.args
+        W = b.call(torch.ops.peftc.nf4_dequantize.default, *state, out_features, in_features, blocksize,
+                   site.node.meta["val"].dtype, role="base_weight")
+    else:
+        W = b.get(site.weight, "base_weight")
     if site.fan_in_fan_out:
         W = b.call(aten.t.default, W, role="base_weight_t")
     lora_weight = b.call(aten.mm.default, B, A, role="lora_weight")

@@ -22,8 +22,7 @@ from peftc import adapters as registry
 from peftc.adapters import adapters, remove_branches, site_for, technique, weight_of
 from peftc.errors import OptionError
 from peftc.graph import get_tensor, set_tensor
-from peftc.passes.nf4 import fold_into_nf4, nf4_state
-from peftc.quant.nf4 import dequantize_nf4
+from peftc.passes.nf4 import fold_into_nf4
 from peftc.registry import PassResult, register_pass
 
 _NF4_FOLDED = "folded into NF4"
@@ -67,7 +66,7 @@ def merge(gm: fx.GraphModule, options: MergeOptions) -> PassResult:
         for site in sites:
             with torch.no_grad():
                 if getattr(site, "kind", "") == "nf4":  # embedding sites have no kind
-                    base = dequantize_nf4(nf4_state(gm, site), torch.float32)
+                    base = weight_of(gm, site)
                     merged, _ = method.merge(gm, site, name, record["options"], base)
                     survival.append(fold_into_nf4(gm, site, merged, base, requantize=options.requantize,
                                                   dtype=options.dtype))

@@ -22,10 +22,11 @@ from peftc.adapters import resolve_sites
 from peftc.errors import OptionError
 from peftc.graph import get_attr_path, get_tensor, peftc_meta, qualify, set_tensor, tag
 from peftc.quant import ops  # noqa: F401  (registers peftc::nf4_linear)
-from peftc.quant.nf4 import NF4Weight, QuantizationError, _check_blocksize, dequantize_nf4, quantize_nf4
+from peftc.quant.nf4 import QuantizationError, _check_blocksize, dequantize_nf4, quantize_nf4
 from peftc.registry import PassResult, register_pass
+from peftc.sites import nf4_state
 
-__all__ = ["Nf4Options", "nf4", "nf4_state", "fold_into_nf4"]
+__all__ = ["Nf4Options", "nf4", "fold_into_nf4"]
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -99,14 +100,6 @@ def _drop_parameter(gm: fx.GraphModule, qualname: str) -> None:
     module = gm.get_submodule(owner)
     module._parameters.pop(attr, None)
     module._buffers.pop(attr, None)
-
-
-def nf4_state(gm: fx.GraphModule, site) -> NF4Weight:
-    """The NF4Weight an `nf4_linear` site reads, from its buffers."""
-    _, packed, absmax, scale, offset, _, out_features, in_features, blocksize = site.node.args
-    read = lambda node: None if node is None else get_tensor(gm, get_attr_path(node))  # noqa: E731
-    return NF4Weight(read(packed), read(absmax), torch.Size((out_features, in_features)), torch.float32, blocksize,
-                     scale is not None, read(scale), read(offset))
 
 
 def fold_into_nf4(gm: fx.GraphModule, site, merged: torch.Tensor, base: torch.Tensor, *, requantize: bool,

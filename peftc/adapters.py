@@ -22,7 +22,8 @@ from torch import fx, nn
 
 from peftc.errors import OptionError, PassError, suggest
 from peftc.graph import get_tensor, peftc_meta, qualify, set_tensor, tag
-from peftc.sites import EmbeddingSite, LinearSite, embedding_sites, linear_sites, lm_head
+from peftc.quant.nf4 import dequantize_nf4
+from peftc.sites import EmbeddingSite, LinearSite, embedding_sites, linear_sites, lm_head, nf4_state
 from peftc.targets import select
 
 __all__ = [
@@ -267,9 +268,8 @@ def param_like(gm: fx.GraphModule, site: Site) -> dict[str, Any]:
 
 
 def weight_of(gm: fx.GraphModule, site: Site) -> torch.Tensor:
-    """The base weight in (out, in) layout (embeddings: (num, dim))."""
+    """The base weight in (out, in) layout (embeddings: (num, dim)); NF4 sites: a dequantized float32 copy."""
     if getattr(site, "kind", "") == "nf4":
-        raise OptionError(f"{site.path!r} is NF4-quantized: merging into it or DoRA on it needs a dequantized "
-                          "weight, which peftc does not support yet; put the adapter on unquantized linears")
+        return dequantize_nf4(nf4_state(gm, site), torch.float32)
     weight = get_tensor(gm, site.weight)
     return weight.T if getattr(site, "fan_in_fan_out", False) else weight

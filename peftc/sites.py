@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from peftc.graph import get_attr_path, get_tensor, module_path, module_type, peftc_meta
+from peftc.quant.nf4 import NF4Weight
 from peftc.targets import select
 
 __all__ = [
@@ -35,6 +36,7 @@ __all__ = [
     "attention_sites",
     "block_sites",
     "lm_head",
+    "nf4_state",
 ]
 
 _LINEAR_FNS = {torch.ops.aten.linear.default: "aten.linear", F.linear: "F.linear", torch._C._nn.linear: "F.linear"}
@@ -236,3 +238,11 @@ def _residual_stream(inputs: list[fx.Node], outputs: list[fx.Node]) -> tuple[fx.
             if shape(out) is not None and shape(out) == shape(inp):
                 return inp, out
     return None, (outputs[0] if outputs else None)
+
+
+def nf4_state(gm: fx.GraphModule, site) -> NF4Weight:
+    """The NF4Weight an `nf4_linear` site reads, from its buffers."""
+    _, packed, absmax, scale, offset, _, out_features, in_features, blocksize = site.node.args
+    read = lambda node: None if node is None else get_tensor(gm, get_attr_path(node))  # noqa: E731
+    return NF4Weight(read(packed), read(absmax), torch.Size((out_features, in_features)), torch.float32, blocksize,
+                     scale is not None, read(scale), read(offset))

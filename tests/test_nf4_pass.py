@@ -7,6 +7,8 @@ import torch
 
 import peftc
 from peftc.errors import OptionError, TargetError
+from peftc.quant.nf4 import dequantize_nf4
+from peftc.sites import nf4_state
 from conftest import captured, fill_trainable, loaded
 
 bnb = pytest.importorskip("bitsandbytes", reason="bitsandbytes is the NF4 oracle: pip install bitsandbytes")
@@ -103,7 +105,6 @@ def test_nf4_graph_exports_again(quantized):
     ("nf4(blocksize=8192)", OptionError, "blocksize"),
     ("nf4, nf4", OptionError, "already NF4"),
     ("nf4(targets='*.self_attn')", TargetError, "matches no linear site"),
-    ("nf4, lora(dora=true, targets='*.q_proj')", OptionError, "NF4-quantized"),
 ])
 def test_bad_nf4_input(text, error, message):
     with pytest.raises(error, match=message):
@@ -175,7 +176,9 @@ def bnb_linear4bit_model(model):
     return model
 
 
-def test_qlora_matches_peft_on_bitsandbytes_linear4bit(tmp_path):
+@pytest.mark.parametrize("dora", [False, True], ids=["qlora", "qdora"])
+def test_qlora_matches_peft_on_bitsandbytes_linear4bit(tmp_path, dora):
+    """QLoRA, and DoRA on the 4-bit base (peft dequantizes it for the weight norm; so does peftc)."""
     import peft
 
     from peftc.models import example_inputs, tiny_model
@@ -183,8 +186,8 @@ def test_qlora_matches_peft_on_bitsandbytes_linear4bit(tmp_path):
     model = tiny_model("llama")
     args, kwargs = example_inputs(model)
     gm = peftc.apply(peftc.capture(copy.deepcopy(model), args, kwargs), "nf4, freeze")
-    peft_model = peft.get_peft_model(bnb_linear4bit_model(model), peft.LoraConfig(r=4, lora_alpha=8,
-                                                                                  target_modules=["q_proj", "v_proj"]))
+    config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], use_dora=dora)
+    peft_model = peft.get_peft_model(bnb_linear4bit_model(model), config)
     fill_trainable(peft_model, seed=1)
     peft_model.save_pretrained(tmp_path)
     qlora = peftc.load_adapter(gm, tmp_path)
@@ -195,6 +198,25 @@ def test_qlora_matches_peft_on_bitsandbytes_linear4bit(tmp_path):
     got.square().mean().backward()
     theirs = {n.removeprefix("base_model.model."): p.grad for n, p in peft_model.named_parameters() if p.requires_grad}
     ours = {n: p.grad for n, p in qlora.named_parameters() if p.requires_grad}
-    assert set(ours) == set(theirs) and len(ours) == 8
+    assert set(ours) == set(theirs) and len(ours) == (12 if dora else 8)
     for name, grad in ours.items():
         torch.testing.assert_close(grad, theirs[name], atol=1e-6, rtol=1e-4)
+    if dora:
+        merged = peftc.apply(qlora, "merge(dtype='float32')")
+        torch.testing.assert_close(merged(*args, **kwargs).logits, got, atol=1e-5, rtol=1e-5)
+
+
+def test_qdora_initial_magnitude_is_the_dequantized_norm(quantized):
+    """A fresh DoRA adapter on NF4 sites starts at the norm of the 4-bit weight, so it changes nothing."""
+    lm = loaded("tiny-llama")
+    qdora = peftc.apply(quantized, "freeze, lora(r=4, dora=true, targets='*.q_proj')")
+    torch.testing.assert_close(qdora(*lm.args, **lm.kwargs).logits, quantized(*lm.args, **lm.kwargs).logits,
+                               atol=1e-6, rtol=0)
+    site = next(s for s in peftc.linear_sites(quantized) if s.path == "model.layers.0.self_attn.q_proj")
+    norm = dequantize_nf4(nf4_state(quantized, site)).norm(dim=1)
+    magnitude = qdora.get_parameter("model.layers.0.self_attn.q_proj.lora_magnitude_vector.default.weight")
+    torch.testing.assert_close(magnitude, norm)
+    program = peftc.export_program(qdora)
+    assert "peftc.nf4_dequantize.default" in {str(n.target) for n in program.graph.nodes}
+    torch.testing.assert_close(program.module()(*lm.args, lm.kwargs["attention_mask"]).logits,
+                               qdora(*lm.args, **lm.kwargs).logits)

@@ -124,6 +124,18 @@ def test_nf4_export_keeps_4bit_weights(tmp_path, quantized):
                 and i.data_type == onnx.TensorProto.FLOAT]
 
 
+def test_qdora_exports_once_merged_into_dense_weights(tmp_path, quantized):
+    qdora = fill_trainable(peftc.apply(quantized, "freeze, lora(r=4, dora=true, targets='*.q_proj')"))
+    with pytest.raises(ExportError, match=r"nf4_dequantize.*self_attn\.q_proj.*lora branch: merge it first"):
+        peftc_onnx.export(qdora, tmp_path / "unmerged.onnx")
+    merged = peftc.apply(qdora, "merge(dtype='float32')")
+    result = peftc_onnx.export(merged, tmp_path / "qdora.onnx", merged=True)
+    model = onnx.load(str(result.path))
+    assert sum(n.op_type == "MatMulBnb4" for n in model.graph.node) == 14 - 2  # the merged q_proj are dense
+    inputs = feeds(merged)
+    assert_outputs_close(run_onnx(result.path, inputs), eager(qdora, inputs), atol=1e-4)
+
+
 def test_int4_requantization_reports_its_error(tmp_path, quantized):
     result = peftc_onnx.export(quantized, tmp_path / "int4.onnx", quant="int4")
     model = onnx.load(str(result.path))

@@ -212,8 +212,11 @@ def _check_translatable(gm: fx.GraphModule) -> None:
         if target.namespace in ("aten", "prims") or target in TRANSLATIONS:
             continue
         where = node.meta.get("module_path") or "the top-level module"
+        inserted_by = node.meta.get("peftc", {}).get("pass")
+        hint = (f"it belongs to a {inserted_by} branch: merge it first (on NF4 weights: merge(dtype=\"float16\")), or "
+                if inserted_by else "")
         raise ExportError(
-            f"node {node.name!r} ({target}) in {where} has no ONNX translation. Register one in "
+            f"node {node.name!r} ({target}) in {where} has no ONNX translation; {hint}register one in "
             f"peftc.backends.onnx.TRANSLATIONS (an onnxscript function taking the op's arguments), "
             f"or rewrite the node into aten ops before exporting"
         )

@@ -2,6 +2,9 @@
 
     y = x @ dequantize_nf4(W).T + b
 
+and `peftc::nf4_dequantize`, the weight itself, for the techniques that read it in the graph
+(DoRA's weight norm on an NF4 base, as peft does on bitsandbytes weights).
+
 No standard op dequantizes NF4, so this is a `torch.library.custom_op` with a reference
 implementation, a fake (meta) implementation for shape propagation and export, and autograd:
 the gradient flows to `x` (and a bias that requires it), never to the quantized weight.
@@ -22,7 +25,7 @@ from torch import Tensor
 
 from peftc.quant.nf4 import NF4Weight, decode_nf4, dequantize_absmax, dequantize_nf4
 
-__all__ = ["nf4_linear", "dequantize"]
+__all__ = ["nf4_linear", "nf4_dequantize", "dequantize"]
 
 _TILE_VALUES = 1 << 20  # weight values decoded per matmul
 
@@ -102,3 +105,17 @@ def _backward(ctx, grad):
 
 
 nf4_linear.register_autograd(_backward, setup_context=_setup_context)
+
+
+@torch.library.custom_op("peftc::nf4_dequantize", mutates_args=())
+def nf4_dequantize(
+    packed: Tensor, absmax: Tensor, absmax_scale: Tensor | None, offset: Tensor | None,
+    out_features: int, in_features: int, blocksize: int, dtype: torch.dtype,
+) -> Tensor:
+    """The (out_features, in_features) weight in `dtype`; it is frozen, so no autograd is needed."""
+    return dequantize(packed, absmax, absmax_scale, offset, out_features, in_features, blocksize, dtype)
+
+
+@nf4_dequantize.register_fake
+def _(packed, absmax, absmax_scale, offset, out_features, in_features, blocksize, dtype):
+    return packed.new_empty((out_features, in_features), dtype=dtype)
