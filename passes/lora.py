@@ -129,7 +129,7 @@ def _create_parameters(gm: fx.GraphModule, site: Any, options: LoraOptions) -> N
     new_parameter(gm, names["A"], A)
     new_parameter(gm, names["B"], B)
     if options.dora:
-        new_parameter(gm, names["m"], torch.linalg.vector_norm(weight_of(gm, site), dim=1).to(like["dtype"]))
+        new_parameter(gm, names["m"], torch.linalg.vector_norm(weight_of(gm, site), dim=1).detach().to(like["dtype"]))
     if options.dropout > 0 and isinstance(site, LinearSite):
         gm.add_submodule(qualify(site.path, "lora_dropout", options.adapter), nn.Dropout(options.dropout))
 

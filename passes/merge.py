@@ -65,14 +65,13 @@ def merge(gm: fx.GraphModule, options: MergeOptions) -> PassResult:
         states = {}
         for site in sites:
             with torch.no_grad():
+                base = weight_of(gm, site)
+                merged, states[site.path] = method.merge(gm, site, name, record["options"], base)
                 if getattr(site, "kind", "") == "nf4":  # embedding sites have no kind
-                    base = weight_of(gm, site)
-                    merged, _ = method.merge(gm, site, name, record["options"], base)
                     survival.append(fold_into_nf4(gm, site, merged, base, requantize=options.requantize,
                                                   dtype=options.dtype))
                     states[site.path] = _NF4_FOLDED
                 else:
-                    merged, states[site.path] = method.merge(gm, site, name, record["options"], weight_of(gm, site))
                     _set_weight(gm, site, merged)
             touched.append(site.path)
         remove_branches(gm, name)

@@ -7,8 +7,6 @@ import torch
 
 import peftc
 from peftc.errors import OptionError, TargetError
-from peftc.quant.nf4 import dequantize_nf4
-from peftc.sites import nf4_state
 from conftest import captured, fill_trainable, loaded
 
 bnb = pytest.importorskip("bitsandbytes", reason="bitsandbytes is the NF4 oracle: pip install bitsandbytes")
@@ -207,13 +205,15 @@ def test_qlora_matches_peft_on_bitsandbytes_linear4bit(tmp_path, dora):
 
 
 def test_qdora_initial_magnitude_is_the_dequantized_norm(quantized):
-    """A fresh DoRA adapter on NF4 sites starts at the norm of the 4-bit weight, so it changes nothing."""
+    """A fresh DoRA adapter on NF4 sites starts at the row norm of the 4-bit weight (as bitsandbytes
+    dequantizes it), so it changes nothing."""
     lm = loaded("tiny-llama")
     qdora = peftc.apply(quantized, "freeze, lora(r=4, dora=true, targets='*.q_proj')")
     torch.testing.assert_close(qdora(*lm.args, **lm.kwargs).logits, quantized(*lm.args, **lm.kwargs).logits,
                                atol=1e-6, rtol=0)
-    site = next(s for s in peftc.linear_sites(quantized) if s.path == "model.layers.0.self_attn.q_proj")
-    norm = dequantize_nf4(nf4_state(quantized, site)).norm(dim=1)
+    path = "model.layers.0.self_attn.q_proj"
+    norm = bnb_dequantized_model(lm.model, [path]).get_submodule(path).weight.norm(dim=1)
+    assert not torch.allclose(norm, lm.model.get_submodule(path).weight.norm(dim=1))  # 4-bit, not the original
     magnitude = qdora.get_parameter("model.layers.0.self_attn.q_proj.lora_magnitude_vector.default.weight")
     torch.testing.assert_close(magnitude, norm)
     program = peftc.export_program(qdora)

@@ -25,7 +25,7 @@ from torch import Tensor
 
 from peftc.quant.nf4 import NF4Weight, decode_nf4, dequantize_absmax, dequantize_nf4
 
-__all__ = ["nf4_linear", "nf4_dequantize", "dequantize"]
+__all__ = ["nf4_linear", "nf4_dequantize"]
 
 _TILE_VALUES = 1 << 20  # weight values decoded per matmul
 
@@ -33,14 +33,6 @@ _TILE_VALUES = 1 << 20  # weight values decoded per matmul
 def _state(packed, absmax, absmax_scale, offset, out_features, in_features, blocksize, dtype) -> NF4Weight:
     return NF4Weight(packed, absmax, torch.Size((out_features, in_features)), dtype, blocksize,
                      absmax_scale is not None, absmax_scale, offset)
-
-
-def dequantize(
-    packed: Tensor, absmax: Tensor, absmax_scale: Tensor | None, offset: Tensor | None,
-    out_features: int, in_features: int, blocksize: int, dtype: torch.dtype,
-) -> Tensor:
-    state = _state(packed, absmax, absmax_scale, offset, out_features, in_features, blocksize, dtype)
-    return dequantize_nf4(state, dtype)
 
 
 def _row_tiles(state: NF4Weight, dtype: torch.dtype) -> Iterator[tuple[int, int, Tensor]]:
@@ -113,7 +105,8 @@ def nf4_dequantize(
     out_features: int, in_features: int, blocksize: int, dtype: torch.dtype,
 ) -> Tensor:
     """The (out_features, in_features) weight in `dtype`; it is frozen, so no autograd is needed."""
-    return dequantize(packed, absmax, absmax_scale, offset, out_features, in_features, blocksize, dtype)
+    state = _state(packed, absmax, absmax_scale, offset, out_features, in_features, blocksize, dtype)
+    return dequantize_nf4(state, dtype)
 
 
 @nf4_dequantize.register_fake
