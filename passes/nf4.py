@@ -54,45 +54,58 @@ def nf4(gm: fx.GraphModule, options: Nf4Options) -> PassResult:
         raise OptionError(f"nf4: {', '.join(already[:4])} {'is' if len(already) == 1 else 'are'} already NF4; "
                           "quantize each weight once (drop the second nf4 or narrow its targets)")
     quantized: dict[str, int] = peftc_meta(gm).setdefault("quantized", {})
+    # Sites were found before any rewrite: a site fed by an earlier site (chained linears) still
+    # names that site's erased node as its input, so inputs are looked up here.
+    replaced: dict[fx.Node, fx.Node] = {}
+    buffers: dict[str, dict[str, str]] = {}  # weight -> its NF4 buffers: a module called twice is quantized once
     for site in sites:
-        weight = get_tensor(gm, site.weight)
-        if not weight.is_floating_point():
-            raise OptionError(f"nf4: weight of {site.path!r} is {weight.dtype}, not floating point; exclude it from targets")
-        matrix = weight.T.contiguous() if site.fan_in_fan_out else weight
-        if options.compute_dtype:
-            matrix = matrix.to(_DTYPES[options.compute_dtype])
-        state = quantize_nf4(matrix.detach(), options.blocksize, options.double_quant)
-        names = {"packed": qualify(site.path, "weight_nf4"), "absmax": qualify(site.path, "weight_absmax")}
-        if options.double_quant:
-            names.update(absmax_scale=qualify(site.path, "weight_absmax_scale"),
-                         offset=qualify(site.path, "weight_absmax_offset"))
-        for field, name in names.items():
-            set_tensor(gm, name, getattr(state, field), buffer=True)
+        names = buffers.get(site.weight)
+        if names is None:
+            names = buffers[site.weight] = _quantize_weight(gm, site, options)
+            quantized[site.path] = site.out_features * site.in_features
         graph = gm.graph
         with graph.inserting_before(site.node):
             args = [graph.get_attr(names[k]) if k in names else None for k in ("packed", "absmax", "absmax_scale", "offset")]
             bias = graph.get_attr(site.bias) if site.bias else None
-            x = site.input
+            x = source = replaced.get(site.input, site.input)
             if options.compute_dtype:
                 x = graph.call_function(torch.ops.aten._to_copy.default, (x,), {"dtype": _DTYPES[options.compute_dtype]})
             node = graph.call_function(torch.ops.peftc.nf4_linear.default, (x, *args, bias, site.out_features, site.in_features,
                                                         options.blocksize))
         for state_node in [a for a in args if a is not None] + ([bias] if bias is not None else []):
             tag(state_node, pass_name="nf4", role="nf4_state", path=site.path)
-        if x is not site.input:
+        if x is not source:
             tag(x, pass_name="nf4", role="cast", path=site.path)
         # Untagged: the quantized linear is a base op, so later passes find it as a linear site.
         node.meta.update(module_path=site.path, module_type=site.node.meta.get("module_type", ""))
         site.node.replace_all_uses_with(node)
         graph.erase_node(site.node)
+        replaced[site.node] = node
         for reader in [n for n in graph.nodes if n.op == "get_attr" and n.target in (site.weight, site.bias)]:
             if not reader.users:
                 graph.erase_node(reader)
         _drop_parameter(gm, site.weight)
-        quantized[site.path] = matrix.numel()
     return PassResult(gm, modified=bool(sites), sites=tuple(s.path for s in sites),
                       report=f"NF4 blocksize {options.blocksize}{' double-quant' if options.double_quant else ''} "
-                             f"on {len(sites)} linears")
+                             f"on {len(buffers)} linears")
+
+
+def _quantize_weight(gm: fx.GraphModule, site, options: Nf4Options) -> dict[str, str]:
+    """Register the NF4 buffers of `site`'s weight; returns their names by field of `Nf4State`."""
+    weight = get_tensor(gm, site.weight)
+    if not weight.is_floating_point():
+        raise OptionError(f"nf4: weight of {site.path!r} is {weight.dtype}, not floating point; exclude it from targets")
+    matrix = weight.T.contiguous() if site.fan_in_fan_out else weight
+    if options.compute_dtype:
+        matrix = matrix.to(_DTYPES[options.compute_dtype])
+    state = quantize_nf4(matrix.detach(), options.blocksize, options.double_quant)
+    names = {"packed": qualify(site.path, "weight_nf4"), "absmax": qualify(site.path, "weight_absmax")}
+    if options.double_quant:
+        names.update(absmax_scale=qualify(site.path, "weight_absmax_scale"),
+                     offset=qualify(site.path, "weight_absmax_offset"))
+    for field, name in names.items():
+        set_tensor(gm, name, getattr(state, field), buffer=True)
+    return names
 
 
 def _drop_parameter(gm: fx.GraphModule, qualname: str) -> None:

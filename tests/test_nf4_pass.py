@@ -109,6 +109,38 @@ def test_bad_nf4_input(text, error, message):
         peftc.apply(captured("tiny-llama"), text)
 
 
+class _Residual(torch.nn.Module):
+    """One linear feeding the next, a third and the output (fan-out and a skip around a chain)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.c = torch.nn.Linear(16, 16), torch.nn.Linear(16, 16, bias=False), torch.nn.Linear(16, 4)
+
+    def forward(self, x):
+        h = self.a(x)
+        return self.c(self.b(h) + h), self.c(h)
+
+
+@pytest.mark.parametrize("method", ["symbolic", "export"])
+@pytest.mark.parametrize("make", [
+    lambda: torch.nn.Sequential(torch.nn.Linear(16, 16), torch.nn.Linear(16, 16), torch.nn.Linear(16, 4)),
+    lambda: torch.nn.Sequential(torch.nn.Linear(16, 16), torch.nn.ReLU(), torch.nn.Linear(16, 16),
+                                torch.nn.Linear(16, 4)),
+    _Residual,
+], ids=["chain", "relu-then-chain", "fan-out"])
+def test_nf4_on_linears_feeding_linears(method, make):
+    """Each site's input may be the previous site's output, which the pass has just replaced."""
+    torch.manual_seed(0)
+    model = make().eval()
+    x = torch.randn(2, 3, 16)
+    gm = peftc.apply(peftc.capture(model, (x,), method=method), "nf4")
+    targets = {str(n.target) for n in gm.graph.nodes if n.op in ("call_function", "call_module")}
+    assert "peftc.nf4_linear.default" in targets and not targets & {"aten.linear.default", "0", "a", "b", "c"}
+    reference = bnb_dequantized_model(model, [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)])
+    x = torch.randn(3, 5, 16)
+    torch.testing.assert_close(gm(x), reference(x), atol=1e-6, rtol=1e-6)
+
+
 def test_merge_into_nf4_requantized_or_dense(quantized):
     lm = loaded("tiny-llama")
     qlora = peftc.apply(quantized, "freeze, lora(r=4, targets='*.q_proj|*.down_proj')")
