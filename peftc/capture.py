@@ -27,6 +27,7 @@ from torch import fx, nn
 from torch.fx.graph import _PyTreeCodeGen, _PyTreeInfo
 from torch.fx.passes.fake_tensor_prop import FakeTensorProp
 
+from peftc.canonical import canonicalize
 from peftc.errors import CaptureError
 from peftc.graph import clone, peftc_meta, set_tensor
 from peftc.verify import mark_propagated
@@ -73,6 +74,7 @@ def capture(
     meta["module_types"] = _module_types(model)
     meta["history"] = []
     gm.train(model.training)
+    meta["capture"]["canonicalized"] = canonicalize(gm)  # `x @ W.T (+ b)` becomes a linear site like nn.Linear
     mark_propagated(gm)
     return gm
 
