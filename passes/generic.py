@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from torch import fx, nn
+from torch import fx
 
-from peftc.graph import set_tensor
+from peftc.graph import freeze_parameters
 from peftc.registry import PassResult, register_pass
 
 __all__ = ["identity", "dce", "freeze"]
@@ -13,7 +13,7 @@ __all__ = ["identity", "dce", "freeze"]
 @register_pass("identity", preserves_outputs=True)
 def identity(gm: fx.GraphModule) -> PassResult:
     """Change nothing: `gm -> gm`. Useful to check a pipeline's plumbing."""
-    return PassResult(gm, modified=False)
+    return PassResult(gm, modified=False, report="identity changes nothing by definition")
 
 
 @register_pass("dce", preserves_outputs=True)
@@ -37,13 +37,7 @@ def freeze(gm: fx.GraphModule) -> PassResult:
     Each parameter is replaced by a new frozen `nn.Parameter` over the same storage, so the
     model the graph was captured from keeps its own `requires_grad` flags.
     """
-    replacements: dict[int, nn.Parameter] = {}
-    frozen = []
-    for name, p in list(gm.named_parameters(remove_duplicate=False)):
-        if p.requires_grad:
-            if id(p) not in replacements:  # tied weights stay tied
-                replacements[id(p)] = nn.Parameter(p.data, requires_grad=False)
-            set_tensor(gm, name, replacements[id(p)])
-            frozen.append(name)
+    frozen = freeze_parameters(gm)
     owners = sorted({name.rpartition(".")[0] for name in frozen})
-    return PassResult(gm, modified=bool(frozen), sites=tuple(owners), report=f"froze {len(replacements)} parameters")
+    report = f"froze {len(frozen)} parameters" if frozen else "every parameter was already frozen"
+    return PassResult(gm, modified=bool(frozen), sites=tuple(owners), report=report)

@@ -14,108 +14,85 @@ w1_a, w1_b, w2_a Kaiming-uniform, w2_b zero (the update starts at zero).
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
+from typing import Any
 
 import torch
-from torch import fx, nn
+from torch import fx
 
-from peftc.adapters import (
-    BranchBuilder,
-    adapters,
-    additive_technique,
-    check_new_adapter,
-    new_parameter,
-    param_like,
-    register_technique,
-    resolve_sites,
-)
+from peftc.adapters import register_technique
 from peftc.errors import OptionError
-from peftc.graph import get_tensor, qualify
-from peftc.passes.lora import check_adapter_name
-from peftc.registry import PassResult, register_pass
 from peftc.sites import LinearSite
+from peftc.technique import AdapterOptions, Builder, Context, Param, Technique, kaiming_uniform
 
-__all__ = ["LohaOptions", "loha"]
+__all__ = ["LohaOptions", "Loha"]
 
 aten = torch.ops.aten
 _ROLES = ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b")
 
 
 @dataclass(frozen=True)
-class LohaOptions:
+class LohaOptions(AdapterOptions):
     r: int = 8
     alpha: float = 8.0
-    targets: str | None = None
-    adapter: str = "default"
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if self.r <= 0:
             raise OptionError(f"loha: r must be a positive integer, got {self.r}")
-        check_adapter_name(self.adapter, "loha")
 
     @property
     def scaling(self) -> float:
         return self.alpha / self.r
 
 
-@register_pass("loha", options=LohaOptions, preserves_outputs=True)
-def loha(gm: fx.GraphModule, options: LohaOptions) -> PassResult:
-    """Insert LoHa branches: `y = W x + b -> y = W x + b + s ((A1 B1) ⊙ (A2 B2)) x`."""
-    check_new_adapter(gm, options.adapter, "loha")
-    sites = resolve_sites(gm, options.targets, "loha")
-    factored = 0
-    for site in sites:
-        like = param_like(gm, site)
-        shapes = [(site.out_features, options.r), (options.r, site.in_features)] * 2
-        for role, shape in zip(_ROLES, shapes):
-            value = torch.empty(shape, **like)
-            if value.device.type != "meta":
-                if role == "hada_w2_b":
-                    nn.init.zeros_(value)
-                else:
-                    nn.init.kaiming_uniform_(value, a=math.sqrt(5))
-            new_parameter(gm, qualify(site.path, role, options.adapter), value)
-        factored += _factored(site, options.r)
-        LOHA.insert(gm, site, options.adapter, options)
-    adapters(gm)[options.adapter] = {"technique": "loha", "options": options, "active": True, "merged": False,
-                                     "sites": [(s.path, "linear") for s in sites]}
-    return PassResult(gm, modified=True, sites=tuple(s.path for s in sites),
-                      report=f"LoHa r={options.r} on {len(sites)} sites ({factored} factored, {len(sites) - factored} dense)")
-
-
 def _factored(site: LinearSite, r: int) -> bool:
     return r * r * (site.in_features + site.out_features) < site.in_features * site.out_features
 
 
-def _insert(gm: fx.GraphModule, site: LinearSite, adapter: str, options: LohaOptions) -> None:
-    b = BranchBuilder(gm, site.node, pass_name="loha", adapter=adapter, path=site.path)
-    w1a, w1b, w2a, w2b = (b.get(qualify(site.path, role, adapter), role) for role in _ROLES)
-    r = options.r
-    if _factored(site, r):
-        # U[o, i*r + j] = w1a[o, i] w2a[o, j];  V[i*r + j, n] = w1b[i, n] w2b[j, n]
-        U = b.call(aten.mul.Tensor, b.call(aten.unsqueeze.default, w1a, 2, role="w1a_col"),
-                   b.call(aten.unsqueeze.default, w2a, 1, role="w2a_row"), role="u_outer")
-        U = b.call(aten.reshape.default, U, [site.out_features, r * r], role="u")
-        V = b.call(aten.mul.Tensor, b.call(aten.unsqueeze.default, w1b, 1, role="w1b_col"),
-                   b.call(aten.unsqueeze.default, w2b, 0, role="w2b_row"), role="v_outer")
-        V = b.call(aten.reshape.default, V, [r * r, site.in_features], role="v")
-        delta = b.call(aten.linear.default, b.call(aten.linear.default, site.input, V, role="v_out"), U, role="u_out")
-        b.finish(site.node, b.call(aten.mul.Tensor, delta, options.scaling, role="scaled"))
-        return
-    w1 = b.call(aten.mm.default, w1a, w1b, role="w1")
-    w2 = b.call(aten.mm.default, w2a, w2b, role="w2")
-    weight = b.call(aten.mul.Tensor, b.call(aten.mul.Tensor, w1, w2, role="hadamard"), options.scaling, role="delta_weight")
-    b.finish(site.node, b.call(aten.linear.default, site.input, weight, role="delta_out"))
+@register_technique
+class Loha(Technique):
+    """Insert LoHa branches: `y = W x + b -> y = W x + b + s ((A1 B1) ⊙ (A2 B2)) x`."""
 
+    name = "loha"
+    options = LohaOptions
+    peft_type = "LOHA"
 
-def _param_names(gm: fx.GraphModule, site: LinearSite, adapter: str, options: LohaOptions) -> list[str]:
-    return [qualify(site.path, role, adapter) for role in _ROLES]
+    def params(self, ctx: Context) -> list[Param]:
+        site, r = ctx.site, ctx.options.r
+        shapes = [(site.out_features, r), (r, site.in_features)] * 2
+        return [Param(attr, shape, init=None if attr == "hada_w2_b" else kaiming_uniform) for attr, shape in zip(_ROLES, shapes)]
 
+    def build(self, b: Builder, x: fx.Node) -> fx.Node:
+        site, r = b.site, b.options.r
+        w1a, w1b, w2a, w2b = (b.param(attr) for attr in _ROLES)
+        if _factored(site, r):
+            # U[o, i*r + j] = w1a[o, i] w2a[o, j];  V[i*r + j, n] = w1b[i, n] w2b[j, n]
+            U = b.call(aten.mul.Tensor, b.call(aten.unsqueeze.default, w1a, 2, role="w1a_col"),
+                       b.call(aten.unsqueeze.default, w2a, 1, role="w2a_row"), role="u_outer")
+            U = b.call(aten.reshape.default, U, [site.out_features, r * r], role="u")
+            V = b.call(aten.mul.Tensor, b.call(aten.unsqueeze.default, w1b, 1, role="w1b_col"),
+                       b.call(aten.unsqueeze.default, w2b, 0, role="w2b_row"), role="v_outer")
+            V = b.call(aten.reshape.default, V, [r * r, site.in_features], role="v")
+            delta = b.call(aten.linear.default, b.call(aten.linear.default, x, V, role="v_out"), U, role="u_out")
+            return b.call(aten.mul.Tensor, delta, b.options.scaling, role="scaled")
+        w1 = b.call(aten.mm.default, w1a, w1b, role="w1")
+        w2 = b.call(aten.mm.default, w2a, w2b, role="w2")
+        weight = b.call(aten.mul.Tensor, b.call(aten.mul.Tensor, w1, w2, role="hadamard"), b.options.scaling,
+                        role="delta_weight")
+        return b.call(aten.linear.default, x, weight, role="delta_out")
 
-def delta_weight(gm: fx.GraphModule, site: LinearSite, adapter: str, options: LohaOptions) -> torch.Tensor:
-    w1a, w1b, w2a, w2b = (get_tensor(gm, n) for n in _param_names(gm, site, adapter, options))
-    return (w1a @ w1b) * (w2a @ w2b) * options.scaling
+    def delta(self, ctx: Context) -> torch.Tensor:
+        w1a, w1b, w2a, w2b = (ctx.tensor(attr).float() for attr in _ROLES)
+        return (w1a @ w1b) * (w2a @ w2b) * ctx.options.scaling
 
+    def to_peft(self, options: LohaOptions, sites: list[Any]) -> dict[str, Any]:
+        return {"r": options.r, "alpha": options.alpha, "rank_dropout": 0.0, "module_dropout": 0.0, "init_weights": True}
 
-LOHA = register_technique(additive_technique("loha", _insert, _param_names, delta_weight))
+    def from_peft(self, config: dict[str, Any]) -> dict[str, Any]:
+        config.pop("init_weights", None)  # the weights come from the checkpoint
+        return {"r": config.pop("r", 8), "alpha": float(config.pop("alpha", 8))}
+
+    def describe(self, options: LohaOptions, sites: list[Any]) -> str:
+        factored = sum(_factored(s, options.r) for s in sites)
+        return f"LoHa r={options.r} on {len(sites)} sites ({factored} factored, {len(sites) - factored} dense)"

@@ -17,46 +17,34 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import torch
-from torch import fx, nn
+from torch import fx
 
-from peftc.adapters import (
-    BranchBuilder,
-    adapters,
-    additive_technique,
-    check_new_adapter,
-    new_parameter,
-    param_like,
-    register_technique,
-    resolve_sites,
-)
+from peftc.adapters import register_technique
 from peftc.errors import OptionError
-from peftc.graph import get_tensor, qualify
-from peftc.passes.lora import check_adapter_name
-from peftc.registry import PassResult, register_pass
 from peftc.sites import LinearSite
+from peftc.technique import AdapterOptions, Builder, Context, Param, Technique, kaiming_uniform
 
-__all__ = ["LokrOptions", "lokr", "factorization"]
+__all__ = ["LokrOptions", "Lokr", "factorization"]
 
 aten = torch.ops.aten
 
 
 @dataclass(frozen=True)
-class LokrOptions:
+class LokrOptions(AdapterOptions):
     r: int = 8
     alpha: float = 8.0
-    targets: str | None = None
     decompose_both: bool = False
     decompose_factor: int = -1
-    adapter: str = "default"
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if self.r <= 0:
             raise OptionError(f"lokr: r must be a positive integer, got {self.r}")
         if self.decompose_factor == 0 or self.decompose_factor < -1:
             raise OptionError(f"lokr: decompose_factor must be -1 (near sqrt) or positive, got {self.decompose_factor}")
-        check_adapter_name(self.adapter, "lokr")
 
     @property
     def scaling(self) -> float:
@@ -104,50 +92,46 @@ def _layout(site: LinearSite, options: LokrOptions) -> _Layout:
     return _Layout(a, b, c, d, full_w1, full_w2)
 
 
-@register_pass("lokr", options=LokrOptions, preserves_outputs=True)
-def lokr(gm: fx.GraphModule, options: LokrOptions) -> PassResult:
+@register_technique
+class Lokr(Technique):
     """Insert LoKr branches: `y = W x + b -> y = W x + b + s (W1 ⊗ W2) x`, never building W1 ⊗ W2."""
-    check_new_adapter(gm, options.adapter, "lokr")
-    sites = resolve_sites(gm, options.targets, "lokr")
-    for site in sites:
-        like = param_like(gm, site)
-        for role, shape in _layout(site, options).shapes(options.r).items():
-            value = torch.empty(shape, **like)
-            if value.device.type != "meta":
-                if role in ("lokr_w1", "lokr_w1_a"):
-                    nn.init.zeros_(value)
-                else:
-                    nn.init.kaiming_uniform_(value, a=math.sqrt(5))
-            new_parameter(gm, qualify(site.path, role, options.adapter), value)
-        LOKR.insert(gm, site, options.adapter, options)
-    adapters(gm)[options.adapter] = {"technique": "lokr", "options": options, "active": True, "merged": False,
-                                     "sites": [(s.path, "linear") for s in sites]}
-    return PassResult(gm, modified=True, sites=tuple(s.path for s in sites),
-                      report=f"LoKr r={options.r} on {len(sites)} sites")
 
+    name = "lokr"
+    options = LokrOptions
+    peft_type = "LOKR"
 
-def _insert(gm: fx.GraphModule, site: LinearSite, adapter: str, options: LokrOptions) -> None:
-    layout = _layout(site, options)
-    b = BranchBuilder(gm, site.node, pass_name="lokr", adapter=adapter, path=site.path)
-    params = {role: b.get(qualify(site.path, role, adapter), role) for role in layout.shapes(options.r)}
-    w1 = params.get("lokr_w1") or b.call(aten.mm.default, params["lokr_w1_a"], params["lokr_w1_b"], role="w1")
-    w2 = params.get("lokr_w2") or b.call(aten.mm.default, params["lokr_w2_a"], params["lokr_w2_b"], role="w2")
-    x = b.call(aten.reshape.default, site.input, [-1, layout.c, layout.d], role="x_blocks")  # X: (N, c, d)
-    xw2 = b.call(aten.matmul.default, x, b.call(aten.t.default, w2, role="w2_t"), role="x_w2t")  # (N, c, b)
-    y = b.call(aten.matmul.default, w1, xw2, role="w1_x_w2t")  # (N, a, b)
-    y = b.call(aten.reshape_as.default, y, site.node, role="delta_out")
-    b.finish(site.node, b.call(aten.mul.Tensor, y, options.scaling, role="scaled"))
+    def params(self, ctx: Context) -> list[Param]:
+        shapes = _layout(ctx.site, ctx.options).shapes(ctx.options.r)
+        return [Param(attr, shape, init=None if attr in ("lokr_w1", "lokr_w1_a") else kaiming_uniform)
+                for attr, shape in shapes.items()]
 
+    def build(self, b: Builder, x: fx.Node) -> fx.Node:
+        layout = _layout(b.site, b.options)
+        p = {attr: b.param(attr) for attr in layout.shapes(b.options.r)}
+        w1 = p.get("lokr_w1") or b.call(aten.mm.default, p["lokr_w1_a"], p["lokr_w1_b"], role="w1")
+        w2 = p.get("lokr_w2") or b.call(aten.mm.default, p["lokr_w2_a"], p["lokr_w2_b"], role="w2")
+        blocks = b.call(aten.reshape.default, x, [-1, layout.c, layout.d], role="x_blocks")  # X: (N, c, d)
+        xw2 = b.call(aten.matmul.default, blocks, b.call(aten.t.default, w2, role="w2_t"), role="x_w2t")  # (N, c, b)
+        y = b.call(aten.matmul.default, w1, xw2, role="w1_x_w2t")  # (N, a, b)
+        y = b.call(aten.reshape_as.default, y, b.base, role="delta_out")
+        return b.call(aten.mul.Tensor, y, b.options.scaling, role="scaled")
 
-def _param_names(gm: fx.GraphModule, site: LinearSite, adapter: str, options: LokrOptions) -> list[str]:
-    return [qualify(site.path, role, adapter) for role in _layout(site, options).shapes(options.r)]
+    def delta(self, ctx: Context) -> torch.Tensor:
+        names = _layout(ctx.site, ctx.options).shapes(ctx.options.r)
+        t = {attr: ctx.tensor(attr).float() for attr in names}
+        w1 = t["lokr_w1"] if "lokr_w1" in t else t["lokr_w1_a"] @ t["lokr_w1_b"]
+        w2 = t["lokr_w2"] if "lokr_w2" in t else t["lokr_w2_a"] @ t["lokr_w2_b"]
+        return torch.kron(w1, w2) * ctx.options.scaling
 
+    def to_peft(self, options: LokrOptions, sites: list[Any]) -> dict[str, Any]:
+        return {"r": options.r, "alpha": options.alpha, "rank_dropout": 0.0, "module_dropout": 0.0, "init_weights": True,
+                "decompose_both": options.decompose_both, "decompose_factor": options.decompose_factor}
 
-def delta_weight(gm: fx.GraphModule, site: LinearSite, adapter: str, options: LokrOptions) -> torch.Tensor:
-    t = {name.rsplit(".", 2)[-2]: get_tensor(gm, name) for name in _param_names(gm, site, adapter, options)}
-    w1 = t["lokr_w1"] if "lokr_w1" in t else t["lokr_w1_a"] @ t["lokr_w1_b"]
-    w2 = t["lokr_w2"] if "lokr_w2" in t else t["lokr_w2_a"] @ t["lokr_w2_b"]
-    return torch.kron(w1, w2) * options.scaling
+    def from_peft(self, config: dict[str, Any]) -> dict[str, Any]:
+        config.pop("init_weights", None)  # the weights come from the checkpoint
+        return {"r": config.pop("r", 8), "alpha": float(config.pop("alpha", 8)),
+                "decompose_both": bool(config.pop("decompose_both", False)),
+                "decompose_factor": int(config.pop("decompose_factor", -1))}
 
-
-LOKR = register_technique(additive_technique("lokr", _insert, _param_names, delta_weight))
+    def describe(self, options: LokrOptions, sites: list[Any]) -> str:
+        return f"LoKr r={options.r} on {len(sites)} sites, adapter {options.adapter!r}"

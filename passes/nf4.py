@@ -24,7 +24,7 @@ from peftc.graph import get_attr_path, get_tensor, peftc_meta, qualify, set_tens
 from peftc.quant import ops  # noqa: F401  (registers peftc::nf4_linear)
 from peftc.quant.nf4 import QuantizationError, _check_blocksize, dequantize_nf4, quantize_nf4
 from peftc.registry import PassResult, register_pass
-from peftc.sites import nf4_state
+from peftc.quant.format import nf4_state
 
 __all__ = ["Nf4Options", "nf4", "fold_into_nf4"]
 
@@ -49,7 +49,7 @@ class Nf4Options:
 def nf4(gm: fx.GraphModule, options: Nf4Options) -> PassResult:
     """Quantize linear weights to NF4: `linear(x, W, b) -> peftc::nf4_linear(x, W_nf4, ..., b)`."""
     sites = resolve_sites(gm, options.targets or "all-linear", "nf4")
-    already = [s.path for s in sites if s.kind == "nf4"]
+    already = [s.path for s in sites if s.storage == "nf4"]
     if already:
         raise OptionError(f"nf4: {', '.join(already[:4])} {'is' if len(already) == 1 else 'are'} already NF4; "
                           "quantize each weight once (drop the second nf4 or narrow its targets)")

@@ -1,218 +1,168 @@
-"""Adapters on a graph: inserting tagged branches, and switching, deleting, merging them.
+"""The technique layer's core: adapters on a graph, written once for every technique.
 
-An adapter technique (LoRA, LoHa, LoKr) registers a `Technique`: how to insert its branch at
-a site from parameters already on the module, and how to compute its dense update dW.
-Every inserted node carries `meta["peftc"] = {"pass", "role", "adapter"}`; the node with role
-`"output"` is `add(base_output, branch)`, so a branch is removed by rerouting that node's
-users to its first argument and erasing the adapter's nodes.
+A technique (`peftc.technique.Technique`) declares its parameters, its stage and its rewrite;
+this module inserts it, keeps the adapter record, switches, deletes, merges and unmerges.
 
-The record of adapters lives in `gm.meta["peftc"]["adapters"]`:
-`{name: {"technique", "options", "sites", "active", "merged"}}`; the graph holds exactly
-the branches of the active, unmerged adapters.
+How techniques compose at one site (documented in docs/concepts.md):
+
+    y = O_k(...O_1(op(I_m(...I_1(x)), W_n(...W_1(W)), b))) + A_1(x) + ... + A_j(x)
+
+1. `input` stages transform x, `weight` stages W (and b), `output` stages y, in adapter-name
+   order within a stage; `add` stages read the site's own x and are summed last.
+2. A site is always rebuilt whole from its active, unmerged adapters, so the graph depends only
+   on which adapters are active and merged, never on the order they were added or switched.
+3. Merging folds, from the site's original weight (kept at its first merge), every merged
+   adapter in the order that keeps (1): weight stages, input stages (innermost last),
+   output stages, then additive updates. A merged adapter must lie inside every active
+   unmerged one at the site (an `add` adapter cannot be merged under an active `output` scale):
+   otherwise merge, unmerge and set_adapter raise, naming both adapters.
+
+Every node a technique adds carries `meta["peftc"] = {"pass", "role", "adapter", "site"}`. The
+record lives in `gm.meta["peftc"]["adapters"]` as `Adapter` objects.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from collections.abc import Iterable
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import fx, nn
 
 from peftc.errors import OptionError, PassError, suggest
-from peftc.graph import get_tensor, peftc_meta, qualify, set_tensor, tag
-from peftc.quant.nf4 import dequantize_nf4
-from peftc.sites import EmbeddingSite, LinearSite, embedding_sites, linear_sites, lm_head, nf4_state
-from peftc.targets import select
+from peftc.graph import freeze_parameters, get_tensor, peftc_meta, qualify, set_tensor
+from peftc.registry import PassResult, register_pass
+from peftc.sites import WeightSite, encode_original, lm_head, site_of_node, weight_sites
+from peftc.technique import STAGES, Builder, Context, Technique
+from peftc.weights import format_of
 
 __all__ = [
-    "Technique",
+    "Adapter",
     "register_technique",
-    "BranchBuilder",
+    "technique",
+    "techniques",
     "adapters",
     "active_adapters",
     "set_active",
     "disable",
     "delete",
-    "site_for",
+    "merge_adapters",
+    "unmerge_adapters",
     "default_targets",
+    "resolve_sites",
+    "adapter_tensors",
 ]
 
-Site = LinearSite | EmbeddingSite
+aten = torch.ops.aten
 
 
-@dataclass(frozen=True)
-class Technique:
-    """How one adapter technique lives in a graph.
-
-    - `insert(gm, site, adapter, options)` adds the branch from parameters already registered;
-    - `param_names(gm, site, adapter, options)` lists those parameters' qualified names;
-    - `merge(gm, site, adapter, options, W) -> (W', state)` folds the update into the base weight
-      W (in (out, in) layout; (num, dim) for embeddings), and `unmerge(..., W', state) -> W` undoes it.
-    """
+@dataclass
+class Adapter:
+    """One adapter: its technique, options, sites and tensors; whether it is active and merged."""
 
     name: str
-    insert: Callable[[fx.GraphModule, Site, str, Any], None]
-    param_names: Callable[[fx.GraphModule, Site, str, Any], list[str]]
-    merge: Callable[[fx.GraphModule, Site, str, Any, torch.Tensor], tuple[torch.Tensor, Any]]
-    unmerge: Callable[[fx.GraphModule, Site, str, Any, torch.Tensor, Any], torch.Tensor]
+    technique: str
+    options: Any
+    sites: tuple[tuple[str, str], ...]  # (path, site kind)
+    names: dict[str, dict[str, str]]  # site path ("" for shared tensors) -> attr -> qualified name
+    modules: tuple[str, ...] = ()
+    active: bool = True
+    merged: bool = False
+    kept: dict[str, torch.Tensor] | None = None  # the tensors, while merged
+    stages: dict[str, str] = field(default_factory=dict)  # site path -> stage
+
+    @property
+    def param_names(self) -> list[str]:
+        return [q for names in self.names.values() for q in names.values()]
+
+    def method(self) -> Technique:
+        return technique(self.technique)
 
 
 _TECHNIQUES: dict[str, Technique] = {}
 
 
-def additive_technique(name: str, insert: Callable, param_names: Callable, delta: Callable) -> Technique:
-    """A technique whose merge is `W + dW` with `dW = delta(gm, site, adapter, options)`."""
-    return Technique(
-        name, insert, param_names,
-        merge=lambda gm, site, adapter, options, W: (W + delta(gm, site, adapter, options), None),
-        unmerge=lambda gm, site, adapter, options, W, state: W - delta(gm, site, adapter, options),
-    )
+def register_technique(cls: type[Technique]) -> type[Technique]:
+    """Register a technique and the pass of the same name that adds it (`lora(...)`, `ia3(...)`)."""
+    method = cls()
+    _TECHNIQUES[cls.name] = method
 
+    def run(gm: fx.GraphModule, options: Any) -> PassResult:
+        return add_adapter(gm, method, options)
 
-def check_new_adapter(gm: fx.GraphModule, name: str, pass_name: str) -> None:
-    if name in adapters(gm):
-        raise OptionError(f"{pass_name}: an adapter named {name!r} exists; pass adapter=\"other\" or delete it first")
-
-
-def register_technique(technique: Technique) -> Technique:
-    _TECHNIQUES[technique.name] = technique
-    return technique
+    run.__doc__ = cls.__doc__
+    run.__name__ = cls.name
+    register_pass(cls.name, options=cls.options, preserves_outputs=cls.preserves_outputs)(run)
+    return cls
 
 
 def technique(name: str) -> Technique:
-    return _TECHNIQUES[name]
+    try:
+        return _TECHNIQUES[name]
+    except KeyError:
+        raise OptionError(f"no technique named {name!r}; registered: {', '.join(sorted(_TECHNIQUES))}") from None
 
 
-class BranchBuilder:
-    """Appends nodes after `anchor`, each tagged with the pass, role, adapter and module path."""
-
-    def __init__(self, gm: fx.GraphModule, anchor: fx.Node, *, pass_name: str, adapter: str, path: str):
-        self.gm, self.cursor = gm, anchor
-        self.pass_name, self.adapter, self.path = pass_name, adapter, path
-        self.nodes: list[fx.Node] = []
-
-    def _place(self, make: Callable[[], fx.Node], role: str) -> fx.Node:
-        with self.gm.graph.inserting_after(self.cursor):
-            node = make()
-        tag(node, pass_name=self.pass_name, role=role, path=self.path, adapter=self.adapter)
-        self.cursor = node
-        self.nodes.append(node)
-        return node
-
-    def get(self, qualname: str, role: str) -> fx.Node:
-        return self._place(lambda: self.gm.graph.get_attr(qualname), role)
-
-    def call(self, target: Any, *args: Any, role: str, **kwargs: Any) -> fx.Node:
-        return self._place(lambda: self.gm.graph.call_function(target, args, kwargs), role)
-
-    def module(self, qualname: str, *args: Any, role: str) -> fx.Node:
-        return self._place(lambda: self.gm.graph.call_module(qualname, args), role)
-
-    def finish(self, base: fx.Node, branch: fx.Node) -> fx.Node:
-        """`base -> add(base, branch)` for every user of `base` outside this branch."""
-        out = self.call(torch.ops.aten.add.Tensor, base, branch, role="output")
-        inside = set(self.nodes)
-        base.replace_all_uses_with(out, delete_user_cb=lambda user: user not in inside)
-        return out
+def techniques() -> dict[str, Technique]:
+    return dict(_TECHNIQUES)
 
 
-def new_parameter(gm: fx.GraphModule, qualname: str, value: torch.Tensor) -> None:
-    set_tensor(gm, qualname, nn.Parameter(value))
-
-
-def adapters(gm: fx.GraphModule) -> dict[str, dict[str, Any]]:
+def adapters(gm: fx.GraphModule) -> dict[str, Adapter]:
     return peftc_meta(gm).setdefault("adapters", {})
 
 
 def active_adapters(gm: fx.GraphModule) -> list[str]:
-    return [name for name, record in adapters(gm).items() if record["active"]]
+    return [name for name, record in adapters(gm).items() if record.active and not record.merged]
 
 
-def site_for(gm: fx.GraphModule, path: str, kind: str) -> Site:
-    finder = embedding_sites if kind == "embedding" else linear_sites
-    found = [s for s in finder(gm) if s.path == path]
-    if len(found) != 1:
-        raise PassError(f"expected one {kind} site at {path!r}, found {len(found)}; was the base op rewritten?")
-    return found[0]
+# --- inserting ------------------------------------------------------------------------------
+
+def add_adapter(gm: fx.GraphModule, method: Technique, options: Any) -> PassResult:
+    """The pass every technique gets: create its tensors at the selected sites and rebuild them."""
+    if options.adapter in adapters(gm):
+        raise OptionError(f"{method.name}: an adapter named {options.adapter!r} exists; pass adapter=\"other\" or delete it first")
+    sites = resolve_sites(gm, options.targets, method)
+    for site in sites:
+        method.check(gm, site, options)
+    if options.freeze_base:
+        freeze_parameters(gm, keep={q for record in adapters(gm).values() for q in record.param_names})
+    record = Adapter(options.adapter, method.name, options, tuple((s.path, s.kind) for s in sites), {},
+                     stages={s.path: method.stage_at(s, options) for s in sites})
+    shared = method.shared_params(gm, sites, options)
+    if shared:
+        like = format_of(sites[0])
+        record.names[""] = _create(gm, "", shared, options.adapter, like.compute_dtype(gm, sites[0]), _device(gm, sites[0]))
+    modules = []
+    for site in sites:
+        ctx = Context(gm, site, options, dict(record.names.get("", {})))
+        made = _create(gm, site.path, method.params(ctx), options.adapter, format_of(site).compute_dtype(gm, site),
+                       _device(gm, site))
+        record.names[site.path] = made
+        for attr, module in method.modules(site, options).items():
+            qualname = qualify(site.path, attr, options.adapter)
+            gm.add_submodule(qualname, module)
+            modules.append(qualname)
+    record.modules = tuple(modules)
+    _check_nesting(gm, record.sites, extra=[record])
+    adapters(gm)[options.adapter] = record
+    rebuild(gm, record.sites)
+    method.after_insert(gm, sites, options)
+    return PassResult(gm, modified=True, sites=tuple(s.path for s in sites), report=method.describe(options, sites))
 
 
-def remove_branches(gm: fx.GraphModule, name: str) -> None:
-    nodes = [n for n in gm.graph.nodes if n.meta.get("peftc", {}).get("adapter") == name]
-    for node in nodes:
-        if node.meta["peftc"]["role"] == "output":
-            node.replace_all_uses_with(node.args[0])
-    for node in reversed(nodes):
-        gm.graph.erase_node(node)
+def _device(gm: fx.GraphModule, site: WeightSite) -> torch.device:
+    return get_tensor(gm, site.weight).device
 
 
-def insert_branches(gm: fx.GraphModule, name: str) -> None:
-    record = adapters(gm)[name]
-    method = technique(record["technique"])
-    for path, kind in record["sites"]:
-        method.insert(gm, site_for(gm, path, kind), name, record["options"])
-
-
-def _check_name(gm: fx.GraphModule, name: str) -> dict[str, Any]:
-    known = adapters(gm)
-    if name not in known:
-        parts = [f"no adapter named {name!r}.", suggest(name, known), f"Adapters: {', '.join(known) or 'none'}"]
-        raise OptionError(" ".join(p for p in parts if p))
-    return known[name]
-
-
-def set_active(gm: fx.GraphModule, names: str | Iterable[str]) -> fx.GraphModule:
-    """Make exactly `names` active (in place): their branches are in the graph, no others."""
-    wanted = [names] if isinstance(names, str) else list(names)
-    for name in wanted:
-        if _check_name(gm, name)["merged"]:
-            raise OptionError(f"adapter {name!r} is merged into the base weights; unmerge it before switching")
-    for name, record in adapters(gm).items():
-        if record["active"] and name not in wanted and not record["merged"]:
-            remove_branches(gm, name)
-            record["active"] = False
-    for name in wanted:
-        record = adapters(gm)[name]
-        if not record["active"]:
-            insert_branches(gm, name)
-            record["active"] = True
-    gm.graph.lint()
-    gm.recompile()
-    return gm
-
-
-def disable(gm: fx.GraphModule) -> fx.GraphModule:
-    """No adapter active: the graph computes the base model exactly."""
-    return set_active(gm, [])
-
-
-def delete(gm: fx.GraphModule, name: str) -> fx.GraphModule:
-    """Remove adapter `name`: its branches, parameters and record."""
-    record = _check_name(gm, name)
-    if record["active"] and not record["merged"]:
-        remove_branches(gm, name)
-    method = technique(record["technique"])
-    for path, kind in record["sites"]:
-        site = site_for(gm, path, kind)
-        for qualname in method.param_names(gm, site, name, record["options"]):
-            owner, _, attr = qualname.rpartition(".")
-            module = gm.get_submodule(owner)
-            module._parameters.pop(attr, None)
-            module._buffers.pop(attr, None)
-        dropouts = _maybe_module(gm, qualify(path, f"{record['technique']}_dropout"))
-        if dropouts is not None and name in dropouts._modules:
-            delattr(dropouts, name)
-    del adapters(gm)[name]
-    gm.recompile()
-    return gm
-
-
-def _maybe_module(gm: nn.Module, path: str) -> nn.Module | None:
-    try:
-        return gm.get_submodule(path)
-    except AttributeError:
-        return None
+def _create(gm: fx.GraphModule, path: str, params: list, adapter: str, dtype: torch.dtype, device: torch.device) -> dict[str, str]:
+    names = {}
+    for param in params:
+        qualname = qualify(path, param.attr, adapter, param.suffix)
+        tensor = param.make(dtype, device)
+        set_tensor(gm, qualname, tensor, buffer=not isinstance(tensor, nn.Parameter))
+        names[param.attr] = qualname
+    return names
 
 
 # peft's default target modules (TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING), by module class prefix.
@@ -223,16 +173,17 @@ _DEFAULT_TARGETS = {
     "opt": "*.q_proj|*.v_proj",
     "gpt2": "*.c_attn",
     "gpt_neox": "*.query_key_value",
+    "falcon": "*.query_key_value",
     "bert": "*.query|*.value",
     "roberta": "*.query|*.value",
     "t5": "*.q|*.v",
 }
 
 
-def default_targets(gm: fx.GraphModule, pass_name: str) -> str:
-    """peft's default targets for the captured architecture; `all-linear` for every linear but the head."""
+def default_targets(gm: fx.GraphModule, pass_name: str, table: dict[str, str] | None = None) -> str:
+    """peft's default targets for the captured architecture."""
     model_class = peftc_meta(gm).get("capture", {}).get("class", "")
-    for family, pattern in _DEFAULT_TARGETS.items():
+    for family, pattern in (table or _DEFAULT_TARGETS).items():
         if f".models.{family}." in model_class:
             return pattern
     raise OptionError(
@@ -241,35 +192,304 @@ def default_targets(gm: fx.GraphModule, pass_name: str) -> str:
     )
 
 
-def resolve_sites(gm: fx.GraphModule, targets: str | None, pass_name: str, *, embeddings: bool = False) -> list[Site]:
-    """The sites `targets` selects: linear sites, and embedding sites when the technique takes them."""
+def resolve_sites(gm: fx.GraphModule, targets: str | None, method: Technique | str) -> list[WeightSite]:
+    """The sites `targets` selects among those of the technique's kinds; an empty selection is an error."""
+    name = method if isinstance(method, str) else method.name
+    kinds = ("linear",) if isinstance(method, str) else method.site_kinds
     if targets == "all-linear":
-        head = _lm_head_path(gm)
-        return [s for s in linear_sites(gm) if s.path != head]
-    pattern = targets or default_targets(gm, pass_name)
-    if not embeddings:
-        return linear_sites(gm, pattern)
-    candidates: list[Site] = [*linear_sites(gm), *embedding_sites(gm)]
-    chosen = set(select(pattern, [s.path for s in candidates], what="linear or embedding site"))
-    return [s for s in candidates if s.path in chosen]
+        head = lm_head(gm)
+        sites = [s for s in weight_sites(gm, kinds=("linear",)) if head is None or s.path != head.path]
+        if not sites:
+            raise OptionError(f"{name}: targets=\"all-linear\" selects no linear site in this graph (besides an LM head)")
+        return sites
+    table = None if isinstance(method, str) else method.default_targets
+    pattern = targets or default_targets(gm, name, table)
+    return weight_sites(gm, pattern, kinds)
 
 
-def _lm_head_path(gm: fx.GraphModule) -> str | None:
-    head = lm_head(gm)
-    return head.path if head else None
+# --- rebuilding sites -----------------------------------------------------------------------
+
+def rebuild(gm: fx.GraphModule, refs: Iterable[tuple[str, str]]) -> None:
+    """Strip the sites `refs` of every technique node, then insert their active, unmerged adapters."""
+    refs = list(dict.fromkeys(refs))
+    strip(gm, refs)
+    compose(gm, refs)
 
 
-def param_like(gm: fx.GraphModule, site: Site) -> dict[str, Any]:
-    """dtype and device for a site's adapter weights: its output's dtype (NF4 weights are uint8)."""
-    weight = get_tensor(gm, site.weight)
-    val = site.node.meta.get("val")
-    dtype = val.dtype if isinstance(val, torch.Tensor) and val.is_floating_point() else weight.dtype
-    return {"dtype": dtype, "device": weight.device}
+def strip(gm: fx.GraphModule, refs: list[tuple[str, str]]) -> None:
+    """Remove every technique node at the sites `refs`, restoring their base ops."""
+    paths = {path for path, _ in refs}
+    by_site: dict[str, list[fx.Node]] = {}
+    bases: dict[str, fx.Node] = {}
+    for n in gm.graph.nodes:
+        site = n.meta.get("peftc", {}).get("site")
+        if site in paths:
+            by_site.setdefault(site, []).append(n)
+        original = n.meta.get("peftc_original")
+        if original is not None and original["site"] in paths:
+            bases[original["site"]] = n
+    names = {n.name: n for n in gm.graph.nodes}
+    for path in paths:
+        _strip(gm, by_site.get(path, []), bases.get(path), names)
 
 
-def weight_of(gm: fx.GraphModule, site: Site) -> torch.Tensor:
-    """The base weight in (out, in) layout (embeddings: (num, dim)); NF4 sites: a dequantized float32 copy."""
-    if getattr(site, "kind", "") == "nf4":
-        return dequantize_nf4(nf4_state(gm, site), torch.float32)
-    weight = get_tensor(gm, site.weight)
-    return weight.T if getattr(site, "fan_in_fan_out", False) else weight
+def compose(gm: fx.GraphModule, refs: list[tuple[str, str]]) -> None:
+    """Insert the active, unmerged adapters at the (stripped) sites `refs`."""
+    found = {(s.path, s.kind): s for s in weight_sites(gm) if (s.path, s.kind) in set(refs)}
+    active = [r for r in adapters(gm).values() if r.active and not r.merged]
+    for ref in refs:
+        if ref not in found:
+            raise PassError(f"expected a {ref[1]} site at {ref[0]!r}, found none; was the base op rewritten?")
+        here = [r for r in active if ref in r.sites]
+        if here:
+            _compose(gm, found[ref], here)
+    gm.recompile()
+
+
+def _strip(gm: fx.GraphModule, nodes: list[fx.Node], base: fx.Node | None, names: dict[str, fx.Node]) -> None:
+    entry = next((n for n in nodes if n.meta["peftc"]["role"] == "input_entry"), None)
+    if base is not None:
+        original = base.meta.pop("peftc_original")
+        live_x = entry.args[0] if entry is not None else base.args[original["now_input"]]
+        decode = lambda a: names[a[1]] if isinstance(a, tuple) and len(a) == 2 and a[0] == "__node__" else a  # noqa: E731
+        args = [decode(a) for a in original["args"]]
+        args[original["input"]] = live_x
+        base.op, base.target = original["op"], original["target"]
+        base.args, base.kwargs = tuple(args), {k: decode(v) for k, v in original["kwargs"].items()}
+    for n in nodes:
+        if n.meta["peftc"].get("exit"):
+            n.replace_all_uses_with(names[n.meta["peftc"]["exit"]])
+    for n in reversed(nodes):
+        gm.graph.erase_node(n)
+
+
+def _stage_key(record: Adapter, path: str) -> tuple[int, str]:
+    return STAGES.index(record.stages[path]), record.name
+
+
+def _compose(gm: fx.GraphModule, site: WeightSite, here: list[Adapter]) -> None:
+    here = sorted(here, key=lambda r: _stage_key(r, site.path))
+    base, x = site.node, site.input
+
+    def builder(record: Adapter, cursor: fx.Node, before: fx.Node | None) -> Builder:
+        ctx = Context(gm, site, record.options, {**record.names.get("", {}), **record.names[site.path]})
+        return Builder(gm, ctx, record.method(), cursor, before=before, base=base, x=site.input)
+
+    inputs = [r for r in here if r.stages[site.path] == "input"]
+    weights = [r for r in here if r.stages[site.path] == "weight"]
+    if inputs or weights:
+        original = encode_original(site)
+        for record in inputs:
+            b = builder(record, base, before=base)
+            if x is site.input:
+                x = b.call(aten.alias.default, x, role="input_entry")
+            x = record.method().build(b, x)
+        weight = bias = None
+        for record in weights:
+            b = builder(record, base, before=base)
+            b._weight = weight
+            weight = record.method().build(b, b.weight())
+            bias = b.bias or bias
+        if weight is None:
+            args = list(base.args)
+            args[original["input"]] = x
+            base.args = tuple(args)
+            original["now_input"] = original["input"]
+        else:
+            if bias is None and site.bias:
+                bias = builder(weights[-1], base, before=base).base_bias()
+            target, args = site.functional(x, weight, bias)
+            base.op, base.target, base.args, base.kwargs = "call_function", target, args, {}
+            original["now_input"] = args.index(x)
+        base.meta["peftc_original"] = original
+    y, cursor, inside = base, base, []
+    for record in here:
+        stage = record.stages[site.path]
+        if stage not in ("output", "add"):
+            continue
+        b = builder(record, cursor, before=None)
+        if stage == "output":
+            y = record.method().build(b, y)
+        else:
+            y = b.call(aten.add.Tensor, y, record.method().build(b, site.input), role="output")
+        cursor = b.cursor
+        inside += b.nodes
+    if y is not base:
+        y.meta["peftc"]["exit"] = base.name
+        members = set(inside)
+        base.replace_all_uses_with(y, delete_user_cb=lambda user: user not in members)
+
+
+# --- switching, deleting ----------------------------------------------------------------------
+
+def _check_name(gm: fx.GraphModule, name: str) -> Adapter:
+    known = adapters(gm)
+    if name not in known:
+        parts = [f"no adapter named {name!r}.", suggest(name, known), f"Adapters: {', '.join(known) or 'none'}"]
+        raise OptionError(" ".join(p for p in parts if p))
+    return known[name]
+
+
+def _check_nesting(gm: fx.GraphModule, refs: Iterable[tuple[str, str]], *, extra: Iterable[Adapter] = (),
+                   merged: Iterable[str] = (), unmerged: Iterable[str] = (), active: Iterable[str] | None = None) -> None:
+    """Refuse a state in which a merged adapter lies outside an active unmerged one at a site."""
+    merged, unmerged = set(merged), set(unmerged)
+    records = [*adapters(gm).values(), *extra]
+    for path, kind in refs:
+        at_site = [r for r in records if (path, kind) in r.sites]
+        is_merged = lambda r: (r.merged or r.name in merged) and r.name not in unmerged  # noqa: E731
+        is_active = lambda r: r.name in active if active is not None else r.active or r.name in unmerged  # noqa: E731
+        for inner in [r for r in at_site if is_merged(r)]:
+            for outer in [r for r in at_site if not is_merged(r) and is_active(r)]:
+                i, o = STAGES.index(inner.stages[path]), STAGES.index(outer.stages[path])
+                if i > o or (i == o and inner.stages[path] != "add"):
+                    raise OptionError(
+                        f"at {path!r}, adapter {inner.name!r} ({inner.technique}, {inner.stages[path]} stage) would be "
+                        f"merged into the base while {outer.name!r} ({outer.technique}, {outer.stages[path]} stage) "
+                        f"stays unmerged around it, which changes what the site computes; merge {outer.name!r} too "
+                        f"(or first), or unmerge {inner.name!r}")
+
+
+def set_active(gm: fx.GraphModule, names: str | Iterable[str]) -> fx.GraphModule:
+    """Make exactly `names` active (in place): their branches are in the graph, no others."""
+    wanted = [names] if isinstance(names, str) else list(names)
+    for name in wanted:
+        if _check_name(gm, name).merged:
+            raise OptionError(f"adapter {name!r} is merged into the base weights; unmerge it before switching")
+    changed = [r for r in adapters(gm).values() if not r.merged and r.active != (r.name in wanted)]
+    _check_nesting(gm, [ref for r in changed for ref in r.sites], active=wanted)
+    for record in changed:
+        record.active = record.name in wanted
+    rebuild(gm, [ref for r in changed for ref in r.sites])
+    return gm
+
+
+def disable(gm: fx.GraphModule) -> fx.GraphModule:
+    """No unmerged adapter active: the graph computes the base model (with merged adapters) exactly."""
+    return set_active(gm, [])
+
+
+def delete(gm: fx.GraphModule, name: str) -> fx.GraphModule:
+    """Remove adapter `name`: its nodes, tensors, modules and record."""
+    record = _check_name(gm, name)
+    if record.merged:
+        raise OptionError(f"adapter {name!r} is merged into the base weights; unmerge it before deleting it")
+    del adapters(gm)[name]
+    rebuild(gm, record.sites)
+    for qualname in record.param_names + list(record.modules):
+        _pop(gm, qualname)
+    gm.recompile()
+    return gm
+
+
+def _pop(gm: nn.Module, qualname: str) -> torch.Tensor | nn.Module | None:
+    owner, _, attr = qualname.rpartition(".")
+    module = gm.get_submodule(owner)
+    for registry in (module._parameters, module._buffers, module._modules):
+        if attr in registry:
+            return registry.pop(attr)
+    return None
+
+
+# --- merging ----------------------------------------------------------------------------------
+
+def _fold_order(record: Adapter, path: str) -> tuple[int, str]:
+    """Weight stages first, then input stages innermost last, then output stages, then updates."""
+    stage = record.stages[path]
+    rank = {"weight": 0, "input": 1, "output": 2, "add": 3}[stage]
+    key = record.name if stage != "input" else "".join(chr(0x10FFFF - ord(c)) for c in record.name)
+    return rank, key
+
+
+def _refold(gm: fx.GraphModule, site: WeightSite, merged: list[Adapter], options: Any) -> float:
+    """Set the site's weights to its original ones with `merged` folded in; returns dW's survival."""
+    fmt = format_of(site)
+    bases = peftc_meta(gm).setdefault("merged_bases", {})
+    if site.path not in bases:
+        bases[site.path] = (fmt.name, fmt.snapshot(gm, site))
+    stored, state = bases[site.path]
+    if stored != fmt.name:
+        raise OptionError(f"{site.path!r} was stored as {stored} and merged into a {fmt.name} weight; "
+                          "that merge cannot be undone (merge into the same format, e.g. requantize=true, to keep it undoable)")
+    fmt.restore(gm, site, state)
+    if not merged:
+        del bases[site.path]
+        return 1.0
+    with torch.no_grad():
+        weight = fmt.read(gm, site).float()
+        bias = get_tensor(gm, site.bias).float() if site.bias else None
+        original = weight
+        for record in sorted(merged, key=lambda r: _fold_order(r, site.path)):
+            ctx = _Kept(gm, site, record.options, {**record.names.get("", {}), **record.names[site.path]}, record.kept)
+            weight, bias = record.method().fold(ctx, weight, bias)
+        unchanged = bias is None or not site.bias or torch.equal(bias, get_tensor(gm, site.bias).float())
+        if torch.equal(weight, original) and unchanged:
+            return 1.0
+        return fmt.write(gm, site, weight, None if unchanged else bias, options)
+
+
+class _Kept(Context):
+    """A context reading a merged adapter's kept tensors."""
+
+    def __init__(self, gm, site, options, names, kept):
+        super().__init__(gm, site, options, names)
+        self.kept = kept or {}
+
+    def tensor(self, attr: str) -> torch.Tensor:
+        qualname = self.names[attr]
+        return self.kept[qualname] if qualname in self.kept else get_tensor(self.gm, qualname)
+
+
+def merge_adapters(gm: fx.GraphModule, names: list[str], options: Any) -> tuple[list[str], list[float]]:
+    """Fold `names` into their sites' base weights; their tensors move into the record (or are dropped)."""
+    records = [adapters(gm)[n] for n in names]
+    refs = list(dict.fromkeys(ref for r in records for ref in r.sites))
+    _check_nesting(gm, refs, merged=names)
+    strip(gm, refs)
+    for record in records:
+        record.kept, record.merged = {q: get_tensor(gm, q) for q in record.param_names}, True
+    sites = {(s.path, s.kind): s for s in weight_sites(gm) if (s.path, s.kind) in set(refs)}
+    survival = [_refold(gm, sites[ref], [r for r in adapters(gm).values() if r.merged and ref in r.sites], options)
+                for ref in refs]
+    for record in records:
+        for qualname in record.param_names + list(record.modules):
+            _pop(gm, qualname)
+    if not options.keep:  # the merged weights become the base
+        for record in records:
+            del adapters(gm)[record.name]
+        still_merged = {path for r in adapters(gm).values() if r.merged for path, _ in r.sites}
+        for path, _ in refs:
+            if path not in still_merged:
+                peftc_meta(gm).get("merged_bases", {}).pop(path, None)
+    compose(gm, refs)
+    return [path for path, _ in refs], survival
+
+
+def unmerge_adapters(gm: fx.GraphModule, names: list[str]) -> list[str]:
+    """Undo `merge` for `names`: restore the original weights, refold the others, re-insert their branches."""
+    records = [adapters(gm)[n] for n in names]
+    for record in records:
+        if record.kept is None:
+            raise OptionError(f"unmerge: adapter {record.name!r} was merged with keep=false; its weights are gone")
+    refs = list(dict.fromkeys(ref for r in records for ref in r.sites))
+    _check_nesting(gm, refs, unmerged=names)
+    strip(gm, refs)
+    for record in records:
+        record.merged = False
+    sites = {(s.path, s.kind): s for s in weight_sites(gm) if (s.path, s.kind) in set(refs)}
+    for ref in refs:
+        _refold(gm, sites[ref], [r for r in adapters(gm).values() if r.merged and ref in r.sites], None)
+    for record in records:
+        for qualname, tensor in record.kept.items():
+            set_tensor(gm, qualname, tensor, buffer=not isinstance(tensor, nn.Parameter))
+        record.kept, record.active = None, True
+    compose(gm, refs)
+    return [path for path, _ in refs]
+
+
+def adapter_tensors(gm: fx.GraphModule, name: str) -> dict[str, torch.Tensor]:
+    """Adapter `name`'s tensors by qualified name (from the record while it is merged)."""
+    record = _check_name(gm, name)
+    if record.merged:
+        return dict(record.kept or {})
+    return {q: get_tensor(gm, q) for q in record.param_names}

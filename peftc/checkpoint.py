@@ -2,6 +2,8 @@
 
 Tensor keys are peft's: `base_model.model.<module path>.lora_A.weight` (the adapter name
 dropped), `...lora_magnitude_vector`, `...lora_embedding_A`, `...hada_w1_a`, `...lokr_w1`.
+The technique maps its options to and from the config (`Technique.to_peft` / `from_peft`);
+a config field it does not read and that is not at a neutral value is refused by name.
 `save_adapter` output loads with `peft.PeftModel.from_pretrained(base, dir)`; `load_adapter`
 reads what peft saved. Saving replaces the folder atomically; loading checks every key and
 shape before anything is changed.
@@ -18,7 +20,7 @@ from safetensors.torch import load_file, save_file
 from torch import fx
 
 from peftc._io import atomic_dir
-from peftc.adapters import adapters, site_for, technique
+from peftc.adapters import Adapter, adapter_tensors, adapters, technique, techniques
 from peftc.errors import PeftcError
 from peftc.graph import get_tensor, set_tensor
 from peftc.pipeline import Pipeline, Step
@@ -27,11 +29,13 @@ __all__ = ["CheckpointError", "save_adapter", "load_adapter"]
 
 CONFIG, WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
 _PREFIX = "base_model.model."
-_PEFT_TYPE = {"lora": "LORA", "loha": "LOHA", "lokr": "LOKR"}
+# Fields about where the config came from, not what the adapter computes.
+_METADATA = ("peft_type", "peft_version", "target_modules", "task_type", "base_model_name_or_path", "revision",
+             "inference_mode", "auto_mapping", "megatron_core")
 
 
 class CheckpointError(PeftcError):
-    """A checkpoint that does not fit the model: missing, unexpected or misshapen tensors."""
+    """A checkpoint that does not fit the model: missing, unexpected or misshapen tensors, or unknown fields."""
 
 
 def save_adapter(gm: fx.GraphModule, directory: str | Path, adapter: str = "default") -> Path:
@@ -39,10 +43,12 @@ def save_adapter(gm: fx.GraphModule, directory: str | Path, adapter: str = "defa
     record = adapters(gm).get(adapter)
     if record is None:
         raise CheckpointError(f"no adapter named {adapter!r} to save; adapters: {', '.join(adapters(gm)) or 'none'}")
-    tensors = _adapter_tensors(gm, adapter, record)
+    if record.merged and record.kept is None:
+        raise CheckpointError(f"adapter {adapter!r} was merged with keep=false; its weights are gone")
+    tensors = adapter_tensors(gm, adapter)
     config = _peft_config(gm, record)
     with atomic_dir(directory) as tmp:
-        save_file({_checkpoint_key(k, adapter): v.detach().contiguous() for k, v in tensors.items()}, tmp / WEIGHTS)
+        save_file({_checkpoint_key(record, k): v.detach().contiguous() for k, v in tensors.items()}, tmp / WEIGHTS)
         (tmp / CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     return Path(directory)
 
@@ -50,17 +56,17 @@ def save_adapter(gm: fx.GraphModule, directory: str | Path, adapter: str = "defa
 def load_adapter(gm: fx.GraphModule, directory: str | Path, adapter: str = "default") -> fx.GraphModule:
     """A copy of `gm` with the peft checkpoint in `directory` added as adapter `adapter`.
 
-    Raises `CheckpointError` naming every missing, unexpected or misshapen tensor; `gm` is
-    never changed.
+    Raises `CheckpointError` naming every missing, unexpected or misshapen tensor and every
+    config field peftc does not implement; `gm` is never changed.
     """
     directory = Path(directory)
     if not (directory / CONFIG).exists() or not (directory / WEIGHTS).exists():
         raise CheckpointError(f"{directory} is not a peft adapter folder: it needs {CONFIG} and {WEIGHTS}")
     config = json.loads((directory / CONFIG).read_text())
-    step = _step_from_config(config, adapter)
+    step = _step_from_config(config, adapter, directory)
     out = Pipeline([step]).run(gm).graph_module
     record = adapters(out)[adapter]
-    expected = {_checkpoint_key(k, adapter): k for k in _adapter_tensors(out, adapter, record)}
+    expected = {_checkpoint_key(record, k): k for k in adapter_tensors(out, adapter)}
     found = load_file(directory / WEIGHTS)
     # peft also saves base embedding weights when it adapts embeddings; they are not adapter weights.
     found = {k: v for k, v in found.items() if ".base_layer." not in k}
@@ -77,73 +83,57 @@ def load_adapter(gm: fx.GraphModule, directory: str | Path, adapter: str = "defa
         raise CheckpointError("\n".join(lines))
     for key, qualname in expected.items():
         old = get_tensor(out, qualname)
-        set_tensor(out, qualname, torch.nn.Parameter(found[key].to(device=old.device, dtype=old.dtype), requires_grad=old.requires_grad))
+        value = found[key].to(device=old.device, dtype=old.dtype)
+        set_tensor(out, qualname, torch.nn.Parameter(value, requires_grad=old.requires_grad)
+                   if isinstance(old, torch.nn.Parameter) else value, buffer=not isinstance(old, torch.nn.Parameter))
     out.recompile()
     return out
 
 
-def _adapter_tensors(gm: fx.GraphModule, adapter: str, record: dict[str, Any]) -> dict[str, torch.Tensor]:
-    if record.get("merged"):
-        if not record.get("kept"):
-            raise CheckpointError(f"adapter {adapter!r} was merged with keep=false; its weights are gone")
-        return dict(record["kept"])
-    method = technique(record["technique"])
-    names = [n for path, kind in record["sites"]
-             for n in method.param_names(gm, site_for(gm, path, kind), adapter, record["options"])]
-    return {n: get_tensor(gm, n) for n in names}
-
-
-def _checkpoint_key(qualname: str, adapter: str) -> str:
+def _checkpoint_key(record: Adapter, qualname: str) -> str:
     """`<path>.lora_A.<adapter>.weight -> base_model.model.<path>.lora_A.weight` (peft's naming)."""
     parts = qualname.split(".")
-    index = len(parts) - 1 - parts[::-1].index(adapter)
-    key = ".".join(parts[:index] + parts[index + 1:])
-    if key.endswith("lora_magnitude_vector.weight"):
-        key = key.removesuffix(".weight")
-    return _PREFIX + key
+    index = len(parts) - 1 - parts[::-1].index(record.name)
+    return record.method().checkpoint_key(_PREFIX + ".".join(parts[:index] + parts[index + 1:]))
 
 
-def _peft_config(gm: fx.GraphModule, record: dict[str, Any]) -> dict[str, Any]:
-    options = record["options"]
-    sites = [site_for(gm, path, kind) for path, kind in record["sites"]]
-    config: dict[str, Any] = {
-        "peft_type": _PEFT_TYPE[record["technique"]],
-        "r": options.r,
-        "target_modules": sorted({s.path for s in sites}),
-        "task_type": None,
-        "base_model_name_or_path": None,
-        "inference_mode": True,
-    }
-    if record["technique"] == "lora":
-        config.update(lora_alpha=options.alpha, lora_dropout=options.dropout, use_rslora=options.rslora,
-                      use_dora=options.dora, bias=options.bias, init_lora_weights=True,
-                      fan_in_fan_out=any(getattr(s, "fan_in_fan_out", False) for s in sites))
-    else:
-        config.update(alpha=options.alpha, rank_dropout=0.0, module_dropout=0.0, init_weights=True)
-        if record["technique"] == "lokr":
-            config.update(decompose_both=options.decompose_both, decompose_factor=options.decompose_factor)
-    return config
+def _peft_config(gm: fx.GraphModule, record: Adapter) -> dict[str, Any]:
+    from peftc.sites import weight_sites
+
+    refs = set(record.sites)
+    sites = [s for s in weight_sites(gm) if (s.path, s.kind) in refs]
+    method = record.method()
+    return {"peft_type": method.peft_type, "target_modules": sorted({path for path, _ in record.sites}),
+            "task_type": None, "base_model_name_or_path": None, "inference_mode": True,
+            **method.to_peft(record.options, sites)}
 
 
-def _step_from_config(config: dict[str, Any], adapter: str) -> Step:
-    kinds = {v: k for k, v in _PEFT_TYPE.items()}
+def _step_from_config(config: dict[str, Any], adapter: str, directory: Path) -> Step:
+    kinds = {m.peft_type: m.name for m in techniques().values() if m.peft_type}
     kind = kinds.get(config.get("peft_type", ""))
     if kind is None:
-        raise CheckpointError(f"peft_type {config.get('peft_type')!r} is not supported; peftc loads {', '.join(kinds)}")
-    for unsupported in ("rank_pattern", "alpha_pattern", "layers_to_transform", "exclude_modules", "modules_to_save"):
-        if config.get(unsupported):
-            raise CheckpointError(f"the checkpoint sets {unsupported}={config[unsupported]!r}, which peftc does not load yet")
-    options: dict[str, Any] = {"r": config["r"], "adapter": adapter, "targets": _targets(config.get("target_modules"))}
-    if kind == "lora":
-        options.update(alpha=float(config.get("lora_alpha", 8)), dropout=float(config.get("lora_dropout", 0.0)),
-                       rslora=bool(config.get("use_rslora", False)), dora=bool(config.get("use_dora", False)),
-                       bias=config.get("bias", "none"))
-    else:
-        options.update(alpha=float(config.get("alpha", 8)))
-        if kind == "lokr":
-            options.update(decompose_both=bool(config.get("decompose_both", False)),
-                           decompose_factor=int(config.get("decompose_factor", -1)))
+        raise CheckpointError(f"peft_type {config.get('peft_type')!r} is not supported; peftc loads {', '.join(sorted(kinds))}")
+    fields = dict(config)
+    try:
+        options = technique(kind).from_peft(fields)
+    except PeftcError as e:
+        raise CheckpointError(f"{directory}: {e}") from None
+    for key in _METADATA:
+        fields.pop(key, None)
+    refused = {k: v for k, v in fields.items() if not _neutral(v)}
+    if refused:
+        named = ", ".join(f"{k}={v!r}" for k, v in refused.items())
+        raise CheckpointError(f"{directory}: the config sets {named}, which peftc does not implement for {kind}; "
+                              "retrain without it, or load the adapter with peft")
+    options.update(adapter=adapter, targets=_targets(config.get("target_modules")))
     return Step.make(kind, options)
+
+
+def _neutral(value: Any) -> bool:
+    """A config value that changes nothing: unset, false, zero, empty (peft's defaults for unused options)."""
+    if isinstance(value, dict):
+        return all(_neutral(v) for v in value.values())
+    return value is None or value is False or value == 0 or value in ("", "none") or value == []
 
 
 def _targets(target_modules: Any) -> str:

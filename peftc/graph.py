@@ -27,6 +27,7 @@ __all__ = [
     "get_tensor",
     "set_tensor",
     "clone",
+    "freeze_parameters",
     "peftc_meta",
 ]
 
@@ -93,6 +94,23 @@ def set_tensor(
         owner.register_parameter(name, value)
     else:
         setattr(owner, name, value)
+
+
+def freeze_parameters(gm: nn.Module, keep: set[str] = frozenset()) -> list[str]:
+    """Freeze every trainable parameter not named in `keep`; returns the names frozen.
+
+    Each is replaced by a new frozen `nn.Parameter` over the same storage (tied weights stay
+    tied), so the model the graph was captured from keeps its own `requires_grad` flags.
+    """
+    replacements: dict[int, nn.Parameter] = {}
+    frozen = []
+    for name, p in list(gm.named_parameters(remove_duplicate=False)):
+        if p.requires_grad and name not in keep:
+            if id(p) not in replacements:
+                replacements[id(p)] = nn.Parameter(p.data, requires_grad=False)
+            set_tensor(gm, name, replacements[id(p)])
+            frozen.append(name)
+    return frozen
 
 
 def clone(gm: fx.GraphModule) -> fx.GraphModule:

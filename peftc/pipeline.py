@@ -167,6 +167,8 @@ def _run_step(step: Step, gm: fx.GraphModule, ran: Sequence[str], verify: bool, 
     info = get_pass(step.name)
     position = f"after {', '.join(ran)}" if ran else "as the first pass"
     nodes_before = {n.name for n in gm.graph.nodes}
+    node_ids_before = set(gm.graph.nodes)
+    modules_before = {id(m) for m in gm.modules()}
     params_before = {name for name, _ in gm.named_parameters()}
     reference = checks.example_outputs(gm) if check_numerics and info.preserves_outputs else None
     start = time.perf_counter()
@@ -182,6 +184,13 @@ def _run_step(step: Step, gm: fx.GraphModule, ran: Sequence[str], verify: bool, 
     if not isinstance(result, PassResult):
         raise PassError(f"pass {step.name!r} returned {type(result).__name__}; a pass must return peftc.PassResult(gm, modified)")
     out = result.graph_module
+    if not result.modified and not result.report:
+        raise PassError(f"pass {step.name!r} changed nothing and did not say why; "
+                        "return PassResult(gm, modified=False, report=\"<the reason>\")")
+    _tag_new_nodes(out, node_ids_before, step.name)
+    for module in out.modules():  # what a pass adds follows the graph's train/eval mode
+        if id(module) not in modules_before:
+            module.train(out.training)
     if verify:
         checks.lint(out, step.name)
     try:
@@ -203,6 +212,13 @@ def _run_step(step: Step, gm: fx.GraphModule, ran: Sequence[str], verify: bool, 
         params_removed=tuple(sorted(params_before - params_after)),
         seconds=seconds,
     )
+
+
+def _tag_new_nodes(gm: fx.GraphModule, before: set[fx.Node], pass_name: str) -> None:
+    """Tag what a pass added without a tag: as base computation, so site queries still see it."""
+    for n in gm.graph.nodes:
+        if n not in before and "peftc" not in n.meta:
+            n.meta["peftc"] = {"pass": pass_name, "role": "inserted", "base": True}
 
 
 def _as_step(step: Step | str | tuple[str, dict[str, Any]]) -> Step:

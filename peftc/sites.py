@@ -16,74 +16,155 @@ Every query takes `targets` (see `peftc.targets`); a pattern that selects nothin
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
 from peftc.graph import get_attr_path, get_tensor, module_path, module_type
-from peftc.quant.nf4 import NF4Weight
+from peftc.quant.format import nf4_state
 from peftc.regions import AttentionSite, BlockSite, attention_sites, block_sites
 from peftc.targets import select
+from peftc.weights import format_of_node
 
 __all__ = [
+    "WeightSite",
     "LinearSite",
+    "ConvSite",
     "EmbeddingSite",
+    "LayerNormSite",
     "AttentionSite",
     "BlockSite",
+    "weight_sites",
     "linear_sites",
+    "conv_sites",
     "embedding_sites",
+    "layer_norm_sites",
     "attention_sites",
     "block_sites",
     "lm_head",
     "nf4_state",
+    "site_of_node",
+    "encode_original",
 ]
 
+aten = torch.ops.aten
 _LINEAR_FNS = {torch.ops.aten.linear.default: "aten.linear", F.linear: "F.linear", torch._C._nn.linear: "F.linear"}
 _ADDMM_FNS = {torch.ops.aten.addmm.default, torch.addmm}
 _EMBEDDING_FNS = {torch.ops.aten.embedding.default, F.embedding}
+_CONV_FNS = {torch.ops.aten.conv1d.default: 1, torch.ops.aten.conv2d.default: 2, torch.ops.aten.conv3d.default: 3,
+             F.conv1d: 1, F.conv2d: 2, F.conv3d: 3}
+_CONV_MODULES = {nn.Conv1d: 1, nn.Conv2d: 2, nn.Conv3d: 3}
+_LAYER_NORM_FNS = {torch.ops.aten.layer_norm.default, F.layer_norm}
 
 
-@dataclass(frozen=True)
-class LinearSite:
-    """`node` computes `input @ W.T + b` for the module at `path` (W.T is stored for Conv1D)."""
+@dataclass(frozen=True, kw_only=True)
+class WeightSite:
+    """A node computing with one stored weight: what weight-space techniques rewrite.
 
+    `input` is the value the weight is applied to (token ids for embeddings); `weight` and
+    `bias` are qualified names; `storage` says how the weight is held (`"dense"`, `"nf4"`, ...,
+    see `peftc.weights`); `op` is the captured op's flavour.
+    """
+
+    kind: ClassVar[str] = ""
     path: str
     node: fx.Node
     input: fx.Node
     weight: str
     bias: str | None
+    op: str
+    storage: str = "dense"
+
+
+@dataclass(frozen=True, kw_only=True)
+class LinearSite(WeightSite):
+    """`node` computes `input @ W.T + b` (W.T is what is stored for GPT-2's Conv1D: `fan_in_fan_out`)."""
+
+    kind: ClassVar[str] = "linear"
     in_features: int
     out_features: int
-    kind: str
     fan_in_fan_out: bool = False
 
+    def functional(self, x: Any, weight: Any, bias: Any) -> tuple[Any, tuple]:
+        """The op computing this site with weight `weight` in (out, in) layout."""
+        return aten.linear.default, (x, weight, bias)
 
-@dataclass(frozen=True)
-class EmbeddingSite:
-    path: str
-    node: fx.Node
-    indices: fx.Node
-    weight: str
+
+@dataclass(frozen=True, kw_only=True)
+class ConvSite(WeightSite):
+    """`node` is a 1d/2d/3d convolution; W is (out_channels, in_channels / groups, *kernel_size)."""
+
+    kind: ClassVar[str] = "conv"
+    dims: int
+    in_channels: int
+    out_channels: int
+    kernel_size: tuple[int, ...]
+    stride: tuple[int, ...]
+    padding: tuple[int, ...] | str
+    dilation: tuple[int, ...]
+    groups: int
+
+    def functional(self, x: Any, weight: Any, bias: Any) -> tuple[Any, tuple]:
+        op = {1: aten.conv1d, 2: aten.conv2d, 3: aten.conv3d}[self.dims]
+        if isinstance(self.padding, str):
+            return op.padding, (x, weight, bias, list(self.stride), self.padding, list(self.dilation), self.groups)
+        return op.default, (x, weight, bias, list(self.stride), list(self.padding), list(self.dilation), self.groups)
+
+
+@dataclass(frozen=True, kw_only=True)
+class EmbeddingSite(WeightSite):
+    """`node` looks up `input` (token ids) in W (num_embeddings, embedding_dim)."""
+
+    kind: ClassVar[str] = "embedding"
     num_embeddings: int
     embedding_dim: int
     padding_idx: int = -1
 
+    def functional(self, x: Any, weight: Any, bias: Any) -> tuple[Any, tuple]:
+        return aten.embedding.default, (weight, x, self.padding_idx)
+
+
+@dataclass(frozen=True, kw_only=True)
+class LayerNormSite(WeightSite):
+    """`node` is `layer_norm(input, normalized_shape, W, b, eps)`; `weight` may be None (no affine)."""
+
+    kind: ClassVar[str] = "layer_norm"
+    normalized_shape: tuple[int, ...]
+    eps: float
+
+    def functional(self, x: Any, weight: Any, bias: Any) -> tuple[Any, tuple]:
+        return aten.layer_norm.default, (x, list(self.normalized_shape), weight, bias, self.eps)
+
 
 def _base_nodes(gm: fx.GraphModule) -> list[fx.Node]:
-    """Nodes of the model itself: what passes inserted (tagged `peftc`) is not a site."""
-    return [n for n in gm.graph.nodes if "peftc" not in n.meta]
+    """Nodes of the model itself: what passes inserted (tagged `peftc`, unless marked `base`) is not a site."""
+    return [n for n in gm.graph.nodes if n.meta.get("peftc", {}).get("base", "peftc" not in n.meta)]
+
+
+def weight_sites(gm: fx.GraphModule, targets: str | None = None, kinds: tuple[str, ...] | None = None) -> list[WeightSite]:
+    """Every weight site (of `kinds`, default all), in graph order."""
+    sites = [s for n in _base_nodes(gm) if (s := _weight_site(gm, n)) is not None and (kinds is None or s.kind in kinds)]
+    return _select(sites, targets, " or ".join(kinds or ("weight",)) + " site")
 
 
 def linear_sites(gm: fx.GraphModule, targets: str | None = None) -> list[LinearSite]:
-    sites = [s for n in _base_nodes(gm) if (s := _linear_site(gm, n)) is not None]
-    return _select(sites, targets, "linear site")
+    return weight_sites(gm, targets, ("linear",))
+
+
+def conv_sites(gm: fx.GraphModule, targets: str | None = None) -> list[ConvSite]:
+    return weight_sites(gm, targets, ("conv",))
 
 
 def embedding_sites(gm: fx.GraphModule, targets: str | None = None) -> list[EmbeddingSite]:
-    sites = [s for n in _base_nodes(gm) if (s := _embedding_site(gm, n)) is not None]
-    return _select(sites, targets, "embedding site")
+    return weight_sites(gm, targets, ("embedding",))
+
+
+def layer_norm_sites(gm: fx.GraphModule, targets: str | None = None) -> list[LayerNormSite]:
+    return weight_sites(gm, targets, ("layer_norm",))
 
 
 def lm_head(gm: fx.GraphModule) -> LinearSite | None:
@@ -101,63 +182,150 @@ def _select(sites: list, targets: str | None, what: str) -> list:
     return [s for s in sites if s.path in chosen]
 
 
-def _linear_site(gm: fx.GraphModule, n: fx.Node) -> LinearSite | None:
+def _arg(n: fx.Node, index: int, name: str, default: Any = None) -> Any:
+    return n.args[index] if len(n.args) > index else n.kwargs.get(name, default)
+
+
+def site_of_node(gm: fx.GraphModule, n: fx.Node) -> WeightSite | None:
+    """The weight site `n` computes, if any (also while techniques have rewritten its input or weight)."""
+    return _weight_site(gm, n)
+
+
+def encode_original(site: WeightSite) -> dict[str, Any]:
+    """What `peftc.adapters` keeps on a base node it rewrites to restore it: nodes by name, not reference
+    (node metadata is shallow-copied when a graph is cloned)."""
+    n = site.node
+    encode = lambda a: ("__node__", a.name) if isinstance(a, fx.Node) else a  # noqa: E731
+    return {"site": site.path, "op": n.op, "target": n.target, "args": [encode(a) for a in n.args],
+            "kwargs": {k: encode(v) for k, v in n.kwargs.items()}, "input": list(n.args).index(site.input)}
+
+
+class _Original:
+    """A rewritten base node as it was captured, with today's input: what site queries read."""
+
+    def __init__(self, n: fx.Node):
+        original = n.meta["peftc_original"]
+        by_name = {a.name: a for a in n.graph.nodes if a.op == "get_attr"}
+        decode = lambda a: by_name[a[1]] if isinstance(a, tuple) and len(a) == 2 and a[0] == "__node__" else a  # noqa: E731
+        args = [decode(a) for a in original["args"]]
+        args[original["input"]] = _live_input(n, original)
+        self.op, self.target, self.args = original["op"], original["target"], tuple(args)
+        self.kwargs = {k: decode(v) for k, v in original["kwargs"].items()}
+        self.meta, self.graph = n.meta, n.graph
+
+
+def _live_input(n: fx.Node, original: dict[str, Any]) -> fx.Node:
+    """The site's own input: behind its input stages, the input of their `input_entry` node."""
+    x = n.args[original["now_input"]]
+    todo, seen = [x], set()
+    while todo:
+        node = todo.pop()
+        tag = node.meta.get("peftc", {})
+        if tag.get("site") != original["site"] or node in seen:
+            continue
+        if tag.get("role") == "input_entry":
+            return node.args[0]
+        seen.add(node)
+        todo += node.all_input_nodes
+    return x
+
+
+def _weight_site(gm: fx.GraphModule, n: fx.Node) -> WeightSite | None:
+    if "peftc_original" in n.meta:
+        site = _weight_site(gm, _Original(n))  # type: ignore[arg-type]
+        return None if site is None else dataclasses.replace(site, node=n)
     if n.op == "call_module":
-        module = gm.get_submodule(str(n.target))
-        if type(module) is nn.Linear:
-            bias = f"{n.target}.bias" if module.bias is not None else None
-            return LinearSite(str(n.target), n, n.args[0], f"{n.target}.weight", bias, module.in_features,
-                              module.out_features, "nn.Linear")
-        return None
+        return _module_site(gm, n)
     if n.op != "call_function":
         return None
     if n.target in _LINEAR_FNS:
-        x, w = n.args[0], n.args[1]
-        b = n.args[2] if len(n.args) > 2 else n.kwargs.get("bias")
-        weight = get_attr_path(w)
+        weight = get_attr_path(n.args[1])
         if weight is None:
             return None
         out_features, in_features = get_tensor(gm, weight).shape
-        return LinearSite(module_path(n), n, x, weight, get_attr_path(b), in_features, out_features, _LINEAR_FNS[n.target])
-    if str(n.target) == "peftc.nf4_linear.default":  # x, packed, absmax, scale, offset, bias, out, in, blocksize
-        return LinearSite(module_path(n), n, n.args[0], get_attr_path(n.args[1]), get_attr_path(n.args[5]),
-                          n.args[7], n.args[6], "nf4")
+        return LinearSite(path=_owner(weight, n), node=n, input=n.args[0], weight=weight,
+                          bias=get_attr_path(_arg(n, 2, "bias")), op=_LINEAR_FNS[n.target],
+                          in_features=in_features, out_features=out_features)
     if n.target in _ADDMM_FNS and module_type(n).endswith("Conv1D"):
         b, x, w = n.args[:3]
         weight = get_attr_path(w)
         if weight is None:
             return None
         in_features, out_features = get_tensor(gm, weight).shape
-        return LinearSite(module_path(n), n, x, weight, get_attr_path(b), in_features, out_features, "Conv1D", True)
+        return LinearSite(path=module_path(n), node=n, input=x, weight=weight, bias=get_attr_path(b), op="Conv1D",
+                          in_features=in_features, out_features=out_features, fan_in_fan_out=True)
+    if n.target in _CONV_FNS:
+        weight = get_attr_path(n.args[1])
+        if weight is None:
+            return None
+        dims = _CONV_FNS[n.target]
+        W = get_tensor(gm, weight)
+        groups = _arg(n, 6, "groups", 1)
+        return ConvSite(path=_owner(weight, n), node=n, input=n.args[0], weight=weight,
+                        bias=get_attr_path(_arg(n, 2, "bias")), op=f"conv{dims}d", dims=dims,
+                        in_channels=W.shape[1] * groups, out_channels=W.shape[0], kernel_size=tuple(W.shape[2:]),
+                        stride=_ntuple(_arg(n, 3, "stride", 1), dims), padding=_padding(_arg(n, 4, "padding", 0), dims),
+                        dilation=_ntuple(_arg(n, 5, "dilation", 1), dims), groups=groups)
+    if n.target in _EMBEDDING_FNS:
+        if n.target is torch.ops.aten.embedding.default:
+            w, ids, padding = n.args[0], n.args[1], _arg(n, 2, "padding_idx", -1)
+        else:
+            w, ids, padding = n.args[1], n.args[0], _arg(n, 2, "padding_idx")
+        weight = get_attr_path(w)
+        if weight is None:
+            return None
+        num, dim = get_tensor(gm, weight).shape
+        return EmbeddingSite(path=_owner(weight, n), node=n, input=ids, weight=weight, bias=None, op="embedding",
+                             num_embeddings=num, embedding_dim=dim, padding_idx=-1 if padding is None else padding)
+    if n.target in _LAYER_NORM_FNS:
+        weight = get_attr_path(_arg(n, 2, "weight"))
+        if weight is None:
+            return None
+        return LayerNormSite(path=_owner(weight, n), node=n, input=n.args[0], weight=weight,
+                             bias=get_attr_path(_arg(n, 3, "bias")), op="layer_norm",
+                             normalized_shape=tuple(n.args[1]), eps=_arg(n, 4, "eps", 1e-5))
+    return _registered_site(gm, n)
+
+
+def _module_site(gm: fx.GraphModule, n: fx.Node) -> WeightSite | None:
+    path = str(n.target)
+    module = gm.get_submodule(path)
+    bias = f"{path}.bias" if getattr(module, "bias", None) is not None else None
+    common = dict(path=path, node=n, input=n.args[0], weight=f"{path}.weight", bias=bias)
+    if type(module) is nn.Linear:
+        return LinearSite(**common, op="nn.Linear", in_features=module.in_features, out_features=module.out_features)
+    if type(module) in _CONV_MODULES and module.padding_mode == "zeros":
+        dims = _CONV_MODULES[type(module)]
+        return ConvSite(**common, op=f"nn.Conv{dims}d", dims=dims, in_channels=module.in_channels,
+                        out_channels=module.out_channels, kernel_size=tuple(module.kernel_size),
+                        stride=tuple(module.stride), padding=module.padding if isinstance(module.padding, str)
+                        else tuple(module.padding), dilation=tuple(module.dilation), groups=module.groups)
+    if type(module) is nn.Embedding:
+        padding = -1 if module.padding_idx is None else module.padding_idx
+        return EmbeddingSite(**common, op="nn.Embedding", num_embeddings=module.num_embeddings,
+                             embedding_dim=module.embedding_dim, padding_idx=padding)
+    if type(module) is nn.LayerNorm and module.weight is not None:
+        return LayerNormSite(**common, op="nn.LayerNorm", normalized_shape=tuple(module.normalized_shape),
+                             eps=module.eps)
     return None
 
 
-def _embedding_site(gm: fx.GraphModule, n: fx.Node) -> EmbeddingSite | None:
-    if n.op == "call_module":
-        module = gm.get_submodule(str(n.target))
-        if type(module) is nn.Embedding:
-            padding = -1 if module.padding_idx is None else module.padding_idx
-            return EmbeddingSite(str(n.target), n, n.args[0], f"{n.target}.weight", module.num_embeddings,
-                                 module.embedding_dim, padding)
-        return None
-    if n.op != "call_function" or n.target not in _EMBEDDING_FNS:
-        return None
-    if n.target is torch.ops.aten.embedding.default:
-        w, ids = n.args[0], n.args[1]
-        padding = n.args[2] if len(n.args) > 2 else n.kwargs.get("padding_idx", -1)
-    else:
-        w, ids = n.args[1], n.args[0]
-        padding = n.args[2] if len(n.args) > 2 else n.kwargs.get("padding_idx")
-    weight = get_attr_path(w)
-    if weight is None:
-        return None
-    num, dim = get_tensor(gm, weight).shape
-    return EmbeddingSite(module_path(n), n, ids, weight, num, dim, -1 if padding is None else padding)
+def _registered_site(gm: fx.GraphModule, n: fx.Node) -> WeightSite | None:
+    """Sites of ops a weight format registered (e.g. `peftc::nf4_linear`)."""
+    fmt = format_of_node(n)
+    return fmt.site(gm, n) if fmt is not None else None
 
 
-def nf4_state(gm: fx.GraphModule, site) -> NF4Weight:
-    """The NF4Weight an `nf4_linear` site reads, from its buffers."""
-    _, packed, absmax, scale, offset, _, out_features, in_features, blocksize = site.node.args
-    read = lambda node: None if node is None else get_tensor(gm, get_attr_path(node))  # noqa: E731
-    return NF4Weight(read(packed), read(absmax), torch.Size((out_features, in_features)), torch.float32, blocksize,
-                     scale is not None, read(scale), read(offset))
+def _owner(weight: str, n: fx.Node) -> str:
+    """The module owning `weight` when it lies inside the calling module (`nn.MultiheadAttention` calls its
+    `out_proj` weight itself), else the calling module (a tied LM head reads the embedding's weight)."""
+    owner, caller = weight.rpartition(".")[0], module_path(n)
+    return owner if owner.startswith(caller + ".") or (not caller and owner) else caller
+
+
+def _ntuple(value: Any, dims: int) -> tuple[int, ...]:
+    return tuple(value) * (dims if len(tuple(value)) == 1 else 1) if isinstance(value, (list, tuple)) else (value,) * dims
+
+
+def _padding(value: Any, dims: int) -> tuple[int, ...] | str:
+    return value if isinstance(value, str) else _ntuple(value, dims)

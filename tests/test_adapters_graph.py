@@ -91,13 +91,15 @@ def test_merge_is_constant_folding(base, text):
     torch.testing.assert_close(run(restored), run(unmerged), rtol=1e-5, atol=1e-5)
     for name, p in base.named_parameters():
         torch.testing.assert_close(restored.get_parameter(name), p, atol=1e-6, rtol=0)
-    assert peftc.apply(merged, "merge").meta["peftc"]["history"][-1]["modified"] is False
+    with pytest.raises(OptionError, match=r"nothing to merge: no adapter is active and unmerged; adapters: default \(\w+, merged\)"):
+        peftc.apply(merged, "merge")
 
 
 def test_merge_without_keep_cannot_unmerge(base):
     merged = peftc.apply(fill_trainable(peftc.apply(base, "lora(r=2)")), "merge(keep=false)")
     assert peftc.adapters.adapters(merged) == {}
-    assert not peftc.apply(merged, "unmerge").meta["peftc"]["history"][-1]["modified"]
+    with pytest.raises(OptionError, match="nothing to unmerge: no adapter is merged; adapters: none"):
+        peftc.apply(merged, "unmerge")
 
 
 def test_merged_gpt2_conv1d_keeps_its_layout():

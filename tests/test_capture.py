@@ -143,8 +143,8 @@ def test_symbolic_and_export_give_passes_the_same_view():
         assert sites[-1].weight == "head"
         torch.testing.assert_close(gm(x), model(x))
         assert all("val" in n.meta for n in gm.graph.nodes if n.op != "output")
-    assert [s.kind for s in peftc.linear_sites(symbolic)] == ["nn.Linear", "nn.Linear", "F.linear"]
-    assert [s.kind for s in peftc.linear_sites(exported)] == ["aten.linear"] * 3
+    assert [s.op for s in peftc.linear_sites(symbolic)] == ["nn.Linear", "nn.Linear", "F.linear"]
+    assert [s.op for s in peftc.linear_sites(exported)] == ["aten.linear"] * 3
 
 
 def test_symbolic_capture_does_not_share_modules_with_the_model():

@@ -65,7 +65,7 @@ def test_nf4_graph_equals_bitsandbytes_dequantized_weights(quantized):
 
 def test_no_full_precision_copy_survives(quantized):
     sites = peftc.linear_sites(quantized)
-    assert [s.path for s in sites if s.kind != "nf4"] == ["lm_head"]
+    assert [s.path for s in sites if s.storage != "nf4"] == ["lm_head"]
     names = {n for n, _ in quantized.named_parameters()}
     assert not any(n.endswith("proj.weight") for n in names)
     packed = dict(quantized.named_buffers())["model.layers.0.self_attn.q_proj.weight_nf4"]
@@ -76,7 +76,7 @@ def test_no_full_precision_copy_survives(quantized):
 def test_qlora_trains_adapters_and_reaches_the_input(quantized):
     lm = loaded("tiny-llama")
     gm = fill_trainable(peftc.apply(quantized, "freeze, lora(r=4, targets='all-linear')"))
-    assert all(s.kind == "nf4" for s in peftc.linear_sites(gm) if s.path != "lm_head")
+    assert all(s.storage == "nf4" for s in peftc.linear_sites(gm) if s.path != "lm_head")
     embeddings = gm.get_parameter("model.embed_tokens.weight")
     embeddings.requires_grad_(True)  # the gradient must flow through every 4-bit op to reach it
     try:
@@ -152,7 +152,7 @@ def test_merge_into_nf4_requantized_or_dense(quantized):
     with pytest.raises(OptionError, match="requantizing would keep .* of it"):
         peftc.apply(qlora, "merge")
     dense = peftc.apply(qlora, "merge(dtype='float32')")
-    assert {s.path: s.kind for s in peftc.linear_sites(dense)}["model.layers.0.self_attn.q_proj"] == "aten.linear"
+    assert {s.path: s.op for s in peftc.linear_sites(dense)}["model.layers.0.self_attn.q_proj"] == "aten.linear"
     torch.testing.assert_close(dense(*lm.args, **lm.kwargs).logits, expected, atol=1e-4, rtol=1e-4)
     half = peftc.apply(qlora, "merge(dtype='float16')")
     assert half.get_parameter("model.layers.0.self_attn.q_proj.weight").dtype == torch.float16
@@ -160,12 +160,14 @@ def test_merge_into_nf4_requantized_or_dense(quantized):
     requantized = peftc.apply(qlora, "merge(requantize=true)")
     report = requantized.meta["peftc"]["history"][-1]["report"]
     assert "requantizing to NF4 kept" in report
-    assert all(s.kind == "nf4" for s in peftc.linear_sites(requantized) if s.path != "lm_head")
+    assert all(s.storage == "nf4" for s in peftc.linear_sites(requantized) if s.path != "lm_head")
     error = (requantized(*lm.args, **lm.kwargs).logits - expected).abs().max()
     base_gap = (quantized(*lm.args, **lm.kwargs).logits - expected).abs().max()
     assert error < base_gap  # the requantized merge keeps most of a large update
-    with pytest.raises(OptionError, match="cannot be undone exactly"):
-        peftc.apply(requantized, "unmerge")
+    restored = peftc.apply(requantized, "unmerge")  # the original 4-bit bytes were kept: exact
+    torch.testing.assert_close(restored(*lm.args, **lm.kwargs).logits, qlora(*lm.args, **lm.kwargs).logits, atol=0, rtol=0)
+    with pytest.raises(OptionError, match="merged into a dense weight; that merge cannot be undone"):
+        peftc.apply(dense, "unmerge")
     with pytest.raises(OptionError, match="not both"):
         peftc.Pipeline.parse("merge(requantize=true, dtype='float16')")
 

@@ -104,13 +104,13 @@ def test_nf4_export_keeps_4bit_weights(tmp_path, quantized):
     result = peftc_onnx.export(quantized, tmp_path / "nf4.onnx")
     model = onnx.load(str(result.path))
     onnx.checker.check_model(model)
-    sites = [s.path for s in peftc.linear_sites(quantized) if s.kind == "nf4"]
+    sites = [s.path for s in peftc.linear_sites(quantized) if s.storage == "nf4"]
     bnb4 = [n for n in model.graph.node if n.op_type == "MatMulBnb4"]
     assert len(bnb4) == len(sites) == 14
     names = {i.name for i in model.graph.initializer}
     assert not any(f"{path}.weight" in names for path in sites)  # no float copy in the file
     assert result.quantized_weights == sum(s.in_features * s.out_features for s in peftc.linear_sites(quantized)
-                                           if s.kind == "nf4")
+                                           if s.storage == "nf4")
     assert result.quantized_bits_per_weight <= 4.6
     inputs = feeds(quantized)
     assert_outputs_close(run_onnx(result.path, inputs), eager(quantized, inputs), atol=1e-4)

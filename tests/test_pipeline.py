@@ -47,7 +47,7 @@ class DemoOptions:
 @peftc.register_pass("demo", options=DemoOptions, replace=True)
 def demo(gm: fx.GraphModule, options: DemoOptions) -> peftc.PassResult:
     """A pass used to test options: changes nothing."""
-    return peftc.PassResult(gm, modified=False)
+    return peftc.PassResult(gm, modified=False, report="a test pass that changes nothing")
 
 
 @pytest.mark.parametrize("text, canonical", [

@@ -26,7 +26,7 @@ def test_gpt2_conv1d_sites_are_linear_with_fan_in_fan_out():
     sites = peftc.linear_sites(gm, "*.c_attn|*.c_proj|*.c_fc")
     assert [s.path for s in sites[:4]] == ["transformer.h.0.attn.c_attn", "transformer.h.0.attn.c_proj",
                                            "transformer.h.0.mlp.c_fc", "transformer.h.0.mlp.c_proj"]
-    assert all(s.kind == "Conv1D" and s.fan_in_fan_out for s in sites)
+    assert all(s.op == "Conv1D" and s.fan_in_fan_out for s in sites)
     c_attn = sites[0]
     assert (c_attn.in_features, c_attn.out_features) == (64, 192)
     assert c_attn.bias == "transformer.h.0.attn.c_attn.bias"

@@ -223,10 +223,11 @@ def _check_translatable(gm: fx.GraphModule) -> None:
 
 
 def _check_merged(gm: fx.GraphModule) -> None:
-    unmerged = sorted({n.meta["peftc"]["adapter"] for n in gm.graph.nodes if n.meta.get("peftc", {}).get("adapter")})
+    record = adapters(gm)
+    in_graph = {n.meta["peftc"]["adapter"] for n in gm.graph.nodes if n.meta.get("peftc", {}).get("adapter")}
+    unmerged = sorted(in_graph | {name for name, r in record.items() if r.active and not r.merged})
     if unmerged:
-        record = adapters(gm)
-        kinds = ", ".join(f"{name!r} ({record.get(name, {}).get('technique', '?')})" for name in unmerged)
+        kinds = ", ".join(f"{name!r} ({record[name].technique if name in record else 'tagged nodes'})" for name in unmerged)
         raise ExportError(
             f"merged=True, but the graph still computes the branches of adapter(s) {kinds}. "
             f"Merge first (pipeline \"..., merge\"), or export with merged=False to keep them as separate ops"

@@ -26,7 +26,7 @@ from torch import fx
 
 import peftc
 from peftc._io import atomic_write
-from peftc.adapters import adapters
+from peftc.adapters import Adapter, adapters
 from peftc.errors import ExportError
 from peftc.graph import get_tensor, qualify
 
@@ -72,7 +72,7 @@ def export_adapters(
     sites: dict[str, None] = {}
     for name in names:
         _check_servable(record, name)
-        sites.update((site_path, None) for site_path, _ in record[name]["sites"])
+        sites.update((site_path, None) for site_path, _ in record[name].sites)
     pattern = "re:" + "|".join(re.escape(p) for p in sites)
     serving = peftc.apply(gm, f"disable_adapters, lora(r=1, alpha=1, targets={pattern!r}, adapter={SLOT!r})",
                           verify=False)
@@ -94,20 +94,19 @@ def export_adapters(
     return ServedAdapters(base, written, manifest)
 
 
-def _check_servable(record: dict[str, Any], name: str) -> None:
+def _check_servable(record: dict[str, Adapter], name: str) -> None:
     if name not in record:
         raise ExportError(f"no adapter named {name!r}; the graph has {', '.join(record) or 'none'}")
     adapter = record[name]
-    options = adapter["options"]
     problem = ""
-    if adapter["technique"] != "lora":
-        problem = f"it is {adapter['technique']}; only LoRA adapters are served as ONNX Runtime adapter files"
-    elif getattr(options, "dora", False):
+    if adapter.technique != "lora":
+        problem = f"it is {adapter.technique}; only LoRA adapters are served as ONNX Runtime adapter files"
+    elif adapter.options.dora:
         problem = "it is DoRA, whose weight norm cannot be fed as an input; merge it and export that model"
-    elif adapter["merged"]:
+    elif adapter.merged:
         problem = "it is merged into the base weights; unmerge it first"
-    elif any(kind == "embedding" for _, kind in adapter["sites"]):
-        problem = "it adapts embeddings; serve adapters on linear layers, or merge it"
+    elif any(kind != "linear" for _, kind in adapter.sites):
+        problem = "it adapts embeddings or convolutions; serve adapters on linear layers, or merge it"
     if problem:
         raise ExportError(f"cannot serve adapter {name!r}: {problem}")
 
@@ -139,9 +138,9 @@ def _write_adapter(gm: fx.GraphModule, name: str, path: Path, slot_inputs: dict[
     import onnxruntime as ort
 
     record = adapters(gm)[name]
-    scaling = record["options"].scaling
+    scaling = record.options.scaling
     parameters = {}
-    for site, _ in record["sites"]:
+    for site, _ in record.sites:
         A = get_tensor(gm, qualify(site, "lora_A", name, "weight")).detach()
         B = get_tensor(gm, qualify(site, "lora_B", name, "weight")).detach() * scaling
         for part, value in (("lora_A", A), ("lora_B", B)):
