@@ -1,24 +1,62 @@
-"""Region sites: places a technique rewrites that are not one weight.
+"""Region sites: places a technique rewrites that are not one weight, recognised by what the
+graph computes rather than by op or module names.
 
-1. Attention sites: `scaled_dot_product_attention` with its q, k, v inputs.
+1. Attention sites: `scaled_dot_product_attention` with its q, k, v, mask, `is_causal`, scale and
+   dropout. Under grouped-query attention, the key and value before they are repeated per query
+   head (transformers' `repeat_kv`: `unsqueeze -> expand -> reshape`; or SDPA's `enable_gqa=True`,
+   which repeats inside the op), and the head counts from the fake tensors in `meta["val"]`.
 2. Block sites: the repeated blocks of a model (children of its outermost `ModuleList`s,
-   e.g. `model.layers.3`), with the residual stream entering and leaving each.
+   e.g. `model.layers.3`), with the residual stream entering and leaving each, and the outputs
+   of its attention and feed-forward sublayers just before their residual adds. A residual add is
+   `add(s, t)` inside the block where `t` is computed from `s` through a linear layer; its sublayer
+   is attention when that computation holds an SDPA or a softmax, else feed-forward. This holds
+   for pre-LN (`x + attn(norm(x))`) and post-LN (`norm(x + attn(x))`) blocks alike.
+3. Input embeddings: each token embedding lookup whose ids are a graph input, and the stream
+   the first block of its stack receives. These differ where the model adds position or token
+   type embeddings or normalises first (GPT-2, BERT): `node` is the token lookup's output (what
+   prompt tuning extends), `stream` is the value entering block 0 (`hidden_states[0]` in
+   transformers).
+4. Final hidden states: for each stack of blocks, the stream after its last block and the final
+   norm that follows it (`model.norm`, `transformer.ln_f`), or the last block's output where no
+   norm follows (post-LN BERT): the input of an LM or classification head.
+
+Every query takes `targets` (see `peftc.targets`) and returns frozen dataclasses.
 """
 
 from __future__ import annotations
 
+import math
+import operator
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch import fx
+from torch import fx, nn
 
 from peftc.graph import module_path, peftc_meta
 from peftc.targets import select
 
-__all__ = ["AttentionSite", "BlockSite", "attention_sites", "block_sites"]
+__all__ = [
+    "AttentionSite",
+    "BlockSite",
+    "InputEmbeddings",
+    "FinalHiddenState",
+    "attention_sites",
+    "block_sites",
+    "input_embeddings",
+    "final_hidden_states",
+]
 
-_SDPA_FNS = {torch.ops.aten.scaled_dot_product_attention.default, F.scaled_dot_product_attention}
+aten = torch.ops.aten
+_SDPA_FNS = {aten.scaled_dot_product_attention.default, F.scaled_dot_product_attention}
+_SDPA_PARAMS = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
+_SOFTMAX = {aten._softmax.default, aten.softmax.int, F.softmax, torch.softmax, "softmax"}
+_LINEAR = {aten.linear.default, F.linear, aten.addmm.default, aten.mm.default, aten.matmul.default, torch.matmul,
+           operator.matmul, "peftc.nf4_linear.default"}
+_ADDS = {aten.add.Tensor, operator.add, torch.add}
+# Ops that only re-view ids (GPT-2 flattens input_ids before the lookup).
+_ID_VIEWS = {aten.view.default, aten.reshape.default, aten._unsafe_view.default, aten.alias.default, "view", "reshape"}
 
 
 def _base_nodes(gm: fx.GraphModule) -> list[fx.Node]:
@@ -30,36 +68,118 @@ def _select(sites: list, targets: str | None, what: str) -> list:
     return [s for s in sites if s.path in chosen]
 
 
+def _is(node: Any, targets: set) -> bool:
+    if not isinstance(node, fx.Node):
+        return False
+    if node.op == "call_method":
+        return node.target in targets
+    if node.op == "call_module":
+        return False
+    return node.op == "call_function" and (node.target in targets or str(node.target) in targets)
+
+
+def _val(node: Any) -> torch.Tensor | None:
+    val = node.meta.get("val") if isinstance(node, fx.Node) else None
+    return val if isinstance(val, torch.Tensor) else None
+
+
+def _dim(node: fx.Node, index: int) -> int | None:
+    val = _val(node)
+    if val is None or val.dim() < abs(index):
+        return None
+    size = val.shape[index]
+    return size if isinstance(size, int) else None
+
+
+# --- 1. attention ---------------------------------------------------------------------------
+
+
 @dataclass(frozen=True)
 class AttentionSite:
+    """SDPA at `path`. `key_heads`/`value_heads` are key and value before GQA repeats them (the
+    same nodes as `key`/`value` without GQA); `scale` is the one SDPA applies (1/sqrt(head_dim)
+    when none is given); head counts are None where shapes are unknown."""
+
     path: str
     node: fx.Node
     query: fx.Node
     key: fx.Node
     value: fx.Node
+    mask: fx.Node | None = None
+    is_causal: bool = False
+    scale: float | None = None
+    dropout_p: float = 0.0
+    enable_gqa: bool = False
+    key_heads: fx.Node | None = None
+    value_heads: fx.Node | None = None
+    num_heads: int | None = None
+    num_kv_heads: int | None = None
+    head_dim: int | None = None
+
+
+def attention_sites(gm: fx.GraphModule, targets: str | None = None) -> list[AttentionSite]:
+    sites = [_attention_site(n) for n in _base_nodes(gm) if n.op == "call_function" and n.target in _SDPA_FNS]
+    return _select(sites, targets, "attention site")
+
+
+def _attention_site(n: fx.Node) -> AttentionSite:
+    args = {"attn_mask": None, "dropout_p": 0.0, "is_causal": False, "scale": None, "enable_gqa": False}
+    args.update(zip(_SDPA_PARAMS, n.args))
+    args.update(n.kwargs)
+    query, key, value = args["query"], args["key"], args["value"]
+    key_heads, value_heads = _before_repeat_kv(key), _before_repeat_kv(value)
+    head_dim = _dim(query, -1)
+    scale = args["scale"] if args["scale"] is not None else (1 / math.sqrt(head_dim) if head_dim else None)
+    return AttentionSite(module_path(n), n, query, key, value, args["attn_mask"], args["is_causal"], scale,
+                         args["dropout_p"], args["enable_gqa"], key_heads, value_heads, _dim(query, -3),
+                         _dim(key_heads, -3), head_dim)
+
+
+def _before_repeat_kv(node: fx.Node) -> fx.Node:
+    """`x` for `reshape(expand(unsqueeze(x, 2), (b, kv, n_rep, s, d)), (b, kv * n_rep, s, d))`, else `node`."""
+    if not _is(node, {aten.reshape.default, aten.view.default, aten._unsafe_view.default, "reshape", "view"}):
+        return node
+    expanded = node.args[0]
+    if not _is(expanded, {aten.expand.default, "expand"}) or _val(expanded) is None or _val(expanded).dim() != 5:
+        return node
+    source = expanded.args[0]
+    while _is(source, {aten.unsqueeze.default, aten.slice.Tensor, aten.alias.default}) and _is_view_noop(source):
+        source = source.args[0]
+    kv, n_rep = _dim(expanded, 1), _dim(expanded, 2)
+    if _val(source) is None or _val(source).dim() != 4 or _dim(source, 1) != kv or _dim(node, 1) != kv * n_rep:
+        return node
+    return source
+
+
+def _is_view_noop(node: fx.Node) -> bool:
+    """An unsqueeze at the repeat axis, or a slice that keeps everything (`x[:, :, None]`)."""
+    if node.target is aten.unsqueeze.default:
+        return node.args[1] == 2
+    if node.target is aten.slice.Tensor:
+        start, end, step = (*node.args[2:], None, None, None)[:3]
+        return start in (None, 0) and (end is None or (isinstance(end, int) and end >= 2**62)) and step in (None, 1)
+    return True
+
+
+# --- 2. blocks ------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
 class BlockSite:
-    """Block `index` at `path`: `input` is the residual stream entering it, `output` leaving it."""
+    """Block `index` at `path`: `input` is the residual stream entering it, `output` leaving it;
+    `attention_output`/`ff_output` are what its attention and feed-forward sublayers add to the
+    stream (None where no such residual add is found)."""
 
     path: str
     index: int
     input: fx.Node | None
     output: fx.Node
-
-
-def attention_sites(gm: fx.GraphModule, targets: str | None = None) -> list[AttentionSite]:
-    sites = [
-        AttentionSite(module_path(n), n, *n.args[:3])
-        for n in _base_nodes(gm)
-        if n.op == "call_function" and n.target in _SDPA_FNS
-    ]
-    return _select(sites, targets, "attention site")
+    attention_output: fx.Node | None = None
+    ff_output: fx.Node | None = None
 
 
 def block_sites(gm: fx.GraphModule, targets: str | None = None) -> list[BlockSite]:
-    types = peftc_meta(gm).get("module_types") or _module_types_from_nodes(gm)
+    types = _module_types(gm)
     blocks = _outermost_list_children(types)
     order = {n: i for i, n in enumerate(gm.graph.nodes)}
     sites = []
@@ -72,16 +192,57 @@ def block_sites(gm: fx.GraphModule, targets: str | None = None) -> list[BlockSit
         inputs = sorted({a for n in inside for a in n.all_input_nodes if a not in members and a.op != "get_attr"}, key=order.get)
         stream_in, stream_out = _residual_stream(inputs, outputs)
         if stream_out is not None:
-            sites.append(BlockSite(path, int(path.rsplit(".", 1)[1]), stream_in, stream_out))
+            # Adapter branches inside the block lie on the sublayers' paths too.
+            region = {n for n in gm.graph.nodes if n.op not in ("get_attr", "placeholder") and _within(module_path(n), path)}
+            attention, ff = _sublayer_outputs(inside, region, stream_out)
+            sites.append(BlockSite(path, int(path.rsplit(".", 1)[1]), stream_in, stream_out, attention, ff))
     return _select(sites, targets, "block")
+
+
+def _sublayer_outputs(inside: list[fx.Node], region: set[fx.Node], stream_out: fx.Node) -> tuple[fx.Node | None, fx.Node | None]:
+    """The first attention sublayer's and the last feed-forward sublayer's outputs (see case 2)."""
+    attention = ff = None
+    width = _dim(stream_out, -1)
+    for add in inside:
+        if not _is(add, _ADDS) or add.kwargs or len(add.args) != 2:
+            continue
+        for stream, branch in (add.args, reversed(add.args)):
+            if not isinstance(branch, fx.Node) or not isinstance(stream, fx.Node) or width is None:
+                continue
+            if _dim(branch, -1) != width or _dim(stream, -1) != width:
+                continue
+            computed = _computed_from(branch, stream, region)
+            if computed is None or not any(_is(n, _LINEAR) for n in computed):
+                continue
+            if any(_is(n, _SDPA_FNS | _SOFTMAX) for n in computed):
+                attention = attention or branch
+            else:
+                ff = branch
+            break
+    return attention, ff
+
+
+def _computed_from(branch: fx.Node, stream: fx.Node, region: set[fx.Node]) -> set[fx.Node] | None:
+    """The nodes of `region` that `branch` is computed from, up to `stream`; None if `stream` is not among them."""
+    seen, todo, reached = {branch}, [branch], False
+    while todo:
+        for a in todo.pop().all_input_nodes:
+            if a is stream:
+                reached = True
+            elif a in region and a not in seen:
+                seen.add(a)
+                todo.append(a)
+    return seen if reached else None
 
 
 def _within(path: str, prefix: str) -> bool:
     return path == prefix or path.startswith(prefix + ".")
 
 
-def _module_types_from_nodes(gm: fx.GraphModule) -> dict[str, str]:
-    types: dict[str, str] = {}
+def _module_types(gm: fx.GraphModule) -> dict[str, str]:
+    types = dict(peftc_meta(gm).get("module_types") or {})
+    if types:
+        return types
     for n in gm.graph.nodes:
         for path, kind in (n.meta.get("nn_module_stack") or {}).values():
             types.setdefault(path, kind if isinstance(kind, str) else f"{kind.__module__}.{kind.__qualname__}")
@@ -115,3 +276,90 @@ def _residual_stream(inputs: list[fx.Node], outputs: list[fx.Node]) -> tuple[fx.
     return None, (outputs[0] if outputs else None)
 
 
+# --- 3. input embeddings, 4. final hidden states --------------------------------------------
+
+
+@dataclass(frozen=True)
+class InputEmbeddings:
+    """The token embedding lookup at `path`: `node` its output, `ids` the graph input it reads,
+    `stream` the value entering the first block it feeds (None without blocks)."""
+
+    path: str
+    node: fx.Node
+    ids: fx.Node
+    stream: fx.Node | None
+
+
+@dataclass(frozen=True)
+class FinalHiddenState:
+    """`node` is the stream leaving block stack `blocks` (e.g. `model.layers`) after its last block
+    and `norm`, the final norm (None where none follows); `path` is `norm`, else the last block."""
+
+    path: str
+    node: fx.Node
+    blocks: str
+    norm: str | None
+
+
+def input_embeddings(gm: fx.GraphModule, targets: str | None = None) -> list[InputEmbeddings]:
+    """Token embedding lookups of the model's input ids, in graph order (encoder-decoder models have two)."""
+    firsts = [blocks[0].input for blocks in _stacks(gm).values() if blocks[0].input is not None]
+    sites = []
+    for n in _base_nodes(gm):
+        lookup = _embedding_lookup(gm, n)
+        if lookup is None:
+            continue
+        ids = lookup
+        while _is(ids, _ID_VIEWS):
+            ids = ids.args[0]
+        if isinstance(ids, fx.Node) and ids.op == "placeholder":
+            stream = next((s for s in firsts if s is n or n in _ancestors(s)), None)
+            sites.append(InputEmbeddings(module_path(n), n, ids, stream))
+    return _select(sites, targets, "input embedding")
+
+
+def final_hidden_states(gm: fx.GraphModule, targets: str | None = None) -> list[FinalHiddenState]:
+    """For each stack of blocks, its last block's output after the final norm (see case 4)."""
+    types = _module_types(gm)
+    sites = []
+    for stack, blocks in _stacks(gm).items():
+        last = blocks[-1]
+        norms = [module_path(u) for u in last.output.users if "norm" in types.get(module_path(u), "").lower()
+                 and not _within(module_path(u), last.path)]
+        if not norms:
+            sites.append(FinalHiddenState(last.path, last.output, stack, None))
+            continue
+        norm = norms[0]
+        inside = [n for n in gm.graph.nodes if module_path(n) == norm and n.op not in ("get_attr", "placeholder")]
+        leaving = [n for n in inside if any(module_path(u) != norm for u in n.users)]
+        sites.append(FinalHiddenState(norm, leaving[-1], stack, norm))
+    return _select(sites, targets, "final hidden state")
+
+
+def _stacks(gm: fx.GraphModule) -> dict[str, list[BlockSite]]:
+    """Block sites grouped by their ModuleList (`model.layers`; T5: `encoder.block`, `decoder.block`)."""
+    stacks: dict[str, list[BlockSite]] = {}
+    for block in block_sites(gm):
+        stacks.setdefault(block.path.rpartition(".")[0], []).append(block)
+    return stacks
+
+
+def _embedding_lookup(gm: fx.GraphModule, n: fx.Node) -> Any:
+    """The ids an embedding lookup `n` reads, else None."""
+    if n.op == "call_module":
+        return n.args[0] if isinstance(gm.get_submodule(str(n.target)), nn.Embedding) else None
+    if n.op == "call_function" and n.target is aten.embedding.default:
+        return n.args[1]
+    if n.op == "call_function" and n.target is F.embedding:
+        return n.args[0]
+    return None
+
+
+def _ancestors(node: fx.Node) -> set[fx.Node]:
+    seen, todo = set(), [node]
+    while todo:
+        for a in todo.pop().all_input_nodes:
+            if a not in seen:
+                seen.add(a)
+                todo.append(a)
+    return seen

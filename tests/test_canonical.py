@@ -6,7 +6,7 @@ import sys
 import pytest
 import torch
 import transformers
-from torch import fx, nn
+from torch import nn
 
 import peftc
 from peftc.canonical import canonicalize
