@@ -252,8 +252,7 @@ def _strip(gm: fx.GraphModule, nodes: list[fx.Node], base: fx.Node | None, names
         original = base.meta.pop("peftc_original")
         live_x = entry.args[0] if entry is not None else base.args[original["now_input"]]
         decode = lambda a: names[a[1]] if isinstance(a, tuple) and len(a) == 2 and a[0] == "__node__" else a  # noqa: E731
-        args = [decode(a) for a in original["args"]]
-        args[original["input"]] = live_x
+        args = [live_x if i == original["input"] else decode(a) for i, a in enumerate(original["args"])]
         base.op, base.target = original["op"], original["target"]
         base.args, base.kwargs = tuple(args), {k: decode(v) for k, v in original["kwargs"].items()}
     for n in nodes:

@@ -207,8 +207,8 @@ class _Original:
         original = n.meta["peftc_original"]
         by_name = {a.name: a for a in n.graph.nodes if a.op == "get_attr"}
         decode = lambda a: by_name[a[1]] if isinstance(a, tuple) and len(a) == 2 and a[0] == "__node__" else a  # noqa: E731
-        args = [decode(a) for a in original["args"]]
-        args[original["input"]] = _live_input(n, original)
+        x = _live_input(n, original)
+        args = [x if i == original["input"] else decode(a) for i, a in enumerate(original["args"])]
         self.op, self.target, self.args = original["op"], original["target"], tuple(args)
         self.kwargs = {k: decode(v) for k, v in original["kwargs"].items()}
         self.meta, self.graph = n.meta, n.graph
@@ -231,7 +231,7 @@ def _live_input(n: fx.Node, original: dict[str, Any]) -> fx.Node:
 
 
 def _weight_site(gm: fx.GraphModule, n: fx.Node) -> WeightSite | None:
-    if "peftc_original" in n.meta:
+    if isinstance(n, fx.Node) and "peftc_original" in n.meta:
         site = _weight_site(gm, _Original(n))  # type: ignore[arg-type]
         return None if site is None else dataclasses.replace(site, node=n)
     if n.op == "call_module":
