@@ -56,7 +56,8 @@ def test_falcon_linear_becomes_a_linear_site(monkeypatch, new_decoder_architectu
     assert [s.path for s in sites] == [f"transformer.h.{i}.{p}" for i in range(2) for p in FALCON_LINEARS] + ["lm_head"]
     for site in sites[:-1]:
         module = model.get_submodule(site.path)
-        assert (site.kind, site.weight, site.bias) == ("aten.linear", f"{site.path}.weight", f"{site.path}.bias" if bias else None)
+        assert site.node.target is aten.linear.default and not site.fan_in_fan_out
+        assert (site.weight, site.bias) == (f"{site.path}.weight", f"{site.path}.bias" if bias else None)
         assert (site.out_features, site.in_features) == tuple(module.weight.shape)
         assert site.node.meta["module_path"] == site.path
         assert site.node.meta["module_type"].endswith("FalconLinear")
@@ -152,7 +153,7 @@ def test_gpt2_conv1d_is_left_alone():
     gm = peftc.graph.clone(captured("tiny-gpt2"))
     assert peftc.graph.peftc_meta(gm)["capture"]["canonicalized"] == 0
     assert canonicalize(gm) == 0
-    conv = [s for s in peftc.linear_sites(gm) if s.kind == "Conv1D"]
+    conv = [s for s in peftc.linear_sites(gm) if s.fan_in_fan_out]
     assert len(conv) == 8 and all(s.fan_in_fan_out and s.node.target is aten.addmm.default for s in conv)
 
 
