@@ -13,7 +13,18 @@ from peftc.graph import tag, tagged
 from peftc.inspect import diff, save_graph, show, summary, to_dot, to_networkx
 from peftc.pipeline import Pipeline, PipelineResult, Step, apply
 from peftc.registry import PassResult, register_pass, registered_passes
-from peftc.sites import attention_sites, block_sites, embedding_sites, lm_head, linear_sites
+from peftc.sites import (
+    attention_sites,
+    block_sites,
+    conv_sites,
+    embedding_sites,
+    final_hidden_states,
+    input_embeddings,
+    layer_norm_sites,
+    linear_sites,
+    lm_head,
+    weight_sites,
+)
 
 from peftc import passes  # noqa: E402  (registers the built-in passes)
 
@@ -35,8 +46,13 @@ __all__ = [
     "to_networkx",
     "to_dot",
     "save_graph",
+    "weight_sites",
     "linear_sites",
+    "conv_sites",
     "embedding_sites",
+    "layer_norm_sites",
+    "input_embeddings",
+    "final_hidden_states",
     "attention_sites",
     "block_sites",
     "lm_head",

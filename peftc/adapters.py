@@ -23,6 +23,7 @@ record lives in `gm.meta["peftc"]["adapters"]` as `Adapter` objects.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -161,7 +162,7 @@ def _create(gm: fx.GraphModule, path: str, params: list, adapter: str, dtype: to
         qualname = qualify(path, param.attr, adapter, param.suffix)
         tensor = param.make(dtype, device)
         set_tensor(gm, qualname, tensor, buffer=not isinstance(tensor, nn.Parameter))
-        names[param.attr] = qualname
+        names[param.key or param.attr] = qualname
     return names
 
 
@@ -236,13 +237,18 @@ def strip(gm: fx.GraphModule, refs: list[tuple[str, str]]) -> None:
 def compose(gm: fx.GraphModule, refs: list[tuple[str, str]]) -> None:
     """Insert the active, unmerged adapters at the (stripped) sites `refs`."""
     found = {(s.path, s.kind): s for s in weight_sites(gm) if (s.path, s.kind) in set(refs)}
+    # Composing a site replaces its output, which a later site may read (chained linears): find inputs by position.
+    positions = {ref: s.node.args.index(s.input) for ref, s in found.items() if s.input in s.node.args}
     active = [r for r in adapters(gm).values() if r.active and not r.merged]
     for ref in refs:
         if ref not in found:
             raise PassError(f"expected a {ref[1]} site at {ref[0]!r}, found none; was the base op rewritten?")
         here = [r for r in active if ref in r.sites]
         if here:
-            _compose(gm, found[ref], here)
+            site = found[ref]
+            if ref in positions and site.node.args[positions[ref]] is not site.input:
+                site = dataclasses.replace(site, input=site.node.args[positions[ref]])
+            _compose(gm, site, here)
     gm.recompile()
 
 
@@ -331,16 +337,24 @@ def _check_name(gm: fx.GraphModule, name: str) -> Adapter:
 
 def _check_nesting(gm: fx.GraphModule, refs: Iterable[tuple[str, str]], *, extra: Iterable[Adapter] = (),
                    merged: Iterable[str] = (), unmerged: Iterable[str] = (), active: Iterable[str] | None = None) -> None:
-    """Refuse a state in which a merged adapter lies outside an active unmerged one at a site."""
+    """Refuse a state in which a merged adapter lies outside an active unmerged one at a site, or in which
+    two active adapters of an `exclusive` technique share a site."""
     merged, unmerged = set(merged), set(unmerged)
     records = [*adapters(gm).values(), *extra]
     for path, kind in refs:
         at_site = [r for r in records if (path, kind) in r.sites]
         is_merged = lambda r: (r.merged or r.name in merged) and r.name not in unmerged  # noqa: E731
         is_active = lambda r: r.name in active if active is not None else r.active or r.name in unmerged  # noqa: E731
+        live = [r for r in at_site if not is_merged(r) and is_active(r)]
+        for method in sorted({r.technique for r in live if r.method().exclusive}):
+            same = [r.name for r in live if r.technique == method]
+            if len(same) > 1:
+                raise OptionError(f"at {path!r}, adapters {', '.join(map(repr, same))} ({method}) would be active "
+                                  f"together, but {method} allows one active adapter per site; make only one of them "
+                                  "active (set_adapter)")
         for inner in [r for r in at_site if is_merged(r)]:
             for outer in [r for r in at_site if not is_merged(r) and is_active(r)]:
-                i, o = STAGES.index(inner.stages[path]), STAGES.index(outer.stages[path])
+                i, o = _NESTING[inner.stages[path]], _NESTING[outer.stages[path]]
                 if i > o or (i == o and inner.stages[path] != "add"):
                     raise OptionError(
                         f"at {path!r}, adapter {inner.name!r} ({inner.technique}, {inner.stages[path]} stage) would be "
@@ -392,10 +406,14 @@ def _pop(gm: nn.Module, qualname: str) -> torch.Tensor | nn.Module | None:
 
 # --- merging ----------------------------------------------------------------------------------
 
+# How deep a stage sits in the composed site, innermost first: what merging folds first.
+_NESTING = {"weight": 0, "input": 1, "output": 2, "add": 3}
+
+
 def _fold_order(record: Adapter, path: str) -> tuple[int, str]:
     """Weight stages first, then input stages innermost last, then output stages, then updates."""
     stage = record.stages[path]
-    rank = {"weight": 0, "input": 1, "output": 2, "add": 3}[stage]
+    rank = _NESTING[stage]
     key = record.name if stage != "input" else "".join(chr(0x10FFFF - ord(c)) for c in record.name)
     return rank, key
 

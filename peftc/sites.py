@@ -1,14 +1,18 @@
 """Sites: the places in a captured graph where techniques act, found the same way for
 exported and symbolically traced graphs.
 
+Weight sites (`WeightSite`: one node computing with one stored weight; what weight-space
+techniques rewrite), recognised by what the computation is; capture first canonicalises
+`x @ W.T + b`, `mm`/`addmm` with a transposed weight to `aten.linear` (`peftc.canonical`):
 1. Linear sites: `aten.linear`, `F.linear`, `call_module(nn.Linear)`, GPT-2's `Conv1D`
-   (`addmm(bias, x, W)` with W stored as (in, out)), and NF4 linears (`peftc::nf4_linear`,
-   whose `weight` names the packed buffer).
-2. Embedding sites: `aten.embedding`, `F.embedding`, `call_module(nn.Embedding)`.
-3. Attention sites: `scaled_dot_product_attention` with its q, k, v inputs.
-4. Block sites: the repeated blocks of a model (children of its outermost `ModuleList`s,
-   e.g. `model.layers.3`), with the residual stream entering and leaving each.
+   (`addmm(bias, x, W)` with W stored as (in, out)), and ops of registered weight formats
+   (`peftc::nf4_linear`, `storage="nf4"`, whose `weight` names the packed buffer).
+2. Convolution sites: `aten.conv1d/2d/3d`, `F.conv*d`, `call_module(nn.Conv*d)` (zero padding).
+3. Embedding sites: `aten.embedding`, `F.embedding`, `call_module(nn.Embedding)`.
+4. Layer-norm sites: `aten.layer_norm`, `F.layer_norm`, `call_module(nn.LayerNorm)` with a weight.
 5. The LM head: the last linear site that projects onto the vocabulary.
+A site rewritten by techniques (its input or weight replaced) is still found, as captured.
+Region sites (`peftc.regions`): attention, blocks, the input embeddings, the final hidden state.
 
 Every query takes `targets` (see `peftc.targets`); a pattern that selects nothing raises
 `TargetError` naming near paths.
@@ -26,7 +30,16 @@ from torch import fx, nn
 
 from peftc.graph import get_attr_path, get_tensor, module_path, module_type
 from peftc.quant.format import nf4_state
-from peftc.regions import AttentionSite, BlockSite, attention_sites, block_sites
+from peftc.regions import (
+    AttentionSite,
+    BlockSite,
+    FinalHiddenState,
+    InputEmbeddings,
+    attention_sites,
+    block_sites,
+    final_hidden_states,
+    input_embeddings,
+)
 from peftc.targets import select
 from peftc.weights import format_of_node
 
@@ -38,6 +51,8 @@ __all__ = [
     "LayerNormSite",
     "AttentionSite",
     "BlockSite",
+    "InputEmbeddings",
+    "FinalHiddenState",
     "weight_sites",
     "linear_sites",
     "conv_sites",
@@ -45,6 +60,8 @@ __all__ = [
     "layer_norm_sites",
     "attention_sites",
     "block_sites",
+    "input_embeddings",
+    "final_hidden_states",
     "lm_head",
     "nf4_state",
     "site_of_node",
