@@ -45,7 +45,11 @@ def save_adapter(gm: fx.GraphModule, directory: str | Path, adapter: str = "defa
         raise CheckpointError(f"no adapter named {adapter!r} to save; adapters: {', '.join(adapters(gm)) or 'none'}")
     if record.merged and record.kept is None:
         raise CheckpointError(f"adapter {adapter!r} was merged with keep=false; its weights are gone")
-    tensors = adapter_tensors(gm, adapter)
+    if record.method().peft_type is None:
+        raise CheckpointError(f"adapter {adapter!r} is {record.technique}, which has no peft_type: peft has no "
+                              "checkpoint format for it; keep its tensors with torch.save(gm.state_dict(), ...)")
+    saved = _saved(record)
+    tensors = {k: v for k, v in adapter_tensors(gm, adapter).items() if k in saved}
     config = _peft_config(gm, record)
     with atomic_dir(directory) as tmp:
         save_file({_checkpoint_key(record, k): v.detach().contiguous() for k, v in tensors.items()}, tmp / WEIGHTS)

@@ -1,0 +1,148 @@
+"""What the technique layer and the pass manager enforce for every technique."""
+
+import copy
+from dataclasses import dataclass
+
+import peft
+import pytest
+import torch
+from torch import nn
+
+import peftc
+from peftc.adapters import adapters
+from peftc.checkpoint import CheckpointError
+from peftc.errors import OptionError, PassError, TargetError
+from peftc.technique import AdapterOptions, Param, Technique
+from conftest import captured, fill_trainable, loaded
+
+aten = torch.ops.aten
+
+
+def test_a_peft_adapter_with_dropout_loaded_into_an_eval_graph_follows_eval(tmp_path):
+    """The reported silent wrong result: inserted dropout stayed in training mode (outputs 2.1 away)."""
+    lm = loaded("tiny-llama")
+    model = copy.deepcopy(lm.model).eval()
+    peft_model = peft.get_peft_model(copy.deepcopy(model), peft.LoraConfig(r=4, lora_dropout=0.1,
+                                                                          target_modules=["q_proj", "v_proj"]))
+    fill_trainable(peft_model, seed=3)
+    peft_model.save_pretrained(tmp_path)
+    peft_model.eval()
+    gm = peftc.capture(model, lm.args, lm.kwargs)
+    assert not gm.training
+    loaded_gm = peftc.load_adapter(gm, tmp_path)
+    dropouts = [m for n, m in loaded_gm.named_modules() if n.endswith("lora_dropout.default")]
+    assert dropouts and not any(m.training for m in dropouts)
+    with torch.no_grad():
+        expected = peft_model(*lm.args, **lm.kwargs, use_cache=False).logits
+        torch.testing.assert_close(loaded_gm(*lm.args, **lm.kwargs).logits, expected, atol=1e-5, rtol=1e-5)
+    loaded_gm.train()
+    assert all(m.training for m in dropouts)  # and train() still switches them
+
+
+def test_adapter_passes_freeze_the_base_as_get_peft_model_does():
+    gm = captured("tiny-llama")
+    assert any(p.requires_grad for p in gm.parameters())
+    frozen = peftc.apply(gm, "lora(r=2)")
+    trainable = {n for n, p in frozen.named_parameters() if p.requires_grad}
+    assert trainable and all(".lora_" in n for n in trainable)
+    both = peftc.apply(frozen, "loha(r=2, adapter='b', targets='*.k_proj')")
+    assert {n for n, p in both.named_parameters() if p.requires_grad} >= trainable  # other adapters stay trainable
+    kept = peftc.apply(gm, "lora(r=2, freeze_base=false)")
+    assert kept.get_parameter("model.embed_tokens.weight").requires_grad
+    assert gm.get_parameter("model.embed_tokens.weight").requires_grad  # the input graph is untouched
+
+
+@pytest.mark.parametrize("text, error, message", [
+    ("lora(targets='*.no_such_proj')", TargetError, "matches no"),
+    ("ia3_missing", Exception, "unknown pass"),
+])
+def test_targets_that_select_nothing_are_errors(text, error, message):
+    with pytest.raises(error, match=message):
+        peftc.apply(captured("tiny-llama"), text)
+
+
+def test_all_linear_on_a_graph_without_linears_is_an_error():
+    model = nn.Sequential(nn.Conv1d(3, 4, 3), nn.ReLU())
+    gm = peftc.capture(model, (torch.randn(2, 3, 8),))
+    with pytest.raises(OptionError, match='all-linear" selects no linear site'):
+        peftc.apply(gm, "lora(targets='all-linear')")
+
+
+def test_merge_and_switches_say_what_exists():
+    gm = peftc.apply(captured("tiny-llama"), "lora(r=2, adapter='a')")
+    with pytest.raises(OptionError, match=r"nothing to unmerge: no adapter is merged; adapters: a \(lora, active\)"):
+        peftc.apply(gm, "unmerge")
+    with pytest.raises(OptionError, match="no adapter named 'b'; adapters: a"):
+        peftc.apply(gm, "merge(adapter='b')")
+    with pytest.raises(OptionError, match="nothing to merge.*adapters: none"):
+        peftc.apply(captured("tiny-llama"), "merge")
+    again = peftc.apply(gm, "set_adapter(name='a')")
+    assert again.meta["peftc"]["history"][-1]["report"] == "active: a (already the only one)"
+
+
+def test_the_manager_tags_every_node_and_needs_a_reason_for_no_change():
+    @peftc.register_pass("test_untagged_double", replace=True)
+    def double(gm):
+        """y -> 2 y at the output, without tagging the node."""
+        out = next(n for n in gm.graph.nodes if n.op == "output")
+        with gm.graph.inserting_before(out):
+            doubled = gm.graph.call_function(aten.mul.Tensor, (out.args[0][0], 2))
+        out.args = ((doubled, *out.args[0][1:]),)
+        return peftc.PassResult(gm, modified=True)
+
+    @peftc.register_pass("test_silent", replace=True)
+    def silent(gm):
+        """Changes nothing and says nothing."""
+        return peftc.PassResult(gm, modified=False)
+
+    model = nn.Linear(4, 3)
+    gm = peftc.apply(peftc.capture(model, (torch.randn(2, 4),)), "test_untagged_double")
+    added = [n for n in gm.graph.nodes if n.meta.get("peftc", {}).get("pass") == "test_untagged_double"]
+    assert len(added) == 1 and added[0].meta["peftc"]["role"] == "inserted"
+    with pytest.raises(PassError, match="changed nothing and did not say why"):
+        peftc.apply(gm, "test_silent")
+
+
+def test_export_merged_refuses_any_unmerged_technique(tmp_path):
+    onnx_backend = pytest.importorskip("peftc.backends.onnx")
+    gm = peftc.apply(captured("tiny-llama"), "lora(r=2), loha(r=2, adapter='b', targets='*.k_proj')")
+    with pytest.raises(peftc.errors.ExportError, match=r"'b' \(loha\), 'default' \(lora\)"):
+        onnx_backend.export(gm, tmp_path / "m.onnx", merged=True)
+    assert not (tmp_path / "m.onnx").exists()
+
+
+@dataclass(frozen=True)
+class BiasShiftOptions(AdapterOptions):
+    pass
+
+
+def test_a_technique_declared_in_a_few_lines_gets_merge_save_and_switching(tmp_path):
+    @peftc.adapters.register_technique
+    class BiasShift(Technique):
+        """y -> y + d: a trainable shift of a linear's output (BitFit-like)."""
+
+        name, options, stage, peft_type = "test_bias_shift", BiasShiftOptions, "add", None
+
+        def params(self, ctx):
+            return [Param("shift", (ctx.site.out_features,))]
+
+        def build(self, b, x):
+            return b.param("shift")
+
+        def fold(self, ctx, weight, bias):
+            return weight, ctx.tensor("shift").float() + (0 if bias is None else bias)
+
+    model = nn.Sequential(nn.Linear(4, 5), nn.ReLU(), nn.Linear(5, 3))
+    x = torch.randn(6, 4)
+    gm = fill_trainable(peftc.apply(peftc.capture(model, (x,)), "test_bias_shift(targets='0|2')"))
+    shifted = gm(x)
+    expected = model[2](torch.relu(model[0](x) + gm.get_parameter("0.shift.default"))) + gm.get_parameter("2.shift.default")
+    torch.testing.assert_close(shifted, expected)
+    merged = peftc.apply(gm, "merge")
+    torch.testing.assert_close(merged(x), shifted)
+    assert merged.get_parameter("0.bias").requires_grad is False
+    torch.testing.assert_close(peftc.apply(merged, "unmerge")(x), shifted)
+    torch.testing.assert_close(peftc.apply(gm, "disable_adapters")(x), model(x))
+    assert isinstance(adapters(gm)["default"], peftc.adapters.Adapter)
+    with pytest.raises(CheckpointError, match="no peft_type"):
+        peftc.save_adapter(gm, tmp_path / "a")
