@@ -21,7 +21,7 @@ def run(name: str, *argv: str) -> dict:
     return importlib.import_module(name).main(list(argv))
 
 
-@pytest.mark.parametrize("name", ["dora", "loha", "lokr", "qlora"])
+@pytest.mark.parametrize("name", ["dora", "loha", "lokr", "qlora", "custom_technique"])
 def test_adapter_example_trains_and_merges(name):
     result = run(name, "--steps", "12")
     assert result["after"] < result["before"] - 0.05  # held-out next-byte loss
@@ -29,6 +29,9 @@ def test_adapter_example_trains_and_merges(name):
     assert 0 < result["trainable"] < 30_000
     if name == "loha":  # Khatri-Rao: the branch never builds a 64 x 64 (or 128 x 64) update
         assert result["largest_branch_tensor"] < 64 * 64
+    if name == "custom_technique":  # the user's technique trained, merged and composed with LoRA
+        scales = [p for n, p in result["gm"].named_parameters() if n.endswith("channel_scale.default")]
+        assert len(scales) == 4 and all((s - 1).abs().max() > 1e-3 for s in scales)
     if name == "qlora":
         assert result["bits_per_weight"] < 4.14  # 64-wide layers: one absmax group each, its scale and offset
         assert "requantizing to NF4 kept" in result["requantize_report"]
