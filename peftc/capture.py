@@ -87,6 +87,7 @@ def export_program(gm: fx.GraphModule, args: tuple | None = None, *, dynamic: bo
         if not inputs:
             raise CaptureError("this module has no example inputs to export with; capture it with args=(...) first")
         args = tuple(inputs.values())
+    args = _standalone(args)
     shapes = tuple(_dynamic_spec(a) for a in args) if dynamic else None
     try:
         return torch.export.export(gm, args, dynamic_shapes=shapes, strict=False)
@@ -98,6 +99,7 @@ def export_program(gm: fx.GraphModule, args: tuple | None = None, *, dynamic: bo
 
 
 def _export(model: nn.Module, args: tuple, kwargs: dict, dynamic: bool) -> fx.GraphModule:
+    args, kwargs = _standalone((args, kwargs))
     signature = inspect.signature(model.forward)
     if "use_cache" in signature.parameters and "use_cache" not in kwargs:
         kwargs["use_cache"] = False
@@ -148,6 +150,13 @@ def _export(model: nn.Module, args: tuple, kwargs: dict, dynamic: bool) -> fx.Gr
     gm.recompile()
     peftc_meta(gm)["example_inputs"] = _example_inputs(gm, bound)
     return gm
+
+
+def _standalone(value: Any) -> Any:
+    """Tensor views (`ids[:2, :7]`) as copies. torch.export fakifies a view with its base and keeps
+    guards on the base (`input_ids._base.size()[1] != ...`); the program's guard function then fails
+    on the base-less fake inputs of every later trace (torch.onnx: `'NoneType' has no attribute 'size'`)."""
+    return pytree.tree_map(lambda x: x.clone() if isinstance(x, torch.Tensor) and x._base is not None else x, value)
 
 
 def _dynamic_spec(value: Any) -> Any:

@@ -79,6 +79,55 @@ def test_merged_export_matches_eager(tmp_path, model, adapter):
     assert_outputs_close(run_onnx(result.path, inputs), eager(trained, inputs), atol=1e-4)
 
 
+@requires_minilm
+def test_minilm_captured_from_slices_of_a_tokenizer_batch(tmp_path):
+    """Example inputs that are views (`ids[:2, :7]` of a padded SST-2 batch): torch.export keeps guards
+    on their base, which torch.onnx's retrace cannot meet; captured from them, the model still exports."""
+    from transformers import AutoTokenizer, BertModel
+
+    from peftc.demo import find_data, read_split
+    from peftc.models import minilm_path
+
+    data = find_data()
+    if data is None:
+        pytest.skip("SST-2 data not found: set PEFTC_SST2 to a folder with dev.tsv")
+    sentences = read_split(data / "dev.tsv")[0][:8]
+    tokenizer = AutoTokenizer.from_pretrained(minilm_path())
+    model = BertModel.from_pretrained(minilm_path(), add_pooling_layer=False).eval()
+    batch = tokenizer(sentences[:4], padding=True, return_tensors="pt")
+    ids, mask = batch["input_ids"][:2, :7], batch["attention_mask"][:2, :7]
+    assert ids._base is not None and mask._base is not None
+    gm = peftc.capture(model, kwargs={"input_ids": ids, "attention_mask": mask})
+    result = peftc_onnx.export(gm, tmp_path / "minilm.onnx")
+    other = tokenizer(sentences[4:7], padding=True, return_tensors="pt")
+    inputs = {"input_ids": other["input_ids"], "attention_mask": other["attention_mask"]}
+    assert inputs["input_ids"].shape[1] != 7 and not inputs["attention_mask"].all()  # another length, padded
+    got = run_onnx(result.path, inputs)
+    assert_outputs_close(got, eager(gm, inputs), atol=1e-4)
+    with torch.no_grad():
+        assert_outputs_close(got, [model(**inputs).last_hidden_state.numpy()], atol=1e-4)
+
+
+def test_failure_inside_torch_onnx_is_not_blamed_on_a_node(tmp_path, monkeypatch):
+    from torch.onnx._internal.exporter._errors import ConversionError
+
+    def fails(*args, **kwargs):
+        # torch.onnx's own wording for a failure in its decomposition step (colours included)
+        raise ConversionError("Failed to decompose the FX graph for ONNX compatibility. \x1b[96mThis is step 2/3\x1b[0m "
+                              "of exporting the model to ONNX. Next steps:\n- Create an issue\n\n## Exception summary\n\n"
+                              "<class 'AttributeError'>: 'NoneType' object has no attribute 'size'\n\nWhile executing "
+                              "%_guards_fn : [num_users=0] = call_module[target=_guards_fn](args = (%input_ids,))")
+
+    monkeypatch.setattr(exporter.torch.onnx, "export", fails)
+    with pytest.raises(ExportError) as info:
+        peftc_onnx.export(captured("tiny-llama"), tmp_path / "x.onnx")
+    message = str(info.value)
+    assert message.startswith("torch.onnx failed in its own export steps, not on a node of this graph")
+    assert "step 2/3 of exporting the model to ONNX. AttributeError: 'NoneType' object has no attribute 'size'" in message
+    assert "Rewrite" not in message and "TRANSLATIONS" not in message and "\x1b" not in message
+    assert isinstance(info.value.__cause__, ConversionError)
+
+
 def test_float16_export(tmp_path):
     merged = peftc.apply(fill_trainable(peftc.apply(captured("tiny-llama"), "freeze, lora(r=4)")), "merge")
     fp32 = merged.state_dict()

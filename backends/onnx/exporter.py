@@ -277,16 +277,21 @@ def _lower(gm: fx.GraphModule, quant: str) -> tuple[fx.GraphModule, set[str]]:
 
 
 def _conversion_message(gm: fx.GraphModule, error: Exception) -> str:
-    text = str(error)
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(error))  # torch.onnx colours its messages
+    first = text.partition("\n")[0]
+    cause = re.search(r"^<class '(?:[\w.]+\.)?(\w+)'>: (.*)$", text, re.MULTILINE)
+    summary = f"{cause.group(1)}: {cause.group(2)}" if cause else f"{type(error).__name__}: {first}"
     found = re.search(r"Error when translating node %(\w+) : .*?target=([\w.:]+)\]", text)
-    where = ""
-    if found:
-        op_name = found.group(2).split("::")[-1].split(".")[0]
-        paths = sorted({n.meta.get("module_path") or "top level" for n in gm.graph.nodes
-                        if n.op == "call_function" and op_name in str(n.target)})
-        where = f"node {found.group(1)} ({found.group(2)})" + (f" in {', '.join(paths[:5])}" if paths else "")
-    summary = next((line for line in text.splitlines() if line.startswith("<class")), text.splitlines()[0])
-    return (f"torch.onnx could not translate {where or 'the graph'}: {summary}. Rewrite that node into ops "
+    if not found:  # decomposition, ONNX building, serialization: torch.onnx's own steps, not a node of the user's
+        step = first.removesuffix(" Next steps:") if cause else "torch.onnx.export raised"
+        return (f"torch.onnx failed in its own export steps, not on a node of this graph. {step} {summary}. "
+                f"The chained exception has torch's full trace; to reproduce it outside peftc: "
+                f"torch.onnx.export(peftc.export_program(gm), dynamo=True)")
+    op_name = found.group(2).split("::")[-1].split(".")[0]
+    paths = sorted({n.meta.get("module_path") or "top level" for n in gm.graph.nodes
+                    if n.op == "call_function" and op_name in str(n.target)})
+    where = f"node {found.group(1)} ({found.group(2)})" + (f" in {', '.join(paths[:5])}" if paths else "")
+    return (f"torch.onnx could not translate {where}: {summary}. Rewrite that node into ops "
             f"ONNX has, or register a translation in peftc.backends.onnx.TRANSLATIONS")
 
 
