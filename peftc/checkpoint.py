@@ -70,10 +70,12 @@ def load_adapter(gm: fx.GraphModule, directory: str | Path, adapter: str = "defa
     step = _step_from_config(config, adapter, directory)
     out = Pipeline([step]).run(gm).graph_module
     record = adapters(out)[adapter]
-    expected = {_checkpoint_key(record, k): k for k in adapter_tensors(out, adapter)}
+    saved = _saved(record)
+    expected = {_checkpoint_key(record, k): k for k in adapter_tensors(out, adapter) if k in saved}
     found = load_file(directory / WEIGHTS)
-    # peft also saves base embedding weights when it adapts embeddings; they are not adapter weights.
-    found = {k: v for k, v in found.items() if ".base_layer." not in k}
+    # peft also saves base embedding weights when it adapts embeddings; they are not adapter weights
+    # (LoRA on nn.MultiheadAttention's out_proj lives under `.base_layer.`, so expected keys stay).
+    found = {k: v for k, v in found.items() if k in expected or ".base_layer." not in k}
     missing = sorted(set(expected) - set(found))
     unexpected = sorted(set(found) - set(expected))
     misshapen = [f"{k}: file {tuple(found[k].shape)}, model {tuple(get_tensor(out, expected[k]).shape)}"
@@ -99,6 +101,12 @@ def _checkpoint_key(record: Adapter, qualname: str) -> str:
     parts = qualname.split(".")
     index = len(parts) - 1 - parts[::-1].index(record.name)
     return record.method().checkpoint_key(_PREFIX + ".".join(parts[:index] + parts[index + 1:]))
+
+
+def _saved(record: Adapter) -> set[str]:
+    """The qualified names of the adapter's tensors that peft's checkpoint holds (`Technique.saved`)."""
+    method = record.method()
+    return {q for names in record.names.values() for attr, q in names.items() if method.saved(record.options, attr)}
 
 
 def _peft_config(gm: fx.GraphModule, record: Adapter) -> dict[str, Any]:
