@@ -1,0 +1,274 @@
+"""LoRA, DoRA, LoHa and LoKr on Conv1d/2d/3d and LoRA on nn.MultiheadAttention against HF peft 0.21.
+
+Each case builds peft's adapter on a small model, perturbs every adapter tensor, saves it, loads
+it into peftc and compares outputs and every adapter gradient; then saves from peftc and loads
+that in peft, and merges and unmerges.
+"""
+
+import copy
+import functools
+import json
+
+import peft
+import pytest
+import torch
+from torch import nn
+
+import peftc
+import peftc.passes.loha  # noqa: F401
+import peftc.passes.lokr  # noqa: F401
+import peftc.passes.lora  # noqa: F401
+from peftc.errors import OptionError, PeftcError
+from peftc.technique import NotMergeable
+from conftest import fill_trainable
+
+
+class ConvNet(nn.Module):
+    """Conv1d (padded), grouped strided Conv2d, 1x1 Conv2d, dilated Conv2d, Conv3d."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1 = nn.Conv1d(4, 8, 3, padding=1)
+        self.c2 = nn.Conv2d(8, 8, 3, stride=2, padding=1, groups=2)
+        self.c2b = nn.Conv2d(8, 6, 1)
+        self.c2d = nn.Conv2d(6, 6, 3, padding=2, dilation=2, bias=False)
+        self.c3 = nn.Conv3d(6, 4, (1, 3, 3), padding=(0, 1, 1))
+
+    def forward(self, x):
+        h = self.c1(x).reshape(x.shape[0], 8, 4, 4)
+        h = self.c2d(self.c2b(self.c2(h)))
+        return self.c3(h.unsqueeze(2))
+
+
+class Attention(nn.Module):
+    def __init__(self, batch_first):
+        super().__init__()
+        self.batch_first = batch_first
+        self.pre = nn.Linear(8, 8)
+        self.mha = nn.MultiheadAttention(8, 2, batch_first=batch_first)
+
+    def forward(self, x):
+        h = self.pre(x)
+        return self.mha(h, h, h)[0]
+
+
+@functools.cache
+def captured(kind, batch_first=True):
+    """The frozen base graph of `conv_model()` or `attention_model(batch_first)` (apply and load copy it)."""
+    model, x = (conv_model(), conv_input()) if kind == "conv" else (attention_model(batch_first), attention_input(batch_first))
+    return peftc.apply(peftc.capture(model, (x,)), "freeze")
+
+
+def conv_model():
+    torch.manual_seed(0)
+    return ConvNet()
+
+
+def attention_model(batch_first):
+    torch.manual_seed(0)
+    return Attention(batch_first)
+
+
+def conv_input():
+    return torch.randn(3, 4, 16, generator=torch.Generator().manual_seed(0))
+
+
+def attention_input(batch_first):
+    x = torch.randn(3, 5, 8, generator=torch.Generator().manual_seed(0))
+    return x if batch_first else x.transpose(0, 1).contiguous()
+
+
+def build_pair(model, base, config, tmp_path):
+    """(peft model, peftc module) with identical, perturbed adapter weights, through peft's checkpoint."""
+    peft_model = peft.get_peft_model(model, config)
+    fill_trainable(peft_model, seed=1)
+    peft_model.save_pretrained(tmp_path)
+    return peft_model, peftc.load_adapter(base, tmp_path)
+
+
+def close(got, expected, what):
+    scale = max(1.0, expected.detach().abs().max().item())
+    diff = (got - expected).abs().max().item()
+    assert diff <= 1e-5 * scale, f"{what}: max abs diff {diff:.3g} (scale {scale:.3g})"
+    return diff
+
+
+def assert_parity(peft_model, gm, x):
+    expected, got = peft_model(x), gm(x)
+    close(got, expected, "output")
+    weights = torch.randn(expected.shape, generator=torch.Generator().manual_seed(3))
+    (expected * weights).sum().backward()
+    (got * weights).sum().backward()
+    theirs = {n.removeprefix("base_model.model.").replace(".default", ""): p
+              for n, p in peft_model.named_parameters() if p.requires_grad}
+    ours = {n.replace(".default", ""): p for n, p in gm.named_parameters() if p.requires_grad}
+    assert set(ours) == set(theirs) and ours
+    for name, p in ours.items():
+        assert p.grad is not None and p.grad.abs().sum() > 0, name
+        close(p.grad, theirs[name].grad, f"gradient of {name}")
+    base = peftc.adapters.disable(peftc.graph.clone(gm))(x)
+    assert (base - got).abs().max() > 1e-3  # the adapter really changes the output
+
+
+def assert_round_trips(gm, model, x, tmp_path, *, mergeable=True):
+    """peftc's checkpoint loads in peft with equal outputs; merge and unmerge keep the output."""
+    peftc.save_adapter(gm, tmp_path / "from_peftc")
+    reloaded = peft.PeftModel.from_pretrained(copy.deepcopy(model), tmp_path / "from_peftc")
+    expected = gm(x).detach()
+    close(reloaded(x).detach(), expected, "peftc checkpoint in peft")
+    if not mergeable:
+        with pytest.raises(NotMergeable):
+            peftc.apply(gm, "merge")
+        return
+    merged = peftc.apply(gm, "merge")
+    close(merged(x), expected, "merged")
+    close(peftc.apply(merged, "unmerge")(x), expected, "unmerged")
+
+
+CONV = "c1|c2|c2b|c3"
+CONV_CASES = {
+    "lora": (peft.LoraConfig(r=4, lora_alpha=8, target_modules=["c1", "c2", "c2b", "c3"]), False),
+    "dora": (peft.LoraConfig(r=4, lora_alpha=8, target_modules=["c1", "c2b", "c3"], use_dora=True), True),
+    "dora-grouped": (peft.LoraConfig(r=4, lora_alpha=8, target_modules=["c2"], use_dora=True), False),
+    "loha": (peft.LoHaConfig(r=2, alpha=4, target_modules=["c1", "c2", "c2b", "c2d"]), True),
+    "loha-effective": (peft.LoHaConfig(r=2, alpha=4, target_modules=["c1", "c2", "c2b", "c2d"],
+                                       use_effective_conv2d=True), True),
+    "lokr": (peft.LoKrConfig(r=1, alpha=4, target_modules=["c1", "c2", "c2b", "c2d"]), True),
+    "lokr-full-w2": (peft.LoKrConfig(r=8, alpha=4, target_modules=["c1", "c2", "c2d"]), True),
+    "lokr-effective": (peft.LoKrConfig(r=2, alpha=4, target_modules=["c1", "c2", "c2d"], use_effective_conv2d=True,
+                                       decompose_factor=1), True),  # W1 (1, 1), Tucker cores everywhere
+}
+
+
+@pytest.mark.parametrize("case", CONV_CASES)
+def test_conv_parity_with_peft(case, tmp_path):
+    config, mergeable = CONV_CASES[case]
+    model, x = conv_model(), conv_input()
+    peft_model, gm = build_pair(copy.deepcopy(model), captured("conv"), config, tmp_path / "from_peft")
+    assert_parity(peft_model, gm, x)
+    assert_round_trips(gm, model, x, tmp_path, mergeable=mergeable)
+
+
+def test_lokr_conv_layouts_are_peft_s():
+    """Conv1d with a full 3-D W2 (torch.kron's scrambled layout), the Tucker core, the factored W2."""
+    gm = captured("conv")
+    full = peftc.apply(gm, "lokr(r=8, targets='c1|c2')")
+    shapes = {n: tuple(p.shape) for n, p in full.named_parameters() if "lokr" in n}
+    assert shapes == {"c1.lokr_w1.default": (2, 2), "c1.lokr_w2.default": (4, 2, 3),
+                      "c2.lokr_w1.default": (2, 2), "c2.lokr_w2.default": (4, 2, 3, 3)}
+    eff = peftc.apply(gm, "lokr(r=1, targets='c2', use_effective_conv2d=true)")
+    assert {n: tuple(p.shape) for n, p in eff.named_parameters() if "lokr" in n} == {
+        "c2.lokr_w1.default": (2, 2), "c2.lokr_t2.default": (1, 1, 3, 3), "c2.lokr_w2_a.default": (1, 4),
+        "c2.lokr_w2_b.default": (1, 2)}
+
+
+MHA_CONFIG = peft.LoraConfig(r=2, lora_alpha=4, target_modules=["mha"])
+
+
+@pytest.mark.parametrize("batch_first", [True, False], ids=["batch_first", "seq_first"])
+def test_multihead_attention_parity_with_peft(batch_first, tmp_path):
+    model, x = attention_model(batch_first), attention_input(batch_first)
+    peft_model, gm = build_pair(copy.deepcopy(model), captured("mha", batch_first), MHA_CONFIG, tmp_path / "from_peft")
+    assert {n for n, _ in gm.named_parameters() if "lora" in n} == {
+        "mha.lora_A.default.weight", "mha.lora_B.default.weight",
+        "mha.base_layer.out_proj.lora_A.default.weight", "mha.base_layer.out_proj.lora_B.default.weight"}
+    assert_parity(peft_model, gm, x)
+    assert_round_trips(gm, model, x, tmp_path)
+    config = json.loads((tmp_path / "from_peftc" / "adapter_config.json").read_text())
+    assert config["target_modules"] == ["mha"]
+    merged = peft_model.merge_and_unload()  # peft's merge (out_proj's update twice) equals peftc's
+    close(peftc.apply(gm, "merge")(x), merged(x), "merged in peft")
+
+
+def test_multihead_attention_refusals(tmp_path):
+    model, x = attention_model(True), attention_input(True)
+    gm = captured("mha")
+    for text, message in [
+        ("lora(targets='mha', dora=true)", "peft does not support dora on nn.MultiheadAttention 'mha'"),
+        ("lora(targets='mha.out_proj')", "out_proj of nn.MultiheadAttention 'mha', whose forward never calls it"),
+        ("lora(targets='all-linear')", "peft's all-linear has no effect"),
+        ("loha(targets='mha')", "loha: peft does not support nn.MultiheadAttention"),
+        ("lokr(targets='mha.out_proj')", "lokr: peft does not support nn.MultiheadAttention"),
+    ]:
+        with pytest.raises(OptionError, match=message):
+            peftc.apply(gm, text)
+    with pytest.raises(OptionError, match=r"called whole .* capture the model with example inputs"):
+        peftc.apply(peftc.capture(model), "lora(targets='mha')")
+
+    class Cross(Attention):
+        def forward(self, x):
+            return self.mha(self.pre(x), x, x)[0]
+
+    with pytest.raises(OptionError, match="does not apply in_proj_weight as one linear"):
+        peftc.apply(peftc.capture(Cross(True), (x,)), "lora(targets='mha')")
+
+
+def test_conv_refusals(tmp_path):
+    gm = captured("conv")
+    for text, error, message in [
+        ("loha(targets='c3')", OptionError, r"loha: peft does not support Conv3d \('c3'\)"),
+        ("lokr(targets='c3')", OptionError, r"lokr: peft does not support Conv3d \('c3'\)"),
+        ("lora(r=3, targets='c2')", OptionError, r"r=3 must be divisible by the groups \(2\)"),
+        ("lora(targets='c2d')", OptionError, "dilated convolution"),
+        ("lokr(r=1, targets='c1', use_effective_conv2d=true)", OptionError, "r=1"),
+        ("lora(targets='nothing_here')", PeftcError, "matches no"),
+    ]:
+        with pytest.raises(error, match=message):
+            peftc.apply(gm, text)
+
+    class Reflect(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.c = nn.Conv2d(4, 4, 3, padding=1, padding_mode="reflect")
+
+        def forward(self, x):
+            return self.c(x)
+
+    reflect = peftc.capture(Reflect(), (torch.randn(2, 4, 5, 5),))
+    for name in ("lora", "loha", "lokr"):
+        with pytest.raises(OptionError, match=f"{name}: convolution 'c' pads in mode 'reflect'"):
+            peftc.apply(reflect, f"{name}(targets='c')")
+
+    class Flat3d(nn.Module):  # kernel (1, 1, k): peft takes it for a 1x1 Conv2d and its merge fails
+        def __init__(self):
+            super().__init__()
+            self.c = nn.Conv3d(4, 4, (1, 1, 3))
+
+        def forward(self, x):
+            return self.c(x)
+
+    flat = fill_trainable(peftc.apply(peftc.capture(Flat3d(), (torch.randn(2, 4, 2, 2, 5),)), "lora(r=2, targets='c')"))
+    with pytest.raises(NotMergeable, match="peft's merge fails"):
+        peftc.apply(flat, "merge")
+
+
+@pytest.mark.parametrize("field", ["rank_dropout", "module_dropout"])
+def test_lycoris_dropouts_are_refused_by_name(field, tmp_path):
+    peft_model = peft.get_peft_model(conv_model(), peft.LoHaConfig(r=2, target_modules=["c1"], **{field: 0.1}))
+    peft_model.save_pretrained(tmp_path)
+    with pytest.raises(PeftcError, match=f"{field}=0.1"):
+        peftc.load_adapter(captured("conv"), tmp_path)
+
+
+def test_lycoris_refuses_gpt2_conv1d():
+    from transformers.pytorch_utils import Conv1D
+
+    class Gpt2Mlp(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.c_fc = Conv1D(8, 4)
+
+        def forward(self, x):
+            return self.c_fc(x)
+
+    gm = peftc.capture(Gpt2Mlp(), (torch.randn(2, 3, 4),))
+    for name in ("loha", "lokr"):
+        with pytest.raises(OptionError, match=rf"{name}: peft does not support GPT-2's Conv1D \('c_fc'\)"):
+            peftc.apply(gm, f"{name}(targets='c_fc')")
+
+
+def test_pass_text_round_trip():
+    gm = captured("conv")
+    out = peftc.apply(gm, "loha(r=2, targets='c1|c2', use_effective_conv2d=true)")
+    assert {n for n, _ in out.named_parameters() if "hada_t" in n} == {
+        "c1.hada_t1.default", "c1.hada_t2.default", "c2.hada_t1.default", "c2.hada_t2.default"}
