@@ -73,6 +73,8 @@ class Param:
 
     Give `value` or `shape` (+ `init`, applied in place; zeros if None, skipped on `meta`).
     `dtype` defaults to the site's compute dtype. Frozen tensors (`trainable=False`) are buffers.
+    `key` is how `build` and `fold` name it (`b.param(key)`), `attr` unless several tensors share
+    an attr (LN tuning's `ln_tuning_layers.<adapter>.weight` and `.bias`).
     """
 
     attr: str
@@ -82,6 +84,7 @@ class Param:
     suffix: str = ""
     trainable: bool = True
     dtype: torch.dtype | None = None
+    key: str = ""
 
     def make(self, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
         if self.value is not None:
@@ -185,6 +188,7 @@ class Technique:
     stage: ClassVar[Stage] = "add"
     preserves_outputs: ClassVar[bool] = True  # at init the rewritten model computes what the base did
     default_targets: ClassVar[dict[str, str] | None] = None  # model family -> pattern; None: LoRA's table
+    exclusive: ClassVar[bool] = False  # at most one of its adapters active at a site (it replaces the weight)
 
     def stage_at(self, site: Any, options: Any) -> Stage:
         return self.stage

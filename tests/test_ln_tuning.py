@@ -1,0 +1,111 @@
+"""LN tuning against HF peft (LNTuningConfig): outputs, gradients, checkpoints both ways, merge, one adapter at a time."""
+
+import copy
+
+import peft
+import pytest
+import torch
+from torch import nn
+
+import peftc
+import peftc.passes.ln_tuning  # noqa: F401  (registers the pass)
+from peftc.adapters import adapters, set_active
+from peftc.checkpoint import CheckpointError
+from peftc.errors import OptionError, TargetError
+from peftc.models import example_inputs, tiny_model
+from conftest import captured, fill_trainable, loaded
+from test_adapters_parity import assert_parity, assert_same_output, eager_kwargs
+
+CONFIGS = {"bert": peft.LNTuningConfig(target_modules=["LayerNorm"]),  # post-LN; peft has no default for bert
+           "gpt2": peft.LNTuningConfig()}  # peft's default: ln_1, ln_2, ln_f
+
+
+def build_pair(arch, config, tmp_path):
+    peft_model = peft.get_peft_model(tiny_model(arch), config)
+    fill_trainable(peft_model, seed=1)
+    peft_model.save_pretrained(tmp_path)
+    return peft_model, peftc.load_adapter(peftc.apply(captured(f"tiny-{arch}"), "freeze"), tmp_path)
+
+
+@pytest.mark.parametrize("arch", ["bert", "gpt2"])
+def test_parity_with_peft(arch, tmp_path):
+    peft_model, gm = build_pair(arch, CONFIGS[arch], tmp_path)
+    assert len(adapters(gm)["default"].sites) == 5
+    assert_parity(peft_model, gm, *example_inputs(peft_model.base_model.model, batch=3, seq=9, seed=2))
+
+
+@pytest.mark.parametrize("arch", ["bert", "gpt2"])
+def test_saved_adapters_load_in_peft(arch, tmp_path):
+    model = tiny_model(arch)
+    args, kwargs = example_inputs(model)
+    text = "freeze, ln_tuning(targets='*.LayerNorm')" if arch == "bert" else "freeze, ln_tuning"
+    gm = fill_trainable(peftc.apply(captured(f"tiny-{arch}"), text))
+    peftc.save_adapter(gm, tmp_path)
+    reloaded = peft.PeftModel.from_pretrained(model, tmp_path)
+    assert_same_output(gm(*args, **kwargs)[0], reloaded(*args, **eager_kwargs(model, kwargs))[0])
+    again = peftc.load_adapter(peftc.apply(captured(f"tiny-{arch}"), "freeze"), tmp_path)
+    assert torch.equal(again(*args, **kwargs)[0], gm(*args, **kwargs)[0])
+
+
+def test_layer_norms_without_bias_on_a_symbolic_graph(tmp_path):
+    model = nn.Sequential(nn.Linear(4, 8), nn.LayerNorm(8, bias=False), nn.Linear(8, 8), nn.LayerNorm(8))
+    x = torch.randn(3, 4)
+    base = copy.deepcopy(model)
+    peft_model = peft.get_peft_model(model, peft.LNTuningConfig(target_modules=["1", "3"]))
+    fill_trainable(peft_model, seed=1)
+    peft_model.save_pretrained(tmp_path)
+    gm = peftc.load_adapter(peftc.apply(peftc.capture(base, (x,), method="symbolic"), "freeze"), tmp_path)
+    assert sorted(n for n, p in gm.named_parameters() if p.requires_grad) == [
+        "1.ln_tuning_layers.default.weight", "3.ln_tuning_layers.default.bias", "3.ln_tuning_layers.default.weight"]
+    expected, got = peft_model(x), gm(x)
+    torch.testing.assert_close(got, expected, atol=1e-6, rtol=1e-5)
+    expected.square().sum().backward()
+    got.square().sum().backward()
+    for name, p in gm.named_parameters():
+        if p.requires_grad:
+            torch.testing.assert_close(p.grad, peft_model.get_parameter(f"base_model.model.{name}").grad,
+                                       atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(peftc.apply(gm, "merge")(x), got, atol=1e-6, rtol=1e-5)
+
+
+def test_merge_copies_into_the_base_and_unmerge_restores_it():
+    lm = loaded("tiny-gpt2")
+    base = peftc.apply(captured("tiny-gpt2"), "freeze")
+    tuned = fill_trainable(peftc.apply(base, "ln_tuning"))
+    run = lambda gm: gm(*lm.args, **lm.kwargs).logits  # noqa: E731
+    merged = peftc.apply(tuned, "merge")
+    assert not peftc.tagged(merged, adapter="default")
+    assert torch.equal(merged.get_parameter("transformer.ln_f.weight"),
+                       tuned.get_parameter("transformer.ln_f.ln_tuning_layers.default.weight"))
+    torch.testing.assert_close(run(merged), run(tuned), atol=0, rtol=0)
+    restored = peftc.apply(merged, "unmerge")
+    torch.testing.assert_close(run(restored), run(tuned), atol=0, rtol=0)
+    for n, p in base.named_parameters():
+        assert torch.equal(restored.get_parameter(n), p), n
+
+
+def test_one_active_adapter_per_layer_norm():
+    lm = loaded("tiny-gpt2")
+    run = lambda gm: gm(*lm.args, **lm.kwargs).logits  # noqa: E731
+    a = fill_trainable(peftc.apply(captured("tiny-gpt2"), "freeze, ln_tuning(adapter='a', targets='*.ln_f')"))
+    with pytest.raises(OptionError, match=r"adapters 'a', 'b' \(ln_tuning\) would be active together"):
+        peftc.apply(a, "ln_tuning(adapter='b', targets='*.ln_f')")
+    both = fill_trainable(peftc.apply(a, "disable_adapters, ln_tuning(adapter='b', targets='*.ln_f')"), seed=3)
+    assert peftc.adapters.active_adapters(both) == ["b"]
+    with pytest.raises(OptionError, match="allows one active adapter per site"):
+        set_active(both, ["a", "b"])
+    assert torch.equal(run(peftc.apply(both, "set_adapter(name='a')")), run(a))
+    with pytest.raises(OptionError, match="would be merged into the base while 'a'"):
+        peftc.apply(peftc.apply(both, "merge"), "set_adapter(name='a')")
+
+
+def test_targets_that_are_not_layer_norms_are_refused(tmp_path):
+    with pytest.raises(TargetError, match="no layer_norm site"):  # Llama's RMSNorm is not a layer-norm op
+        peftc.apply(captured("tiny-llama"), "ln_tuning")
+    with pytest.raises(TargetError, match="matches no layer_norm site"):
+        peftc.apply(captured("tiny-gpt2"), "ln_tuning(targets='*.c_attn')")
+    with pytest.raises(OptionError, match="no default targets"):  # as peft, which has no bert entry
+        peftc.apply(captured("tiny-bert"), "ln_tuning")
+    peft.get_peft_model(tiny_model("gpt2"), peft.LNTuningConfig(modules_to_save=["wte"])).save_pretrained(tmp_path)
+    with pytest.raises(CheckpointError, match="the config sets modules_to_save="):
+        peftc.load_adapter(captured("tiny-gpt2"), tmp_path)
