@@ -468,8 +468,8 @@ def merge_adapters(gm: fx.GraphModule, names: list[str], options: Any) -> tuple[
     sites = {(s.path, s.kind): s for s in weight_sites(gm) if (s.path, s.kind) in set(refs)}
     survival = [_refold(gm, sites[ref], [r for r in adapters(gm).values() if r.merged and ref in r.sites], options)
                 for ref in refs]
-    for record in records:
-        for qualname in record.param_names + list(record.modules):
+    for record in records:  # modules (dropout) hold no weights; unmerge calls them again
+        for qualname in record.param_names + ([] if options.keep else list(record.modules)):
             _pop(gm, qualname)
     if not options.keep:  # the merged weights become the base
         for record in records:

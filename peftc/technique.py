@@ -223,6 +223,11 @@ class Technique:
         """peft's key for one tensor, given `<path>.<attr>[.<suffix>]` (the adapter name dropped)."""
         return attr_key
 
+    def saved(self, options: Any, attr: str) -> bool:
+        """Whether peft's checkpoint holds tensor `attr`; False for tensors `params` / `shared_params`
+        recreate from the options alone (FourierFT's indices, VeRA's projections without save_projection)."""
+        return True
+
     def to_peft(self, options: Any, sites: list[Any]) -> dict[str, Any]:
         """The technique's `adapter_config.json` fields (peft_type and target_modules are the core's)."""
         return {}
