@@ -1,0 +1,129 @@
+"""OFT against HF peft 0.21: linear, 2-d convolution and embedding sites on a small model, tiny Llama,
+NF4 against bitsandbytes' Linear4bit, merging, checkpoints both ways, refusals, composition with LoRA."""
+
+import copy
+import warnings
+
+import peft
+import pytest
+import torch
+
+import peftc
+import peftc.passes.oft  # noqa: F401  (registers the pass)
+from peftc.errors import OptionError, PeftcError, TargetError
+from transformers.pytorch_utils import Conv1D
+
+from conftest import captured, loaded
+from rotation_parity import check_merge, check_parity, check_reload_in_peft, close, pair, perturb
+
+warnings.filterwarnings("ignore", message=".*Adjusted.*")
+
+
+class Small(torch.nn.Module):
+    """An embedding, a 3x3 and a 1x1 convolution and two linears (16 and 12 wide)."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.emb = torch.nn.Embedding(10, 16)
+        self.conv = torch.nn.Conv2d(2, 4, 3, padding=1)
+        self.pointwise = torch.nn.Conv2d(4, 8, 1)
+        self.lin = torch.nn.Linear(16, 12)
+        self.out = torch.nn.Linear(12, 5)
+
+    def forward(self, ids, img):
+        pooled = self.pointwise(self.conv(img)).mean((2, 3))
+        return self.out(torch.relu(self.lin(self.emb(ids)))).sum(1) + pooled[:, :5]
+
+
+def small_inputs():
+    g = torch.Generator().manual_seed(3)
+    return (torch.randint(0, 10, (3, 7), generator=g), torch.randn(3, 2, 6, 6, generator=g)), {}
+
+
+CONFIGS = {
+    "block-size": dict(oft_block_size=4, r=0),
+    "adjusted-shared": dict(oft_block_size=5, r=0, block_share=True),  # 16 -> 4, 18 -> 6, 36 -> 6
+    "r-exact-cayley": dict(r=2, oft_block_size=0, use_cayley_neumann=False),
+    "neumann-7": dict(oft_block_size=4, r=0, num_cayley_neumann_terms=7),
+}
+
+
+@pytest.mark.parametrize("case", CONFIGS)
+def test_small_model_matches_peft(case, tmp_path):
+    args, kwargs = small_inputs()
+    config = peft.OFTConfig(target_modules=["emb", "conv", "pointwise", "lin", "out"], **CONFIGS[case])
+    peft_model, gm = pair(Small(), args, kwargs, config, tmp_path)
+    check_parity(peft_model, gm, args, kwargs)
+    check_reload_in_peft(gm, Small(), args, kwargs, tmp_path)
+
+
+def test_merge_folds_the_rotation_and_refuses_patch_rotations(tmp_path):
+    args, kwargs = small_inputs()
+    gm = perturb(peftc.apply(peftc.capture(Small(), args, method="symbolic"),
+                             "freeze, oft(block_size=4, targets='emb|pointwise|lin|out')"), 0.3)
+    check_merge(gm, args, kwargs)
+    conv = perturb(peftc.apply(peftc.capture(Small(), args, method="symbolic"), "freeze, oft(block_size=6, targets='conv')"), 0.3)
+    with pytest.raises(PeftcError, match=r"'conv' has a \(3, 3\) kernel: peft's OFT rotates input patches"):
+        peftc.apply(conv, "merge")
+
+
+def llama():
+    lm = loaded("tiny-llama")
+    return copy.deepcopy(lm.model), lm.args, lm.kwargs
+
+
+def test_tiny_llama_matches_peft_both_ways(tmp_path):
+    model, args, kwargs = llama()
+    config = peft.OFTConfig(oft_block_size=16, r=0, target_modules=["q_proj", "v_proj", "down_proj", "embed_tokens"])
+    graph = peftc.apply(captured("tiny-llama"), "freeze")
+    peft_model, gm = pair(model, args, kwargs, config, tmp_path, scale=0.05, graph=graph)
+    check_parity(peft_model, gm, args, kwargs, {"use_cache": False})
+    check_merge(gm, args, kwargs)
+    check_reload_in_peft(gm, llama()[0], args, kwargs, tmp_path, {"use_cache": False})
+
+
+def test_nf4_matches_peft_on_bitsandbytes_linear4bit(tmp_path):
+    pytest.importorskip("bitsandbytes")
+    from test_nf4_pass import bnb_linear4bit_model
+
+    model, args, kwargs = llama()
+    config = peft.OFTConfig(oft_block_size=8, r=0, target_modules=["q_proj", "up_proj"])
+    graph = peftc.apply(captured("tiny-llama"), "nf4, freeze")
+    peft_model, qoft = pair(bnb_linear4bit_model(model), args, kwargs, config, tmp_path, scale=0.05, graph=graph)
+    assert all(s.storage == "nf4" for s in peftc.linear_sites(qoft) if s.path != "lm_head")
+    check_parity(peft_model, qoft, args, kwargs, {"use_cache": False})
+    merged = peftc.apply(qoft, "merge(dtype='float32')")
+    close(merged(*args, **kwargs).logits, qoft(*args, **kwargs).logits)
+
+
+def test_oft_and_lora_on_one_site_compose_in_either_order():
+    """OFT rotates the input (`input` stage), LoRA adds beside it from the unrotated x: y = W (x R) + b + s B A x."""
+    model = torch.nn.Sequential(torch.nn.Linear(8, 6), torch.nn.Linear(6, 4))
+    x = torch.randn(5, 8)
+    oft, lora = "oft(block_size=4, adapter='o', targets='all-linear')", "lora(r=2, adapter='l', targets='all-linear')"
+    first = perturb(peftc.apply(peftc.capture(model, (x,), method="symbolic"), f"freeze, {oft}, {lora}"), 0.3)
+    second = peftc.apply(peftc.capture(model, (x,), method="symbolic"), f"freeze, {lora}, {oft}")
+    second.load_state_dict(first.state_dict())
+    torch.testing.assert_close(second(x), first(x), atol=0, rtol=0)
+    single = torch.nn.Linear(8, 6)
+    gm = perturb(peftc.apply(peftc.capture(single, (x,), method="symbolic"), f"freeze, {oft}, {lora}"), 0.3)
+    rotated = peftc.apply(gm, "set_adapter(name='o')")(x)
+    added = peftc.apply(gm, "set_adapter(name='l')")(x) - single(x)
+    torch.testing.assert_close(gm(x), rotated + added, atol=1e-6, rtol=1e-5)
+
+
+def test_refusals(tmp_path):
+    args, kwargs = small_inputs()
+    config = peft.OFTConfig(oft_block_size=4, r=0, target_modules=["lin"], coft=True)
+    peft.get_peft_model(Small(), config).save_pretrained(tmp_path)
+    with pytest.raises(PeftcError, match=r"the config sets coft=True"):
+        peftc.load_adapter(peftc.capture(Small(), args, method="symbolic"), tmp_path)
+    gm = peftc.capture(Small(), args, method="symbolic")
+    with pytest.raises(OptionError, match="give exactly one of r"):
+        peftc.apply(gm, "oft(r=2, block_size=4, targets='lin')")
+    with pytest.raises(TargetError):
+        peftc.apply(gm, "oft(targets='nothing_here')")
+    gpt2_style = peftc.capture(torch.nn.Sequential(Conv1D(8, 4)), (torch.randn(2, 4),), method="symbolic")
+    with pytest.raises(OptionError, match="'0' is a GPT-2 Conv1D, which peft's OFT does not support"):
+        peftc.apply(gpt2_style, "oft(block_size=2, targets='0')")
