@@ -23,9 +23,8 @@ record lives in `gm.meta["peftc"]["adapters"]` as `Adapter` objects.
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -123,7 +122,8 @@ def add_adapter(gm: fx.GraphModule, method: Technique, options: Any) -> PassResu
     """The pass every technique gets: create its tensors at the selected sites and rebuild them."""
     if options.adapter in adapters(gm):
         raise OptionError(f"{method.name}: an adapter named {options.adapter!r} exists; pass adapter=\"other\" or delete it first")
-    sites = resolve_sites(gm, options.targets, method)
+    placed = method.select(gm, options)
+    sites = [site for site, _ in placed]
     for site in sites:
         method.check(gm, site, options)
     if options.freeze_base:
@@ -135,9 +135,9 @@ def add_adapter(gm: fx.GraphModule, method: Technique, options: Any) -> PassResu
         like = format_of(sites[0])
         record.names[""] = _create(gm, "", shared, options.adapter, like.compute_dtype(gm, sites[0]), _device(gm, sites[0]))
     modules = []
-    for site in sites:
+    for site, prefix in placed:
         ctx = Context(gm, site, options, dict(record.names.get("", {})))
-        made = _create(gm, site.path, method.params(ctx), options.adapter, format_of(site).compute_dtype(gm, site),
+        made = _create(gm, prefix, method.params(ctx), options.adapter, format_of(site).compute_dtype(gm, site),
                        _device(gm, site))
         record.names[site.path] = made
         for attr, module in method.modules(site, options).items():
@@ -247,9 +247,8 @@ def compose(gm: fx.GraphModule, refs: list[tuple[str, str]]) -> None:
         if here:
             site = found[ref]
             if ref in positions and site.node.args[positions[ref]] is not site.input:
-                site = dataclasses.replace(site, input=site.node.args[positions[ref]])
+                site = replace(site, input=site.node.args[positions[ref]])
             _compose(gm, site, here)
-    gm.recompile()
 
 
 def _strip(gm: fx.GraphModule, nodes: list[fx.Node], base: fx.Node | None, names: dict[str, fx.Node]) -> None:
@@ -374,6 +373,7 @@ def set_active(gm: fx.GraphModule, names: str | Iterable[str]) -> fx.GraphModule
     for record in changed:
         record.active = record.name in wanted
     rebuild(gm, [ref for r in changed for ref in r.sites])
+    gm.recompile()
     return gm
 
 

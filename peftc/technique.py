@@ -193,6 +193,14 @@ class Technique:
     def stage_at(self, site: Any, options: Any) -> Stage:
         return self.stage
 
+    def select(self, gm: fx.GraphModule, options: Any) -> list[tuple[Any, str]]:
+        """The sites an adapter acts on, each with the module path its tensors are named under: by default
+        the sites `options.targets` selects, each at its own path. Override to adapt more than the selected
+        sites (peft's LoRA on nn.MultiheadAttention also adapts its out_proj, under `<mha>.base_layer.out_proj`)."""
+        from peftc.adapters import resolve_sites
+
+        return [(site, site.path) for site in resolve_sites(gm, options.targets, self)]
+
     def check(self, gm: fx.GraphModule, site: Any, options: Any) -> None:
         """Raise `OptionError` to refuse a site (e.g. an option it does not support there)."""
 
