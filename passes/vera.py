@@ -14,7 +14,7 @@
 Parameters: `<path>.vera_lambda_b.<adapter>`, `<path>.vera_lambda_d.<adapter>`; the shared
 buffers `vera_A.<adapter>`, `vera_B.<adapter>` are saved as peft's `base_model.vera_A` and
 `base_model.vera_B` with `save_projection=true`, else regenerated from the key on load.
-Each adapter draws its own projections for its own targets (peft reuses the first adapter's).
+Each adapter draws its own projections, sized by its own targets.
 """
 
 from __future__ import annotations

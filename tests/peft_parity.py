@@ -11,7 +11,7 @@ import peft
 import torch
 
 import peftc
-from conftest import fill_trainable, loaded
+from conftest import captured, fill_trainable, loaded
 
 
 class MLP(torch.nn.Module):
@@ -67,9 +67,8 @@ class Case:
 
     @classmethod
     def transformer(cls, name: str):
-        lm = loaded(name)
-        return cls(lm.model, lm.args, lm.kwargs, peftc.apply(peftc.capture(copy.deepcopy(lm.model), lm.args, lm.kwargs),
-                                                              "freeze"))
+        lm = loaded(name)  # captured once per session; peft works on copies
+        return cls(lm.model, lm.args, lm.kwargs, peftc.apply(captured(name), "freeze"))
 
     def run_peft(self, peft_model):
         torch.manual_seed(0)  # the same dropout masks on both sides (both draw them in the same order)

@@ -6,7 +6,7 @@ import json
 import peft
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 import peftc
 import peftc.passes.vera
@@ -74,7 +74,6 @@ def test_checkpoint_missing_its_saved_projection_is_refused(tmp_path):
     case = Case.mlp()
     case.from_peft(peft.VeraConfig(r=4, target_modules=["a", "b"]), tmp_path)
     weights = tmp_path / "adapter_model.safetensors"
-    from safetensors.torch import save_file
     save_file({k: v for k, v in load_file(weights).items() if k != "base_model.vera_B"}, weights)
     with pytest.raises(CheckpointError, match=r"missing \(1\): base_model.vera_B"):
         peftc.load_adapter(case.gm, tmp_path)
