@@ -1,5 +1,21 @@
 """Built-in passes, one module per technique; importing this package registers them."""
 
-from peftc.passes import generic, loha, lokr, lora, merge, nf4
+from peftc.passes import (
+    adalora,
+    boft,
+    fourierft,
+    generic,
+    hra,
+    ia3,
+    ln_tuning,
+    loha,
+    lokr,
+    lora,
+    merge,
+    nf4,
+    oft,
+    vera,
+)
 
-__all__ = ["generic", "lora", "loha", "lokr", "merge", "nf4"]
+__all__ = ["adalora", "boft", "fourierft", "generic", "hra", "ia3", "ln_tuning", "lora", "loha", "lokr", "merge", "nf4",
+           "oft", "vera"]

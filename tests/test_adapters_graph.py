@@ -178,8 +178,8 @@ def test_checkpoint_errors_list_the_problems(base, tmp_path):
     with pytest.raises(CheckpointError, match="not a peft adapter folder"):
         peftc.load_adapter(base, tmp_path)
     config = json.loads((tmp_path / "ok" / "adapter_config.json").read_text())
-    (tmp_path / "ok" / "adapter_config.json").write_text(json.dumps({**config, "peft_type": "IA3"}))
-    with pytest.raises(CheckpointError, match="peft_type 'IA3' is not supported"):
+    (tmp_path / "ok" / "adapter_config.json").write_text(json.dumps({**config, "peft_type": "POLY"}))
+    with pytest.raises(CheckpointError, match="peft_type .POLY. is not supported"):
         peftc.load_adapter(base, tmp_path / "ok")
 
 

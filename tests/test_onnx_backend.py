@@ -59,7 +59,7 @@ def assert_outputs_close(got, expected, atol):
 
 MERGED = [
     ("tiny-llama", "lora(r=4, alpha=8, targets='all-linear')"),
-    ("tiny-gpt2", "loha(r=4, targets='*.c_attn|*.c_fc')"),
+    ("tiny-gpt2", "ia3(targets='*.c_attn|*.c_fc', feedforward_modules=['c_fc'])"),
     ("tiny-bert", "lokr(r=4, targets='*.query|*.value|*.dense')"),
     pytest.param("minilm", "lora(r=8, dora=true, targets='*.query|*.value')", marks=requires_minilm),
 ]
