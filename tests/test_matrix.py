@@ -67,6 +67,15 @@ class NormModel(nn.Module):
         return self.lin1(self.norm(self.lin0(x)))
 
 
+class MHAModel(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.mha, self.lin0 = nn.MultiheadAttention(16, 2, batch_first=True), nn.Linear(16, 4)
+
+    def forward(self, x):
+        return self.lin0(self.mha(x, x, x, need_weights=False)[0])
+
+
 def _custom(cls, *shape, ids=False):
     def make():
         torch.manual_seed(0)
@@ -91,6 +100,7 @@ MODELS = {
     "conv1d": _custom(Conv1dModel, 2, 4, 9),
     "embedding": _custom(EmbModel, 3, 7, ids=True),
     "layernorm": _custom(NormModel, 4, 10),
+    "mha": _custom(MHAModel, 2, 5, 16),
     "llama": _hf("llama"),
     "gpt2": _hf("gpt2"),
     "bert": _hf("bert"),
@@ -105,22 +115,63 @@ MATRIX = {
         "embedding": lambda: peft.LoraConfig(r=4, lora_alpha=8, target_modules=["emb", "lin0"]),
         "llama": lambda: peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "embed_tokens"]),
         "gpt2": lambda: peft.LoraConfig(r=4, lora_alpha=16, target_modules=["c_attn", "c_fc"], fan_in_fan_out=True),
+        "mha": lambda: peft.LoraConfig(r=4, lora_alpha=8, target_modules=["mha"]),
         "bert": lambda: peft.LoraConfig(r=4, lora_alpha=8, target_modules=["query", "value"], lora_dropout=0.1),
     },
     "dora": {
         "mlp": lambda: peft.LoraConfig(r=4, lora_alpha=8, target_modules=["lin0", "lin1"], use_dora=True),
+        "conv1d": lambda: peft.LoraConfig(r=4, lora_alpha=8, target_modules=["conv0"], use_dora=True),
         "llama": lambda: peft.LoraConfig(r=4, lora_alpha=8, target_modules=["o_proj", "down_proj"], use_dora=True),
         "gpt2": lambda: peft.LoraConfig(r=4, lora_alpha=16, target_modules=["c_proj"], fan_in_fan_out=True, use_dora=True),
     },
     "loha": {
         "mlp": lambda: peft.LoHaConfig(r=4, alpha=8, target_modules=["lin0", "lin1"]),
+        "conv2d": lambda: peft.LoHaConfig(r=4, alpha=8, target_modules=["conv0", "conv1"]),
         "llama": lambda: peft.LoHaConfig(r=4, alpha=8, target_modules=["q_proj", "down_proj"]),
         "bert": lambda: peft.LoHaConfig(r=8, alpha=8, target_modules=["query", "intermediate.dense"]),
     },
     "lokr": {
         "mlp": lambda: peft.LoKrConfig(r=4, alpha=8, target_modules=["lin0", "lin1"]),
+        "conv1d": lambda: peft.LoKrConfig(r=4, alpha=8, target_modules=["conv0"]),
         "llama": lambda: peft.LoKrConfig(r=4, alpha=8, target_modules=["q_proj", "up_proj"]),
         "bert": lambda: peft.LoKrConfig(r=16, alpha=4, target_modules=["query", "value"]),
+    },
+    "ia3": {
+        "mlp": lambda: peft.IA3Config(target_modules=["lin0", "lin1"], feedforward_modules=["lin1"]),
+        "conv2d": lambda: peft.IA3Config(target_modules=["conv0", "conv1"], feedforward_modules=["conv1"]),
+        "llama": lambda: peft.IA3Config(target_modules=["k_proj", "v_proj", "down_proj"], feedforward_modules=["down_proj"]),
+        "gpt2": lambda: peft.IA3Config(target_modules=["c_attn", "c_fc"], feedforward_modules=["c_fc"], fan_in_fan_out=True),
+        "bert": lambda: peft.IA3Config(target_modules=["key", "value", "output.dense"], feedforward_modules=["output.dense"]),
+    },
+    "vera": {
+        "mlp": lambda: peft.VeraConfig(r=4, target_modules=["lin0", "lin1"]),
+        "llama": lambda: peft.VeraConfig(r=8, target_modules=["q_proj", "v_proj"]),
+    },
+    "oft": {
+        "mlp": lambda: peft.OFTConfig(oft_block_size=5, target_modules=["lin0", "lin1"]),
+        "conv2d": lambda: peft.OFTConfig(oft_block_size=4, target_modules=["conv1"]),
+        "llama": lambda: peft.OFTConfig(oft_block_size=16, target_modules=["q_proj", "v_proj"]),
+    },
+    "boft": {
+        "mlp": lambda: peft.BOFTConfig(boft_block_size=4, target_modules=["lin1"]),
+        "llama": lambda: peft.BOFTConfig(boft_block_size=8, target_modules=["q_proj", "v_proj"]),
+    },
+    "hra": {
+        "mlp": lambda: peft.HRAConfig(r=2, target_modules=["lin0", "lin1"]),
+        "llama": lambda: peft.HRAConfig(r=4, target_modules=["q_proj", "v_proj"]),
+    },
+    "fourierft": {
+        "mlp": lambda: peft.FourierFTConfig(n_frequency=40, target_modules=["lin0", "lin1"]),
+        "llama": lambda: peft.FourierFTConfig(n_frequency=100, target_modules=["q_proj", "v_proj"]),
+    },
+    "adalora": {
+        "mlp": lambda: peft.AdaLoraConfig(init_r=4, target_r=2, total_step=10, target_modules=["lin0", "lin1"]),
+        "llama": lambda: peft.AdaLoraConfig(init_r=4, target_r=2, total_step=10, target_modules=["q_proj", "v_proj"]),
+    },
+    "ln_tuning": {
+        "layernorm": lambda: peft.LNTuningConfig(target_modules=["norm"]),
+        "gpt2": lambda: peft.LNTuningConfig(target_modules=["ln_1", "ln_f"]),
+        "bert": lambda: peft.LNTuningConfig(target_modules=["LayerNorm"]),
     },
 }
 
