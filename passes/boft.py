@@ -32,7 +32,7 @@ from torch import fx, nn
 from peftc.adapters import register_technique
 from peftc.errors import OptionError
 from peftc.technique import AdapterOptions, Builder, Context, Param, Technique
-from peftc.passes.oft import conv2d_problem, eager, rotated_dim
+from peftc.passes.oft import check_weight_rotation_site, eager, rotated_dim
 
 __all__ = ["BoftOptions", "Boft", "MultiplicativeDropout"]
 
@@ -152,12 +152,7 @@ class Boft(Technique):
     stage = "weight"
 
     def check(self, gm: fx.GraphModule, site: Any, options: BoftOptions) -> None:
-        if getattr(site, "fan_in_fan_out", False):
-            raise OptionError(f"boft: {site.path!r} is a GPT-2 Conv1D, which peft's BOFT does not support; exclude it from targets")
-        if site.kind == "conv":
-            problem = "a grouped convolution" if site.groups > 1 else conv2d_problem(site)
-            if problem:
-                raise OptionError(f"boft: {site.path!r} is {problem}, which peft's BOFT does not support; exclude it from targets")
+        check_weight_rotation_site("boft", site)
         shape(site, options)
 
     def params(self, ctx: Context) -> list[Param]:

@@ -24,7 +24,7 @@ from torch import fx
 from peftc.adapters import register_technique
 from peftc.errors import OptionError
 from peftc.passes.boft import weight_shape
-from peftc.passes.oft import conv2d_problem, eager, rotated_dim
+from peftc.passes.oft import check_weight_rotation_site, eager, rotated_dim
 from peftc.technique import AdapterOptions, Builder, Context, Param, Technique, kaiming_uniform
 
 __all__ = ["HraOptions", "Hra"]
@@ -91,12 +91,7 @@ class Hra(Technique):
     stage = "weight"
 
     def check(self, gm: fx.GraphModule, site: Any, options: HraOptions) -> None:
-        if getattr(site, "fan_in_fan_out", False):
-            raise OptionError(f"hra: {site.path!r} is a GPT-2 Conv1D, which peft's HRA does not support; exclude it from targets")
-        if site.kind == "conv":
-            problem = "a grouped convolution" if site.groups > 1 else conv2d_problem(site)
-            if problem:
-                raise OptionError(f"hra: {site.path!r} is {problem}, which peft's HRA does not support; exclude it from targets")
+        check_weight_rotation_site("hra", site)
 
     def params(self, ctx: Context) -> list[Param]:
         o = ctx.options

@@ -83,6 +83,18 @@ def conv2d_problem(site: Any) -> str | None:
     return None
 
 
+def check_weight_rotation_site(method: str, site: Any) -> None:
+    """BOFT's and HRA's shared refusals: GPT-2's Conv1D, grouped convolutions, convolutions peft misreads."""
+    if getattr(site, "fan_in_fan_out", False):
+        raise OptionError(f"{method}: {site.path!r} is a GPT-2 Conv1D, which peft's {method.upper()} does not support; "
+                          "exclude it from targets")
+    if site.kind == "conv":
+        problem = "a grouped convolution" if site.groups > 1 else conv2d_problem(site)
+        if problem:
+            raise OptionError(f"{method}: {site.path!r} is {problem}, which peft's {method.upper()} does not support; "
+                              "exclude it from targets")
+
+
 def rotated_dim(site: Any) -> int:
     if site.kind == "conv":
         return site.in_channels * site.kernel_size[0] * site.kernel_size[0]
