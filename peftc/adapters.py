@@ -126,10 +126,11 @@ def add_adapter(gm: fx.GraphModule, method: Technique, options: Any) -> PassResu
     sites = [site for site, _ in placed]
     for site in sites:
         method.check(gm, site, options)
-    if options.freeze_base:
-        freeze_parameters(gm, keep={q for record in adapters(gm).values() for q in record.param_names})
     record = Adapter(options.adapter, method.name, options, tuple((s.path, s.kind) for s in sites), {},
                      stages={s.path: method.stage_at(s, options) for s in sites})
+    _check_nesting(gm, record.sites, extra=[record])  # before anything changes
+    if options.freeze_base:
+        freeze_parameters(gm, keep={q for record in adapters(gm).values() for q in record.param_names})
     shared = method.shared_params(gm, sites, options)
     if shared:
         like = format_of(sites[0])
@@ -145,7 +146,6 @@ def add_adapter(gm: fx.GraphModule, method: Technique, options: Any) -> PassResu
             gm.add_submodule(qualname, module)
             modules.append(qualname)
     record.modules = tuple(modules)
-    _check_nesting(gm, record.sites, extra=[record])
     adapters(gm)[options.adapter] = record
     rebuild(gm, record.sites)
     method.after_insert(gm, sites, options)
