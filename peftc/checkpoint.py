@@ -21,7 +21,7 @@ from torch import fx
 
 from peftc._io import atomic_dir
 from peftc.adapters import Adapter, adapter_tensors, adapters, technique, techniques
-from peftc.errors import PeftcError
+from peftc.errors import CheckpointError, PeftcError
 from peftc.graph import get_tensor, set_tensor
 from peftc.pipeline import Pipeline, Step
 
@@ -32,10 +32,6 @@ _PREFIX = "base_model.model."
 # Fields about where the config came from, not what the adapter computes.
 _METADATA = ("peft_type", "peft_version", "target_modules", "task_type", "base_model_name_or_path", "revision",
              "inference_mode", "auto_mapping", "megatron_core")
-
-
-class CheckpointError(PeftcError):
-    """A checkpoint that does not fit the model: missing, unexpected or misshapen tensors, or unknown fields."""
 
 
 def save_adapter(gm: fx.GraphModule, directory: str | Path, adapter: str = "default") -> Path:

@@ -16,6 +16,8 @@ __all__ = [
     "VerificationError",
     "ModelNotFoundError",
     "ExportError",
+    "CheckpointError",
+    "NotMergeable",
     "suggest",
 ]
 
@@ -64,6 +66,14 @@ class ModelNotFoundError(PeftcError):
 
 class ExportError(PeftcError):
     """A graph or request the ONNX backend cannot export; nothing is written."""
+
+
+class CheckpointError(PeftcError):
+    """A checkpoint that does not fit the model: missing, unexpected or misshapen tensors, or unknown fields."""
+
+
+class NotMergeable(PeftcError):
+    """A technique (or one of its options) that cannot be folded into the base weights."""
 
 
 def suggest(word: str, choices: Iterable[str], n: int = 3) -> str:

@@ -31,7 +31,7 @@ from typing import Any, ClassVar, Literal
 import torch
 from torch import fx, nn
 
-from peftc.errors import OptionError, PeftcError
+from peftc.errors import NotMergeable, OptionError
 from peftc.graph import get_tensor, qualify, tag
 
 __all__ = [
@@ -48,10 +48,6 @@ __all__ = [
 
 Stage = Literal["input", "weight", "output", "add"]
 STAGES: tuple[Stage, ...] = ("input", "weight", "output", "add")  # the order a site composes them in
-
-
-class NotMergeable(PeftcError):
-    """A technique (or one of its options) that cannot be folded into the base weights."""
 
 
 @dataclass(frozen=True)
