@@ -1,13 +1,14 @@
-"""LN tuning: a trainable copy of each targeted layer norm's weight and bias, as HF peft's LN tuning.
+"""LN tuning: a trainable copy of each targeted norm's weight and bias, as HF peft's LN tuning.
 
     y = layer_norm(x, W, b)  ->  y = layer_norm(x, W', b')      (W', b' start as copies of W, b)
+    y = W * rms_normalised(x)  ->  y = W' * rms_normalised(x)   (RMSNorm: Llama, Mistral, Qwen2, T5)
 
-1. Layer-norm sites (`aten.layer_norm`, `nn.LayerNorm` with an affine weight) are rewritten to read
-   `<path>.ln_tuning_layers.<adapter>.weight` (and `.bias` when the norm has one), peft's names for
-   the tensors of its copied module; the original stays frozen.
-2. peft copies any module it is pointed at; peftc tunes layer norms only. RMSNorm (Llama, Mistral,
-   Qwen2, T5) is computed from elementwise ops, not a layer-norm op, so it is not a site: such
-   targets match nothing and are refused, as is a target that is a linear or other layer.
+1. Layer-norm sites (`aten.layer_norm`, `nn.LayerNorm` with an affine weight) and RMSNorm sites
+   (the scale of an RMSNorm module) are rewritten to read `<path>.ln_tuning_layers.<adapter>.weight`
+   (and `.bias` when the norm has one), peft's names for the tensors of its copied module; the
+   original stays frozen.
+2. peft copies any module it is pointed at; peftc tunes norms only: a target that is a linear or
+   other layer is refused.
 3. One adapter at a site is active at a time (peft raises otherwise). Merging copies W', b' into
    the base; unmerging restores the originals.
 """
@@ -27,7 +28,7 @@ from peftc.technique import AdapterOptions, Builder, Context, Param, Technique
 __all__ = ["LnTuningOptions", "LnTuning"]
 
 # peft's TRANSFORMERS_MODELS_TO_LNTUNING_TARGET_MODULES_MAPPING (bert, roberta, opt, gpt_neox have no entry there
-# either); Llama's, Mistral's, Qwen2's and T5's RMSNorms are not layer-norm sites, so these select nothing there.
+# either).
 _TARGETS = {
     "llama": "*.input_layernorm|*.post_attention_layernorm|*.norm",
     "mistral": "*.input_layernorm|*.post_attention_layernorm|*.norm",
@@ -50,7 +51,7 @@ class LnTuning(Technique):
     name = "ln_tuning"
     options = LnTuningOptions
     peft_type = "LN_TUNING"
-    site_kinds = ("layer_norm",)
+    site_kinds = ("layer_norm", "rms_norm")
     stage = "weight"
     default_targets = _TARGETS
     exclusive = True  # each adapter replaces the weight: two active copies have no meaning (peft refuses them too)

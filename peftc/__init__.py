@@ -23,6 +23,7 @@ from peftc.sites import (
     layer_norm_sites,
     linear_sites,
     lm_head,
+    rms_norm_sites,
     weight_sites,
 )
 
@@ -51,6 +52,7 @@ __all__ = [
     "conv_sites",
     "embedding_sites",
     "layer_norm_sites",
+    "rms_norm_sites",
     "input_embeddings",
     "final_hidden_states",
     "attention_sites",

@@ -10,7 +10,9 @@ techniques rewrite), recognised by what the computation is; capture first canoni
 2. Convolution sites: `aten.conv1d/2d/3d`, `F.conv*d`, `call_module(nn.Conv*d)` (zero padding).
 3. Embedding sites: `aten.embedding`, `F.embedding`, `call_module(nn.Embedding)`.
 4. Layer-norm sites: `aten.layer_norm`, `F.layer_norm`, `call_module(nn.LayerNorm)` with a weight.
-5. The LM head: the last linear site that projects onto the vocabulary.
+5. RMSNorm sites: the scale `W * h` of an RMSNorm module (Llama, Mistral, Qwen2, T5 compute their
+   norms from elementwise ops; the site is the one op that reads the weight).
+6. The LM head: the last linear site that projects onto the vocabulary.
 A site rewritten by techniques (its input or weight replaced) is still found, as captured.
 Region sites (`peftc.regions`): attention, blocks, the input embeddings, the final hidden state.
 
@@ -21,6 +23,7 @@ Every query takes `targets` (see `peftc.targets`); a pattern that selects nothin
 from __future__ import annotations
 
 import dataclasses
+import operator
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -49,6 +52,7 @@ __all__ = [
     "ConvSite",
     "EmbeddingSite",
     "LayerNormSite",
+    "RMSNormSite",
     "AttentionSite",
     "BlockSite",
     "InputEmbeddings",
@@ -58,6 +62,7 @@ __all__ = [
     "conv_sites",
     "embedding_sites",
     "layer_norm_sites",
+    "rms_norm_sites",
     "attention_sites",
     "block_sites",
     "input_embeddings",
@@ -157,6 +162,18 @@ class LayerNormSite(WeightSite):
         return aten.layer_norm.default, (x, list(self.normalized_shape), weight, bias, self.eps)
 
 
+@dataclass(frozen=True, kw_only=True)
+class RMSNormSite(WeightSite):
+    """`node` is an RMSNorm's scale, `W * input` with `input` already normalised (transformers'
+    `LlamaRMSNorm`, `Qwen2RMSNorm`, `T5LayerNorm`, ... compute it from elementwise ops)."""
+
+    kind: ClassVar[str] = "rms_norm"
+    hidden_size: int
+
+    def functional(self, x: Any, weight: Any, bias: Any) -> tuple[Any, tuple]:
+        return aten.mul.Tensor, (weight, x)
+
+
 def _base_nodes(gm: fx.GraphModule) -> list[fx.Node]:
     """Nodes of the model itself: what passes inserted (tagged `peftc`, unless marked `base`) is not a site."""
     return [n for n in gm.graph.nodes if n.meta.get("peftc", {}).get("base", "peftc" not in n.meta)]
@@ -182,6 +199,10 @@ def embedding_sites(gm: fx.GraphModule, targets: str | None = None) -> list[Embe
 
 def layer_norm_sites(gm: fx.GraphModule, targets: str | None = None) -> list[LayerNormSite]:
     return weight_sites(gm, targets, ("layer_norm",))
+
+
+def rms_norm_sites(gm: fx.GraphModule, targets: str | None = None) -> list[RMSNormSite]:
+    return weight_sites(gm, targets, ("rms_norm",))
 
 
 def lm_head(gm: fx.GraphModule) -> LinearSite | None:
@@ -301,7 +322,23 @@ def _weight_site(gm: fx.GraphModule, n: fx.Node) -> WeightSite | None:
         return LayerNormSite(path=_owner(weight, n), node=n, input=n.args[0], weight=weight,
                              bias=get_attr_path(_arg(n, 3, "bias")), op="layer_norm",
                              normalized_shape=tuple(n.args[1]), eps=_arg(n, 4, "eps", 1e-5))
+    if n.target in (aten.mul.Tensor, torch.mul, operator.mul):
+        return _rms_norm_site(gm, n)
     return _registered_site(gm, n)
+
+
+def _rms_norm_site(gm: fx.GraphModule, n: fx.Node) -> RMSNormSite | None:
+    """`mul(W, h)` (either order) where W is the 1-D weight of the norm module computing it."""
+    if len(n.args) != 2 or not module_type(n).endswith(("RMSNorm", "T5LayerNorm")):
+        return None
+    for w, x in (n.args, n.args[::-1]):
+        weight = get_attr_path(w)
+        if weight is not None and weight == f"{module_path(n)}.weight" and isinstance(x, fx.Node):
+            tensor = get_tensor(gm, weight)
+            if tensor.dim() == 1:
+                return RMSNormSite(path=module_path(n), node=n, input=x, weight=weight, bias=None, op="rms_norm",
+                                   hidden_size=tensor.shape[0])
+    return None
 
 
 def _module_site(gm: fx.GraphModule, n: fx.Node) -> WeightSite | None:

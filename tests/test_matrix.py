@@ -170,6 +170,7 @@ MATRIX = {
     },
     "ln_tuning": {
         "layernorm": lambda: peft.LNTuningConfig(target_modules=["norm"]),
+        "llama": lambda: peft.LNTuningConfig(target_modules=["input_layernorm", "norm"]),
         "gpt2": lambda: peft.LNTuningConfig(target_modules=["ln_1", "ln_f"]),
         "bert": lambda: peft.LNTuningConfig(target_modules=["LayerNorm"]),
     },
