@@ -10,8 +10,10 @@ Node metadata written by peftc:
 from __future__ import annotations
 
 import copy
+import dataclasses
 import itertools
 import warnings
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -121,9 +123,25 @@ def clone(gm: fx.GraphModule) -> fx.GraphModule:
     """
     tensors = itertools.chain(gm.named_parameters(remove_duplicate=False), gm.named_buffers(remove_duplicate=False))
     memo = {id(t): t for _, t in tensors}
+    # merged adapters' weights and the original weights merge keeps live in the record, not the module
+    memo.update({id(t): t for t in _tensors_in(gm.meta.get("peftc", {}))})
     with warnings.catch_warnings():  # torch's own TreeSpec deprecation, raised while copying the codegen
         warnings.filterwarnings("ignore", category=FutureWarning, message=".*LeafSpec.*")
         return copy.deepcopy(gm, memo)
+
+
+def _tensors_in(value: Any) -> Iterator[torch.Tensor]:
+    if isinstance(value, torch.Tensor):
+        yield value
+    elif isinstance(value, dict):
+        for item in value.values():
+            yield from _tensors_in(item)
+    elif isinstance(value, (list, tuple)):
+        for item in value:
+            yield from _tensors_in(item)
+    elif dataclasses.is_dataclass(value) and not isinstance(value, type):
+        for f in dataclasses.fields(value):
+            yield from _tensors_in(getattr(value, f.name))
 
 
 def peftc_meta(gm: fx.GraphModule) -> dict[str, Any]:
