@@ -146,3 +146,14 @@ def test_a_technique_declared_in_a_few_lines_gets_merge_save_and_switching(tmp_p
     assert isinstance(adapters(gm)["default"], peftc.adapters.Adapter)
     with pytest.raises(CheckpointError, match="no peft_type"):
         peftc.save_adapter(gm, tmp_path / "a")
+
+
+def test_applying_passes_after_merge_shares_what_merge_kept():
+    """The original weights and adapter tensors merge keeps must not be copied by every later apply."""
+    model = nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 4))
+    merged = peftc.apply(peftc.capture(model, (torch.randn(3, 8),)), "lora(r=2, targets='0|1'), merge")
+    later = peftc.apply(merged, "dce")
+    before, after = adapters(merged)["default"], adapters(later)["default"]
+    assert before.kept and all(after.kept[k] is v for k, v in before.kept.items())
+    originals = merged.meta["peftc"]["merged_bases"]["0"][1]
+    assert all(later.meta["peftc"]["merged_bases"]["0"][1][k] is v for k, v in originals.items())
