@@ -71,6 +71,7 @@ def capture(
         gm = _symbolic(model, args, kwargs)
     meta = peftc_meta(gm)
     meta["capture"] = {"method": method, "seconds": time.perf_counter() - start, "class": _qualname(type(model))}
+    meta["capture"]["config"] = _config_summary(model)  # what passes cannot read from the graph (tokenizer, limits)
     meta["module_types"] = _module_types(model)
     meta["history"] = []
     gm.train(model.training)
@@ -279,6 +280,17 @@ def _real_stack(node: fx.Node) -> list[tuple[str, Any]]:
     """`nn_module_stack` entries, without export's placeholder entry for nodes it made itself."""
     stack = node.meta.get("nn_module_stack") or {}
     return [(path, kind) for path, kind in stack.values() if not str(path).startswith("_empty_nn_module_stack")]
+
+
+_CONFIG_KEYS = ("name_or_path", "max_position_embeddings", "pad_token_id", "vocab_size", "hidden_size",
+                "num_hidden_layers", "num_attention_heads", "model_type")
+
+
+def _config_summary(model: nn.Module) -> dict[str, Any]:
+    """A few facts of a Hugging Face model's config (empty for other modules)."""
+    config = getattr(model, "config", None)
+    values = {key: getattr(config, key, None) for key in _CONFIG_KEYS}
+    return {k: v for k, v in values.items() if isinstance(v, (str, int)) and v != ""}
 
 
 def _module_types(model: nn.Module) -> dict[str, str]:

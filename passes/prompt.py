@@ -1,0 +1,364 @@
+"""Prompt engineering and prompt tuning: tokens in front of every input, as a rewrite at the graph's inputs.
+
+    ids, mask, token_type_ids (B, L)  ->  cat(prompt_ids, ids), cat(ones, mask), cat(zeros, token_type_ids)  (B, n+L)
+    e = embed(ids) (B, n+L, d)        ->  cat(prompt_embeddings.expand(B, n, d), e[:, n:])      (prompt tuning)
+    per-token outputs (B, n+L, ...)   ->  out[:, n:]                                             (the user's L positions)
+
+1. `prompt(text="...")`: prompt engineering. The text is tokenized once (without special tokens: the
+   user's ids carry the model's own) and stored as the buffer `prompt_ids`; the module computes what
+   the unmodified model computes on the joined ids and mask.
+2. `prompt(n=20, init="random"|"vocab"|"text", text=..., tokenizer=...)`: prompt tuning with a
+   trainable `prompt_embeddings` (n, d), peft's checkpoint name, initialised as peft's
+   `PromptTuningInit`: RANDOM N(0, 1) (an `nn.Embedding`'s init), SAMPLE_VOCAB rows of the word
+   embedding at `randint(0, V)` ids, TEXT the embedding rows of the tokenized text (special tokens
+   included, as peft) repeated then truncated to n. The n virtual ids are a non-pad id whose
+   embedding rows are replaced, so positions run 0..n+L-1 as in peft (which drops `position_ids`).
+3. Every per-token input sharing the ids' sequence size is extended: the attention mask with ones,
+   `token_type_ids` with zeros, `labels` with -100 (peft's values); downstream sizes, positions and
+   masks follow from the extended inputs. Another per-token input (`position_ids`) is refused.
+4. Outputs keep the base model's interface: per-token outputs (size n+L in dim 1: logits,
+   last_hidden_state) are sliced to the user's L positions, peft returns all n+L; pooled and
+   classification outputs are untouched. A decoder classifier pools the user's real last token
+   (the virtual ids are not pad ids), where peft, fed `inputs_embeds`, pools the last position,
+   a pad token on right-padded batches.
+5. The tokenizer (a name or folder for `AutoTokenizer`, or a tokenizer object) defaults to the
+   captured model's `name_or_path`. `save_prompt`/`load_prompt` write and read peft's
+   prompt-tuning checkpoint (`adapter_config.json`, `adapter_model.safetensors`).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from torch import fx, nn
+
+from peftc._io import atomic_dir
+from peftc.errors import OptionError
+from peftc.graph import get_attr_path, peftc_meta, set_tensor, tag
+from peftc.registry import PassResult, register_pass
+from peftc.regions import input_embeddings
+
+__all__ = ["PromptOptions", "prompt", "save_prompt", "load_prompt"]
+
+aten = torch.ops.aten
+_END = 9223372036854775807  # slice to the end, as exported graphs write it
+PASS = "prompt"
+PARAM = "prompt_embeddings"
+IDS_BUFFER = "prompt_ids"
+# Per-token inputs peft extends, with the value it puts in front.
+_FILL = {"attention_mask": 1, "token_type_ids": 0, "labels": -100}
+
+
+@dataclass(frozen=True)
+class PromptOptions:
+    text: str | None = None  # the prompt (engineering), or the init text of init="text"
+    n: int | None = None  # number of trainable virtual tokens (prompt tuning)
+    init: Literal["random", "vocab", "text"] = "random"
+    tokenizer: Any = None  # name/folder for AutoTokenizer or a tokenizer; default: the model's name_or_path
+
+    def __post_init__(self) -> None:
+        if self.n is None:
+            if self.text is None:
+                raise OptionError("prompt: give text='...' (a fixed prompt) or n=... (trainable virtual tokens)")
+            if self.init != "random":
+                raise OptionError(f"prompt: init={self.init!r} initialises virtual tokens; give n=... with it")
+            if not self.text:
+                raise OptionError("prompt: text is empty; give the prompt text")
+            return
+        if not isinstance(self.n, int) or self.n < 1:
+            raise OptionError(f"prompt: n must be a positive number of virtual tokens, got {self.n!r}")
+        if self.init == "text" and not self.text:
+            raise OptionError("prompt: init='text' needs the init text: add text='...'")
+        if self.init != "text" and self.text is not None:
+            raise OptionError(f"prompt: text is only read by init='text' when n is given (init={self.init!r}); "
+                              "drop text or set init='text'")
+
+
+@register_pass(PASS, options=PromptOptions)
+def prompt(gm: fx.GraphModule, options: PromptOptions) -> PassResult:
+    """Put a fixed prompt (`text=`) or `n` trainable virtual tokens (`prompt_embeddings`) in front of every input.
+
+    1. `prompt(text="...")`: the tokenized text becomes constant ids in front of the input ids.
+    2. `prompt(n=20, init="random"|"vocab"|"text", text=..., tokenizer=...)`: peft's prompt tuning.
+    3. Masks, token types and labels are extended as peft does; per-token outputs keep the user's positions.
+    """
+    site, ids = _token_input(gm)
+    seq = ids.meta["val"].shape[1]
+    config = peftc_meta(gm).get("capture", {}).get("config", {})
+    if options.n is None:
+        prompt_ids = _tokenize(gm, options, special_tokens=False)
+        n = len(prompt_ids)
+    else:
+        n = options.n
+    limit = _max_positions(gm, config)
+    if limit is not None and n >= limit:
+        raise OptionError(f"prompt: {n} prompt tokens leave no position for the input: the model has {limit} "
+                          "positions; use a shorter prompt or fewer virtual tokens")
+    table = _get(gm, site.node.args[0]) if site.node.target is aten.embedding.default else None
+    if options.n is not None:
+        if table is None:
+            raise OptionError(f"prompt: the token embedding at {site.path or '<root>'} is not an aten.embedding "
+                              "lookup of a weight; capture the model with peftc.capture (torch.export)")
+        weight = _init(gm, options, table)
+        set_tensor(gm, PARAM, nn.Parameter(weight))
+    else:
+        set_tensor(gm, IDS_BUFFER, torch.tensor([prompt_ids], dtype=torch.long), buffer=True, persistent=False)
+
+    per_token = _per_token_outputs(gm, seq)
+    graph = gm.graph
+    placeholders = [p for p in graph.nodes if p.op == "placeholder"]
+    extended = _extend_inputs(gm, placeholders, ids, seq, n, options.n is not None, config)
+    if options.n is not None:
+        _replace_rows(gm, site.node, extended["batch"], n, site.path)
+    _slice_outputs(gm, per_token, n)
+    what = f"prompt of {n} tokens" if options.n is None else f"{n} virtual tokens ({options.init} init)"
+    params = (PARAM,) if options.n is not None else ()
+    return PassResult(gm, modified=True, sites=(site.path,),
+                      report=f"{what} in front of {ids.target!r}; {len(per_token)} per-token output(s) sliced"
+                      + (f"; trainable {params[0]}" if params else ""))
+
+
+# --- the graph's token input --------------------------------------------------------------------
+
+
+def _token_input(gm: fx.GraphModule) -> tuple[Any, fx.Node]:
+    sites = input_embeddings(gm)
+    if not sites:
+        raise OptionError("prompt: the graph has no token ids input (an embedding lookup of a graph input); capture "
+                          "the model called with input_ids, not inputs_embeds")
+    # BERT also looks up token_type_ids; the word lookup reads `input_ids`.
+    site = next((s for s in sites if s.ids.target == "input_ids"), sites[0])
+    val = site.ids.meta.get("val")
+    if not isinstance(val, torch.Tensor) or val.dim() != 2 or not isinstance(val.shape[1], torch.SymInt):
+        raise OptionError(f"prompt: input {site.ids.target!r} has no symbolic sequence length, so the graph cannot "
+                          "take longer inputs; capture with dynamic=True (the default) and a length of at least 2")
+    return site, site.ids
+
+
+def _same(a: Any, b: Any) -> bool:
+    return str(a) == str(b)
+
+
+def _per_token_outputs(gm: fx.GraphModule, seq: Any) -> list[fx.Node]:
+    out = next(n for n in gm.graph.nodes if n.op == "output")
+    found: list[fx.Node] = []
+
+    def visit(node: fx.Node) -> fx.Node:
+        val = node.meta.get("val")
+        if isinstance(val, torch.Tensor) and val.dim() >= 2 and _same(val.shape[1], seq) and node not in found:
+            found.append(node)
+        return node
+
+    fx.node.map_arg(out.args, visit)
+    return found
+
+
+# --- rewrites -----------------------------------------------------------------------------------
+
+
+def _new(gm: fx.GraphModule, role: str, path: str, target: Any, *args: Any, **kwargs: Any) -> fx.Node:
+    node = gm.graph.call_function(target, args, kwargs)
+    return tag(node, pass_name=PASS, role=role, path=path)
+
+
+def _extend_inputs(gm: fx.GraphModule, placeholders: list[fx.Node], ids: fx.Node, seq: Any, n: int,
+                   tuning: bool, config: dict[str, Any]) -> dict[str, fx.Node]:
+    """Insert `cat(front, x, dim=1)` for every per-token input after the last placeholder; reroute their uses."""
+    inserted: set[fx.Node] = set()
+    extended: dict[str, fx.Node] = {}
+    graph = gm.graph
+    cursor = placeholders[-1]
+
+    def add(role: str, target: Any, *args: Any, **kwargs: Any) -> fx.Node:
+        nonlocal cursor
+        with graph.inserting_after(cursor):
+            node = _new(gm, role, "", target, *args, **kwargs)
+        inserted.add(node)
+        cursor = node
+        return node
+
+    for p in placeholders:
+        val = p.meta.get("val")
+        if not isinstance(val, torch.Tensor) or val.dim() < 2 or not _same(val.shape[1], seq):
+            continue
+        batch = add("batch", aten.sym_size.int, p, 0)
+        if p is ids:
+            if tuning:
+                # Any id works (its rows are replaced); a non-pad one keeps pad-based pooling on the user's tokens.
+                front = add("virtual_ids", aten.new_full.default, p, [batch, n], 1 if config.get("pad_token_id") == 0 else 0)
+            else:
+                with graph.inserting_after(cursor):
+                    const = graph.get_attr(IDS_BUFFER)
+                tag(const, pass_name=PASS, role="prompt_ids", path="")
+                inserted.add(const)
+                cursor = const
+                front = add("prompt_ids", aten.expand.default, const, [batch, -1])
+            extended["batch"] = batch
+        elif str(p.target) in _FILL and val.dim() == 2:
+            front = add("fill", aten.new_full.default, p, [batch, n], _FILL[str(p.target)])
+        else:
+            raise OptionError(f"prompt: input {p.target!r} {tuple(val.shape)} is per token and has no value for the "
+                              f"prompt positions; capture without it (peft drops position_ids too)")
+        joined = add("extended_input", aten.cat.default, [front, p], 1)
+        p.replace_all_uses_with(joined, delete_user_cb=lambda user: user not in inserted)
+        extended[str(p.target)] = joined
+    return extended
+
+
+def _replace_rows(gm: fx.GraphModule, embedded: fx.Node, batch: fx.Node, n: int, path: str) -> None:
+    """`e` -> `cat(prompt_embeddings.expand(B, n, d).to(e.dtype), e[:, n:])` (peft's `cat(prompts, embeds)`)."""
+    graph = gm.graph
+    dtype = embedded.meta["val"].dtype
+    with graph.inserting_after(embedded):
+        weight = tag(graph.get_attr(PARAM), pass_name=PASS, role="prompt_embeddings", path=path)
+    with graph.inserting_after(weight):
+        unsqueezed = _new(gm, "prompt", path, aten.unsqueeze.default, weight, 0)
+    with graph.inserting_after(unsqueezed):
+        expanded = _new(gm, "prompt", path, aten.expand.default, unsqueezed, [batch, -1, -1])
+    with graph.inserting_after(expanded):
+        cast = _new(gm, "prompt", path, aten._to_copy.default, expanded, dtype=dtype)
+    with graph.inserting_after(cast):
+        rest = _new(gm, "user_embeddings", path, aten.slice.Tensor, embedded, 1, n, _END)
+    with graph.inserting_after(rest):
+        joined = _new(gm, "embeddings", path, aten.cat.default, [cast, rest], 1)
+    embedded.replace_all_uses_with(joined, delete_user_cb=lambda user: user is not rest)
+
+
+def _slice_outputs(gm: fx.GraphModule, per_token: list[fx.Node], n: int) -> None:
+    out = next(n for n in gm.graph.nodes if n.op == "output")
+    sliced: dict[fx.Node, fx.Node] = {}
+    for node in per_token:
+        with gm.graph.inserting_before(out):
+            sliced[node] = _new(gm, "user_positions", "", aten.slice.Tensor, node, 1, n, _END)
+    out.args = fx.node.map_arg(out.args, lambda node: sliced.get(node, node))
+
+
+# --- prompt values ------------------------------------------------------------------------------
+
+
+def _tokenizer(gm: fx.GraphModule, options: PromptOptions) -> Any:
+    given = options.tokenizer
+    if given is None:
+        given = peftc_meta(gm).get("capture", {}).get("config", {}).get("name_or_path")
+        if not given:
+            raise OptionError("prompt: text needs a tokenizer and the captured model records no name_or_path; "
+                              "pass tokenizer=<name, folder or tokenizer object>")
+    if not isinstance(given, (str, os.PathLike)):
+        return given
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(str(given))
+    except Exception as e:  # noqa: BLE001 - any loading failure means the same fix
+        raise OptionError(f"prompt: cannot load tokenizer {str(given)!r} ({type(e).__name__}: {e}); "
+                          "pass tokenizer=<a folder with tokenizer files, or a tokenizer object>") from e
+
+
+def _tokenize(gm: fx.GraphModule, options: PromptOptions, *, special_tokens: bool) -> list[int]:
+    ids = list(_tokenizer(gm, options)(options.text, add_special_tokens=special_tokens)["input_ids"])
+    if not ids:
+        raise OptionError(f"prompt: text {options.text!r} tokenizes to no tokens; give a non-empty prompt")
+    return [int(i) for i in ids]
+
+
+def _init(gm: fx.GraphModule, options: PromptOptions, table: torch.Tensor) -> torch.Tensor:
+    """peft's `PromptEmbedding.__init__`: an `nn.Embedding(n, d)` (N(0, 1)), then overwritten for vocab/text."""
+    n, (vocab, dim) = options.n, table.shape
+    weight = torch.empty(n, dim, device=table.device).normal_()  # what nn.Embedding's init draws, RNG included
+    if options.init == "vocab":
+        rows = torch.randint(0, vocab, (n,), dtype=torch.long).to(table.device)
+        weight = table.detach()[rows].clone().float()
+    elif options.init == "text":
+        ids = _tokenize(gm, options, special_tokens=True)
+        ids = (ids * math.ceil(n / len(ids)))[:n]
+        weight = table.detach()[torch.tensor(ids, device=table.device)].clone().float()
+    return weight
+
+
+def _get(gm: fx.GraphModule, node: Any) -> torch.Tensor | None:
+    path = get_attr_path(node)
+    if path is None:
+        return None
+    owner, _, name = path.rpartition(".")
+    return getattr(gm.get_submodule(owner), name, None)
+
+
+def _max_positions(gm: fx.GraphModule, config: dict[str, Any]) -> int | None:
+    """`max_position_embeddings` from the capture, else the rows of a position embedding table."""
+    if isinstance(config.get("max_position_embeddings"), int):
+        return config["max_position_embeddings"]
+    for node in gm.graph.nodes:
+        if node.op == "call_function" and node.target is aten.embedding.default:
+            path = get_attr_path(node.args[0]) or ""
+            if "position" in path or path.endswith("wpe_weight") or path.endswith("wpe.weight"):
+                table = _get(gm, node.args[0])
+                if table is not None:
+                    return int(table.shape[0])
+    return None
+
+
+# --- peft's checkpoint format -------------------------------------------------------------------
+
+
+def _task_type(gm: fx.GraphModule) -> str:
+    name = peftc_meta(gm).get("capture", {}).get("class", "")
+    if name.endswith(("ForCausalLM", "LMHeadModel")):
+        return "CAUSAL_LM"
+    if name.endswith("ForSequenceClassification"):
+        return "SEQ_CLS"
+    if name.endswith("ForTokenClassification"):
+        return "TOKEN_CLS"
+    return "FEATURE_EXTRACTION"
+
+
+def save_prompt(gm: fx.GraphModule, path: str | os.PathLike[str], *, task_type: str | None = None) -> Path:
+    """Write `gm`'s `prompt_embeddings` as peft's prompt-tuning checkpoint (loads in `PeftModel.from_pretrained`)."""
+    from safetensors.torch import save_file
+
+    weight = _weight(gm)
+    config = peftc_meta(gm).get("capture", {}).get("config", {})
+    adapter_config = {
+        "peft_type": "PROMPT_TUNING", "task_type": task_type or _task_type(gm), "inference_mode": True,
+        "num_virtual_tokens": int(weight.shape[0]), "token_dim": int(weight.shape[1]),
+        "num_transformer_submodules": 1, "num_attention_heads": config.get("num_attention_heads"),
+        "num_layers": config.get("num_hidden_layers"), "prompt_tuning_init": "RANDOM",
+        "prompt_tuning_init_text": None, "tokenizer_name_or_path": None, "tokenizer_kwargs": None,
+        "base_model_name_or_path": config.get("name_or_path"), "revision": None, "modules_to_save": None,
+        "auto_mapping": None,
+    }
+    with atomic_dir(path) as tmp:
+        (tmp / "adapter_config.json").write_text(json.dumps(adapter_config, indent=2))
+        save_file({PARAM: weight.detach().cpu().contiguous()}, str(tmp / "adapter_model.safetensors"))
+    return Path(path)
+
+
+def load_prompt(gm: fx.GraphModule, path: str | os.PathLike[str]) -> fx.GraphModule:
+    """Copy a peft prompt-tuning checkpoint's `prompt_embeddings` into `gm` (rewritten by `prompt(n=...)`)."""
+    from safetensors.torch import load_file
+
+    folder = Path(path)
+    config = json.loads((folder / "adapter_config.json").read_text())
+    if config.get("peft_type") not in ("PROMPT_TUNING", "P_TUNING"):
+        raise OptionError(f"{folder} holds a {config.get('peft_type')} adapter, not prompt tuning; load it with "
+                          "peftc's checkpoint loader")
+    loaded = load_file(str(folder / "adapter_model.safetensors"))[PARAM]
+    weight = _weight(gm)
+    if tuple(loaded.shape) != tuple(weight.shape):
+        raise OptionError(f"{folder}: prompt_embeddings {tuple(loaded.shape)} do not fit this module's "
+                          f"{tuple(weight.shape)}; rewrite with prompt(n={loaded.shape[0]})")
+    with torch.no_grad():
+        weight.copy_(loaded.to(weight))
+    return gm
+
+
+def _weight(gm: fx.GraphModule) -> torch.Tensor:
+    weight = getattr(gm, PARAM, None)
+    if not isinstance(weight, torch.Tensor):
+        raise OptionError(f"this module has no {PARAM}; rewrite it with prompt(n=...) first")
+    return weight

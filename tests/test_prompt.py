@@ -1,0 +1,219 @@
+"""The `prompt` pass against HF peft's prompt tuning (PromptTuningConfig) and against the unmodified model
+run on the joined ids (prompt engineering): outputs, gradients, init, checkpoints both ways, errors."""
+
+import copy
+
+import peft
+import pytest
+import torch
+from peft.tuners.prompt_tuning.model import PromptEmbedding
+from torch import nn
+
+import peftc
+import peftc.passes.prompt as prompt_pass
+from peftc.errors import OptionError
+from peftc.graph import peftc_meta
+from peftc.models import example_inputs, tiny_model
+from peftc.pipeline import Pipeline
+from conftest import captured, loaded
+
+N = 5
+
+
+def rewrite(gm, **options):
+    return Pipeline([("prompt", options)]).run(gm).graph_module
+
+
+@pytest.fixture(scope="module")
+def word_tokenizer(tmp_path_factory):
+    """A word-level tokenizer over the tiny models' 256 ids, saved as a folder AutoTokenizer loads offline."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = ["[UNK]", "[PAD]", "[CLS]"] + [f"w{i}" for i in range(200)] + "classify the sentiment of this review".split()
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]")
+    folder = tmp_path_factory.mktemp("tok")
+    fast.save_pretrained(folder)
+    return str(folder)
+
+
+def peft_pair(arch, task_type, n=N):
+    """peftc's prompt(n) module and peft's PromptTuningConfig model holding the same prompt_embeddings."""
+    gm = rewrite(peftc.apply(captured(f"tiny-{arch}"), "freeze"), n=n)
+    with torch.no_grad():
+        gm.prompt_embeddings.normal_(generator=torch.Generator().manual_seed(3))
+    model = peft.get_peft_model(copy.deepcopy(loaded(f"tiny-{arch}").model),
+                                peft.PromptTuningConfig(task_type=task_type, num_virtual_tokens=n))
+    with torch.no_grad():
+        model.prompt_encoder.default.embedding.weight.copy_(gm.prompt_embeddings)
+    return gm, model
+
+
+@pytest.mark.parametrize("arch,task_type", [("llama", "CAUSAL_LM"), ("gpt2", "CAUSAL_LM"), ("bert", "FEATURE_EXTRACTION")])
+def test_tuning_matches_peft_outputs_and_gradients(arch, task_type):
+    """Another batch (3) and length (7) than the capture's; peft's [:, n:] is the user's positions."""
+    gm, model = peft_pair(arch, task_type)
+    ids = torch.randint(3, 256, (3, 7), generator=torch.Generator().manual_seed(1))
+    mask = torch.ones_like(ids)
+    mask[0, 5:] = 0  # a right-padded row
+    got = gm(ids, mask)
+    expected = model(input_ids=ids, attention_mask=mask)
+    got_tokens, expected_tokens = got[0], expected[0][:, N:]
+    assert got_tokens.shape == expected_tokens.shape == (3, 7, got_tokens.shape[-1])
+    assert (got_tokens - expected_tokens).abs().max() < 1e-5
+    if arch == "bert":  # the pooler reads position 0, a virtual token in both
+        assert (got[1] - expected[1]).abs().max() < 1e-5
+    weights = torch.randn(got_tokens.shape, generator=torch.Generator().manual_seed(2))
+    (got_tokens * weights).sum().backward()
+    (expected_tokens * weights).sum().backward()
+    grad, peft_grad = gm.prompt_embeddings.grad, model.prompt_encoder.default.embedding.weight.grad
+    assert grad.abs().max() > 0
+    assert (grad - peft_grad).abs().max() < 1e-5
+    assert [name for name, p in gm.named_parameters() if p.requires_grad] == ["prompt_embeddings"]
+
+
+def test_bert_classifier_token_types_and_padding_match_peft():
+    """SEQ_CLS: token_type_ids get zeros in front and masks ones, as peft's classifier forward does
+    (peft's FEATURE_EXTRACTION and CAUSAL_LM forwards drop token_type_ids instead)."""
+    import transformers
+
+    torch.manual_seed(0)
+    model = transformers.BertForSequenceClassification(peftc.models.tiny_config("bert")).eval()
+    args, kwargs = example_inputs(model)
+    kwargs["token_type_ids"] = torch.zeros_like(args[0])
+    gm = rewrite(peftc.capture(model, args, kwargs), n=N)
+    with torch.no_grad():
+        gm.prompt_embeddings.normal_(generator=torch.Generator().manual_seed(3))
+    peft_model = peft.get_peft_model(copy.deepcopy(model), peft.PromptTuningConfig(task_type="SEQ_CLS",
+                                                                                   num_virtual_tokens=N))
+    with torch.no_grad():
+        peft_model.prompt_encoder.default.embedding.weight.copy_(gm.prompt_embeddings)
+    ids = torch.randint(3, 256, (4, 6), generator=torch.Generator().manual_seed(4))
+    mask, types = torch.ones_like(ids), torch.zeros_like(ids)
+    mask[1, 4:], types[:, 3:] = 0, 1
+    got = gm(ids, mask, types)[0]
+    expected = peft_model(input_ids=ids, attention_mask=mask, token_type_ids=types).logits
+    assert got.shape == expected.shape == (4, 2)
+    assert (got - expected).abs().max() < 1e-5
+    got.sum().backward()
+    expected.sum().backward()
+    assert (gm.prompt_embeddings.grad - peft_model.prompt_encoder.default.embedding.weight.grad).abs().max() < 1e-5
+
+
+@pytest.mark.parametrize("init", ["random", "vocab"])
+def test_init_is_peft_prompt_embedding_for_the_same_seed(init):
+    gm = captured("tiny-llama")
+    table = loaded("tiny-llama").model.get_input_embeddings()
+    config = peft.PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=7, token_dim=64, num_layers=2,
+                                     num_transformer_submodules=1,
+                                     prompt_tuning_init={"random": "RANDOM", "vocab": "SAMPLE_VOCAB"}[init])
+    torch.manual_seed(11)
+    expected = PromptEmbedding(config, table).embedding.weight
+    torch.manual_seed(11)
+    got = rewrite(gm, n=7, init=init).prompt_embeddings
+    assert torch.equal(got, expected)
+
+
+def test_text_init_repeats_then_truncates_like_peft(word_tokenizer):
+    gm = captured("tiny-llama")
+    table = loaded("tiny-llama").model.get_input_embeddings()
+    text = "classify the sentiment"  # 3 tokens: repeated to 8, truncated to 2
+    for n in (8, 2):
+        config = peft.PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=n, token_dim=64, num_layers=2,
+                                         num_transformer_submodules=1, prompt_tuning_init="TEXT",
+                                         prompt_tuning_init_text=text, tokenizer_name_or_path=word_tokenizer)
+        expected = PromptEmbedding(config, table).embedding.weight
+        got = rewrite(gm, n=n, init="text", text=text, tokenizer=word_tokenizer).prompt_embeddings
+        assert got.shape == (n, 64) and torch.equal(got, expected)
+
+
+def test_text_prompt_equals_model_on_joined_ids(word_tokenizer):
+    """Prompt engineering on a causal LM: the module's logits are the model's on cat(text ids, ids)."""
+    from transformers import AutoTokenizer
+
+    text = "classify the sentiment of this review"
+    gm = rewrite(captured("tiny-llama"), text=text, tokenizer=word_tokenizer)
+    text_ids = AutoTokenizer.from_pretrained(word_tokenizer)(text, add_special_tokens=False)["input_ids"]
+    n = len(text_ids)
+    assert n == 6 and "prompt_embeddings" not in dict(gm.named_parameters())
+    ids = torch.randint(3, 256, (3, 9), generator=torch.Generator().manual_seed(5))
+    mask = torch.ones_like(ids)
+    joined = torch.cat([torch.tensor([text_ids] * 3), ids], 1)
+    expected = loaded("tiny-llama").model(input_ids=joined, attention_mask=torch.ones_like(joined)).logits
+    got = gm(ids, mask)[0]
+    assert got.shape == (3, 9, 256)
+    assert (got - expected[:, n:]).abs().max() < 1e-5
+
+
+def test_text_prompt_on_bert_with_a_tokenizer_object(word_tokenizer):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(word_tokenizer)
+    gm = rewrite(captured("tiny-bert"), text="w7 w8 w9", tokenizer=tokenizer)
+    ids = torch.randint(3, 256, (2, 11), generator=torch.Generator().manual_seed(6))
+    mask = torch.ones_like(ids)
+    mask[1, 8:] = 0
+    joined = torch.cat([torch.tensor([[10, 11, 12]] * 2), ids], 1)  # w7 is id 10 (3 special words first)
+    expected = loaded("tiny-bert").model(input_ids=joined, attention_mask=torch.cat([torch.ones(2, 3, dtype=mask.dtype), mask], 1))
+    got = gm(ids, mask)
+    assert (got[0] - expected.last_hidden_state[:, 3:]).abs().max() < 1e-5
+    assert (got[1] - expected.pooler_output).abs().max() < 1e-5
+
+
+def test_tokenizer_defaults_to_the_models_name_or_path(word_tokenizer):
+    model = tiny_model("llama")
+    model.config._name_or_path = word_tokenizer
+    gm = peftc.capture(model, *example_inputs(model))
+    assert peftc_meta(gm)["capture"]["config"]["name_or_path"] == word_tokenizer
+    out = rewrite(gm, text="w1 w2")
+    assert out.prompt_ids.tolist() == [[4, 5]]
+
+
+def test_checkpoints_both_ways_in_peft_format(tmp_path):
+    gm, model = peft_pair("llama", "CAUSAL_LM")
+    ids = torch.randint(3, 256, (2, 6), generator=torch.Generator().manual_seed(7))
+    mask = torch.ones_like(ids)
+    # peftc -> peft
+    prompt_pass.save_prompt(gm, tmp_path / "ours")
+    reloaded = peft.PeftModel.from_pretrained(copy.deepcopy(loaded("tiny-llama").model), tmp_path / "ours")
+    assert torch.equal(reloaded.prompt_encoder.default.embedding.weight, gm.prompt_embeddings)
+    assert (reloaded(input_ids=ids, attention_mask=mask).logits[:, N:] - gm(ids, mask)[0]).abs().max() < 1e-5
+    # peft -> peftc
+    with torch.no_grad():
+        model.prompt_encoder.default.embedding.weight.mul_(2)
+    model.save_pretrained(tmp_path / "peft")
+    fresh = rewrite(captured("tiny-llama"), n=N)
+    prompt_pass.load_prompt(fresh, tmp_path / "peft")
+    assert torch.equal(fresh.prompt_embeddings, model.prompt_encoder.default.embedding.weight)
+    assert (model(input_ids=ids, attention_mask=mask).logits[:, N:] - fresh(ids, mask)[0]).abs().max() < 1e-5
+    with pytest.raises(OptionError, match="prompt\\(n=5\\)"):
+        prompt_pass.load_prompt(rewrite(captured("tiny-llama"), n=2), tmp_path / "peft")
+
+
+def test_errors_name_the_problem():
+    gm = captured("tiny-llama")
+    with pytest.raises(OptionError, match="positive"):
+        rewrite(gm, n=0)
+    with pytest.raises(OptionError, match="add text="):
+        rewrite(gm, n=3, init="text")
+    with pytest.raises(OptionError, match="text='...'.*or n="):
+        rewrite(gm)
+    with pytest.raises(OptionError, match="no name_or_path; pass tokenizer="):  # a random-init model has none
+        rewrite(gm, n=3, init="text", text="hello")
+    with pytest.raises(OptionError, match="2048 positions"):
+        rewrite(gm, n=2048)
+    with pytest.raises(OptionError, match="128 positions"):
+        rewrite(captured("tiny-gpt2"), n=200)
+
+    class NoIds(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.linear = nn.Linear(4, 4)
+
+        def forward(self, x):
+            return self.linear(x)
+
+    with pytest.raises(OptionError, match="no token ids input"):
+        rewrite(peftc.capture(NoIds(), (torch.randn(2, 3, 4),)), n=2)
