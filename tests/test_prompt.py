@@ -102,6 +102,33 @@ def test_bert_classifier_token_types_and_padding_match_peft():
     assert (gm.prompt_embeddings.grad - peft_model.prompt_encoder.default.embedding.weight.grad).abs().max() < 1e-5
 
 
+def test_decoder_classifier_pools_the_users_last_real_token():
+    """Right padding: peftc pools the user's last non-pad token (hand computation below); peft, fed
+    inputs_embeds, pools the last position, a pad token, and differs on that row only. With
+    pad_token_id 0 the virtual ids are 1, so the classifier's pad search never stops at them."""
+    import transformers
+
+    config = peftc.models.tiny_config("llama")
+    config.pad_token_id = 0
+    torch.manual_seed(0)
+    model = transformers.LlamaForSequenceClassification(config).eval()
+    gm = rewrite(peftc.capture(model, *example_inputs(model)), n=4)
+    ids = torch.randint(3, 256, (3, 7), generator=torch.Generator().manual_seed(8))
+    mask = torch.ones_like(ids)
+    ids[0, 5:], mask[0, 5:] = 0, 0
+    got = gm(ids, mask)[0]
+    joined = torch.cat([gm.prompt_embeddings.expand(3, -1, -1), model.model.embed_tokens(ids)], 1)
+    hidden = model.model(inputs_embeds=joined, attention_mask=torch.cat([torch.ones(3, 4, dtype=mask.dtype), mask], 1))
+    hand = model.score(hidden.last_hidden_state[torch.arange(3), 4 + mask.sum(1) - 1])
+    assert got.shape == (3, 2) and (got - hand).abs().max() < 1e-5
+    peft_model = peft.get_peft_model(copy.deepcopy(model), peft.PromptTuningConfig(task_type="SEQ_CLS",
+                                                                                   num_virtual_tokens=4))
+    with torch.no_grad():
+        peft_model.prompt_encoder.default.embedding.weight.copy_(gm.prompt_embeddings)
+    differs = (peft_model(input_ids=ids, attention_mask=mask).logits - hand).abs().amax(1)
+    assert differs[0] > 1e-3 and differs[1:].max() < 1e-5
+
+
 @pytest.mark.parametrize("init", ["random", "vocab"])
 def test_init_is_peft_prompt_embedding_for_the_same_seed(init):
     gm = captured("tiny-llama")
@@ -163,12 +190,12 @@ def test_text_prompt_on_bert_with_a_tokenizer_object(word_tokenizer):
 
 
 def test_tokenizer_defaults_to_the_models_name_or_path(word_tokenizer):
-    model = tiny_model("llama")
-    model.config._name_or_path = word_tokenizer
-    gm = peftc.capture(model, *example_inputs(model))
-    assert peftc_meta(gm)["capture"]["config"]["name_or_path"] == word_tokenizer
-    out = rewrite(gm, text="w1 w2")
-    assert out.prompt_ids.tolist() == [[4, 5]]
+    gm = peftc.graph.clone(captured("tiny-llama"))
+    recorded = peftc_meta(gm)["capture"]["config"]
+    assert recorded["max_position_embeddings"] == 2048 and recorded["model_type"] == "llama"
+    assert "name_or_path" not in recorded  # a random-init model has none
+    recorded["name_or_path"] = word_tokenizer  # as capture records a from_pretrained model's folder
+    assert rewrite(gm, text="w1 w2").prompt_ids.tolist() == [[4, 5]]
 
 
 def test_checkpoints_both_ways_in_peft_format(tmp_path):
@@ -204,8 +231,12 @@ def test_errors_name_the_problem():
         rewrite(gm, n=3, init="text", text="hello")
     with pytest.raises(OptionError, match="2048 positions"):
         rewrite(gm, n=2048)
+    gpt2 = peftc.graph.clone(captured("tiny-gpt2"))
     with pytest.raises(OptionError, match="128 positions"):
-        rewrite(captured("tiny-gpt2"), n=200)
+        rewrite(gpt2, n=200)
+    del peftc_meta(gpt2)["capture"]["config"]["max_position_embeddings"]  # then the wpe table's rows say it
+    with pytest.raises(OptionError, match="128 positions"):
+        rewrite(gpt2, n=128)
 
     class NoIds(nn.Module):
         def __init__(self):
