@@ -19,6 +19,9 @@ graph computes rather than by op or module names.
 4. Final hidden states: for each stack of blocks, the stream after its last block and the final
    norm that follows it (`model.norm`, `transformer.ln_f`), or the last block's output where no
    norm follows (post-LN BERT): the input of an LM or classification head.
+5. Position ids: the nodes that number the tokens for position embeddings or rotary angles (an
+   `arange` over the sequence, a slice of a registered `position_ids` buffer holding 0, 1, 2, ...,
+   or a `position_ids` input); techniques that put tokens in front (prefix tuning) shift them.
 
 Every query takes `targets` (see `peftc.targets`) and returns frozen dataclasses.
 """
@@ -46,6 +49,7 @@ __all__ = [
     "block_sites",
     "input_embeddings",
     "final_hidden_states",
+    "position_ids",
 ]
 
 aten = torch.ops.aten
@@ -363,3 +367,60 @@ def _ancestors(node: fx.Node) -> set[fx.Node]:
                 seen.add(a)
                 todo.append(a)
     return seen
+
+
+# --- 5. position ids ------------------------------------------------------------------------
+
+_POSITION_USES = {aten.cos.default, aten.sin.default, torch.cos, torch.sin, "cos", "sin"}
+_INT_FLOW_LIMIT = 12  # ops between the numbering and its embedding lookup or rotary angle
+
+
+def position_ids(gm: fx.GraphModule) -> list[fx.Node]:
+    """Sources of position numbers (case 5): integer `arange`s, buffers holding `arange(k)` and
+    `position_ids` inputs whose values reach a position embedding lookup (as its indices) or a
+    `cos`/`sin` (rotary angles). Masks built from aranges reach neither and are left out."""
+    sources = []
+    for n in _base_nodes(gm):
+        val = _val(n)
+        if val is None or val.is_floating_point() or val.dtype == torch.bool:
+            continue
+        if n.op == "placeholder" and "position" in n.name:
+            sources.append(n)
+        elif _is(n, {aten.arange.default, aten.arange.start, torch.arange, "arange"}) and _numbers_positions(gm, n):
+            sources.append(n)
+        elif n.op == "get_attr" and _is_arange_buffer(gm, n) and _numbers_positions(gm, n):
+            sources.append(n)
+    return sources
+
+
+def _is_arange_buffer(gm: fx.GraphModule, node: fx.Node) -> bool:
+    try:
+        value = gm.get_buffer(str(node.target))
+    except (AttributeError, KeyError):
+        return False
+    if value.numel() < 2 or value.is_floating_point():
+        return False
+    row = value.reshape(-1, value.shape[-1])[0]
+    return bool(torch.equal(row.cpu(), torch.arange(row.numel(), dtype=row.dtype)))
+
+
+def _numbers_positions(gm: fx.GraphModule, source: fx.Node) -> bool:
+    """Whether `source` reaches an embedding lookup as its indices, or a cos/sin, within a few ops."""
+    seen, frontier = {source}, [source]
+    for _ in range(_INT_FLOW_LIMIT):
+        following = []
+        for node in frontier:
+            for user in node.users:
+                if user in seen:
+                    continue
+                seen.add(user)
+                if _is(user, _POSITION_USES) or _embedding_lookup(gm, user) is node:
+                    return True
+                if _is(user, {aten.embedding.default}) or _is(user, _SDPA_FNS):
+                    continue
+                val = _val(user)
+                # masks compare positions (bool); anything else stays on the numbering's path
+                if val is not None and val.dtype != torch.bool:
+                    following.append(user)
+        frontier = following
+    return False

@@ -1,0 +1,154 @@
+"""Prefix tuning against HF peft (PrefixTuningConfig): outputs and gradients on the user's positions for a GQA
+Llama, Qwen2, GPT-2 and BERT, the reparameterisation MLP, other batch sizes and lengths, is_causal SDPA, errors."""
+
+import copy
+import math
+
+import peft
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import peftc
+import peftc.passes.prefix  # noqa: F401  (registers the pass)
+from peftc.errors import OptionError, PassError, TargetError
+from peftc.graph import tagged
+from peftc.models import example_inputs, tiny_model
+from peftc.regions import attention_sites, position_ids
+
+pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning")  # peft passes past_key_values (renamed cache)
+
+TASKS = {"llama": "CAUSAL_LM", "qwen2": "CAUSAL_LM", "gpt2": "CAUSAL_LM", "bert": "FEATURE_EXTRACTION"}
+
+
+def padded_inputs(model, batch=3, seq=7):
+    args, kwargs = example_inputs(model, batch=batch, seq=seq, seed=2)
+    mask = kwargs["attention_mask"].clone()
+    mask[0, :2] = 0  # left padding
+    mask[1, -1] = 0  # right padding
+    return args, {"attention_mask": mask}
+
+
+def loss(out, seed=3):
+    # a fixed random projection: BERT's final LayerNorm makes out.square().mean() nearly constant
+    weight = torch.randn(out.shape[-1], generator=torch.Generator().manual_seed(seed))
+    return (out * weight).sum()
+
+
+def build_pair(arch, n=3, projection=False, hidden=None):
+    model = tiny_model(arch)
+    args, kwargs = example_inputs(model)  # captured at batch 2, length 16
+    extra = f", encoder_hidden_size={hidden}" if hidden else ""
+    gm = peftc.apply(peftc.capture(copy.deepcopy(model), args, kwargs),
+                     f"freeze, prefix(n={n}, prefix_projection={projection}{extra}, seed=1)")
+    config = peft.PrefixTuningConfig(task_type=TASKS[arch], num_virtual_tokens=n, prefix_projection=projection,
+                                     **({"encoder_hidden_size": hidden} if hidden else {}))
+    peft_model = peft.get_peft_model(model, config)
+    theirs = {name: p for name, p in peft_model.named_parameters() if p.requires_grad}
+    ours = {name: p for name, p in gm.named_parameters() if p.requires_grad}
+    assert set(ours) == set(theirs), (sorted(ours), sorted(theirs))  # peft's names and shapes
+    with torch.no_grad():
+        for name, p in theirs.items():
+            assert p.shape == ours[name].shape
+            p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(len(name))) * 0.5)
+            ours[name].copy_(p)
+    return peft_model, gm, theirs, ours
+
+
+def assert_parity(peft_model, gm, theirs, ours, args, kwargs, arch):
+    eager = kwargs if arch == "bert" else {**kwargs, "use_cache": False}
+    expected, got = peft_model(*args, **eager)[0], gm(*args, **kwargs)[0]
+    assert got.shape == expected.shape == (*args[0].shape, expected.shape[-1])  # [B, L, ...]: user positions only
+    base = peft_model.get_base_model()(*args, **eager)[0]
+    assert (expected - base).abs().max() > 1e-2  # the prefix changes the output, so parity means something
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+    loss(expected).backward()
+    loss(got).backward()
+    for name, p in theirs.items():
+        assert p.grad.abs().max() > 0
+        torch.testing.assert_close(ours[name].grad, p.grad, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "gpt2", "bert"])
+def test_parity_with_peft(arch):
+    peft_model, gm, theirs, ours = build_pair(arch)
+    if arch in ("llama", "qwen2"):  # GQA: the prefix has num_key_value_heads heads, as peft's token_dim
+        assert theirs["prompt_encoder.default.embedding.weight"].shape == (3, 2 * 2 * 2 * 16)
+    assert_parity(peft_model, gm, theirs, ours, *padded_inputs(peft_model.get_base_model()), arch)
+
+
+def test_parity_with_prefix_projection():
+    peft_model, gm, theirs, ours = build_pair("llama", n=4, projection=True, hidden=24)
+    assert {n: tuple(p.shape) for n, p in ours.items()} == {
+        "prompt_encoder.default.embedding.weight": (4, 32), "prompt_encoder.default.transform.0.weight": (24, 32),
+        "prompt_encoder.default.transform.0.bias": (24,), "prompt_encoder.default.transform.2.weight": (128, 24),
+        "prompt_encoder.default.transform.2.bias": (128,)}
+    assert_parity(peft_model, gm, theirs, ours, *padded_inputs(peft_model.get_base_model(), batch=2, seq=11), "llama")
+
+
+def test_other_batch_sizes_and_lengths():
+    peft_model, gm, theirs, ours = build_pair("gpt2", n=5)
+    for batch, seq in ((1, 3), (4, 20)):
+        args, kwargs = example_inputs(peft_model.get_base_model(), batch=batch, seq=seq, seed=batch)
+        expected = peft_model(*args, **kwargs, use_cache=False)[0]
+        torch.testing.assert_close(gm(*args, **kwargs)[0], expected, atol=1e-5, rtol=1e-5)
+
+
+def test_positions_are_shifted_and_masks_extended_once():
+    model = tiny_model("llama")
+    args, kwargs = example_inputs(model)
+    gm = peftc.capture(model, args, kwargs)
+    assert [n.target for n in position_ids(gm)] == [torch.ops.aten.arange.default]  # rotary only, not the mask's
+    out = peftc.apply(gm, "prefix(n=2)")
+    assert len(tagged(out, **{"pass": "prefix"}, role="positions_shifted")) == 1
+    assert len(tagged(out, **{"pass": "prefix"}, role="mask_with_prefix")) == 1  # both layers share the mask
+    bert = tiny_model("bert")
+    assert [n.target for n in position_ids(peftc.capture(bert, *example_inputs(bert)))] == ["embeddings.position_ids"]
+
+
+class CausalAttention(nn.Module):
+    """One attention with `is_causal=True` and no mask, and its eager reference with an explicit prefix."""
+
+    def __init__(self, d=32, heads=4):
+        super().__init__()
+        self.heads, self.qkv = heads, nn.Linear(d, 3 * d)
+
+    def split(self, x):
+        b, s, _ = x.shape
+        return [t.reshape(b, s, self.heads, -1).transpose(1, 2) for t in self.qkv(x).chunk(3, -1)]
+
+    def forward(self, x):
+        q, k, v = self.split(x)
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+
+    def reference(self, x, pk, pv):
+        q, k, v = self.split(x)
+        b, n, s = x.shape[0], pk.shape[1], x.shape[1]
+        k, v = torch.cat([pk.expand(b, -1, -1, -1), k], 2), torch.cat([pv.expand(b, -1, -1, -1), v], 2)
+        scores = q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])
+        visible = torch.arange(n + s)[None, :] <= torch.arange(s)[:, None] + n
+        return scores.masked_fill(~visible, float("-inf")).softmax(-1) @ v
+
+
+def test_is_causal_without_mask_against_eager_reference():
+    module = CausalAttention().eval()
+    x = torch.randn(2, 5, 32)
+    gm = peftc.apply(peftc.capture(module, (x,)), "prefix(n=3, seed=0)")
+    site = attention_sites(gm)[0]
+    assert site.mask is not None and site.is_causal is False
+    flat = gm.get_parameter("prompt_encoder.default.embedding.weight")
+    kv = flat.reshape(3, 2, 4, 8).permute(1, 2, 0, 3)
+    for y in (x, torch.randn(3, 9, 32)):
+        torch.testing.assert_close(gm(y), module.reference(y, kv[0], kv[1]), atol=1e-5, rtol=1e-5)
+
+
+def test_errors():
+    with pytest.raises(OptionError, match="n .*positive"):
+        peftc.apply(peftc.capture(tiny_model("gpt2"), *example_inputs(tiny_model("gpt2"))), "prefix(n=0)")
+    plain = peftc.capture(nn.Sequential(nn.Linear(4, 4)), (torch.randn(2, 4),))
+    with pytest.raises(PassError, match="no attention sites"):
+        peftc.apply(plain, "prefix(n=2)")
+    model = tiny_model("gpt2")
+    with pytest.raises(TargetError):
+        peftc.apply(peftc.capture(model, *example_inputs(model)), "prefix(n=2, targets='*.nothing_here')")
