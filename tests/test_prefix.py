@@ -16,6 +16,7 @@ from peftc.errors import OptionError, PassError, TargetError
 from peftc.graph import tagged
 from peftc.models import example_inputs, tiny_model
 from peftc.regions import attention_sites, position_ids
+from conftest import captured
 
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning")  # peft passes past_key_values (renamed cache)
 
@@ -37,11 +38,9 @@ def loss(out, seed=3):
 
 
 def build_pair(arch, n=3, projection=False, hidden=None):
-    model = tiny_model(arch)
-    args, kwargs = example_inputs(model)  # captured at batch 2, length 16
+    model = tiny_model(arch)  # the model conftest captured at batch 2, length 16
     extra = f", encoder_hidden_size={hidden}" if hidden else ""
-    gm = peftc.apply(peftc.capture(copy.deepcopy(model), args, kwargs),
-                     f"freeze, prefix(n={n}, prefix_projection={projection}{extra}, seed=1)")
+    gm = peftc.apply(captured(f"tiny-{arch}"), f"freeze, prefix(n={n}, prefix_projection={projection}{extra}, seed=1)")
     config = peft.PrefixTuningConfig(task_type=TASKS[arch], num_virtual_tokens=n, prefix_projection=projection,
                                      **({"encoder_hidden_size": hidden} if hidden else {}))
     peft_model = peft.get_peft_model(model, config)
@@ -96,15 +95,12 @@ def test_other_batch_sizes_and_lengths():
 
 
 def test_positions_are_shifted_and_masks_extended_once():
-    model = tiny_model("llama")
-    args, kwargs = example_inputs(model)
-    gm = peftc.capture(model, args, kwargs)
+    gm = captured("tiny-llama")
     assert [n.target for n in position_ids(gm)] == [torch.ops.aten.arange.default]  # rotary only, not the mask's
     out = peftc.apply(gm, "prefix(n=2)")
     assert len(tagged(out, **{"pass": "prefix"}, role="positions_shifted")) == 1
     assert len(tagged(out, **{"pass": "prefix"}, role="mask_with_prefix")) == 1  # both layers share the mask
-    bert = tiny_model("bert")
-    assert [n.target for n in position_ids(peftc.capture(bert, *example_inputs(bert)))] == ["embeddings.position_ids"]
+    assert [n.target for n in position_ids(captured("tiny-bert"))] == ["embeddings.position_ids"]
 
 
 class CausalAttention(nn.Module):
@@ -144,11 +140,48 @@ def test_is_causal_without_mask_against_eager_reference():
 
 
 def test_errors():
+    gm = peftc.capture(CausalAttention(), (torch.randn(2, 5, 32),))
     with pytest.raises(OptionError, match="n .*positive"):
-        peftc.apply(peftc.capture(tiny_model("gpt2"), *example_inputs(tiny_model("gpt2"))), "prefix(n=0)")
+        peftc.apply(gm, "prefix(n=0)")
+    with pytest.raises(TargetError):
+        peftc.apply(gm, "prefix(n=2, targets='*.nothing_here')")
     plain = peftc.capture(nn.Sequential(nn.Linear(4, 4)), (torch.randn(2, 4),))
     with pytest.raises(PassError, match="no attention sites"):
         peftc.apply(plain, "prefix(n=2)")
-    model = tiny_model("gpt2")
-    with pytest.raises(TargetError):
-        peftc.apply(peftc.capture(model, *example_inputs(model)), "prefix(n=2, targets='*.nothing_here')")
+
+
+def test_sequence_classifier_where_peft_fails():
+    """peft refuses prefix tuning on LlamaForSequenceClassification under transformers 5 ("Model does not support
+    past key values"); peftc's logits equal the score head on peft's causal-LM final hidden states, same weights."""
+    import transformers
+
+    from peftc.models import tiny_config
+
+    config = tiny_config("llama")
+    config.pad_token_id = 0
+    config.num_labels = 3
+    torch.manual_seed(0)
+    classifier = transformers.LlamaForSequenceClassification(config).eval()
+    lm = transformers.LlamaForCausalLM(config).eval()
+    lm.model.load_state_dict(classifier.model.state_dict())
+    args, kwargs = example_inputs(classifier)
+    gm = peftc.apply(peftc.capture(classifier, args, kwargs), "freeze, prefix(n=3, seed=1)")
+    with pytest.raises(Exception, match="past key values"):
+        peft.get_peft_model(copy.deepcopy(classifier), peft.PrefixTuningConfig(task_type="SEQ_CLS", num_virtual_tokens=3))(
+            *args, **kwargs)
+    peft_lm = peft.get_peft_model(lm, peft.PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=3))
+    ours = gm.get_parameter("prompt_encoder.default.embedding.weight")
+    theirs = peft_lm.get_parameter("prompt_encoder.default.embedding.weight")
+    with torch.no_grad():
+        theirs.copy_(ours)
+    ids = example_inputs(classifier, batch=3, seq=6, seed=4)[0][0]
+    mask = torch.ones_like(ids)
+    ids[1, 4:], mask[1, 4:] = 0, 0  # right padding: the classifier pools token 3 of row 1
+    captured = {}
+    peft_lm.get_base_model().model.norm.register_forward_hook(lambda m, i, o: captured.setdefault("h", o))
+    peft_lm(ids, attention_mask=mask, use_cache=False)
+    last = torch.tensor([5, 3, 5])
+    expected = classifier.score(captured["h"])[torch.arange(3), last]
+    got = gm(ids, attention_mask=mask)[0]
+    assert (got - classifier(ids, attention_mask=mask)[0]).abs().max() > 1e-2
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
