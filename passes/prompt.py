@@ -31,6 +31,7 @@ from __future__ import annotations
 import json
 import math
 import os
+from operator import getitem
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -44,7 +45,7 @@ from peftc.graph import get_attr_path, peftc_meta, set_tensor, tag
 from peftc.registry import PassResult, register_pass
 from peftc.regions import input_embeddings
 
-__all__ = ["PromptOptions", "prompt", "save_prompt", "load_prompt"]
+__all__ = ["PromptOptions", "prompt", "PtuningOptions", "ptuning", "PromptEncoder", "save_prompt", "load_prompt"]
 
 aten = torch.ops.aten
 _END = 9223372036854775807  # slice to the end, as exported graphs write it
@@ -89,17 +90,13 @@ def prompt(gm: fx.GraphModule, options: PromptOptions) -> PassResult:
     3. Masks, token types and labels are extended as peft does; per-token outputs keep the user's positions.
     """
     site, ids = _token_input(gm)
-    seq = ids.meta["val"].shape[1]
     config = peftc_meta(gm).get("capture", {}).get("config", {})
     if options.n is None:
         prompt_ids = _tokenize(gm, options, special_tokens=False)
         n = len(prompt_ids)
     else:
         n = options.n
-    limit = _max_positions(gm, config)
-    if limit is not None and n >= limit:
-        raise OptionError(f"prompt: {n} prompt tokens leave no position for the input: the model has {limit} "
-                          "positions; use a shorter prompt or fewer virtual tokens")
+    _check_positions(gm, n, config, PASS)
     table = _get(gm, site.node.args[0]) if site.node.target is aten.embedding.default else None
     if options.n is not None:
         if table is None:
@@ -110,18 +107,32 @@ def prompt(gm: fx.GraphModule, options: PromptOptions) -> PassResult:
     else:
         set_tensor(gm, IDS_BUFFER, torch.tensor([prompt_ids], dtype=torch.long), buffer=True, persistent=False)
 
-    per_token = _per_token_outputs(gm, seq)
-    graph = gm.graph
-    placeholders = [p for p in graph.nodes if p.op == "placeholder"]
-    extended = _extend_inputs(gm, placeholders, ids, seq, n, options.n is not None, config)
-    if options.n is not None:
-        _replace_rows(gm, site.node, extended["batch"], n, site.path)
-    _slice_outputs(gm, per_token, n)
+    per_token = _prepend(gm, site, ids, n, config, (lambda: gm.graph.get_attr(PARAM)) if options.n is not None else None)
     what = f"prompt of {n} tokens" if options.n is None else f"{n} virtual tokens ({options.init} init)"
     params = (PARAM,) if options.n is not None else ()
     return PassResult(gm, modified=True, sites=(site.path,),
-                      report=f"{what} in front of {ids.target!r}; {len(per_token)} per-token output(s) sliced"
+                      report=f"{what} in front of {ids.target!r}; {per_token} per-token output(s) sliced"
                       + (f"; trainable {params[0]}" if params else ""))
+
+
+def _prepend(gm: fx.GraphModule, site: Any, ids: fx.Node, n: int, config: dict[str, Any], make_prompt: Any) -> int:
+    """Extend the per-token inputs by n positions, replace the virtual rows by `make_prompt()` (prompt
+    engineering: None, the ids are the prompt) and slice per-token outputs back to the user's positions."""
+    seq = ids.meta["val"].shape[1]
+    per_token = _per_token_outputs(gm, seq)
+    placeholders = [p for p in gm.graph.nodes if p.op == "placeholder"]
+    extended = _extend_inputs(gm, placeholders, ids, seq, n, make_prompt is not None, config)
+    if make_prompt is not None:
+        _replace_rows(gm, site.node, extended["batch"], n, site.path, make_prompt)
+    _slice_outputs(gm, per_token, n)
+    return len(per_token)
+
+
+def _check_positions(gm: fx.GraphModule, n: int, config: dict[str, Any], name: str) -> None:
+    limit = _max_positions(gm, config)
+    if limit is not None and n >= limit:
+        raise OptionError(f"{name}: {n} prompt tokens leave no position for the input: the model has {limit} "
+                          "positions; use a shorter prompt or fewer virtual tokens")
 
 
 # --- the graph's token input --------------------------------------------------------------------
@@ -211,12 +222,16 @@ def _extend_inputs(gm: fx.GraphModule, placeholders: list[fx.Node], ids: fx.Node
     return extended
 
 
-def _replace_rows(gm: fx.GraphModule, embedded: fx.Node, batch: fx.Node, n: int, path: str) -> None:
-    """`e` -> `cat(prompt_embeddings.expand(B, n, d).to(e.dtype), e[:, n:])` (peft's `cat(prompts, embeds)`)."""
+def _replace_rows(gm: fx.GraphModule, embedded: fx.Node, batch: fx.Node, n: int, path: str,
+                  make_prompt: Any, pass_name: str = PASS) -> None:
+    """`e` -> `cat(prompt.expand(B, n, d).to(e.dtype), e[:, n:])` (peft's `cat(prompts, embeds)`); `make_prompt()`
+    inserts the nodes computing the (n, d) prompt and returns the last one."""
     graph = gm.graph
     dtype = embedded.meta["val"].dtype
-    with graph.inserting_after(embedded):
-        weight = tag(graph.get_attr(PARAM), pass_name=PASS, role="prompt_embeddings", path=path)
+    with graph.inserting_before(embedded.next):  # keeps the order of several new nodes
+        weight = make_prompt()
+    if "peftc" not in weight.meta:
+        tag(weight, pass_name=pass_name, role="prompt_embeddings", path=path)
     with graph.inserting_after(weight):
         unsqueezed = _new(gm, "prompt", path, aten.unsqueeze.default, weight, 0)
     with graph.inserting_after(unsqueezed):
@@ -303,6 +318,111 @@ def _max_positions(gm: fx.GraphModule, config: dict[str, Any]) -> int | None:
     return None
 
 
+# --- P-tuning ------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PtuningOptions:
+    n: int = 20  # virtual tokens
+    encoder: Literal["mlp", "lstm"] = "mlp"  # peft's encoder_reparameterization_type
+    hidden: int | None = None  # encoder_hidden_size; default: the model's embedding width (peft's default)
+    num_layers: int = 2  # LSTM layers (peft's encoder_num_layers; the MLP always has 3 linears)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.n, int) or self.n < 1:
+            raise OptionError(f"ptuning: n must be a positive number of virtual tokens, got {self.n!r}")
+        if self.hidden is not None and self.hidden < 1:
+            raise OptionError(f"ptuning: hidden must be a positive encoder width, got {self.hidden!r}")
+        if self.num_layers < 1:
+            raise OptionError(f"ptuning: num_layers must be at least 1, got {self.num_layers!r}")
+
+
+class PromptEncoder(nn.Module):
+    """peft's P-tuning `PromptEncoder` (same submodules, names and init order, so a seed gives peft's weights)."""
+
+    def __init__(self, n: int, dim: int, hidden: int, encoder: str, num_layers: int) -> None:
+        super().__init__()
+        self.embedding = nn.Embedding(n, dim)
+        if encoder == "lstm":
+            self.lstm_head = nn.LSTM(dim, hidden, num_layers=num_layers, bidirectional=True, batch_first=True)
+            self.mlp_head = nn.Sequential(nn.Linear(hidden * 2, hidden * 2), nn.ReLU(), nn.Linear(hidden * 2, dim))
+        else:
+            self.mlp_head = nn.Sequential(nn.Linear(dim, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU(),
+                                          nn.Linear(hidden, dim))
+
+    def forward(self) -> torch.Tensor:
+        x = self.embedding.weight
+        if hasattr(self, "lstm_head"):
+            x = self.lstm_head(x[None])[0][0]
+        return self.mlp_head(x)
+
+
+ENCODER = "prompt_encoder"
+
+
+@register_pass("ptuning", options=PtuningOptions)
+def ptuning(gm: fx.GraphModule, options: PtuningOptions) -> PassResult:
+    """P-tuning as peft does it: n virtual tokens whose embeddings an encoder computes from a trainable table.
+
+    1. `prompt = mlp_head(embedding.weight)` (`encoder="mlp"`: Linear-ReLU-Linear-ReLU-Linear) or
+       `mlp_head(lstm_head(embedding.weight))` (`encoder="lstm"`: a bidirectional LSTM, then Linear-ReLU-Linear),
+       with its parameters under `prompt_encoder.` at peft's names (without peft's adapter name).
+    2. Inputs, virtual ids and outputs as `prompt(n=...)`; peft's checkpoint holds the encoder's output as
+       `prompt_embeddings`: `save_prompt` writes it, and it loads into a `prompt(n=...)` module.
+    """
+    site, ids = _token_input(gm)
+    config = peftc_meta(gm).get("capture", {}).get("config", {})
+    _check_positions(gm, options.n, config, "ptuning")
+    table = _get(gm, site.node.args[0]) if site.node.target is aten.embedding.default else None
+    if table is None:
+        raise OptionError(f"ptuning: the token embedding at {site.path or '<root>'} is not an aten.embedding "
+                          "lookup of a weight; capture the model with peftc.capture (torch.export)")
+    dim = int(table.shape[1])
+    encoder = PromptEncoder(options.n, dim, options.hidden or dim, options.encoder, options.num_layers)
+    gm.add_module(ENCODER, encoder.to(table.device))
+    before = set(gm.graph.nodes)
+    _prepend(gm, site, ids, options.n, config, lambda: _encoder_nodes(gm, encoder, site.path))
+    for node in gm.graph.nodes:
+        if node not in before and node.meta.get("peftc", {}).get("pass") == PASS:
+            node.meta["peftc"]["pass"] = "ptuning"
+    params = tuple(f"{ENCODER}.{name}" for name, _ in encoder.named_parameters())
+    return PassResult(gm, modified=True, sites=(site.path,),
+                      report=f"{options.n} virtual tokens from a {options.encoder} encoder; trainable {', '.join(params)}")
+
+
+def _encoder_nodes(gm: fx.GraphModule, encoder: PromptEncoder, path: str) -> fx.Node:
+    """Insert `encoder()` as aten ops on its parameters (at the current insertion point); returns its output."""
+    graph = gm.graph
+    nodes: list[fx.Node] = []
+
+    def add(role: str, node: fx.Node) -> fx.Node:
+        tag(node, pass_name="ptuning", role=role, path=ENCODER)
+        nodes.append(node)
+        return node
+
+    def attr(name: str) -> fx.Node:
+        return add("encoder_weight", graph.get_attr(f"{ENCODER}.{name}"))
+
+    x = attr("embedding.weight")
+    if hasattr(encoder, "lstm_head"):
+        lstm = encoder.lstm_head
+        weights = [attr(f"lstm_head.{name}") for name in lstm._flat_weights_names]
+        layers = 2 * lstm.num_layers
+        h0 = add("lstm_state", graph.call_function(aten.new_zeros.default, (x, [layers, 1, lstm.hidden_size])))
+        batched = add("lstm_input", graph.call_function(aten.unsqueeze.default, (x, 0)))
+        out = add("lstm", graph.call_function(aten.lstm.input, (batched, [h0, h0], weights, True, lstm.num_layers,
+                                                                 0.0, False, True, True)))
+        first = add("lstm_output", graph.call_function(getitem, (out, 0)))
+        x = add("lstm_output", graph.call_function(aten.select.int, (first, 0, 0)))
+    for index, layer in enumerate(encoder.mlp_head):
+        if isinstance(layer, nn.Linear):
+            x = add("mlp", graph.call_function(aten.linear.default, (x, attr(f"mlp_head.{index}.weight"),
+                                                                     attr(f"mlp_head.{index}.bias"))))
+        else:
+            x = add("mlp", graph.call_function(aten.relu.default, (x,)))
+    return x
+
+
 # --- peft's checkpoint format -------------------------------------------------------------------
 
 
@@ -318,20 +438,32 @@ def _task_type(gm: fx.GraphModule) -> str:
 
 
 def save_prompt(gm: fx.GraphModule, path: str | os.PathLike[str], *, task_type: str | None = None) -> Path:
-    """Write `gm`'s `prompt_embeddings` as peft's prompt-tuning checkpoint (loads in `PeftModel.from_pretrained`)."""
+    """Write `gm`'s prompt as peft's checkpoint (loads in `PeftModel.from_pretrained`): `prompt_embeddings`
+    of `prompt(n=...)`, or for `ptuning` the encoder's output, as peft saves P-tuning adapters."""
     from safetensors.torch import save_file
 
-    weight = _weight(gm)
+    encoder = getattr(gm, ENCODER, None)
+    if isinstance(encoder, PromptEncoder):
+        with torch.no_grad():
+            weight = encoder()
+    else:
+        weight = _weight(gm)
     config = peftc_meta(gm).get("capture", {}).get("config", {})
     adapter_config = {
         "peft_type": "PROMPT_TUNING", "task_type": task_type or _task_type(gm), "inference_mode": True,
         "num_virtual_tokens": int(weight.shape[0]), "token_dim": int(weight.shape[1]),
         "num_transformer_submodules": 1, "num_attention_heads": config.get("num_attention_heads"),
-        "num_layers": config.get("num_hidden_layers"), "prompt_tuning_init": "RANDOM",
-        "prompt_tuning_init_text": None, "tokenizer_name_or_path": None, "tokenizer_kwargs": None,
-        "base_model_name_or_path": config.get("name_or_path"), "revision": None, "modules_to_save": None,
-        "auto_mapping": None,
+        "num_layers": config.get("num_hidden_layers"), "base_model_name_or_path": config.get("name_or_path"),
+        "revision": None, "modules_to_save": None, "auto_mapping": None,
     }
+    if isinstance(encoder, PromptEncoder):
+        lstm = getattr(encoder, "lstm_head", None)
+        adapter_config.update(peft_type="P_TUNING", encoder_reparameterization_type="LSTM" if lstm else "MLP",
+                              encoder_hidden_size=encoder.mlp_head[0].in_features // 2 if lstm else encoder.mlp_head[0].out_features,
+                              encoder_num_layers=lstm.num_layers if lstm else 2, encoder_dropout=0.0)
+    else:
+        adapter_config.update(prompt_tuning_init="RANDOM", prompt_tuning_init_text=None, tokenizer_name_or_path=None,
+                              tokenizer_kwargs=None)
     with atomic_dir(path) as tmp:
         (tmp / "adapter_config.json").write_text(json.dumps(adapter_config, indent=2))
         save_file({PARAM: weight.detach().cpu().contiguous()}, str(tmp / "adapter_model.safetensors"))
@@ -339,7 +471,8 @@ def save_prompt(gm: fx.GraphModule, path: str | os.PathLike[str], *, task_type: 
 
 
 def load_prompt(gm: fx.GraphModule, path: str | os.PathLike[str]) -> fx.GraphModule:
-    """Copy a peft prompt-tuning checkpoint's `prompt_embeddings` into `gm` (rewritten by `prompt(n=...)`)."""
+    """Copy a peft prompt-tuning or P-tuning checkpoint's `prompt_embeddings` into `gm` (rewritten by
+    `prompt(n=...)`: a P-tuning checkpoint holds the encoder's output, a constant prompt at inference)."""
     from safetensors.torch import load_file
 
     folder = Path(path)
@@ -360,5 +493,6 @@ def load_prompt(gm: fx.GraphModule, path: str | os.PathLike[str]) -> fx.GraphMod
 def _weight(gm: fx.GraphModule) -> torch.Tensor:
     weight = getattr(gm, PARAM, None)
     if not isinstance(weight, torch.Tensor):
-        raise OptionError(f"this module has no {PARAM}; rewrite it with prompt(n=...) first")
+        raise OptionError(f"this module has no {PARAM}; rewrite it with prompt(n=...) first (a P-tuning "
+                          "checkpoint loads there too: peft saves the encoder's output)")
     return weight

@@ -248,3 +248,4 @@ def test_errors_name_the_problem():
 
     with pytest.raises(OptionError, match="no token ids input"):
         rewrite(peftc.capture(NoIds(), (torch.randn(2, 3, 4),)), n=2)
+

@@ -1,0 +1,58 @@
+"""The `ptuning` pass against HF peft's P-tuning (PromptEncoderConfig, MLP and LSTM encoders): init, outputs,
+gradients of every encoder weight, checkpoints both ways (peft saves the encoder's output)."""
+
+import copy
+
+import peft
+import pytest
+import torch
+
+import peftc
+import peftc.passes.prompt as prompt_pass
+from peftc.errors import OptionError
+from peftc.pipeline import Pipeline
+from conftest import captured, loaded
+
+
+def rewrite(gm, name, **options):
+    return Pipeline([(name, options)]).run(gm).graph_module
+
+
+@pytest.mark.parametrize("arch,encoder,task_type", [("llama", "mlp", "CAUSAL_LM"), ("bert", "lstm", "FEATURE_EXTRACTION")])
+def test_ptuning_matches_peft_init_outputs_gradients_and_checkpoints(arch, encoder, task_type, tmp_path):
+    """The same seed gives peft's encoder weights (same modules, names and init order); outputs and every
+    encoder gradient equal peft's; the saved encoder output loads in peft, peft's loads in prompt(n)."""
+    base = peftc.apply(captured(f"tiny-{arch}"), "freeze")
+    torch.manual_seed(5)
+    gm = rewrite(base, "ptuning", n=4, encoder=encoder, hidden=32)
+    torch.manual_seed(5)
+    model = peft.get_peft_model(copy.deepcopy(loaded(f"tiny-{arch}").model), peft.PromptEncoderConfig(
+        task_type=task_type, num_virtual_tokens=4, encoder_reparameterization_type=encoder.upper(),
+        encoder_hidden_size=32))
+    ours, theirs = dict(gm.prompt_encoder.named_parameters()), dict(model.prompt_encoder.default.named_parameters())
+    assert list(ours) == list(theirs) and all(torch.equal(ours[k], theirs[k]) for k in ours)
+    assert sorted(n for n, p in gm.named_parameters() if p.requires_grad) == sorted(f"prompt_encoder.{k}" for k in ours)
+    ids = torch.randint(3, 256, (3, 7), generator=torch.Generator().manual_seed(9))
+    mask = torch.ones_like(ids)
+    mask[0, 5:] = 0
+    got, expected = gm(ids, mask)[0], model(input_ids=ids, attention_mask=mask)[0][:, 4:]
+    assert (got - expected).abs().max() < 1e-5
+    weights = torch.randn(got.shape, generator=torch.Generator().manual_seed(2))
+    (got * weights).sum().backward()
+    (expected * weights).sum().backward()
+    assert max((ours[k].grad - theirs[k].grad).abs().max() for k in ours) < 1e-5
+    prompt_pass.save_prompt(gm, tmp_path / "ours")
+    reloaded = peft.PeftModel.from_pretrained(copy.deepcopy(loaded(f"tiny-{arch}").model), tmp_path / "ours")
+    assert (reloaded(input_ids=ids, attention_mask=mask)[0][:, 4:] - got).abs().max() < 1e-5
+    model.save_pretrained(tmp_path / "peft")
+    constant = prompt_pass.load_prompt(rewrite(captured(f"tiny-{arch}"), "prompt", n=4), tmp_path / "peft")
+    assert (constant(ids, mask)[0] - got).abs().max() < 1e-5
+
+
+def test_ptuning_errors_name_the_problem():
+    with pytest.raises(OptionError, match="positive"):
+        rewrite(captured("tiny-llama"), "ptuning", n=0)
+    with pytest.raises(OptionError, match="encoder width"):
+        rewrite(captured("tiny-llama"), "ptuning", n=2, hidden=0)
+    with pytest.raises(OptionError, match="2048 positions"):
+        rewrite(captured("tiny-llama"), "ptuning", n=4096)
