@@ -19,22 +19,30 @@
 5. Positions: peft runs the model with a cache of n entries, so the user's tokens are numbered
    n..n+L-1 (rotary and learned absolute positions alike): every position-id source found by
    `regions.position_ids` is shifted by n.
+6. Checkpoints in peft's format (`save_prefix`, `load_prefix`): `adapter_model.safetensors` holds
+   `prompt_embeddings`, the flat prefix (n, 2 * layers * token_dim) after any projection (what peft
+   saves), beside peft's PrefixTuningConfig as `adapter_config.json`. A loaded prefix is the flat
+   parameter, as peft's `inference_mode`: a projection cannot be recovered from its output.
 """
 
 from __future__ import annotations
 
+import json
 import operator
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import torch
 from torch import fx, nn
 
 import peftc
-from peftc.errors import OptionError, PassError
-from peftc.graph import set_tensor, tag
+from peftc._io import atomic_dir
+from peftc.errors import CheckpointError, OptionError, PassError
+from peftc.graph import get_tensor, set_tensor, tag, tagged
 from peftc.regions import AttentionSite, attention_sites, position_ids
 
-__all__ = ["PrefixOptions", "prefix"]
+__all__ = ["PrefixOptions", "prefix", "save_prefix", "load_prefix"]
 
 aten = torch.ops.aten
 _PASS = "prefix"
@@ -214,3 +222,86 @@ def _shift_positions(gm: fx.GraphModule, n: int) -> list[fx.Node]:
         source.replace_all_uses_with(shifted, delete_user_cb=lambda user, new=shifted: user is not new)
         tag(shifted, pass_name=_PASS, role="positions_shifted", path=source.meta.get("module_path", ""))
     return sources
+
+
+# --- checkpoints in peft's format (case 6) --------------------------------------------------
+
+WEIGHTS, CONFIG = "adapter_model.safetensors", "adapter_config.json"
+
+
+def _layout(gm: fx.GraphModule, adapter: str) -> tuple[int, int, int, int]:
+    """(n, layers, kv_heads, head_dim) of prefix `adapter`, read from its reshape node."""
+    root = f"prompt_encoder.{adapter}"
+    views = [v for v in tagged(gm, **{"pass": _PASS}, role="prefix_view") if v.meta.get("module_path") == root]
+    if not views:
+        raise CheckpointError(f"no prefix named {adapter!r} in this graph; apply 'prefix(n=...)' first")
+    n, two_layers, kv_heads, head_dim = views[0].args[1]
+    return n, two_layers // 2, kv_heads, head_dim
+
+
+def _flat_prefix(gm: fx.GraphModule, adapter: str) -> torch.Tensor:
+    root = f"prompt_encoder.{adapter}"
+    weight = get_tensor(gm, f"{root}.embedding.weight")
+    try:
+        w0, b0 = get_tensor(gm, f"{root}.transform.0.weight"), get_tensor(gm, f"{root}.transform.0.bias")
+        w2, b2 = get_tensor(gm, f"{root}.transform.2.weight"), get_tensor(gm, f"{root}.transform.2.bias")
+    except (AttributeError, KeyError):
+        return weight.detach()
+    return torch.nn.functional.linear(torch.tanh(torch.nn.functional.linear(weight, w0, b0)), w2, b2).detach()
+
+
+def save_prefix(gm: fx.GraphModule, directory: str | Path, adapter: str = "default",
+                task_type: str | None = "CAUSAL_LM", base_model_name_or_path: str | None = None) -> Path:
+    """Write prefix `adapter` as peft saves PREFIX_TUNING: `prompt_embeddings` (the flat prefix after any
+    projection) and its PrefixTuningConfig, loadable by `PeftModel.from_pretrained`."""
+    from safetensors.torch import save_file
+
+    n, layers, kv_heads, head_dim = _layout(gm, adapter)
+    root = f"prompt_encoder.{adapter}"
+    projection = any(name.startswith(f"{root}.transform.") for name, _ in gm.named_parameters())
+    hidden = get_tensor(gm, f"{root}.transform.0.weight").shape[0] if projection else kv_heads * head_dim
+    config = {"peft_type": "PREFIX_TUNING", "task_type": task_type, "num_virtual_tokens": n,
+              "token_dim": kv_heads * head_dim, "num_transformer_submodules": 1, "num_attention_heads": kv_heads,
+              "num_layers": layers, "encoder_hidden_size": hidden, "prefix_projection": projection,
+              "init_weights": None, "inference_mode": True, "modules_to_save": None, "auto_mapping": None,
+              "base_model_name_or_path": base_model_name_or_path, "revision": None}
+    with atomic_dir(directory) as tmp:
+        save_file({"prompt_embeddings": _flat_prefix(gm, adapter).contiguous()}, tmp / WEIGHTS)
+        (tmp / CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    return Path(directory)
+
+
+def load_prefix(gm: fx.GraphModule, directory: str | Path, adapter: str = "default") -> fx.GraphModule:
+    """A copy of `gm` with the peft PREFIX_TUNING checkpoint in `directory` as prefix `adapter` (the flat
+    parameter, trainable as after `prefix`); `gm` is not changed."""
+    from safetensors.torch import load_file
+
+    directory = Path(directory)
+    if not (directory / CONFIG).exists() or not (directory / WEIGHTS).exists():
+        raise CheckpointError(f"{directory} is not a peft adapter folder: it needs {CONFIG} and {WEIGHTS}")
+    config: dict[str, Any] = json.loads((directory / CONFIG).read_text())
+    if config.get("peft_type") != "PREFIX_TUNING":
+        raise CheckpointError(f"{directory} holds a {config.get('peft_type')} adapter, not PREFIX_TUNING; load it with "
+                              "peftc.load_adapter")
+    if config.get("num_transformer_submodules", 1) != 1:
+        raise CheckpointError(f"{directory} is an encoder-decoder prefix (num_transformer_submodules="
+                              f"{config['num_transformer_submodules']}), which the prefix pass does not build")
+    found = load_file(directory / WEIGHTS)
+    if set(found) != {"prompt_embeddings"}:
+        raise CheckpointError(f"{directory}: expected one tensor 'prompt_embeddings', found {sorted(found)}")
+    n = int(config["num_virtual_tokens"])
+    out = peftc.apply(gm, f"prefix(n={n}, adapter={adapter!r})")
+    _, layers, kv_heads, head_dim = _layout(out, adapter)
+    ours = (n, 2 * layers * kv_heads * head_dim)
+    theirs = (config["num_layers"], config["token_dim"], config["num_attention_heads"])
+    if theirs != (layers, kv_heads * head_dim, kv_heads) or tuple(found["prompt_embeddings"].shape) != ours:
+        raise CheckpointError(f"{directory} does not fit this model: the checkpoint has num_layers, token_dim, "
+                              f"num_attention_heads = {theirs} and prompt_embeddings "
+                              f"{tuple(found['prompt_embeddings'].shape)}; "
+                              f"the model's attention sites give {(layers, kv_heads * head_dim, kv_heads)} and {ours}. "
+                              "Load it into the model it was trained on")
+    name = f"prompt_encoder.{adapter}.embedding.weight"
+    old = get_tensor(out, name)
+    set_tensor(out, name, nn.Parameter(found["prompt_embeddings"].to(device=old.device, dtype=old.dtype)))
+    out.recompile()
+    return out

@@ -167,8 +167,8 @@ def test_sequence_classifier_where_peft_fails():
     args, kwargs = example_inputs(classifier)
     gm = peftc.apply(peftc.capture(classifier, args, kwargs), "freeze, prefix(n=3, seed=1)")
     with pytest.raises(Exception, match="past key values"):
-        peft.get_peft_model(copy.deepcopy(classifier), peft.PrefixTuningConfig(task_type="SEQ_CLS", num_virtual_tokens=3))(
-            *args, **kwargs)
+        config = peft.PrefixTuningConfig(task_type="SEQ_CLS", num_virtual_tokens=3)
+        peft.get_peft_model(copy.deepcopy(classifier), config)(*args, **kwargs)
     peft_lm = peft.get_peft_model(lm, peft.PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=3))
     ours = gm.get_parameter("prompt_encoder.default.embedding.weight")
     theirs = peft_lm.get_parameter("prompt_encoder.default.embedding.weight")
@@ -185,3 +185,23 @@ def test_sequence_classifier_where_peft_fails():
     got = gm(ids, attention_mask=mask)[0]
     assert (got - classifier(ids, attention_mask=mask)[0]).abs().max() > 1e-2
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_checkpoints_both_ways(tmp_path):
+    from peftc.checkpoint import CheckpointError
+    from peftc.passes.prefix import load_prefix, save_prefix
+
+    # peft-saved (trained with the projection; the file holds its output) -> peftc
+    peft_model, gm, theirs, ours = build_pair("llama", n=4, projection=True)
+    peft_model.save_pretrained(tmp_path / "peft")
+    loaded_gm = load_prefix(captured("tiny-llama"), tmp_path / "peft")
+    args, kwargs = padded_inputs(peft_model.get_base_model())
+    expected = peft_model(*args, **kwargs, use_cache=False)[0]
+    torch.testing.assert_close(loaded_gm(*args, **kwargs)[0], expected, atol=1e-5, rtol=1e-5)
+    # peftc-saved (projection evaluated) -> peft
+    save_prefix(gm, tmp_path / "ours")
+    reloaded = peft.PeftModel.from_pretrained(tiny_model("llama"), tmp_path / "ours")
+    torch.testing.assert_close(reloaded(*args, **kwargs, use_cache=False)[0], gm(*args, **kwargs)[0],
+                               atol=1e-5, rtol=1e-5)
+    with pytest.raises(CheckpointError, match="does not fit this model"):
+        load_prefix(captured("tiny-gpt2"), tmp_path / "ours")
