@@ -205,3 +205,24 @@ def test_checkpoints_both_ways(tmp_path):
                                atol=1e-5, rtol=1e-5)
     with pytest.raises(CheckpointError, match="does not fit this model"):
         load_prefix(captured("tiny-gpt2"), tmp_path / "ours")
+
+
+class MaskedAttention(CausalAttention):
+    def forward(self, x, mask):
+        q, k, v = self.split(x)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+
+
+@pytest.mark.filterwarnings("ignore:input 'mask' has size 1")  # the heads dim of the mask broadcasts
+def test_float_mask_gets_zero_columns_in_front():
+    module = MaskedAttention().eval()
+    x = torch.randn(2, 5, 32)
+    mask = torch.zeros(2, 1, 5, 5)
+    mask[0, :, :, :2] = float("-inf")  # row 0 hides its first two keys
+    gm = peftc.apply(peftc.capture(module, (x, mask)), "prefix(n=3, seed=0)")
+    kv = gm.get_parameter("prompt_encoder.default.embedding.weight").reshape(3, 2, 4, 8).permute(1, 2, 0, 3)
+    q, k, v = module.split(x)
+    k = torch.cat([kv[0].expand(2, -1, -1, -1), k], 2)
+    v = torch.cat([kv[1].expand(2, -1, -1, -1), v], 2)
+    scores = q @ k.transpose(-1, -2) / math.sqrt(8) + F.pad(mask, (3, 0))
+    torch.testing.assert_close(gm(x, mask), scores.softmax(-1) @ v, atol=1e-5, rtol=1e-5)
