@@ -13,6 +13,7 @@
    embedding at `randint(0, V)` ids, TEXT the embedding rows of the tokenized text (special tokens
    included, as peft) repeated then truncated to n. The n virtual ids are a non-pad id whose
    embedding rows are replaced, so positions run 0..n+L-1 as in peft (which drops `position_ids`).
+   Encoder-decoder models get the prompt in front of the encoder's ids only, as in peft.
 3. Every per-token input sharing the ids' sequence size is extended: the attention mask with ones,
    `token_type_ids` with zeros, `labels` with -100 (peft's values); downstream sizes, positions and
    masks follow from the extended inputs. Another per-token input (`position_ids`) is refused.
@@ -24,6 +25,10 @@
 5. The tokenizer (a name or folder for `AutoTokenizer`, or a tokenizer object) defaults to the
    captured model's `name_or_path`. `save_prompt`/`load_prompt` write and read peft's
    prompt-tuning checkpoint (`adapter_config.json`, `adapter_model.safetensors`).
+6. `ptuning(n=20, encoder="mlp"|"lstm", hidden=...)`: peft's P-tuning; the prompt is computed by
+   peft's `PromptEncoder` (parameters under `prompt_encoder.`) as aten ops in the graph, the rest as 2.
+   Differences from peft: token_type_ids always get zeros in front (peft's causal-LM and
+   feature-extraction forwards drop them), and labels are extended only without `decoder_input_ids`.
 """
 
 from __future__ import annotations
@@ -194,9 +199,14 @@ def _extend_inputs(gm: fx.GraphModule, placeholders: list[fx.Node], ids: fx.Node
         cursor = node
         return node
 
+    seq2seq = any(p.target == "decoder_input_ids" for p in placeholders)  # labels then belong to the decoder
     for p in placeholders:
         val = p.meta.get("val")
-        if not isinstance(val, torch.Tensor) or val.dim() < 2 or not _same(val.shape[1], seq):
+        if not isinstance(val, torch.Tensor) or val.dim() < 2:
+            continue
+        # export may give labels their own length symbol; peft extends them like the ids
+        named = str(p.target) == "labels" and val.dim() == 2 and not seq2seq
+        if not (_same(val.shape[1], seq) or named):
             continue
         batch = add("batch", aten.sym_size.int, p, 0)
         if p is ids:
