@@ -14,8 +14,10 @@ from peftc.passes import (
     merge,
     nf4,
     oft,
+    prefix,
+    prompt,
     vera,
 )
 
 __all__ = ["adalora", "boft", "fourierft", "generic", "hra", "ia3", "ln_tuning", "lora", "loha", "lokr", "merge", "nf4",
-           "oft", "vera"]
+           "oft", "prefix", "prompt", "vera"]
