@@ -10,6 +10,7 @@ every adapter tensor's gradient; merging keeps the outputs; what peftc saves loa
 from __future__ import annotations
 
 import copy
+import functools
 
 import peft
 import pytest
@@ -179,6 +180,19 @@ MATRIX = {
 CELLS = [(t, m) for t, row in MATRIX.items() for m in row]
 
 
+@functools.cache
+def _capture_once(model_name):
+    model, args, kwargs = MODELS[model_name]()
+    return peftc.capture(model, args, kwargs)
+
+
+def _captured(model_name, base, args, kwargs):
+    """One capture per model (the models are rebuilt from the same seed, and loading never changes it)."""
+    gm = _capture_once(model_name)
+    assert all(torch.equal(p, base.get_parameter(n)) for n, p in gm.named_parameters()), "the base model changed"
+    return gm
+
+
 def _first(output):
     if isinstance(output, torch.Tensor):
         return output
@@ -204,7 +218,7 @@ def test_matrix(technique, model_name, tmp_path):
     peft_model = peft.get_peft_model(model, MATRIX[technique][model_name]()).eval()
     fill_trainable(peft_model, seed=1)
     peft_model.save_pretrained(tmp_path / "peft")
-    gm = peftc.load_adapter(peftc.capture(copy.deepcopy(base), args, kwargs), tmp_path / "peft").eval()
+    gm = peftc.load_adapter(_captured(model_name, base, args, kwargs), tmp_path / "peft").eval()
 
     expected, got = _call(peft_model, args, kwargs, decoder), _call(gm, args, kwargs)
     _close(got, expected, "outputs")
