@@ -33,7 +33,7 @@ from torch import fx, nn
 from peftc.errors import OptionError, PassError, suggest
 from peftc.graph import freeze_parameters, get_tensor, peftc_meta, qualify, set_tensor
 from peftc.registry import PassResult, register_pass
-from peftc.sites import WeightSite, encode_original, lm_head, site_of_node, weight_sites
+from peftc.sites import WeightSite, decode_original, encode_original, lm_head, weight_sites
 from peftc.technique import STAGES, Builder, Context, Technique
 from peftc.weights import format_of
 
@@ -256,10 +256,8 @@ def _strip(gm: fx.GraphModule, nodes: list[fx.Node], base: fx.Node | None, names
     if base is not None:
         original = base.meta.pop("peftc_original")
         live_x = entry.args[0] if entry is not None else base.args[original["now_input"]]
-        decode = lambda a: names[a[1]] if isinstance(a, tuple) and len(a) == 2 and a[0] == "__node__" else a  # noqa: E731
-        args = [live_x if i == original["input"] else decode(a) for i, a in enumerate(original["args"])]
         base.op, base.target = original["op"], original["target"]
-        base.args, base.kwargs = tuple(args), {k: decode(v) for k, v in original["kwargs"].items()}
+        base.args, base.kwargs = decode_original(original, names, live_x)
     for n in nodes:
         if n.meta["peftc"].get("exit"):
             n.replace_all_uses_with(names[n.meta["peftc"]["exit"]])

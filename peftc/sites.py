@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from peftc.graph import get_attr_path, get_tensor, module_path, module_type
-from peftc.quant.format import nf4_state
+from peftc.quant.format import nf4_state  # re-exported; importing it registers the NF4 weight format
 from peftc.regions import (
     AttentionSite,
     BlockSite,
@@ -69,8 +69,8 @@ __all__ = [
     "final_hidden_states",
     "lm_head",
     "nf4_state",
-    "site_of_node",
     "encode_original",
+    "decode_original",
 ]
 
 aten = torch.ops.aten
@@ -224,11 +224,6 @@ def _arg(n: fx.Node, index: int, name: str, default: Any = None) -> Any:
     return n.args[index] if len(n.args) > index else n.kwargs.get(name, default)
 
 
-def site_of_node(gm: fx.GraphModule, n: fx.Node) -> WeightSite | None:
-    """The weight site `n` computes, if any (also while techniques have rewritten its input or weight)."""
-    return _weight_site(gm, n)
-
-
 def encode_original(site: WeightSite) -> dict[str, Any]:
     """What `peftc.adapters` keeps on a base node it rewrites to restore it: nodes by name, not reference
     (node metadata is shallow-copied when a graph is cloned)."""
@@ -238,17 +233,21 @@ def encode_original(site: WeightSite) -> dict[str, Any]:
             "kwargs": {k: encode(v) for k, v in n.kwargs.items()}, "input": list(n.args).index(site.input)}
 
 
+def decode_original(original: dict[str, Any], nodes: dict[str, fx.Node], x: fx.Node) -> tuple[tuple, dict[str, Any]]:
+    """The captured args and kwargs `encode_original` kept, with `x` as the input and nodes found by name."""
+    decode = lambda a: nodes[a[1]] if isinstance(a, tuple) and len(a) == 2 and a[0] == "__node__" else a  # noqa: E731
+    args = tuple(x if i == original["input"] else decode(a) for i, a in enumerate(original["args"]))
+    return args, {k: decode(v) for k, v in original["kwargs"].items()}
+
+
 class _Original:
     """A rewritten base node as it was captured, with today's input: what site queries read."""
 
     def __init__(self, n: fx.Node):
         original = n.meta["peftc_original"]
         by_name = {a.name: a for a in n.graph.nodes if a.op == "get_attr"}
-        decode = lambda a: by_name[a[1]] if isinstance(a, tuple) and len(a) == 2 and a[0] == "__node__" else a  # noqa: E731
-        x = _live_input(n, original)
-        args = [x if i == original["input"] else decode(a) for i, a in enumerate(original["args"])]
-        self.op, self.target, self.args = original["op"], original["target"], tuple(args)
-        self.kwargs = {k: decode(v) for k, v in original["kwargs"].items()}
+        self.args, self.kwargs = decode_original(original, by_name, _live_input(n, original))
+        self.op, self.target = original["op"], original["target"]
         self.meta, self.graph = n.meta, n.graph
 
 

@@ -18,7 +18,7 @@ import peftc
 import peftc.passes.boft  # noqa: F401  (registers the pass)
 from peftc.errors import OptionError, PeftcError, TargetError
 from conftest import captured, loaded
-from rotation_parity import check_merge, check_parity, check_reload_in_peft, close, pair, perturb
+from rotation_parity import check_merge, check_parity, check_reload_in_peft, close, pair
 
 
 class FakeFbd:

@@ -13,7 +13,7 @@ import peftc
 import peftc.passes.prompt as prompt_pass
 from peftc.errors import OptionError
 from peftc.graph import peftc_meta
-from peftc.models import example_inputs, tiny_model
+from peftc.models import example_inputs
 from peftc.pipeline import Pipeline
 from conftest import captured, loaded
 
