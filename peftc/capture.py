@@ -287,8 +287,11 @@ _CONFIG_KEYS = ("name_or_path", "max_position_embeddings", "pad_token_id", "voca
 
 
 def _config_summary(model: nn.Module) -> dict[str, Any]:
-    """A few facts of a Hugging Face model's config (empty for other modules)."""
-    config = getattr(model, "config", None)
+    """A few facts of a Hugging Face model's config: the model's own, else that of the one outermost
+    submodule with a config (a transformer inside the user's wrapper); empty otherwise."""
+    with_config = [path for path, m in model.named_modules() if hasattr(m, "config")]
+    outermost = [p for p in with_config if not any(p.startswith(q + ".") or q == "" for q in with_config if q != p)]
+    config = model.get_submodule(outermost[0]).config if len(outermost) == 1 else None
     values = {key: getattr(config, key, None) for key in _CONFIG_KEYS}
     return {k: v for k, v in values.items() if isinstance(v, (str, int)) and v != ""}
 

@@ -203,3 +203,19 @@ def test_bad_capture_arguments():
         peftc.capture(TwoLayer(), (torch.ones(2, 8),), method="jit")
     with pytest.raises(CaptureError, match="do not fit"):
         peftc.capture(TwoLayer(), (torch.ones(2, 8), torch.ones(2)))
+
+
+def test_capture_records_the_config_of_a_wrapped_transformer():
+    """Passes read the config (prompt's tokenizer, position limits); a wrapper's one transformer supplies it."""
+    from peftc.capture import _config_summary
+
+    inner = loaded("tiny-llama").model
+
+    class Head(nn.Module):
+        def __init__(self, *encoders):
+            super().__init__()
+            self.encoders = nn.ModuleList(encoders)
+
+    assert _config_summary(inner)["hidden_size"] == 64
+    assert _config_summary(Head(inner)) == _config_summary(inner)
+    assert _config_summary(Head(inner, loaded("tiny-gpt2").model)) == {}  # two transformers: no one config
