@@ -39,10 +39,11 @@ from torch import fx, nn
 import peftc
 from peftc._io import atomic_dir
 from peftc.errors import CheckpointError, OptionError, PassError
-from peftc.graph import get_tensor, set_tensor, tag, tagged
+from peftc.checkpoint import peft_task_type
+from peftc.graph import get_tensor, peftc_meta, set_tensor, tag, tagged
 from peftc.regions import AttentionSite, attention_sites, position_ids
 
-__all__ = ["PrefixOptions", "prefix", "save_prefix", "load_prefix"]
+__all__ = ["PrefixOptions", "prefix", "has_prefix", "save_prefix", "load_prefix"]
 
 aten = torch.ops.aten
 _PASS = "prefix"
@@ -86,6 +87,10 @@ def prefix(gm: fx.GraphModule, options: PrefixOptions) -> peftc.PassResult:
        or with `prefix_projection=True` peft's Embedding -> Linear -> Tanh -> Linear.
     2. Masks get n visible columns in front; position ids are shifted by n, as peft's cache of n numbers them.
     """
+    existing = {v.meta.get("module_path") for v in tagged(gm, **{"pass": _PASS}, role="prefix_view")}
+    if existing:
+        raise PassError(f"prefix: this graph already has a prefix ({', '.join(sorted(existing))}); one prefix per "
+                        "graph, as peft runs one: start from the graph before the first prefix")
     sites = attention_sites(gm, options.targets)
     if not sites:
         raise PassError("prefix: the graph has no attention sites (scaled_dot_product_attention); capture the model "
@@ -250,21 +255,28 @@ def _flat_prefix(gm: fx.GraphModule, adapter: str) -> torch.Tensor:
     return torch.nn.functional.linear(torch.tanh(torch.nn.functional.linear(weight, w0, b0)), w2, b2).detach()
 
 
+def has_prefix(gm: fx.GraphModule, adapter: str = "default") -> bool:
+    return any(v.meta.get("module_path") == f"prompt_encoder.{adapter}"
+               for v in tagged(gm, **{"pass": _PASS}, role="prefix_view"))
+
+
 def save_prefix(gm: fx.GraphModule, directory: str | Path, adapter: str = "default",
-                task_type: str | None = "CAUSAL_LM", base_model_name_or_path: str | None = None) -> Path:
+                task_type: str | None = None, base_model_name_or_path: str | None = None) -> Path:
     """Write prefix `adapter` as peft saves PREFIX_TUNING: `prompt_embeddings` (the flat prefix after any
-    projection) and its PrefixTuningConfig, loadable by `PeftModel.from_pretrained`."""
+    projection) and its PrefixTuningConfig, loadable by `PeftModel.from_pretrained`. task_type and the
+    base model's name default to the captured model's class and `name_or_path`."""
     from safetensors.torch import save_file
 
     n, layers, kv_heads, head_dim = _layout(gm, adapter)
     root = f"prompt_encoder.{adapter}"
     projection = any(name.startswith(f"{root}.transform.") for name, _ in gm.named_parameters())
     hidden = get_tensor(gm, f"{root}.transform.0.weight").shape[0] if projection else kv_heads * head_dim
-    config = {"peft_type": "PREFIX_TUNING", "task_type": task_type, "num_virtual_tokens": n,
+    name_or_path = peftc_meta(gm).get("capture", {}).get("config", {}).get("name_or_path")
+    config = {"peft_type": "PREFIX_TUNING", "task_type": task_type or peft_task_type(gm), "num_virtual_tokens": n,
               "token_dim": kv_heads * head_dim, "num_transformer_submodules": 1, "num_attention_heads": kv_heads,
               "num_layers": layers, "encoder_hidden_size": hidden, "prefix_projection": projection,
               "init_weights": None, "inference_mode": True, "modules_to_save": None, "auto_mapping": None,
-              "base_model_name_or_path": base_model_name_or_path, "revision": None}
+              "base_model_name_or_path": base_model_name_or_path or name_or_path, "revision": None}
     with atomic_dir(directory) as tmp:
         save_file({"prompt_embeddings": _flat_prefix(gm, adapter).contiguous()}, tmp / WEIGHTS)
         (tmp / CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
@@ -272,8 +284,9 @@ def save_prefix(gm: fx.GraphModule, directory: str | Path, adapter: str = "defau
 
 
 def load_prefix(gm: fx.GraphModule, directory: str | Path, adapter: str = "default") -> fx.GraphModule:
-    """A copy of `gm` with the peft PREFIX_TUNING checkpoint in `directory` as prefix `adapter` (the flat
-    parameter, trainable as after `prefix`); `gm` is not changed."""
+    """`gm` with the peft PREFIX_TUNING checkpoint in `directory` as prefix `adapter`, the flat parameter
+    (trainable, as after `prefix`): on a copy rewritten by `prefix(n=...)` where `gm` has no prefix yet, in
+    place where `gm` has a flat prefix `adapter` (as `load_prompt`)."""
     from safetensors.torch import load_file
 
     directory = Path(directory)
@@ -290,8 +303,12 @@ def load_prefix(gm: fx.GraphModule, directory: str | Path, adapter: str = "defau
     if set(found) != {"prompt_embeddings"}:
         raise CheckpointError(f"{directory}: expected one tensor 'prompt_embeddings', found {sorted(found)}")
     n = int(config["num_virtual_tokens"])
-    out = peftc.apply(gm, f"prefix(n={n}, adapter={adapter!r})")
-    _, layers, kv_heads, head_dim = _layout(out, adapter)
+    root = f"prompt_encoder.{adapter}"
+    if any(name.startswith(f"{root}.transform.") for name, _ in gm.named_parameters()):
+        raise CheckpointError(f"{directory} holds a flat prefix (peft saves a projection's output), and this graph's "
+                              f"prefix {adapter!r} computes it with a projection; load into the graph before 'prefix'")
+    out = gm if has_prefix(gm, adapter) else peftc.apply(gm, f"prefix(n={n}, adapter={adapter!r})")
+    n, layers, kv_heads, head_dim = _layout(out, adapter)
     ours = (n, 2 * layers * kv_heads * head_dim)
     theirs = (config["num_layers"], config["token_dim"], config["num_attention_heads"])
     if theirs != (layers, kv_heads * head_dim, kv_heads) or tuple(found["prompt_embeddings"].shape) != ours:
@@ -300,8 +317,6 @@ def load_prefix(gm: fx.GraphModule, directory: str | Path, adapter: str = "defau
                               f"{tuple(found['prompt_embeddings'].shape)}; "
                               f"the model's attention sites give {(layers, kv_heads * head_dim, kv_heads)} and {ours}. "
                               "Load it into the model it was trained on")
-    name = f"prompt_encoder.{adapter}.embedding.weight"
-    old = get_tensor(out, name)
-    set_tensor(out, name, nn.Parameter(found["prompt_embeddings"].to(device=old.device, dtype=old.dtype)))
-    out.recompile()
+    with torch.no_grad():  # in place: an optimizer holding the parameter keeps it
+        get_tensor(out, f"{root}.embedding.weight").copy_(found["prompt_embeddings"])
     return out

@@ -46,12 +46,13 @@ import torch
 from torch import fx, nn
 
 from peftc._io import atomic_dir
+from peftc.checkpoint import peft_task_type
 from peftc.errors import OptionError
-from peftc.graph import get_attr_path, peftc_meta, set_tensor, tag
+from peftc.graph import get_attr_path, peftc_meta, set_tensor, tag, tagged
 from peftc.registry import PassResult, register_pass
 from peftc.regions import input_embeddings
 
-__all__ = ["PromptOptions", "prompt", "PtuningOptions", "ptuning", "PromptEncoder", "save_prompt", "load_prompt"]
+__all__ = ["PromptOptions", "prompt", "PtuningOptions", "ptuning", "PromptEncoder", "has_prompt", "save_prompt", "load_prompt"]
 
 aten = torch.ops.aten
 _END = 9223372036854775807  # slice to the end, as exported graphs write it
@@ -146,6 +147,9 @@ def _check_positions(gm: fx.GraphModule, n: int, config: dict[str, Any], name: s
 
 def _token_input(gm: fx.GraphModule) -> tuple[Any, fx.Node]:
     sites = input_embeddings(gm)
+    if not sites and has_prompt(gm):
+        raise OptionError("prompt: this graph already has a prompt in front of its inputs; one prompt per graph, as "
+                          "peft runs one: start from the graph before the first prompt or ptuning")
     if not sites:
         raise OptionError("prompt: the graph has no token ids input (an embedding lookup of a graph input); capture "
                           "the model called with input_ids, not inputs_embeds")
@@ -156,6 +160,11 @@ def _token_input(gm: fx.GraphModule) -> tuple[Any, fx.Node]:
         raise OptionError(f"prompt: input {site.ids.target!r} has no symbolic sequence length, so the graph cannot "
                           "take longer inputs; capture with dynamic=True (the default) and a length of at least 2")
     return site, site.ids
+
+
+def has_prompt(gm: fx.GraphModule) -> bool:
+    """Whether `prompt` or `ptuning` rewrote `gm`."""
+    return any(n for name in (PASS, "ptuning") for n in tagged(gm, **{"pass": name}))
 
 
 def _same(a: Any, b: Any) -> bool:
@@ -437,17 +446,6 @@ def _encoder_nodes(gm: fx.GraphModule, encoder: PromptEncoder, path: str) -> fx.
 # --- peft's checkpoint format -------------------------------------------------------------------
 
 
-def _task_type(gm: fx.GraphModule) -> str:
-    name = peftc_meta(gm).get("capture", {}).get("class", "")
-    if name.endswith(("ForCausalLM", "LMHeadModel")):
-        return "CAUSAL_LM"
-    if name.endswith("ForSequenceClassification"):
-        return "SEQ_CLS"
-    if name.endswith("ForTokenClassification"):
-        return "TOKEN_CLS"
-    return "FEATURE_EXTRACTION"
-
-
 def save_prompt(gm: fx.GraphModule, path: str | os.PathLike[str], *, task_type: str | None = None) -> Path:
     """Write `gm`'s prompt as peft's checkpoint (loads in `PeftModel.from_pretrained`): `prompt_embeddings`
     of `prompt(n=...)`, or for `ptuning` the encoder's output, as peft saves P-tuning adapters."""
@@ -461,7 +459,7 @@ def save_prompt(gm: fx.GraphModule, path: str | os.PathLike[str], *, task_type: 
         weight = _weight(gm)
     config = peftc_meta(gm).get("capture", {}).get("config", {})
     adapter_config = {
-        "peft_type": "PROMPT_TUNING", "task_type": task_type or _task_type(gm), "inference_mode": True,
+        "peft_type": "PROMPT_TUNING", "task_type": task_type or peft_task_type(gm), "inference_mode": True,
         "num_virtual_tokens": int(weight.shape[0]), "token_dim": int(weight.shape[1]),
         "num_transformer_submodules": 1, "num_attention_heads": config.get("num_attention_heads"),
         "num_layers": config.get("num_hidden_layers"), "base_model_name_or_path": config.get("name_or_path"),

@@ -22,7 +22,7 @@ from torch import fx
 from peftc._io import atomic_dir
 from peftc.adapters import Adapter, adapter_tensors, adapters, technique, techniques
 from peftc.errors import CheckpointError, PeftcError
-from peftc.graph import get_tensor, set_tensor
+from peftc.graph import get_tensor, peftc_meta, set_tensor
 from peftc.pipeline import Pipeline, Step
 
 __all__ = ["CheckpointError", "save_adapter", "load_adapter"]
@@ -34,10 +34,29 @@ _METADATA = ("peft_type", "peft_version", "target_modules", "task_type", "base_m
              "inference_mode", "auto_mapping", "megatron_core")
 
 
+def peft_task_type(gm: fx.GraphModule) -> str:
+    """peft's task_type for the captured model's class (what `PeftModel.from_pretrained` builds)."""
+    name = peftc_meta(gm).get("capture", {}).get("class", "")
+    if name.endswith(("ForCausalLM", "LMHeadModel")):
+        return "CAUSAL_LM"
+    if name.endswith("ForSequenceClassification"):
+        return "SEQ_CLS"
+    if name.endswith("ForTokenClassification"):
+        return "TOKEN_CLS"
+    return "FEATURE_EXTRACTION"
+
+
 def save_adapter(gm: fx.GraphModule, directory: str | Path, adapter: str = "default") -> Path:
-    """Write adapter `adapter` of `gm` as a peft checkpoint folder (replaced atomically)."""
+    """Write adapter `adapter` of `gm` as a peft checkpoint folder (replaced atomically); a prompt
+    (`prompt`, `ptuning`) or prefix (`prefix`) is written as `save_prompt`/`save_prefix` write it."""
     record = adapters(gm).get(adapter)
     if record is None:
+        from peftc.passes import prefix, prompt
+
+        if prefix.has_prefix(gm, adapter):
+            return prefix.save_prefix(gm, directory, adapter)
+        if adapter == "default" and prompt.has_prompt(gm):
+            return prompt.save_prompt(gm, directory)
         raise CheckpointError(f"no adapter named {adapter!r} to save; adapters: {', '.join(adapters(gm)) or 'none'}")
     if record.merged and record.kept is None:
         raise CheckpointError(f"adapter {adapter!r} was merged with keep=false; its weights are gone")
@@ -54,7 +73,8 @@ def save_adapter(gm: fx.GraphModule, directory: str | Path, adapter: str = "defa
 
 
 def load_adapter(gm: fx.GraphModule, directory: str | Path, adapter: str = "default") -> fx.GraphModule:
-    """A copy of `gm` with the peft checkpoint in `directory` added as adapter `adapter`.
+    """A copy of `gm` with the peft checkpoint in `directory` added as adapter `adapter` (a prompt or
+    P-tuning checkpoint as `prompt(n=...)` holding it, a prefix as `load_prefix` adds it).
 
     Raises `CheckpointError` naming every missing, unexpected or misshapen tensor and every
     config field peftc does not implement; `gm` is never changed.
@@ -63,6 +83,17 @@ def load_adapter(gm: fx.GraphModule, directory: str | Path, adapter: str = "defa
     if not (directory / CONFIG).exists() or not (directory / WEIGHTS).exists():
         raise CheckpointError(f"{directory} is not a peft adapter folder: it needs {CONFIG} and {WEIGHTS}")
     config = json.loads((directory / CONFIG).read_text())
+    if config.get("peft_type") == "PREFIX_TUNING":
+        from peftc.passes.prefix import load_prefix
+
+        return load_prefix(gm, directory, adapter)
+    if config.get("peft_type") in ("PROMPT_TUNING", "P_TUNING"):
+        from peftc.passes.prompt import load_prompt
+
+        if adapter != "default":
+            raise CheckpointError(f"a prompt is not a named adapter (one per graph); load {directory} with adapter='default'")
+        return load_prompt(Pipeline([("prompt", {"n": int(config["num_virtual_tokens"])})]).run(gm).graph_module,
+                           directory)
     step = _step_from_config(config, adapter, directory)
     out = Pipeline([step]).run(gm).graph_module
     record = adapters(out)[adapter]

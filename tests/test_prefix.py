@@ -205,6 +205,20 @@ def test_checkpoints_both_ways(tmp_path):
                                atol=1e-5, rtol=1e-5)
     with pytest.raises(CheckpointError, match="does not fit this model"):
         load_prefix(captured("tiny-gpt2"), tmp_path / "ours")
+    # into a graph that already has a flat prefix: copied in place, the parameter object kept
+    flat = peftc.apply(captured("tiny-llama"), "prefix(n=4)")
+    weight = flat.get_parameter("prompt_encoder.default.embedding.weight")
+    assert load_prefix(flat, tmp_path / "peft") is flat and flat.get_parameter("prompt_encoder.default.embedding.weight") is weight
+    torch.testing.assert_close(flat(*args, **kwargs)[0], expected, atol=1e-5, rtol=1e-5)
+    with pytest.raises(CheckpointError, match="with a projection"):
+        load_prefix(gm, tmp_path / "peft")
+    with pytest.raises(PassError, match="already has a prefix"):
+        peftc.apply(flat, "prefix(n=2, adapter='other')")
+    # the general entry points dispatch to the prefix format
+    via_core = peftc.load_adapter(captured("tiny-llama"), tmp_path / "peft")
+    torch.testing.assert_close(via_core(*args, **kwargs)[0], expected, atol=1e-5, rtol=1e-5)
+    peftc.save_adapter(gm, tmp_path / "core")
+    assert (tmp_path / "core" / "adapter_model.safetensors").read_bytes() == (tmp_path / "ours" / "adapter_model.safetensors").read_bytes()
 
 
 class MaskedAttention(CausalAttention):

@@ -2,6 +2,7 @@
 run on the joined ids (prompt engineering): outputs, gradients, init, checkpoints both ways, errors."""
 
 import copy
+import json
 
 import peft
 import pytest
@@ -232,6 +233,12 @@ def test_checkpoints_both_ways_in_peft_format(tmp_path):
     assert (model(input_ids=ids, attention_mask=mask).logits[:, N:] - fresh(ids, mask)[0]).abs().max() < 1e-5
     with pytest.raises(OptionError, match="prompt\\(n=5\\)"):
         prompt_pass.load_prompt(rewrite(captured("tiny-llama"), n=2), tmp_path / "peft")
+    # the general entry points dispatch to the same format
+    via_core = peftc.load_adapter(captured("tiny-llama"), tmp_path / "peft")
+    assert torch.equal(via_core.prompt_embeddings, fresh.prompt_embeddings)
+    peftc.save_adapter(via_core, tmp_path / "core")
+    assert json.loads((tmp_path / "core" / "adapter_config.json").read_text())["peft_type"] == "PROMPT_TUNING"
+    assert torch.equal(peftc.load_adapter(captured("tiny-llama"), tmp_path / "core").prompt_embeddings, fresh.prompt_embeddings)
 
 
 def test_errors_name_the_problem():
@@ -263,4 +270,7 @@ def test_errors_name_the_problem():
 
     with pytest.raises(OptionError, match="no token ids input"):
         rewrite(peftc.capture(NoIds(), (torch.randn(2, 3, 4),)), n=2)
+    for first in ("prompt(n=2)", "ptuning(n=2)"):
+        with pytest.raises(OptionError, match="already has a prompt"):
+            rewrite(peftc.apply(gm, first), n=2)
 
