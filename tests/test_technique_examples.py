@@ -1,5 +1,6 @@
 """Every technique's example script runs (few steps) and shows what it claims: the loss falls on
-Tiny Shakespeare, the merged model equals the adapted one, exports agree with ONNX Runtime."""
+Tiny Shakespeare (or SST-2 for the prompt methods on the real MiniLM), the merged model equals the
+adapted one, checkpoints reload, exports agree with ONNX Runtime."""
 
 from __future__ import annotations
 
@@ -8,6 +9,8 @@ import sys
 from pathlib import Path
 
 import pytest
+
+from conftest import requires_minilm
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 
@@ -50,6 +53,30 @@ def test_serve_adapters_example(tmp_path):
     result = run("serve_adapters", "--steps", "3", "--out", str(tmp_path))
     assert result["adapters"] == ["early", "late"]
     assert all(gap < 1e-4 for gap in result["gaps"].values()), result["gaps"]
+
+
+SST2_SHORT = ("--steps", "30", "--batch-size", "16", "--dev-size", "128")
+
+
+@requires_minilm
+def test_prompt_tuning_example_learns_saves_in_peft_format_and_exports(tmp_path):
+    pytest.importorskip("onnxruntime")
+    result = run("prompt_tuning", *SST2_SHORT, "--out", str(tmp_path))
+    assert result["trainable"] == 20 * 384 + 384 * 2 + 2  # the prompt and the head
+    assert result["after"] > result["before"] + 0.08, (result["before"], result["after"])
+    assert sum(result["losses"][-10:]) < sum(result["losses"][:10])
+    assert result["reloaded_gap"] < 1e-5
+    assert result["prompt_in_onnx"] and abs(result["onnx_accuracy"] - result["after"]) <= 1 / 128
+    assert sorted(p.name for p in result["checkpoint"].iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
+
+
+@requires_minilm
+def test_prefix_tuning_example_learns_and_its_checkpoint_loads_without_the_projection(tmp_path):
+    result = run("prefix_tuning", *SST2_SHORT, "--out", str(tmp_path))
+    assert result["after"] > result["before"] + 0.08, (result["before"], result["after"])
+    assert sum(result["losses"][-10:]) < sum(result["losses"][:10])
+    assert result["reloaded_gap"] < 1e-5
+    assert result["flat_parameters"] == 10 * 2 * 6 * 384  # n x (keys and values) x layers x hidden
 
 
 def test_shakespeare_fallback(monkeypatch, tmp_path):
