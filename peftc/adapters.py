@@ -33,7 +33,7 @@ from torch import fx, nn
 from peftc.errors import OptionError, PassError, suggest
 from peftc.graph import freeze_parameters, get_tensor, peftc_meta, qualify, set_tensor
 from peftc.registry import PassResult, register_pass
-from peftc.sites import WeightSite, decode_original, encode_original, lm_head, weight_sites
+from peftc.sites import WeightSite, decode_original, encode_original, lm_head, sites_of, weight_sites
 from peftc.technique import STAGES, Builder, Context, Technique
 from peftc.weights import format_of
 
@@ -133,13 +133,11 @@ def add_adapter(gm: fx.GraphModule, method: Technique, options: Any) -> PassResu
         freeze_parameters(gm, keep={q for record in adapters(gm).values() for q in record.param_names})
     shared = method.shared_params(gm, sites, options)
     if shared:
-        like = format_of(sites[0])
-        record.names[""] = _create(gm, "", shared, options.adapter, like.compute_dtype(gm, sites[0]), _device(gm, sites[0]))
+        record.names[""] = _create(gm, "", shared, options.adapter, _dtype(gm, sites[0]), _device(gm, sites[0]))
     modules = []
     for site, prefix in placed:
         ctx = Context(gm, site, options, dict(record.names.get("", {})))
-        made = _create(gm, prefix, method.params(ctx), options.adapter, format_of(site).compute_dtype(gm, site),
-                       _device(gm, site))
+        made = _create(gm, prefix, method.params(ctx), options.adapter, _dtype(gm, site), _device(gm, site))
         record.names[site.path] = made
         for attr, module in method.modules(site, options).items():
             qualname = qualify(site.path, attr, options.adapter)
@@ -152,8 +150,24 @@ def add_adapter(gm: fx.GraphModule, method: Technique, options: Any) -> PassResu
     return PassResult(gm, modified=True, sites=tuple(s.path for s in sites), report=method.describe(options, sites))
 
 
-def _device(gm: fx.GraphModule, site: WeightSite) -> torch.device:
-    return get_tensor(gm, site.weight).device
+def _device(gm: fx.GraphModule, site: Any) -> torch.device:
+    if isinstance(site, WeightSite):
+        return get_tensor(gm, site.weight).device
+    val = site.node.meta.get("val")
+    return val.device if isinstance(val, torch.Tensor) else torch.device("cpu")
+
+
+def _dtype(gm: fx.GraphModule, site: Any) -> torch.dtype:
+    """The dtype adapter tensors at `site` take: the weight format's compute dtype, else the site's values'."""
+    if isinstance(site, WeightSite):
+        return format_of(site).compute_dtype(gm, site)
+    val = site.node.meta.get("val")
+    return val.dtype if isinstance(val, torch.Tensor) and val.is_floating_point() else torch.float32
+
+
+def _current_sites(gm: fx.GraphModule, refs: Iterable[tuple[str, str]]) -> dict[tuple[str, str], Any]:
+    wanted = set(refs)
+    return {(s.path, s.kind): s for s in sites_of(gm, tuple({kind for _, kind in wanted})) if (s.path, s.kind) in wanted}
 
 
 def _create(gm: fx.GraphModule, path: str, params: list, adapter: str, dtype: torch.dtype, device: torch.device) -> dict[str, str]:
@@ -205,7 +219,7 @@ def resolve_sites(gm: fx.GraphModule, targets: str | None, method: Technique | s
         return sites
     table = None if isinstance(method, str) else method.default_targets
     pattern = targets or default_targets(gm, name, table)
-    return weight_sites(gm, pattern, kinds)
+    return sites_of(gm, kinds, pattern)
 
 
 # --- rebuilding sites -----------------------------------------------------------------------
@@ -236,7 +250,7 @@ def strip(gm: fx.GraphModule, refs: list[tuple[str, str]]) -> None:
 
 def compose(gm: fx.GraphModule, refs: list[tuple[str, str]]) -> None:
     """Insert the active, unmerged adapters at the (stripped) sites `refs`."""
-    found = {(s.path, s.kind): s for s in weight_sites(gm) if (s.path, s.kind) in set(refs)}
+    found = _current_sites(gm, refs)
     # Composing a site replaces its output, which a later site may read (chained linears): find inputs by position.
     positions = {ref: s.node.args.index(s.input) for ref, s in found.items() if s.input in s.node.args}
     active = [r for r in adapters(gm).values() if r.active and not r.merged]
@@ -463,7 +477,7 @@ def merge_adapters(gm: fx.GraphModule, names: list[str], options: Any) -> tuple[
     strip(gm, refs)
     for record in records:
         record.kept, record.merged = {q: get_tensor(gm, q) for q in record.param_names}, True
-    sites = {(s.path, s.kind): s for s in weight_sites(gm) if (s.path, s.kind) in set(refs)}
+    sites = _current_sites(gm, refs)
     survival = [_refold(gm, sites[ref], [r for r in adapters(gm).values() if r.merged and ref in r.sites], options)
                 for ref in refs]
     for record in records:  # modules (dropout) hold no weights; unmerge calls them again
@@ -491,7 +505,7 @@ def unmerge_adapters(gm: fx.GraphModule, names: list[str]) -> list[str]:
     strip(gm, refs)
     for record in records:
         record.merged = False
-    sites = {(s.path, s.kind): s for s in weight_sites(gm) if (s.path, s.kind) in set(refs)}
+    sites = _current_sites(gm, refs)
     for ref in refs:
         _refold(gm, sites[ref], [r for r in adapters(gm).values() if r.merged and ref in r.sites], None)
     for record in records:

@@ -10,7 +10,8 @@ graph computes rather than by op or module names.
    of its attention and feed-forward sublayers just before their residual adds. A residual add is
    `add(s, t)` inside the block where `t` is computed from `s` through a linear layer; its sublayer
    is attention when that computation holds an SDPA or a softmax, else feed-forward. This holds
-   for pre-LN (`x + attn(norm(x))`) and post-LN (`norm(x + attn(x))`) blocks alike.
+   for pre-LN (`x + attn(norm(x))`) and post-LN (`norm(x + attn(x))`) blocks alike. Sublayer sites
+   are those residual adds, with the LayerNorm a post-LN block applies after each.
 3. Input embeddings: each token embedding lookup whose ids are a graph input, and the stream
    the first block of its stack receives. These differ where the model adds position or token
    type embeddings or normalises first (GPT-2, BERT): `node` is the token lookup's output (what
@@ -43,10 +44,13 @@ from peftc.targets import select
 __all__ = [
     "AttentionSite",
     "BlockSite",
+    "SublayerSite",
+    "SUBLAYER_KINDS",
     "InputEmbeddings",
     "FinalHiddenState",
     "attention_sites",
     "block_sites",
+    "sublayer_sites",
     "input_embeddings",
     "final_hidden_states",
     "position_ids",
@@ -172,7 +176,7 @@ def _is_view_noop(node: fx.Node) -> bool:
 class BlockSite:
     """Block `index` at `path`: `input` is the residual stream entering it, `output` leaving it;
     `attention_output`/`ff_output` are what its attention and feed-forward sublayers add to the
-    stream (None where no such residual add is found)."""
+    stream (None where no such residual add is found), `attention_add`/`ff_add` those adds."""
 
     path: str
     index: int
@@ -180,6 +184,8 @@ class BlockSite:
     output: fx.Node
     attention_output: fx.Node | None = None
     ff_output: fx.Node | None = None
+    attention_add: fx.Node | None = None
+    ff_add: fx.Node | None = None
 
 
 def block_sites(gm: fx.GraphModule, targets: str | None = None) -> list[BlockSite]:
@@ -198,14 +204,15 @@ def block_sites(gm: fx.GraphModule, targets: str | None = None) -> list[BlockSit
         if stream_out is not None:
             # Adapter branches inside the block lie on the sublayers' paths too.
             region = {n for n in gm.graph.nodes if n.op not in ("get_attr", "placeholder") and _within(module_path(n), path)}
-            attention, ff = _sublayer_outputs(inside, region, stream_out)
-            sites.append(BlockSite(path, int(path.rsplit(".", 1)[1]), stream_in, stream_out, attention, ff))
+            (attention, attention_add), (ff, ff_add) = _sublayer_outputs(inside, region, stream_out)
+            sites.append(BlockSite(path, int(path.rsplit(".", 1)[1]), stream_in, stream_out, attention, ff,
+                                   attention_add, ff_add))
     return _select(sites, targets, "block")
 
 
-def _sublayer_outputs(inside: list[fx.Node], region: set[fx.Node], stream_out: fx.Node) -> tuple[fx.Node | None, fx.Node | None]:
-    """The first attention sublayer's and the last feed-forward sublayer's outputs (see case 2)."""
-    attention = ff = None
+def _sublayer_outputs(inside: list[fx.Node], region: set[fx.Node], stream_out: fx.Node) -> tuple[tuple, tuple]:
+    """(output, residual add) of the first attention sublayer and of the last feed-forward sublayer (case 2)."""
+    attention = ff = (None, None)
     width = _dim(stream_out, -1)
     for add in inside:
         if not _is(add, _ADDS) or add.kwargs or len(add.args) != 2:
@@ -219,9 +226,9 @@ def _sublayer_outputs(inside: list[fx.Node], region: set[fx.Node], stream_out: f
             if computed is None or not any(_is(n, _LINEAR) for n in computed):
                 continue
             if any(_is(n, _SDPA_FNS | _SOFTMAX) for n in computed):
-                attention = attention or branch
+                attention = attention if attention[0] is not None else (branch, add)
             else:
-                ff = branch
+                ff = (branch, add)
             break
     return attention, ff
 
@@ -278,6 +285,71 @@ def _residual_stream(inputs: list[fx.Node], outputs: list[fx.Node]) -> tuple[fx.
             if shape(out) is not None and shape(out) == shape(inp):
                 return inp, out
     return None, (outputs[0] if outputs else None)
+
+
+# --- 2b. sublayers: where a block adds its attention or feed-forward output to the stream --------
+
+SUBLAYER_KINDS = ("attention", "feed_forward")
+_LAYER_NORMS = {aten.layer_norm.default, F.layer_norm, aten.native_layer_norm.default}
+
+
+@dataclass(frozen=True)
+class SublayerSite:
+    """A sublayer at its residual add `node`, z = residual + input: `input` is what the sublayer adds
+    (h), `residual` the stream it is added to (x), `norm` the LayerNorm that post-LN blocks apply to z
+    (BERT's `LN(x + h)`; None in pre-LN blocks). `path` is the sublayer's module under the block
+    (`model.layers.0.self_attn`, `model.layers.0.mlp`; BERT's `layer.0.attention`, `layer.0.output`)."""
+
+    kind: str  # "attention" or "feed_forward"
+    path: str
+    block: str
+    node: fx.Node
+    input: fx.Node
+    residual: fx.Node
+    norm: fx.Node | None
+
+
+def sublayer_sites(gm: fx.GraphModule, targets: str | None = None,
+                   kinds: tuple[str, ...] = SUBLAYER_KINDS) -> list[SublayerSite]:
+    """The residual adds of every block's attention and feed-forward sublayers, in graph order."""
+    sites = []
+    for block in block_sites(gm):
+        for kind, h, add in (("attention", block.attention_output, block.attention_add),
+                             ("feed_forward", block.ff_output, block.ff_add)):
+            if kind in kinds and add is not None:
+                residual = add.args[1 - add.args.index(h)]
+                sites.append(SublayerSite(kind, _sublayer_path(h, block.path, kind), block.path, add, h, residual,
+                                          _post_norm(gm, add, block.path)))
+    return _select(sites, targets, "sublayer")
+
+
+def _sublayer_path(h: fx.Node, block: str, kind: str) -> str:
+    """The block's child module that computes h (`self_attn`, `mlp`), else `<block>.<kind>`."""
+    inner = module_path(h)
+    if inner.startswith(block + "."):
+        return f"{block}.{inner[len(block) + 1:].split('.')[0]}"
+    return f"{block}.{kind}"
+
+
+def _post_norm(gm: fx.GraphModule, add: fx.Node, block: str) -> fx.Node | None:
+    """The block's LayerNorm that is z's only reader (post-LN), looking through adapter nodes already at z
+    (a pre-LN model's final norm also reads its last block's z alone, but outside the block)."""
+    readers, todo = [], list(add.users)
+    while todo:
+        user = todo.pop()
+        tag = user.meta.get("peftc")
+        if tag is None:
+            readers.append(user)
+        elif tag.get("exit") == add.name:
+            todo.extend(user.users)
+    if len(readers) != 1:
+        return None
+    norm = readers[0]
+    if not _within(module_path(norm), block):
+        return None
+    if norm.op == "call_module":
+        return norm if isinstance(gm.get_submodule(str(norm.target)), nn.LayerNorm) else None
+    return norm if _is(norm, _LAYER_NORMS) else None
 
 
 # --- 3. input embeddings, 4. final hidden states --------------------------------------------

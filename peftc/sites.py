@@ -34,14 +34,17 @@ from torch import fx, nn
 from peftc.graph import get_attr_path, get_tensor, module_path, module_type
 from peftc.quant.format import nf4_state  # re-exported; importing it registers the NF4 weight format
 from peftc.regions import (
+    SUBLAYER_KINDS,
     AttentionSite,
     BlockSite,
     FinalHiddenState,
     InputEmbeddings,
+    SublayerSite,
     attention_sites,
     block_sites,
     final_hidden_states,
     input_embeddings,
+    sublayer_sites,
 )
 from peftc.targets import select
 from peftc.weights import format_of_node
@@ -55,6 +58,7 @@ __all__ = [
     "RMSNormSite",
     "AttentionSite",
     "BlockSite",
+    "SublayerSite",
     "InputEmbeddings",
     "FinalHiddenState",
     "weight_sites",
@@ -65,6 +69,9 @@ __all__ = [
     "rms_norm_sites",
     "attention_sites",
     "block_sites",
+    "sublayer_sites",
+    "sites_of",
+    "weight_site_at",
     "input_embeddings",
     "final_hidden_states",
     "lm_head",
@@ -183,6 +190,27 @@ def weight_sites(gm: fx.GraphModule, targets: str | None = None, kinds: tuple[st
     """Every weight site (of `kinds`, default all), in graph order."""
     sites = [s for n in _base_nodes(gm) if (s := _weight_site(gm, n)) is not None and (kinds is None or s.kind in kinds)]
     return _select(sites, targets, " or ".join(kinds or ("weight",)) + " site")
+
+
+def sites_of(gm: fx.GraphModule, kinds: tuple[str, ...], targets: str | None = None) -> list[WeightSite | SublayerSite]:
+    """The sites of `kinds` a technique acts on: weight sites, sublayer sites (`attention`,
+    `feed_forward`), or both, in graph order."""
+    weight_kinds = tuple(k for k in kinds if k not in SUBLAYER_KINDS)
+    sublayer_kinds = tuple(k for k in kinds if k in SUBLAYER_KINDS)
+    found: list[Any] = []
+    if weight_kinds:
+        found += weight_sites(gm, None, weight_kinds)
+    if sublayer_kinds:
+        found += sublayer_sites(gm, None, sublayer_kinds)
+    what = " or ".join(kinds) + " site"
+    chosen = set(select(targets, [s.path for s in found], what=what))
+    order = {n: i for i, n in enumerate(gm.graph.nodes)}
+    return sorted((s for s in found if s.path in chosen), key=lambda s: order[s.node])
+
+
+def weight_site_at(gm: fx.GraphModule, node: fx.Node) -> WeightSite | None:
+    """The weight site `node` computes, if it is one (as captured, if techniques rewrote it)."""
+    return _weight_site(gm, node)
 
 
 def linear_sites(gm: fx.GraphModule, targets: str | None = None) -> list[LinearSite]:

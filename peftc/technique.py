@@ -3,8 +3,9 @@
 A technique subclasses `Technique` and states:
 
 1. `name` (its pass name, peft's method name in lower case), `options` (a frozen dataclass
-   deriving from `AdapterOptions`), `peft_type`, the `site_kinds` it acts on
-   (`linear`, `conv`, `embedding`, `layer_norm`);
+   deriving from `AdapterOptions`), `peft_type`, the `site_kinds` it acts on (weight sites:
+   `linear`, `conv`, `embedding`, `layer_norm`, `rms_norm`; sublayer sites, a block's residual
+   adds: `attention`, `feed_forward`);
 2. its `stage` at a site, which fixes how it composes with others there:
    `input` (x -> f(x)), `weight` (W -> f(W, theta), and the bias too if it wants),
    `output` (y -> f(y)), or `add` (y -> y + g(x));
@@ -183,6 +184,7 @@ class Technique:
     site_kinds: ClassVar[tuple[str, ...]] = ("linear",)
     stage: ClassVar[Stage] = "add"
     preserves_outputs: ClassVar[bool] = True  # at init the rewritten model computes what the base did
+    mergeable: ClassVar[bool] = True  # False: not a weight update; `merge` leaves it in the graph and says so
     default_targets: ClassVar[dict[str, str] | None] = None  # model family -> pattern; None: LoRA's table
     exclusive: ClassVar[bool] = False  # at most one of its adapters active at a site (it replaces the weight)
 
