@@ -3,7 +3,8 @@
     y = W x + b + branch(x)  ->  y = W' x + b',   (W', b') = fold(W, b)   (LoRA: W' = W + s B A)
 
 1. `merge` folds every active adapter (or the one named) into its sites' base weights, as its
-   technique's `fold` says; the adapter nodes go, so the graph has the captured base graph's
+   technique's `fold` says (techniques that are not weight updates, bottleneck adapters, stay and
+   the report says so); the adapter nodes go, so the graph has the captured base graph's
    ops. The adapter's tensors leave the module; with `keep=true` (the default) they are kept
    in the adapter record, with the sites' original weights, so `unmerge` restores them exactly.
 2. `unmerge` restores the original weights, folds in the adapters still merged, and re-inserts
@@ -52,9 +53,14 @@ class UnmergeOptions:
 @register_pass("merge", options=MergeOptions, preserves_outputs=True)
 def merge(gm: fx.GraphModule, options: MergeOptions) -> PassResult:
     """Fold adapters into base weights: `W x + branch(x) -> W' x`, W' = fold(W)."""
-    names = _chosen(gm, options.adapter, lambda r: r.active and not r.merged, "active and unmerged", "merge")
+    chosen = _chosen(gm, options.adapter, lambda r: r.active and not r.merged, "active and unmerged", "merge")
+    names = [n for n in chosen if adapters(gm)[n].method().mergeable]
+    stays = [f"{n} ({adapters(gm)[n].technique})" for n in chosen if n not in names]
+    kept = f"{', '.join(stays)} stay{'s' if len(stays) == 1 else ''} in the graph: not a weight update, nothing to fold"
+    if not names:
+        return PassResult(gm, modified=False, report=f"nothing merged: {kept}")
     touched, survival = core.merge_adapters(gm, names, options)
-    report = f"merged {', '.join(names)} into {len(touched)} weights"
+    report = f"merged {', '.join(names)} into {len(touched)} weights" + (f"; {kept}" if stays else "")
     if survival and options.requantize:
         mean = sum(survival) / len(survival)
         report += (f"; requantizing to NF4 kept {mean:.1%} of dW on average (worst {min(survival):.1%})"

@@ -5,12 +5,15 @@ dropped), `...lora_magnitude_vector`, `...lora_embedding_A`, `...hada_w1_a`, `..
 The technique maps its options to and from the config (`Technique.to_peft` / `from_peft`);
 a config field it does not read and that is not at a neutral value is refused by name.
 `save_adapter` output loads with `peft.PeftModel.from_pretrained(base, dir)`; `load_adapter`
-reads what peft saved. Saving replaces the folder atomically; loading checks every key and
-shape before anything is changed.
+reads what peft saved. A technique peft has no method for (bottleneck adapters, a user's own)
+is saved in peftc's variant: the same tensor keys, and a config holding `peftc_technique`, its
+pass options and its sites. Prompts and prefixes go through `peftc.passes.prompt` / `prefix`.
+Saving replaces the folder atomically; loading checks every key and shape before anything is changed.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 from typing import Any
@@ -60,12 +63,9 @@ def save_adapter(gm: fx.GraphModule, directory: str | Path, adapter: str = "defa
         raise CheckpointError(f"no adapter named {adapter!r} to save; adapters: {', '.join(adapters(gm)) or 'none'}")
     if record.merged and record.kept is None:
         raise CheckpointError(f"adapter {adapter!r} was merged with keep=false; its weights are gone")
-    if record.method().peft_type is None:
-        raise CheckpointError(f"adapter {adapter!r} is {record.technique}, which has no peft_type: peft has no "
-                              "checkpoint format for it; keep its tensors with torch.save(gm.state_dict(), ...)")
     saved = _saved(record)
     tensors = {k: v for k, v in adapter_tensors(gm, adapter).items() if k in saved}
-    config = _peft_config(gm, record)
+    config = _peft_config(gm, record) if record.method().peft_type else _peftc_config(record)
     with atomic_dir(directory) as tmp:
         save_file({_checkpoint_key(record, k): v.detach().contiguous() for k, v in tensors.items()}, tmp / WEIGHTS)
         (tmp / CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
@@ -94,9 +94,16 @@ def load_adapter(gm: fx.GraphModule, directory: str | Path, adapter: str = "defa
             raise CheckpointError(f"a prompt is not a named adapter (one per graph); load {directory} with adapter='default'")
         return load_prompt(Pipeline([("prompt", {"n": int(config["num_virtual_tokens"])})]).run(gm).graph_module,
                            directory)
-    step = _step_from_config(config, adapter, directory)
+    step = _peftc_step(config, adapter, directory) if "peftc_technique" in config else _step_from_config(config, adapter, directory)
     out = Pipeline([step]).run(gm).graph_module
     record = adapters(out)[adapter]
+    if "peftc_technique" in config and [list(ref) for ref in record.sites] != config["sites"]:
+        ours = [path for path, _ in record.sites]
+        theirs = [path for path, _ in config["sites"]]
+        raise CheckpointError(f"checkpoint {directory} does not fit this model: its {config['peftc_technique']} adapter "
+                              f"sits at {len(theirs)} sites ({', '.join(theirs[:3])}{' ...' if len(theirs) > 3 else ''}), "
+                              f"this model gives {len(ours)} ({', '.join(ours[:3])}{' ...' if len(ours) > 3 else ''}); "
+                              "load it into the model it was trained on")
     saved = _saved(record)
     expected = {_checkpoint_key(record, k): k for k in adapter_tensors(out, adapter) if k in saved}
     found = load_file(directory / WEIGHTS)
@@ -145,6 +152,32 @@ def _peft_config(gm: fx.GraphModule, record: Adapter) -> dict[str, Any]:
     return {"peft_type": method.peft_type, "target_modules": sorted({path for path, _ in record.sites}),
             "task_type": None, "base_model_name_or_path": None, "inference_mode": True,
             **method.to_peft(record.options, sites)}
+
+
+def _peftc_config(record: Adapter) -> dict[str, Any]:
+    """The config of a technique peft has no format for: its pass options and sites, as JSON."""
+    from peftc import __version__
+
+    options = {f.name: getattr(record.options, f.name) for f in dataclasses.fields(record.options) if f.name != "adapter"}
+    config = {"peftc_technique": record.technique, "peftc_version": __version__, "options": options,
+              "sites": [list(ref) for ref in record.sites]}
+    try:
+        json.dumps(config)
+    except TypeError as e:
+        raise CheckpointError(f"adapter {record.name!r} ({record.technique}) has options JSON cannot hold ({e}); "
+                              "keep its tensors with torch.save(gm.state_dict(), ...)") from None
+    return config
+
+
+def _peftc_step(config: dict[str, Any], adapter: str, directory: Path) -> Step:
+    name = config["peftc_technique"]
+    if name not in techniques():
+        raise CheckpointError(f"{directory} holds a {name!r} adapter, a technique not registered here; import the "
+                              "module that registers it first")
+    try:
+        return Step.make(name, {**config.get("options", {}), "adapter": adapter})
+    except PeftcError as e:
+        raise CheckpointError(f"{directory}: {e}") from None
 
 
 def _step_from_config(config: dict[str, Any], adapter: str, directory: Path) -> Step:

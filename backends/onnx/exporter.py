@@ -225,7 +225,8 @@ def _check_translatable(gm: fx.GraphModule) -> None:
 def _check_merged(gm: fx.GraphModule) -> None:
     record = adapters(gm)
     in_graph = {n.meta["peftc"]["adapter"] for n in gm.graph.nodes if n.meta.get("peftc", {}).get("adapter")}
-    unmerged = sorted(in_graph | {name for name, r in record.items() if r.active and not r.merged})
+    unmerged = sorted(name for name in in_graph | {name for name, r in record.items() if r.active and not r.merged}
+                      if name not in record or record[name].method().mergeable)  # bottleneck blocks are the model now
     if unmerged:
         kinds = ", ".join(f"{name!r} ({record[name].technique if name in record else 'tagged nodes'})" for name in unmerged)
         raise ExportError(
