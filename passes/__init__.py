@@ -3,6 +3,7 @@
 from peftc.passes import (
     adalora,
     boft,
+    bottleneck,
     fourierft,
     generic,
     hra,
@@ -19,5 +20,5 @@ from peftc.passes import (
     vera,
 )
 
-__all__ = ["adalora", "boft", "fourierft", "generic", "hra", "ia3", "ln_tuning", "lora", "loha", "lokr", "merge", "nf4",
+__all__ = ["adalora", "boft", "bottleneck", "fourierft", "generic", "hra", "ia3", "ln_tuning", "lora", "loha", "lokr", "merge", "nf4",
            "oft", "prefix", "prompt", "vera"]
