@@ -55,6 +55,15 @@ def test_serve_adapters_example(tmp_path):
     assert all(gap < 1e-4 for gap in result["gaps"].values()), result["gaps"]
 
 
+@pytest.mark.parametrize("placement", ["houlsby", "parallel"])
+def test_adapters_example_trains_reloads_and_merge_keeps_the_blocks(placement, tmp_path):
+    result = run("adapters", "--steps", "12", "--placement", placement, "--out", str(tmp_path))
+    assert result["after"] < result["before"] - 0.05
+    assert result["reload_gap"] == 0
+    assert not result["merge"].modified and "stays in the graph" in result["merge"].report
+    assert result["trainable"] == {"houlsby": 4, "parallel": 2}[placement] * (64 * 16 * 2 + 16 + 64)
+
+
 SST2_SHORT = ("--steps", "30", "--batch-size", "16", "--dev-size", "128")
 
 
