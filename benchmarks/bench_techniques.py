@@ -65,7 +65,7 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"{name}: {rows[name]}", flush=True)
     lora_ms = rows.get("lora", {}).get("step_ms")
     print(f"\n| method | pipeline | lr | trainable (head's 770 included) | % of base | dev acc before | after "
-          f"| loss first 10 -> last 10 | ms/step | vs LoRA |\n|---|---|---|---|---|---|---|---|---|---|")
+          "| loss first 10 -> last 10 | ms/step | vs LoRA |\n|---|---|---|---|---|---|---|---|---|---|")
     for name, r in rows.items():
         ratio = f"{r['step_ms'] / lora_ms:.2f}" if lora_ms else "-"
         print(f"| {name} | `{r['pipeline']}` | {r['lr']:g} | {r['trainable']:,} | {r['percent']:.2f} | {r['before']:.4f} | {r['after']:.4f} "

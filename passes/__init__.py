@@ -17,8 +17,9 @@ from peftc.passes import (
     oft,
     prefix,
     prompt,
+    side,
     vera,
 )
 
 __all__ = ["adalora", "boft", "bottleneck", "fourierft", "generic", "hra", "ia3", "ln_tuning", "lora", "loha", "lokr", "merge", "nf4",
-           "oft", "prefix", "prompt", "vera"]
+           "oft", "prefix", "prompt", "side", "vera"]

@@ -53,9 +53,15 @@ class UnmergeOptions:
 @register_pass("merge", options=MergeOptions, preserves_outputs=True)
 def merge(gm: fx.GraphModule, options: MergeOptions) -> PassResult:
     """Fold adapters into base weights: `W x + branch(x) -> W' x`, W' = fold(W)."""
-    chosen = _chosen(gm, options.adapter, lambda r: r.active and not r.merged, "active and unmerged", "merge")
+    rewrites = _other_rewrites(gm) if options.adapter is None else []
+    try:
+        chosen = _chosen(gm, options.adapter, lambda r: r.active and not r.merged, "active and unmerged", "merge")
+    except OptionError:
+        if not rewrites:
+            raise
+        chosen = []
     names = [n for n in chosen if adapters(gm)[n].method().mergeable]
-    stays = [f"{n} ({adapters(gm)[n].technique})" for n in chosen if n not in names]
+    stays = [f"{n} ({adapters(gm)[n].technique})" for n in chosen if n not in names] + rewrites
     kept = f"{', '.join(stays)} stay{'s' if len(stays) == 1 else ''} in the graph: not a weight update, nothing to fold"
     if not names:
         return PassResult(gm, modified=False, report=f"nothing merged: {kept}")
@@ -98,6 +104,15 @@ def delete_adapter(gm: fx.GraphModule, options: AdapterName) -> PassResult:
     """Delete adapter `name`: its branches, tensors and record."""
     core.delete(gm, options.name)
     return PassResult(gm, modified=True, report=f"deleted {options.name}")
+
+
+def _other_rewrites(gm: fx.GraphModule) -> list[str]:
+    """What passes outside the adapter record put in the graph: they stay through a merge."""
+    from peftc.passes import prefix, prompt, side
+
+    found = [("the prompt (prompt)", prompt.has_prompt(gm)), ("the prefix (prefix)", bool(prefix.prefixes(gm))),
+             ("the side network (side)", side.has_side(gm))]
+    return [what for what, present in found if present]
 
 
 def _chosen(gm: fx.GraphModule, name: str | None, wanted, what: str, pass_name: str) -> list[str]:

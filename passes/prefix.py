@@ -43,7 +43,7 @@ from peftc.checkpoint import peft_task_type
 from peftc.graph import get_tensor, peftc_meta, set_tensor, tag, tagged
 from peftc.regions import AttentionSite, attention_sites, position_ids
 
-__all__ = ["PrefixOptions", "prefix", "has_prefix", "save_prefix", "load_prefix"]
+__all__ = ["PrefixOptions", "prefix", "prefixes", "has_prefix", "save_prefix", "load_prefix"]
 
 aten = torch.ops.aten
 _PASS = "prefix"
@@ -255,9 +255,13 @@ def _flat_prefix(gm: fx.GraphModule, adapter: str) -> torch.Tensor:
     return torch.nn.functional.linear(torch.tanh(torch.nn.functional.linear(weight, w0, b0)), w2, b2).detach()
 
 
+def prefixes(gm: fx.GraphModule) -> list[str]:
+    """The adapter names of the prefixes in `gm`."""
+    return [v.meta["module_path"].removeprefix("prompt_encoder.") for v in tagged(gm, **{"pass": _PASS}, role="prefix_view")]
+
+
 def has_prefix(gm: fx.GraphModule, adapter: str = "default") -> bool:
-    return any(v.meta.get("module_path") == f"prompt_encoder.{adapter}"
-               for v in tagged(gm, **{"pass": _PASS}, role="prefix_view"))
+    return adapter in prefixes(gm)
 
 
 def save_prefix(gm: fx.GraphModule, directory: str | Path, adapter: str = "default",

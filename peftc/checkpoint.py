@@ -54,8 +54,10 @@ def save_adapter(gm: fx.GraphModule, directory: str | Path, adapter: str = "defa
     (`prompt`, `ptuning`) or prefix (`prefix`) is written as `save_prompt`/`save_prefix` write it."""
     record = adapters(gm).get(adapter)
     if record is None:
-        from peftc.passes import prefix, prompt
+        from peftc.passes import prefix, prompt, side
 
+        if adapter == "default" and side.has_side(gm):
+            return side.save_side(gm, directory)
         if prefix.has_prefix(gm, adapter):
             return prefix.save_prefix(gm, directory, adapter)
         if adapter == "default" and prompt.has_prompt(gm):
@@ -83,6 +85,10 @@ def load_adapter(gm: fx.GraphModule, directory: str | Path, adapter: str = "defa
     if not (directory / CONFIG).exists() or not (directory / WEIGHTS).exists():
         raise CheckpointError(f"{directory} is not a peft adapter folder: it needs {CONFIG} and {WEIGHTS}")
     config = json.loads((directory / CONFIG).read_text())
+    if config.get("peftc_technique") == "side":
+        from peftc.passes.side import load_side
+
+        return load_side(gm, directory)
     if config.get("peft_type") == "PREFIX_TUNING":
         from peftc.passes.prefix import load_prefix
 

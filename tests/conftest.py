@@ -53,3 +53,22 @@ def fill_trainable(module, seed=0):
             if p.requires_grad:
                 p.add_(torch.randn_like(p) * 0.1)
     return module
+
+
+def onnx_runtime_gap(gm, name: str, path) -> float:
+    """Export `gm` (`merged=True`) to `path` and return max |ONNX Runtime - eager| on inputs of a new shape
+    (batch 3, length 11, one padded row)."""
+    import onnxruntime as ort
+
+    from peftc.backends import onnx as peftc_onnx
+    from peftc.models import example_inputs
+
+    exported = peftc_onnx.export(gm, path, merged=True).path
+    args, kwargs = example_inputs(loaded(name).model, batch=3, seq=11, seed=4)
+    kwargs["attention_mask"][1, 8:] = 0
+    feeds = {"input_ids": args[0].numpy(), "attention_mask": kwargs["attention_mask"].numpy()}
+    (got, *_) = ort.InferenceSession(str(exported)).run(None, feeds)
+    with torch.no_grad():
+        expected = gm(*args, **kwargs)[0].numpy()
+    assert got.shape == expected.shape
+    return float(abs(got - expected).max())
