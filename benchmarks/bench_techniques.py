@@ -64,7 +64,7 @@ def main(argv: list[str] | None = None) -> dict:
                       "first_loss": mean(losses[:10]), "last_loss": mean(losses[-10:])}
         print(f"{name}: {rows[name]}", flush=True)
     lora_ms = rows.get("lora", {}).get("step_ms")
-    print(f"\n| method | pipeline | lr | trainable (head's 770 included) | % of base | dev acc before | after "
+    print("\n| method | pipeline | lr | trainable (head's 770 included) | % of base | dev acc before | after "
           "| loss first 10 -> last 10 | ms/step | vs LoRA |\n|---|---|---|---|---|---|---|---|---|---|")
     for name, r in rows.items():
         ratio = f"{r['step_ms'] / lora_ms:.2f}" if lora_ms else "-"
