@@ -12,6 +12,7 @@ from peftc.checkpoint import load_adapter, save_adapter
 from peftc.graph import tag, tagged
 from peftc.inspect import diff, save_graph, show, summary, to_dot, to_networkx
 from peftc.pipeline import Pipeline, PipelineResult, Step, apply
+from peftc.plan import MemoryPlan, plan
 from peftc.registry import PassResult, register_pass, registered_passes
 from peftc.sites import (
     attention_sites,
@@ -38,6 +39,8 @@ __all__ = [
     "Pipeline",
     "PipelineResult",
     "Step",
+    "plan",
+    "MemoryPlan",
     "PassResult",
     "register_pass",
     "registered_passes",

@@ -85,6 +85,15 @@ def _parser() -> argparse.ArgumentParser:
                         help="export the base with a LoRA slot and one ONNX Runtime adapter file per adapter")
     export.set_defaults(run=_export)
 
+    plan = sub.add_parser("plan", help="capture a model, run a pipeline and size one training step's memory")
+    plan.add_argument("model", help=model_help)
+    plan.add_argument("--passes", default="", help='pipeline text, e.g. "nf4, side" or "nf4, freeze, lora(r=8)"')
+    plan.add_argument("--batch", type=int, default=1)
+    plan.add_argument("--seq", type=int, default=512)
+    plan.add_argument("--optimizer", default="adamw", choices=["adamw", "adam", "sgd", "momentum"])
+    plan.add_argument("--dtype", help="plan with the floating weights cast to this dtype, e.g. bfloat16")
+    plan.set_defaults(run=_plan)
+
     passes = sub.add_parser("passes", help="list the registered passes with their options")
     passes.add_argument("--markdown", action="store_true", help="print the pass reference as Markdown")
     passes.set_defaults(run=_passes)
@@ -113,6 +122,14 @@ def _apply(args: argparse.Namespace) -> int:
     if args.out:
         _save(rewritten, args.out, report)
         print(f"\nwrote {args.out}/")
+    return 0
+
+
+def _plan(args: argparse.Namespace) -> int:
+    loaded = load_model(args.model)
+    gm = peftc.apply(peftc.capture(loaded.model, loaded.args, loaded.kwargs), args.passes or "identity")
+    print(f"model: {loaded.name}\npipeline: {args.passes or '(none)'}")
+    print(peftc.plan(gm, batch=args.batch, seq=args.seq, optimizer=args.optimizer, dtype=args.dtype))
     return 0
 
 

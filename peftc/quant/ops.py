@@ -76,22 +76,33 @@ def _setup_context(ctx, inputs, output):
     x, packed, absmax, absmax_scale, offset, bias, out_features, in_features, blocksize = inputs
     ctx.save_for_backward(packed, absmax, absmax_scale, offset)
     ctx.sizes = (out_features, in_features, blocksize)
-    ctx.dtype = x.dtype
     ctx.bias_grad = bias is not None and bias.requires_grad
+
+
+@torch.library.custom_op("peftc::nf4_linear_grad_input", mutates_args=())
+def nf4_linear_grad_input(
+    grad: Tensor, packed: Tensor, absmax: Tensor, absmax_scale: Tensor | None, offset: Tensor | None,
+    out_features: int, in_features: int, blocksize: int,
+) -> Tensor:
+    """dL/dx of `nf4_linear`: grad @ W, with W decoded tile by tile (an op, so fake tensors can size it)."""
+    state = _state(packed, absmax, absmax_scale, offset, out_features, in_features, blocksize, grad.dtype)
+    if out_features * in_features <= _TILE_VALUES:
+        return grad @ dequantize_nf4(state, grad.dtype)
+    grad2 = grad.reshape(-1, out_features)
+    grad_x = torch.zeros(grad2.shape[0], in_features, dtype=grad.dtype, device=grad.device)
+    for r0, r1, weight in _row_tiles(state, grad.dtype):
+        grad_x.addmm_(grad2[:, r0:r1], weight)
+    return grad_x.view(*grad.shape[:-1], in_features)
+
+
+@nf4_linear_grad_input.register_fake
+def _(grad, packed, absmax, absmax_scale, offset, out_features, in_features, blocksize):
+    return grad.new_empty((*grad.shape[:-1], in_features))
 
 
 def _backward(ctx, grad):
     packed, absmax, absmax_scale, offset = ctx.saved_tensors
-    out_features, in_features, _ = ctx.sizes
-    state = _state(packed, absmax, absmax_scale, offset, *ctx.sizes, ctx.dtype)
-    if out_features * in_features <= _TILE_VALUES:
-        grad_x = grad @ dequantize_nf4(state, ctx.dtype)
-    else:
-        grad2 = grad.reshape(-1, out_features)
-        grad_x = torch.zeros(grad2.shape[0], in_features, dtype=grad.dtype, device=grad.device)
-        for r0, r1, weight in _row_tiles(state, ctx.dtype):
-            grad_x.addmm_(grad2[:, r0:r1], weight)
-        grad_x = grad_x.view(*grad.shape[:-1], in_features)
+    grad_x = nf4_linear_grad_input(grad, packed, absmax, absmax_scale, offset, *ctx.sizes)
     grad_bias = grad.reshape(-1, grad.shape[-1]).sum(0) if ctx.bias_grad else None
     return grad_x, None, None, None, None, grad_bias, None, None, None
 

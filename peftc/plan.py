@@ -1,0 +1,193 @@
+"""The memory a training step of a rewritten graph needs, sized before it runs.
+
+    peak = weights (by storage) + optimizer states + the most bytes alive during forward, loss and backward
+           (activations autograd saves, transients, gradients)
+
+The graph is run once, forward and backward, on fake tensors (`FakeTensorMode`: shapes, dtypes and
+storages, no data), so the plan follows whatever the passes did and takes seconds on a 70B-shaped model
+captured on the `meta` device. Two counts are made during that run:
+1. activations: the distinct storages autograd saves for backward (`saved_tensors_hooks`), weights excluded;
+2. the live bytes: every storage an op creates, until it is freed (`TorchDispatchMode`), whose maximum,
+   gradients included, is the step's working memory.
+Optimizer states are counted from the trainable parameters (AdamW: two fp32-or-parameter-dtype moments;
+SGD with momentum: one; plain SGD: none). Allocator caching and fragmentation are not modelled.
+"""
+
+from __future__ import annotations
+
+import weakref
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.utils._pytree as pytree
+from torch import fx
+from torch.multiprocessing.reductions import StorageWeakRef
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from peftc.errors import OptionError
+from peftc.graph import peftc_meta
+
+__all__ = ["MemoryPlan", "plan"]
+
+_OPTIMIZERS = {"adamw": 2, "adam": 2, "sgd": 0, "momentum": 1}
+_MiB = 2**20
+
+
+@dataclass
+class MemoryPlan:
+    """Bytes of one training step; `str()` prints the breakdown in MiB."""
+
+    batch: int
+    seq: int
+    optimizer: str
+    weights: dict[str, int] = field(default_factory=dict)  # storage ("dense", "nf4", "trainable") -> bytes
+    trainable_parameters: int = 0  # elements
+    gradients: int = 0
+    optimizer_states: int = 0
+    activations: int = 0  # saved for backward
+    working: int = 0  # the most bytes alive during forward + backward, gradients and activations included
+    peak: int = 0
+
+    def __str__(self) -> str:
+        rows = [(f"weights ({name})", size) for name, size in self.weights.items()] + [
+            ("gradients", self.gradients), (f"optimizer states ({self.optimizer})", self.optimizer_states),
+            ("activations saved for backward", self.activations), ("working memory of forward + backward", self.working),
+            ("predicted peak", self.peak)]
+        width = max(len(name) for name, _ in rows)
+        lines = [f"memory plan: batch {self.batch} x sequence {self.seq}, "
+                 f"{self.trainable_parameters:,} trainable parameters"]
+        lines += [f"  {name.ljust(width)}  {size / _MiB:12.1f} MiB" for name, size in rows]
+        return "\n".join(lines)
+
+
+def plan(gm: fx.GraphModule, *, batch: int = 1, seq: int = 512, optimizer: str = "adamw",
+         dtype: torch.dtype | str | None = None, inputs: dict[str, torch.Tensor] | None = None) -> MemoryPlan:
+    """Size one training step of `gm` at `batch` x `seq` (its example inputs resized, or `inputs`).
+
+    `dtype` (e.g. "bfloat16") checks that the graph computes in it: capture the model in the dtype it
+    trains in. The loss is the mean cross-entropy of a causal LM's logits, else the mean of the first output.
+    """
+    if optimizer not in _OPTIMIZERS:
+        raise OptionError(f"plan: optimizer must be one of {', '.join(_OPTIMIZERS)}, got {optimizer!r}")
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype, None) if isinstance(getattr(torch, dtype, None), torch.dtype) else None
+        if dtype is None:
+            raise OptionError("plan: dtype must name a torch dtype such as 'bfloat16'")
+    floats = {p.dtype for p in gm.parameters() if p.is_floating_point()}
+    if dtype is not None and floats != {dtype}:
+        # the captured graph fixes its casts and dtype checks: a cast afterwards would not be the model trained
+        raise OptionError(f"plan: the graph computes in {', '.join(sorted(map(str, floats)))}, not {dtype}; capture the "
+                          f"model in {dtype} (model.to({dtype}) before peftc.capture) and plan that graph")
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    result = MemoryPlan(batch, seq, optimizer)
+    tensors = dict(gm.named_parameters(remove_duplicate=True)) | dict(gm.named_buffers(remove_duplicate=True))
+    trainable = {name for name, p in gm.named_parameters() if p.requires_grad}
+    fake = FakeTensorMode(allow_non_fake_inputs=True)  # constants the graph holds outside its parameters and buffers
+    state = {name: _fake(fake, t, name in trainable) for name, t in tensors.items()}
+    for name, t in state.items():
+        kind = "trainable" if name in trainable else "quantized" if not t.is_floating_point() else "frozen"
+        result.weights[kind] = result.weights.get(kind, 0) + _nbytes(t)
+    result.trainable_parameters = sum(state[n].numel() for n in trainable)
+    result.gradients = sum(_nbytes(state[n]) for n in trainable)
+    result.optimizer_states = _OPTIMIZERS[optimizer] * result.gradients
+
+    device = next((t.device for t in tensors.values()), torch.device("cpu"))
+    example = inputs or _inputs(gm, batch, seq, device)
+    weights = {StorageWeakRef(t.untyped_storage()) for t in state.values()}
+    saved: dict[StorageWeakRef, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        ref = StorageWeakRef(t.untyped_storage())
+        if ref not in weights:
+            saved[ref] = t.untyped_storage().nbytes()
+        return t
+
+    live = _LiveBytes(weights)
+    with fake:
+        fake_inputs = {k: fake.from_tensor(v) for k, v in example.items()}
+        with live, torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            outputs = torch.func.functional_call(gm, state, (), fake_inputs, strict=False)
+            loss = _loss(gm, outputs)
+            loss.backward()
+    result.activations = sum(saved.values())
+    result.working = live.peak
+    result.peak = sum(result.weights.values()) + result.optimizer_states + result.working
+    return result
+
+
+def _fake(mode: Any, t: torch.Tensor, trainable: bool) -> torch.Tensor:
+    fake = mode.from_tensor(t.detach())
+    return fake.requires_grad_(True) if trainable else fake
+
+
+def _nbytes(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size()
+
+
+def _inputs(gm: fx.GraphModule, batch: int, seq: int, device: torch.device) -> dict[str, torch.Tensor]:
+    """The graph's example inputs at `batch` x `seq`: token ids and masks of ones, floats of zeros."""
+    example = peftc_meta(gm).get("example_inputs")
+    if not example:
+        raise OptionError("plan: this graph records no example inputs; pass inputs={name: tensor}")
+    out = {}
+    for name, value in example.items():
+        if not isinstance(value, torch.Tensor) or value.dim() < 2:
+            raise OptionError(f"plan: input {name!r} is not a (batch, sequence, ...) tensor; pass inputs={{...}}")
+        shape = (batch, seq, *value.shape[2:])
+        fill = 1 if "mask" in name else 0
+        out[name] = torch.full(shape, fill, dtype=value.dtype, device=device)
+    return out
+
+
+def _loss(gm: fx.GraphModule, outputs: Any) -> torch.Tensor:
+    first = next(t for t in pytree.tree_leaves(outputs) if isinstance(t, torch.Tensor) and t.is_floating_point())
+    causal = peftc_meta(gm).get("capture", {}).get("class", "").endswith(("ForCausalLM", "LMHeadModel"))
+    if causal and first.dim() == 3:
+        targets = torch.zeros(first.shape[:2], dtype=torch.long, device=first.device)
+        return torch.nn.functional.cross_entropy(first.flatten(0, 1), targets.flatten())
+    return first.float().mean()
+
+
+class _LiveBytes(TorchDispatchMode):
+    """The most bytes held at once by storages the ops create (weights excluded). A storage is freed when the
+    last tensor an op returned over it dies (a finalizer per tensor), or later if something else still holds it."""
+
+    def __init__(self, weights: set[StorageWeakRef]):
+        super().__init__()
+        self.weights, self.current, self.peak = weights, 0, 0
+        self.live: dict[StorageWeakRef, list[int]] = {}  # storage -> [bytes, tensors seen over it]
+        self.lingering: set[StorageWeakRef] = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for ref in [r for r in self.lingering if r.expired()]:
+            self.lingering.discard(ref)
+            self.current -= self.live.pop(ref)[0]
+        for t in pytree.tree_leaves(out):
+            if isinstance(t, torch.Tensor):
+                self._track(t)
+        self.peak = max(self.peak, self.current)
+        return out
+
+    def _track(self, t: torch.Tensor) -> None:
+        ref = StorageWeakRef(t.untyped_storage())
+        if ref in self.weights:
+            return
+        if ref not in self.live:
+            self.live[ref] = [t.untyped_storage().nbytes(), 0]
+            self.current += self.live[ref][0]
+        self.live[ref][1] += 1
+        weakref.finalize(t, self._release, ref)
+
+    def _release(self, ref: StorageWeakRef) -> None:
+        entry = self.live.get(ref)
+        if entry is None:
+            return
+        entry[1] -= 1
+        if entry[1] == 0:
+            if ref.expired():
+                self.current -= self.live.pop(ref)[0]
+            else:
+                self.lingering.add(ref)
