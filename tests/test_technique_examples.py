@@ -64,6 +64,14 @@ def test_adapters_example_trains_reloads_and_merge_keeps_the_blocks(placement, t
     assert result["trainable"] == {"houlsby": 4, "parallel": 2}[placement] * (64 * 16 * 2 + 16 + 64)
 
 
+def test_side_tuning_example_plans_trains_and_reloads(tmp_path):
+    result = run("side_tuning", "--steps", "20", "--out", str(tmp_path))
+    assert result["after"] < result["before"] - 0.05
+    assert result["reload_gap"] == 0
+    qlora, qst = result["plans"]["qlora"], result["plans"]["qst"]
+    assert qst.activations < qlora.activations and qst.peak < qlora.peak
+
+
 SST2_SHORT = ("--steps", "30", "--batch-size", "16", "--dev-size", "128")
 
 
