@@ -1,7 +1,7 @@
 """The memory a training step of a rewritten graph needs, sized before it runs.
 
-    peak = weights (by storage) + optimizer states + the most bytes alive during forward, loss and backward
-           (activations autograd saves, transients, gradients)
+    peak = weights (by storage) + optimizer states + max(the most bytes alive during forward, loss and backward
+           (activations autograd saves, transients, gradients), gradients + the optimizer step's temporaries)
 
 The graph is run once, forward and backward, on fake tensors (`FakeTensorMode`: shapes, dtypes and
 storages, no data), so the plan follows whatever the passes did and takes seconds on a 70B-shaped model
@@ -9,8 +9,9 @@ captured on the `meta` device. Two counts are made during that run:
 1. activations: the distinct storages autograd saves for backward (`saved_tensors_hooks`), weights excluded;
 2. the live bytes: every storage an op creates, until it is freed (`TorchDispatchMode`), whose maximum,
    gradients included, is the step's working memory.
-Optimizer states are counted from the trainable parameters (AdamW: two fp32-or-parameter-dtype moments;
-SGD with momentum: one; plain SGD: none). Allocator caching and fragmentation are not modelled.
+Optimizer states are counted from the trainable parameters (AdamW: two moments in the parameters' dtype;
+SGD with momentum: one; plain SGD: none), and torch's foreach Adam(W) step holds one more parameter-sized
+temporary. Allocator caching and fragmentation are not modelled.
 """
 
 from __future__ import annotations
@@ -47,13 +48,14 @@ class MemoryPlan:
     optimizer_states: int = 0
     activations: int = 0  # saved for backward
     working: int = 0  # the most bytes alive during forward + backward, gradients and activations included
+    step: int = 0  # bytes the optimizer step holds besides weights and states: gradients and its temporaries
     peak: int = 0
 
     def __str__(self) -> str:
         rows = [(f"weights ({name})", size) for name, size in self.weights.items()] + [
             ("gradients", self.gradients), (f"optimizer states ({self.optimizer})", self.optimizer_states),
             ("activations saved for backward", self.activations), ("working memory of forward + backward", self.working),
-            ("predicted peak", self.peak)]
+            ("gradients + temporaries of the optimizer step", self.step), ("predicted peak", self.peak)]
         width = max(len(name) for name, _ in rows)
         lines = [f"memory plan: batch {self.batch} x sequence {self.seq}, "
                  f"{self.trainable_parameters:,} trainable parameters"]
@@ -113,7 +115,9 @@ def plan(gm: fx.GraphModule, *, batch: int = 1, seq: int = 512, optimizer: str =
             loss.backward()
     result.activations = sum(saved.values())
     result.working = live.peak
-    result.peak = sum(result.weights.values()) + result.optimizer_states + result.working
+    # the optimizer step: gradients, and foreach Adam(W)'s one parameter-sized temporary (sqrt of the 2nd moment)
+    result.step = result.gradients * (2 if optimizer in ("adam", "adamw") else 1)
+    result.peak = sum(result.weights.values()) + result.optimizer_states + max(result.working, result.step)
     return result
 
 

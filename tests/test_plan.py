@@ -42,7 +42,8 @@ def test_breakdown_and_qst_against_qlora():
     for p in (qlora, qst, dense):
         assert p.weights["trainable"] == p.gradients == 4 * p.trainable_parameters  # float32
         assert p.optimizer_states == 2 * p.gradients  # AdamW's two moments
-        assert p.peak == sum(p.weights.values()) + p.optimizer_states + p.working
+        assert p.step == 2 * p.gradients
+        assert p.peak == sum(p.weights.values()) + p.optimizer_states + max(p.working, p.step)
     assert qlora.weights["quantized"] > 0 and "quantized" not in dense.weights
     assert qlora.weights["frozen"] + qlora.weights["quantized"] < dense.weights["frozen"] / 2
     assert qst.activations < qlora.activations  # the base keeps nothing for backward
