@@ -1,7 +1,7 @@
 """PEFT methods side by side on the real all-MiniLM-L6-v2 and GLUE SST-2: dev accuracy for the same steps.
 
-Full finetuning, LoRA, bottleneck adapters (Houlsby, Pfeiffer, parallel) and the prompt methods: the
-lecture's adapter table in miniature.
+Full finetuning, LoRA, QLoRA, QST, bottleneck adapters (Houlsby, Pfeiffer, parallel) and the prompt
+methods: the lecture's adapter table in miniature.
 
 Each method's pipeline runs over the same captured classifier (MiniLM + a fresh linear head on its
 mean-pooled token states, `peftc.demo.build`); the pipeline's parameters and the head train with AdamW
@@ -29,6 +29,8 @@ from peftc.demo import build, evaluate, load_data, train
 METHODS = {  # name: (pipeline, learning rate)
     "full": ("identity", 5e-5),  # every weight trains
     "lora": ('freeze, lora(r=8, alpha=16, dropout=0.1, targets="*.query|*.value")', 1e-3),
+    "qlora": ('nf4(targets="encoder.*"), freeze, lora(r=8, alpha=16, dropout=0.1, targets="*.query|*.value")', 1e-3),
+    "qst": ('nf4(targets="encoder.*"), side', 1e-3),
     "houlsby": ("freeze, adapter(placement='houlsby')", 1e-3),
     "pfeiffer": ("freeze, adapter(placement='pfeiffer')", 1e-3),
     "parallel": ("freeze, adapter(placement='parallel')", 1e-3),
