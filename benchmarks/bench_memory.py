@@ -22,7 +22,7 @@ import statistics
 import time
 
 import torch
-from common import begin, write_json
+from common import begin, print_table, write_json
 from torch.profiler import ProfilerActivity, profile
 from torch.profiler._memory_profiler import MemoryProfileTimeline
 
@@ -96,12 +96,11 @@ def main(argv: list[str] | None = None) -> dict:
                       "step_seconds": statistics.median(times), "plan_seconds": plan_seconds}
         print(f"{name}: {rows[name]}", flush=True)
     ref = rows.get("qlora", {}).get("measured_peak")
-    print("\n| method | pipeline | measured peak | planned peak | planner error | saved activations (planned) "
-          "| step | peak vs QLoRA |\n|---|---|---|---|---|---|---|---|")
-    for name, r in rows.items():
-        ratio = f"{r['measured_peak'] / ref:.2f}" if ref else "-"
-        print(f"| {name} | `{r['pipeline']}` | {r['measured_peak'] / _MiB:.0f} MiB | {r['planned_peak'] / _MiB:.0f} MiB "
-              f"| {100 * r['planner_error']:+.1f} % | {r['activations'] / _MiB:.0f} MiB | {r['step_seconds']:.2f} s | {ratio} |")
+    print_table(["method", "pipeline", "measured peak", "planned peak", "planner error", "saved activations (planned)",
+                 "step", "peak vs QLoRA"],
+                [[name, f"`{r['pipeline']}`", f"{r['measured_peak'] / _MiB:.0f} MiB", f"{r['planned_peak'] / _MiB:.0f} MiB",
+                  f"{100 * r['planner_error']:+.1f} %", f"{r['activations'] / _MiB:.0f} MiB", f"{r['step_seconds']:.2f} s",
+                  f"{r['measured_peak'] / ref:.2f}" if ref else "-"] for name, r in rows.items()])
     result = {"command": command, "batch": args.batch, "seq": args.seq, "layers": args.layers, "rows": rows}
     if args.json:
         write_json(args.json, result)

@@ -21,7 +21,7 @@ import argparse
 import time
 from statistics import mean
 
-from common import begin, write_json
+from common import begin, print_table, write_json
 
 import peftc
 from peftc.demo import build, evaluate, load_data, train
@@ -66,12 +66,11 @@ def main(argv: list[str] | None = None) -> dict:
                       "first_loss": mean(losses[:10]), "last_loss": mean(losses[-10:])}
         print(f"{name}: {rows[name]}", flush=True)
     lora_ms = rows.get("lora", {}).get("step_ms")
-    print("\n| method | pipeline | lr | trainable (head's 770 included) | % of base | dev acc before | after "
-          "| loss first 10 -> last 10 | ms/step | vs LoRA |\n|---|---|---|---|---|---|---|---|---|---|")
-    for name, r in rows.items():
-        ratio = f"{r['step_ms'] / lora_ms:.2f}" if lora_ms else "-"
-        print(f"| {name} | `{r['pipeline']}` | {r['lr']:g} | {r['trainable']:,} | {r['percent']:.2f} | {r['before']:.4f} | {r['after']:.4f} "
-              f"| {r['first_loss']:.3f} -> {r['last_loss']:.3f} | {r['step_ms']:.0f} | {ratio} |")
+    print_table(["method", "pipeline", "lr", "trainable (head's 770 included)", "% of base", "dev acc before", "after",
+                 "loss first 10 -> last 10", "ms/step", "vs LoRA"],
+                [[name, f"`{r['pipeline']}`", f"{r['lr']:g}", f"{r['trainable']:,}", f"{r['percent']:.2f}", f"{r['before']:.4f}",
+                  f"{r['after']:.4f}", f"{r['first_loss']:.3f} -> {r['last_loss']:.3f}", f"{r['step_ms']:.0f}",
+                  f"{r['step_ms'] / lora_ms:.2f}" if lora_ms else "-"] for name, r in rows.items()])
     result = {"command": command, "peftc": peftc.__version__, "rows": rows}
     if args.json:
         write_json(args.json, result)

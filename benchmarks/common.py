@@ -41,6 +41,13 @@ def compare(fns: dict[str, Callable[[], Any]], repeat: int, warmup: int) -> dict
     return {name: statistics.median(s) for name, s in samples.items()}
 
 
+def print_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
+    """Print a Markdown table (cells already formatted)."""
+    print("\n| " + " | ".join(header) + " |\n|" + "---|" * len(header))
+    for row in rows:
+        print("| " + " | ".join(str(cell) for cell in row) + " |")
+
+
 def write_json(path: str, data: dict) -> None:
     from peftc._io import atomic_write
 
