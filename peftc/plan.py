@@ -5,7 +5,8 @@
 
 The graph is run once, forward and backward, on fake tensors (`FakeTensorMode`: shapes, dtypes and
 storages, no data), so the plan follows whatever the passes did and takes seconds on a 70B-shaped model
-captured on the `meta` device. Two counts are made during that run:
+captured on the `meta` device (planned with CPU kernels: meta's math attention would save the
+probabilities that fused attention kernels do not). Two counts are made during that run:
 1. activations: the distinct storages autograd saves for backward (`saved_tensors_hooks`), weights excluded;
 2. the live bytes: every storage an op creates, until it is freed (`TorchDispatchMode`), whose maximum,
    gradients included, is the step's working memory.
@@ -16,6 +17,7 @@ temporary. Allocator caching and fragmentation are not modelled.
 
 from __future__ import annotations
 
+import copy
 import weakref
 from dataclasses import dataclass, field
 from typing import Any
@@ -23,6 +25,7 @@ from typing import Any
 import torch
 import torch.utils._pytree as pytree
 from torch import fx
+from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
 from torch.multiprocessing.reductions import StorageWeakRef
 from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -81,21 +84,27 @@ def plan(gm: fx.GraphModule, *, batch: int = 1, seq: int = 512, optimizer: str =
         # the captured graph fixes its casts and dtype checks: a cast afterwards would not be the model trained
         raise OptionError(f"plan: the graph computes in {', '.join(sorted(map(str, floats)))}, not {dtype}; capture the "
                           f"model in {dtype} (model.to({dtype}) before peftc.capture) and plan that graph")
-    from torch._subclasses.fake_tensor import FakeTensorMode
-
     result = MemoryPlan(batch, seq, optimizer)
     tensors = dict(gm.named_parameters(remove_duplicate=True)) | dict(gm.named_buffers(remove_duplicate=True))
+    constants = {name: t for name, t in _tensor_attributes(gm) if name not in tensors}
     trainable = {name for name, p in gm.named_parameters() if p.requires_grad}
-    fake = FakeTensorMode(allow_non_fake_inputs=True)  # constants the graph holds outside its parameters and buffers
-    state = {name: _fake(fake, t, name in trainable) for name, t in tensors.items()}
+    # a model captured on meta is planned as on CPU: meta dispatches attention to its math path, which saves the
+    # attention probabilities that the fused kernels of CPU and GPU do not
+    device = next((t.device for t in tensors.values()), torch.device("cpu"))
+    if device.type == "meta":
+        device, gm = torch.device("cpu"), _retarget(gm, torch.device("cpu"))
+    fake = FakeTensorMode(allow_non_fake_inputs=True)
+    state = {name: _fake(fake, t, device, name in trainable) for name, t in tensors.items()}
+    state |= {name: _fake(fake, t, device, False) for name, t in constants.items()}
     for name, t in state.items():
+        if name in constants:
+            continue
         kind = "trainable" if name in trainable else "quantized" if not t.is_floating_point() else "frozen"
         result.weights[kind] = result.weights.get(kind, 0) + _nbytes(t)
     result.trainable_parameters = sum(state[n].numel() for n in trainable)
     result.gradients = sum(_nbytes(state[n]) for n in trainable)
     result.optimizer_states = _OPTIMIZERS[optimizer] * result.gradients
 
-    device = next((t.device for t in tensors.values()), torch.device("cpu"))
     example = inputs or _inputs(gm, batch, seq, device)
     weights = {StorageWeakRef(t.untyped_storage()) for t in state.values()}
     saved: dict[StorageWeakRef, int] = {}
@@ -108,7 +117,7 @@ def plan(gm: fx.GraphModule, *, batch: int = 1, seq: int = 512, optimizer: str =
 
     live = _LiveBytes(weights)
     with fake:
-        fake_inputs = {k: fake.from_tensor(v) for k, v in example.items()}
+        fake_inputs = {k: _fake(fake, v, device, False) for k, v in example.items()}
         with live, torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
             outputs = torch.func.functional_call(gm, state, (), fake_inputs, strict=False)
             loss = _loss(gm, outputs)
@@ -121,9 +130,35 @@ def plan(gm: fx.GraphModule, *, batch: int = 1, seq: int = 512, optimizer: str =
     return result
 
 
-def _fake(mode: Any, t: torch.Tensor, trainable: bool) -> torch.Tensor:
-    fake = mode.from_tensor(t.detach())
+def _fake(mode: Any, t: torch.Tensor, device: torch.device, trainable: bool) -> torch.Tensor:
+    if t.device.type == "meta" and device.type != "meta":
+        fake = FakeTensor(mode, t.detach(), device)
+    else:
+        fake = mode.from_tensor(t.detach())
     return fake.requires_grad_(True) if trainable else fake
+
+
+def _retarget(gm: fx.GraphModule, device: torch.device) -> fx.GraphModule:
+    """A copy of `gm` whose ops create and check tensors on `device` instead of meta (submodules shared)."""
+    graph = copy.deepcopy(gm.graph)
+    for node in graph.nodes:
+        node.args, node.kwargs = pytree.tree_map_only(
+            torch.device, lambda d: device if d.type == "meta" else d, (node.args, node.kwargs))
+    retargeted = fx.GraphModule(gm, graph)
+    retargeted.meta.update(gm.meta)
+    retargeted.training = gm.training
+    return retargeted
+
+
+def _tensor_attributes(gm: fx.GraphModule) -> list[tuple[str, torch.Tensor]]:
+    """Tensors the graph reads with get_attr that are neither parameters nor buffers (lifted constants)."""
+    found = []
+    for node in gm.graph.find_nodes(op="get_attr"):
+        owner, _, attr = node.target.rpartition(".")
+        value = getattr(gm.get_submodule(owner), attr, None)
+        if isinstance(value, torch.Tensor) and not isinstance(value, torch.nn.Parameter):
+            found.append((node.target, value))
+    return found
 
 
 def _nbytes(t: torch.Tensor) -> int:

@@ -61,3 +61,18 @@ def test_errors_and_command_line(capsys):
     assert main(["plan", "tiny-llama", "--passes", "nf4, side", "--batch", "2", "--seq", "32"]) == 0
     out = capsys.readouterr().out
     assert "batch 2 x sequence 32" in out and "predicted peak" in out and "weights (quantized)" in out
+
+
+def test_a_model_captured_on_meta_plans_as_it_would_on_cpu():
+    """Meta dispatches attention to its math path (saving the probabilities); the plan uses the CPU kernels."""
+    from peftc.models import example_inputs, tiny_config
+    from transformers import LlamaForCausalLM
+
+    with torch.device("meta"):
+        model = LlamaForCausalLM(tiny_config("llama")).eval()
+    args, kwargs = example_inputs(model)
+    on_meta = peftc.capture(model, tuple(a.to("meta") for a in args), {k: v.to("meta") for k, v in kwargs.items()})
+    pipeline = "nf4, freeze, lora(r=8, targets='all-linear')"
+    planned = peftc.plan(peftc.apply(on_meta, pipeline), batch=4, seq=64)
+    assert planned == peftc.plan(peftc.apply(captured("tiny-llama"), pipeline), batch=4, seq=64)
+    assert all(p.device.type == "meta" for p in on_meta.parameters())  # planning allocated nothing
