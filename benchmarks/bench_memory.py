@@ -1,7 +1,7 @@
 """Memory of one training step, measured and planned: full finetuning, LoRA, QLoRA, adapters, QST.
 
-The same random-init Llama-shaped model (hidden 768, 6 layers, vocab 32000: ~92M parameters,
-~370 MB in fp32), batch and length for every method. For each pipeline:
+The same random-init Llama-shaped model (hidden 768, 12 layers, vocab 32000: ~134M parameters,
+~540 MB in fp32), batch and length for every method. For each pipeline:
 
 1. measured peak: PyTorch's profiler memory timeline (every allocation and free, the tensors alive
    before the profile included) over one AdamW step (forward, cross-entropy, backward, step) taken
@@ -9,7 +9,7 @@ The same random-init Llama-shaped model (hidden 768, 6 layers, vocab 32000: ~92M
 2. planned peak: `peftc.plan` on fake tensors, and its error against the measurement;
 3. step time: the median of timed steps without the profiler.
 
-    python benchmarks/bench_memory.py                  # batch 8 x 256, ~10 min on 2 cores
+    python benchmarks/bench_memory.py                  # batch 8 x 256, ~20 min on 2 cores
     python benchmarks/bench_memory.py --batch 2 --seq 64 --layers 2 --only qlora --only qst
 
 Nothing is asserted; the ratios are printed against QLoRA measured in the same run.
@@ -68,7 +68,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--seq", type=int, default=256)
-    parser.add_argument("--layers", type=int, default=6)
+    parser.add_argument("--layers", type=int, default=12)
     parser.add_argument("--repeat", type=int, default=2)
     parser.add_argument("--only", action="append", choices=sorted(METHODS))
     args, command, _ = begin(parser, argv, "benchmarks/bench_memory.py")

@@ -1,0 +1,77 @@
+"""Planned memory of QLoRA and QST at the lecture's model sizes: LLaMA-2-7B and LLaMA-2-70B shapes.
+
+Each model is built on the `meta` device in bfloat16 (no weights allocated), captured, rewritten by
+both pipelines and planned by `peftc.plan` (fake tensors, AdamW). Nothing runs on real data; the
+point is the breakdown and that a 70B plan takes seconds, not a GPU.
+
+    python benchmarks/plan_llama2.py                        # batch 4 x 512, both sizes, ~3 min on 2 cores
+    python benchmarks/plan_llama2.py --only 7b --batch 1 --seq 2048
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+from common import begin, print_table, write_json
+
+import peftc
+
+SHAPES = {  # the published LLaMA-2 configurations
+    "7b": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
+               num_key_value_heads=32),
+    "70b": dict(hidden_size=8192, intermediate_size=28672, num_hidden_layers=80, num_attention_heads=64,
+                num_key_value_heads=8),
+}
+PIPELINES = {"QLoRA": "nf4, freeze, lora(r=64, targets='all-linear')", "QST": "nf4, side"}
+_GiB = 2**30
+
+
+def _captured(shape: dict) -> torch.fx.GraphModule:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(vocab_size=32000, max_position_embeddings=4096, **shape)
+    with torch.device("meta"):
+        model = LlamaForCausalLM(config).to(torch.bfloat16).eval()
+    ids = torch.zeros(1, 16, dtype=torch.long, device="meta")
+    return peftc.capture(model, (ids,), {"attention_mask": torch.ones_like(ids)})
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--seq", type=int, default=512)
+    parser.add_argument("--only", action="append", choices=sorted(SHAPES))
+    args, command, _ = begin(parser, argv, "benchmarks/plan_llama2.py")
+    rows = []
+    for size in args.only or SHAPES:
+        started = time.perf_counter()
+        base = _captured(SHAPES[size])
+        capture_seconds = time.perf_counter() - started
+        for method, pipeline in PIPELINES.items():
+            started = time.perf_counter()
+            gm = peftc.apply(base, pipeline)
+            gm.train()
+            rewrite_seconds = time.perf_counter() - started
+            started = time.perf_counter()
+            planned = peftc.plan(gm, batch=args.batch, seq=args.seq, optimizer="adamw", dtype="bfloat16")
+            plan_seconds = time.perf_counter() - started
+            print(f"LLaMA-2-{size} {method} (capture {capture_seconds:.0f} s, rewrite {rewrite_seconds:.0f} s, "
+                  f"plan {plan_seconds:.0f} s)\n{planned}", flush=True)
+            rows.append({"model": f"LLaMA-2-{size}", "method": method, "pipeline": pipeline, "weights": planned.weights,
+                         "optimizer_states": planned.optimizer_states, "activations": planned.activations,
+                         "peak": planned.peak, "plan_seconds": plan_seconds, "capture_seconds": capture_seconds})
+    print_table(["model", "method", "weights (dense + NF4 + trainable)", "optimizer states", "saved activations",
+                 "predicted peak", "plan time"],
+                [[r["model"], r["method"], f"{sum(r['weights'].values()) / _GiB:.1f} GiB",
+                  f"{r['optimizer_states'] / _GiB:.2f} GiB", f"{r['activations'] / _GiB:.1f} GiB",
+                  f"**{r['peak'] / _GiB:.1f} GiB**", f"{r['plan_seconds']:.0f} s"] for r in rows])
+    result = {"command": command, "batch": args.batch, "seq": args.seq, "rows": rows}
+    if args.json:
+        write_json(args.json, result)
+    return result
+
+
+if __name__ == "__main__":
+    main()
