@@ -198,12 +198,14 @@ def block_sites(gm: fx.GraphModule, targets: str | None = None) -> list[BlockSit
         if not inside:
             continue
         members = set(inside)
-        outputs = [n for n in inside if any(u not in members for u in n.users)]
+        # nodes passes inserted inside the block (NF4 linears, adapter branches) lie on its paths too: a value
+        # they read is not an output of the block, and the stream may leave through one of them
+        ordered = [n for n in gm.graph.nodes if n.op not in ("get_attr", "placeholder") and _within(module_path(n), path)]
+        region = set(ordered)
+        outputs = [n for n in ordered if any(u not in region for u in n.users)]
         inputs = sorted({a for n in inside for a in n.all_input_nodes if a not in members and a.op != "get_attr"}, key=order.get)
         stream_in, stream_out = _residual_stream(inputs, outputs)
         if stream_out is not None:
-            # Adapter branches inside the block lie on the sublayers' paths too.
-            region = {n for n in gm.graph.nodes if n.op not in ("get_attr", "placeholder") and _within(module_path(n), path)}
             (attention, attention_add), (ff, ff_add) = _sublayer_outputs(inside, region, stream_out)
             sites.append(BlockSite(path, int(path.rsplit(".", 1)[1]), stream_in, stream_out, attention, ff,
                                    attention_add, ff_add))

@@ -20,16 +20,23 @@ def inputs(arch, seed=1):
 
 
 class Recorded(fx.Interpreter):
-    """Runs the graph and keeps, for every base op before the side network, whether autograd recorded it."""
+    """Runs the graph and keeps every base op that autograd recorded and that does not read the side network's
+    output (the head after it does)."""
 
     def __init__(self, gm):
         super().__init__(gm)
-        self.recorded, self.after_side = [], False
+        self.recorded = []
+        side = next(n for n in gm.graph.nodes if n.op == "call_module" and n.target == "side_network")
+        self.after_side, todo = set(), [side]
+        while todo:
+            for user in todo.pop().users:
+                if user not in self.after_side:
+                    self.after_side.add(user)
+                    todo.append(user)
 
     def run_node(self, n):
         out = super().run_node(n)
-        self.after_side |= n.op == "call_module"
-        if n.op == "call_function" and "peftc" not in n.meta and not self.after_side:
+        if n.op == "call_function" and "peftc" not in n.meta and n not in self.after_side:
             tensors = out if isinstance(out, (tuple, list)) else [out]
             self.recorded += [n.name for t in tensors if isinstance(t, torch.Tensor) and t.requires_grad]
         return out
@@ -60,6 +67,12 @@ def test_unchanged_at_init_no_base_op_recorded_and_only_side_weights_learn(arch)
 def test_qst_is_nf4_then_side():
     nf4 = peftc.apply(captured("tiny-llama"), "nf4, freeze")
     qst = peftc.apply(captured("tiny-llama"), "nf4, side(reduction_factor=4)")
+    # the taps are the blocks' outputs and the mix is at the final norm, NF4 linears or not
+    taps = [n.args[0].name for n in qst.graph.nodes if n.meta.get("peftc", {}).get("pass") == "side"
+            and n.target == torch.ops.aten.detach.default]
+    side = peftc.apply(captured("tiny-llama"), "side(reduction_factor=4)")
+    assert taps == [n.args[0].name for n in side.graph.nodes if n.meta.get("peftc", {}).get("pass") == "side"
+                    and n.target == torch.ops.aten.detach.default]
     args, kwargs = inputs("llama")
     torch.testing.assert_close(qst(*args, **kwargs)[0], nf4(*args, **kwargs)[0], atol=0, rtol=0)
     run = Recorded(qst)
