@@ -18,8 +18,9 @@ from peftc.passes import (
     prefix,
     prompt,
     side,
+    triton,
     vera,
 )
 
 __all__ = ["adalora", "boft", "bottleneck", "fourierft", "generic", "hra", "ia3", "ln_tuning", "lora", "loha", "lokr", "merge", "nf4",
-           "oft", "prefix", "prompt", "side", "vera"]
+           "oft", "prefix", "prompt", "side", "triton", "vera"]

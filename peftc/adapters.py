@@ -120,6 +120,7 @@ def active_adapters(gm: fx.GraphModule) -> list[str]:
 
 def add_adapter(gm: fx.GraphModule, method: Technique, options: Any) -> PassResult:
     """The pass every technique gets: create its tensors at the selected sites and rebuild them."""
+    _check_not_lowered(gm)
     if options.adapter in adapters(gm):
         raise OptionError(f"{method.name}: an adapter named {options.adapter!r} exists; pass adapter=\"other\" or delete it first")
     placed = method.select(gm, options)
@@ -226,9 +227,17 @@ def resolve_sites(gm: fx.GraphModule, targets: str | None, method: Technique | s
 
 def rebuild(gm: fx.GraphModule, refs: Iterable[tuple[str, str]]) -> None:
     """Strip the sites `refs` of every technique node, then insert their active, unmerged adapters."""
+    _check_not_lowered(gm)
     refs = list(dict.fromkeys(refs))
     strip(gm, refs)
     compose(gm, refs)
+
+
+def _check_not_lowered(gm: fx.GraphModule) -> None:
+    if "lowered" in peftc_meta(gm):
+        raise PassError(f"this graph was lowered by {peftc_meta(gm)['lowered']['backend']!r}: its sites are fused kernels "
+                        "now, so adapters cannot be added, switched, merged or deleted; do that on the graph before "
+                        "'triton' (apply it last)")
 
 
 def strip(gm: fx.GraphModule, refs: list[tuple[str, str]]) -> None:
@@ -376,6 +385,7 @@ def _check_nesting(gm: fx.GraphModule, refs: Iterable[tuple[str, str]], *, extra
 
 def set_active(gm: fx.GraphModule, names: str | Iterable[str]) -> fx.GraphModule:
     """Make exactly `names` active (in place): their branches are in the graph, no others."""
+    _check_not_lowered(gm)
     wanted = [names] if isinstance(names, str) else list(names)
     for name in wanted:
         if _check_name(gm, name).merged:
@@ -396,6 +406,7 @@ def disable(gm: fx.GraphModule) -> fx.GraphModule:
 
 def delete(gm: fx.GraphModule, name: str) -> fx.GraphModule:
     """Remove adapter `name`: its nodes, tensors, modules and record."""
+    _check_not_lowered(gm)
     record = _check_name(gm, name)
     if record.merged:
         raise OptionError(f"adapter {name!r} is merged into the base weights; unmerge it before deleting it")
@@ -471,6 +482,7 @@ class _Kept(Context):
 
 def merge_adapters(gm: fx.GraphModule, names: list[str], options: Any) -> tuple[list[str], list[float]]:
     """Fold `names` into their sites' base weights; their tensors move into the record (or are dropped)."""
+    _check_not_lowered(gm)
     records = [adapters(gm)[n] for n in names]
     refs = list(dict.fromkeys(ref for r in records for ref in r.sites))
     _check_nesting(gm, refs, merged=names)
@@ -496,6 +508,7 @@ def merge_adapters(gm: fx.GraphModule, names: list[str], options: Any) -> tuple[
 
 def unmerge_adapters(gm: fx.GraphModule, names: list[str]) -> list[str]:
     """Undo `merge` for `names`: restore the original weights, refold the others, re-insert their branches."""
+    _check_not_lowered(gm)
     records = [adapters(gm)[n] for n in names]
     for record in records:
         if record.kept is None:

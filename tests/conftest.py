@@ -12,6 +12,8 @@ import torch
 from peftc.models import LoadedModel, load_model
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+if not torch.cuda.is_available():  # Triton kernels run on the CPU interpreter; it must be set before they are imported
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):  # pytest -n N: share the cores instead of oversubscribing them
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])))
 warnings.filterwarnings("ignore", message=".*LeafSpec.*", category=FutureWarning)
