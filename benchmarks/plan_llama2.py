@@ -34,7 +34,7 @@ def _captured(shape: dict) -> torch.fx.GraphModule:
     config = LlamaConfig(vocab_size=32000, max_position_embeddings=4096, **shape)
     with torch.device("meta"):
         model = LlamaForCausalLM(config).to(torch.bfloat16).eval()
-    ids = torch.zeros(1, 16, dtype=torch.long, device="meta")
+    ids = torch.zeros(2, 16, dtype=torch.long, device="meta")  # batch 1 would specialize the batch dimension
     return peftc.capture(model, (ids,), {"attention_mask": torch.ones_like(ids)})
 
 
