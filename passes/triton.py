@@ -83,9 +83,14 @@ def unavailable(gm: fx.GraphModule) -> str | None:
             "(slow; for tests)")
 
 
-@register_pass("triton", options=TritonOptions)
+@register_pass("triton", options=TritonOptions, preserves_outputs=True)
 def triton(gm: fx.GraphModule, options: TritonOptions) -> PassResult:
-    """Lower LoRA linear sites (dense or NF4 base) and bare NF4 linears to fused Triton kernels."""
+    """Lower LoRA linear sites (dense or NF4 base) and bare NF4 linears to fused Triton kernels (training).
+
+    Apply it last: afterwards adapters cannot be added, switched or merged. Needs a CUDA device or
+    TRITON_INTERPRET=1; `fallback=true` leaves the graph unchanged where neither is there; `compile=true`
+    also compiles the forward with torch.compile. See docs/triton.md.
+    """
     if "lowered" in peftc_meta(gm):
         raise PassError("triton: this graph is already lowered; apply 'triton' once, last")
     reason = unavailable(gm)

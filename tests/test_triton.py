@@ -69,7 +69,7 @@ def operands(dtype, nf4: bool, bias: bool, lora: bool, rows=(3, 7), features=(70
     return x, args, W.to(DEVICE), b, A, B
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("nf4", [False, True], ids=["dense", "nf4"])
 @pytest.mark.parametrize("bias", [False, True], ids=["no_bias", "bias"])
 def test_fused_linear_output_and_gradients_match_eager(dtype, nf4, bias):
