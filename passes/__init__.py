@@ -13,6 +13,7 @@ from peftc.passes import (
     lokr,
     lora,
     merge,
+    multi_lora,
     nf4,
     oft,
     prefix,
@@ -22,5 +23,5 @@ from peftc.passes import (
     vera,
 )
 
-__all__ = ["adalora", "boft", "bottleneck", "fourierft", "generic", "hra", "ia3", "ln_tuning", "lora", "loha", "lokr", "merge", "nf4",
+__all__ = ["adalora", "boft", "bottleneck", "fourierft", "generic", "hra", "ia3", "ln_tuning", "lora", "loha", "lokr", "merge", "multi_lora", "nf4",
            "oft", "prefix", "prompt", "side", "triton", "vera"]

@@ -107,3 +107,39 @@ def matmul_kernel(
         acc += extra
     tl.store(c + rows64[:, None] * stride_cm + cols64[None, :] * stride_cn, acc.to(c.dtype.element_ty),
              mask=(rows[:, None] < M) & (cols[None, :] < N))
+
+
+@triton.jit
+def multi_lora_kernel(
+    x, order, starts, counts, lora_A, lora_B, out,
+    K, N, R,
+    stride_xm, stride_ak, stride_ar, stride_aa, stride_bn, stride_br, stride_ba, stride_om,
+    PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
+):
+    """Shrink then expand for one adapter's tokens (a segment of the tokens sorted by adapter):
+    out[t] = B[a] @ (A[a] @ x[t]) for the tokens t of adapter a = program_id(0)."""
+    adapter = tl.program_id(0)
+    first = tl.program_id(1) * BLOCK_M
+    count = tl.load(counts + adapter)
+    inside = first + tl.arange(0, BLOCK_M) < count
+    tokens = tl.load(order + tl.load(starts + adapter) + first + tl.arange(0, BLOCK_M), mask=inside, other=0).to(tl.int64)
+    ranks = tl.arange(0, BLOCK_R)
+    shrunk = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        ks = k0 + tl.arange(0, BLOCK_K)
+        x_tile = tl.load(x + tokens[:, None] * stride_xm + ks[None, :], mask=inside[:, None] & (ks[None, :] < K), other=0.0)
+        a_tile = tl.load(lora_A + adapter * stride_aa + ranks[None, :] * stride_ar + ks[:, None] * stride_ak,
+                         mask=(ranks[None, :] < R) & (ks[:, None] < K), other=0.0)
+        if UPCAST:
+            x_tile, a_tile = x_tile.to(tl.float32), a_tile.to(tl.float32)
+        shrunk = tl.dot(x_tile, a_tile, shrunk, input_precision=PRECISION)
+    shrunk = shrunk.to(out.dtype.element_ty)  # the rank-r product in the compute dtype, as peft's lora_A output
+    cols = tl.program_id(2) * BLOCK_N + tl.arange(0, BLOCK_N)
+    b_tile = tl.load(lora_B + adapter * stride_ba + cols[None, :] * stride_bn + ranks[:, None] * stride_br,
+                     mask=(ranks[:, None] < R) & (cols[None, :] < N), other=0.0)
+    if UPCAST:
+        shrunk, b_tile = shrunk.to(tl.float32), b_tile.to(tl.float32)
+    expanded = tl.dot(shrunk, b_tile, input_precision=PRECISION)
+    tl.store(out + tokens[:, None] * stride_om + cols[None, :], expanded.to(out.dtype.element_ty),
+             mask=inside[:, None] & (cols[None, :] < N))
