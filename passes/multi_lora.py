@@ -12,8 +12,9 @@
 3. Adding or removing an adapter while serving: load it (`peftc.load_adapter(gm, folder, adapter=...)`) or
    delete it (`delete_adapter(name=...)`) and apply `multi_lora` again; it restacks from the record,
    without capture. `peftc.adapter_ids(gm, names)` turns adapter names (None = base) into ids.
-4. `kernel="torch"` runs the reference (tokens grouped by adapter, two matmuls per adapter present);
-   `kernel="triton"` the Triton shrink/expand kernel (`peftc.backends.triton`).
+4. `kernel="torch"`: while N * r_max fits in the site's input width, two dense products over all adapters'
+   ranks (each token's other adapters masked to zero); beyond, tokens grouped by adapter, two matmuls per
+   adapter present. `kernel="triton"`: the Triton shrink/expand kernel over tokens sorted by adapter.
 Only LoRA on linear sites (no DoRA, nothing merged) is served; other techniques are refused by name.
 """
 
@@ -42,6 +43,13 @@ def multi_lora_delta(x: Tensor, ids: Tensor, lora_A: Tensor, lora_B: Tensor) -> 
     """Row i of the batch gets lora_B[ids[i]] @ lora_A[ids[i]] @ x_i (B already scaled); 0 where ids[i] = -1."""
     x2 = x.reshape(-1, x.shape[-1])
     tokens = _token_ids(ids, x2.shape[0])
+    adapters, rank, in_features = lora_A.shape
+    if adapters * rank <= in_features:
+        # every adapter's shrink at once, each token keeping its own: two dense products, no grouping
+        shrunk = (x2 @ lora_A.reshape(adapters * rank, in_features).t()).view(-1, adapters, rank)
+        shrunk = shrunk * (tokens[:, None] == torch.arange(adapters, device=x.device))[:, :, None]
+        expand = lora_B.transpose(1, 2).reshape(adapters * rank, -1)
+        return (shrunk.reshape(-1, adapters * rank) @ expand).view(*x.shape[:-1], lora_B.shape[1])
     out = x2.new_zeros(x2.shape[0], lora_B.shape[1])
     for adapter in tokens.unique().tolist():
         if adapter >= 0:
