@@ -28,7 +28,7 @@ from torch import Tensor, fx
 
 from peftc.adapters import adapters, set_active
 from peftc.errors import OptionError, PassError
-from peftc.graph import get_tensor, peftc_meta, set_tensor, tag
+from peftc.graph import add_input, get_tensor, peftc_meta, set_tensor, tag
 from peftc.registry import PassResult, register_pass
 from peftc.sites import LinearSite, weight_sites
 
@@ -157,21 +157,8 @@ def _stack(gm: fx.GraphModule, site: LinearSite, records: list) -> tuple[Tensor,
 
 def _ids_input(gm: fx.GraphModule) -> fx.Node:
     """The graph's `adapter_ids` input, added after its other inputs the first time."""
-    from torch.fx.graph import _PyTreeCodeGen, _PyTreeInfo
-    import torch.utils._pytree as pytree
-
-    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
-    found = next((n for n in placeholders if n.target == IDS), None)
-    if found is not None:
-        return found
-    with gm.graph.inserting_after(placeholders[-1]):
-        node = tag(gm.graph.placeholder(IDS), pass_name="multi_lora", role="ids", path="")
-    codegen = gm.graph._codegen
-    if isinstance(codegen, _PyTreeCodeGen):
-        names = [*codegen.pytree_info.orig_args, IDS]
-        _, in_spec = pytree.tree_flatten((tuple(range(len(names))), {}))
-        codegen.pytree_info = _PyTreeInfo(names, in_spec, codegen.pytree_info.out_spec)
-    return node
+    found = next((n for n in gm.graph.find_nodes(op="placeholder") if n.target == IDS), None)
+    return found if found is not None else add_input(gm.graph, IDS, pass_name="multi_lora", role="ids")
 
 
 def _unstack(gm: fx.GraphModule) -> None:

@@ -147,3 +147,19 @@ def _tensors_in(value: Any) -> Iterator[torch.Tensor]:
 def peftc_meta(gm: fx.GraphModule) -> dict[str, Any]:
     """peftc's per-module record (capture info, pass history), created on first use."""
     return gm.meta.setdefault("peftc", {})
+
+
+def add_input(graph: fx.Graph, name: str, *, pass_name: str, role: str) -> fx.Node:
+    """A new graph input `name` after the existing ones; a captured graph's signature gains it too."""
+    from torch.fx.graph import _PyTreeCodeGen, _PyTreeInfo
+    import torch.utils._pytree as pytree
+
+    placeholders = [n for n in graph.nodes if n.op == "placeholder"]
+    with graph.inserting_before(placeholders[-1].next if placeholders else next(iter(graph.nodes))):
+        node = tag(graph.placeholder(name), pass_name=pass_name, role=role, path="")
+    codegen = graph._codegen
+    if isinstance(codegen, _PyTreeCodeGen):
+        names = [*codegen.pytree_info.orig_args, name]
+        _, in_spec = pytree.tree_flatten((tuple(range(len(names))), {}))
+        codegen.pytree_info = _PyTreeInfo(names, in_spec, codegen.pytree_info.out_spec)
+    return node
