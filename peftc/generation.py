@@ -18,7 +18,6 @@ are refused for now: their virtual tokens would need a prefill-only graph.
 from __future__ import annotations
 
 import copy
-import operator
 import weakref
 from collections.abc import Sequence
 from typing import Any
@@ -30,6 +29,7 @@ from torch import Tensor, fx
 from peftc.errors import OptionError, PassError
 from peftc.graph import add_input, peftc_meta, tag
 from peftc.regions import attention_sites, position_ids
+from peftc.passes.prefix import _mask as extend_mask
 
 __all__ = ["generate", "decode_graph"]
 
@@ -71,7 +71,7 @@ def decode_graph(gm: fx.GraphModule) -> fx.GraphModule:
             call = _caller(graph, site.path)
             key = call(aten.cat.default, [past[2 * i], site.key], 2, role="key_with_past")
             value = call(aten.cat.default, [past[2 * i + 1], site.value], 2, role="value_with_past")
-            mask = _mask(site, length, masks, call)
+            mask = extend_mask(decode, site, length, masks, call)  # the past's columns visible in front
         joined += [key, value]
         kwargs = {k: v for k, v in site.node.kwargs.items() if k not in ("attn_mask", "dropout_p", "is_causal")}
         kwargs.update(attn_mask=mask, dropout_p=site.dropout_p, is_causal=False if mask is not None else site.is_causal)
@@ -97,29 +97,6 @@ def _caller(graph: fx.Graph, path: str):
     def call(target, *args, role: str) -> fx.Node:
         return tag(graph.call_function(target, tuple(args)), pass_name=_PASS, role=role, path=path)
     return call
-
-
-def _mask(site, past: fx.Node, masks: dict, call) -> fx.Node | None:
-    """The site's mask with the past's columns visible in front; is_causal becomes an explicit causal mask."""
-    if site.mask is not None:
-        if site.mask not in masks:
-            val = site.mask.meta.get("val")
-            if isinstance(val, torch.Tensor) and val.dtype == torch.bool:
-                as_int = call(aten._to_copy.default, site.mask, role="mask_u8")
-                as_int.kwargs = {"dtype": torch.uint8}
-                padded = call(aten.constant_pad_nd.default, as_int, [past, 0], 1, role="mask_padded")
-                masks[site.mask] = call(aten._to_copy.default, padded, role="mask_with_past")
-                masks[site.mask].kwargs = {"dtype": torch.bool}
-            else:
-                masks[site.mask] = call(aten.constant_pad_nd.default, site.mask, [past, 0], 0.0, role="mask_with_past")
-        return masks[site.mask]
-    if not site.is_causal:
-        return None
-    length = call(aten.sym_size.int, site.query, -2, role="query_length")
-    total = call(operator.add, length, past, role="key_length")
-    rows = call(aten.unsqueeze.default, call(aten.arange.default, length, role="query_positions"), 1, role="rows")
-    cols = call(aten.arange.default, total, role="key_positions")
-    return call(aten.le.Tensor, cols, call(aten.add.Tensor, rows, past, role="rows_shifted"), role="causal_mask")
 
 
 def _return_caches(graph: fx.Graph, caches: list[fx.Node]) -> None:
