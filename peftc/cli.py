@@ -94,6 +94,17 @@ def _parser() -> argparse.ArgumentParser:
     plan.add_argument("--dtype", help="plan with the floating weights cast to this dtype, e.g. bfloat16")
     plan.set_defaults(run=_plan)
 
+    serve = sub.add_parser("serve", help="serve many LoRA adapters over one causal LM: OpenAI-style /v1/completions")
+    serve.add_argument("model", help=model_help)
+    serve.add_argument("--adapters", nargs="+", required=True, metavar="[NAME=]DIR",
+                       help="peft or peftc adapter folders; the name is the folder's unless given as NAME=DIR")
+    serve.add_argument("--passes", default="", help='base pipeline before the adapters, e.g. "nf4"')
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--max-batch", type=int, default=32, help="requests decoded together (default 32)")
+    serve.add_argument("--max-wait-ms", type=float, default=10.0, help="how long a request waits for company")
+    serve.set_defaults(run=_serve)
+
     passes = sub.add_parser("passes", help="list the registered passes with their options")
     passes.add_argument("--markdown", action="store_true", help="print the pass reference as Markdown")
     passes.set_defaults(run=_passes)
@@ -130,6 +141,24 @@ def _plan(args: argparse.Namespace) -> int:
     gm = peftc.apply(peftc.capture(loaded.model, loaded.args, loaded.kwargs), args.passes or "identity")
     print(f"model: {loaded.name}\npipeline: {args.passes or '(none)'}")
     print(peftc.plan(gm, batch=args.batch, seq=args.seq, optimizer=args.optimizer, dtype=args.dtype))
+    return 0
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from peftc.serve import CompletionServer
+
+    loaded = load_model(args.model)
+    gm = peftc.capture(loaded.model, loaded.args, loaded.kwargs)
+    if args.passes.strip():
+        gm = peftc.apply(gm, args.passes)
+    for spec in args.adapters:
+        name, _, folder = spec.rpartition("=")
+        gm = peftc.load_adapter(gm, folder, adapter=name or Path(folder).name)
+    gm = peftc.apply(gm, "multi_lora")
+    server = CompletionServer(gm, base_name=loaded.name, tokenizer=loaded.tokenizer, host=args.host, port=args.port,
+                              max_batch=args.max_batch, max_wait=args.max_wait_ms / 1000)
+    print(f"serving {loaded.name} with adapters {', '.join(server.adapters)} at {server.url}/v1/completions", flush=True)
+    server.serve_forever()
     return 0
 
 
