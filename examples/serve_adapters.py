@@ -1,7 +1,11 @@
-"""Serve several LoRA adapters over one exported base in ONNX Runtime, chosen per request.
+"""Serve several LoRA adapters over one base: in ONNX Runtime, chosen per request, and in PyTorch, one per row.
 
-Two adapters are trained on different parts of the corpus, exported as ONNX Runtime adapter files
-next to one base model, and each request picks its adapter; each equals its own merged model.
+Two adapters are trained on different parts of the corpus, then
+1. exported as ONNX Runtime adapter files next to one base model; each request picks its adapter, and
+   each equals its own merged model;
+2. stacked by `multi_lora` into one graph that generates for a batch whose rows use different
+   adapters (`peftc.generate`, with a key/value cache); each row equals what its adapter's merged model
+   generates alone.
 
     python examples/serve_adapters.py [--steps 20] [--out served]
 """
@@ -41,7 +45,18 @@ def main(argv: list[str] | None = None) -> dict:
             expected = reference(ids, torch.ones_like(ids)).logits.numpy()
         gaps[name or "base"] = float(np.abs(session.run(feeds, adapter=name)[0] - expected).max())
         print(f"adapter {name or '(none: base)'}: ONNX Runtime vs eager max |diff| {gaps[name or 'base']:.1e}")
-    return {"gaps": gaps, "adapters": session.adapters}
+
+    stacked = peftc.apply(gm, "multi_lora")
+    prompts = [list(b"ROMEO:\n"), list(b"ROMEO:\n"), list(b"To be")]
+    names = [None, "early", "late"]
+    rows = peftc.generate(stacked, prompts, adapter_ids=names, max_new_tokens=24)
+    alone = []
+    for prompt, name in zip(prompts, names):
+        merged = peftc.apply(gm, "disable_adapters" if name is None else f"set_adapter(name={name!r}), merge")
+        alone.append(peftc.generate(merged, [prompt], max_new_tokens=24)[0])
+    for prompt, name, tokens in zip(prompts, names, rows):
+        print(f"{name or 'base'}: {bytes(prompt + tokens).decode('utf-8', 'replace')!r}")
+    return {"gaps": gaps, "adapters": session.adapters, "generated": rows, "alone": alone}
 
 
 if __name__ == "__main__":

@@ -53,6 +53,7 @@ def test_serve_adapters_example(tmp_path):
     result = run("serve_adapters", "--steps", "3", "--out", str(tmp_path))
     assert result["adapters"] == ["early", "late"]
     assert all(gap < 1e-4 for gap in result["gaps"].values()), result["gaps"]
+    assert result["generated"] == result["alone"]  # one mixed batch, each row as its adapter alone
 
 
 @pytest.mark.parametrize("placement", ["houlsby", "parallel"])
