@@ -11,8 +11,9 @@ them extended by the new ones, so each step runs only the new token:
 The cache is the keys and values as SDPA reads them (after rotary embeddings and GQA's repeat), held
 by the loop. Prompts of different lengths are grouped by length and each group decoded as one batch:
 no padding, so every row computes exactly what it would alone. With a `multi_lora` graph each row
-picks its adapter (`adapter_ids`, or names); NF4 bases decode the same way. Prompt and prefix tuning
-are refused for now: their virtual tokens would need a prefill-only graph.
+picks its adapter (`adapter_ids`, or names); NF4 bases decode the same way, and prefix tuning's keys
+and values are joined in front of the cache at every step (they are not cached). Prompt tuning is
+refused for now: its virtual tokens would need a prefill-only graph.
 """
 
 from __future__ import annotations
@@ -43,13 +44,11 @@ def decode_graph(gm: fx.GraphModule) -> fx.GraphModule:
     cached = _DECODE_GRAPHS.get(gm)
     if cached is not None and cached[0] == len(gm.graph.nodes):  # rebuilt when a pass changed the graph
         return cached[1]
-    from peftc.passes.prefix import prefixes
     from peftc.passes.prompt import has_prompt
 
-    if has_prompt(gm) or prefixes(gm):
-        # virtual tokens would be prepended again at every step, a prefix cached with the past
-        raise PassError("generate: graphs with prompt tuning or prefix tuning are not supported yet (their virtual "
-                        "tokens need a prefill-only graph); techniques on weights (LoRA, NF4, multi_lora) are")
+    if has_prompt(gm):  # its virtual tokens would be prepended again at every step
+        raise PassError("generate: graphs with prompt tuning are not supported yet (their virtual tokens need a "
+                        "prefill-only graph); LoRA, NF4, multi_lora and prefix tuning are")
     sites = attention_sites(gm)
     if not sites:
         raise PassError("generate: the graph has no attention sites (scaled_dot_product_attention); capture the "
@@ -69,10 +68,10 @@ def decode_graph(gm: fx.GraphModule) -> fx.GraphModule:
         layout.append((int(val.shape[1]), int(val.shape[3]), val.dtype))
         with graph.inserting_before(site.node):
             call = _caller(graph, site.path)
-            key = call(aten.cat.default, [past[2 * i], site.key], 2, role="key_with_past")
-            value = call(aten.cat.default, [past[2 * i + 1], site.value], 2, role="value_with_past")
+            key, cached_key = _with_past(site.key, past[2 * i], call, "key")
+            value, cached_value = _with_past(site.value, past[2 * i + 1], call, "value")
             mask = extend_mask(decode, site, length, masks, call)  # the past's columns visible in front
-        joined += [key, value]
+        joined += [cached_key, cached_value]
         kwargs = {k: v for k, v in site.node.kwargs.items() if k not in ("attn_mask", "dropout_p", "is_causal")}
         kwargs.update(attn_mask=mask, dropout_p=site.dropout_p, is_causal=False if mask is not None else site.is_causal)
         if site.scale is not None:
@@ -97,6 +96,19 @@ def _caller(graph: fx.Graph, path: str):
     def call(target, *args, role: str) -> fx.Node:
         return tag(graph.call_function(target, tuple(args)), pass_name=_PASS, role=role, path=path)
     return call
+
+
+def _with_past(kv: fx.Node, past: fx.Node, call, name: str) -> tuple[fx.Node, fx.Node]:
+    """(what SDPA reads, what the cache keeps): cat(past, kv); with a prefix, cat(prefix, cat(past, new)), the
+    prefix kept out of the cache (it is a parameter, joined again at every step)."""
+    if kv.meta.get("peftc", {}).get("pass") == "prefix" and kv.meta["peftc"]["role"] == f"{name}_with_prefix":
+        prefix, new = kv.args[0]
+        with kv.graph.inserting_before(kv):
+            cached = call(aten.cat.default, [past, new], 2, role=f"{name}_with_past")
+        kv.args = ([prefix, cached], *kv.args[1:])
+        return kv, cached
+    joined = call(aten.cat.default, [past, kv], 2, role=f"{name}_with_past")
+    return joined, joined
 
 
 def _return_caches(graph: fx.Graph, caches: list[fx.Node]) -> None:
