@@ -47,7 +47,8 @@ def _setup(adapters: int, seq: int):
     with tempfile.TemporaryDirectory() as folder:
         peft_model.save_pretrained(folder)
         for name in names:  # peft writes each named adapter to its own subfolder
-            gm = peftc.load_adapter(gm, Path(folder) / name, adapter=name)
+            gm = peftc.load_adapter(gm, Path(folder) / name, adapter=name, verify=False)
+    print(f"{adapters} adapters loaded", flush=True)
     return peft_model.eval(), peftc.apply(gm, "multi_lora"), names
 
 

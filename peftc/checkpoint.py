@@ -74,9 +74,13 @@ def save_adapter(gm: fx.GraphModule, directory: str | Path, adapter: str = "defa
     return Path(directory)
 
 
-def load_adapter(gm: fx.GraphModule, directory: str | Path, adapter: str = "default") -> fx.GraphModule:
+def load_adapter(gm: fx.GraphModule, directory: str | Path, adapter: str = "default", *,
+                 verify: bool = True) -> fx.GraphModule:
     """A copy of `gm` with the peft checkpoint in `directory` added as adapter `adapter` (a prompt or
     P-tuning checkpoint as `prompt(n=...)` holding it, a prefix as `load_prefix` adds it).
+
+    `verify=False` skips the shape propagation after the rewrite (seconds on a large graph: a server
+    loading many adapters); the checkpoint's tensors are checked either way.
 
     Raises `CheckpointError` naming every missing, unexpected or misshapen tensor and every
     config field peftc does not implement; `gm` is never changed.
@@ -101,7 +105,7 @@ def load_adapter(gm: fx.GraphModule, directory: str | Path, adapter: str = "defa
         return load_prompt(Pipeline([("prompt", {"n": int(config["num_virtual_tokens"])})]).run(gm).graph_module,
                            directory)
     step = _peftc_step(config, adapter, directory) if "peftc_technique" in config else _step_from_config(config, adapter, directory)
-    out = Pipeline([step]).run(gm).graph_module
+    out = Pipeline([step]).run(gm, verify=verify).graph_module
     record = adapters(out)[adapter]
     if "peftc_technique" in config and [list(ref) for ref in record.sites] != config["sites"]:
         ours = [path for path, _ in record.sites]

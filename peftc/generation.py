@@ -11,9 +11,9 @@ them extended by the new ones, so each step runs only the new token:
 The cache is the keys and values as SDPA reads them (after rotary embeddings and GQA's repeat), held
 by the loop. Prompts of different lengths are grouped by length and each group decoded as one batch:
 no padding, so every row computes exactly what it would alone. With a `multi_lora` graph each row
-picks its adapter (`adapter_ids`, or names); NF4 bases decode the same way, and prefix tuning's keys
-and values are joined in front of the cache at every step (they are not cached). Prompt tuning is
-refused for now: its virtual tokens would need a prefill-only graph.
+picks its adapter (`adapter_ids`, or names); NF4 bases decode the same way; prefix tuning's keys and
+values are joined in front of the cache at every step (they are not cached); prompt tuning's virtual
+tokens enter at the prefill only (the step graph is the graph without the prompt rewrite).
 """
 
 from __future__ import annotations
@@ -32,23 +32,49 @@ from peftc.graph import add_input, peftc_meta, tag
 from peftc.regions import attention_sites, position_ids
 from peftc.passes.prefix import _mask as extend_mask
 
-__all__ = ["generate", "decode_graph"]
+__all__ = ["generate", "decode_graphs"]
 
 aten = torch.ops.aten
 _PASS = "kv_cache"
 _DECODE_GRAPHS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
-def decode_graph(gm: fx.GraphModule) -> fx.GraphModule:
-    """`gm` taking `past_<i>_key`/`past_<i>_value` inputs and returning `(output, new keys and values)`."""
-    cached = _DECODE_GRAPHS.get(gm)
-    if cached is not None and cached[0] == len(gm.graph.nodes):  # rebuilt when a pass changed the graph
-        return cached[1]
+def decode_graphs(gm: fx.GraphModule) -> tuple[fx.GraphModule, fx.GraphModule]:
+    """(prefill, step): `gm` taking `past_<i>_key`/`past_<i>_value` inputs and returning `(output, new keys and
+    values)`; the step graph differs only for prompt tuning, whose virtual tokens enter at the prefill alone."""
     from peftc.passes.prompt import has_prompt
 
-    if has_prompt(gm):  # its virtual tokens would be prepended again at every step
-        raise PassError("generate: graphs with prompt tuning are not supported yet (their virtual tokens need a "
-                        "prefill-only graph); LoRA, NF4, multi_lora and prefix tuning are")
+    cached = _DECODE_GRAPHS.get(gm)
+    if cached is not None and cached[0] == len(gm.graph.nodes):  # rebuilt when a pass changed the graph
+        return cached[1:]
+    prefill = _with_cache(gm)
+    step = _with_cache(_without_prompt(gm)) if has_prompt(gm) else prefill
+    _DECODE_GRAPHS[gm] = (len(gm.graph.nodes), prefill, step)
+    return prefill, step
+
+
+def _without_prompt(gm: fx.GraphModule) -> fx.GraphModule:
+    """`gm` without prompt tuning's rewrite: inputs not extended, embeddings not replaced, outputs not sliced."""
+    graph = copy.deepcopy(gm.graph)
+    ours = [n for n in graph.nodes if n.meta.get("peftc", {}).get("pass") in ("prompt", "ptuning")]
+    for node in ours:
+        role = node.meta["peftc"]["role"]
+        if role == "extended_input":  # cat(front, x) -> x
+            node.replace_all_uses_with(node.args[0][1])
+        elif role == "embeddings":  # cat(prompt, e[:, n:]) -> e
+            node.replace_all_uses_with(node.args[0][1].args[0])
+        elif role == "user_positions":  # y[:, n:] -> y
+            node.replace_all_uses_with(node.args[0])
+    while dead := [n for n in graph.nodes if n in ours and not n.users]:
+        for node in dead:
+            graph.erase_node(node)
+            ours.remove(node)
+    stripped = fx.GraphModule(gm, graph)
+    stripped.meta.update(gm.meta)
+    return stripped
+
+
+def _with_cache(gm: fx.GraphModule) -> fx.GraphModule:
     sites = attention_sites(gm)
     if not sites:
         raise PassError("generate: the graph has no attention sites (scaled_dot_product_attention); capture the "
@@ -88,7 +114,6 @@ def decode_graph(gm: fx.GraphModule) -> fx.GraphModule:
     graph.lint()
     decode.recompile()
     decode.meta["peftc_cache_layout"] = layout
-    _DECODE_GRAPHS[gm] = (len(gm.graph.nodes), decode)
     return decode
 
 
@@ -143,7 +168,7 @@ def generate(gm: fx.GraphModule, input_ids: Tensor | Sequence[Sequence[int]], *,
         raise OptionError("generate: give at least one prompt, each at least one token long")
     served = "multi_lora" in peftc_meta(gm)
     ids = _adapter_ids(gm, adapter_ids, len(prompts), served)
-    decode = decode_graph(gm)
+    prefill, step = decode_graphs(gm)
     device = next((t.device for t in gm.parameters()), torch.device("cpu"))
     generator = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
     results: list[list[int]] = [[] for _ in prompts]
@@ -151,17 +176,17 @@ def generate(gm: fx.GraphModule, input_ids: Tensor | Sequence[Sequence[int]], *,
     for row, prompt in enumerate(prompts):
         groups.setdefault(len(prompt), []).append(row)
     was_training = gm.training
-    decode.eval()
+    prefill.eval(), step.eval()
     try:
         with torch.no_grad():
             for rows in groups.values():
                 tokens = torch.tensor([prompts[r] for r in rows], device=device)
                 extra = {"adapter_ids": ids[rows]} if served else {}
-                for row, generated in zip(rows, _decode(decode, tokens, extra, max_new_tokens, do_sample, temperature,
-                                                        top_k, eos_token_id, generator)):
+                for row, generated in zip(rows, _decode(prefill, step, tokens, extra, max_new_tokens, do_sample,
+                                                        temperature, top_k, eos_token_id, generator)):
                     results[row] = generated
     finally:
-        decode.train(was_training)
+        prefill.train(was_training), step.train(was_training)
     return results
 
 
@@ -182,11 +207,12 @@ def _adapter_ids(gm: fx.GraphModule, given: Any, rows: int, served: bool) -> Ten
     return given.reshape(-1)
 
 
-def _decode(decode: fx.GraphModule, tokens: Tensor, extra: dict, max_new_tokens: int, do_sample: bool,
-            temperature: float, top_k: int | None, eos: int | None, generator) -> list[list[int]]:
+def _decode(prefill: fx.GraphModule, step_graph: fx.GraphModule, tokens: Tensor, extra: dict, max_new_tokens: int,
+            do_sample: bool, temperature: float, top_k: int | None, eos: int | None, generator) -> list[list[int]]:
     batch = tokens.shape[0]
     caches = [tokens.new_zeros((batch, heads, 0, dim), dtype=dtype) for heads, dim, dtype in
-              decode.meta["peftc_cache_layout"] for _ in ("key", "value")]
+              prefill.meta["peftc_cache_layout"] for _ in ("key", "value")]
+    decode = prefill
     out: list[list[int]] = [[] for _ in range(batch)]
     done = torch.zeros(batch, dtype=torch.bool, device=tokens.device)
     step = tokens
@@ -204,7 +230,7 @@ def _decode(decode: fx.GraphModule, tokens: Tensor, extra: dict, max_new_tokens:
             done |= chosen == eos
             if bool(done.all()):
                 break
-        step = chosen[:, None]
+        step, decode = chosen[:, None], step_graph
     return out
 
 
