@@ -1,7 +1,7 @@
 """Batched generation from a captured causal LM, one adapter per row, with a key/value cache.
 
 The captured graph computes a whole sequence at once. `generate` derives a decode graph from it (once
-per graph, kept on the graph) that also takes the keys and values of the tokens before and returns
+per graph, cached while the graph lives and is not rewritten) that also takes the keys and values of the tokens before and returns
 them extended by the new ones, so each step runs only the new token:
 
     sdpa(q, k, v, mask)  ->  sdpa(q, cat(past_k, k), cat(past_v, v), mask with P visible columns in front)
