@@ -39,6 +39,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     except PeftcError as e:
         print(f"peftc: error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:  # an output path that cannot be written: say which, no traceback
+        where = f" {e.filename}" if e.filename else ""
+        print(f"peftc: error: cannot write{where}: {e.strerror or e}; choose a writable path", file=sys.stderr)
+        return 2
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
+    return value
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -52,11 +63,11 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--data", help="GLUE SST-2 folder (train.tsv, dev.tsv), or 'generated'; default: "
                                      "$PEFTC_SST2, ../shared/data/sst2, else a generated task")
     demo.add_argument("--pipeline", default=None, help="the pass pipeline (default: nf4, freeze, lora on query/value)")
-    demo.add_argument("--steps", type=int, default=150, help="training steps (default 150)")
-    demo.add_argument("--batch-size", type=int, default=32)
-    demo.add_argument("--lr", type=float, default=1e-3)
-    demo.add_argument("--dev-size", type=int, default=None, help="evaluate on the first N dev sentences only")
-    demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--steps", type=_positive, default=150, help="training steps (default 150)")
+    demo.add_argument("--batch-size", type=_positive, default=32, help="sentences per training step (default 32)")
+    demo.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate (default 1e-3)")
+    demo.add_argument("--dev-size", type=_positive, default=None, help="evaluate on the first N dev sentences only")
+    demo.add_argument("--seed", type=int, default=0, help="seed of the head, adapters and data order (default 0)")
     demo.set_defaults(run=_demo)
 
     show = sub.add_parser("show", help="capture a model and print its graph")
@@ -78,8 +89,9 @@ def _parser() -> argparse.ArgumentParser:
     export.add_argument("--passes", default="", help='pipeline text, e.g. "nf4, freeze, lora(r=8), merge(dtype=\"float32\")"')
     export.add_argument("--onnx", type=Path, required=True, help="the .onnx file to write")
     export.add_argument("--dtype", choices=["float32", "float16"], default="float32")
-    export.add_argument("--quant", choices=["nf4", "int4"], default="nf4",
-                        help="NF4 weights as MatMulBnb4 (nf4) or requantized to MatMulNBits (int4)")
+    export.add_argument("--quant", choices=["nf4", "int4"], default=None,
+                        help="NF4 weights (from an nf4 pass) as MatMulBnb4 (nf4, the default) or requantized to "
+                             "MatMulNBits (int4)")
     export.add_argument("--merged", action="store_true", help="fail if an unmerged adapter branch is left")
     export.add_argument("--adapters", action="store_true",
                         help="export the base with a LoRA slot and one ONNX Runtime adapter file per adapter")
@@ -119,6 +131,8 @@ def _show(args: argparse.Namespace) -> int:
 
 
 def _apply(args: argparse.Namespace) -> int:
+    if not args.passes.strip():
+        raise PeftcError("--passes is empty; give a pipeline, e.g. --passes \"freeze, lora(r=8)\" (peftc passes lists them)")
     loaded = load_model(args.model)
     gm = peftc.capture(loaded.model, loaded.args, loaded.kwargs)
     result = peftc.Pipeline.parse(args.passes).run(gm, verify=not args.no_verify, check_numerics=args.check_numerics)
@@ -177,10 +191,14 @@ def _export(args: argparse.Namespace) -> int:
     gm = peftc.capture(loaded.model, loaded.args, loaded.kwargs)
     if args.passes.strip():
         gm = peftc.apply(gm, args.passes)
+    if args.quant is not None and not any(n.target == torch.ops.peftc.nf4_linear.default for n in gm.graph.nodes):
+        raise PeftcError(f"--quant {args.quant} chooses how NF4 weights are written, and this pipeline quantizes none; "
+                         "add nf4 to --passes (e.g. --passes \"nf4\") or drop --quant")
+    quant = args.quant or "nf4"
     if args.adapters:
-        print(peftc_onnx.export_adapters(gm, args.onnx, quant=args.quant))
+        print(peftc_onnx.export_adapters(gm, args.onnx, quant=quant))
     else:
-        print(peftc_onnx.export(gm, args.onnx, dtype=args.dtype, quant=args.quant, merged=args.merged))
+        print(peftc_onnx.export(gm, args.onnx, dtype=args.dtype, quant=quant, merged=args.merged))
     return 0
 
 

@@ -16,7 +16,7 @@ from torch import fx
 from peftc._io import atomic_write
 from peftc.errors import PeftcError
 from peftc.graph import module_path, module_type, peftc_meta
-from peftc.targets import compile_pattern
+from peftc.targets import compile_pattern, select
 
 __all__ = ["show", "summary", "Summary", "diff", "GraphDiff", "to_networkx", "to_dot", "save_graph"]
 
@@ -24,6 +24,8 @@ __all__ = ["show", "summary", "Summary", "diff", "GraphDiff", "to_networkx", "to
 def show(gm: fx.GraphModule, targets: str | None = None, *, max_rows: int | None = None) -> str:
     """A table of the graph's nodes (optionally only those under module paths matching
     `targets`), followed by the parameter summary and the passes that ran."""
+    if targets:  # a pattern that matches no module path is an error naming near paths, as everywhere
+        select(targets, sorted({module_path(n) for n in gm.graph.nodes if module_path(n)}), what="module")
     matches = compile_pattern(targets) if targets else None
     rows = [("node", "op", "target", "module", "shape", "peftc")]
     for n in gm.graph.nodes:

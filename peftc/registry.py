@@ -95,6 +95,11 @@ def registered_passes() -> dict[str, PassInfo]:
     return dict(sorted(_REGISTRY.items()))
 
 
+# peft's config names for options peftc spells differently: accepted as the option they name
+_PEFT_SPELLINGS = {"rank": "r", "lora_alpha": "alpha", "lora_dropout": "dropout", "target_modules": "targets",
+                   "num_virtual_tokens": "n", "adapter_name": "adapter", "use_dora": "dora", "use_rslora": "rslora"}
+
+
 def make_options(info: PassInfo, given: dict[str, Any]) -> Any:
     """Build `info`'s options dataclass from `given`, checking names and types."""
     if info.options is None:
@@ -103,6 +108,8 @@ def make_options(info: PassInfo, given: dict[str, Any]) -> Any:
         return None
     hints = typing.get_type_hints(info.options)
     fields = {f.name: f for f in dataclasses.fields(info.options) if f.init}
+    given = {(_PEFT_SPELLINGS[k] if k not in fields and _PEFT_SPELLINGS.get(k) in fields and _PEFT_SPELLINGS[k] not in given
+              else k): v for k, v in given.items()}
     for key, value in given.items():
         if key not in fields:
             parts = [f"pass {info.name!r} has no option {key!r}.", suggest(key, fields), f"Its options: {', '.join(fields)}"]

@@ -57,10 +57,33 @@ def test_factory_models(capsys):
     (["show", "no.such.module:make"], "cannot load factory"),
     (["apply", "tiny-bert", "--passes", "freze"], "unknown pass 'freze'"),
     (["apply", "tiny-bert", "--passes", "freeze(r=1)"], "takes no options"),
+    # no silent no-ops: a pattern that matches nothing, an empty pipeline, --quant with nothing quantized
+    (["show", "tiny-llama", "--targets", "*.nothing"], "target '*.nothing' matches no module"),
+    (["apply", "tiny-llama", "--passes", " "], "--passes is empty"),
+    (["export", "tiny-llama", "--onnx", "unused.onnx", "--quant", "int4"], "this pipeline quantizes none"),
 ])
 def test_errors_exit_2_with_a_message(argv, message, capsys):
     assert main(argv) == 2
     assert message in capsys.readouterr().err
+
+
+def test_unwritable_outputs_and_bad_numbers_get_one_line_not_a_traceback(tmp_path, capsys):
+    (tmp_path / "afile").write_text("")
+    assert main(["apply", "tiny-llama", "--passes", "freeze", "--out", str(tmp_path / "afile" / "x")]) == 2
+    assert "cannot write" in capsys.readouterr().err
+    for steps in ("0", "-5"):
+        with pytest.raises(SystemExit):
+            main(["demo", "--steps", steps])
+        assert "must be a positive integer" in capsys.readouterr().err
+
+
+def test_peft_spellings_of_options_are_accepted(capsys):
+    import peftc
+    from conftest import captured
+
+    gm = peftc.apply(captured("tiny-llama"), "lora(rank=4, lora_alpha=8, target_modules='*.q_proj', lora_dropout=0.1)")
+    options = peftc.adapters.adapters(gm)["default"].options
+    assert (options.r, options.alpha, options.targets, options.dropout) == (4, 8.0, "*.q_proj", 0.1)
 
 
 def test_console_script_is_installed():
