@@ -31,6 +31,11 @@ __all__ = ["Nf4Options", "nf4", "fold_into_nf4"]
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
+def _dtype_name(dtype: torch.dtype) -> str:
+    """The merge dtype matching the model's own (float32 for a float32 model)."""
+    return next((name for name, d in _DTYPES.items() if d == dtype), "float32")
+
+
 @dataclass(frozen=True)
 class Nf4Options:
     blocksize: int = 64
@@ -137,7 +142,7 @@ def fold_into_nf4(gm: fx.GraphModule, site, merged: torch.Tensor, base: torch.Te
         ratio = float(delta.norm() / base.norm().clamp_min(1e-30))
         raise OptionError(
             f"merge: {site.path!r} is NF4; this update has ||dW||/||W|| = {ratio:.1e} and requantizing would keep "
-            f"{survived:.1%} of it. Choose merge(dtype=\"float16\") for a dense merged weight"
+            f"{survived:.1%} of it. Choose merge(dtype=\"{_dtype_name(state.dtype)}\") for a dense merged weight"
             f"{' (recommended here)' if survived < 0.9 else ''} or merge(requantize=true) to stay 4-bit"
         )
     _to_dense(gm, site, merged.to(_DTYPES[dtype]))

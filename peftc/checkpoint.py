@@ -86,6 +86,9 @@ def load_adapter(gm: fx.GraphModule, directory: str | Path, adapter: str = "defa
     config field peftc does not implement; `gm` is never changed.
     """
     directory = Path(directory)
+    if not directory.is_dir():
+        raise CheckpointError(f"{directory} does not exist or is not a folder; give the folder that "
+                              "peftc.save_adapter or peft's save_pretrained wrote")
     if not (directory / CONFIG).exists() or not (directory / WEIGHTS).exists():
         raise CheckpointError(f"{directory} is not a peft adapter folder: it needs {CONFIG} and {WEIGHTS}")
     config = json.loads((directory / CONFIG).read_text())
@@ -105,7 +108,15 @@ def load_adapter(gm: fx.GraphModule, directory: str | Path, adapter: str = "defa
         return load_prompt(Pipeline([("prompt", {"n": int(config["num_virtual_tokens"])})]).run(gm).graph_module,
                            directory)
     step = _peftc_step(config, adapter, directory) if "peftc_technique" in config else _step_from_config(config, adapter, directory)
-    out = Pipeline([step]).run(gm, verify=verify).graph_module
+    try:
+        out = Pipeline([step]).run(gm, verify=verify).graph_module
+    except PeftcError as e:
+        saved_for = config.get("base_model_name_or_path")
+        ours = peftc_meta(gm).get("capture", {}).get("config", {}).get("name_or_path")
+        if not saved_for or saved_for == ours:
+            raise
+        raise CheckpointError(f"checkpoint {directory} was saved for the base model {saved_for!r}"
+                              f"{f', and this model is {ours!r}' if ours else ''}; load it into that model ({e})") from e
     record = adapters(out)[adapter]
     if "peftc_technique" in config and [list(ref) for ref in record.sites] != config["sites"]:
         ours = [path for path, _ in record.sites]

@@ -55,7 +55,9 @@ def _positive(text: str) -> int:
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="peftc", description="Capture, rewrite and inspect models for PEFT.")
     sub = parser.add_subparsers(required=True, metavar="COMMAND")
-    model_help = f"built-in ({', '.join(BUILTIN_MODELS)}), a Hugging Face model folder, or package.module:factory"
+    model_help = (f"built-in ({', '.join(BUILTIN_MODELS)}), a Hugging Face model folder, or package.module:factory "
+                  "(found from the current folder too; the factory returns a model, (model, args) or "
+                  "(model, args, kwargs), args being example inputs)")
 
     demo = sub.add_parser("demo", help="the whole job on real MiniLM + SST-2: quantize, adapt, train, merge, "
                                        "export, serve in ONNX Runtime, report")

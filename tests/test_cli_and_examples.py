@@ -104,3 +104,37 @@ def test_docs_pass_reference_is_generated_from_the_registry():
                           cwd=ROOT, timeout=120)
     assert done.returncode == 0, done.stderr
     assert (ROOT / "docs" / "passes.md").read_text() == done.stdout, "regenerate: peftc passes --markdown > docs/passes.md"
+
+
+def test_a_factory_beside_the_user_is_found(tmp_path, monkeypatch, capsys):
+    (tmp_path / "mymodels_here.py").write_text(
+        "import torch\n\ndef make():\n    return torch.nn.Sequential(torch.nn.Linear(4, 4)), (torch.randn(2, 4),)\n")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "path", [p for p in sys.path if p not in ("", str(tmp_path))])
+    assert main(["show", "mymodels_here:make", "--max-rows", "2"]) == 0
+    assert "Sequential" in capsys.readouterr().out
+
+
+def test_messages_name_the_real_problem(tmp_path):
+    import copy
+
+    import peft
+
+    import peftc
+    from peftc.errors import CheckpointError, OptionError
+    from conftest import captured, loaded
+
+    with pytest.raises(CheckpointError, match="does not exist or is not a folder"):
+        peftc.load_adapter(captured("tiny-llama"), tmp_path / "missing")
+    gpt2 = copy.deepcopy(loaded("tiny-gpt2").model)
+    gpt2.name_or_path = "openai-community/gpt2"
+    peft.get_peft_model(gpt2, peft.LoraConfig(r=4, target_modules=["c_attn"])).save_pretrained(tmp_path / "gpt2")
+    with pytest.raises(CheckpointError, match="saved for the base model 'openai-community/gpt2'"):
+        peftc.load_adapter(captured("tiny-llama"), tmp_path / "gpt2")
+    trained = peftc.apply(captured("tiny-llama"), "nf4, lora(r=4, targets='*.q_proj')")
+    with torch.no_grad():
+        for name, p in trained.named_parameters():
+            if "lora_B" in name:
+                p.fill_(1.0)
+    with pytest.raises(OptionError, match='merge\\(dtype="float32"\\)'):  # the model's own dtype
+        peftc.apply(trained, "merge")

@@ -231,7 +231,8 @@ def _check_merged(gm: fx.GraphModule) -> None:
         kinds = ", ".join(f"{name!r} ({record[name].technique if name in record else 'tagged nodes'})" for name in unmerged)
         raise ExportError(
             f"merged=True, but the graph still computes the branches of adapter(s) {kinds}. "
-            f"Merge first (pipeline \"..., merge\"), or export with merged=False to keep them as separate ops"
+            f"Merge first (pipeline \"..., merge\"), or export without merged=True (on the command line: without "
+            f"--merged) to keep them as separate ops"
         )
 
 
