@@ -75,6 +75,9 @@ def test_merged_export_matches_eager(tmp_path, model, adapter):
     assert [p.name for p in tmp_path.iterdir()] == ["model.onnx"]  # no temp file left
     inputs = feeds(merged)
     assert result.inputs == list(inputs)
+    graph = onnx.load(str(result.path)).graph  # one batch and one sequence, named, shared by the inputs
+    assert {i.name: [d.dim_param for d in i.type.tensor_type.shape.dim] for i in graph.input} == {
+        name: ["batch", "sequence"] for name in inputs}
     assert_outputs_close(run_onnx(result.path, inputs), eager(merged, inputs), atol=1e-4)
     assert_outputs_close(run_onnx(result.path, inputs), eager(trained, inputs), atol=1e-4)
 

@@ -128,7 +128,27 @@ def onnx_model(
         raise ExportError(_conversion_message(gm, e)) from e
     for value, name in zip(onnx_program.model.graph.outputs, _output_names(program)):
         value.name = name
-    return onnx_program.model_proto, int4_weights
+    model = onnx_program.model_proto
+    _name_dims(model, [str(n.target) for n in gm.graph.nodes if n.op == "placeholder"])
+    return model, int4_weights
+
+
+def _name_dims(model: onnx.ModelProto, user_inputs: list[str]) -> None:
+    """Export's symbols (`s72`, `s43`) renamed for people and for ONNX Runtime: the first dim of every user input is
+    `batch` (one batch for all), the second `sequence` where it is the token ids' length, else `<input>_length`."""
+    renamed: dict[str, str] = {}
+    inputs = [i for i in model.graph.input if i.name in user_inputs]
+    first = next((i for i in inputs if i.name == "input_ids"), inputs[0] if inputs else None)
+    for value in ([first] if first is not None else []) + inputs:
+        dims = value.type.tensor_type.shape.dim
+        if len(dims) >= 1 and dims[0].dim_param:
+            renamed.setdefault(dims[0].dim_param, "batch")
+        if len(dims) >= 2 and dims[1].dim_param:
+            renamed.setdefault(dims[1].dim_param, "sequence" if value is first else f"{value.name}_length")
+    for value in [*model.graph.input, *model.graph.output, *model.graph.value_info]:
+        for dim in value.type.tensor_type.shape.dim:
+            if dim.dim_param in renamed:
+                dim.dim_param = renamed[dim.dim_param]
 
 
 def _output_names(program: torch.export.ExportedProgram) -> list[str]:
