@@ -19,6 +19,7 @@ tokens enter at the prefill only (the step graph is the graph without the prompt
 from __future__ import annotations
 
 import copy
+import warnings
 import weakref
 from collections.abc import Sequence
 from typing import Any
@@ -55,7 +56,7 @@ def decode_graphs(gm: fx.GraphModule) -> tuple[fx.GraphModule, fx.GraphModule]:
 
 def _without_prompt(gm: fx.GraphModule) -> fx.GraphModule:
     """`gm` without prompt tuning's rewrite: inputs not extended, embeddings not replaced, outputs not sliced."""
-    graph = copy.deepcopy(gm.graph)
+    graph = _copy_graph(gm.graph)
     ours = [n for n in graph.nodes if n.meta.get("peftc", {}).get("pass") in ("prompt", "ptuning")]
     for node in ours:
         role = node.meta["peftc"]["role"]
@@ -79,7 +80,7 @@ def _with_cache(gm: fx.GraphModule) -> fx.GraphModule:
     if not sites:
         raise PassError("generate: the graph has no attention sites (scaled_dot_product_attention); capture the "
                         "model with attn_implementation='sdpa'")
-    decode = fx.GraphModule(gm, copy.deepcopy(gm.graph))
+    decode = fx.GraphModule(gm, _copy_graph(gm.graph))
     decode.meta.update(gm.meta)
     graph = decode.graph
     sites = attention_sites(decode)
@@ -115,6 +116,12 @@ def _with_cache(gm: fx.GraphModule) -> fx.GraphModule:
     decode.recompile()
     decode.meta["peftc_cache_layout"] = layout
     return decode
+
+
+def _copy_graph(graph: fx.Graph) -> fx.Graph:
+    with warnings.catch_warnings():  # torch's own TreeSpec copy warns about its deprecated LeafSpec
+        warnings.filterwarnings("ignore", message=".*LeafSpec.*", category=FutureWarning)
+        return copy.deepcopy(graph)
 
 
 def _caller(graph: fx.Graph, path: str):
