@@ -93,7 +93,7 @@ def test_unknown_pass_suggests_near_names():
 
 @pytest.mark.parametrize("text, expected", [
     ("demo(r='eight')", "option 'r' of pass 'demo' must be int, got str 'eight'"),
-    ("demo(rank=8)", "pass 'demo' has no option 'rank'. did you mean 'r'?"),
+    ("demo(rnak=8)", "pass 'demo' has no option 'rnak'. did you mean 'r'?"),  # peft's 'rank' is accepted as r
     ("demo(init='random')", "must be one of 'zeros', 'ones'"),
     ("demo(flag=1)", "option 'flag' of pass 'demo' must be bool"),
     ("demo(r=0)", "demo: r must be positive, got 0"),
