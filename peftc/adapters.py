@@ -145,10 +145,15 @@ def add_adapter(gm: fx.GraphModule, method: Technique, options: Any) -> PassResu
             gm.add_submodule(qualname, module)
             modules.append(qualname)
     record.modules = tuple(modules)
+    serving = "multi_lora" in peftc_meta(gm)
+    record.active = not serving  # a stacked graph serves it per row after the next multi_lora, never on every row
     adapters(gm)[options.adapter] = record
     rebuild(gm, record.sites)
     method.after_insert(gm, sites, options)
-    return PassResult(gm, modified=True, sites=tuple(s.path for s in sites), report=method.describe(options, sites))
+    report = method.describe(options, sites)
+    if serving:
+        report += "; inactive: this graph serves stacked adapters, apply 'multi_lora' again to serve it"
+    return PassResult(gm, modified=True, sites=tuple(s.path for s in sites), report=report)
 
 
 def _device(gm: fx.GraphModule, site: Any) -> torch.device:
@@ -231,6 +236,13 @@ def rebuild(gm: fx.GraphModule, refs: Iterable[tuple[str, str]]) -> None:
     refs = list(dict.fromkeys(refs))
     strip(gm, refs)
     compose(gm, refs)
+
+
+def _check_not_serving(gm: fx.GraphModule) -> None:
+    if "multi_lora" in peftc_meta(gm):
+        raise PassError("this graph serves stacked adapters (multi_lora): every row picks its adapter with adapter_ids, "
+                        "so switching or merging branches would add them to every row; do that on the graph before "
+                        "'multi_lora'")
 
 
 def _check_not_lowered(gm: fx.GraphModule) -> None:
@@ -387,6 +399,8 @@ def set_active(gm: fx.GraphModule, names: str | Iterable[str]) -> fx.GraphModule
     """Make exactly `names` active (in place): their branches are in the graph, no others."""
     _check_not_lowered(gm)
     wanted = [names] if isinstance(names, str) else list(names)
+    if wanted:
+        _check_not_serving(gm)
     for name in wanted:
         if _check_name(gm, name).merged:
             raise OptionError(f"adapter {name!r} is merged into the base weights; unmerge it before switching")
@@ -483,6 +497,7 @@ class _Kept(Context):
 def merge_adapters(gm: fx.GraphModule, names: list[str], options: Any) -> tuple[list[str], list[float]]:
     """Fold `names` into their sites' base weights; their tensors move into the record (or are dropped)."""
     _check_not_lowered(gm)
+    _check_not_serving(gm)
     records = [adapters(gm)[n] for n in names]
     refs = list(dict.fromkeys(ref for r in records for ref in r.sites))
     _check_nesting(gm, refs, merged=names)

@@ -76,7 +76,11 @@ def test_adapters_come_and_go_while_serving(tmp_path):
     with torch.no_grad():
         third.get_parameter(next(n for n, _ in third.named_parameters() if "lora_B" in n)).normal_()
     peftc.save_adapter(third, tmp_path / "c", adapter="c")
-    grown = peftc.apply(peftc.load_adapter(served, tmp_path / "c", adapter="c"), "multi_lora")
+    loaded_c = peftc.load_adapter(served, tmp_path / "c", adapter="c")  # inactive until restacked: no row changes
+    close(loaded_c(ids, attention_mask=mask, adapter_ids=peftc.adapter_ids(loaded_c, ["a", "b", None])).logits, before)
+    with pytest.raises(PassError, match="serves stacked adapters"):
+        peftc.apply(loaded_c, "set_adapter(name='c')")
+    grown = peftc.apply(loaded_c, "multi_lora")
     assert peftc_meta(grown)["multi_lora"]["adapters"] == ["a", "b", "c"]
     after = grown(ids, attention_mask=mask, adapter_ids=peftc.adapter_ids(grown, ["a", "b", None])).logits
     close(after, before)
