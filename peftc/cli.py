@@ -4,6 +4,8 @@
     peftc apply MODEL --passes "freeze, dce" [--out DIR]
     peftc demo [--steps 150] [--data DIR] [--out DIR] [--pipeline TEXT]
     peftc export MODEL --passes "nf4, ..." --onnx OUT.onnx [--dtype float16] [--quant int4] [--adapters]
+    peftc plan MODEL --passes "nf4, side" [--batch 8] [--seq 256]
+    peftc serve MODEL --adapters NAME=DIR ... [--passes nf4] [--port 8000]
     peftc passes [--markdown]
 
 MODEL is a built-in name (`tiny-llama`, `tiny-gpt2`, `tiny-bert`, `minilm`, ...), a local
@@ -105,7 +107,8 @@ def _parser() -> argparse.ArgumentParser:
     plan.add_argument("--batch", type=int, default=1)
     plan.add_argument("--seq", type=int, default=512)
     plan.add_argument("--optimizer", default="adamw", choices=["adamw", "adam", "sgd", "momentum"])
-    plan.add_argument("--dtype", help="plan with the floating weights cast to this dtype, e.g. bfloat16")
+    plan.add_argument("--dtype", help="check that the model computes in this dtype, e.g. bfloat16 (capture it in the "
+                                      "dtype it trains in)")
     plan.set_defaults(run=_plan)
 
     serve = sub.add_parser("serve", help="serve many LoRA adapters over one causal LM: OpenAI-style /v1/completions")
