@@ -3,8 +3,8 @@
     y = base(x) + B_stack[id] @ (A_stack[id] @ x)     for each row of the batch, nothing where id = -1
 
 1. Every LoRA adapter in the graph's record, in record order, is stacked at each site it adapts:
-   `A_stack` (N, r_max, in) and `B_stack` (N, out, r_max) with B scaled by the adapter's scaling. Ranks
-   differ freely: a rank-r adapter fills the first r rows of A and columns of B, the rest are zeros, so
+   `A_stack` (N, r_max, in) and `B_stack` (N, r_max, out), B transposed and scaled by the adapter's scaling.
+   Ranks differ freely: a rank-r adapter fills the first r rows of both, the rest are zeros, so
    its product is exact. An adapter that does not adapt a site has zeros there.
 2. The graph takes a new input, `adapter_ids` (one integer per row, -1 = the base alone), and each
    adapted site adds `peftc::multi_lora_delta(x, ids, A_stack, B_stack)`; the adapters' own branches are
@@ -40,7 +40,7 @@ IDS = "adapter_ids"
 
 @torch.library.custom_op("peftc::multi_lora_delta", mutates_args=())
 def multi_lora_delta(x: Tensor, ids: Tensor, lora_A: Tensor, lora_B: Tensor) -> Tensor:
-    """Row i of the batch gets lora_B[ids[i]] @ lora_A[ids[i]] @ x_i (B already scaled); 0 where ids[i] = -1."""
+    """Row i of the batch gets x_i A[ids[i]]^T B[ids[i]] (A: N x r x in, B: N x r x out, scaled); 0 where ids[i] = -1."""
     x2 = x.reshape(-1, x.shape[-1])
     tokens = _token_ids(ids, x2.shape[0])
     adapters, rank, in_features = lora_A.shape
@@ -48,19 +48,19 @@ def multi_lora_delta(x: Tensor, ids: Tensor, lora_A: Tensor, lora_B: Tensor) -> 
         # every adapter's shrink at once, each token keeping its own: two dense products, no grouping
         shrunk = (x2 @ lora_A.reshape(adapters * rank, in_features).t()).view(-1, adapters, rank)
         shrunk = shrunk * (tokens[:, None] == torch.arange(adapters, device=x.device))[:, :, None]
-        expand = lora_B.transpose(1, 2).reshape(adapters * rank, -1)
-        return (shrunk.reshape(-1, adapters * rank) @ expand).view(*x.shape[:-1], lora_B.shape[1])
-    out = x2.new_zeros(x2.shape[0], lora_B.shape[1])
+        expand = lora_B.reshape(adapters * rank, -1)  # a view: B is stacked rank-major for this
+        return (shrunk.reshape(-1, adapters * rank) @ expand).view(*x.shape[:-1], lora_B.shape[2])
+    out = x2.new_zeros(x2.shape[0], lora_B.shape[2])
     for adapter in tokens.unique().tolist():
         if adapter >= 0:
             rows = (tokens == adapter).nonzero().squeeze(1)
-            out[rows] = (x2[rows] @ lora_A[adapter].t()) @ lora_B[adapter].t()
-    return out.view(*x.shape[:-1], lora_B.shape[1])
+            out[rows] = (x2[rows] @ lora_A[adapter].t()) @ lora_B[adapter]
+    return out.view(*x.shape[:-1], lora_B.shape[2])
 
 
 @multi_lora_delta.register_fake
 def _(x, ids, lora_A, lora_B):
-    return x.new_empty(*x.shape[:-1], lora_B.shape[1])
+    return x.new_empty(*x.shape[:-1], lora_B.shape[2])
 
 
 def _token_ids(ids: Tensor, tokens: int) -> Tensor:
@@ -146,12 +146,12 @@ def _stack(gm: fx.GraphModule, site: LinearSite, records: list) -> tuple[Tensor,
     rank = max(r.options.r for _, r in here)
     first = get_tensor(gm, here[0][1].names[site.path]["lora_A"])
     A = first.new_zeros(len(records), rank, site.in_features)
-    B = first.new_zeros(len(records), site.out_features, rank)
+    B = first.new_zeros(len(records), rank, site.out_features)  # B^T per adapter: (N * r, out) is a view
     with torch.no_grad():
         for i, record in here:
             names, r = record.names[site.path], record.options.r
             A[i, :r] = get_tensor(gm, names["lora_A"])
-            B[i, :, :r] = get_tensor(gm, names["lora_B"]) * record.options.scaling
+            B[i, :r] = get_tensor(gm, names["lora_B"]).t() * record.options.scaling
     return A, B
 
 

@@ -27,7 +27,7 @@ import torch
 import peftc
 from peftc._io import atomic_write
 from peftc.errors import PeftcError
-from peftc.models import BUILTIN_MODELS, load_model
+from peftc.models import BUILTIN_MODELS, LoadedModel, load_model
 from peftc.registry import PassInfo, registered_passes
 
 __all__ = ["main"]
@@ -155,9 +155,15 @@ def _apply(args: argparse.Namespace) -> int:
     return 0
 
 
-def _plan(args: argparse.Namespace) -> int:
+def _captured(args: argparse.Namespace) -> tuple[LoadedModel, torch.fx.GraphModule]:
+    """The model `args.model`, captured and rewritten by `args.passes` (none when empty)."""
     loaded = load_model(args.model)
-    gm = peftc.apply(peftc.capture(loaded.model, loaded.args, loaded.kwargs), args.passes or "identity")
+    gm = peftc.capture(loaded.model, loaded.args, loaded.kwargs)
+    return loaded, peftc.apply(gm, args.passes) if args.passes.strip() else gm
+
+
+def _plan(args: argparse.Namespace) -> int:
+    loaded, gm = _captured(args)
     print(f"model: {loaded.name}\npipeline: {args.passes or '(none)'}")
     print(peftc.plan(gm, batch=args.batch, seq=args.seq, optimizer=args.optimizer, dtype=args.dtype))
     return 0
@@ -166,10 +172,7 @@ def _plan(args: argparse.Namespace) -> int:
 def _serve(args: argparse.Namespace) -> int:
     from peftc.serve import CompletionServer
 
-    loaded = load_model(args.model)
-    gm = peftc.capture(loaded.model, loaded.args, loaded.kwargs)
-    if args.passes.strip():
-        gm = peftc.apply(gm, args.passes)
+    loaded, gm = _captured(args)
     for spec in args.adapters:
         name, _, folder = spec.rpartition("=")
         gm = peftc.load_adapter(gm, folder, adapter=name or Path(folder).name, verify=False)  # multi_lora verifies
@@ -192,10 +195,7 @@ def _demo(args: argparse.Namespace) -> int:
 def _export(args: argparse.Namespace) -> int:
     from peftc.backends import onnx as peftc_onnx
 
-    loaded = load_model(args.model)
-    gm = peftc.capture(loaded.model, loaded.args, loaded.kwargs)
-    if args.passes.strip():
-        gm = peftc.apply(gm, args.passes)
+    _, gm = _captured(args)
     if args.quant is not None and not any(n.target == torch.ops.peftc.nf4_linear.default for n in gm.graph.nodes):
         raise PeftcError(f"--quant {args.quant} chooses how NF4 weights are written, and this pipeline quantizes none; "
                          "add nf4 to --passes (e.g. --passes \"nf4\") or drop --quant")

@@ -76,14 +76,13 @@ def _without_prompt(gm: fx.GraphModule) -> fx.GraphModule:
 
 
 def _with_cache(gm: fx.GraphModule) -> fx.GraphModule:
-    sites = attention_sites(gm)
-    if not sites:
-        raise PassError("generate: the graph has no attention sites (scaled_dot_product_attention); capture the "
-                        "model with attn_implementation='sdpa'")
     decode = fx.GraphModule(gm, _copy_graph(gm.graph))
     decode.meta.update(gm.meta)
     graph = decode.graph
     sites = attention_sites(decode)
+    if not sites:
+        raise PassError("generate: the graph has no attention sites (scaled_dot_product_attention); capture the "
+                        "model with attn_implementation='sdpa'")
     past, joined, layout = [], [], []
     for i in range(len(sites)):
         past += [add_input(graph, f"past_{i}_{kind}", pass_name=_PASS, role="past") for kind in ("key", "value")]

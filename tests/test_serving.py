@@ -99,13 +99,13 @@ def test_adapters_come_and_go_while_serving(tmp_path):
 def test_triton_shrink_expand_equals_the_reference(in_features):
     torch.manual_seed(0)
     x = torch.randn(6, 5, in_features)  # 30 tokens over 6 rows, sizes off the tiles
-    A, B = torch.randn(5, 8, in_features), torch.randn(5, 45, 8)
-    A[1, 3:], B[1, :, 3:] = 0, 0  # a rank-3 adapter stacked beside rank-8 ones
+    A, B = torch.randn(5, 8, in_features), torch.randn(5, 8, 45)  # B stacked transposed, as multi_lora does
+    A[1, 3:], B[1, 3:] = 0, 0  # a rank-3 adapter stacked beside rank-8 ones
     ids = torch.tensor([4, -1, 1, 4, 0, -1])
     expected = multi_lora_delta(x, ids, A, B)
     close(ops.triton_multi_lora_delta(x, ids, A, B), expected)
     assert expected[1].abs().max() == 0 and expected[5].abs().max() == 0
-    close(expected[2], x[2] @ A[1, :3].t() @ B[1, :, :3].t())
+    close(expected[2], x[2] @ A[1, :3].t() @ B[1, :3])
     flat = multi_lora_delta(x.reshape(30, in_features), ids, A, B)  # GPT-2 flattens rows x tokens before its linears
     close(flat.view(6, 5, 45), expected)
 

@@ -205,7 +205,7 @@ def triton_multi_lora_delta(x: Tensor, ids: Tensor, lora_A: Tensor, lora_B: Tens
     x2 = x.reshape(-1, x.shape[-1]).contiguous()
     tokens = _token_ids(ids, x2.shape[0])
     adapters, rank, in_features = lora_A.shape
-    out_features = lora_B.shape[1]
+    out_features = lora_B.shape[2]
     out = x2.new_zeros(x2.shape[0], out_features)
     served = tokens >= 0
     order = torch.argsort(torch.where(served, tokens, adapters), stable=True).to(torch.int32)
@@ -217,7 +217,7 @@ def triton_multi_lora_delta(x: Tensor, ids: Tensor, lora_A: Tensor, lora_B: Tens
         grid = (adapters, triton.cdiv(longest, block_m), triton.cdiv(out_features, block_n))
         kernels.multi_lora_kernel[grid](
             x2, order, starts, counts.to(torch.int32), lora_A, lora_B, out, in_features, out_features, rank,
-            x2.stride(0), lora_A.stride(2), lora_A.stride(1), lora_A.stride(0), lora_B.stride(1), lora_B.stride(2),
+            x2.stride(0), lora_A.stride(2), lora_A.stride(1), lora_A.stride(0), lora_B.stride(2), lora_B.stride(1),
             lora_B.stride(0), out.stride(0), PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
             UPCAST=interpreting(), BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
             BLOCK_R=max(16, triton.next_power_of_2(rank)))
@@ -226,4 +226,4 @@ def triton_multi_lora_delta(x: Tensor, ids: Tensor, lora_A: Tensor, lora_B: Tens
 
 @triton_multi_lora_delta.register_fake
 def _(x, ids, lora_A, lora_B):
-    return x.new_empty(*x.shape[:-1], lora_B.shape[1])
+    return x.new_empty(*x.shape[:-1], lora_B.shape[2])
