@@ -202,9 +202,14 @@ _DEFAULT_TARGETS = {
 
 
 def default_targets(gm: fx.GraphModule, pass_name: str, table: dict[str, str] | None = None) -> str:
-    """peft's default targets for the captured architecture."""
-    model_class = peftc_meta(gm).get("capture", {}).get("class", "")
-    for family, pattern in (table or _DEFAULT_TARGETS).items():
+    """peft's default targets for the captured architecture: the config's model_type (also of a
+    transformer inside the user's wrapper), else the captured class's module."""
+    capture = peftc_meta(gm).get("capture", {})
+    model_class, model_type = capture.get("class", ""), capture.get("config", {}).get("model_type")
+    table = table or _DEFAULT_TARGETS
+    if model_type in table:
+        return table[model_type]
+    for family, pattern in table.items():
         if f".models.{family}." in model_class:
             return pattern
     raise OptionError(

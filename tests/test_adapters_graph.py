@@ -209,6 +209,19 @@ def test_no_default_targets_for_unknown_models():
     assert len(peftc.adapters.adapters(peftc.apply(gm, "lora(targets='all-linear')"))) == 1
 
 
+def test_default_targets_come_from_a_wrapped_transformer():
+    from peftc.demo import SentimentModel
+    from peftc.models import tiny_model
+
+    encoder = tiny_model("bert")
+    model = SentimentModel(encoder, encoder.config.hidden_size).eval()
+    ids = torch.randint(0, 100, (2, 5))
+    gm = peftc.apply(peftc.capture(model, (ids, torch.ones_like(ids))), "freeze, lora(r=4)")
+    layers = encoder.config.num_hidden_layers
+    paths = [path for path, _ in peftc.adapters.adapters(gm)["default"].sites]
+    assert len(paths) == 2 * layers and all(p.endswith((".query", ".value")) for p in paths)
+
+
 def test_lora_on_meta_device():
     from transformers import LlamaForCausalLM
 
