@@ -31,6 +31,8 @@ __all__ = [
     "clone",
     "freeze_parameters",
     "peftc_meta",
+    "dim_names",
+    "input_dim_names",
 ]
 
 
@@ -163,3 +165,24 @@ def add_input(graph: fx.Graph, name: str, *, pass_name: str, role: str) -> fx.No
         _, in_spec = pytree.tree_flatten((tuple(range(len(names))), {}))
         codegen.pytree_info = _PyTreeInfo(names, in_spec, codegen.pytree_info.out_spec)
     return node
+
+
+def dim_names(inputs: list[tuple[str, list[str]]]) -> dict[str, str]:
+    """Names for export's dimension symbols (`s72`), from the user inputs' (name, dims) in order: the first
+    dim of every input is `batch` (one batch for all), the second `sequence` for the token ids (or the first
+    input), else `<input>_length`. Fixed dims (digits) are left alone."""
+    first = next((i for i in inputs if i[0] == "input_ids"), inputs[0] if inputs else None)
+    names: dict[str, str] = {}
+    for name, dims in ([first] if first else []) + inputs:
+        if dims and not dims[0].isdigit():
+            names.setdefault(dims[0], "batch")
+        if len(dims) >= 2 and not dims[1].isdigit():
+            names.setdefault(dims[1], "sequence" if name == first[0] else f"{name}_length")
+    return names
+
+
+def input_dim_names(gm: fx.GraphModule) -> dict[str, str]:
+    """`dim_names` of a captured graph's placeholders."""
+    inputs = [(str(n.target), [str(d) for d in n.meta["val"].shape]) for n in gm.graph.nodes
+              if n.op == "placeholder" and isinstance(n.meta.get("val"), torch.Tensor)]
+    return dim_names(inputs)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import shutil
 import subprocess
 import zlib
@@ -15,7 +16,7 @@ from torch import fx
 
 from peftc._io import atomic_write
 from peftc.errors import PeftcError
-from peftc.graph import module_path, module_type, peftc_meta
+from peftc.graph import input_dim_names, module_path, module_type, peftc_meta
 from peftc.targets import compile_pattern, select
 
 __all__ = ["show", "summary", "Summary", "diff", "GraphDiff", "to_networkx", "to_dot", "save_graph"]
@@ -28,11 +29,12 @@ def show(gm: fx.GraphModule, targets: str | None = None, *, max_rows: int | None
         select(targets, sorted({module_path(n) for n in gm.graph.nodes if module_path(n)}), what="module")
     matches = compile_pattern(targets) if targets else None
     rows = [("node", "op", "target", "module", "shape", "peftc")]
+    dims = input_dim_names(gm)
     for n in gm.graph.nodes:
         if matches and not matches(module_path(n)):
             continue
         tag = n.meta.get("peftc")
-        rows.append((n.name, n.op, _target_name(n), module_path(n), _shape(n), f"{tag['pass']}:{tag['role']}" if tag else ""))
+        rows.append((n.name, n.op, _target_name(n), module_path(n), _shape(n, dims), f"{tag['pass']}:{tag['role']}" if tag else ""))
     shown = rows if max_rows is None else rows[: max_rows + 1]
     widths = [min(max(len(r[i]) for r in shown), 48) for i in range(len(rows[0]))]
     lines = [_header(gm, len(gm.graph.nodes))]
@@ -296,10 +298,14 @@ def _target_name(n: fx.Node) -> str:
     return getattr(n.target, "__name__", str(n.target))
 
 
-def _shape(n: fx.Node) -> str:
+def _shape(n: fx.Node, dims: dict[str, str] | None = None) -> str:
+    """`[batch, sequence, 64] float32`: export's symbols named by `dims` where given."""
     val = n.meta.get("val")
     if isinstance(val, torch.Tensor):
-        return f"[{', '.join(str(s) for s in val.shape)}] {str(val.dtype).removeprefix('torch.')}"
+        shape = ", ".join(str(s) for s in val.shape)
+        if dims:
+            shape = re.sub(r"\bs\d+\b", lambda m: dims.get(m.group(), m.group()), shape)
+        return f"[{shape}] {str(val.dtype).removeprefix('torch.')}"
     if isinstance(val, (tuple, list)) and val and all(isinstance(v, torch.Tensor) for v in val):
         return f"{len(val)} tensors"
     return ""

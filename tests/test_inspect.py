@@ -12,7 +12,9 @@ def test_show_lists_nodes_with_paths_and_shapes():
     text = peftc.show(captured("tiny-llama"), "model.layers.0.self_attn.q_proj")
     assert "captured by export from transformers.models.llama.modeling_llama.LlamaForCausalLM" in text
     line = next(l for l in text.splitlines() if l.startswith("linear "))
-    assert "aten.linear.default" in line and "model.layers.0.self_attn.q_proj" in line and ", 64] float32" in line
+    assert "aten.linear.default" in line and "model.layers.0.self_attn.q_proj" in line and "[batch, sequence, 64] float32" in line
+    placeholders = [l for l in peftc.show(captured("tiny-llama")).splitlines() if " placeholder " in l]
+    assert len(placeholders) == 2 and all("[batch, sequence] int64" in l for l in placeholders)  # one batch, one length
     assert "model.layers.1" not in text.split("parameters:")[0]
     assert "... 1 more nodes" in peftc.show(captured("tiny-llama"), "model.layers.0.self_attn.q_proj", max_rows=1)
 

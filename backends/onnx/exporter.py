@@ -31,7 +31,7 @@ from peftc._io import atomic_write
 from peftc.adapters import adapters
 from peftc.capture import export_program
 from peftc.errors import CaptureError, ExportError
-from peftc.graph import clone, get_attr_path, get_tensor, peftc_meta, qualify, set_tensor
+from peftc.graph import clone, dim_names, get_attr_path, get_tensor, peftc_meta, qualify, set_tensor
 from peftc.quant.nf4 import NF4Weight, dequantize_absmax, dequantize_nf4
 
 from .contrib import nf4_linear_to_matmulbnb4, quiet, register_schemas, requantize_int4
@@ -134,17 +134,10 @@ def onnx_model(
 
 
 def _name_dims(model: onnx.ModelProto, user_inputs: list[str]) -> None:
-    """Export's symbols (`s72`, `s43`) renamed for people and for ONNX Runtime: the first dim of every user input is
-    `batch` (one batch for all), the second `sequence` where it is the token ids' length, else `<input>_length`."""
-    renamed: dict[str, str] = {}
+    """Export's symbols (`s72`, `s43`) renamed by `dim_names`, for people and for ONNX Runtime (one batch dim)."""
     inputs = [i for i in model.graph.input if i.name in user_inputs]
-    first = next((i for i in inputs if i.name == "input_ids"), inputs[0] if inputs else None)
-    for value in ([first] if first is not None else []) + inputs:
-        dims = value.type.tensor_type.shape.dim
-        if len(dims) >= 1 and dims[0].dim_param:
-            renamed.setdefault(dims[0].dim_param, "batch")
-        if len(dims) >= 2 and dims[1].dim_param:
-            renamed.setdefault(dims[1].dim_param, "sequence" if value is first else f"{value.name}_length")
+    renamed = dim_names([(i.name, [d.dim_param or str(d.dim_value) for d in i.type.tensor_type.shape.dim])
+                         for i in inputs])
     for value in [*model.graph.input, *model.graph.output, *model.graph.value_info]:
         for dim in value.type.tensor_type.shape.dim:
             if dim.dim_param in renamed:
