@@ -83,7 +83,7 @@ def _parser() -> argparse.ArgumentParser:
     apply = sub.add_parser("apply", help="capture a model, run a pass pipeline, report (and save) the result")
     apply.add_argument("model", help=model_help)
     apply.add_argument("--passes", required=True, help='pipeline text, e.g. "freeze, dce"')
-    apply.add_argument("--out", type=Path, help="write report.txt, graph.dot/.svg, program.pt2 and trainable.safetensors here")
+    apply.add_argument("--out", type=Path, help="write report.txt, graph.dot, graph.svg, program.pt2 and trainable.safetensors here")
     apply.add_argument("--check-numerics", action="store_true", help="compare outputs around passes that preserve them")
     apply.add_argument("--no-verify", action="store_true", help="skip lint and shape propagation after each pass")
     apply.set_defaults(run=_apply)
@@ -211,11 +211,9 @@ def _save(gm: torch.fx.GraphModule, out: Path, report: str) -> None:
     from safetensors.torch import save
 
     atomic_write(out / "report.txt", report + "\n")
-    peftc.save_graph(gm, out / "graph.dot", collapse="*.layers.*|*.layer.*|*.h.*|*.block.*")
-    try:
-        peftc.save_graph(gm, out / "graph.svg", collapse="*.layers.*|*.layer.*|*.h.*|*.block.*")
-    except PeftcError as e:
-        print(f"peftc: note: {e}", file=sys.stderr)
+    blocks = "*.layers.*|*.layer.*|*.h.*|*.block.*"
+    peftc.save_graph(gm, out / "graph.dot", collapse=blocks)
+    peftc.save_graph(gm, out / "graph.svg", collapse=blocks, title="the rewritten model (blocks collapsed)")
     if peftc.graph.peftc_meta(gm).get("example_inputs"):
         buffer = io.BytesIO()
         torch.export.save(peftc.export_program(gm), buffer)

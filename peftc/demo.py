@@ -15,7 +15,6 @@ import json
 import os
 import random
 import shutil
-import subprocess
 import sys
 import time
 from dataclasses import dataclass
@@ -300,36 +299,8 @@ def _loss_plot(losses: list[float], path: Path) -> None:
 
 
 def _block_svg(gm: fx.GraphModule, path: Path) -> str:
-    """One rewritten encoder layer: Graphviz when installed, else a layered matplotlib drawing."""
+    """One rewritten encoder layer, drawn by Graphviz when installed, else by peftc's layered layout."""
     layer = "encoder.encoder.layer.0"
-    if shutil.which("dot"):
-        try:
-            peftc.save_graph(gm, path, targets=f"{layer}.*")
-            return f"{layer}, drawn by Graphviz; inserted nodes are coloured"
-        except (PeftcError, subprocess.CalledProcessError):
-            pass
-    import matplotlib
-    import networkx as nx
-
-    matplotlib.use("Agg")
-    from matplotlib import pyplot as plt
-
-    graph = peftc.to_networkx(gm)
-    keep = [v for v, a in graph.nodes(data=True) if str(a.get("module_path", "")).startswith(layer)
-            and a.get("op") != "get_attr"]
-    sub = graph.subgraph(keep)
-    for depth, generation in enumerate(nx.topological_generations(sub)):
-        for v in generation:
-            sub.nodes[v]["depth"] = depth
-    positions = nx.multipartite_layout(sub, subset_key="depth", align="horizontal")
-    positions = {v: (x, -y) for v, (x, y) in positions.items()}
-    colours = ["#fde68a" if sub.nodes[v].get("peftc") else "#e5e7eb" for v in sub.nodes]
-    figure, axes = plt.subplots(figsize=(12, 16))
-    nx.draw_networkx(sub, positions, ax=axes, node_color=colours, node_size=300, font_size=5, arrowsize=6)
-    axes.set_title(f"{layer} after the pipeline (inserted nodes in yellow)")
-    axes.axis("off")
-    tmp = path.with_name(f".{path.name}.tmp.svg")
-    figure.savefig(tmp, format="svg")
-    plt.close(figure)
-    os.replace(tmp, path)
-    return f"{layer}, drawn by matplotlib (Graphviz not installed); inserted nodes in yellow"
+    peftc.save_graph(gm, path, targets=f"{layer}|{layer}.*", title=f"{layer} after the pipeline")
+    drawer = "Graphviz" if shutil.which("dot") else "peftc's layered layout (Graphviz not installed)"
+    return f"{layer}, drawn by {drawer}; inserted nodes are coloured by pass"

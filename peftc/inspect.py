@@ -3,19 +3,14 @@
 from __future__ import annotations
 
 import re
-import shutil
-import subprocess
-import zlib
 from collections import defaultdict
 from dataclasses import dataclass
-from pathlib import Path
 
 import networkx as nx
 import torch
 from torch import fx
 
-from peftc._io import atomic_write
-from peftc.errors import PeftcError
+from peftc.drawing import save_graph, to_dot
 from peftc.graph import input_dim_names, module_path, module_type, peftc_meta
 from peftc.targets import compile_pattern, select
 
@@ -188,102 +183,6 @@ def to_networkx(gm: fx.GraphModule) -> nx.DiGraph:
         for inp in n.all_input_nodes:
             g.add_edge(inp.name, n.name)
     return g
-
-
-def to_dot(gm: fx.GraphModule, *, targets: str | None = None, collapse: str | None = None, params: bool = False) -> str:
-    """DOT text with nodes clustered by module path.
-
-    `targets` keeps only nodes under matching module paths; `collapse` (a pattern such as
-    `model.layers.*`) draws each matching module as one box; `params=False` hides
-    `get_attr` nodes. Inserted nodes are filled, coloured by the pass that made them.
-    """
-    keep = compile_pattern(targets) if targets else None
-    folds = compile_pattern(collapse) if collapse else None
-    g = to_networkx(gm)
-    vertex: dict[str, str] = {}
-    groups: dict[str, list[str]] = defaultdict(list)
-    folded: dict[str, int] = defaultdict(int)
-    for name, attrs in g.nodes(data=True):
-        if (attrs["op"] == "get_attr" and not params) or (keep and not keep(attrs["module_path"])):
-            continue
-        box = _fold(attrs["module_path"], folds) if folds else None
-        if box is not None:
-            vertex[name] = f"module:{box}"
-            folded[box] += 1
-        else:
-            vertex[name] = name
-            groups[attrs["module_path"]].append(name)
-    lines = ["digraph peftc {", '  rankdir=TB; node [shape=box, fontname="Helvetica", fontsize=10];']
-    tree = _cluster_tree(list(groups) + [p.rpartition(".")[0] for p in folded])
-    _emit_cluster("", tree, groups, folded, g, lines, 1)
-    edges = {(vertex[a], vertex[b]) for a, b in g.edges if a in vertex and b in vertex and vertex[a] != vertex[b]}
-    lines += [f"  {_q(a)} -> {_q(b)};" for a, b in sorted(edges)]
-    lines.append("}")
-    return "\n".join(lines) + "\n"
-
-
-def save_graph(gm: fx.GraphModule, path: str | Path, **options: object) -> Path:
-    """Write `to_dot(gm, **options)` to `path`: DOT text for `.dot`, an SVG (via Graphviz's
-    `dot`) for `.svg`."""
-    path = Path(path)
-    text = to_dot(gm, **options)  # type: ignore[arg-type]
-    if path.suffix == ".dot":
-        return atomic_write(path, text)
-    if path.suffix != ".svg":
-        raise PeftcError(f"save_graph writes .dot or .svg files, not {path.suffix!r}")
-    dot = shutil.which("dot")
-    if dot is None:
-        raise PeftcError("writing SVG needs Graphviz's `dot` program; install graphviz (apt-get install graphviz) "
-                         "or save a .dot file instead")
-    svg = subprocess.run([dot, "-Tsvg"], input=text.encode(), capture_output=True, check=True).stdout
-    return atomic_write(path, svg)
-
-
-# Colours for inserted nodes, by the pass that made them.
-_PALETTE = ["#fde68a", "#bbf7d0", "#bfdbfe", "#fecaca", "#ddd6fe", "#fbcfe8", "#c7d2fe", "#a7f3d0"]
-
-
-def _emit_cluster(prefix: str, tree: dict, groups: dict, folded: dict, g: nx.DiGraph, lines: list[str], depth: int) -> None:
-    pad = "  " * depth
-    for name in groups.get(prefix, []):
-        attrs = g.nodes[name]
-        label = f"{name}\\n{attrs['target']}" + (f"\\n{attrs['shape']}" if attrs["shape"] else "")
-        style = ""
-        if attrs["peftc"]:
-            colour = _PALETTE[zlib.crc32(attrs["peftc"]["pass"].encode()) % len(_PALETTE)]
-            style = f', style=filled, fillcolor="{colour}"'
-        lines.append(f'{pad}{_q(name)} [label="{label}"{style}];')
-    for path, count in folded.items():
-        if path.rpartition(".")[0] == prefix:
-            lines.append(f'{pad}{_q("module:" + path)} [label="{path}\\n({count} nodes)", shape=box3d];')
-    for child, subtree in tree.items():
-        lines.append(f'{pad}subgraph {_q("cluster_" + child)} {{ label="{child}"; fontsize=9; color="#9ca3af";')
-        _emit_cluster(child, subtree, groups, folded, g, lines, depth + 1)
-        lines.append(f"{pad}}}")
-
-
-def _cluster_tree(paths: list[str]) -> dict:
-    """Nested dict of module paths: `a.b.c` sits under `a.b` under `a`."""
-    root: dict = {}
-    for path in sorted(set(p for p in paths if p)):
-        node = root
-        parts = path.split(".")
-        for i in range(1, len(parts) + 1):
-            node = node.setdefault(".".join(parts[:i]), {})
-    return root
-
-
-def _fold(path: str, folds) -> str | None:
-    parts = path.split(".")
-    for i in range(1, len(parts) + 1):
-        prefix = ".".join(parts[:i])
-        if folds(prefix):
-            return prefix
-    return None
-
-
-def _q(name: str) -> str:
-    return '"' + name.replace('"', '\\"') + '"'
 
 
 def _header(gm: fx.GraphModule, count: int) -> str:

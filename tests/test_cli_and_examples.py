@@ -33,7 +33,8 @@ def test_apply_writes_a_reloadable_program(tmp_path, capsys):
     assert main(["apply", "tiny-llama", "--passes", "freeze, attn_scale", "--out", str(tmp_path), "--check-numerics"]) == 0
     out = capsys.readouterr().out
     assert "attn_scale" in out and "parameters added (2)" in out
-    assert {p.name for p in tmp_path.iterdir()} >= {"report.txt", "graph.dot", "program.pt2", "trainable.safetensors"}
+    assert {p.name for p in tmp_path.iterdir()} >= {"report.txt", "graph.dot", "graph.svg", "program.pt2",
+                                                   "trainable.safetensors"}
     assert sorted(load_file(tmp_path / "trainable.safetensors")) == [
         "model.layers.0.self_attn.attn_scale", "model.layers.1.self_attn.attn_scale"]
     program = torch.export.load(tmp_path / "program.pt2").module()

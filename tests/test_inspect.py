@@ -72,6 +72,42 @@ def test_to_dot_clusters_and_collapses_blocks(tmp_path):
     assert "model.layers.0" not in only
     assert peftc.save_graph(gm, tmp_path / "g.dot").read_text() == full
     if shutil.which("dot") is None:
-        pytest.skip("Graphviz's dot is not installed; SVG output not checked")
-    svg = peftc.save_graph(gm, tmp_path / "g.svg", collapse="model.layers.*").read_text()
+        pytest.skip("Graphviz's dot is not installed; Graphviz's SVG not checked")
+    svg = peftc.save_graph(gm, tmp_path / "g.svg", collapse="model.layers.*", renderer="graphviz").read_text()
     assert svg.lstrip().startswith("<?xml") and "<svg" in svg and "model.layers.1" in svg
+
+
+def test_drawing_labels_roles_and_marks_the_blocks_edges():
+    from peftc.drawing import display_graph
+
+    gm = peftc.apply(captured("tiny-llama"), "nf4, freeze, lora(r=4)")
+    g = display_graph(gm, targets="model.layers.0|model.layers.0.*")
+    labels = {v: a["lines"][:2] for v, a in g.nodes(data=True)}
+    assert ["lora: A", "self_attn.q_proj"] in labels.values() and ["NF4 linear", "self_attn.o_proj"] in labels.values()
+    assert ["attention"] in [l[:1] for l in labels.values()]
+    inputs = [v for v, a in g.nodes(data=True) if a["kind"] == "input"]
+    outputs = [v for v, a in g.nodes(data=True) if a["kind"] == "output"]
+    assert inputs and all(g.in_degree(v) == 0 for v in inputs) and len(outputs) == 1  # the residual stream leaves once
+    assert not any(a["lines"][0] in ("view", "transpose", "reshape") for _, a in g.nodes(data=True))  # bridged
+    assert nx.is_directed_acyclic_graph(g) and nx.is_weakly_connected(g)
+    original = {n.name for n in gm.graph.nodes}
+    assert all(v in original or v.startswith(("in:", "out:")) for v in g)
+
+
+def test_svg_without_graphviz_is_layered_and_readable(tmp_path):
+    import xml.etree.ElementTree as ET
+
+    gm = peftc.apply(captured("tiny-llama"), "nf4, freeze, lora(r=4)")
+    path = peftc.save_graph(gm, tmp_path / "block.svg", renderer="peftc", targets="model.layers.0.*", title="layer 0")
+    root = ET.parse(path).getroot()
+    ns = "{http://www.w3.org/2000/svg}"
+    texts = [t.text for t in root.iter(f"{ns}text")]
+    assert "layer 0" in texts and "lora: B" in texts and "inserted by lora" in texts and "inserted by nf4" in texts
+    boxes = [tuple(float(r.get(k)) for k in ("x", "y", "width", "height")) for r in root.iter(f"{ns}rect")
+             if float(r.get("width")) > 20]
+    for i, (x, y, w, h) in enumerate(boxes):  # no two boxes overlap
+        for x2, y2, w2, h2 in boxes[i + 1:]:
+            assert x + w <= x2 or x2 + w2 <= x or y + h <= y2 or y2 + h2 <= y
+    assert min(float(t.get("font-size", root.get("font-size"))) for t in root.iter(f"{ns}text")) >= 11
+    whole = peftc.save_graph(gm, tmp_path / "whole.svg", renderer="peftc", collapse="model.layers.*").read_text()
+    assert "model.layers.1" in whole and "lora: A" not in whole
