@@ -16,6 +16,7 @@ from peftc.passes import (
     multi_lora,
     nf4,
     oft,
+    outline,
     prefix,
     prompt,
     side,
@@ -24,4 +25,4 @@ from peftc.passes import (
 )
 
 __all__ = ["adalora", "boft", "bottleneck", "fourierft", "generic", "hra", "ia3", "ln_tuning", "lora", "loha", "lokr", "merge", "multi_lora", "nf4",
-           "oft", "prefix", "prompt", "side", "triton", "vera"]
+           "oft", "outline", "prefix", "prompt", "side", "triton", "vera"]

@@ -31,12 +31,14 @@ from peftc.sites import (
 from peftc import passes  # noqa: E402  (registers the built-in passes)
 from peftc.passes.multi_lora import adapter_ids  # noqa: E402
 from peftc.generation import generate  # noqa: E402
+from peftc import distributed  # noqa: E402
 
 __version__ = "0.1.0"
 
 __all__ = [
     "adapter_ids",
     "generate",
+    "distributed",
     "capture",
     "export_program",
     "apply",

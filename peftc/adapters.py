@@ -252,9 +252,13 @@ def _check_not_serving(gm: fx.GraphModule) -> None:
 
 def _check_not_lowered(gm: fx.GraphModule) -> None:
     if "lowered" in peftc_meta(gm):
-        raise PassError(f"this graph was lowered by {peftc_meta(gm)['lowered']['backend']!r}: its sites are fused kernels "
-                        "now, so adapters cannot be added, switched, merged or deleted; do that on the graph before "
-                        "'triton' (apply it last)")
+        backend = peftc_meta(gm)["lowered"]["backend"]
+        if backend == "outline":
+            raise PassError("this graph's blocks are outlined into submodules ('outline'), so adapters cannot be added, "
+                            "switched, merged or deleted here; run 'inline' first, or do that before 'outline' "
+                            "(apply it last)")
+        raise PassError(f"this graph was lowered by {backend!r}: its sites are fused kernels now, so adapters cannot be "
+                        f"added, switched, merged or deleted; do that on the graph before {backend!r} (apply it last)")
 
 
 def strip(gm: fx.GraphModule, refs: list[tuple[str, str]]) -> None:

@@ -52,27 +52,41 @@ class MemoryPlan:
     activations: int = 0  # saved for backward
     working: int = 0  # the most bytes alive during forward + backward, gradients and activations included
     step: int = 0  # bytes the optimizer step holds besides weights and states: gradients and its temporaries
+    world_size: int = 1
+    gathered: int = 0  # FSDP2: weights gathered at once beyond this rank's shards (the root's, two blocks)
     peak: int = 0
 
     def __str__(self) -> str:
         rows = [(f"weights ({name})", size) for name, size in self.weights.items()] + [
             ("gradients", self.gradients), (f"optimizer states ({self.optimizer})", self.optimizer_states),
             ("activations saved for backward", self.activations), ("working memory of forward + backward", self.working),
-            ("gradients + temporaries of the optimizer step", self.step), ("predicted peak", self.peak)]
+            ("gradients + temporaries of the optimizer step", self.step)]
+        if self.world_size > 1:
+            rows.append(("weights gathered at once (root + 2 blocks)", self.gathered))
+        rows.append(("predicted peak", self.peak))
         width = max(len(name) for name, _ in rows)
-        lines = [f"memory plan: batch {self.batch} x sequence {self.seq}, "
+        per_rank = f" per rank of {self.world_size} (FSDP2, blocks sharded)" if self.world_size > 1 else ""
+        lines = [f"memory plan{per_rank}: batch {self.batch} x sequence {self.seq}, "
                  f"{self.trainable_parameters:,} trainable parameters"]
         lines += [f"  {name.ljust(width)}  {size / _MiB:12.1f} MiB" for name, size in rows]
         return "\n".join(lines)
 
 
 def plan(gm: fx.GraphModule, *, batch: int = 1, seq: int = 512, optimizer: str = "adamw",
-         dtype: torch.dtype | str | None = None, inputs: dict[str, torch.Tensor] | None = None) -> MemoryPlan:
+         dtype: torch.dtype | str | None = None, inputs: dict[str, torch.Tensor] | None = None,
+         world_size: int = 1) -> MemoryPlan:
     """Size one training step of `gm` at `batch` x `seq` (its example inputs resized, or `inputs`).
+
+    `world_size > 1` sizes one rank of FSDP2 as `peftc.distributed.shard` wraps the graph (each block, then the
+    root; `batch` is the rank's): parameters, quantized storage, gradients and optimizer states are 1/N each
+    (dim 0 padded to a multiple of N), and on top of them the root's weights stay gathered through the step
+    while at most two blocks are gathered at once (the one computing and the one prefetched in backward).
 
     `dtype` (e.g. "bfloat16") checks that the graph computes in it: capture the model in the dtype it
     trains in. The loss is the mean cross-entropy of a causal LM's logits, else the mean of the first output.
     """
+    if not isinstance(world_size, int) or world_size < 1:
+        raise OptionError(f"plan: world_size must be a positive integer, got {world_size!r}")
     if optimizer not in _OPTIMIZERS:
         raise OptionError(f"plan: optimizer must be one of {', '.join(_OPTIMIZERS)}, got {optimizer!r}")
     if isinstance(dtype, str):
@@ -84,7 +98,7 @@ def plan(gm: fx.GraphModule, *, batch: int = 1, seq: int = 512, optimizer: str =
         # the captured graph fixes its casts and dtype checks: a cast afterwards would not be the model trained
         raise OptionError(f"plan: the graph computes in {', '.join(sorted(map(str, floats)))}, not {dtype}; capture the "
                           f"model in {dtype} (model.to({dtype}) before peftc.capture) and plan that graph")
-    result = MemoryPlan(batch, seq, optimizer)
+    result = MemoryPlan(batch, seq, optimizer, world_size=world_size)
     tensors = dict(gm.named_parameters(remove_duplicate=True)) | dict(gm.named_buffers(remove_duplicate=True))
     constants = {name: t for name, t in _tensor_attributes(gm) if name not in tensors}
     trainable = {name for name, p in gm.named_parameters() if p.requires_grad}
@@ -126,8 +140,46 @@ def plan(gm: fx.GraphModule, *, batch: int = 1, seq: int = 512, optimizer: str =
     result.working = live.peak
     # the optimizer step: gradients, and foreach Adam(W)'s one parameter-sized temporary (sqrt of the 2nd moment)
     result.step = result.gradients * (2 if optimizer in ("adam", "adamw") else 1)
-    result.peak = sum(result.weights.values()) + result.optimizer_states + max(result.working, result.step)
+    if world_size > 1:
+        _shard(result, gm, state, constants, world_size)
+    result.peak = (sum(result.weights.values()) + result.optimizer_states
+                   + max(result.working + result.gathered, result.step))
     return result
+
+
+def _shard(result: MemoryPlan, gm: fx.GraphModule, state: dict[str, torch.Tensor], constants: dict, world: int) -> None:
+    """Per-rank figures under FSDP2 (see `plan`): what is sharded, and what is gathered at once."""
+    from peftc.distributed import storage_names
+    from peftc.passes.outline import blocks
+    from peftc.regions import block_sites
+
+    def shard(t: torch.Tensor) -> int:
+        rows = -(-max(t.shape[0] if t.dim() else 1, 1) // world)
+        return rows * (t.numel() // max(t.shape[0], 1) if t.dim() else 1) * t.element_size()
+
+    sharded = {name for name, p in gm.named_parameters()} | set(storage_names(gm))
+    paths = blocks(gm) or [site.path for site in block_sites(gm)]
+    in_block = lambda name: next((p for p in paths if name.startswith(p + ".")), None)  # noqa: E731
+    per_block: dict[str, int] = {}
+    root = 0
+    for kind in result.weights:
+        result.weights[kind] = 0
+    for name, t in state.items():
+        if name in constants:
+            continue
+        kind = "trainable" if t.requires_grad else "quantized" if not t.is_floating_point() else "frozen"
+        size = shard(t) if name in sharded else _nbytes(t)
+        result.weights[kind] += size
+        block = in_block(name)
+        if name in sharded and block is not None:
+            per_block[block] = per_block.get(block, 0) + _nbytes(t)
+        elif name in sharded:
+            root += _nbytes(t) - size
+    largest = sorted(per_block.values(), reverse=True)[:2]
+    result.gathered = root + sum(largest)
+    result.gradients = sum(shard(t) for t in state.values() if t.requires_grad)
+    result.optimizer_states = _OPTIMIZERS[result.optimizer] * result.gradients
+    result.step = result.gradients * (2 if result.optimizer in ("adam", "adamw") else 1)
 
 
 def _fake(mode: Any, t: torch.Tensor, device: torch.device, trainable: bool) -> torch.Tensor:

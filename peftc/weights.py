@@ -8,6 +8,7 @@ The technique layer never asks which format a site has; it calls its `WeightForm
 4. `write(gm, site, weight, bias, options)`: store a folded weight; returns the fraction of the
    update that survived (1.0 for dense storage).
 5. `compute_dtype(gm, site)`: the dtype adapter weights at this site take.
+6. `storage(gm, site)`: the names of the tensors that hold the weight (what FSDP2 shards).
 
 `dense` is built in; quantized formats register themselves (`peftc.quant.format` registers
 `nf4`) with the op that computes through them, so the site queries find those ops too.
@@ -36,6 +37,7 @@ class WeightFormat(Protocol):
     def restore(self, gm: fx.GraphModule, site: Any, state: Any) -> None: ...
     def write(self, gm: fx.GraphModule, site: Any, weight: torch.Tensor, bias: torch.Tensor | None, options: Any) -> float: ...
     def compute_dtype(self, gm: fx.GraphModule, site: Any) -> torch.dtype: ...
+    def storage(self, gm: fx.GraphModule, site: Any) -> list[str]: ...
 
 
 class DenseFormat:
@@ -76,6 +78,9 @@ class DenseFormat:
         if isinstance(val, torch.Tensor) and val.is_floating_point():
             return val.dtype
         return get_tensor(gm, site.weight).dtype
+
+    def storage(self, gm: fx.GraphModule, site: Any) -> list[str]:
+        return [site.weight]
 
 
 def _replace(gm: fx.GraphModule, qualname: str, value: torch.Tensor) -> None:

@@ -70,5 +70,8 @@ class NF4Format:
     def compute_dtype(self, gm: fx.GraphModule, site: Any) -> torch.dtype:
         return site.node.meta["val"].dtype
 
+    def storage(self, gm: fx.GraphModule, site: Any) -> list[str]:
+        return [get_attr_path(a) for a in site.node.args[1:5] if a is not None]  # packed bytes and statistics
+
 
 register_format(NF4Format(), ops=(torch.ops.peftc.nf4_linear.default,))
