@@ -6,6 +6,7 @@ point is the breakdown and that a 70B plan takes seconds, not a GPU.
 
     python benchmarks/plan_llama2.py                        # batch 4 x 512, both sizes, ~3 min on 2 cores
     python benchmarks/plan_llama2.py --only 7b --batch 1 --seq 2048
+    python benchmarks/plan_llama2.py --only 70b --world-size 2 --world-size 4 --world-size 8   # QLoRA per rank, FSDP2
 """
 
 from __future__ import annotations
@@ -43,25 +44,32 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--seq", type=int, default=512)
     parser.add_argument("--only", action="append", choices=sorted(SHAPES))
+    parser.add_argument("--world-size", action="append", type=int, default=[],
+                        help="also plan QLoRA per rank of N-way FSDP2 (blocks sharded; the batch is per rank)")
     args, command, _ = begin(parser, argv, "benchmarks/plan_llama2.py")
     rows = []
     for size in args.only or SHAPES:
         started = time.perf_counter()
         base = _captured(SHAPES[size])
         capture_seconds = time.perf_counter() - started
-        for method, pipeline in PIPELINES.items():
+        runs = [(method, pipeline, 1) for method, pipeline in PIPELINES.items()]
+        runs += [("QLoRA", PIPELINES["QLoRA"], n) for n in args.world_size]
+        for method, pipeline, world in runs:
             started = time.perf_counter()
             gm = peftc.apply(base, pipeline)
             gm.train()
             rewrite_seconds = time.perf_counter() - started
             started = time.perf_counter()
-            planned = peftc.plan(gm, batch=args.batch, seq=args.seq, optimizer="adamw", dtype="bfloat16")
+            planned = peftc.plan(gm, batch=args.batch, seq=args.seq, optimizer="adamw", dtype="bfloat16",
+                                 world_size=world)
             plan_seconds = time.perf_counter() - started
+            method = method if world == 1 else f"{method}, FSDP2 x{world} (per rank)"
             print(f"LLaMA-2-{size} {method} (capture {capture_seconds:.0f} s, rewrite {rewrite_seconds:.0f} s, "
                   f"plan {plan_seconds:.0f} s)\n{planned}", flush=True)
             rows.append({"model": f"LLaMA-2-{size}", "method": method, "pipeline": pipeline, "weights": planned.weights,
                          "optimizer_states": planned.optimizer_states, "activations": planned.activations,
-                         "peak": planned.peak, "plan_seconds": plan_seconds, "capture_seconds": capture_seconds})
+                         "peak": planned.peak, "plan_seconds": plan_seconds, "capture_seconds": capture_seconds,
+                         "world_size": world, "gathered": planned.gathered})
     print_table(["model", "method", "weights (dense + NF4 + trainable)", "optimizer states", "saved activations",
                  "predicted peak", "plan time"],
                 [[r["model"], r["method"], f"{sum(r['weights'].values()) / _GiB:.1f} GiB",

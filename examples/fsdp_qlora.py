@@ -38,6 +38,8 @@ def build(arch: str, layers: int, hidden: int = 64, outline: bool = True,
 
     config = tiny_config(arch)
     config.num_hidden_layers, config.hidden_size, config.intermediate_size = layers, hidden, 2 * hidden
+    if getattr(config, "layer_types", None):  # Qwen2, Mistral: one attention type per layer
+        config.layer_types = config.layer_types[:1] * layers
     torch.manual_seed(0)
     model = getattr(transformers, {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM",
                                    "mistral": "MistralForCausalLM"}[arch])(config).eval()

@@ -50,8 +50,8 @@ def outline(gm: fx.GraphModule, options: OutlineOptions) -> PassResult:
     """
     lowered = peftc_meta(gm).get("lowered")
     if lowered is not None:
-        raise PassError(f"outline: this graph is already lowered by {lowered['backend']!r}; outline a graph once, "
-                        "and before nothing else lowers it")
+        raise PassError(f"outline: this graph is already lowered by {lowered['backend']!r}; outline a graph once "
+                        "('triton' and 'outline' do not combine yet)")
     sites = block_sites(gm, options.targets)
     if not sites:
         return PassResult(gm, modified=False, report="no repeated blocks (children of a ModuleList) in this graph")

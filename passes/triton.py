@@ -91,8 +91,10 @@ def triton(gm: fx.GraphModule, options: TritonOptions) -> PassResult:
     TRITON_INTERPRET=1; `fallback=true` leaves the graph unchanged where neither is there; `compile=true`
     also compiles the forward with torch.compile. See docs/triton.md.
     """
-    if "lowered" in peftc_meta(gm):
-        raise PassError("triton: this graph is already lowered; apply 'triton' once, last")
+    lowered = peftc_meta(gm).get("lowered")
+    if lowered is not None:
+        raise PassError(f"triton: this graph is already lowered by {lowered['backend']!r}; apply 'triton' once, last "
+                        "('triton' and 'outline' do not combine yet)")
     reason = unavailable(gm)
     if reason is not None:
         if options.fallback:

@@ -109,6 +109,9 @@ def _parser() -> argparse.ArgumentParser:
     plan.add_argument("--optimizer", default="adamw", choices=["adamw", "adam", "sgd", "momentum"])
     plan.add_argument("--dtype", help="check that the model computes in this dtype, e.g. bfloat16 (capture it in the "
                                       "dtype it trains in)")
+    plan.add_argument("--world-size", type=int, default=1,
+                      help="per-rank figures for N ranks of FSDP2 as peftc.distributed.shard wraps the graph "
+                           "(blocks sharded; --batch is per rank)")
     plan.set_defaults(run=_plan)
 
     serve = sub.add_parser("serve", help="serve many LoRA adapters over one causal LM: OpenAI-style /v1/completions")
@@ -165,7 +168,8 @@ def _captured(args: argparse.Namespace) -> tuple[LoadedModel, torch.fx.GraphModu
 def _plan(args: argparse.Namespace) -> int:
     loaded, gm = _captured(args)
     print(f"model: {loaded.name}\npipeline: {args.passes or '(none)'}")
-    print(peftc.plan(gm, batch=args.batch, seq=args.seq, optimizer=args.optimizer, dtype=args.dtype))
+    print(peftc.plan(gm, batch=args.batch, seq=args.seq, optimizer=args.optimizer, dtype=args.dtype,
+                     world_size=args.world_size))
     return 0
 
 

@@ -14,7 +14,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCUMENTS = ["README.md", "docs/quickstart.md", "docs/serving.md", "docs/triton.md", "docs/writing-a-pass.md",
-             "docs/writing-a-technique.md"]
+             "docs/writing-a-technique.md", "docs/distributed.md"]
 
 
 def snippets(path: Path) -> str:
