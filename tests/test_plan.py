@@ -61,6 +61,9 @@ def test_errors_and_command_line(capsys):
     assert main(["plan", "tiny-llama", "--passes", "nf4, side", "--batch", "2", "--seq", "32"]) == 0
     out = capsys.readouterr().out
     assert "batch 2 x sequence 32" in out and "predicted peak" in out and "weights (quantized)" in out
+    assert main(["plan", "tiny-llama", "--passes", "nf4, freeze, lora(r=4)", "--seq", "16", "--world-size", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "per rank of 2 (FSDP2, blocks sharded)" in out and "weights gathered at once (root + 2 blocks)" in out
 
 
 def test_a_model_captured_on_meta_plans_as_it_would_on_cpu():
