@@ -50,7 +50,8 @@ def storage_names(gm: fx.GraphModule) -> list[str]:
 
 def storage_bytes(gm: fx.GraphModule) -> int:
     """Bytes of quantized storage this process holds (its shards, once sharded)."""
-    local = [(t.to_local() if hasattr(t, "to_local") else t) for t in map(lambda n: get_tensor(gm, n), storage_names(gm))]
+    tensors = [get_tensor(gm, name) for name in storage_names(gm)]
+    local = [t.to_local() if hasattr(t, "to_local") else t for t in tensors]
     return sum(t.numel() * t.element_size() for t in local)
 
 
@@ -120,12 +121,17 @@ def gather_trainable(gm: nn.Module, *, gradients: bool = False) -> dict[str, tor
 
 def load_trainable(gm: nn.Module, state: dict[str, torch.Tensor]) -> None:
     """Copy `gather_trainable`'s tensors into another graph of the same pipeline (unsharded, e.g. without
-    `outline`, to save the adapter or merge): every name must be a trainable parameter there."""
-    params = dict(gm.named_parameters())
-    missing = [name for name in state if name not in params]
-    if missing:
-        raise PassError(f"load_trainable: {len(missing)} tensors have no parameter here (e.g. {missing[0]!r}); "
-                        "build the graph with the same pipeline (outline does not change names)")
+    `outline`, to save the adapter or merge): the names, shapes and trainable parameters must match."""
+    params = {name: p for name, p in gm.named_parameters() if p.requires_grad}
+    unexpected = sorted(set(state) - set(params))
+    missing = sorted(set(params) - set(state))
+    misshapen = sorted(n for n in set(state) & set(params) if tuple(state[n].shape) != tuple(params[n].shape))
+    if unexpected or missing or misshapen:
+        problems = [f"{len(names)} {what} (e.g. {names[0]!r})" for what, names in
+                    (("not trainable here", unexpected), ("trainable here but not given", missing),
+                     ("of another shape", misshapen)) if names]
+        raise PassError(f"load_trainable: {'; '.join(problems)}; build the graph with the same pipeline "
+                        "(outline does not change names)")
     with torch.no_grad():
         for name, tensor in state.items():
             params[name].copy_(tensor)

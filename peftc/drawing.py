@@ -76,14 +76,17 @@ def display_graph(gm: fx.GraphModule, *, targets: str | None = None, collapse: s
 
     def visible_sources(n: fx.Node) -> set[str]:
         if n not in sources:
-            if n not in vertex:  # outside the selection: mark the block input at the first real node
+            if n not in vertex and _op(n) == "sym_size":
+                sources[n] = set()
+            elif n not in vertex:  # outside the selection: mark the block input at the first real node
                 real = _through_plumbing(n)
                 name = f"in:{real.name}"
                 g.add_node(name, lines=["input", _short(module_path(real) or real.name)], fill=_EDGE_IN, kind="input",
                            cluster="")
                 sources[n] = {name}
-            elif vertex[n] is None:
-                sources[n] = set().union(*(visible_sources(i) for i in n.all_input_nodes)) if n.op != "get_attr" else set()
+            elif vertex[n] is None:  # bridged; weights and sizes (sym_size) carry no dataflow worth an edge
+                sized = _op(n) == "sym_size" or n.op == "get_attr"
+                sources[n] = set() if sized else set().union(*(visible_sources(i) for i in n.all_input_nodes))
             else:
                 sources[n] = {vertex[n]}
         return sources[n]

@@ -114,6 +114,20 @@ def test_fsdp_gathers_each_block_through_its_own_hooks(one_process_group):
         torch.testing.assert_close(grads2[name].full_tensor(), grad, atol=1e-6, rtol=1e-6)
 
 
+def test_load_trainable_checks_names_and_shapes():
+    gm = _trained("llama")[0]
+    state = peftc.distributed.gather_trainable(gm)
+    other = peftc.apply(gm, "identity")
+    peftc.distributed.load_trainable(other, state)
+    with pytest.raises(PassError, match="1 trainable here but not given"):
+        peftc.distributed.load_trainable(other, dict(list(state.items())[1:]))
+    name = next(iter(state))
+    with pytest.raises(PassError, match="1 of another shape"):
+        peftc.distributed.load_trainable(other, {**state, name: state[name][:1]})
+    with pytest.raises(PassError, match="1 not trainable here"):
+        peftc.distributed.load_trainable(other, {**state, "lm_head.weight": torch.zeros(1)})
+
+
 def test_mixed_precision_needs_a_graph_captured_in_the_compute_dtype(one_process_group):
     from torch.distributed.fsdp import MixedPrecisionPolicy
 
