@@ -7,6 +7,7 @@ point is the breakdown and that a 70B plan takes seconds, not a GPU.
     python benchmarks/plan_llama2.py                        # batch 4 x 512, both sizes, ~3 min on 2 cores
     python benchmarks/plan_llama2.py --only 7b --batch 1 --seq 2048
     python benchmarks/plan_llama2.py --only 70b --world-size 2 --world-size 4 --world-size 8   # QLoRA per rank, FSDP2
+    python benchmarks/plan_llama2.py --only 70b --batch 1 --world-size 2 --checkpoint       # blocks recomputed
 """
 
 from __future__ import annotations
@@ -46,6 +47,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--only", action="append", choices=sorted(SHAPES))
     parser.add_argument("--world-size", action="append", type=int, default=[],
                         help="also plan QLoRA per rank of N-way FSDP2 (blocks sharded; the batch is per rank)")
+    parser.add_argument("--checkpoint", action="store_true",
+                        help="also plan QLoRA with each block recomputed in backward (outline(checkpoint=true)), "
+                             "on one device and per rank")
     args, command, _ = begin(parser, argv, "benchmarks/plan_llama2.py")
     rows = []
     for size in args.only or SHAPES:
@@ -54,6 +58,9 @@ def main(argv: list[str] | None = None) -> dict:
         capture_seconds = time.perf_counter() - started
         runs = [(method, pipeline, 1) for method, pipeline in PIPELINES.items()]
         runs += [("QLoRA", PIPELINES["QLoRA"], n) for n in args.world_size]
+        if args.checkpoint:
+            recompute = PIPELINES["QLoRA"] + ", outline(checkpoint=true)"
+            runs += [("QLoRA + checkpointing", recompute, n) for n in [1, *args.world_size]]
         for method, pipeline, world in runs:
             started = time.perf_counter()
             gm = peftc.apply(base, pipeline)

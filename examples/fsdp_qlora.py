@@ -32,7 +32,7 @@ GLOBAL_BATCH, SEQ = 4, 16
 
 
 def build(arch: str, layers: int, hidden: int = 64, outline: bool = True,
-          dtype: torch.dtype = torch.float32) -> torch.fx.GraphModule:
+          dtype: torch.dtype = torch.float32, recompute: bool = False) -> torch.fx.GraphModule:
     """The rewritten module, identical on every rank (same seeds), captured in `dtype` (the compute dtype)."""
     import transformers
 
@@ -46,7 +46,8 @@ def build(arch: str, layers: int, hidden: int = 64, outline: bool = True,
     model.to(torch.bfloat16).to(dtype)  # weights bf16 can hold: the fp32 and bf16 runs quantize the same values
     ids = example_ids(config.vocab_size, batch=2, seq=SEQ)
     torch.manual_seed(0)  # LoRA's A: the same on every rank
-    gm = peftc.apply(peftc.capture(model, (ids,)), PIPELINE + (", outline" if outline else ""))
+    blocks = ", outline(checkpoint=true)" if recompute else ", outline"
+    gm = peftc.apply(peftc.capture(model, (ids,)), PIPELINE + (blocks if outline else ""))
     if dtype != torch.float32:  # start from the fp32 run's LoRA weights (random init differs by dtype)
         peftc.distributed.load_trainable(gm, {n: p for n, p in build(arch, layers, hidden).named_parameters()
                                               if p.requires_grad})
@@ -88,6 +89,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--arch", default="llama", choices=["llama", "qwen2", "mistral"])
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--hidden", type=int, default=64, help="hidden size (feed-forward 2x); 4 heads, 2 key/value heads")
+    parser.add_argument("--checkpoint", action="store_true", help="recompute each block's activations in backward")
     parser.add_argument("--plan", action="store_true", help="also plan the step with peftc.plan(world_size=...)")
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--lr", type=float, default=1e-2)
@@ -98,7 +100,8 @@ def main(argv: list[str] | None = None) -> int:
     from torch.distributed.fsdp import MixedPrecisionPolicy
 
     torch.set_num_threads(1)
-    gm = build(args.arch, args.layers, args.hidden, dtype=torch.bfloat16 if args.bf16 else torch.float32)
+    gm = build(args.arch, args.layers, args.hidden, dtype=torch.bfloat16 if args.bf16 else torch.float32,
+               recompute=args.checkpoint)
     rank, world = 0, 1
     quantized_before = peftc.distributed.storage_bytes(gm)
     planned = None
@@ -110,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
         rank, world = dist.get_rank(), dist.get_world_size()
         policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if args.bf16 else None
         peftc.distributed.shard(gm, mp_policy=policy)
-    mode = (f"fsdp{world}" if world > 1 else "single") + ("-bf16" if args.bf16 else "")
+    mode = (f"fsdp{world}" if world > 1 else "single") + ("-bf16" if args.bf16 else "") + ("-ckpt" if args.checkpoint else "")
     optimizer = torch.optim.SGD([p for p in gm.parameters() if p.requires_grad], lr=args.lr)
     shard = GLOBAL_BATCH // world
     peak = resident = 0

@@ -11,7 +11,11 @@ time, and activation checkpointing or pipeline stages can take blocks as units t
 1. A block is the nodes under its module path, with the tensors it alone reads; values from outside
    (the residual stream, masks, rotary angles) become its inputs, values read outside its outputs.
    A block whose nodes are not one convex region of the graph is refused by name.
-2. Outlining is the last rewrite: adapters cannot be added, switched or merged on an outlined graph (the
+2. `checkpoint=true` also recomputes each block's activations in backward instead of keeping them
+   (`torch.utils.checkpoint`, non-reentrant; dropout masks replayed): the graph calls
+   `checkpointed(block, *inputs)`, so under FSDP2 the block is gathered for its forward and again for
+   its backward, where the recomputation runs.
+3. Outlining is the last rewrite: adapters cannot be added, switched or merged on an outlined graph (the
    technique layer refuses, naming `outline`); `inline` puts the nodes back, exactly.
 """
 
@@ -22,6 +26,7 @@ import operator
 from dataclasses import dataclass
 
 from torch import fx, nn
+from torch.utils.checkpoint import checkpoint
 
 from peftc.errors import PassError
 from peftc.graph import module_path, peftc_meta, tag
@@ -34,19 +39,30 @@ __all__ = ["OutlineOptions", "outline", "inline", "blocks"]
 @dataclass(frozen=True)
 class OutlineOptions:
     targets: str | None = None  # which blocks (module paths, e.g. "model.layers.*"); default all
+    checkpoint: bool = False  # recompute each block's activations in backward instead of keeping them
+
+
+def checkpointed(block: nn.Module, *inputs):
+    """Run `block` keeping only its inputs for backward, where it runs again (activation checkpointing)."""
+    return checkpoint(block, *inputs, use_reentrant=False)
+
+
+def _calls(gm: fx.GraphModule) -> list[fx.Node]:
+    return [n for n in gm.graph.nodes if n.meta.get("peftc", {}).get("role") == "block"
+            and n.meta["peftc"].get("pass") == "outline"]
 
 
 def blocks(gm: fx.GraphModule) -> list[str]:
     """Module paths of the outlined blocks, in call order."""
-    return [str(n.target) for n in gm.graph.nodes
-            if n.op == "call_module" and n.meta.get("peftc", {}).get("pass") == "outline"]
+    return [module_path(n) for n in _calls(gm)]
 
 
 @register_pass("outline", options=OutlineOptions, preserves_outputs=True)
 def outline(gm: fx.GraphModule, options: OutlineOptions) -> PassResult:
     """Make each repeated block a submodule call (for FSDP2 per-block sharding, checkpointing).
 
-    Apply it last; `inline` undoes it. `targets` picks blocks by module path (default: every block).
+    Apply it last; `inline` undoes it. `targets` picks blocks by module path (default: every block);
+    `checkpoint=true` recomputes each block's activations in backward instead of keeping them.
     """
     lowered = peftc_meta(gm).get("lowered")
     if lowered is not None:
@@ -57,18 +73,19 @@ def outline(gm: fx.GraphModule, options: OutlineOptions) -> PassResult:
         return PassResult(gm, modified=False, report="no repeated blocks (children of a ModuleList) in this graph")
     paths = [site.path for site in sites]
     for path in paths:
-        _outline_block(gm, path)
+        _outline_block(gm, path, options.checkpoint)
     _reorder(gm.graph)
     gm.graph.lint()
     gm.recompile()
     peftc_meta(gm)["lowered"] = {"backend": "outline", "sites": paths}
-    return PassResult(gm, modified=True, sites=tuple(paths), report=f"outlined {len(paths)} blocks")
+    return PassResult(gm, modified=True, sites=tuple(paths), report=f"outlined {len(paths)} blocks"
+                      + (", each recomputed in backward (checkpoint=true)" if options.checkpoint else ""))
 
 
 @register_pass("inline", preserves_outputs=True)
 def inline(gm: fx.GraphModule) -> PassResult:
     """Put the nodes of outlined blocks back into the graph (undoes `outline`)."""
-    calls = [n for n in gm.graph.nodes if n.op == "call_module" and n.meta.get("peftc", {}).get("pass") == "outline"]
+    calls = _calls(gm)
     if not calls:
         return PassResult(gm, modified=False, report="no outlined blocks in this graph")
     for call in calls:
@@ -76,7 +93,7 @@ def inline(gm: fx.GraphModule) -> PassResult:
     gm.graph.lint()
     gm.recompile()
     peftc_meta(gm).pop("lowered", None)
-    return PassResult(gm, modified=True, sites=tuple(str(c.target) for c in calls),
+    return PassResult(gm, modified=True, sites=tuple(module_path(c) for c in calls),
                       report=f"inlined {len(calls)} blocks")
 
 
@@ -84,7 +101,7 @@ def _within(name: str, path: str) -> bool:
     return name == path or name.startswith(path + ".")
 
 
-def _outline_block(gm: fx.GraphModule, path: str) -> None:
+def _outline_block(gm: fx.GraphModule, path: str, recompute: bool) -> None:
     graph = gm.graph
     compute = [n for n in graph.nodes if n.op not in ("placeholder", "output", "get_attr") and _within(module_path(n), path)]
     computing = set(compute)
@@ -122,8 +139,13 @@ def _outline_block(gm: fx.GraphModule, path: str) -> None:
     setattr(gm.get_submodule(parent), name, block)
 
     with graph.inserting_before(members[0]):
-        call = tag(graph.call_module(path, tuple(inputs)), pass_name="outline", role="block", path=path,
-                   type_name=peftc_meta(gm).get("module_types", {}).get(path, ""))
+        if recompute:
+            module = tag(graph.get_attr(path), pass_name="outline", role="block_module", path=path)
+            call = graph.call_function(checkpointed, (module, *inputs))
+        else:
+            call = graph.call_module(path, tuple(inputs))
+        tag(call, pass_name="outline", role="block", path=path,
+            type_name=peftc_meta(gm).get("module_types", {}).get(path, ""))
         results = [call] if len(outputs) == 1 else [graph.call_function(operator.getitem, (call, i)) for i in range(len(outputs))]
     call.meta["val"] = outputs[0].meta.get("val") if len(outputs) == 1 else tuple(o.meta.get("val") for o in outputs)
     for output, result in zip(outputs, results):
@@ -166,11 +188,12 @@ def _check_convex(graph: fx.Graph, inside: set[fx.Node], path: str) -> None:
 
 
 def _inline_block(gm: fx.GraphModule, call: fx.Node) -> None:
-    path = str(call.target)
+    path = module_path(call)
     block = gm.get_submodule(path)
     graph = gm.graph
     placeholders = [n for n in block.graph.nodes if n.op == "placeholder"]
-    env = dict(zip(placeholders, call.args))
+    module = call.args[0] if call.op == "call_function" else None  # checkpointed(block, *inputs)
+    env = dict(zip(placeholders, call.args[1:] if module is not None else call.args))
     with graph.inserting_before(call):
         for n in block.graph.nodes:
             if n.op == "placeholder":
@@ -188,6 +211,8 @@ def _inline_block(gm: fx.GraphModule, call: fx.Node) -> None:
     else:
         call.replace_all_uses_with(env[results])
     graph.erase_node(call)
+    if module is not None:
+        graph.erase_node(module)
     container = nn.Module()
     container._modules, container._parameters, container._buffers = block._modules, block._parameters, block._buffers
     container._non_persistent_buffers_set = block._non_persistent_buffers_set

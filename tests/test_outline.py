@@ -66,6 +66,27 @@ def test_outlined_graph_computes_the_same_and_inline_restores_it(arch):
     torch.testing.assert_close(_forward_backward(inlined, args, kwargs)[0], out, atol=0, rtol=0)
 
 
+@pytest.mark.parametrize("arch", ["llama", "bert"])
+def test_checkpointed_blocks_recompute_the_same_values_with_less_memory(arch):
+    gm, args, kwargs = _trained(arch, "nf4, freeze, lora(r=4, dropout=0.1, targets='all-linear')")
+    checkpointed = peftc.apply(gm, "outline(checkpoint=true)")
+    assert blocks(checkpointed) == blocks(peftc.apply(gm, "outline"))
+    for module in (gm, checkpointed):  # dropout on: checkpointing replays the same masks
+        module.train()
+    torch.manual_seed(5)
+    out, grads = _forward_backward(gm, args, kwargs)
+    torch.manual_seed(5)
+    out2, grads2 = _forward_backward(checkpointed, args, kwargs)
+    torch.testing.assert_close(out2, out, atol=0, rtol=0)
+    for name in grads:
+        torch.testing.assert_close(grads2[name], grads[name], atol=0, rtol=0)
+    inlined = peftc.apply(checkpointed, "inline")
+    assert not blocks(inlined) and not any(n.op == "get_attr" and str(n.target) in blocks(checkpointed)
+                                           for n in inlined.graph.nodes)
+    plain, recomputed = (peftc.plan(g, batch=4, seq=32) for g in (gm, checkpointed))
+    assert recomputed.activations < 0.5 * plain.activations and recomputed.working < plain.working
+
+
 def test_an_outlined_graph_refuses_adapter_changes_until_inlined():
     gm, args, kwargs = _trained("llama")
     outlined = peftc.apply(gm, "outline")
@@ -112,6 +133,12 @@ def test_fsdp_gathers_each_block_through_its_own_hooks(one_process_group):
     torch.testing.assert_close(out2, out, atol=1e-6, rtol=1e-6)
     for name, grad in grads.items():
         torch.testing.assert_close(grads2[name].full_tensor(), grad, atol=1e-6, rtol=1e-6)
+    recomputed = peftc.apply(gm, "outline(checkpoint=true)")  # gathered again for the backward's recomputation
+    peftc.distributed.shard(recomputed)
+    out3, grads3 = _forward_backward(recomputed, args, kwargs)
+    torch.testing.assert_close(out3, out, atol=1e-6, rtol=1e-6)
+    for name, grad in grads.items():
+        torch.testing.assert_close(grads3[name].full_tensor(), grad, atol=1e-6, rtol=1e-6)
 
 
 def test_load_trainable_checks_names_and_shapes():
