@@ -48,8 +48,8 @@ def checkpointed(block: nn.Module, *inputs):
 
 
 def _calls(gm: fx.GraphModule) -> list[fx.Node]:
-    return [n for n in gm.graph.nodes if n.meta.get("peftc", {}).get("role") == "block"
-            and n.meta["peftc"].get("pass") == "outline"]
+    return [n for n in gm.graph.nodes if n.op in ("call_module", "call_function")
+            and n.meta.get("peftc", {}).get("role") == "block" and n.meta["peftc"].get("pass") == "outline"]
 
 
 def blocks(gm: fx.GraphModule) -> list[str]:
@@ -121,7 +121,7 @@ def _outline_block(gm: fx.GraphModule, path: str, recompute: bool) -> None:
     env: dict[fx.Node, fx.Node] = {}
     for value in inputs:
         env[value] = sub.placeholder(value.name)
-        env[value].meta.update(value.meta)
+        env[value].meta.update({k: v for k, v in value.meta.items() if k in ("val", "tensor_meta")})
     for n in members:
         env[n] = sub.node_copy(n, lambda a: env[a])
         if n.op in ("get_attr", "call_module"):

@@ -27,6 +27,7 @@ import torch.utils._pytree as pytree
 from torch import fx
 from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
 from torch.multiprocessing.reductions import StorageWeakRef
+from torch.nn.utils.stateless import _reparametrize_module
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from peftc.errors import OptionError
@@ -132,8 +133,10 @@ def plan(gm: fx.GraphModule, *, batch: int = 1, seq: int = 512, optimizer: str =
     live = _LiveBytes(weights)
     with fake:
         fake_inputs = {k: _fake(fake, v, device, False) for k, v in example.items()}
-        with live, torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            outputs = torch.func.functional_call(gm, state, (), fake_inputs, strict=False)
+        # the fake weights stay in place through backward too, where checkpointed blocks run again
+        # (functional_call's own context, which it leaves when the forward returns)
+        with live, torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), _reparametrize_module(gm, state):
+            outputs = gm(**fake_inputs)
             loss = _loss(gm, outputs)
             loss.backward()
     result.activations = sum(saved.values())
@@ -197,6 +200,11 @@ def _retarget(gm: fx.GraphModule, device: torch.device) -> fx.GraphModule:
         node.args, node.kwargs = pytree.tree_map_only(
             torch.device, lambda d: device if d.type == "meta" else d, (node.args, node.kwargs))
     retargeted = fx.GraphModule(gm, graph)
+    from peftc.passes.outline import blocks
+
+    for path in blocks(gm):  # outlined blocks run graphs of their own
+        parent, _, name = path.rpartition(".")
+        setattr(retargeted.get_submodule(parent), name, _retarget(gm.get_submodule(path), device))
     retargeted.meta.update(gm.meta)
     retargeted.training = gm.training
     return retargeted

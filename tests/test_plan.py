@@ -79,3 +79,6 @@ def test_a_model_captured_on_meta_plans_as_it_would_on_cpu():
     planned = peftc.plan(peftc.apply(on_meta, pipeline), batch=4, seq=64)
     assert planned == peftc.plan(peftc.apply(captured("tiny-llama"), pipeline), batch=4, seq=64)
     assert all(p.device.type == "meta" for p in on_meta.parameters())  # planning allocated nothing
+    pipeline += ", outline(checkpoint=true)"  # blocks that run graphs of their own, recomputed in backward
+    planned = peftc.plan(peftc.apply(on_meta, pipeline), batch=4, seq=64, world_size=2)
+    assert planned == peftc.plan(peftc.apply(captured("tiny-llama"), pipeline), batch=4, seq=64, world_size=2)
