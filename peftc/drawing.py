@@ -9,7 +9,6 @@ marks where a selected block's inputs come in and its outputs leave.
 from __future__ import annotations
 
 import html
-import re
 import shutil
 import subprocess
 import zlib
@@ -22,7 +21,7 @@ from torch import fx
 
 from peftc._io import atomic_write
 from peftc.errors import PeftcError
-from peftc.graph import input_dim_names, module_path
+from peftc.graph import input_dim_names, module_path, shape_text
 from peftc.targets import compile_pattern
 
 __all__ = ["display_graph", "to_dot", "to_svg", "save_graph"]
@@ -175,18 +174,11 @@ def _describe(n: fx.Node, dims: dict[str, str]) -> dict:
     else:
         weighted = n.op == "call_module" or any(i.op == "get_attr" for i in n.all_input_nodes)
         lines, fill = [_NAMES.get(op, op.replace("_", " "))] + ([_short(path)] if weighted and path else []), _BASE
-    shape = _shape(n, dims)
+    val = n.meta.get("val")
+    shape = f"[{shape_text(val.shape, dims)}]" if isinstance(val, torch.Tensor) else ""
     return {"lines": [line for line in lines if line] + ([shape] if shape else []), "fill": fill,
             "kind": "inserted" if tag else "node", "cluster": path if n.op not in ("placeholder", "output") else "",
             "pass": tag["pass"] if tag else ""}
-
-
-def _shape(n: fx.Node, dims: dict[str, str]) -> str:
-    val = n.meta.get("val")
-    if not isinstance(val, torch.Tensor):
-        return ""
-    shape = ", ".join(str(s) for s in val.shape)
-    return "[" + re.sub(r"\bs\d+\b", lambda m: dims.get(m.group(), m.group()), shape) + "]"
 
 
 def _short(path: str) -> str:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import itertools
+import re
 import warnings
 from collections.abc import Iterator
 from typing import Any
@@ -33,6 +34,7 @@ __all__ = [
     "peftc_meta",
     "dim_names",
     "input_dim_names",
+    "shape_text",
 ]
 
 
@@ -179,6 +181,12 @@ def dim_names(inputs: list[tuple[str, list[str]]]) -> dict[str, str]:
         if len(dims) >= 2 and not dims[1].isdigit():
             names.setdefault(dims[1], "sequence" if name == first[0] else f"{name}_length")
     return names
+
+
+def shape_text(shape: Any, dims: dict[str, str] | None = None) -> str:
+    """`batch, sequence, 64`: a shape with export's symbols (`s72`, `s53 + 4`) named by `dims` where given."""
+    text = ", ".join(str(s) for s in shape)
+    return re.sub(r"\bs\d+\b", lambda m: dims.get(m.group(), m.group()), text) if dims else text
 
 
 def input_dim_names(gm: fx.GraphModule) -> dict[str, str]:

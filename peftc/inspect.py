@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import re
 from collections import defaultdict
 from dataclasses import dataclass
 
@@ -11,7 +10,7 @@ import torch
 from torch import fx
 
 from peftc.drawing import save_graph, to_dot
-from peftc.graph import input_dim_names, module_path, module_type, peftc_meta
+from peftc.graph import input_dim_names, module_path, module_type, peftc_meta, shape_text
 from peftc.targets import compile_pattern, select
 
 __all__ = ["show", "summary", "Summary", "diff", "GraphDiff", "to_networkx", "to_dot", "save_graph"]
@@ -201,10 +200,7 @@ def _shape(n: fx.Node, dims: dict[str, str] | None = None) -> str:
     """`[batch, sequence, 64] float32`: export's symbols named by `dims` where given."""
     val = n.meta.get("val")
     if isinstance(val, torch.Tensor):
-        shape = ", ".join(str(s) for s in val.shape)
-        if dims:
-            shape = re.sub(r"\bs\d+\b", lambda m: dims.get(m.group(), m.group()), shape)
-        return f"[{shape}] {str(val.dtype).removeprefix('torch.')}"
+        return f"[{shape_text(val.shape, dims)}] {str(val.dtype).removeprefix('torch.')}"
     if isinstance(val, (tuple, list)) and val and all(isinstance(v, torch.Tensor) for v in val):
         return f"{len(val)} tensors"
     return ""

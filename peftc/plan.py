@@ -118,7 +118,6 @@ def plan(gm: fx.GraphModule, *, batch: int = 1, seq: int = 512, optimizer: str =
         result.weights[kind] = result.weights.get(kind, 0) + _nbytes(t)
     result.trainable_parameters = sum(state[n].numel() for n in trainable)
     result.gradients = sum(_nbytes(state[n]) for n in trainable)
-    result.optimizer_states = _OPTIMIZERS[optimizer] * result.gradients
 
     example = inputs or _inputs(gm, batch, seq, device)
     weights = {StorageWeakRef(t.untyped_storage()) for t in state.values()}
@@ -141,10 +140,11 @@ def plan(gm: fx.GraphModule, *, batch: int = 1, seq: int = 512, optimizer: str =
             loss.backward()
     result.activations = sum(saved.values())
     result.working = live.peak
-    # the optimizer step: gradients, and foreach Adam(W)'s one parameter-sized temporary (sqrt of the 2nd moment)
-    result.step = result.gradients * (2 if optimizer in ("adam", "adamw") else 1)
     if world_size > 1:
         _shard(result, gm, state, constants, world_size)
+    # the optimizer step: gradients, and foreach Adam(W)'s one parameter-sized temporary (sqrt of the 2nd moment)
+    result.optimizer_states = _OPTIMIZERS[optimizer] * result.gradients
+    result.step = result.gradients * (2 if optimizer in ("adam", "adamw") else 1)
     result.peak = (sum(result.weights.values()) + result.optimizer_states
                    + max(result.working + result.gathered, result.step))
     return result
@@ -181,8 +181,6 @@ def _shard(result: MemoryPlan, gm: fx.GraphModule, state: dict[str, torch.Tensor
     largest = sorted(per_block.values(), reverse=True)[:2]
     result.gathered = root + sum(largest)
     result.gradients = sum(shard(t) for t in state.values() if t.requires_grad)
-    result.optimizer_states = _OPTIMIZERS[result.optimizer] * result.gradients
-    result.step = result.gradients * (2 if result.optimizer in ("adam", "adamw") else 1)
 
 
 def _fake(mode: Any, t: torch.Tensor, device: torch.device, trainable: bool) -> torch.Tensor:
