@@ -102,13 +102,13 @@ def test_refuses_what_it_does_not_implement(tmp_path):
         peftc.apply(conv1d, "adalora(targets='re:.*')")
 
 
-def test_nf4_sites_match_peft_on_bitsandbytes_linear4bit(tmp_path):
+def test_nf4_sites_match_peft_on_bitsandbytes_linear4bit(tmp_path, monkeypatch):
     pytest.importorskip("bitsandbytes", reason="bitsandbytes is the 4-bit oracle: pip install bitsandbytes")
-    from test_nf4_pass import bnb_linear4bit_model
+    from bnb_oracle import linear4bit_model
 
     def quantized(model):
         model.is_loaded_in_4bit = True  # as from_pretrained(load_in_4bit=True) marks it: peft picks SVDLinear4bit
-        return bnb_linear4bit_model(model)
+        return linear4bit_model(model, monkeypatch)
 
     case = Case.transformer("tiny-llama")
     case.gm = peftc.apply(case.gm, "nf4")

@@ -88,14 +88,14 @@ def test_tiny_llama_matches_peft_both_ways(tmp_path):
     check_reload_in_peft(gm, copy.deepcopy(lm.model), lm.args, lm.kwargs, tmp_path, {"use_cache": False})
 
 
-def test_nf4_matches_peft_on_bitsandbytes_linear4bit(tmp_path):
+def test_nf4_matches_peft_on_bitsandbytes_linear4bit(tmp_path, monkeypatch):
     pytest.importorskip("bitsandbytes")
-    from test_nf4_pass import bnb_linear4bit_model
+    from bnb_oracle import linear4bit_model
 
     lm = loaded("tiny-llama")
     config = peft.BOFTConfig(boft_block_size=8, target_modules=["q_proj", "up_proj"])
     graph = peftc.apply(captured("tiny-llama"), "nf4, freeze")
-    peft_model, qboft = pair(bnb_linear4bit_model(copy.deepcopy(lm.model)), lm.args, lm.kwargs, config, tmp_path,
+    peft_model, qboft = pair(linear4bit_model(copy.deepcopy(lm.model), monkeypatch), lm.args, lm.kwargs, config, tmp_path,
                              scale=0.05, graph=graph)
     assert all(s.storage == "nf4" for s in peftc.linear_sites(qboft) if s.path != "lm_head")
     check_parity(peft_model, qboft, lm.args, lm.kwargs, {"use_cache": False})

@@ -252,14 +252,14 @@ def test_lora_and_ia3_on_one_site_in_either_order():
         assert torch.equal(set_active(disabled, ["b", "a"])(*lm.args, **lm.kwargs).logits, expected)
 
 
-def test_ia3_on_nf4_matches_peft_on_bitsandbytes_linear4bit(tmp_path):
+def test_ia3_on_nf4_matches_peft_on_bitsandbytes_linear4bit(tmp_path, monkeypatch):
     pytest.importorskip("bitsandbytes", reason="bitsandbytes is the NF4 oracle: pip install bitsandbytes")
-    from test_nf4_pass import bnb_linear4bit_model
+    from bnb_oracle import linear4bit_model
 
     model = tiny_model("llama")
     args, kwargs = example_inputs(model)
     gm = peftc.apply(captured("tiny-llama"), "nf4, freeze")  # the same weights as `model`
-    quantized = bnb_linear4bit_model(model)
+    quantized = linear4bit_model(model, monkeypatch)
     quantized.is_loaded_in_4bit = True  # so peft builds its bitsandbytes IA3 layers
     peft_model = peft.get_peft_model(quantized, peft.IA3Config())
     assert type(peft_model.get_submodule("base_model.model.model.layers.0.mlp.down_proj")).__name__ == "Linear4bit"

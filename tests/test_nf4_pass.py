@@ -9,19 +9,8 @@ import peftc
 from peftc.errors import OptionError, TargetError
 from conftest import captured, fill_trainable, loaded
 
-bnb = pytest.importorskip("bitsandbytes", reason="bitsandbytes is the NF4 oracle: pip install bitsandbytes")
-
-
-def bnb_dequantized_model(model, paths, blocksize=64):
-    """The eager model with each weight at `paths` replaced by bitsandbytes' NF4 round trip."""
-    reference = copy.deepcopy(model)
-    with torch.no_grad():
-        for path in paths:
-            weight = reference.get_submodule(path).weight
-            packed, state = bnb.functional.quantize_4bit(weight, blocksize=blocksize, compress_statistics=True,
-                                                         quant_type="nf4")
-            weight.copy_(bnb.functional.dequantize_4bit(packed, state))
-    return reference
+pytest.importorskip("bitsandbytes", reason="bitsandbytes is the NF4 oracle: pip install bitsandbytes")
+from bnb_oracle import dequantized_model, linear4bit_model  # noqa: E402
 
 
 @pytest.mark.parametrize("bias", [False, True], ids=["no-bias", "bias"])
@@ -57,7 +46,7 @@ def quantized():
 def test_nf4_graph_equals_bitsandbytes_dequantized_weights(quantized):
     lm = loaded("tiny-llama")
     paths = [s.path for s in peftc.linear_sites(captured("tiny-llama")) if s.path != "lm_head"]
-    reference = bnb_dequantized_model(lm.model, paths)
+    reference = dequantized_model(lm.model, paths)
     expected = reference(*lm.args, **lm.kwargs, use_cache=False).logits
     torch.testing.assert_close(quantized(*lm.args, **lm.kwargs).logits, expected, atol=1e-5, rtol=0)
     assert not torch.allclose(expected, lm.model(*lm.args, **lm.kwargs, use_cache=False).logits)
@@ -136,7 +125,7 @@ def test_nf4_on_linears_feeding_linears(method, make):
     gm = peftc.apply(peftc.capture(model, (x,), method=method), "nf4")
     targets = {str(n.target) for n in gm.graph.nodes if n.op in ("call_function", "call_module")}
     assert "peftc.nf4_linear.default" in targets and not targets & {"aten.linear.default", "0", "a", "b", "c"}
-    reference = bnb_dequantized_model(model, [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)])
+    reference = dequantized_model(model, [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)])
     x = torch.randn(3, 5, 16)
     torch.testing.assert_close(gm(x), reference(x), atol=1e-6, rtol=1e-6)
 
@@ -193,23 +182,8 @@ def test_summary_reports_bits_per_quantized_weight(double_quant, limit):
     assert f"{stats.quantized_bits_per_weight:.3f} bits each" in str(stats)
 
 
-def bnb_linear4bit_model(model):
-    """`model` with every linear but the LM head swapped for bitsandbytes' NF4 `Linear4bit`."""
-    for name, child in list(model.named_children()):
-        if isinstance(child, torch.nn.Linear) and name != "lm_head":
-            quantized = bnb.nn.Linear4bit(child.in_features, child.out_features, bias=child.bias is not None,
-                                          compute_dtype=torch.float32, compress_statistics=True, quant_type="nf4")
-            weight = bnb.nn.Params4bit(child.weight.data.clone(), requires_grad=False, compress_statistics=True,
-                                       quant_type="nf4", blocksize=64)
-            quantized.weight = weight._quantize("cpu")
-            setattr(model, name, quantized)
-        else:
-            bnb_linear4bit_model(child)
-    return model
-
-
 @pytest.mark.parametrize("dora", [False, True], ids=["qlora", "qdora"])
-def test_qlora_matches_peft_on_bitsandbytes_linear4bit(tmp_path, dora):
+def test_qlora_matches_peft_on_bitsandbytes_linear4bit(tmp_path, monkeypatch, dora):
     """QLoRA, and DoRA on the 4-bit base (peft dequantizes it for the weight norm; so does peftc)."""
     import peft
 
@@ -219,7 +193,7 @@ def test_qlora_matches_peft_on_bitsandbytes_linear4bit(tmp_path, dora):
     args, kwargs = example_inputs(model)
     gm = peftc.apply(peftc.capture(copy.deepcopy(model), args, kwargs), "nf4, freeze")
     config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], use_dora=dora)
-    peft_model = peft.get_peft_model(bnb_linear4bit_model(model), config)
+    peft_model = peft.get_peft_model(linear4bit_model(model, monkeypatch), config)
     fill_trainable(peft_model, seed=1)
     peft_model.save_pretrained(tmp_path)
     qlora = peftc.load_adapter(gm, tmp_path)
@@ -246,7 +220,7 @@ def test_qdora_initial_magnitude_is_the_dequantized_norm(quantized):
     torch.testing.assert_close(qdora(*lm.args, **lm.kwargs).logits, quantized(*lm.args, **lm.kwargs).logits,
                                atol=1e-6, rtol=0)
     path = "model.layers.0.self_attn.q_proj"
-    norm = bnb_dequantized_model(lm.model, [path]).get_submodule(path).weight.norm(dim=1)
+    norm = dequantized_model(lm.model, [path]).get_submodule(path).weight.norm(dim=1)
     assert not torch.allclose(norm, lm.model.get_submodule(path).weight.norm(dim=1))  # 4-bit, not the original
     magnitude = qdora.get_parameter("model.layers.0.self_attn.q_proj.lora_magnitude_vector.default.weight")
     torch.testing.assert_close(magnitude, norm)

@@ -83,14 +83,14 @@ def test_tiny_llama_matches_peft_both_ways(tmp_path):
     check_reload_in_peft(gm, llama()[0], args, kwargs, tmp_path, {"use_cache": False})
 
 
-def test_nf4_matches_peft_on_bitsandbytes_linear4bit(tmp_path):
+def test_nf4_matches_peft_on_bitsandbytes_linear4bit(tmp_path, monkeypatch):
     pytest.importorskip("bitsandbytes")
-    from test_nf4_pass import bnb_linear4bit_model
+    from bnb_oracle import linear4bit_model
 
     model, args, kwargs = llama()
     config = peft.OFTConfig(oft_block_size=8, r=0, target_modules=["q_proj", "up_proj"])
     graph = peftc.apply(captured("tiny-llama"), "nf4, freeze")
-    peft_model, qoft = pair(bnb_linear4bit_model(model), args, kwargs, config, tmp_path, scale=0.05, graph=graph)
+    peft_model, qoft = pair(linear4bit_model(model, monkeypatch), args, kwargs, config, tmp_path, scale=0.05, graph=graph)
     assert all(s.storage == "nf4" for s in peftc.linear_sites(qoft) if s.path != "lm_head")
     check_parity(peft_model, qoft, args, kwargs, {"use_cache": False})
     merged = peftc.apply(qoft, "merge(dtype='float32')")

@@ -96,14 +96,14 @@ def test_refuses_what_it_does_not_implement(tmp_path):
         peftc.apply(case.gm, "vera(r=4, targets='*.nothing')")
 
 
-def test_nf4_sites_match_peft_on_bitsandbytes_linear4bit(tmp_path):
+def test_nf4_sites_match_peft_on_bitsandbytes_linear4bit(tmp_path, monkeypatch):
     pytest.importorskip("bitsandbytes", reason="bitsandbytes is the 4-bit oracle: pip install bitsandbytes")
-    from test_nf4_pass import bnb_linear4bit_model
+    from bnb_oracle import linear4bit_model
 
     case = Case.transformer("tiny-llama")
     case.gm = peftc.apply(case.gm, "nf4")
     peft_model, gm = case.from_peft(peft.VeraConfig(r=8, target_modules=["q_proj", "v_proj"]), tmp_path,
-                                    prepare=bnb_linear4bit_model)
+                                    prepare=lambda m: linear4bit_model(m, monkeypatch))
     assert all(s.storage == "nf4" for s in peftc.linear_sites(gm) if s.path != "lm_head")
     out_diff, grad_diff = check_parity(case, peft_model, gm)
     merged = peftc.apply(gm, "merge(dtype='float32')")
