@@ -49,7 +49,7 @@ def bench(model_name: str, batch: int, tokens: int, repeat: int, warmup: int, th
 
     import peftc
     from peftc.backends import onnx as peftc_onnx
-    from peftc.models import load_model
+    from peftc.tools.models import load_model
 
     loaded = load_model(model_name)
     gm = peftc.capture(loaded.model, loaded.args, loaded.kwargs)

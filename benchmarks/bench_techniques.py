@@ -4,7 +4,7 @@ Full finetuning, LoRA, QLoRA, QST, bottleneck adapters (Houlsby, Pfeiffer, paral
 methods: the lecture's adapter table in miniature.
 
 Each method's pipeline runs over the same captured classifier (MiniLM + a fresh linear head on its
-mean-pooled token states, `peftc.demo.build`); the pipeline's parameters and the head train with AdamW
+mean-pooled token states, `peftc.tools.demo.build`); the pipeline's parameters and the head train with AdamW
 for the same steps, batch and data order; each method gets its usual learning rate (prompts and
 prefixes are trained with larger steps than LoRA). Reported per method: trainable parameters, dev
 accuracy before and after, ms per training step and its ratio to LoRA's in the same run.
@@ -24,7 +24,7 @@ from statistics import mean
 from common import begin, print_table, write_json
 
 import peftc
-from peftc.demo import build, evaluate, load_data, train
+from peftc.tools.demo import build, evaluate, load_data, train
 
 METHODS = {  # name: (pipeline, learning rate)
     "full": ("identity", 5e-5),  # every weight trains

@@ -16,7 +16,7 @@ from torch import fx, nn
 
 import peftc
 from peftc.errors import OptionError
-from peftc.graph import set_tensor
+from peftc.ir.graph import set_tensor
 
 
 @dataclass(frozen=True)
@@ -51,7 +51,7 @@ def attn_scale(gm: fx.GraphModule, options: AttnScaleOptions) -> peftc.PassResul
 
 
 def main() -> None:
-    from peftc.models import load_model
+    from peftc.tools.models import load_model
 
     loaded = load_model("tiny-llama")
     gm = peftc.capture(loaded.model, loaded.args, loaded.kwargs)

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from peftc.adapters import register_technique
+from peftc.technique.adapters import register_technique
 from peftc.technique import AdapterOptions, Param, Technique
 from shakespeare import adapt_train_merge, steps_from
 

@@ -23,7 +23,7 @@ from torch.nn import functional as F
 
 import peftc
 from peftc._io import atomic_write
-from peftc.models import example_ids, tiny_model
+from peftc.tools.models import example_ids, tiny_model
 
 PIPELINE = "freeze, lora(r=4, alpha=8, targets='*.q_proj|*.v_proj')"
 GLOBAL_BATCH, SEQ = 4, 16

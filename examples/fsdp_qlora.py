@@ -25,7 +25,7 @@ from torch.nn import functional as F
 
 import peftc
 from peftc._io import atomic_write
-from peftc.models import example_ids, tiny_config
+from peftc.tools.models import example_ids, tiny_config
 
 PIPELINE = "nf4, freeze, lora(r=4, alpha=8, targets='*.q_proj|*.v_proj')"
 GLOBAL_BATCH, SEQ = 4, 16
@@ -157,7 +157,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def gm_vocab(gm: torch.fx.GraphModule) -> int:
-    return peftc.graph.peftc_meta(gm)["capture"]["config"]["vocab_size"]
+    return peftc.ir.graph.peftc_meta(gm)["capture"]["config"]["vocab_size"]
 
 
 if __name__ == "__main__":

@@ -19,7 +19,7 @@ import sys
 import time
 
 import peftc
-from peftc.demo import DEFAULT_DATA, build, evaluate, find_data, read_split, train
+from peftc.tools.demo import DEFAULT_DATA, build, evaluate, find_data, read_split, train
 
 PIPELINE = 'freeze, lora(r=8, alpha=16, dropout=0.1, targets="*.query|*.value")'
 

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 import peftc
-from peftc.demo import evaluate_onnx
+from peftc.tools.demo import evaluate_onnx
 from sst2 import arguments, finetune
 
 PIPELINE = 'freeze, prompt(n=20, init="text", text="Is the sentiment of this movie review positive or negative?")'

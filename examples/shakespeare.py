@@ -14,7 +14,7 @@ import torch
 from torch.nn import functional as F
 
 import peftc
-from peftc.models import tiny_model
+from peftc.tools.models import tiny_model
 
 DEFAULT = Path(__file__).resolve().parents[2] / "shared" / "data" / "tinyshakespeare" / "input.txt"
 SONNET_18 = """Shall I compare thee to a summer's day?

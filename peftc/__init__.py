@@ -1,19 +1,23 @@
 """peftc: a compiler for parameter-efficient finetuning.
 
     gm = peftc.capture(model, args=(input_ids,))
-    gm = peftc.apply(gm, "freeze, dce")
+    gm = peftc.apply(gm, "freeze, lora(r=8)")
     print(peftc.show(gm))
+
+The package is layered, each layer importing only those below it (docs/architecture.md; the
+import-linter contract in pyproject.toml checks it): `ir` -> `sites` -> `technique` ->
+`techniques` | `quant` | `passes` -> `backends` -> `tools`. This module is the public API and
+imports every layer, which registers the built-in passes, techniques and weight formats.
 """
 
-from peftc import errors
-from peftc import adapters
-from peftc.capture import capture, export_program
-from peftc.checkpoint import load_adapter, save_adapter
-from peftc.graph import tag, tagged
-from peftc.inspect import diff, save_graph, show, summary, to_dot, to_networkx
-from peftc.pipeline import Pipeline, PipelineResult, Step, apply
-from peftc.plan import MemoryPlan, plan
-from peftc.registry import PassResult, register_pass, registered_passes
+from peftc import errors, passes, quant, techniques
+from peftc._version import __version__
+from peftc.backends.triton import lowering as _triton_lowering  # noqa: F401  (registers the `triton` pass)
+from peftc.ir.capture import capture, export_program
+from peftc.ir.graph import tag, tagged
+from peftc.ir.pipeline import Pipeline, PipelineResult, Step, apply
+from peftc.ir.registry import PassResult, register_pass, registered_passes
+from peftc.passes.multi_lora import adapter_ids
 from peftc.sites import (
     attention_sites,
     block_sites,
@@ -27,35 +31,38 @@ from peftc.sites import (
     rms_norm_sites,
     weight_sites,
 )
-
-from peftc import passes  # noqa: E402  (registers the built-in passes)
-from peftc.passes.multi_lora import adapter_ids  # noqa: E402
-from peftc.generation import generate  # noqa: E402
-from peftc import distributed  # noqa: E402
-
-__version__ = "0.1.0"
+from peftc.technique import register_technique
+from peftc.technique.checkpoint import load_adapter, save_adapter
+from peftc.tools import distributed
+from peftc.tools.generation import generate
+from peftc.tools.inspect import diff, save_graph, show, summary, to_dot, to_networkx
+from peftc.tools.plan import MemoryPlan, plan
 
 __all__ = [
-    "adapter_ids",
-    "generate",
-    "distributed",
+    "__version__",
     "capture",
     "export_program",
     "apply",
     "Pipeline",
     "PipelineResult",
     "Step",
-    "plan",
-    "MemoryPlan",
     "PassResult",
     "register_pass",
     "registered_passes",
+    "register_technique",
+    "save_adapter",
+    "load_adapter",
     "show",
     "summary",
     "diff",
     "to_networkx",
     "to_dot",
     "save_graph",
+    "plan",
+    "MemoryPlan",
+    "generate",
+    "adapter_ids",
+    "distributed",
     "weight_sites",
     "linear_sites",
     "conv_sites",
@@ -70,8 +77,7 @@ __all__ = [
     "tag",
     "tagged",
     "errors",
-    "adapters",
-    "save_adapter",
-    "load_adapter",
     "passes",
+    "quant",
+    "techniques",
 ]

@@ -9,7 +9,7 @@ import warnings
 import pytest
 import torch
 
-from peftc.models import LoadedModel, load_model
+from peftc.tools.models import LoadedModel, load_model
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 if not torch.cuda.is_available():  # Triton kernels run on the CPU interpreter; it must be set before they are imported
@@ -63,7 +63,7 @@ def onnx_runtime_gap(gm, name: str, path) -> float:
     import onnxruntime as ort
 
     from peftc.backends import onnx as peftc_onnx
-    from peftc.models import example_inputs
+    from peftc.tools.models import example_inputs
 
     exported = peftc_onnx.export(gm, path, merged=True).path
     args, kwargs = example_inputs(loaded(name).model, batch=3, seq=11, seed=4)

@@ -100,7 +100,7 @@ def check_parity(case, peft_model, gm):
     for name, p in ours.items():
         assert p.grad is not None and (p.grad.abs().sum() > 0 or not p.numel()), name  # a rank pruned to 0 is empty
         grad_diff = max(grad_diff, close(p.grad, theirs[name].grad, f"gradient of {name}"))
-    base = case.run(peftc.adapters.disable(peftc.graph.clone(gm)))
+    base = case.run(peftc.technique.adapters.disable(peftc.ir.graph.clone(gm)))
     assert max((b - g).abs().max().item() for b, g in zip(base, got)) > 1e-3  # the adapter really changes the output
     return out_diff, grad_diff
 

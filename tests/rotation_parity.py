@@ -61,7 +61,7 @@ def check_parity(peft_model, gm, args, kwargs, peft_kwargs=None, grad_tol=1e-5):
         scale = max(theirs[name].grad.abs().max().item(), 1.0)
         torch.testing.assert_close(p.grad, theirs[name].grad, atol=grad_tol * scale, rtol=0)
         worst = max(worst, (p.grad - theirs[name].grad).abs().max().item())
-    base = output(peftc.adapters.disable(peftc.graph.clone(gm))(*args, **kwargs))
+    base = output(peftc.technique.adapters.disable(peftc.ir.graph.clone(gm))(*args, **kwargs))
     assert (base - got).abs().max() > 1e-3  # the adapter really changes the output
     return (got - expected).abs().max().item(), worst
 

@@ -9,8 +9,8 @@ import torch
 from safetensors.torch import load_file
 
 import peftc
-import peftc.passes.adalora
-from peftc.checkpoint import CheckpointError
+import peftc.techniques.adalora
+from peftc.technique.checkpoint import CheckpointError
 from peftc.errors import OptionError, TargetError
 from peft_parity import Case, check_loads_in_peft, check_merge, check_parity, close
 from conftest import fill_trainable

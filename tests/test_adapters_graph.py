@@ -8,7 +8,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import peftc
-from peftc.checkpoint import CheckpointError
+from peftc.technique.checkpoint import CheckpointError
 from peftc.errors import OptionError, TargetError
 from conftest import captured, fill_trainable, loaded
 
@@ -54,7 +54,7 @@ def test_lokr_and_loha_never_build_the_dense_update():
 def test_several_adapters_switch_disable_delete(base):
     lora_a = fill_trainable(peftc.apply(base, "lora(r=4, adapter='a', targets='*.q_proj')"))
     both = fill_trainable(peftc.apply(lora_a, "lora(r=2, adapter='b', targets='*.v_proj|*.q_proj')"), seed=1)
-    assert peftc.adapters.active_adapters(both) == ["a", "b"]
+    assert peftc.technique.adapters.active_adapters(both) == ["a", "b"]
     out_both = run(both)
     only_a = peftc.apply(both, "set_adapter(name='a')")
     only_b = peftc.apply(both, "set_adapter(name='b')")
@@ -66,7 +66,7 @@ def test_several_adapters_switch_disable_delete(base):
     back = peftc.apply(disabled, "set_adapter(name='b')")
     torch.testing.assert_close(run(back), run(only_b))
     deleted = peftc.apply(both, "delete_adapter(name='a')")
-    assert peftc.adapters.active_adapters(deleted) == ["b"]
+    assert peftc.technique.adapters.active_adapters(deleted) == ["b"]
     assert not [n for n, _ in deleted.named_parameters() if ".a." in n]
     torch.testing.assert_close(run(deleted), run(only_b))
     with pytest.raises(OptionError, match="no adapter named 'c'"):
@@ -97,7 +97,7 @@ def test_merge_is_constant_folding(base, text):
 
 def test_merge_without_keep_cannot_unmerge(base):
     merged = peftc.apply(fill_trainable(peftc.apply(base, "lora(r=2)")), "merge(keep=false)")
-    assert peftc.adapters.adapters(merged) == {}
+    assert peftc.technique.adapters.adapters(merged) == {}
     with pytest.raises(OptionError, match="nothing to unmerge: no adapter is merged; adapters: none"):
         peftc.apply(merged, "unmerge")
 
@@ -145,7 +145,7 @@ def test_checkpoint_save_is_atomic_and_round_trips(base, tmp_path, monkeypatch):
     def crash(*args, **kwargs):
         raise OSError("disk full")
 
-    monkeypatch.setattr("peftc.checkpoint.save_file", crash)
+    monkeypatch.setattr("peftc.technique.checkpoint.save_file", crash)
     other = fill_trainable(peftc.apply(base, "lora(r=4, alpha=16, targets='*.q_proj')"), seed=5)
     with pytest.raises(OSError, match="disk full"):
         peftc.save_adapter(other, target)
@@ -174,7 +174,7 @@ def test_checkpoint_errors_list_the_problems(base, tmp_path):
     assert f"missing (1): {missing_key}" in message
     assert "unexpected (1): base_model.model.model.layers.0.mlp.up_proj.lora_A.weight" in message
     assert "q_proj.lora_A.weight: file (3, 64), model (4, 64)" in message
-    assert not peftc.adapters.adapters(base)  # nothing changed
+    assert not peftc.technique.adapters.adapters(base)  # nothing changed
     with pytest.raises(CheckpointError, match="not a peft adapter folder"):
         peftc.load_adapter(base, tmp_path)
     config = json.loads((tmp_path / "ok" / "adapter_config.json").read_text())
@@ -206,26 +206,26 @@ def test_no_default_targets_for_unknown_models():
     gm = peftc.capture(model, (torch.randn(2, 4),))
     with pytest.raises(OptionError, match="no default targets"):
         peftc.apply(gm, "lora")
-    assert len(peftc.adapters.adapters(peftc.apply(gm, "lora(targets='all-linear')"))) == 1
+    assert len(peftc.technique.adapters.adapters(peftc.apply(gm, "lora(targets='all-linear')"))) == 1
 
 
 def test_default_targets_come_from_a_wrapped_transformer():
-    from peftc.demo import SentimentModel
-    from peftc.models import tiny_model
+    from peftc.tools.demo import SentimentModel
+    from peftc.tools.models import tiny_model
 
     encoder = tiny_model("bert")
     model = SentimentModel(encoder, encoder.config.hidden_size).eval()
     ids = torch.randint(0, 100, (2, 5))
     gm = peftc.apply(peftc.capture(model, (ids, torch.ones_like(ids))), "freeze, lora(r=4)")
     layers = encoder.config.num_hidden_layers
-    paths = [path for path, _ in peftc.adapters.adapters(gm)["default"].sites]
+    paths = [path for path, _ in peftc.technique.adapters.adapters(gm)["default"].sites]
     assert len(paths) == 2 * layers and all(p.endswith((".query", ".value")) for p in paths)
 
 
 def test_lora_on_meta_device():
     from transformers import LlamaForCausalLM
 
-    from peftc.models import tiny_config
+    from peftc.tools.models import tiny_config
 
     with torch.device("meta"):
         model = LlamaForCausalLM(tiny_config("llama"))

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import peftc
-from peftc.models import example_inputs, tiny_model
+from peftc.tools.models import example_inputs, tiny_model
 from conftest import fill_trainable, loaded, requires_minilm
 
 
@@ -56,7 +56,7 @@ def assert_parity(peft_model, gm, args, kwargs):
     for name, p in ours.items():
         assert p.grad is not None and p.grad.abs().sum() > 0, name
         torch.testing.assert_close(p.grad, theirs[name].grad, atol=1e-6, rtol=1e-4)
-    base_out = peftc.adapters.disable(peftc.graph.clone(gm))(*args, **kwargs)[0]
+    base_out = peftc.technique.adapters.disable(peftc.ir.graph.clone(gm))(*args, **kwargs)[0]
     assert (base_out - got).abs().max() > 1e-3  # the adapter really changes the output
 
 

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 import peftc
-import peftc.passes.boft  # noqa: F401  (registers the pass)
+import peftc.techniques.boft  # noqa: F401  (registers the pass)
 from peftc.errors import OptionError, PeftcError, TargetError
 from conftest import captured, loaded
 from rotation_parity import check_merge, check_parity, check_reload_in_peft, close, pair

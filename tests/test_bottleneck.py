@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 import peftc
 from peftc.errors import CheckpointError, OptionError, PassError
-from peftc.models import example_inputs
+from peftc.tools.models import example_inputs
 from conftest import ARCHITECTURES, captured, fill_trainable, loaded, onnx_runtime_gap
 
 ACT = {"swish": F.silu, "relu": F.relu, "gelu": F.gelu}
@@ -171,7 +171,7 @@ def test_onnx_export_keeps_the_blocks(tmp_path):
 
 def test_over_nf4_equals_the_dequantized_base_with_hooks():
     from peftc.sites import linear_sites
-    from peftc.weights import read_weight
+    from peftc.sites.formats import read_weight
 
     gm = fill_trainable(peftc.apply(captured("tiny-llama"), "nf4(targets='model.*'), freeze, adapter(placement='pfeiffer')"))
     model, _ = reference("llama", gm, "pfeiffer", "relu", 1.0)

@@ -9,8 +9,8 @@ import transformers
 from torch import nn
 
 import peftc
-from peftc.canonical import canonicalize
-from peftc.models import example_inputs
+from peftc.ir.canonical import canonicalize
+from peftc.tools.models import example_inputs
 from peftc.quant.nf4 import dequantize_nf4, quantize_nf4
 from conftest import captured
 
@@ -27,7 +27,7 @@ def falcon(new_decoder_architecture: bool, bias: bool) -> nn.Module:
 
 def uncanonical(monkeypatch, model, args=(), kwargs=None):
     """The graph capture builds before canonicalize runs on it."""
-    monkeypatch.setattr(sys.modules["peftc.capture"], "canonicalize", lambda gm: 0)
+    monkeypatch.setattr(sys.modules["peftc.ir.capture"], "canonicalize", lambda gm: 0)
     return peftc.capture(model, args, kwargs)
 
 
@@ -70,7 +70,7 @@ def test_capture_canonicalizes_falcon_and_qlora_runs_on_it(new_decoder_architect
     model = falcon(new_decoder_architecture, bias=True)
     args, kwargs = example_inputs(model)
     gm = peftc.capture(model, args, kwargs)
-    assert peftc.graph.peftc_meta(gm)["capture"]["canonicalized"] == 8
+    assert peftc.ir.graph.peftc_meta(gm)["capture"]["canonicalized"] == 8
     assert len(peftc.linear_sites(gm, "*.query_key_value|*.dense|*.dense_h_to_4h|*.dense_4h_to_h")) == 8
     result = peftc.Pipeline.parse('nf4, freeze, lora(r=4, targets="all-linear")').run(gm)
     lora = result.results[-1]
@@ -150,15 +150,15 @@ def test_weight_used_in_a_parent_module_belongs_to_its_owner():
 
 
 def test_gpt2_conv1d_is_left_alone():
-    gm = peftc.graph.clone(captured("tiny-gpt2"))
-    assert peftc.graph.peftc_meta(gm)["capture"]["canonicalized"] == 0
+    gm = peftc.ir.graph.clone(captured("tiny-gpt2"))
+    assert peftc.ir.graph.peftc_meta(gm)["capture"]["canonicalized"] == 0
     assert canonicalize(gm) == 0
     conv = [s for s in peftc.linear_sites(gm) if s.fan_in_fan_out]
     assert len(conv) == 8 and all(s.fan_in_fan_out and s.node.target is aten.addmm.default for s in conv)
 
 
 def test_nothing_to_match_on_real_linears():
-    gm = peftc.graph.clone(captured("tiny-llama"))
+    gm = peftc.ir.graph.clone(captured("tiny-llama"))
     nodes = [n.format_node() for n in gm.graph.nodes]
     assert canonicalize(gm) == 0
     assert [n.format_node() for n in gm.graph.nodes] == nodes

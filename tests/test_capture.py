@@ -7,7 +7,7 @@ from torch import nn
 
 import peftc
 from peftc.errors import CaptureError
-from peftc.models import example_inputs, tiny_model
+from peftc.tools.models import example_inputs, tiny_model
 from conftest import ARCHITECTURES, captured, loaded, requires_minilm
 
 
@@ -150,7 +150,7 @@ def test_symbolic_and_export_give_passes_the_same_view():
 def test_symbolic_capture_does_not_share_modules_with_the_model():
     model = TwoLayer()
     gm = peftc.apply(peftc.capture(model), "freeze")
-    assert peftc.graph.peftc_meta(gm)["capture"]["method"] == "symbolic"
+    assert peftc.ir.graph.peftc_meta(gm)["capture"]["method"] == "symbolic"
     assert gm.get_submodule("layers.0") is not model.layers[0]
     assert all(p.requires_grad for p in model.parameters())
 
@@ -207,7 +207,7 @@ def test_bad_capture_arguments():
 
 def test_capture_records_the_config_of_a_wrapped_transformer():
     """Passes read the config (prompt's tokenizer, position limits); a wrapper's one transformer supplies it."""
-    from peftc.capture import _config_summary
+    from peftc.ir.capture import _config_summary
 
     inner = loaded("tiny-llama").model
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from peftc.cli import main
+from peftc.tools.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -38,7 +38,7 @@ def test_apply_writes_a_reloadable_program(tmp_path, capsys):
     assert sorted(load_file(tmp_path / "trainable.safetensors")) == [
         "model.layers.0.self_attn.attn_scale", "model.layers.1.self_attn.attn_scale"]
     program = torch.export.load(tmp_path / "program.pt2").module()
-    from peftc.models import example_inputs, tiny_model
+    from peftc.tools.models import example_inputs, tiny_model
 
     model = tiny_model("llama")
     args, kwargs = example_inputs(model)
@@ -83,12 +83,12 @@ def test_peft_spellings_of_options_are_accepted(capsys):
     from conftest import captured
 
     gm = peftc.apply(captured("tiny-llama"), "lora(rank=4, lora_alpha=8, target_modules='*.q_proj', lora_dropout=0.1)")
-    options = peftc.adapters.adapters(gm)["default"].options
+    options = peftc.technique.adapters.adapters(gm)["default"].options
     assert (options.r, options.alpha, options.targets, options.dropout) == (4, 8.0, "*.q_proj", 0.1)
 
 
 def test_console_script_is_installed():
-    done = subprocess.run([sys.executable, "-m", "peftc.cli", "--help"], capture_output=True, text=True, check=True)
+    done = subprocess.run([sys.executable, "-m", "peftc", "--help"], capture_output=True, text=True, check=True)
     assert "show" in done.stdout and "apply" in done.stdout and "passes" in done.stdout
 
 
@@ -101,7 +101,7 @@ def test_custom_pass_example_runs():
 
 def test_docs_pass_reference_is_generated_from_the_registry():
     """docs/passes.md is `peftc passes --markdown` of the built-in passes (a fresh process: no test passes)."""
-    done = subprocess.run([sys.executable, "-m", "peftc.cli", "passes", "--markdown"], capture_output=True, text=True,
+    done = subprocess.run([sys.executable, "-m", "peftc", "passes", "--markdown"], capture_output=True, text=True,
                           cwd=ROOT, timeout=120)
     assert done.returncode == 0, done.stderr
     assert (ROOT / "docs" / "passes.md").read_text() == done.stdout, "regenerate: peftc passes --markdown > docs/passes.md"

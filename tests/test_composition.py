@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 import peftc
-from peftc.adapters import adapter_tensors, adapters, register_technique
+from peftc.technique.adapters import adapter_tensors, adapters, register_technique
 from peftc.errors import OptionError
 from peftc.technique import AdapterOptions, Param, Technique
 
@@ -155,7 +155,7 @@ def test_lora_then_output_scale_is_not_scaled_lora(base):
     gm = randomize(peftc.apply(base, f"{ADD['a']}, {ADD['b']}"), 2)
     before = gm(X)
     cycled = peftc.apply(gm, "disable_adapters")
-    peftc.adapters.set_active(cycled, ["a", "b"])
+    peftc.technique.adapters.set_active(cycled, ["a", "b"])
     torch.testing.assert_close(cycled(X), before, atol=0, rtol=0)
     torch.testing.assert_close(before, expected(gm), atol=1e-5, rtol=1e-5)
 
@@ -179,8 +179,8 @@ def test_random_sequences_of_operations_keep_the_documented_form(base, seed):
             elif op == "disable" and unmerged:
                 gm = peftc.apply(gm, "disable_adapters")
             elif op == "set" and unmerged:
-                gm = peftc.graph.clone(gm)
-                peftc.adapters.set_active(gm, rng.sample(unmerged, rng.randint(1, len(unmerged))))
+                gm = peftc.ir.graph.clone(gm)
+                peftc.technique.adapters.set_active(gm, rng.sample(unmerged, rng.randint(1, len(unmerged))))
             elif op == "delete" and unmerged:
                 gm = peftc.apply(gm, f"delete_adapter(name='{rng.choice(unmerged)}')")
             elif op == "merge" and any(r.active and not r.merged for r in known.values()):

@@ -15,9 +15,9 @@ import torch
 from torch import nn
 
 import peftc
-import peftc.passes.loha  # noqa: F401
-import peftc.passes.lokr  # noqa: F401
-import peftc.passes.lora  # noqa: F401
+import peftc.techniques.loha  # noqa: F401
+import peftc.techniques.lokr  # noqa: F401
+import peftc.techniques.lora  # noqa: F401
 from peftc.errors import OptionError, PeftcError
 from peftc.technique import NotMergeable
 from conftest import fill_trainable
@@ -106,7 +106,7 @@ def assert_parity(peft_model, gm, x):
     for name, p in ours.items():
         assert p.grad is not None and p.grad.abs().sum() > 0, name
         close(p.grad, theirs[name].grad, f"gradient of {name}")
-    base = peftc.adapters.disable(peftc.graph.clone(gm))(x)
+    base = peftc.technique.adapters.disable(peftc.ir.graph.clone(gm))(x)
     assert (base - got).abs().max() > 1e-3  # the adapter really changes the output
 
 

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from peftc import demo
+from peftc.tools import demo
 from peftc.errors import PeftcError
 from conftest import requires_minilm
 

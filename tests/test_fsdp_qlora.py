@@ -64,7 +64,7 @@ def test_adapter_from_rank_0_loads_in_peft_and_merges(runs):
     from transformers import LlamaForCausalLM
 
     import peftc
-    from peftc.models import example_ids, tiny_config
+    from peftc.tools.models import example_ids, tiny_config
 
     numbers = json.loads((runs / "fsdp2.rank0.json").read_text())
     assert numbers["merged_vs_adapter_logits"] < 1e-5

@@ -11,7 +11,7 @@ import torch
 
 import peftc
 from peftc.errors import OptionError, PassError
-from peftc.generation import decode_graphs
+from peftc.tools.generation import decode_graphs
 from conftest import captured, loaded
 
 PROMPTS = [[5, 9, 13, 2, 7], [3, 4, 5, 6, 7], [11, 12, 13]]  # two lengths: two groups

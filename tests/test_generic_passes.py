@@ -3,7 +3,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import peftc
-from peftc.models import example_inputs, tiny_model
+from peftc.tools.models import example_inputs, tiny_model
 from conftest import captured
 
 

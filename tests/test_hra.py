@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import peftc
-import peftc.passes.hra  # noqa: F401  (registers the pass)
+import peftc.techniques.hra  # noqa: F401  (registers the pass)
 from peftc.errors import OptionError, PeftcError, TargetError
 from conftest import captured, loaded
 from rotation_parity import check_merge, check_parity, check_reload_in_peft, pair, perturb

@@ -12,12 +12,12 @@ import torch
 from torch import nn
 
 import peftc
-import peftc.passes.ia3  # noqa: F401  (registers the pass)
-from peftc.adapters import adapters, set_active
-from peftc.checkpoint import CheckpointError
+import peftc.techniques.ia3  # noqa: F401  (registers the pass)
+from peftc.technique.adapters import adapters, set_active
+from peftc.technique.checkpoint import CheckpointError
 from peftc.errors import OptionError, TargetError
-from peftc.models import example_inputs, tiny_model
-from peftc.pipeline import Pipeline
+from peftc.tools.models import example_inputs, tiny_model
+from peftc.ir.pipeline import Pipeline
 from conftest import captured, fill_trainable, loaded
 from test_adapters_parity import assert_parity, assert_same_output, eager_kwargs
 
@@ -98,7 +98,7 @@ def check_small_model(peft_model, gm, x):
         torch.testing.assert_close(grad, theirs[name], atol=1e-5, rtol=1e-5)
     merged = peftc.apply(gm, "merge")
     torch.testing.assert_close(merged(x), got, atol=1e-5, rtol=1e-5)
-    assert not torch.allclose(peftc.adapters.disable(peftc.graph.clone(gm))(x), got)
+    assert not torch.allclose(peftc.technique.adapters.disable(peftc.ir.graph.clone(gm))(x), got)
 
 
 @pytest.mark.parametrize("method", ["symbolic", "export"])
@@ -226,7 +226,7 @@ def test_lora_and_ia3_on_one_site_in_either_order():
     first = lora_then_ia3(captured("tiny-llama"), ia3_first=False)
     second = lora_then_ia3(captured("tiny-llama"), ia3_first=True)
     for name in ("a", "b"):  # the same weights in both, whatever the order they were made in
-        for path, tensor in peftc.adapters.adapter_tensors(first, name).items():
+        for path, tensor in peftc.technique.adapters.adapter_tensors(first, name).items():
             with torch.no_grad():
                 second.get_parameter(path).copy_(tensor)
     assert torch.equal(run(first), run(second))

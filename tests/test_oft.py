@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import peftc
-import peftc.passes.oft  # noqa: F401  (registers the pass)
+import peftc.techniques.oft  # noqa: F401  (registers the pass)
 from peftc.errors import OptionError, PeftcError, TargetError
 from transformers.pytorch_utils import Conv1D
 

@@ -28,7 +28,7 @@ from peftc.backends.onnx import contrib, exporter  # noqa: E402
 def feeds(gm, batch=3, seq=11, seed=5):
     """Inputs of a new shape for `gm`: token ids in range, an attention mask with padding."""
     g = torch.Generator().manual_seed(seed)
-    example = peftc.graph.peftc_meta(gm)["example_inputs"]
+    example = peftc.ir.graph.peftc_meta(gm)["example_inputs"]
     out = {}
     for name, value in example.items():
         if "mask" in name:
@@ -88,8 +88,8 @@ def test_minilm_captured_from_slices_of_a_tokenizer_batch(tmp_path):
     on their base, which torch.onnx's retrace cannot meet; captured from them, the model still exports."""
     from transformers import AutoTokenizer, BertModel
 
-    from peftc.demo import find_data, read_split
-    from peftc.models import minilm_path
+    from peftc.tools.demo import find_data, read_split
+    from peftc.tools.models import minilm_path
 
     data = find_data()
     if data is None:
@@ -254,7 +254,7 @@ def test_multi_adapter_serving(tmp_path, two_adapters):
 
 
 def test_cli_export(tmp_path, quantized):
-    from peftc.cli import main
+    from peftc.tools.cli import main
 
     out = tmp_path / "cli.onnx"
     assert main(["export", "tiny-llama", "--passes", "nf4", "--onnx", str(out)]) == 0
@@ -276,7 +276,7 @@ def _(x):
 
 
 def test_op_without_translation_names_node_and_module(tmp_path):
-    gm = peftc.graph.clone(captured("tiny-llama"))
+    gm = peftc.ir.graph.clone(captured("tiny-llama"))
     site = next(s for s in peftc.linear_sites(gm) if s.path == "model.layers.1.mlp.up_proj")
     with gm.graph.inserting_after(site.node):
         node = gm.graph.call_function(torch.ops.peftc_test.halve.default, (site.node,))

@@ -9,8 +9,8 @@ import torch.distributed as dist
 
 import peftc
 from peftc.errors import PassError
-from peftc.graph import get_tensor
-from peftc.models import tiny_model
+from peftc.ir.graph import get_tensor
+from peftc.tools.models import tiny_model
 from peftc.passes.outline import blocks
 
 ARCHS = ["llama", "gpt2", "bert", "t5", "gptneox", "opt", "qwen2"]

@@ -9,8 +9,8 @@ from torch import fx, nn
 
 import peftc
 from peftc.errors import OptionError, PassError, PipelineSyntaxError, UnknownPassError, VerificationError
-from peftc.pipeline import Pipeline, Step
-from peftc.registry import get_pass
+from peftc.ir.pipeline import Pipeline, Step
+from peftc.ir.registry import get_pass
 
 
 class MLP(nn.Module):
@@ -145,7 +145,7 @@ def test_apply_copies_and_records_statistics(mlp):
 
 def test_apply_inplace(mlp):
     _, gm = mlp
-    copy = peftc.graph.clone(gm)
+    copy = peftc.ir.graph.clone(gm)
     assert peftc.apply(copy, "freeze", inplace=True) is copy
 
 
@@ -164,7 +164,7 @@ def test_statistics_count_added_nodes_and_parameters(mlp):
     def add_bias(gm):
         out = next(n for n in gm.graph.nodes if n.op == "output")
         (value,) = out.args[0]
-        peftc.graph.set_tensor(gm, "extra.bias", nn.Parameter(torch.zeros(6)))
+        peftc.ir.graph.set_tensor(gm, "extra.bias", nn.Parameter(torch.zeros(6)))
         with gm.graph.inserting_before(out):
             bias = gm.graph.get_attr("extra.bias")
             added = gm.graph.call_function(torch.ops.aten.add.Tensor, (value, bias))
@@ -184,7 +184,7 @@ def test_shape_verification_names_the_pass_and_node(mlp):
 
     def bad_shapes(gm):
         down = next(n for n in gm.graph.nodes if n.meta.get("module_path") == "down" and n.op == "call_function")
-        peftc.graph.set_tensor(gm, "wrong", nn.Parameter(torch.zeros(5, 7)))
+        peftc.ir.graph.set_tensor(gm, "wrong", nn.Parameter(torch.zeros(5, 7)))
         with gm.graph.inserting_after(down):
             w = gm.graph.get_attr("wrong")
         with gm.graph.inserting_after(w):
@@ -216,7 +216,7 @@ def test_numeric_check_catches_a_pass_that_changes_outputs(mlp):
     _, gm = mlp
 
     def scale_weights(gm):
-        peftc.graph.set_tensor(gm, "up.weight", nn.Parameter(gm.get_parameter("up.weight") * 2))
+        peftc.ir.graph.set_tensor(gm, "up.weight", nn.Parameter(gm.get_parameter("up.weight") * 2))
         return peftc.PassResult(gm, modified=True)
 
     add_pass("scale_weights", scale_weights, preserves_outputs=True)

@@ -10,7 +10,7 @@ from torch.profiler._memory_profiler import MemoryProfileTimeline
 
 import peftc
 from peftc.errors import OptionError
-from peftc.plan import _inputs, _loss
+from peftc.tools.plan import _inputs, _loss
 from conftest import captured
 
 BATCH, SEQ = 8, 128
@@ -56,7 +56,7 @@ def test_errors_and_command_line(capsys):
         peftc.plan(gm, optimizer="adamax")
     with pytest.raises(OptionError, match="capture the model in torch.bfloat16"):
         peftc.plan(gm, dtype="bfloat16")
-    from peftc.cli import main
+    from peftc.tools.cli import main
 
     assert main(["plan", "tiny-llama", "--passes", "nf4, side", "--batch", "2", "--seq", "32"]) == 0
     out = capsys.readouterr().out
@@ -68,7 +68,7 @@ def test_errors_and_command_line(capsys):
 
 def test_a_model_captured_on_meta_plans_as_it_would_on_cpu():
     """Meta dispatches attention to its math path (saving the probabilities); the plan uses the CPU kernels."""
-    from peftc.models import example_inputs, tiny_config
+    from peftc.tools.models import example_inputs, tiny_config
     from transformers import LlamaForCausalLM
 
     with torch.device("meta"):

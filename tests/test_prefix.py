@@ -11,11 +11,11 @@ import torch.nn.functional as F
 from torch import nn
 
 import peftc
-import peftc.passes.prefix  # noqa: F401  (registers the pass)
+import peftc.techniques.prefix  # noqa: F401  (registers the pass)
 from peftc.errors import OptionError, PassError, TargetError
-from peftc.graph import tagged
-from peftc.models import example_inputs, tiny_model
-from peftc.regions import attention_sites, position_ids
+from peftc.ir.graph import tagged
+from peftc.tools.models import example_inputs, tiny_model
+from peftc.sites.regions import attention_sites, position_ids
 from conftest import captured
 
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning")  # peft passes past_key_values (renamed cache)
@@ -155,7 +155,7 @@ def test_sequence_classifier_where_peft_fails():
     past key values"); peftc's logits equal the score head on peft's causal-LM final hidden states, same weights."""
     import transformers
 
-    from peftc.models import tiny_config
+    from peftc.tools.models import tiny_config
 
     config = tiny_config("llama")
     config.pad_token_id = 0
@@ -188,8 +188,8 @@ def test_sequence_classifier_where_peft_fails():
 
 
 def test_checkpoints_both_ways(tmp_path):
-    from peftc.checkpoint import CheckpointError
-    from peftc.passes.prefix import load_prefix, save_prefix
+    from peftc.technique.checkpoint import CheckpointError
+    from peftc.techniques.prefix import load_prefix, save_prefix
 
     # peft-saved (trained with the projection; the file holds its output) -> peftc
     peft_model, gm, theirs, ours = build_pair("llama", n=4, projection=True)

@@ -11,11 +11,11 @@ from peft.tuners.prompt_tuning.model import PromptEmbedding
 from torch import nn
 
 import peftc
-import peftc.passes.prompt as prompt_pass
+import peftc.techniques.prompt as prompt_pass
 from peftc.errors import OptionError
-from peftc.graph import peftc_meta
-from peftc.models import example_inputs
-from peftc.pipeline import Pipeline
+from peftc.ir.graph import peftc_meta
+from peftc.tools.models import example_inputs
+from peftc.ir.pipeline import Pipeline
 from conftest import captured, loaded
 
 N = 5
@@ -96,7 +96,7 @@ def test_bert_classifier_token_types_and_padding_match_peft():
     import transformers
 
     torch.manual_seed(0)
-    model = transformers.BertForSequenceClassification(peftc.models.tiny_config("bert")).eval()
+    model = transformers.BertForSequenceClassification(peftc.tools.models.tiny_config("bert")).eval()
     args, kwargs = example_inputs(model)
     kwargs["token_type_ids"] = torch.zeros_like(args[0])
     gm = rewrite(peftc.capture(model, args, kwargs), n=N)
@@ -124,7 +124,7 @@ def test_decoder_classifier_pools_the_users_last_real_token():
     pad_token_id 0 the virtual ids are 1, so the classifier's pad search never stops at them."""
     import transformers
 
-    config = peftc.models.tiny_config("llama")
+    config = peftc.tools.models.tiny_config("llama")
     config.pad_token_id = 0
     torch.manual_seed(0)
     model = transformers.LlamaForSequenceClassification(config).eval()
@@ -206,7 +206,7 @@ def test_text_prompt_on_bert_with_a_tokenizer_object(word_tokenizer):
 
 
 def test_tokenizer_defaults_to_the_models_name_or_path(word_tokenizer):
-    gm = peftc.graph.clone(captured("tiny-llama"))
+    gm = peftc.ir.graph.clone(captured("tiny-llama"))
     recorded = peftc_meta(gm)["capture"]["config"]
     assert recorded["max_position_embeddings"] == 2048 and recorded["model_type"] == "llama"
     assert "name_or_path" not in recorded  # a random-init model has none
@@ -253,7 +253,7 @@ def test_errors_name_the_problem():
         rewrite(gm, n=3, init="text", text="hello")
     with pytest.raises(OptionError, match="2048 positions"):
         rewrite(gm, n=2048)
-    gpt2 = peftc.graph.clone(captured("tiny-gpt2"))
+    gpt2 = peftc.ir.graph.clone(captured("tiny-gpt2"))
     with pytest.raises(OptionError, match="128 positions"):
         rewrite(gpt2, n=200)
     del peftc_meta(gpt2)["capture"]["config"]["max_position_embeddings"]  # then the wpe table's rows say it

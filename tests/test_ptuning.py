@@ -8,9 +8,9 @@ import pytest
 import torch
 
 import peftc
-import peftc.passes.prompt as prompt_pass
+import peftc.techniques.prompt as prompt_pass
 from peftc.errors import OptionError
-from peftc.pipeline import Pipeline
+from peftc.ir.pipeline import Pipeline
 from conftest import captured, loaded
 
 

@@ -7,8 +7,8 @@ from torch import fx, nn
 
 import peftc
 from peftc.errors import TargetError
-from peftc.graph import clone
-from peftc.regions import attention_sites, block_sites, final_hidden_states, input_embeddings
+from peftc.ir.graph import clone
+from peftc.sites.regions import attention_sites, block_sites, final_hidden_states, input_embeddings
 from conftest import captured, loaded
 
 ARCHS = ["llama", "qwen2", "gpt2", "bert"]

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import peftc
-from peftc.serve import CompletionServer
+from peftc.tools.serve import CompletionServer
 from conftest import captured
 
 

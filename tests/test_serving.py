@@ -13,7 +13,7 @@ import torch
 import peftc
 from peftc.backends.triton import ops
 from peftc.errors import OptionError, PassError
-from peftc.graph import peftc_meta
+from peftc.ir.graph import peftc_meta
 from peftc.passes.multi_lora import multi_lora_delta
 from conftest import captured, loaded
 

@@ -9,7 +9,7 @@ from torch import fx
 
 import peftc
 from peftc.errors import CheckpointError, OptionError, PassError
-from peftc.models import example_inputs
+from peftc.tools.models import example_inputs
 from conftest import captured, fill_trainable, loaded, onnx_runtime_gap
 
 

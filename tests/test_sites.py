@@ -3,7 +3,7 @@ import torch
 
 import peftc
 from peftc.errors import TargetError
-from peftc.targets import compile_pattern
+from peftc.ir.targets import compile_pattern
 from conftest import ARCHITECTURES, captured, loaded
 
 

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 import peftc
-from peftc.adapters import adapters
+from peftc.technique.adapters import adapters
 from peftc.errors import OptionError, PassError, TargetError
 from peftc.technique import AdapterOptions, Param, Technique
 from conftest import captured, fill_trainable, loaded
@@ -117,7 +117,7 @@ class BiasShiftOptions(AdapterOptions):
 
 
 def test_a_technique_declared_in_a_few_lines_gets_merge_save_and_switching(tmp_path):
-    @peftc.adapters.register_technique
+    @peftc.technique.adapters.register_technique
     class BiasShift(Technique):
         """y -> y + d: a trainable shift of a linear's output (BitFit-like)."""
 
@@ -143,7 +143,7 @@ def test_a_technique_declared_in_a_few_lines_gets_merge_save_and_switching(tmp_p
     assert merged.get_parameter("0.bias").requires_grad is False
     torch.testing.assert_close(peftc.apply(merged, "unmerge")(x), shifted)
     torch.testing.assert_close(peftc.apply(gm, "disable_adapters")(x), model(x))
-    assert isinstance(adapters(gm)["default"], peftc.adapters.Adapter)
+    assert isinstance(adapters(gm)["default"], peftc.technique.adapters.Adapter)
     folder = peftc.save_adapter(gm, tmp_path / "a")  # no peft_type: peftc's variant of peft's folder
     assert json.loads((folder / "adapter_config.json").read_text())["peftc_technique"] == "test_bias_shift"
     torch.testing.assert_close(peftc.load_adapter(peftc.capture(model, (x,)), folder)(x), shifted)

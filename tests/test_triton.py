@@ -11,7 +11,7 @@ import torch.nn.functional as F
 import peftc
 from peftc.backends.triton import ops
 from peftc.errors import PassError
-from peftc.graph import peftc_meta
+from peftc.ir.graph import peftc_meta
 from peftc.quant.nf4 import dequantize_nf4, quantize_nf4
 from conftest import captured, loaded
 

@@ -9,8 +9,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import peftc
-import peftc.passes.vera
-from peftc.checkpoint import CheckpointError
+import peftc.techniques.vera
+from peftc.technique.checkpoint import CheckpointError
 from peftc.errors import TargetError
 from peft_parity import Case, check_loads_in_peft, check_merge, check_parity, close
 from conftest import fill_trainable

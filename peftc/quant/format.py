@@ -3,7 +3,7 @@
 A `peftc::nf4_linear(x, packed, absmax, absmax_scale, offset, bias, out, in, blocksize)` node
 is a linear site with `storage="nf4"`; its weight reads as a dequantized float32 copy, appears
 in the graph through `peftc::nf4_dequantize`, and folds back by requantizing or by turning the
-site into a dense linear (see `passes/nf4.py`'s `fold_into_nf4`).
+site into a dense linear (`fold_into_nf4`). The `nf4` pass that makes such sites is `peftc.quant.passes`.
 """
 
 from __future__ import annotations
@@ -14,12 +14,20 @@ import torch
 from torch import fx
 
 from peftc.errors import OptionError
-from peftc.graph import get_attr_path, get_tensor, module_path, set_tensor
+from peftc.ir.graph import get_attr_path, get_tensor, module_path, peftc_meta, qualify, set_tensor, tag
 from peftc.quant import ops  # noqa: F401  (registers the peftc:: ops)
-from peftc.quant.nf4 import NF4Weight, dequantize_nf4
-from peftc.weights import register_format
+from peftc.quant.nf4 import NF4Weight, dequantize_nf4, quantize_nf4
+from peftc.sites.formats import register_format
+from peftc.sites.weight import LinearSite
 
-__all__ = ["NF4Format", "nf4_state"]
+__all__ = ["NF4Format", "nf4_state", "fold_into_nf4", "DTYPES"]
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    """The merge dtype matching the model's own (float32 for a float32 model)."""
+    return next((name for name, d in DTYPES.items() if d == dtype), "float32")
 
 
 def nf4_state(gm: fx.GraphModule, site: Any) -> NF4Weight:
@@ -34,8 +42,6 @@ class NF4Format:
     name = "nf4"
 
     def site(self, gm: fx.GraphModule, node: fx.Node) -> Any:
-        from peftc.sites import LinearSite
-
         x, packed, _, _, _, bias, out_features, in_features, _ = node.args
         return LinearSite(path=module_path(node), node=node, input=x, weight=get_attr_path(packed),
                           bias=get_attr_path(bias), op="nf4", storage="nf4",
@@ -60,8 +66,6 @@ class NF4Format:
             set_tensor(gm, name, tensor, buffer=not isinstance(tensor, torch.nn.Parameter))
 
     def write(self, gm: fx.GraphModule, site: Any, weight: torch.Tensor, bias: torch.Tensor | None, options: Any) -> float:
-        from peftc.passes.nf4 import fold_into_nf4
-
         if bias is not None and site.bias:
             set_tensor(gm, site.bias, torch.nn.Parameter(bias.to(get_tensor(gm, site.bias).dtype), requires_grad=False))
         return fold_into_nf4(gm, site, weight, self.read(gm, site), requantize=getattr(options, "requantize", False),
@@ -75,3 +79,64 @@ class NF4Format:
 
 
 register_format(NF4Format(), ops=(torch.ops.peftc.nf4_linear.default,))
+
+
+def fold_into_nf4(gm: fx.GraphModule, site, merged: torch.Tensor, base: torch.Tensor, *, requantize: bool,
+                  dtype: str | None) -> float:
+    """Replace an NF4 site's weight by `merged` (= base + dW, float32, (out, in)).
+
+    `requantize`: quantize `merged` to NF4 again in place of the old buffers (as peft does for
+    bitsandbytes weights); `dtype`: swap the site for a dense `linear` with the merged weight in
+    that dtype. Returns the fraction of dW that survives requantization (1.0 for dense).
+    """
+    state = nf4_state(gm, site)
+    requantized = quantize_nf4(merged, state.blocksize, state.double_quant)
+    delta = merged - base
+    kept = dequantize_nf4(requantized, torch.float32) - base
+    survived = float((kept * delta).sum() / (delta * delta).sum().clamp_min(1e-30))
+    if requantize:
+        for node, field in zip(site.node.args[1:5], ("packed", "absmax", "absmax_scale", "offset")):
+            if node is not None:
+                set_tensor(gm, get_attr_path(node), getattr(requantized, field), buffer=True)
+        return survived
+    if dtype is None:
+        ratio = float(delta.norm() / base.norm().clamp_min(1e-30))
+        raise OptionError(
+            f"merge: {site.path!r} is NF4; this update has ||dW||/||W|| = {ratio:.1e} and requantizing would keep "
+            f"{survived:.1%} of it. Choose merge(dtype=\"{_dtype_name(state.dtype)}\") for a dense merged weight"
+            f"{' (recommended here)' if survived < 0.9 else ''} or merge(requantize=true) to stay 4-bit"
+        )
+    _to_dense(gm, site, merged.to(DTYPES[dtype]))
+    return 1.0
+
+
+def _to_dense(gm: fx.GraphModule, site, weight: torch.Tensor) -> None:
+    graph = gm.graph
+    x, buffers, bias = site.node.args[0], [a for a in site.node.args[1:5] if a is not None], site.node.args[5]
+    out_dtype = site.node.meta["val"].dtype
+    name = qualify(site.path, "weight")
+    set_tensor(gm, name, torch.nn.Parameter(weight, requires_grad=False))
+    with graph.inserting_before(site.node):
+        w = graph.get_attr(name)
+        if weight.dtype != out_dtype:
+            x = graph.call_function(torch.ops.aten._to_copy.default, (x,), {"dtype": weight.dtype})
+            tag(x, pass_name="merge", role="cast", path=site.path)
+        if bias is not None and weight.dtype != out_dtype:
+            bias = graph.call_function(torch.ops.aten._to_copy.default, (bias,), {"dtype": weight.dtype})
+            tag(bias, pass_name="merge", role="cast", path=site.path)
+        dense = graph.call_function(torch.ops.aten.linear.default, (x, w, bias))
+        out = dense
+        if weight.dtype != out_dtype:
+            out = graph.call_function(torch.ops.aten._to_copy.default, (dense,), {"dtype": out_dtype})
+            tag(out, pass_name="merge", role="cast", path=site.path)
+    for node in (w, dense):
+        node.meta.update(module_path=site.path, module_type=site.node.meta.get("module_type", ""))
+    site.node.replace_all_uses_with(out)
+    graph.erase_node(site.node)
+    for node in buffers:
+        if not node.users:
+            qualname = get_attr_path(node)
+            graph.erase_node(node)
+            owner, _, attr = qualname.rpartition(".")
+            gm.get_submodule(owner)._buffers.pop(attr, None)
+    peftc_meta(gm).get("quantized", {}).pop(site.path, None)

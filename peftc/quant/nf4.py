@@ -43,6 +43,7 @@ __all__ = [
     "NF4Weight",
     "QuantizationError",
     "bits_per_weight",
+    "check_blocksize",
     "dequantize_absmax",
     "decode_nf4",
     "dequantize_nf4",
@@ -96,7 +97,7 @@ class NF4Weight:
         return -(-self.numel // self.blocksize)
 
 
-def _check_blocksize(blocksize: object) -> int:
+def check_blocksize(blocksize: object) -> int:
     ok = isinstance(blocksize, int) and not isinstance(blocksize, bool)
     if not ok or not 32 <= blocksize <= 4096 or blocksize & (blocksize - 1):
         raise QuantizationError(
@@ -188,7 +189,7 @@ def quantize_nf4(w: torch.Tensor, blocksize: int = 64, double_quant: bool = True
     if not isinstance(w, torch.Tensor):
         raise QuantizationError(f"quantize_nf4 takes a torch.Tensor, got {type(w).__name__}")
     _check_float_dtype(w.dtype, "the tensor")
-    blocksize = _check_blocksize(blocksize)
+    blocksize = check_blocksize(blocksize)
     n = w.numel()
     if n == 0:
         raise QuantizationError(f"cannot quantize an empty tensor (shape {tuple(w.shape)}); skip it instead")

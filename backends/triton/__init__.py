@@ -1,1 +1,0 @@
-"""Triton lowering of fused base + adapter linears (planned; see docs/architecture.md)."""

@@ -1,0 +1,5 @@
+"""`python -m peftc`: the command line."""
+
+from peftc.tools.cli import main
+
+raise SystemExit(main())

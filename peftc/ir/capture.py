@@ -1,0 +1,336 @@
+"""Capture an nn.Module as the one IR peftc rewrites: a runnable, trainable torch.fx GraphModule.
+
+Two flavours give passes the same view (every node carries `module_path` and
+`module_type`, every value node a fake tensor in `meta["val"]`):
+
+1. `method="export"`: `torch.export.export(..., strict=False)` with dynamic batch and
+   sequence dimensions. Real Hugging Face models only capture this way.
+2. `method="symbolic"`: `torch.fx.symbolic_trace`, for plain modules without
+   data-dependent control flow; leaf modules stay `call_module` nodes.
+
+`"auto"` exports when example inputs are given and traces symbolically otherwise.
+The model itself is never modified; the captured module shares its weight tensors.
+"""
+
+from __future__ import annotations
+
+import inspect
+import linecache
+import time
+import traceback
+import warnings
+from typing import Any, Literal
+
+import torch
+import torch.utils._pytree as pytree
+from torch import fx, nn
+from torch.fx.graph import _PyTreeCodeGen, _PyTreeInfo
+from torch.fx.passes.fake_tensor_prop import FakeTensorProp
+
+from peftc.ir.canonical import canonicalize
+from peftc.errors import CaptureError
+from peftc.ir.graph import clone, peftc_meta, set_tensor
+from peftc.ir.verify import mark_propagated
+
+__all__ = ["capture", "export_program"]
+
+Method = Literal["auto", "export", "symbolic"]
+
+
+def capture(
+    model: nn.Module,
+    args: tuple[Any, ...] | Any = (),
+    kwargs: dict[str, Any] | None = None,
+    *,
+    method: Method = "auto",
+    dynamic: bool = True,
+) -> fx.GraphModule:
+    """Capture `model` called as `model(*args, **kwargs)` and return a GraphModule.
+
+    `args`/`kwargs` are example inputs. With `dynamic=True` (the default, export only)
+    dimensions 0 and 1 of every input tensor (batch, sequence) stay symbolic, so the
+    result runs on other batch sizes and lengths; give examples whose batch and length
+    are at least 2 and differ, or they get specialised. `use_cache=False` is passed to
+    models whose forward takes `use_cache` unless you pass it yourself.
+    """
+    if not isinstance(model, nn.Module):
+        raise CaptureError(f"capture needs a torch.nn.Module, got {type(model).__name__}; wrap the function in a Module")
+    if not isinstance(args, tuple):
+        args = (args,)
+    kwargs = dict(kwargs or {})
+    if method not in ("auto", "export", "symbolic"):
+        raise CaptureError(f"unknown capture method {method!r}; use 'export', 'symbolic' or 'auto'")
+    if method == "auto":
+        method = "export" if (args or kwargs) else "symbolic"
+    start = time.perf_counter()
+    if method == "export":
+        if not (args or kwargs):
+            raise CaptureError("method='export' needs example inputs: capture(model, args=(input_ids,))")
+        gm = _export(model, args, kwargs, dynamic)
+    else:
+        gm = _symbolic(model, args, kwargs)
+    meta = peftc_meta(gm)
+    meta["capture"] = {"method": method, "seconds": time.perf_counter() - start, "class": _qualname(type(model))}
+    meta["capture"]["config"] = _config_summary(model)  # what passes cannot read from the graph (tokenizer, limits)
+    meta["module_types"] = _module_types(model)
+    meta["history"] = []
+    gm.train(model.training)
+    meta["capture"]["canonicalized"] = canonicalize(gm)  # `x @ W.T (+ b)` becomes a linear site like nn.Linear
+    mark_propagated(gm)
+    return gm
+
+
+def export_program(gm: fx.GraphModule, args: tuple | None = None, *, dynamic: bool = True) -> torch.export.ExportedProgram:
+    """Export a captured (and rewritten) module again as an ExportedProgram, called positionally
+    with `args` (default: its example inputs), e.g. to `torch.export.save` it."""
+    if args is None:
+        inputs = peftc_meta(gm).get("example_inputs")
+        if not inputs:
+            raise CaptureError("this module has no example inputs to export with; capture it with args=(...) first")
+        args = tuple(inputs.values())
+    args = _standalone(args)
+    shapes = tuple(_dynamic_spec(a) for a in args) if dynamic else None
+    try:
+        return torch.export.export(gm, args, dynamic_shapes=shapes, strict=False)
+    except Exception as e:
+        raise CaptureError(_failure_message(gm, e, "torch.export (re-export of the rewritten graph)")) from e
+
+
+# --- torch.export flavour -----------------------------------------------------------------
+
+
+def _export(model: nn.Module, args: tuple, kwargs: dict, dynamic: bool) -> fx.GraphModule:
+    args, kwargs = _standalone((args, kwargs))
+    signature = inspect.signature(model.forward)
+    if "use_cache" in signature.parameters and "use_cache" not in kwargs:
+        kwargs["use_cache"] = False
+    try:
+        bound = signature.bind(*args, **kwargs)
+    except TypeError as e:
+        raise CaptureError(f"example inputs do not fit {type(model).__name__}.forward{signature}: {e}") from e
+    dynamic_shapes = {name: _dynamic_spec(value) for name, value in bound.arguments.items()} if dynamic else None
+    try:
+        exported = torch.export.export(model, args, kwargs, dynamic_shapes=dynamic_shapes, strict=False)
+    except Exception as e:
+        raise CaptureError(_failure_message(model, e, "torch.export")) from e
+    try:
+        unlifted = exported.module(check_guards=False)
+    except TypeError:  # torch < 2.9 has no check_guards
+        unlifted = exported.module()
+    graph = unlifted.graph
+    for node in [n for n in graph.nodes if n.op == "call_module" and str(n.target).startswith("_guards")]:
+        graph.erase_node(node)
+    gm = fx.GraphModule(unlifted, graph)
+    # GraphModule copies only what the graph reads; keep unused and tied tensors too,
+    # so state_dict names match the original model's.
+    have = set(gm.state_dict(keep_vars=True))
+    for name, p in unlifted.named_parameters(remove_duplicate=False):
+        if name not in have:
+            set_tensor(gm, name, p)
+    persistent = set(model.state_dict())
+    for name, b in unlifted.named_buffers(remove_duplicate=False):
+        if name not in have or name not in persistent:
+            set_tensor(gm, name, b, buffer=True, persistent=name in persistent)
+    types = _module_types(model)
+    for node in gm.graph.nodes:
+        stack = _real_stack(node)
+        if stack:
+            path, kind = stack[-1]
+            node.meta["module_path"] = _normalise_path(path)
+            node.meta["module_type"] = kind if isinstance(kind, str) else _qualname(kind)
+        elif node.op == "get_attr":
+            owner = str(node.target).rpartition(".")[0]
+            node.meta["module_path"] = owner
+            node.meta["module_type"] = types.get(owner, "")
+        else:
+            node.meta["module_path"] = ""
+            node.meta["module_type"] = types.get("", "")
+    _dropout_as_modules(gm)
+    _drop_constant_inputs(gm)
+    _warn_static_dims(gm, dynamic)
+    gm.recompile()
+    peftc_meta(gm)["example_inputs"] = _example_inputs(gm, bound)
+    return gm
+
+
+def _standalone(value: Any) -> Any:
+    """Tensor views (`ids[:2, :7]`) as copies. torch.export fakifies a view with its base and keeps
+    guards on the base (`input_ids._base.size()[1] != ...`); the program's guard function then fails
+    on the base-less fake inputs of every later trace (torch.onnx: `'NoneType' has no attribute 'size'`)."""
+    return pytree.tree_map(lambda x: x.clone() if isinstance(x, torch.Tensor) and x._base is not None else x, value)
+
+
+def _dynamic_spec(value: Any) -> Any:
+    def spec(x: Any) -> Any:
+        if isinstance(x, torch.Tensor) and x.dim() > 0:
+            return {d: torch.export.Dim.AUTO for d in range(min(x.dim(), 2))}
+        return None
+
+    return pytree.tree_map(spec, value)
+
+
+def _dropout_as_modules(gm: fx.GraphModule) -> None:
+    """`aten.dropout(x, p, train)` has its mode baked in; make it an nn.Dropout so train()/eval() work."""
+    for node in list(gm.graph.nodes):
+        if node.op != "call_function" or node.target is not torch.ops.aten.dropout.default:
+            continue
+        x, p = node.args[0], node.args[1]
+        owner = node.meta["module_path"]
+        target = owner if node.meta["module_type"].endswith("Dropout") else f"{owner}.dropout".lstrip(".")
+        existing = gm.get_submodule(target) if _has_submodule(gm, target) else None
+        if existing is not None and not (isinstance(existing, nn.Dropout) and existing.p == p):
+            target = f"{target}_{node.name}"
+        if existing is None or target != owner:
+            gm.add_submodule(target, nn.Dropout(p))
+        with gm.graph.inserting_before(node):
+            module_call = gm.graph.call_module(target, (x,))
+        module_call.meta.update(node.meta)
+        node.replace_all_uses_with(module_call)
+        gm.graph.erase_node(node)
+
+
+def _has_submodule(gm: nn.Module, path: str) -> bool:
+    try:
+        gm.get_submodule(path)
+        return True
+    except AttributeError:
+        return False
+
+
+def _drop_constant_inputs(gm: fx.GraphModule) -> None:
+    """Export turns constant kwargs (`use_cache=False`) into unused inputs; remove them."""
+    codegen = gm.graph._codegen
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    if not isinstance(codegen, _PyTreeCodeGen) or len(placeholders) != len(codegen.pytree_info.orig_args):
+        return
+    kept = [n for n in placeholders if isinstance(n.meta.get("val"), torch.Tensor) or n.users]
+    for node in placeholders:
+        if node not in kept:
+            gm.graph.erase_node(node)
+    names = [str(n.target) for n in kept]
+    _, in_spec = pytree.tree_flatten((tuple(range(len(kept))), {}))
+    codegen.pytree_info = _PyTreeInfo(names, in_spec, codegen.pytree_info.out_spec)
+
+
+def _warn_static_dims(gm: fx.GraphModule, dynamic: bool) -> None:
+    if not dynamic:
+        return
+    for node in gm.graph.nodes:
+        val = node.meta.get("val")
+        if node.op == "placeholder" and isinstance(val, torch.Tensor):
+            ones = [d for d in range(min(val.dim(), 2)) if val.shape[d] == 1]
+            if ones:
+                warnings.warn(
+                    f"input {node.target!r} has size 1 in dim(s) {ones}: torch.export specialises such "
+                    "dims, so the captured graph only accepts size 1 there; capture with a batch and "
+                    "length of at least 2",
+                    stacklevel=4,
+                )
+
+
+def _example_inputs(gm: fx.GraphModule, bound: inspect.BoundArguments) -> dict[str, Any]:
+    names = [str(n.target) for n in gm.graph.nodes if n.op == "placeholder"]
+    return {name: bound.arguments[name] for name in names if name in bound.arguments}
+
+
+# --- symbolic_trace flavour ---------------------------------------------------------------
+
+
+def _symbolic(model: nn.Module, args: tuple, kwargs: dict) -> fx.GraphModule:
+    try:
+        traced = fx.symbolic_trace(model)
+    except Exception as e:
+        raise CaptureError(_failure_message(model, e, "torch.fx.symbolic_trace")) from e
+    gm = clone(traced)  # own leaf modules, so rewriting never touches `model`
+    types = _module_types(model)
+    for node in gm.graph.nodes:
+        if node.op == "call_module":
+            path = str(node.target)
+        elif node.op == "get_attr":
+            path = str(node.target).rpartition(".")[0]
+        else:
+            stack = _real_stack(node)
+            path = _normalise_path(stack[-1][0]) if stack else ""
+        node.meta["module_path"] = path
+        node.meta["module_type"] = types.get(path, "")
+    example: dict[str, Any] = {}
+    if args or kwargs:
+        signature = inspect.signature(model.forward)
+        try:
+            bound = signature.bind(*args, **kwargs)
+        except TypeError as e:
+            raise CaptureError(f"example inputs do not fit {type(model).__name__}.forward{signature}: {e}") from e
+        bound.apply_defaults()
+        example = dict(bound.arguments)
+        values = [example[str(n.target)] for n in gm.graph.nodes if n.op == "placeholder"]
+        mode = torch._subclasses.FakeTensorMode(allow_non_fake_inputs=True)
+        fakes = [mode.from_tensor(v) if isinstance(v, torch.Tensor) else v for v in values]
+        try:
+            FakeTensorProp(gm, mode).propagate_dont_convert_inputs(*fakes)
+        except Exception as e:
+            raise CaptureError(_failure_message(model, e, "shape propagation of the traced graph")) from e
+    peftc_meta(gm)["example_inputs"] = example
+    return gm
+
+
+# --- shared -------------------------------------------------------------------------------
+
+
+def _real_stack(node: fx.Node) -> list[tuple[str, Any]]:
+    """`nn_module_stack` entries, without export's placeholder entry for nodes it made itself."""
+    stack = node.meta.get("nn_module_stack") or {}
+    return [(path, kind) for path, kind in stack.values() if not str(path).startswith("_empty_nn_module_stack")]
+
+
+_CONFIG_KEYS = ("name_or_path", "max_position_embeddings", "pad_token_id", "vocab_size", "hidden_size",
+                "num_hidden_layers", "num_attention_heads", "model_type")
+
+
+def _config_summary(model: nn.Module) -> dict[str, Any]:
+    """A few facts of a Hugging Face model's config: the model's own, else that of the one outermost
+    submodule with a config (a transformer inside the user's wrapper); empty otherwise."""
+    with_config = [path for path, m in model.named_modules() if hasattr(m, "config")]
+    outermost = [p for p in with_config if not any(p.startswith(q + ".") or q == "" for q in with_config if q != p)]
+    config = model.get_submodule(outermost[0]).config if len(outermost) == 1 else None
+    values = {key: getattr(config, key, None) for key in _CONFIG_KEYS}
+    return {k: v for k, v in values.items() if isinstance(v, (str, int)) and v != ""}
+
+
+def _module_types(model: nn.Module) -> dict[str, str]:
+    return {path: _qualname(type(m)) for path, m in model.named_modules(remove_duplicate=False)}
+
+
+def _qualname(cls: type) -> str:
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+def _normalise_path(path: str) -> str:
+    """`L['self'].model.layers[3]` and `model.layers.3` both become `model.layers.3`."""
+    path = path.replace("L['self']", "").replace("L__self__", "")
+    for a, b in (("['", "."), ("']", ""), ("[", "."), ("]", ""), ("getattr(", ""), (")", "")):
+        path = path.replace(a, b)
+    return ".".join(p for p in path.split(".") if p)
+
+
+def _failure_message(model: nn.Module, error: Exception, tool: str) -> str:
+    """Name the innermost module of `model` on the failing stack and the source line there."""
+    paths = {id(m): p for p, m in model.named_modules()}
+    where, construct = "", ""
+    for frame, lineno in traceback.walk_tb(error.__traceback__):
+        owner = frame.f_locals.get("self")
+        if isinstance(owner, nn.Module) and id(owner) in paths:
+            path = paths[id(owner)] or "<root>"
+            where = f"{path} ({type(owner).__name__})"
+            code = linecache.getline(frame.f_code.co_filename, lineno).strip()
+            construct = f"{frame.f_code.co_filename}:{lineno}: {code}"
+    first_line = (str(error).strip().splitlines() or [type(error).__name__])[0]
+    message = f"{tool} could not capture {type(model).__name__}: {type(error).__name__}: {first_line}"
+    if where:
+        message += f"\n  in module {where}\n  at {construct}"
+    fix = (
+        "pass example inputs and use method='export' (it handles Python control flow and HF models)"
+        if "symbolic" in tool
+        else "make that construct traceable (no data-dependent Python control flow on tensor values, "
+        "e.g. use torch.where instead of `if tensor:`), or call capture with method='symbolic' for a plain module"
+    )
+    return f"{message}\n  fix: {fix}"

@@ -1,0 +1,22 @@
+"""The built-in techniques, one declaration per file; importing this package registers them."""
+
+from peftc.techniques import (
+    adalora,
+    boft,
+    bottleneck,
+    fourierft,
+    hra,
+    ia3,
+    ln_tuning,
+    loha,
+    lokr,
+    lora,
+    oft,
+    prefix,
+    prompt,
+    side,
+    vera,
+)
+
+__all__ = ["adalora", "boft", "bottleneck", "fourierft", "hra", "ia3", "ln_tuning", "loha", "lokr", "lora", "oft",
+           "prefix", "prompt", "side", "vera"]

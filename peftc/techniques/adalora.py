@@ -1,0 +1,186 @@
+"""AdaLoRA: an SVD-shaped low-rank update P Λ Q beside linear and 2-D convolution sites, as in HF peft.
+
+    y = W x + b  ->  y = W x + b + (dropout(x) (A ⊙ E)^T B^T) * alpha / (ranknum + 1e-5)
+    y = conv(x)  ->  y = conv(x) + conv(dropout(x), reshape(B (A ⊙ E) * alpha / (ranknum + 1e-5)))
+
+1. Each site holds `lora_A` (r, in), `lora_E` (r, 1) (the singular values), `lora_B` (out, r)
+   and the frozen `ranknum` = init_r; r is `init_r`, or the rank left after pruning: a
+   `rank_pattern` entry `[path, mask]` (peft's `<path>.lora_E: [bool] * init_r`) gives the site
+   rank `sum(mask)` while `ranknum` stays `init_r`, as peft reloads a pruned checkpoint. The scale
+   is `alpha` (peft's `lora_alpha`, not alpha / r; `r` if alpha <= 0) over `ranknum + 1e-5`.
+2. `init_weights=true` (peft's default) starts E at zero and A, B at N(0, 0.02), so at init the
+   module computes what it did; `false` draws all three from N(0, 1).
+3. Linear sites (nn.Linear, NF4 as peft's SVDLinear4bit, GPT-2 Conv1D) and ungrouped Conv2d
+   sites, as in peft. Merge adds `B (A ⊙ E) * alpha / (ranknum + 1e-5)` to W.
+peftc runs and merges a trained AdaLoRA adapter exactly, but does not train one the AdaLoRA way:
+it runs no RankAllocator (`update_and_allocate`, the budget schedule) and adds no orthogonal
+regularization to the loss. Their settings (`target_r`, `tinit`, `tfinal`, `deltaT`, `beta1`,
+`beta2`, `orth_reg_weight`, `total_step`) are only carried to `adapter_config.json`, where peft
+needs them to resume training; training here updates A, E and B at the fixed ranks.
+Parameters: `<path>.lora_A.<adapter>`, `.lora_E.<adapter>`, `.lora_B.<adapter>` (saved as peft's
+`base_model.model.<path>.lora_A` ...), `<path>.ranknum.<adapter>` (not saved, as in peft).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import fx, nn
+
+from peftc.technique.adapters import register_technique
+from peftc.errors import OptionError
+from peftc.technique import AdapterOptions, Builder, Context, Param, Technique
+
+__all__ = ["AdaloraOptions", "Adalora"]
+
+aten = torch.ops.aten
+
+
+@dataclass(frozen=True)
+class AdaloraOptions(AdapterOptions):
+    init_r: int = 12
+    alpha: float = 8.0
+    dropout: float = 0.0
+    init_weights: bool = True
+    rank_pattern: tuple[Any, ...] = ()  # [path, [bool] * init_r] pairs
+    # peft's allocation schedule: written to adapter_config.json, never run by peftc
+    target_r: int = 8
+    tinit: int = 0
+    tfinal: int = 0
+    deltaT: int = 1
+    beta1: float = 0.85
+    beta2: float = 0.85
+    orth_reg_weight: float = 0.5
+    total_step: int | None = None
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.init_r <= 0:
+            raise OptionError(f"adalora: init_r must be a positive integer, got {self.init_r}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise OptionError(f"adalora: dropout must be in [0, 1), got {self.dropout}")
+        pairs = tuple((p[0], tuple(p[1])) if isinstance(p, (list, tuple)) and len(p) == 2 and isinstance(p[1], (list, tuple))
+                      else p for p in self.rank_pattern)
+        for pair in pairs:
+            if not (isinstance(pair, tuple) and isinstance(pair[0], str) and all(isinstance(m, bool) for m in pair[1])
+                    and len(pair[1]) == self.init_r):
+                raise OptionError(f"adalora: rank_pattern holds [path, mask] pairs with a mask of init_r={self.init_r} "
+                                  f"booleans (peft's rank_pattern), got {pair!r}")
+        object.__setattr__(self, "rank_pattern", pairs)  # hashable, whatever the text gave
+
+    def rank_at(self, path: str) -> int:
+        return sum(dict(self.rank_pattern).get(path, (True,) * self.init_r))
+
+
+def _path_of(key: str) -> str:
+    """peft's rank_pattern key `<path>.lora_E` (or `<path>.lora_E.<adapter>`) -> `<path>`."""
+    path, found, _ = key.rpartition(".lora_E")
+    if not found:
+        raise OptionError(f"adalora: rank_pattern key {key!r} does not name a lora_E (peft writes '<module path>.lora_E')")
+    return path
+
+
+@register_technique
+class Adalora(Technique):
+    """Insert AdaLoRA branches: `y = W x + b -> y = W x + b + (x (A ⊙ E)^T B^T) * alpha / (ranknum + 1e-5)`."""
+
+    name = "adalora"
+    options = AdaloraOptions
+    peft_type = "ADALORA"
+    site_kinds = ("linear", "conv")
+
+    def check(self, gm: fx.GraphModule, site: Any, options: AdaloraOptions) -> None:
+        if site.kind == "conv" and (site.dims != 2 or site.groups != 1):
+            raise OptionError(f"adalora: {site.path!r} is a {site.dims}-d convolution with groups={site.groups}; peft's "
+                              "AdaLoRA supports only ungrouped Conv2d: exclude it from targets")
+
+    def params(self, ctx: Context) -> list[Param]:
+        site, o = ctx.site, ctx.options
+        r = o.rank_at(site.path)
+        fan_in = site.in_features if site.kind == "linear" else site.in_channels * math.prod(site.kernel_size)
+        out = site.out_features if site.kind == "linear" else site.out_channels
+        if o.init_weights:
+            small = lambda t: nn.init.normal_(t, mean=0.0, std=0.02)  # noqa: E731
+            init_a = init_b = small
+            init_e = None
+        else:
+            init_a = init_b = init_e = nn.init.normal_
+        # peft resizes a pruned layer but keeps its ranknum at init_r (a layer pruned to rank 0 gets 0)
+        ranknum = torch.tensor([float(o.init_r if r > 0 else 0)])
+        return [Param("lora_A", (r, fan_in), init=init_a), Param("lora_E", (r, 1), init=init_e),
+                Param("lora_B", (out, r), init=init_b), Param("ranknum", value=ranknum, trainable=False)]
+
+    def modules(self, site: Any, options: AdaloraOptions) -> dict[str, nn.Module]:
+        return {"lora_dropout": nn.Dropout(options.dropout)} if options.dropout > 0 else {}
+
+    def _scaling(self, site: Any, options: AdaloraOptions) -> float:
+        return options.alpha if options.alpha > 0 else float(options.rank_at(site.path))
+
+    def build(self, b: Builder, x: fx.Node) -> fx.Node:
+        site, s = b.site, self._scaling(b.site, b.options)
+        if b.options.dropout > 0:
+            x = b.module("lora_dropout", x, role="dropout")
+        a_e = b.call(aten.mul.Tensor, b.param("lora_A"), b.param("lora_E"), role="lora_AE")
+        ranknum = b.call(aten.add.Tensor, b.param("ranknum"), 1e-5, role="ranknum_eps")
+        if site.kind == "conv":  # peft's SVDConv2d builds the (out, in, kh, kw) update
+            delta = b.call(aten.mm.default, b.param("lora_B"), a_e, role="lora_BAE")
+            delta = b.call(aten.div.Tensor, b.call(aten.mul.Tensor, delta, s, role="scaled"), ranknum, role="delta_weight")
+            shape = [site.out_channels, site.in_channels, *site.kernel_size]
+            delta = b.call(aten.reshape.default, delta, shape, role="delta_weight_conv")
+            if isinstance(site.padding, str):
+                return b.call(aten.conv2d.padding, x, delta, None, list(site.stride), site.padding, list(site.dilation),
+                              1, role="adalora_out")
+            return b.call(aten.conv2d.default, x, delta, None, list(site.stride), list(site.padding),
+                          list(site.dilation), 1, role="adalora_out")
+        # peft's order: (dropout(x) @ (A * E).T @ B.T) * scaling / (ranknum + 1e-5)
+        h = b.call(aten.matmul.default, x, b.call(aten.t.default, a_e, role="lora_AE_t"), role="lora_A_out")
+        h = b.call(aten.matmul.default, h, b.call(aten.t.default, b.param("lora_B"), role="lora_B_t"), role="lora_B_out")
+        return b.call(aten.div.Tensor, b.call(aten.mul.Tensor, h, s, role="scaled"), ranknum, role="adalora_out")
+
+    def delta(self, ctx: Context) -> torch.Tensor:
+        site = ctx.site
+        a, e, b = ctx.tensor("lora_A").float(), ctx.tensor("lora_E").float(), ctx.tensor("lora_B").float()
+        delta = b @ (a * e) * self._scaling(site, ctx.options) / (ctx.tensor("ranknum").float() + 1e-5)
+        return delta.reshape(site.out_channels, site.in_channels, *site.kernel_size) if site.kind == "conv" else delta
+
+    def saved(self, options: AdaloraOptions, attr: str) -> bool:
+        return attr != "ranknum"  # peft recreates it as init_r
+
+    def after_insert(self, gm: fx.GraphModule, sites: list[Any], options: AdaloraOptions) -> None:
+        unknown = sorted(set(dict(options.rank_pattern)) - {s.path for s in sites})
+        if unknown:
+            raise OptionError(f"adalora: rank_pattern names {', '.join(map(repr, unknown))}, which the targets do not "
+                              "select; target them too, or load the checkpoint into the model it was trained on")
+
+    def to_peft(self, options: AdaloraOptions, sites: list[Any]) -> dict[str, Any]:
+        # peft refuses a config without a usable schedule; the smallest one is enough to load and resume
+        total_step = options.total_step or options.tinit + options.tfinal + 1
+        return {"init_r": options.init_r, "lora_alpha": options.alpha, "lora_dropout": options.dropout,
+                "init_lora_weights": options.init_weights, "bias": "none",
+                "rank_pattern": {f"{path}.lora_E": list(mask) for path, mask in options.rank_pattern} or None,
+                "target_r": options.target_r, "tinit": options.tinit, "tfinal": options.tfinal, "deltaT": options.deltaT,
+                "beta1": options.beta1, "beta2": options.beta2, "orth_reg_weight": options.orth_reg_weight,
+                "total_step": total_step, "fan_in_fan_out": any(getattr(s, "fan_in_fan_out", False) for s in sites)}
+
+    def from_peft(self, config: dict[str, Any]) -> dict[str, Any]:
+        # peft's AdaLoRA ignores these LoRA fields: r (init_r is the rank), use_rslora, alpha_pattern;
+        # qalora_group_size matters only with use_qalora, which the core refuses when set
+        for ignored in ("r", "use_rslora", "alpha_pattern", "qalora_group_size", "fan_in_fan_out"):
+            config.pop(ignored, None)
+        pattern = config.pop("rank_pattern", None) or {}
+        options = {"init_r": config.pop("init_r", 12), "alpha": float(config.pop("lora_alpha", 8)),
+                   "dropout": float(config.pop("lora_dropout", 0.0)),
+                   "init_weights": bool(config.pop("init_lora_weights", True)),  # peft's AdaLoRA only tests it for truth
+                   "rank_pattern": [[_path_of(k), [bool(m) for m in mask]] for k, mask in pattern.items()]}
+        for name, default in (("target_r", 8), ("tinit", 0), ("tfinal", 0), ("deltaT", 1), ("beta1", 0.85),
+                              ("beta2", 0.85), ("orth_reg_weight", 0.5), ("total_step", None)):
+            options[name] = config.pop(name, default)
+        return options
+
+    def describe(self, options: AdaloraOptions, sites: list[Any]) -> str:
+        pruned = sum(options.rank_at(s.path) < options.init_r for s in sites)
+        return (f"AdaLoRA init_r={options.init_r} on {len(sites)} sites ({pruned} pruned), adapter {options.adapter!r}; "
+                "no rank allocation")

@@ -1,0 +1,206 @@
+"""BOFT: a butterfly of block-diagonal orthogonal rotations of the weight, as in HF peft 0.21.
+
+    y = W x + b   ->  y = ((W Rot^T) ⊙ s) x + b            (linear, also NF4; s scales rows)
+    y = conv(x)   ->  y = conv(x, ((W_flat Rot^T) ⊙ s)_view)  (2-d convolution, W_flat: (out, in k k))
+
+1. Rot = M_{N-1} ... M_1 M_0 over the input dimension n, M_i = P_i Bd_i P_i^T: Bd_i the block
+   diagonal of cayley(R_i,j) = (I - S)(I + S)^-1, S = (R - R^T) / 2, for the D blocks (b x b) of
+   factor i of `boft_R.<adapter>` (N, D, b, b); P_i is peft's butterfly permutation, which
+   interleaves chunks of b/2 within groups of 2^(i+1) b / 2 (identity when N = 1).
+2. Exactly one of `block_size` (b) and `block_num` (D) is nonzero and must divide n; with N > 1
+   D and b are even and n is a multiple of b 2^(N-1), as peft requires.
+3. `dropout` is peft's multiplicative block dropout: in training, int(p D) random blocks of one
+   random factor become I (the same random draws as peft, so the same seed gives the same steps).
+4. Merging: W' = (W Rot^T) ⊙ s; the bias is unchanged.
+N = `n_butterfly_factor` is the real butterfly, what peft computes with its fbd CUDA extension.
+Without that extension (any CPU-only machine) peft silently uses N = 1 whatever the config says,
+so there only N = 1 matches peft (a checkpoint peft saved there with N > 1 in its config holds N = 1
+tensors and is refused with a wrong-shape error). `boft_R` starts at zero and `boft_s` at one
+(`init_weights=false`: N(0, 0.1) and N(1, 0.1)). GPT-2's Conv1D, grouped, dilated or non-square
+convolutions and `bias` other than "none" are refused.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import fx, nn
+
+from peftc.technique.adapters import register_technique
+from peftc.errors import OptionError
+from peftc.technique import AdapterOptions, Builder, Context, Param, Technique
+from peftc.techniques.oft import check_weight_rotation_site, eager, rotated_dim
+
+__all__ = ["BoftOptions", "Boft", "MultiplicativeDropout"]
+
+aten = torch.ops.aten
+
+
+@dataclass(frozen=True)
+class BoftOptions(AdapterOptions):
+    block_size: int = 4
+    block_num: int = 0
+    n_butterfly_factor: int = 1
+    dropout: float = 0.0
+    init_weights: bool = True
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.block_size < 0 or self.block_num < 0 or (self.block_size != 0) == (self.block_num != 0):
+            raise OptionError(f"boft: give exactly one of block_size and block_num, the other 0; got block_size="
+                              f"{self.block_size}, block_num={self.block_num}")
+        if self.n_butterfly_factor < 1:
+            raise OptionError(f"boft: n_butterfly_factor must be a positive integer, got {self.n_butterfly_factor}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise OptionError(f"boft: dropout must be in [0, 1), got {self.dropout}")
+
+
+class MultiplicativeDropout(nn.Module):
+    """peft's BOFT `MultiplicativeDropoutLayer`: in training, `int(p * D)` random blocks of one random
+    butterfly factor become the identity (same random draws, in the same order, as peft)."""
+
+    def __init__(self, p: float) -> None:
+        super().__init__()
+        self.p = p
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training:
+            return x
+        N, D, H, _ = x.shape
+        n_random = torch.randint(0, N, (1,))  # peft takes .item(); a tensor index picks the same factor
+        replace = int(self.p * D)
+        mask = torch.cat([torch.ones(replace, device=x.device), torch.zeros(D - replace, device=x.device)])
+        mask = mask[torch.randperm(D)].view(1, D, 1, 1)
+        full_mask = torch.zeros(N, D, 1, 1, device=x.device)
+        full_mask[n_random] = mask
+        eye = torch.eye(H, device=x.device).repeat(N, D, 1, 1)
+        return (1 - full_mask) * x + full_mask * eye
+
+
+def shape(site: Any, o: BoftOptions) -> tuple[int, int, int]:
+    """(N, D, b) at this site; raises `OptionError` where peft raises."""
+    n, f = rotated_dim(site), o.n_butterfly_factor - 1
+    where = f"boft: {site.path!r} (rotated dimension {n})"
+    if o.block_num:
+        D = o.block_num
+        if n % D:
+            raise OptionError(f"{where} is not divisible by block_num={D}; choose a divisor")
+        if f and (f > int(math.log2(D)) or D % 2 ** f):
+            raise OptionError(f"{where}: block_num={D} must be a multiple of 2^(n_butterfly_factor - 1) = {2 ** f}")
+        b = n // D
+    else:
+        b = o.block_size
+        if n % b:
+            raise OptionError(f"{where} is not divisible by block_size={b}; choose a divisor")
+        if f and n % (b * 2 ** f):
+            raise OptionError(f"{where} is not a multiple of block_size * 2^(n_butterfly_factor - 1) = {b * 2 ** f}")
+        D = n // b
+    if f and (D % 2 or b % 2):
+        raise OptionError(f"{where}: with n_butterfly_factor > 1 the block number ({D}) and size ({b}) must be even")
+    return f + 1, D, b
+
+
+def butterfly(call: Any, R: Any, N: int, D: int, b: int, dropout: Any = None) -> Any:
+    """Rot (n x n) from `boft_R` (N, D, b, b), in peft's order of operations (`call`: see `passes.oft.cayley`)."""
+    n = D * b
+    blocks = call(aten.view.default, R, [N * D, b, b], role="blocks")
+    skew = call(aten.mul.Tensor, call(aten.sub.Tensor, blocks, call(aten.transpose.int, blocks, 1, 2, role="blocks_t"),
+                                      role="diff"), 0.5, role="skew")
+    eye = call(aten.diag_embed.default, call(aten.new_ones.default, blocks, [N * D, b], role="diag_ones"), role="eye")
+    Q = call(aten.linalg_solve.default, call(aten.add.Tensor, eye, skew, role="i_plus_s"),
+             call(aten.sub.Tensor, eye, skew, role="i_minus_s"), left=False, role="cayley")
+    Q = call(aten.view.default, Q, [N, D, b, b], role="factors")
+    if dropout is not None:
+        Q = dropout(Q)
+    # Block diagonals as diag_embed over the block index: Bd[i, (d, j), (e, k)] = Q[i, d, j, k] [d = e].
+    spread = call(aten.diag_embed.default, call(aten.permute.default, Q, [0, 2, 3, 1], role="blocks_last"),
+                  role="spread")  # (N, b, b, D, D)
+    Bd = call(aten.reshape.default, call(aten.permute.default, spread, [0, 3, 1, 4, 2], role="block_diag_order"),
+              [N, n, n], role="block_diag")
+    rot = None
+    for i in range(N):
+        M = call(aten.select.int, Bd, 0, i, role="factor")
+        h = 2 ** i
+        if N > 1 and h > 1:
+            # P M P^T with peft's permutation (chunk (g, a, c) of size b/2 moves to (g, c, a)), as a relabelling.
+            g, r = D // h, b // 2
+            M = call(aten.view.default, M, [g, h, 2, r, g, h, 2, r], role="factor_chunks")
+            M = call(aten.permute.default, M, [0, 2, 1, 3, 4, 6, 5, 7], role="butterfly_permuted")
+            M = call(aten.reshape.default, M, [n, n], role="butterfly_factor")
+        rot = M if rot is None else call(aten.mm.default, M, rot, role="butterfly")
+    return rot
+
+
+def weight_shape(site: Any) -> list[int]:
+    if site.kind == "conv":
+        return [site.out_channels, site.in_channels // site.groups, *site.kernel_size]
+    return [site.out_features, site.in_features]
+
+
+@register_technique
+class Boft(Technique):
+    """Insert BOFT: rotate and scale the weight of the selected linear and 2-d convolution sites,
+    `W -> (W Rot^T) ⊙ s` with Rot a butterfly of block-diagonal orthogonal matrices."""
+
+    name = "boft"
+    options = BoftOptions
+    peft_type = "BOFT"
+    site_kinds = ("linear", "conv")
+    stage = "weight"
+
+    def check(self, gm: fx.GraphModule, site: Any, options: BoftOptions) -> None:
+        check_weight_rotation_site("boft", site)
+        shape(site, options)
+
+    def params(self, ctx: Context) -> list[Param]:
+        site, o = ctx.site, ctx.options
+        N, D, b = shape(site, o)
+        out = site.out_channels if site.kind == "conv" else site.out_features
+        random = not o.init_weights
+        return [Param("boft_R", (N, D, b, b), init=(lambda t: nn.init.normal_(t, 0.0, 0.1)) if random else None),
+                Param("boft_s", (1, out) if site.kind == "conv" else (out, 1),
+                      init=(lambda t: nn.init.normal_(t, 1.0, 0.1)) if random else nn.init.ones_)]
+
+    def modules(self, site: Any, options: BoftOptions) -> dict[str, nn.Module]:
+        return {"boft_dropout": MultiplicativeDropout(options.dropout)} if options.dropout > 0 else {}
+
+    def build(self, b: Builder, W: fx.Node) -> fx.Node:
+        site, o = b.site, b.options
+        N, D, bs = shape(site, o)
+        dropout = (lambda Q: b.module("boft_dropout", Q, role="dropout")) if o.dropout > 0 else None
+        rot = butterfly(b.call, b.param("boft_R"), N, D, bs, dropout)
+        s = b.param("boft_s")
+        if site.kind == "conv":
+            s = b.call(aten.t.default, s, role="scale_column")
+        return self._rotate(b.call, W, weight_shape(site), rot, s)
+
+    @staticmethod
+    def _rotate(call: Any, W: Any, size: list[int], rot: Any, s: Any) -> Any:
+        """(Rot W_flat^T)^T ⊙ s in the weight's own shape, as peft's merge and conv forward."""
+        flat = call(aten.reshape.default, W, [size[0], -1], role="weight_flat")
+        rotated = call(aten.t.default, call(aten.mm.default, rot, call(aten.t.default, flat, role="weight_t"),
+                                            role="rotated_t"), role="rotated")
+        return call(aten.reshape.default, call(aten.mul.Tensor, rotated, s, role="scaled"), size, role="boft_weight")
+
+    def fold(self, ctx: Context, weight: torch.Tensor, bias: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        site = ctx.site
+        rot = butterfly(eager, ctx.tensor("boft_R").float(), *shape(site, ctx.options))
+        s = ctx.tensor("boft_s").float()
+        return self._rotate(eager, weight, list(weight.shape), rot, s.T if site.kind == "conv" else s), bias
+
+    def to_peft(self, options: BoftOptions, sites: list[Any]) -> dict[str, Any]:
+        return {"boft_block_size": options.block_size, "boft_block_num": options.block_num,
+                "boft_n_butterfly_factor": options.n_butterfly_factor, "boft_dropout": options.dropout,
+                "init_weights": options.init_weights, "bias": "none", "fan_in_fan_out": False}
+
+    def from_peft(self, config: dict[str, Any]) -> dict[str, Any]:
+        return {"block_size": config.pop("boft_block_size", 4), "block_num": config.pop("boft_block_num", 0),
+                "n_butterfly_factor": config.pop("boft_n_butterfly_factor", 1),
+                "dropout": float(config.pop("boft_dropout", 0.0)), "init_weights": bool(config.pop("init_weights", True))}
+
+    def describe(self, options: BoftOptions, sites: list[Any]) -> str:
+        return (f"BOFT with {options.n_butterfly_factor} butterfly factor(s) on {len(sites)} sites, "
+                f"adapter {options.adapter!r}")

@@ -1,0 +1,78 @@
+"""LN tuning: a trainable copy of each targeted norm's weight and bias, as HF peft's LN tuning.
+
+    y = layer_norm(x, W, b)  ->  y = layer_norm(x, W', b')      (W', b' start as copies of W, b)
+    y = W * rms_normalised(x)  ->  y = W' * rms_normalised(x)   (RMSNorm: Llama, Mistral, Qwen2, T5)
+
+1. Layer-norm sites (`aten.layer_norm`, `nn.LayerNorm` with an affine weight) and RMSNorm sites
+   (the scale of an RMSNorm module) are rewritten to read `<path>.ln_tuning_layers.<adapter>.weight`
+   (and `.bias` when the norm has one), peft's names for the tensors of its copied module; the
+   original stays frozen.
+2. peft copies any module it is pointed at; peftc tunes norms only: a target that is a linear or
+   other layer is refused.
+3. One adapter at a site is active at a time (peft raises otherwise). Merging copies W', b' into
+   the base; unmerging restores the originals.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import fx
+
+from peftc.technique.adapters import register_technique
+from peftc.ir.graph import get_tensor
+from peftc.technique import AdapterOptions, Builder, Context, Param, Technique
+
+__all__ = ["LnTuningOptions", "LnTuning"]
+
+# peft's TRANSFORMERS_MODELS_TO_LNTUNING_TARGET_MODULES_MAPPING (bert, roberta, opt, gpt_neox have no entry there
+# either).
+_TARGETS = {
+    "llama": "*.input_layernorm|*.post_attention_layernorm|*.norm",
+    "mistral": "*.input_layernorm|*.post_attention_layernorm|*.norm",
+    "qwen2": "*.post_attention_layernorm",
+    "gpt2": "*.ln_1|*.ln_2|*.ln_f",
+    "falcon": "*.input_layernorm|*.post_attention_layernorm|*.ln_f",
+    "t5": "*.layer_norm|*.final_layer_norm",
+}
+
+
+@dataclass(frozen=True)
+class LnTuningOptions(AdapterOptions):
+    pass
+
+
+@register_technique
+class LnTuning(Technique):
+    """Tune copies of layer-norm weights and biases: `layer_norm(x, W, b) -> layer_norm(x, W', b')`."""
+
+    name = "ln_tuning"
+    options = LnTuningOptions
+    peft_type = "LN_TUNING"
+    site_kinds = ("layer_norm", "rms_norm")
+    stage = "weight"
+    default_targets = _TARGETS
+    exclusive = True  # each adapter replaces the weight: two active copies have no meaning (peft refuses them too)
+
+    def params(self, ctx: Context) -> list[Param]:
+        site = ctx.site
+        weight = get_tensor(ctx.gm, site.weight)  # copied as stored, dtype included, as peft's deepcopy
+        params = [Param("ln_tuning_layers", value=weight, dtype=weight.dtype, suffix="weight", key="weight")]
+        if site.bias:
+            bias = get_tensor(ctx.gm, site.bias)
+            params.append(Param("ln_tuning_layers", value=bias, dtype=bias.dtype, suffix="bias", key="bias"))
+        return params
+
+    def build(self, b: Builder, weight: fx.Node) -> fx.Node:
+        if b.site.bias:
+            b.bias = b.param("bias")
+        return b.param("weight")
+
+    def fold(self, ctx: Context, weight: torch.Tensor, bias: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        tuned_bias = ctx.tensor("bias").to(bias.dtype) if bias is not None else None
+        return ctx.tensor("weight").to(weight.dtype), tuned_bias
+
+    def describe(self, options: LnTuningOptions, sites: list[Any]) -> str:
+        return f"LN tuning on {len(sites)} layer norms, adapter {options.adapter!r}"

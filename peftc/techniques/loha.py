@@ -1,0 +1,185 @@
+"""LoHa: a Hadamard product of two low-rank matrices beside linear and convolution sites, as in HF peft.
+
+    y = W x + b  ->  y = W x + b + dW x,   dW = s * (A1 B1) ⊙ (A2 B2),  s = alpha / r
+
+peft builds dW (out x in) on every forward step. On linear sites peftc does not when the
+factored form is cheaper: with U = rows-Khatri-Rao(A1, A2) (out x r^2) and V =
+cols-Khatri-Rao(B1, B2) (r^2 x in), dW = U V, so dW x = U (V x) costs r^2 (in + out) per
+token instead of in * out.
+
+1. Linear, factored (`r^2 (in + out) < in * out`): `linear(linear(x, V), U) * s`.
+2. Linear, dense otherwise: `linear(x, (A1 B1) ⊙ (A2 B2) * s)`.
+3. Conv1d / Conv2d: as peft, dW reshaped to the kernel's shape, then the base's convolution
+   (stride, padding, dilation, groups) with dW and no bias. B1, B2 span in/groups x kernel.
+4. Conv with `use_effective_conv2d` (kernel not 1): peft's CP form, dW = s * R1 ⊙ R2 with
+   Ri[p, r, k, l] = sum_ij ti[i, j, k, l] Bi[j, r] Ai[i, p]; the gradients of A1 and A2 are
+   peft's (its HadaWeightCP backward pairs each A with the other factor's core).
+Conv3d and GPT-2's Conv1D are refused, as peft refuses them, and so is nn.MultiheadAttention.
+Parameters: `<path>.hada_w1_a.<adapter>` (out, r) (effective: (r, out)), `hada_w1_b` (r, in),
+`hada_w2_a`, `hada_w2_b`, `hada_t1`, `hada_t2` (r, r, kh, kw); w2_b starts at zero.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import fx
+
+from peftc.technique.adapters import register_technique
+from peftc.errors import OptionError
+from peftc.ir.graph import get_tensor
+from peftc.techniques.lora import multihead_attention, refuse_convolution
+from peftc.sites import LinearSite
+from peftc.technique import AdapterOptions, Builder, Context, Param, Technique, kaiming_uniform
+
+__all__ = ["LohaOptions", "Loha"]
+
+aten = torch.ops.aten
+_ROLES = ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b")
+
+
+@dataclass(frozen=True)
+class LohaOptions(AdapterOptions):
+    r: int = 8
+    alpha: float = 8.0
+    use_effective_conv2d: bool = False
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.r <= 0:
+            raise OptionError(f"loha: r must be a positive integer, got {self.r}")
+
+    @property
+    def scaling(self) -> float:
+        return self.alpha / self.r
+
+
+def _factored(site: LinearSite, r: int) -> bool:
+    return r * r * (site.in_features + site.out_features) < site.in_features * site.out_features
+
+
+def effective(site: Any, options: Any) -> bool:
+    """peft's `use_effective_conv2d` holds at a convolution whose kernel is not all ones."""
+    return site.kind == "conv" and options.use_effective_conv2d and math.prod(site.kernel_size) != 1
+
+
+def refuse_lycoris(name: str, site: Any) -> None:
+    """The sites peft's LyCORIS methods (LoHa, LoKr) refuse: they take nn.Linear, nn.Conv1d and nn.Conv2d only."""
+    if site.kind == "conv":
+        if site.dims == 3:
+            raise OptionError(f"{name}: peft does not support Conv3d ({site.path!r}); exclude it from targets")
+        refuse_convolution(name, site)
+    elif getattr(site, "fan_in_fan_out", False):
+        raise OptionError(f"{name}: peft does not support GPT-2's Conv1D ({site.path!r}); exclude it from targets")
+    elif mha := multihead_attention(site):
+        raise OptionError(f"{name}: peft does not support nn.MultiheadAttention ({mha[1]!r}); exclude it from targets")
+
+
+def weight_shape(b: Builder) -> list[int]:
+    return list(get_tensor(b.gm, b.site.weight).shape)
+
+
+def conv_with(b: Builder, x: fx.Node, weight: fx.Node) -> fx.Node:
+    """The site's convolution of `x` with `weight` and no bias, as peft's `_get_delta_activations`."""
+    target, args = b.site.functional(x, weight, None)
+    return b.call(target, *args, role="delta_out")
+
+
+@register_technique
+class Loha(Technique):
+    """Insert LoHa branches: `y = W x + b -> y = W x + b + s ((A1 B1) ⊙ (A2 B2)) x`."""
+
+    name = "loha"
+    options = LohaOptions
+    peft_type = "LOHA"
+    site_kinds = ("linear", "conv")
+
+    def check(self, gm: fx.GraphModule, site: Any, options: LohaOptions) -> None:
+        refuse_lycoris("loha", site)
+
+    def params(self, ctx: Context) -> list[Param]:
+        site, r = ctx.site, ctx.options.r
+        if site.kind == "linear":
+            out, inner = site.out_features, site.in_features
+        else:
+            out, inner = site.out_channels, site.in_channels // site.groups
+        if effective(site, ctx.options):
+            core = (r, r, *site.kernel_size, 1)[:4]  # Conv1d's core has a trailing 1
+            return [Param("hada_w1_a", (r, out), init=kaiming_uniform), Param("hada_w1_b", (r, inner), init=kaiming_uniform),
+                    Param("hada_w2_a", (r, out), init=kaiming_uniform), Param("hada_w2_b", (r, inner)),
+                    Param("hada_t1", core, init=kaiming_uniform), Param("hada_t2", core, init=kaiming_uniform)]
+        if site.kind == "conv":
+            inner *= math.prod(site.kernel_size)
+        shapes = [(out, r), (r, inner)] * 2
+        return [Param(attr, shape, init=None if attr == "hada_w2_b" else kaiming_uniform) for attr, shape in zip(_ROLES, shapes)]
+
+    def build(self, b: Builder, x: fx.Node) -> fx.Node:
+        site, r = b.site, b.options.r
+        w1a, w1b, w2a, w2b = (b.param(attr) for attr in _ROLES)
+        if site.kind == "conv":
+            if effective(site, b.options):
+                weight = self._cp_weight(b, w1a, w1b, w2a, w2b)
+            else:
+                hadamard = b.call(aten.mul.Tensor, b.call(aten.mm.default, w1a, w1b, role="w1"),
+                                  b.call(aten.mm.default, w2a, w2b, role="w2"), role="hadamard")
+                weight = b.call(aten.mul.Tensor, hadamard, b.options.scaling, role="delta_weight_2d")
+            return conv_with(b, x, b.call(aten.reshape.default, weight, weight_shape(b), role="delta_weight"))
+        if _factored(site, r):
+            # U[o, i*r + j] = w1a[o, i] w2a[o, j];  V[i*r + j, n] = w1b[i, n] w2b[j, n]
+            U = b.call(aten.mul.Tensor, b.call(aten.unsqueeze.default, w1a, 2, role="w1a_col"),
+                       b.call(aten.unsqueeze.default, w2a, 1, role="w2a_row"), role="u_outer")
+            U = b.call(aten.reshape.default, U, [site.out_features, r * r], role="u")
+            V = b.call(aten.mul.Tensor, b.call(aten.unsqueeze.default, w1b, 1, role="w1b_col"),
+                       b.call(aten.unsqueeze.default, w2b, 0, role="w2b_row"), role="v_outer")
+            V = b.call(aten.reshape.default, V, [r * r, site.in_features], role="v")
+            delta = b.call(aten.linear.default, b.call(aten.linear.default, x, V, role="v_out"), U, role="u_out")
+            return b.call(aten.mul.Tensor, delta, b.options.scaling, role="scaled")
+        w1 = b.call(aten.mm.default, w1a, w1b, role="w1")
+        w2 = b.call(aten.mm.default, w2a, w2b, role="w2")
+        weight = b.call(aten.mul.Tensor, b.call(aten.mul.Tensor, w1, w2, role="hadamard"), b.options.scaling,
+                        role="delta_weight")
+        return b.call(aten.linear.default, x, weight, role="delta_out")
+
+    def _cp_weight(self, b: Builder, w1a: fx.Node, w1b: fx.Node, w2a: fx.Node, w2b: fx.Node) -> fx.Node:
+        """peft's HadaWeightCP: values R1 ⊙ R2 * s; A1's gradient contracts with t2 B2 and A2's with t1 B1 (peft's
+        backward), so each A enters its R twice: detached with its own core, and through the other core as `g - g.detach()`."""
+        einsum = lambda eq, *ts, role: b.call(aten.einsum.default, eq, list(ts), role=role)  # noqa: E731
+        detach = lambda t, role: b.call(aten.detach.default, t, role=role)  # noqa: E731
+        core1 = einsum("ijkl,jr->irkl", b.param("hada_t1"), w1b, role="t1_w1b")
+        core2 = einsum("ijkl,jr->irkl", b.param("hada_t2"), w2b, role="t2_w2b")
+        rebuilt = []
+        for i, (core, other, a) in enumerate(((core1, core2, w1a), (core2, core1, w2a)), 1):
+            value = einsum("irkl,ip->prkl", core, detach(a, role=f"w{i}a_detached"), role=f"rebuild{i}_value")
+            grad = einsum("irkl,ip->prkl", detach(other, role=f"other_core{i}"), a, role=f"rebuild{i}_grad")
+            zero = b.call(aten.sub.Tensor, grad, detach(grad, role=f"rebuild{i}_grad_detached"), role=f"rebuild{i}_zero")
+            rebuilt.append(b.call(aten.add.Tensor, value, zero, role=f"rebuild{i}"))
+        product = b.call(aten.mul.Tensor, rebuilt[0], rebuilt[1], role="hadamard")
+        return b.call(aten.mul.Tensor, product, b.options.scaling, role="delta_weight_cp")
+
+    def delta(self, ctx: Context) -> torch.Tensor:
+        w1a, w1b, w2a, w2b = (ctx.tensor(attr).float() for attr in _ROLES)
+        s = ctx.options.scaling
+        if effective(ctx.site, ctx.options):
+            t1, t2 = ctx.tensor("hada_t1").float(), ctx.tensor("hada_t2").float()
+            rebuild1 = torch.einsum("i j k l, j r, i p -> p r k l", t1, w1b, w1a)
+            rebuild2 = torch.einsum("i j k l, j r, i p -> p r k l", t2, w2b, w2a)
+            weight = rebuild1 * rebuild2 * s
+        else:
+            weight = (w1a @ w1b) * (w2a @ w2b) * s
+        return weight.reshape(get_tensor(ctx.gm, ctx.site.weight).shape) if ctx.site.kind == "conv" else weight
+
+    def to_peft(self, options: LohaOptions, sites: list[Any]) -> dict[str, Any]:
+        return {"r": options.r, "alpha": options.alpha, "rank_dropout": 0.0, "module_dropout": 0.0, "init_weights": True,
+                "use_effective_conv2d": options.use_effective_conv2d}
+
+    def from_peft(self, config: dict[str, Any]) -> dict[str, Any]:
+        config.pop("init_weights", None)  # the weights come from the checkpoint
+        return {"r": config.pop("r", 8), "alpha": float(config.pop("alpha", 8)),
+                "use_effective_conv2d": bool(config.pop("use_effective_conv2d", False))}
+
+    def describe(self, options: LohaOptions, sites: list[Any]) -> str:
+        factored = sum(_factored(s, options.r) for s in sites if s.kind == "linear")
+        return f"LoHa r={options.r} on {len(sites)} sites ({factored} factored, {len(sites) - factored} dense)"

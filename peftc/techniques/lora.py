@@ -1,0 +1,315 @@
+"""LoRA and DoRA: low-rank updates beside linear, convolution and embedding sites, as in HF peft.
+
+    y = W x + b  ->  y = W x + b + s * B A dropout(x)                       (LoRA, s = alpha / r)
+    y = W x + b  ->  y = W x + b + (m/n - 1)(W x) + (m/n) s B A dropout(x)  (DoRA, n = ||W + s B A||_row, detached)
+    e = E[ids]   ->  e = E[ids] + s * (A^T[ids] B^T)                         (embedding LoRA)
+    y = conv(x)  ->  y = conv(x) + s * conv_1x1(conv_k(dropout(x), A), B)   (convolution LoRA)
+    mha(x)       ->  mha(x) with in_proj W + s B A, out_proj W + 2 s B A      (nn.MultiheadAttention)
+
+1. Linear sites (`aten.linear`, `nn.Linear`, NF4, and GPT-2 `Conv1D`, whose weight is stored
+   transposed as peft's `fan_in_fan_out`) get the LoRA or DoRA branch; DoRA reads NF4 bases
+   through their weight format, as peft dequantizes bitsandbytes weights.
+2. Embedding sites get the embedding branch (no dropout, as in peft).
+3. Convolution sites (1d/2d/3d) get peft's pair of convolutions: A with the base's kernel,
+   stride and padding, B a 1x1 convolution with the base's groups (r divisible by groups;
+   grouped convolutions do not merge, as in peft). DoRA there normalises W + s B A over all
+   dimensions but the first, as peft's DoraConvNdVariant.
+4. `targets` naming an `nn.MultiheadAttention` (captured with example inputs, so it decomposes
+   into its in_proj and out_proj linears, query, key and value one tensor) adapts both
+   projections as peft does: by merging the update into the weights before the op, so no
+   dropout, and out_proj's update counted twice (peft merges it, then merges it again; the
+   gradient flows through one of them). out_proj's tensors are peft's
+   `<mha>.base_layer.out_proj.lora_A.<adapter>.weight`.
+5. A is Kaiming-uniform (`init="kaiming"`) or N(0, 1/r) (`"gaussian"`), B is zero, so at
+   init the module computes what it computed before; for embeddings A is zero, B normal.
+Parameters sit where peft puts them: `<path>.lora_A.<adapter>.weight`, `<path>.lora_B.<adapter>.weight`,
+`<path>.lora_magnitude_vector.<adapter>.weight`, `<path>.lora_embedding_A.<adapter>`.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from torch import fx, nn
+
+from peftc.technique.adapters import register_technique
+from peftc.errors import OptionError
+from peftc.ir.graph import get_tensor, module_path, peftc_meta, set_tensor
+from peftc.sites import linear_sites
+from peftc.ir.targets import compile_pattern
+from peftc.technique import AdapterOptions, Builder, Context, NotMergeable, Param, Stage, Technique, kaiming_uniform
+
+__all__ = ["LoraOptions", "Lora", "multihead_attention", "padding_mode", "refuse_convolution"]
+
+aten = torch.ops.aten
+
+
+@dataclass(frozen=True)
+class LoraOptions(AdapterOptions):
+    r: int = 8
+    alpha: float = 8.0
+    dropout: float = 0.0
+    init: Literal["kaiming", "gaussian"] = "kaiming"
+    rslora: bool = False
+    dora: bool = False
+    bias: Literal["none", "all", "lora_only"] = "none"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.r <= 0:
+            raise OptionError(f"lora: r must be a positive integer, got {self.r}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise OptionError(f"lora: dropout must be in [0, 1), got {self.dropout}")
+
+    @property
+    def scaling(self) -> float:
+        return self.alpha / math.sqrt(self.r) if self.rslora else self.alpha / self.r
+
+
+def multihead_attention(site: Any) -> tuple[str, str] | None:
+    """`("in_proj" | "out_proj", path of the nn.MultiheadAttention)` when `site` is one of its projections."""
+    types = peftc_meta(site.node.graph.owning_module).get("module_types", {})
+    is_mha = lambda path: types.get(path, "").endswith(".MultiheadAttention")  # noqa: E731
+    if is_mha(site.path) and site.weight == f"{site.path}.in_proj_weight":
+        return "in_proj", site.path
+    parent, _, leaf = site.path.rpartition(".")
+    return ("out_proj", parent) if leaf == "out_proj" and is_mha(parent) else None
+
+
+def padding_mode(site: Any) -> str:
+    """A convolution's padding mode: export writes a mode other than zeros as an `aten.pad` before it."""
+    x = site.input
+    if (x.op == "call_function" and x.target is aten.pad.default and len(x.args) > 2 and x.args[2] != "constant"
+            and module_path(x) == site.path):
+        return x.args[2]
+    return "zeros"
+
+
+def refuse_convolution(name: str, site: Any) -> None:
+    """What peft's adapter convolutions cannot reproduce: they pad with zeros whatever the base's padding mode."""
+    mode = padding_mode(site)
+    if mode != "zeros":
+        raise OptionError(f"{name}: convolution {site.path!r} pads in mode {mode!r}; peft's adapter pads with zeros there, "
+                          "so its output differs from its merge and peftc does not reproduce it; use padding_mode='zeros' "
+                          "or exclude it from targets")
+
+
+def _mha_modules(gm: fx.GraphModule) -> list[str]:
+    types = peftc_meta(gm).get("module_types", {})
+    return [path for path, kind in types.items() if kind.endswith(".MultiheadAttention")]
+
+
+@register_technique
+class Lora(Technique):
+    """Insert LoRA (or DoRA with `dora=true`) at the selected linear, convolution and embedding sites.
+
+    `y = W x + b  ->  y = W x + b + s * B A dropout(x)`, s = alpha / r (alpha / sqrt(r) with `rslora`).
+    The new adapter is active next to any others; `set_adapter` chooses among them. `bias="all"`
+    or `"lora_only"` also trains the biases of all linears or of the targeted ones, as peft's `bias`.
+    The base is frozen unless `freeze_base=false`.
+    """
+
+    name = "lora"
+    options = LoraOptions
+    peft_type = "LORA"
+    site_kinds = ("linear", "conv", "embedding")
+
+    def select(self, gm: fx.GraphModule, options: LoraOptions) -> list[tuple[Any, str]]:
+        matches = compile_pattern(options.targets) if options.targets and options.targets != "all-linear" else None
+        for path in _mha_modules(gm):  # checked first: a whole MultiheadAttention is no site, so nothing would match
+            if matches is None or not matches(path):
+                continue
+            if any(n.op == "call_module" and n.target == path for n in gm.graph.nodes):
+                raise OptionError(f"lora: nn.MultiheadAttention {path!r} is called whole in this graph (symbolic capture); "
+                                  "capture the model with example inputs (peftc.capture(model, args)) so it decomposes "
+                                  "into its in_proj and out_proj")
+            if not any(s.weight == f"{path}.in_proj_weight" for s in linear_sites(gm)):
+                raise OptionError(f"lora: nn.MultiheadAttention {path!r} does not apply in_proj_weight as one linear "
+                                  "(query, key and value differ, or separate projection weights); peftc adapts it only "
+                                  "for self-attention with one tensor as query, key and value")
+        placed = []
+        for site, prefix in super().select(gm, options):
+            mha = multihead_attention(site)
+            if mha and options.targets == "all-linear":
+                raise OptionError(f"lora: targets=\"all-linear\" selects the projections of nn.MultiheadAttention "
+                                  f"{mha[1]!r}, on which peft's all-linear has no effect; list the targets explicitly")
+            if mha and mha[0] == "out_proj":
+                raise OptionError(f"lora: {site.path!r} is the out_proj of nn.MultiheadAttention {mha[1]!r}, whose forward "
+                                  f"never calls it, so peft's LoRA there has no effect; target {mha[1]!r} (both projections)")
+            placed.append((site, prefix))
+            if mha:
+                out_proj = next(s for s in linear_sites(gm) if s.path == f"{mha[1]}.out_proj")
+                placed.append((out_proj, f"{mha[1]}.base_layer.out_proj"))
+        return placed
+
+    def stage_at(self, site: Any, options: LoraOptions) -> Stage:
+        return "weight" if site.kind == "linear" and multihead_attention(site) else "add"
+
+    def check(self, gm: fx.GraphModule, site: Any, options: LoraOptions) -> None:
+        if site.kind == "embedding" and options.dora:
+            raise OptionError(f"lora: dora is not supported on embedding {site.path!r}; exclude it from targets")
+        mha = multihead_attention(site) if site.kind == "linear" else None
+        if mha and options.dora:
+            raise OptionError(f"lora: peft does not support dora on nn.MultiheadAttention {mha[1]!r}; exclude it or set dora=false")
+        if mha and options.bias != "none":
+            raise OptionError(f"lora: bias={options.bias!r} with nn.MultiheadAttention {mha[1]!r} is not implemented; "
+                              "use bias=\"none\" or exclude it from targets")
+        if site.kind == "conv":
+            refuse_convolution("lora", site)
+            if options.r % site.groups:
+                raise OptionError(f"lora: r={options.r} must be divisible by the groups ({site.groups}) of {site.path!r}, as in peft")
+            if any(d != 1 for d in site.dilation):
+                raise OptionError(f"lora: {site.path!r} is a dilated convolution, which peft's LoRA does not support")
+
+    def params(self, ctx: Context) -> list[Param]:
+        site, o = ctx.site, ctx.options
+        if site.kind == "embedding":
+            return [Param("lora_embedding_A", (o.r, site.num_embeddings)),
+                    Param("lora_embedding_B", (site.embedding_dim, o.r), init=nn.init.normal_)]
+        init = kaiming_uniform if o.init == "kaiming" else (lambda t: nn.init.normal_(t, std=1 / o.r))
+        if site.kind == "conv":
+            ones = (1,) * site.dims
+            params = [Param("lora_A", (o.r, site.in_channels, *site.kernel_size), init=init, suffix="weight"),
+                      Param("lora_B", (site.out_channels, o.r // site.groups, *ones), suffix="weight")]
+        else:
+            params = [Param("lora_A", (o.r, site.in_features), init=init, suffix="weight"),
+                      Param("lora_B", (site.out_features, o.r), suffix="weight")]
+        if o.dora:  # B is zero: the norm of W (conv: over all dimensions but the first, shaped (1, out, 1, ...))
+            W = ctx.weight().float()
+            norm = torch.linalg.vector_norm(W, dim=tuple(range(1, W.dim())), keepdim=site.kind == "conv")
+            params.append(Param("lora_magnitude_vector", value=norm.transpose(1, 0) if site.kind == "conv" else norm,
+                                suffix="weight"))
+        return params
+
+    def modules(self, site: Any, options: LoraOptions) -> dict[str, nn.Module]:
+        if options.dropout == 0 or site.kind == "embedding" or self.stage_at(site, options) == "weight":
+            return {}
+        return {"lora_dropout": nn.Dropout(options.dropout)}
+
+    def build(self, b: Builder, x: fx.Node) -> fx.Node:
+        site, o = b.site, b.options
+        s = o.scaling
+        if self.stage_at(site, o) == "weight":  # nn.MultiheadAttention: x is the weight, as peft merges before the op
+            delta = b.call(aten.mul.Tensor, b.call(aten.mm.default, b.param("lora_B"), b.param("lora_A"), role="lora_weight"),
+                           s, role="scaled_weight")
+            W = b.call(aten.add.Tensor, x, delta, role="merged_weight")
+            if multihead_attention(site)[0] == "out_proj":  # peft's out_proj.merge() adds it again, outside autograd
+                W = b.call(aten.add.Tensor, W, b.call(aten.detach.default, delta, role="scaled_weight_detached"),
+                           role="merged_twice")
+            return W
+        if site.kind == "embedding":
+            A = b.call(aten.t.default, b.param("lora_embedding_A"), role="lora_embedding_A_t")
+            after_a = b.call(aten.embedding.default, A, x, site.padding_idx, role="lora_A_out")
+            B = b.call(aten.t.default, b.param("lora_embedding_B"), role="lora_embedding_B_t")
+            return b.call(aten.mul.Tensor, b.call(aten.matmul.default, after_a, B, role="lora_B_out"), s, role="scaled")
+        if o.dropout > 0:
+            x = b.module("lora_dropout", x, role="dropout")
+        A, B = b.param("lora_A"), b.param("lora_B")
+        if site.kind == "conv":
+            conv, d = {1: aten.conv1d, 2: aten.conv2d, 3: aten.conv3d}[site.dims], site.dims
+            if isinstance(site.padding, str):
+                after_a = b.call(conv.padding, x, A, None, list(site.stride), site.padding, role="lora_A_out")
+            else:
+                after_a = b.call(conv.default, x, A, None, list(site.stride), list(site.padding), role="lora_A_out")
+            lora_out = b.call(conv.default, after_a, B, None, [1] * d, [0] * d, [1] * d, site.groups, role="lora_B_out")
+        else:
+            lora_out = b.call(aten.linear.default, b.call(aten.linear.default, x, A, role="lora_A_out"), B, role="lora_B_out")
+        if not o.dora:
+            return b.call(aten.mul.Tensor, lora_out, s, role="scaled")
+        # DoRA, in peft's order of operations (DoraLinearLayer / _DoraConvNdLayer.forward), added to y.
+        W = b.weight()
+        if site.kind == "conv":  # peft's conv lora weight: B viewed (-1, r) @ A viewed (r, -1), reshaped as W, detached
+            lora_weight = b.call(aten.mm.default, b.call(aten.reshape.default, B, [-1, o.r], role="lora_B_2d"),
+                                 b.call(aten.reshape.default, A, [o.r, -1], role="lora_A_2d"), role="lora_weight_2d")
+            lora_weight = b.call(aten.detach.default, b.call(aten.reshape.default, lora_weight, list(get_tensor(
+                b.gm, site.weight).shape), role="lora_weight"), role="lora_weight_detached")
+        else:
+            lora_weight = b.call(aten.mm.default, B, A, role="lora_weight")
+        combined = b.call(aten.add.Tensor, W, b.call(aten.mul.Tensor, lora_weight, s, role="scaled_weight"), role="combined")
+        if site.kind == "conv":
+            norm = b.call(aten.linalg_vector_norm.default, combined, 2, list(range(1, site.dims + 2)), True,
+                          role="weight_norm_keepdim")
+            norm = b.call(aten.transpose.int, norm, 1, 0, role="weight_norm")
+        else:
+            norm = b.call(aten.linalg_vector_norm.default, combined, 2, [1], role="weight_norm")
+        norm = b.call(aten.detach.default, norm, role="weight_norm_detached")
+        mag_norm_scale = b.call(aten.div.Tensor, b.param("lora_magnitude_vector"), norm, role="mag_norm_scale")
+        if o.dropout > 0:  # peft recomputes the base output from the dropped-out input
+            target, args = site.functional(x, W, None)
+            base = b.call(target, *args, role="base_dropped")
+        elif site.bias is not None:
+            bias = b.base_bias()
+            if site.kind == "conv":
+                bias = b.call(aten.reshape.default, bias, [1, -1] + [1] * site.dims, role="base_bias_view")
+            base = b.call(aten.sub.Tensor, b.base, bias, role="base_without_bias")
+        else:
+            base = b.base
+        first = b.call(aten.mul.Tensor, b.call(aten.sub.Tensor, mag_norm_scale, 1, role="mag_minus_one"), base,
+                       role="rescaled_base")
+        second = b.call(aten.mul.Tensor, b.call(aten.mul.Tensor, mag_norm_scale, lora_out, role="rescaled_lora"), s,
+                        role="scaled")
+        return b.call(aten.add.Tensor, first, second, role="dora_out")
+
+    def delta(self, ctx: Context) -> torch.Tensor:
+        site, s = ctx.site, ctx.options.scaling
+        if site.kind == "embedding":
+            return ((ctx.tensor("lora_embedding_B") @ ctx.tensor("lora_embedding_A")) * s).T
+        A, B = ctx.tensor("lora_A").float(), ctx.tensor("lora_B").float()
+        if site.kind == "conv":
+            if site.groups > 1:
+                raise NotMergeable(f"lora: {site.path!r} is a grouped convolution, which peft does not merge either")
+            if site.kernel_size[:2] == (1, 1):  # peft's "1x1" test reads kernel dims 0 and 1 only
+                if site.dims == 3:
+                    raise NotMergeable(f"lora: peft's merge fails on {site.path!r}, a Conv3d with kernel "
+                                       f"{site.kernel_size} (it takes it for a 1x1 Conv2d); keep it unmerged")
+                return (B.squeeze(3).squeeze(2) @ A.squeeze(3).squeeze(2)).unsqueeze(2).unsqueeze(3) * s
+            conv = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}[site.dims]
+            return conv(A.transpose(0, 1), B).transpose(0, 1) * s
+        return (B @ A) * s
+
+    def fold(self, ctx: Context, weight: torch.Tensor, bias: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        delta = self.delta(ctx)
+        merged = weight + delta
+        if self.stage_at(ctx.site, ctx.options) == "weight" and multihead_attention(ctx.site)[0] == "out_proj":
+            merged = merged + delta  # peft merges out_proj's update twice
+        if ctx.options.dora:
+            norm = torch.linalg.vector_norm(merged, dim=tuple(range(1, merged.dim())))
+            merged = (ctx.tensor("lora_magnitude_vector").reshape(-1) / norm).view(-1, *[1] * (merged.dim() - 1)) * merged
+        return merged, bias
+
+    def checkpoint_key(self, key: str) -> str:
+        return key.removesuffix(".weight") if key.endswith("lora_magnitude_vector.weight") else key
+
+    def to_peft(self, options: LoraOptions, sites: list[Any]) -> dict[str, Any]:
+        adapted = [s for s in sites if s.kind != "linear" or (multihead_attention(s) or ("",))[0] != "out_proj"]
+        return {"target_modules": sorted({s.path for s in adapted}), "r": options.r, "lora_alpha": options.alpha, "lora_dropout": options.dropout, "use_rslora": options.rslora,
+                "use_dora": options.dora, "bias": options.bias,
+                "init_lora_weights": True if options.init == "kaiming" else "gaussian",
+                "fan_in_fan_out": any(getattr(s, "fan_in_fan_out", False) for s in sites)}
+
+    def from_peft(self, config: dict[str, Any]) -> dict[str, Any]:
+        init = config.pop("init_lora_weights", True)
+        if init not in (True, False, "gaussian"):
+            raise OptionError(f"init_lora_weights={init!r} changes the base weights at init, which peftc does not implement")
+        config.pop("fan_in_fan_out", None)  # peftc reads the layout from the graph
+        config.pop("qalora_group_size", None)  # used only with use_qalora, refused when set
+        return {"r": config.pop("r", 8), "alpha": float(config.pop("lora_alpha", 8)),
+                "dropout": float(config.pop("lora_dropout", 0.0)), "rslora": bool(config.pop("use_rslora", False)),
+                "dora": bool(config.pop("use_dora", False)), "bias": config.pop("bias", "none"),
+                "init": "gaussian" if init == "gaussian" else "kaiming"}
+
+    def after_insert(self, gm: fx.GraphModule, sites: list[Any], options: LoraOptions) -> None:
+        if options.bias == "none":
+            return
+        names = [name for name, _ in gm.named_parameters() if name.endswith(".bias")] if options.bias == "all" else [
+            s.bias for s in sites if s.kind == "linear" and s.bias]
+        for name in names:
+            set_tensor(gm, name, nn.Parameter(get_tensor(gm, name).data, requires_grad=True))
+
+    def describe(self, options: LoraOptions, sites: list[Any]) -> str:
+        kind = "DoRA" if options.dora else "LoRA"
+        return f"{kind} r={options.r} on {len(sites)} sites, adapter {options.adapter!r}"

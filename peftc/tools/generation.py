@@ -1,0 +1,250 @@
+"""Batched generation from a captured causal LM, one adapter per row, with a key/value cache.
+
+The captured graph computes a whole sequence at once. `generate` derives a decode graph from it (once
+per graph, cached while the graph lives and is not rewritten) that also takes the keys and values of the tokens before and returns
+them extended by the new ones, so each step runs only the new token:
+
+    sdpa(q, k, v, mask)  ->  sdpa(q, cat(past_k, k), cat(past_v, v), mask with P visible columns in front)
+    positions 0..L-1     ->  positions P..P+L-1                                   (P = past length)
+    output               ->  (output, (k_0, v_0, k_1, v_1, ...))               the joined keys and values
+
+The cache is the keys and values as SDPA reads them (after rotary embeddings and GQA's repeat), held
+by the loop. Prompts of different lengths are grouped by length and each group decoded as one batch:
+no padding, so every row computes exactly what it would alone. With a `multi_lora` graph each row
+picks its adapter (`adapter_ids`, or names); NF4 bases decode the same way; prefix tuning's keys and
+values are joined in front of the cache at every step (they are not cached); prompt tuning's virtual
+tokens enter at the prefill only (the step graph is the graph without the prompt rewrite).
+"""
+
+from __future__ import annotations
+
+import copy
+import warnings
+import weakref
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+import torch.utils._pytree as pytree
+from torch import Tensor, fx
+
+from peftc.errors import OptionError, PassError
+from peftc.ir.graph import add_input, peftc_meta, tag
+from peftc.sites.regions import attention_sites, position_ids
+from peftc.techniques.prefix import _mask as extend_mask
+
+__all__ = ["generate", "decode_graphs"]
+
+aten = torch.ops.aten
+_PASS = "kv_cache"
+_DECODE_GRAPHS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def decode_graphs(gm: fx.GraphModule) -> tuple[fx.GraphModule, fx.GraphModule]:
+    """(prefill, step): `gm` taking `past_<i>_key`/`past_<i>_value` inputs and returning `(output, new keys and
+    values)`; the step graph differs only for prompt tuning, whose virtual tokens enter at the prefill alone."""
+    from peftc.techniques.prompt import has_prompt
+
+    cached = _DECODE_GRAPHS.get(gm)
+    if cached is not None and cached[0] == len(gm.graph.nodes):  # rebuilt when a pass changed the graph
+        return cached[1:]
+    prefill = _with_cache(gm)
+    step = _with_cache(_without_prompt(gm)) if has_prompt(gm) else prefill
+    _DECODE_GRAPHS[gm] = (len(gm.graph.nodes), prefill, step)
+    return prefill, step
+
+
+def _without_prompt(gm: fx.GraphModule) -> fx.GraphModule:
+    """`gm` without prompt tuning's rewrite: inputs not extended, embeddings not replaced, outputs not sliced."""
+    graph = _copy_graph(gm.graph)
+    ours = [n for n in graph.nodes if n.meta.get("peftc", {}).get("pass") in ("prompt", "ptuning")]
+    for node in ours:
+        role = node.meta["peftc"]["role"]
+        if role == "extended_input":  # cat(front, x) -> x
+            node.replace_all_uses_with(node.args[0][1])
+        elif role == "embeddings":  # cat(prompt, e[:, n:]) -> e
+            node.replace_all_uses_with(node.args[0][1].args[0])
+        elif role == "user_positions":  # y[:, n:] -> y
+            node.replace_all_uses_with(node.args[0])
+    while dead := [n for n in graph.nodes if n in ours and not n.users]:
+        for node in dead:
+            graph.erase_node(node)
+            ours.remove(node)
+    stripped = fx.GraphModule(gm, graph)
+    stripped.meta.update(gm.meta)
+    return stripped
+
+
+def _with_cache(gm: fx.GraphModule) -> fx.GraphModule:
+    decode = fx.GraphModule(gm, _copy_graph(gm.graph))
+    decode.meta.update(gm.meta)
+    graph = decode.graph
+    sites = attention_sites(decode)
+    if not sites:
+        raise PassError("generate: the graph has no attention sites (scaled_dot_product_attention); capture the "
+                        "model with attn_implementation='sdpa'")
+    past, joined, layout = [], [], []
+    for i in range(len(sites)):
+        past += [add_input(graph, f"past_{i}_{kind}", pass_name=_PASS, role="past") for kind in ("key", "value")]
+    with graph.inserting_before(past[-1].next):
+        length = _caller(graph, "")(aten.sym_size.int, past[0], 2, role="past_length")
+    masks: dict[fx.Node, fx.Node] = {}
+    for i, site in enumerate(sites):
+        val = site.key.meta.get("val")
+        layout.append((int(val.shape[1]), int(val.shape[3]), val.dtype))
+        with graph.inserting_before(site.node):
+            call = _caller(graph, site.path)
+            key, cached_key = _with_past(site.key, past[2 * i], call, "key")
+            value, cached_value = _with_past(site.value, past[2 * i + 1], call, "value")
+            mask = extend_mask(decode, site, length, masks, call)  # the past's columns visible in front
+        joined += [cached_key, cached_value]
+        kwargs = {k: v for k, v in site.node.kwargs.items() if k not in ("attn_mask", "dropout_p", "is_causal")}
+        kwargs.update(attn_mask=mask, dropout_p=site.dropout_p, is_causal=False if mask is not None else site.is_causal)
+        if site.scale is not None:
+            kwargs["scale"] = site.scale
+        if site.enable_gqa:
+            kwargs["enable_gqa"] = True
+        site.node.args, site.node.kwargs = (site.query, key, value), kwargs
+    for source in position_ids(decode):
+        with graph.inserting_after(source):
+            shifted = graph.call_function(aten.add.Tensor, (source, length))
+        source.replace_all_uses_with(shifted, delete_user_cb=lambda user, new=shifted: user is not new)
+        tag(shifted, pass_name=_PASS, role="positions_shifted", path=source.meta.get("module_path", ""))
+    _return_caches(graph, joined)
+    graph.lint()
+    decode.recompile()
+    decode.meta["peftc_cache_layout"] = layout
+    return decode
+
+
+def _copy_graph(graph: fx.Graph) -> fx.Graph:
+    with warnings.catch_warnings():  # torch's own TreeSpec copy warns about its deprecated LeafSpec
+        warnings.filterwarnings("ignore", message=".*LeafSpec.*", category=FutureWarning)
+        return copy.deepcopy(graph)
+
+
+def _caller(graph: fx.Graph, path: str):
+    def call(target, *args, role: str) -> fx.Node:
+        return tag(graph.call_function(target, tuple(args)), pass_name=_PASS, role=role, path=path)
+    return call
+
+
+def _with_past(kv: fx.Node, past: fx.Node, call, name: str) -> tuple[fx.Node, fx.Node]:
+    """(what SDPA reads, what the cache keeps): cat(past, kv); with a prefix, cat(prefix, cat(past, new)), the
+    prefix kept out of the cache (it is a parameter, joined again at every step)."""
+    if kv.meta.get("peftc", {}).get("pass") == "prefix" and kv.meta["peftc"]["role"] == f"{name}_with_prefix":
+        prefix, new = kv.args[0]
+        with kv.graph.inserting_before(kv):
+            cached = call(aten.cat.default, [past, new], 2, role=f"{name}_with_past")
+        kv.args = ([prefix, cached], *kv.args[1:])
+        return kv, cached
+    joined = call(aten.cat.default, [past, kv], 2, role=f"{name}_with_past")
+    return joined, joined
+
+
+def _return_caches(graph: fx.Graph, caches: list[fx.Node]) -> None:
+    """The graph returns (its output, tuple of caches): leaves appended, the output spec nested."""
+    from torch.fx.graph import _PyTreeCodeGen, _PyTreeInfo
+
+    output = next(n for n in graph.nodes if n.op == "output")
+    leaves = output.args[0]
+    codegen = graph._codegen
+    if not isinstance(codegen, _PyTreeCodeGen) or not isinstance(leaves, (tuple, list)):
+        raise PassError("generate: this graph's outputs are not a captured pytree; capture the model with peftc.capture")
+    output.args = (type(leaves)([*leaves, *caches]),)
+    cache_spec = pytree.tree_structure(tuple(range(len(caches))))
+    spec = pytree.TreeSpec(tuple, None, [codegen.pytree_info.out_spec, cache_spec])
+    codegen.pytree_info = _PyTreeInfo(codegen.pytree_info.orig_args, codegen.pytree_info.in_spec, spec)
+
+
+def generate(gm: fx.GraphModule, input_ids: Tensor | Sequence[Sequence[int]], *, max_new_tokens: int = 20,
+             adapter_ids: Tensor | Sequence[str | None] | None = None, do_sample: bool = False,
+             temperature: float = 1.0, top_k: int | None = None, eos_token_id: int | None = None,
+             seed: int | None = None) -> list[list[int]]:
+    """Each prompt continued by up to `max_new_tokens` tokens (greedy, or sampled with `do_sample`): a list of
+    token lists (prompt excluded), stopping a row at `eos_token_id` (kept). Prompts may differ in length.
+
+    `adapter_ids`: one per prompt for a `multi_lora` graph (ids, or names with None for the base)."""
+    if max_new_tokens < 1:
+        raise OptionError(f"generate: max_new_tokens must be at least 1, got {max_new_tokens}")
+    if do_sample and (temperature <= 0 or (top_k is not None and top_k < 1)):
+        raise OptionError("generate: sampling needs temperature > 0 and top_k >= 1 (or None)")
+    prompts = [list(map(int, p)) for p in (input_ids.tolist() if isinstance(input_ids, Tensor) else input_ids)]
+    if not prompts or any(not p for p in prompts):
+        raise OptionError("generate: give at least one prompt, each at least one token long")
+    served = "multi_lora" in peftc_meta(gm)
+    ids = _adapter_ids(gm, adapter_ids, len(prompts), served)
+    prefill, step = decode_graphs(gm)
+    device = next((t.device for t in gm.parameters()), torch.device("cpu"))
+    generator = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
+    results: list[list[int]] = [[] for _ in prompts]
+    groups: dict[int, list[int]] = {}
+    for row, prompt in enumerate(prompts):
+        groups.setdefault(len(prompt), []).append(row)
+    was_training = gm.training
+    prefill.eval(), step.eval()
+    try:
+        with torch.no_grad():
+            for rows in groups.values():
+                tokens = torch.tensor([prompts[r] for r in rows], device=device)
+                extra = {"adapter_ids": ids[rows]} if served else {}
+                for row, generated in zip(rows, _decode(prefill, step, tokens, extra, max_new_tokens, do_sample,
+                                                        temperature, top_k, eos_token_id, generator)):
+                    results[row] = generated
+    finally:
+        prefill.train(was_training), step.train(was_training)
+    return results
+
+
+def _adapter_ids(gm: fx.GraphModule, given: Any, rows: int, served: bool) -> Tensor | None:
+    if not served:
+        if given is not None:
+            raise OptionError("generate: adapter_ids needs a graph serving stacked adapters; apply 'multi_lora' first")
+        return None
+    if given is None:
+        raise OptionError("generate: this graph serves stacked adapters; pass adapter_ids (one per prompt, None for "
+                          "the base)")
+    if not isinstance(given, Tensor):
+        from peftc.passes.multi_lora import adapter_ids
+
+        given = adapter_ids(gm, list(given))
+    if given.numel() != rows:
+        raise OptionError(f"generate: {given.numel()} adapter ids for {rows} prompts; give one per prompt")
+    return given.reshape(-1)
+
+
+def _decode(prefill: fx.GraphModule, step_graph: fx.GraphModule, tokens: Tensor, extra: dict, max_new_tokens: int,
+            do_sample: bool, temperature: float, top_k: int | None, eos: int | None, generator) -> list[list[int]]:
+    batch = tokens.shape[0]
+    caches = [tokens.new_zeros((batch, heads, 0, dim), dtype=dtype) for heads, dim, dtype in
+              prefill.meta["peftc_cache_layout"] for _ in ("key", "value")]
+    decode = prefill
+    out: list[list[int]] = [[] for _ in range(batch)]
+    done = torch.zeros(batch, dtype=torch.bool, device=tokens.device)
+    step = tokens
+    for _ in range(max_new_tokens):
+        output, caches = decode(step, attention_mask=torch.ones_like(step), **extra,
+                                **{f"past_{i // 2}_{'key' if i % 2 == 0 else 'value'}": c for i, c in enumerate(caches)})
+        logits = (output.logits if hasattr(output, "logits") else output[0])[:, -1].float()
+        chosen = _choose(logits, do_sample, temperature, top_k, generator)
+        if eos is not None:
+            chosen = torch.where(done, torch.full_like(chosen, eos), chosen)
+        for row, token in enumerate(chosen.tolist()):
+            if not done[row]:
+                out[row].append(token)
+        if eos is not None:
+            done |= chosen == eos
+            if bool(done.all()):
+                break
+        step, decode = chosen[:, None], step_graph
+    return out
+
+
+def _choose(logits: Tensor, do_sample: bool, temperature: float, top_k: int | None, generator) -> Tensor:
+    if not do_sample:
+        return logits.argmax(-1)
+    logits = logits / temperature
+    if top_k is not None:
+        kth = logits.topk(min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    return torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(-1)
