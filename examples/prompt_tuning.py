@@ -45,7 +45,7 @@ def main(argv: list[str] | None = None) -> dict:
     import onnx
     from onnx import numpy_helper
 
-    learned = model.prompt_embeddings.detach().numpy()
+    learned = model.get_parameter("prompt_encoder.default.embedding.weight").detach().numpy()  # peft's name
     kept = any(np.array_equal(numpy_helper.to_array(t).reshape(-1), learned.reshape(-1))
                for t in onnx.load(str(exported.path)).graph.initializer)
     print(f"ONNX Runtime dev accuracy {onnx_accuracy:.4f}; the learned prompt is an initializer: {kept}")

@@ -187,7 +187,7 @@ def test_checkpoint_errors_list_the_problems(base, tmp_path):
     ("lora(r=0)", OptionError, "r must be a positive integer, got 0"),
     ("lora(r=-4)", OptionError, "r must be a positive integer"),
     ("lora(dropout=1.5)", OptionError, "dropout must be in [0, 1)"),
-    ("lora(adapter='my adapter')", OptionError, "adapter name must be an identifier"),
+    ("lora(adapter='my adapter')", OptionError, "adapter must be an identifier"),
     ("lora(targets='*.qproj')", TargetError, "model.layers.*.self_attn.q_proj"),
     ("lora(dora=true, targets='model.embed_tokens')", OptionError, "dora is not supported on embedding"),
     ("lora, lora", OptionError, "an adapter named 'default' exists"),

@@ -198,7 +198,7 @@ def test_checkpoint_round_trip_and_errors(tmp_path):
 
 @pytest.mark.parametrize("options,match", [
     ("reduction_factor=128", "larger than the hidden size 64"),
-    ("activation='swishy'", "unknown activation 'swishy'"),
+    ("activation='swishy'", "activation must be one of relu, swish.*got 'swishy'"),
     ("scaling='learned'", "'learned' and 'channel'"),
     ("placement='sequential'", "'placement' of pass 'adapter' must be one of 'houlsby'"),
 ])

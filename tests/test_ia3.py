@@ -149,7 +149,7 @@ def test_conv1d_and_models_without_feedforward_defaults_are_refused():
         peftc.apply(gm, "ia3(targets='fc1')")
     with pytest.raises(TargetError, match="matches no linear or conv site"):
         peftc.apply(gm, "ia3(targets='*.nothing', feedforward_modules=[])")
-    with pytest.raises(OptionError, match="is not a valid regex"):
+    with pytest.raises(OptionError, match="feedforward_modules must be a regex"):
         peftc.apply(gm, "ia3(targets='fc1', feedforward_modules='fc(')")
     regex = peftc.apply(gm, "ia3(targets='fc1|proj', feedforward_modules='pro.')")
     assert adapters(regex)["default"].stages == {"fc1": "output", "proj": "input"}

@@ -131,8 +131,9 @@ def test_is_causal_without_mask_against_eager_reference():
     module = CausalAttention().eval()
     x = torch.randn(2, 5, 32)
     gm = peftc.apply(peftc.capture(module, (x,)), "prefix(n=3, seed=0)")
-    site = attention_sites(gm)[0]
-    assert site.mask is not None and site.is_causal is False
+    site = attention_sites(gm)[0]  # site queries read the op as captured ...
+    assert site.mask is None and site.is_causal is True
+    assert site.node.kwargs["attn_mask"] is not None and site.node.kwargs["is_causal"] is False  # ... it now has a mask
     flat = gm.get_parameter("prompt_encoder.default.embedding.weight")
     kv = flat.reshape(3, 2, 4, 8).permute(1, 2, 0, 3)
     for y in (x, torch.randn(3, 9, 32)):
@@ -188,37 +189,34 @@ def test_sequence_classifier_where_peft_fails():
 
 
 def test_checkpoints_both_ways(tmp_path):
+    """Through the one checkpoint path every technique uses (peftc.save_adapter / load_adapter)."""
     from peftc.technique.checkpoint import CheckpointError
-    from peftc.techniques.prefix import load_prefix, save_prefix
 
     # peft-saved (trained with the projection; the file holds its output) -> peftc
     peft_model, gm, theirs, ours = build_pair("llama", n=4, projection=True)
     peft_model.save_pretrained(tmp_path / "peft")
-    loaded_gm = load_prefix(captured("tiny-llama"), tmp_path / "peft")
+    loaded_gm = peftc.load_adapter(captured("tiny-llama"), tmp_path / "peft")
+    assert not any(".transform." in name for name, _ in loaded_gm.named_parameters())  # the flat prefix, as peft's
     args, kwargs = padded_inputs(peft_model.get_base_model())
     expected = peft_model(*args, **kwargs, use_cache=False)[0]
     torch.testing.assert_close(loaded_gm(*args, **kwargs)[0], expected, atol=1e-5, rtol=1e-5)
     # peftc-saved (projection evaluated) -> peft
-    save_prefix(gm, tmp_path / "ours")
+    peftc.save_adapter(gm, tmp_path / "ours")
     reloaded = peft.PeftModel.from_pretrained(tiny_model("llama"), tmp_path / "ours")
     torch.testing.assert_close(reloaded(*args, **kwargs, use_cache=False)[0], gm(*args, **kwargs)[0],
                                atol=1e-5, rtol=1e-5)
     with pytest.raises(CheckpointError, match="does not fit this model"):
-        load_prefix(captured("tiny-gpt2"), tmp_path / "ours")
-    # into a graph that already has a flat prefix: copied in place, the parameter object kept
+        peftc.load_adapter(captured("tiny-gpt2"), tmp_path / "ours")
+    # a second prefix is another adapter, one active at a time
     flat = peftc.apply(captured("tiny-llama"), "prefix(n=4)")
-    weight = flat.get_parameter("prompt_encoder.default.embedding.weight")
-    assert load_prefix(flat, tmp_path / "peft") is flat and flat.get_parameter("prompt_encoder.default.embedding.weight") is weight
-    torch.testing.assert_close(flat(*args, **kwargs)[0], expected, atol=1e-5, rtol=1e-5)
-    with pytest.raises(CheckpointError, match="with a projection"):
-        load_prefix(gm, tmp_path / "peft")
-    with pytest.raises(PassError, match="already has a prefix"):
+    with pytest.raises(OptionError, match="an adapter named 'default' exists"):
+        peftc.load_adapter(flat, tmp_path / "peft")
+    with pytest.raises(OptionError, match="would be active together"):
         peftc.apply(flat, "prefix(n=2, adapter='other')")
-    # the general entry points dispatch to the prefix format
-    via_core = peftc.load_adapter(captured("tiny-llama"), tmp_path / "peft")
-    torch.testing.assert_close(via_core(*args, **kwargs)[0], expected, atol=1e-5, rtol=1e-5)
-    peftc.save_adapter(gm, tmp_path / "core")
-    assert (tmp_path / "core" / "adapter_model.safetensors").read_bytes() == (tmp_path / "ours" / "adapter_model.safetensors").read_bytes()
+    both = peftc.load_adapter(peftc.apply(flat, "disable_adapters"), tmp_path / "peft", adapter="trained")
+    torch.testing.assert_close(both(*args, **kwargs)[0], expected, atol=1e-5, rtol=1e-5)
+    switched = peftc.apply(both, "set_adapter(name='default')")
+    torch.testing.assert_close(switched(*args, **kwargs)[0], flat(*args, **kwargs)[0])
 
 
 class MaskedAttention(CausalAttention):

@@ -11,7 +11,6 @@ from peft.tuners.prompt_tuning.model import PromptEmbedding
 from torch import nn
 
 import peftc
-import peftc.techniques.prompt as prompt_pass
 from peftc.errors import OptionError
 from peftc.ir.graph import peftc_meta
 from peftc.tools.models import example_inputs
@@ -19,6 +18,7 @@ from peftc.ir.pipeline import Pipeline
 from conftest import captured, loaded
 
 N = 5
+PROMPT = "prompt_encoder.default.embedding.weight"  # peft's in-memory name
 
 
 def rewrite(gm, **options):
@@ -44,11 +44,11 @@ def peft_pair(arch, task_type, n=N):
     """peftc's prompt(n) module and peft's PromptTuningConfig model holding the same prompt_embeddings."""
     gm = rewrite(peftc.apply(captured(f"tiny-{arch}"), "freeze"), n=n)
     with torch.no_grad():
-        gm.prompt_embeddings.normal_(generator=torch.Generator().manual_seed(3))
+        gm.get_parameter(PROMPT).normal_(generator=torch.Generator().manual_seed(3))
     model = peft.get_peft_model(copy.deepcopy(loaded(f"tiny-{arch}").model),
                                 peft.PromptTuningConfig(task_type=task_type, num_virtual_tokens=n))
     with torch.no_grad():
-        model.prompt_encoder.default.embedding.weight.copy_(gm.prompt_embeddings)
+        model.prompt_encoder.default.embedding.weight.copy_(gm.get_parameter(PROMPT))
     return gm, model
 
 
@@ -67,10 +67,10 @@ def test_tuning_matches_peft_outputs_and_gradients(arch, task_type):
     weights = torch.randn(got_tokens.shape, generator=torch.Generator().manual_seed(2))
     (got_tokens * weights).sum().backward()
     (expected_tokens * weights).sum().backward()
-    grad, peft_grad = gm.prompt_embeddings.grad, model.prompt_encoder.default.embedding.weight.grad
+    grad, peft_grad = gm.get_parameter(PROMPT).grad, model.prompt_encoder.default.embedding.weight.grad
     assert grad.abs().max() > 0
     assert (grad - peft_grad).abs().max() < 1e-5
-    assert [name for name, p in gm.named_parameters() if p.requires_grad] == ["prompt_embeddings"]
+    assert [name for name, p in gm.named_parameters() if p.requires_grad] == [PROMPT]
 
 
 def test_labels_get_minus_100_in_front_and_the_loss_is_peft():
@@ -81,7 +81,7 @@ def test_labels_get_minus_100_in_front_and_the_loss_is_peft():
     peft_model = peft.get_peft_model(copy.deepcopy(model), peft.PromptTuningConfig(task_type="CAUSAL_LM",
                                                                                    num_virtual_tokens=N))
     with torch.no_grad():
-        peft_model.prompt_encoder.default.embedding.weight.copy_(gm.prompt_embeddings)
+        peft_model.prompt_encoder.default.embedding.weight.copy_(gm.get_parameter(PROMPT))
     ids = torch.randint(3, 256, (3, 7), generator=torch.Generator().manual_seed(10))
     mask = torch.ones_like(ids)
     loss, logits = gm(ids, mask, ids)[:2]
@@ -101,11 +101,11 @@ def test_bert_classifier_token_types_and_padding_match_peft():
     kwargs["token_type_ids"] = torch.zeros_like(args[0])
     gm = rewrite(peftc.capture(model, args, kwargs), n=N)
     with torch.no_grad():
-        gm.prompt_embeddings.normal_(generator=torch.Generator().manual_seed(3))
+        gm.get_parameter(PROMPT).normal_(generator=torch.Generator().manual_seed(3))
     peft_model = peft.get_peft_model(copy.deepcopy(model), peft.PromptTuningConfig(task_type="SEQ_CLS",
                                                                                    num_virtual_tokens=N))
     with torch.no_grad():
-        peft_model.prompt_encoder.default.embedding.weight.copy_(gm.prompt_embeddings)
+        peft_model.prompt_encoder.default.embedding.weight.copy_(gm.get_parameter(PROMPT))
     ids = torch.randint(3, 256, (4, 6), generator=torch.Generator().manual_seed(4))
     mask, types = torch.ones_like(ids), torch.zeros_like(ids)
     mask[1, 4:], types[:, 3:] = 0, 1
@@ -115,7 +115,7 @@ def test_bert_classifier_token_types_and_padding_match_peft():
     assert (got - expected).abs().max() < 1e-5
     got.sum().backward()
     expected.sum().backward()
-    assert (gm.prompt_embeddings.grad - peft_model.prompt_encoder.default.embedding.weight.grad).abs().max() < 1e-5
+    assert (gm.get_parameter(PROMPT).grad - peft_model.prompt_encoder.default.embedding.weight.grad).abs().max() < 1e-5
 
 
 def test_decoder_classifier_pools_the_users_last_real_token():
@@ -133,14 +133,14 @@ def test_decoder_classifier_pools_the_users_last_real_token():
     mask = torch.ones_like(ids)
     ids[0, 5:], mask[0, 5:] = 0, 0
     got = gm(ids, mask)[0]
-    joined = torch.cat([gm.prompt_embeddings.expand(3, -1, -1), model.model.embed_tokens(ids)], 1)
+    joined = torch.cat([gm.get_parameter(PROMPT).expand(3, -1, -1), model.model.embed_tokens(ids)], 1)
     hidden = model.model(inputs_embeds=joined, attention_mask=torch.cat([torch.ones(3, 4, dtype=mask.dtype), mask], 1))
     hand = model.score(hidden.last_hidden_state[torch.arange(3), 4 + mask.sum(1) - 1])
     assert got.shape == (3, 2) and (got - hand).abs().max() < 1e-5
     peft_model = peft.get_peft_model(copy.deepcopy(model), peft.PromptTuningConfig(task_type="SEQ_CLS",
                                                                                    num_virtual_tokens=4))
     with torch.no_grad():
-        peft_model.prompt_encoder.default.embedding.weight.copy_(gm.prompt_embeddings)
+        peft_model.prompt_encoder.default.embedding.weight.copy_(gm.get_parameter(PROMPT))
     differs = (peft_model(input_ids=ids, attention_mask=mask).logits - hand).abs().amax(1)
     assert differs[0] > 1e-3 and differs[1:].max() < 1e-5
 
@@ -155,7 +155,7 @@ def test_init_is_peft_prompt_embedding_for_the_same_seed(init):
     torch.manual_seed(11)
     expected = PromptEmbedding(config, table).embedding.weight
     torch.manual_seed(11)
-    got = rewrite(gm, n=7, init=init).prompt_embeddings
+    got = rewrite(gm, n=7, init=init).get_parameter(PROMPT)
     assert torch.equal(got, expected)
 
 
@@ -168,7 +168,7 @@ def test_text_init_repeats_then_truncates_like_peft(word_tokenizer):
                                          num_transformer_submodules=1, prompt_tuning_init="TEXT",
                                          prompt_tuning_init_text=text, tokenizer_name_or_path=word_tokenizer)
         expected = PromptEmbedding(config, table).embedding.weight
-        got = rewrite(gm, n=n, init="text", text=text, tokenizer=word_tokenizer).prompt_embeddings
+        got = rewrite(gm, n=n, init="text", text=text, tokenizer=word_tokenizer).get_parameter(PROMPT)
         assert got.shape == (n, 64) and torch.equal(got, expected)
 
 
@@ -180,7 +180,7 @@ def test_text_prompt_equals_model_on_joined_ids(word_tokenizer):
     gm = rewrite(captured("tiny-llama"), text=text, tokenizer=word_tokenizer)
     text_ids = AutoTokenizer.from_pretrained(word_tokenizer)(text, add_special_tokens=False)["input_ids"]
     n = len(text_ids)
-    assert n == 6 and "prompt_embeddings" not in dict(gm.named_parameters())
+    assert n == 6 and PROMPT not in dict(gm.named_parameters())
     ids = torch.randint(3, 256, (3, 9), generator=torch.Generator().manual_seed(5))
     mask = torch.ones_like(ids)
     joined = torch.cat([torch.tensor([text_ids] * 3), ids], 1)
@@ -211,34 +211,32 @@ def test_tokenizer_defaults_to_the_models_name_or_path(word_tokenizer):
     assert recorded["max_position_embeddings"] == 2048 and recorded["model_type"] == "llama"
     assert "name_or_path" not in recorded  # a random-init model has none
     recorded["name_or_path"] = word_tokenizer  # as capture records a from_pretrained model's folder
-    assert rewrite(gm, text="w1 w2").prompt_ids.tolist() == [[4, 5]]
+    assert rewrite(gm, text="w1 w2").get_buffer("prompt_ids.default").tolist() == [[4, 5]]
 
 
-def test_checkpoints_both_ways_in_peft_format(tmp_path):
+def test_checkpoints_both_ways_in_peft_format(tmp_path, word_tokenizer):
     gm, model = peft_pair("llama", "CAUSAL_LM")
     ids = torch.randint(3, 256, (2, 6), generator=torch.Generator().manual_seed(7))
     mask = torch.ones_like(ids)
     # peftc -> peft
-    prompt_pass.save_prompt(gm, tmp_path / "ours")
+    peftc.save_adapter(gm, tmp_path / "ours")
+    assert json.loads((tmp_path / "ours" / "adapter_config.json").read_text())["peft_type"] == "PROMPT_TUNING"
     reloaded = peft.PeftModel.from_pretrained(copy.deepcopy(loaded("tiny-llama").model), tmp_path / "ours")
-    assert torch.equal(reloaded.prompt_encoder.default.embedding.weight, gm.prompt_embeddings)
+    assert torch.equal(reloaded.prompt_encoder.default.embedding.weight, gm.get_parameter(PROMPT))
     assert (reloaded(input_ids=ids, attention_mask=mask).logits[:, N:] - gm(ids, mask)[0]).abs().max() < 1e-5
     # peft -> peftc
     with torch.no_grad():
         model.prompt_encoder.default.embedding.weight.mul_(2)
     model.save_pretrained(tmp_path / "peft")
-    fresh = rewrite(captured("tiny-llama"), n=N)
-    prompt_pass.load_prompt(fresh, tmp_path / "peft")
-    assert torch.equal(fresh.prompt_embeddings, model.prompt_encoder.default.embedding.weight)
+    fresh = peftc.load_adapter(captured("tiny-llama"), tmp_path / "peft")
+    assert torch.equal(fresh.get_parameter(PROMPT), model.prompt_encoder.default.embedding.weight)
     assert (model(input_ids=ids, attention_mask=mask).logits[:, N:] - fresh(ids, mask)[0]).abs().max() < 1e-5
-    with pytest.raises(OptionError, match="prompt\\(n=5\\)"):
-        prompt_pass.load_prompt(rewrite(captured("tiny-llama"), n=2), tmp_path / "peft")
-    # the general entry points dispatch to the same format
-    via_core = peftc.load_adapter(captured("tiny-llama"), tmp_path / "peft")
-    assert torch.equal(via_core.prompt_embeddings, fresh.prompt_embeddings)
-    peftc.save_adapter(via_core, tmp_path / "core")
-    assert json.loads((tmp_path / "core" / "adapter_config.json").read_text())["peft_type"] == "PROMPT_TUNING"
-    assert torch.equal(peftc.load_adapter(captured("tiny-llama"), tmp_path / "core").prompt_embeddings, fresh.prompt_embeddings)
+    # a fixed text prompt saves as the embedding rows of its ids: the same model, in peft's format
+    fixed = rewrite(captured("tiny-llama"), text="w1 w2 w3", tokenizer=word_tokenizer)
+    peftc.save_adapter(fixed, tmp_path / "text")
+    as_tuned = peftc.load_adapter(captured("tiny-llama"), tmp_path / "text")
+    assert as_tuned.get_parameter(PROMPT).shape == (3, 64)
+    assert (as_tuned(ids, mask)[0] - fixed(ids, mask)[0]).abs().max() < 1e-5
 
 
 def test_errors_name_the_problem():
@@ -270,7 +268,7 @@ def test_errors_name_the_problem():
 
     with pytest.raises(OptionError, match="no token ids input"):
         rewrite(peftc.capture(NoIds(), (torch.randn(2, 3, 4),)), n=2)
-    for first in ("prompt(n=2)", "ptuning(n=2)"):
-        with pytest.raises(OptionError, match="already has a prompt"):
-            rewrite(peftc.apply(gm, first), n=2)
+    for first in ("prompt(n=2)", "ptuning(n=2)"):  # one prompt in front of the input at a time
+        with pytest.raises(OptionError, match="'default' \\((prompt|ptuning)\\), 'second' \\(prompt\\) would be active together"):
+            rewrite(peftc.apply(gm, first), n=2, adapter="second")
 

@@ -8,7 +8,6 @@ import pytest
 import torch
 
 import peftc
-import peftc.techniques.prompt as prompt_pass
 from peftc.errors import OptionError
 from peftc.ir.pipeline import Pipeline
 from conftest import captured, loaded
@@ -29,9 +28,11 @@ def test_ptuning_matches_peft_init_outputs_gradients_and_checkpoints(arch, encod
     model = peft.get_peft_model(copy.deepcopy(loaded(f"tiny-{arch}").model), peft.PromptEncoderConfig(
         task_type=task_type, num_virtual_tokens=4, encoder_reparameterization_type=encoder.upper(),
         encoder_hidden_size=32))
-    ours, theirs = dict(gm.prompt_encoder.named_parameters()), dict(model.prompt_encoder.default.named_parameters())
+    ours = dict(gm.prompt_encoder.default.named_parameters())  # peft's names, its adapter name included
+    theirs = dict(model.prompt_encoder.default.named_parameters())
     assert list(ours) == list(theirs) and all(torch.equal(ours[k], theirs[k]) for k in ours)
-    assert sorted(n for n, p in gm.named_parameters() if p.requires_grad) == sorted(f"prompt_encoder.{k}" for k in ours)
+    trainable = sorted(n for n, p in gm.named_parameters() if p.requires_grad)
+    assert trainable == sorted(f"prompt_encoder.default.{k}" for k in ours)
     ids = torch.randint(3, 256, (3, 7), generator=torch.Generator().manual_seed(9))
     mask = torch.ones_like(ids)
     mask[0, 5:] = 0
@@ -41,18 +42,18 @@ def test_ptuning_matches_peft_init_outputs_gradients_and_checkpoints(arch, encod
     (got * weights).sum().backward()
     (expected * weights).sum().backward()
     assert max((ours[k].grad - theirs[k].grad).abs().max() for k in ours) < 1e-5
-    prompt_pass.save_prompt(gm, tmp_path / "ours")
+    peftc.save_adapter(gm, tmp_path / "ours")  # peft's P_TUNING: the encoder's output
     reloaded = peft.PeftModel.from_pretrained(copy.deepcopy(loaded(f"tiny-{arch}").model), tmp_path / "ours")
     assert (reloaded(input_ids=ids, attention_mask=mask)[0][:, 4:] - got).abs().max() < 1e-5
     model.save_pretrained(tmp_path / "peft")
-    constant = prompt_pass.load_prompt(rewrite(captured(f"tiny-{arch}"), "prompt", n=4), tmp_path / "peft")
+    constant = peftc.load_adapter(captured(f"tiny-{arch}"), tmp_path / "peft")  # loads as prompt(n=4)
     assert (constant(ids, mask)[0] - got).abs().max() < 1e-5
 
 
 def test_ptuning_errors_name_the_problem():
     with pytest.raises(OptionError, match="positive"):
         rewrite(captured("tiny-llama"), "ptuning", n=0)
-    with pytest.raises(OptionError, match="encoder width"):
+    with pytest.raises(OptionError, match="hidden must be a positive integer"):
         rewrite(captured("tiny-llama"), "ptuning", n=2, hidden=0)
     with pytest.raises(OptionError, match="2048 positions"):
         rewrite(captured("tiny-llama"), "ptuning", n=4096)

@@ -26,7 +26,7 @@ class Recorded(fx.Interpreter):
     def __init__(self, gm):
         super().__init__(gm)
         self.recorded = []
-        side = next(n for n in gm.graph.nodes if n.op == "call_module" and n.target == "side_network")
+        side = next(n for n in gm.graph.nodes if n.op == "call_module" and n.target == "side_network.default")
         self.after_side, todo = set(), [side]
         while todo:
             for user in todo.pop().users:
@@ -59,7 +59,7 @@ def test_unchanged_at_init_no_base_op_recorded_and_only_side_weights_learn(arch)
         loss.backward()
         optimizer.step()
     trained = {n for n, p in gm.named_parameters() if p.grad is not None}
-    assert trained == {n for n, _ in gm.named_parameters() if n.startswith("side_network.")}
+    assert trained == {n for n, _ in gm.named_parameters() if n.startswith("side_network.default.")}
     assert all(gm.get_parameter(n).grad.abs().sum() > 0 for n in trained if n.endswith("upsample.weight"))
     assert (gm(*args, **kwargs)[0] - base(*args, **kwargs)[0]).abs().max() > 1e-4
 
@@ -79,7 +79,7 @@ def test_qst_is_nf4_then_side():
     run.run(*args, *kwargs.values())
     assert run.recorded == []
     assert {n for n, p in qst.named_parameters() if p.requires_grad} == {n for n, _ in qst.named_parameters()
-                                                                         if n.startswith("side_network.")}
+                                                                         if n.startswith("side_network.default.")}
 
 
 def test_merge_leaves_it_and_checkpoints_round_trip(tmp_path):
@@ -87,7 +87,7 @@ def test_merge_leaves_it_and_checkpoints_round_trip(tmp_path):
     args, kwargs = inputs("llama")
     expected = gm(*args, **kwargs)[0]
     merged = peftc.Pipeline.parse("merge").run(gm)
-    assert not merged.results[0].modified and "the side network (side) stays" in merged.results[0].report
+    assert not merged.results[0].modified and "default (side) stays" in merged.results[0].report
     folder = peftc.save_adapter(gm, tmp_path / "side")
     assert sorted(p.name for p in folder.iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
     reloaded = peftc.load_adapter(captured("tiny-llama"), folder)
@@ -109,5 +109,5 @@ def test_errors_name_the_problem():
         peftc.apply(peftc.capture(torch.nn.Sequential(torch.nn.Linear(4, 4)), (torch.randn(2, 4),)), "side")
     with pytest.raises(OptionError, match="larger than the hidden size 64"):
         peftc.apply(captured("tiny-llama"), "side(reduction_factor=128)")
-    with pytest.raises(PassError, match="already has a side network"):
-        peftc.apply(captured("tiny-llama"), "side, side")
+    with pytest.raises(OptionError, match="'default' \\(side\\), 'b' \\(side\\) would be active together"):
+        peftc.apply(captured("tiny-llama"), "side, side(adapter='b')")

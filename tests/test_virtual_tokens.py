@@ -26,16 +26,18 @@ def inputs(batch=3, seq=9, seed=1):
 
 @pytest.fixture(scope="module")
 def composed():
-    gm = fill_trainable(peftc.apply(captured("tiny-llama"), f"{BASE}, prompt(n=3), prefix(n=2)"))
+    gm = fill_trainable(peftc.apply(captured("tiny-llama"), f"{BASE}, prompt(n=3, adapter='p'), prefix(n=2, adapter='k')"))
     return gm.eval()
 
 
-@pytest.mark.parametrize("pipeline", [f"{BASE}, prompt(n=3)", "nf4, freeze, prompt(n=3), lora(r=4, targets='all-linear')"])
+@pytest.mark.parametrize("pipeline", [f"{BASE}, prompt(n=3, adapter='p')",
+                                      "nf4, freeze, prompt(n=3, adapter='p'), lora(r=4, targets='all-linear')"])
 def test_prompt_with_nf4_and_lora_is_the_lora_model_on_the_joined_ids(pipeline):
     lora = fill_trainable(peftc.apply(captured("tiny-llama"), BASE)).eval()
     gm = peftc.apply(captured("tiny-llama"), pipeline).eval()
     prompt_ids = torch.tensor([[17, 42, 99]])
-    state = dict(lora.state_dict(), prompt_embeddings=lora.get_parameter("model.embed_tokens.weight")[prompt_ids[0]])
+    embeddings = lora.get_parameter("model.embed_tokens.weight")[prompt_ids[0]]
+    state = dict(lora.state_dict(), **{"prompt_encoder.p.embedding.weight": embeddings})
     gm.load_state_dict(state, strict=True)  # the same tensor names whatever the pass order
 
     ids, mask = inputs()
@@ -51,8 +53,8 @@ def test_merge_folds_lora_and_keeps_the_virtual_tokens(composed):
                                    rtol=0, atol=1e-5)
     names = {n for n, _ in merged.named_parameters()}
     assert not any("lora_" in n for n in names)
-    assert {"prompt_embeddings", "prompt_encoder.default.embedding.weight"} <= names
-    assert merged.get_parameter("prompt_embeddings").requires_grad  # still trainable after the merge
+    assert {"prompt_encoder.p.embedding.weight", "prompt_encoder.k.embedding.weight"} <= names
+    assert merged.get_parameter("prompt_encoder.p.embedding.weight").requires_grad  # still trainable after the merge
 
 
 def test_onnx_export_keeps_the_learned_prompt_and_prefix(composed, tmp_path):
@@ -71,10 +73,10 @@ def test_onnx_export_keeps_the_learned_prompt_and_prefix(composed, tmp_path):
     assert logits.shape == expected.shape and np.abs(logits - expected).max() < 1e-4
 
     stored = [numpy_helper.to_array(t) for t in onnx.load(str(path)).graph.initializer]
-    prompt = merged.get_parameter("prompt_embeddings").detach().numpy()
+    prompt = merged.get_parameter("prompt_encoder.p.embedding.weight").detach().numpy()
     assert any(a.size == prompt.size and np.array_equal(a.reshape(prompt.shape), prompt) for a in stored)
     # layer 0's key prefix: 2 key/value heads of 16, repeated to the 4 query heads as the graph's repeat_kv
-    key = merged.get_parameter("prompt_encoder.default.embedding.weight").detach().numpy()[:, :32]
+    key = merged.get_parameter("prompt_encoder.k.embedding.weight").detach().numpy()[:, :32]
     key = key.reshape(2, 2, 16).transpose(1, 0, 2).repeat(2, axis=0)
     assert any(a.shape[-3:] == key.shape and np.array_equal(a.reshape(key.shape), key) for a in stored), \
         "layer 0's key prefix is not an initializer"

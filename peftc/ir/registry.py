@@ -6,8 +6,9 @@ has no options), registered by name:
     @register_pass("lora", options=LoraOptions)
     def lora(gm: fx.GraphModule, options: LoraOptions) -> PassResult: ...
 
-Options are a dataclass: field types are checked when a pipeline is built, and
-`__post_init__` checks ranges with `peftc.errors.OptionError`.
+Options are a dataclass, best derived from `peftc.ir.options.Options` with fields made by
+`option(...)`: types and checks run on construction, and the pass reference shows each field's
+doc. Pipeline text may spell a field by any name it declares (`rank` for `r`, peft's `lora_alpha`).
 """
 
 from __future__ import annotations
@@ -15,7 +16,6 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import re
-import types
 import typing
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -24,8 +24,10 @@ from typing import Any
 from torch import fx
 
 from peftc.errors import OptionError, suggest
+from peftc.ir.options import Options, coerce, default_of, fields_of, fits, spec_of, type_name
 
-__all__ = ["PassResult", "PassInfo", "register_pass", "get_pass", "registered_passes", "make_options", "options_to_dict"]
+__all__ = ["PassResult", "PassInfo", "register_pass", "check_pass_name", "get_pass", "registered_passes", "make_options",
+           "options_to_dict"]
 
 
 @dataclass(frozen=True)
@@ -69,18 +71,28 @@ def register_pass(
     the numeric check (`check_numerics=True`) then compares outputs before and after it.
     `replace=True` overrides an existing registration instead of raising.
     """
-    if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name):
-        raise OptionError(f"pass name {name!r} must be a Python identifier, e.g. 'my_pass'")
-    if options is not None and not dataclasses.is_dataclass(options):
-        raise OptionError(f"options of pass {name!r} must be a dataclass, got {options!r}")
+    check_pass_name(name, options, replace)
 
     def decorate(fn: Callable[..., PassResult]) -> Callable[..., PassResult]:
         if name in _REGISTRY and not replace and _REGISTRY[name].fn is not fn:
             raise OptionError(f"a pass named {name!r} is already registered; pick another name or pass replace=True")
+        if options is not None and issubclass(options, Options) and "__pass__" not in vars(options):
+            options.__pass__ = name  # messages name the pass
         _REGISTRY[name] = PassInfo(name, fn, options, preserves_outputs, inspect.cleandoc(fn.__doc__ or ""))
         return fn
 
     return decorate
+
+
+def check_pass_name(name: str, options: type | None = None, replace: bool = False) -> None:
+    """Refuse, before anything is registered, a name that is no identifier or already taken, or options that
+    are no dataclass."""
+    if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name):
+        raise OptionError(f"pass name {name!r} must be a Python identifier, e.g. 'my_pass'")
+    if options is not None and not dataclasses.is_dataclass(options):
+        raise OptionError(f"options of pass {name!r} must be a dataclass, got {options!r}")
+    if name in _REGISTRY and not replace:
+        raise OptionError(f"a pass named {name!r} is already registered; pick another name or pass replace=True")
 
 
 def get_pass(name: str) -> PassInfo:
@@ -95,31 +107,32 @@ def registered_passes() -> dict[str, PassInfo]:
     return dict(sorted(_REGISTRY.items()))
 
 
-# peft's config names for options peftc spells differently: accepted as the option they name
-_PEFT_SPELLINGS = {"rank": "r", "lora_alpha": "alpha", "lora_dropout": "dropout", "target_modules": "targets",
-                   "num_virtual_tokens": "n", "adapter_name": "adapter", "use_dora": "dora", "use_rslora": "rslora"}
-
-
 def make_options(info: PassInfo, given: dict[str, Any]) -> Any:
-    """Build `info`'s options dataclass from `given`, checking names and types."""
+    """Build `info`'s options dataclass from `given`: names (or another spelling a field declares), types, checks."""
     if info.options is None:
         if given:
             raise OptionError(f"pass {info.name!r} takes no options, got {', '.join(given)}")
         return None
+    fields = {f.name: f for f in fields_of(info.options)}
+    spellings = {alias: f.name for f in fields.values() for alias in (*spec_of(f).aliases, spec_of(f).peft)
+                 if alias and alias not in fields}
     hints = typing.get_type_hints(info.options)
-    fields = {f.name: f for f in dataclasses.fields(info.options) if f.init}
-    given = {(_PEFT_SPELLINGS[k] if k not in fields and _PEFT_SPELLINGS.get(k) in fields and _PEFT_SPELLINGS[k] not in given
-              else k): v for k, v in given.items()}
+    chosen: dict[str, Any] = {}
     for key, value in given.items():
-        if key not in fields:
+        name = key if key in fields else spellings.get(key)
+        if name is None:
             parts = [f"pass {info.name!r} has no option {key!r}.", suggest(key, fields), f"Its options: {', '.join(fields)}"]
             raise OptionError(" ".join(p for p in parts if p))
-        if not _fits(value, hints[key]):
-            raise OptionError(
-                f"option {key!r} of pass {info.name!r} must be {_type_name(hints[key])}, "
-                f"got {type(value).__name__} {value!r}"
-            )
-    return info.options(**{k: _coerce(v, hints[k]) for k, v in given.items()})
+        if name in chosen:
+            raise OptionError(f"pass {info.name!r}: option {name!r} is given twice (as {name} and {key})")
+        spec = spec_of(fields[name])
+        if key == spec.peft and key != name and spec.decode is not None and not fits(value, hints[name]):
+            value = spec.decode(value)  # peft's spelling with peft's kind of value (target_modules=[...])
+        if not fits(value, hints[name]):
+            raise OptionError(f"option {name!r} of pass {info.name!r} must be {type_name(hints[name])}, "
+                              f"got {type(value).__name__} {value!r}")
+        chosen[name] = coerce(value, hints[name])
+    return info.options(**chosen)
 
 
 def options_to_dict(options: Any, *, include_defaults: bool = False) -> dict[str, Any]:
@@ -129,51 +142,6 @@ def options_to_dict(options: Any, *, include_defaults: bool = False) -> dict[str
     out = {}
     for f in dataclasses.fields(options):
         value = getattr(options, f.name)
-        default = f.default if f.default is not dataclasses.MISSING else (
-            f.default_factory() if f.default_factory is not dataclasses.MISSING else dataclasses.MISSING
-        )
-        if include_defaults or value != default:
+        if include_defaults or value != default_of(f):
             out[f.name] = value
     return out
-
-
-def _fits(value: Any, tp: Any) -> bool:
-    origin = typing.get_origin(tp)
-    if tp is Any:
-        return True
-    if origin is typing.Literal:
-        return value in typing.get_args(tp)
-    if origin in (typing.Union, types.UnionType):
-        return any(_fits(value, arg) for arg in typing.get_args(tp))
-    if tp is type(None):
-        return value is None
-    if tp is float:
-        return isinstance(value, (int, float)) and not isinstance(value, bool)
-    if tp is int:
-        return isinstance(value, int) and not isinstance(value, bool)
-    if origin in (tuple, list):
-        args = [a for a in typing.get_args(tp) if a is not Ellipsis]
-        return isinstance(value, (tuple, list)) and all(_fits(v, args[0]) for v in value) if args else True
-    if isinstance(tp, type):
-        return isinstance(value, tp)
-    return True
-
-
-def _coerce(value: Any, tp: Any) -> Any:
-    """Lists from pipeline text become tuples, so options stay hashable and frozen."""
-    if isinstance(value, list):
-        return tuple(value)
-    if tp is float and isinstance(value, int):
-        return float(value)
-    return value
-
-
-def _type_name(tp: Any) -> str:
-    origin = typing.get_origin(tp)
-    if origin is typing.Literal:
-        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
-    if origin in (typing.Union, types.UnionType):
-        return " or ".join(_type_name(a) for a in typing.get_args(tp))
-    if tp is type(None):
-        return "None"
-    return getattr(tp, "__name__", str(tp))

@@ -20,52 +20,56 @@ from typing import Literal
 
 from torch import fx
 
-from peftc.technique import adapters as core
-from peftc.technique.adapters import adapters
 from peftc.errors import OptionError
+from peftc.ir.options import Options, option
 from peftc.ir.registry import PassResult, register_pass
+from peftc.technique import adapters as core
+from peftc.technique import merge as merging
+from peftc.technique.adapters import adapters
 
 __all__ = ["MergeOptions", "merge", "unmerge", "set_adapter", "disable_adapters", "delete_adapter"]
 
 
 @dataclass(frozen=True)
-class MergeOptions:
-    adapter: str | None = None  # default: every active adapter
-    keep: bool = True  # keep adapter weights and the original base weights so `unmerge` works
-    requantize: bool = False  # NF4 bases: dequantize, fold, quantize again (stays 4-bit, loses small updates)
-    dtype: Literal["float32", "float16", "bfloat16"] | None = None  # NF4 bases: a dense merged weight instead
+class MergeOptions(Options):
+    adapter: str | None = option(None, doc="the adapter to merge (None: every active one)")
+    keep: bool = option(True, doc="keep the adapter's weights and the original base weights, so `unmerge` works")
+    requantize: bool = option(False, doc="NF4 bases: dequantize, fold, quantize again (stays 4-bit, loses small "
+                              "updates)")
+    dtype: Literal["float32", "float16", "bfloat16"] | None = option(
+        None, doc="NF4 bases: a dense merged weight of this dtype instead")
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if self.requantize and self.dtype:
             raise OptionError("merge: choose requantize=true (stay NF4) or dtype=... (dense), not both")
 
 
 @dataclass(frozen=True)
-class AdapterName:
-    name: str = "default"
+class SetAdapterOptions(Options):
+    name: str = option("default", doc="the adapter to make the only active one", aliases=("adapter",))
 
 
 @dataclass(frozen=True)
-class UnmergeOptions:
-    adapter: str | None = None  # default: every merged adapter
+class DeleteAdapterOptions(Options):
+    name: str = option("default", doc="the adapter to delete", aliases=("adapter",))
+
+
+@dataclass(frozen=True)
+class UnmergeOptions(Options):
+    adapter: str | None = option(None, doc="the adapter to unmerge (None: every merged one)")
 
 
 @register_pass("merge", options=MergeOptions, preserves_outputs=True)
 def merge(gm: fx.GraphModule, options: MergeOptions) -> PassResult:
     """Fold adapters into base weights: `W x + branch(x) -> W' x`, W' = fold(W)."""
-    rewrites = _other_rewrites(gm) if options.adapter is None else []
-    try:
-        chosen = _chosen(gm, options.adapter, lambda r: r.active and not r.merged, "active and unmerged", "merge")
-    except OptionError:
-        if not rewrites:
-            raise
-        chosen = []
+    chosen = _chosen(gm, options.adapter, lambda r: r.active and not r.merged, "active and unmerged", "merge")
     names = [n for n in chosen if adapters(gm)[n].method().mergeable]
-    stays = [f"{n} ({adapters(gm)[n].technique})" for n in chosen if n not in names] + rewrites
+    stays = [f"{n} ({adapters(gm)[n].technique})" for n in chosen if n not in names]
     kept = f"{', '.join(stays)} stay{'s' if len(stays) == 1 else ''} in the graph: not a weight update, nothing to fold"
     if not names:
         return PassResult(gm, modified=False, report=f"nothing merged: {kept}")
-    touched, survival = core.merge_adapters(gm, names, options)
+    touched, survival = merging.merge_adapters(gm, names, options)
     report = f"merged {', '.join(names)} into {len(touched)} weights" + (f"; {kept}" if stays else "")
     if survival and options.requantize:
         mean = sum(survival) / len(survival)
@@ -78,12 +82,12 @@ def merge(gm: fx.GraphModule, options: MergeOptions) -> PassResult:
 def unmerge(gm: fx.GraphModule, options: UnmergeOptions) -> PassResult:
     """Undo `merge`: `W' x -> W x + branch(x)`, from the kept weights."""
     names = _chosen(gm, options.adapter, lambda r: r.merged, "merged", "unmerge")
-    touched = core.unmerge_adapters(gm, names)
+    touched = merging.unmerge_adapters(gm, names)
     return PassResult(gm, modified=True, sites=tuple(touched), report=f"unmerged {', '.join(names)}")
 
 
-@register_pass("set_adapter", options=AdapterName)
-def set_adapter(gm: fx.GraphModule, options: AdapterName) -> PassResult:
+@register_pass("set_adapter", options=SetAdapterOptions)
+def set_adapter(gm: fx.GraphModule, options: SetAdapterOptions) -> PassResult:
     """Make adapter `name` the only active one: its branches in the graph, no other unmerged ones."""
     before = core.active_adapters(gm)
     core.set_active(gm, options.name)
@@ -99,20 +103,11 @@ def disable_adapters(gm: fx.GraphModule) -> PassResult:
     return PassResult(gm, modified=bool(before), report="no adapter active" if before else "no adapter was active")
 
 
-@register_pass("delete_adapter", options=AdapterName)
-def delete_adapter(gm: fx.GraphModule, options: AdapterName) -> PassResult:
+@register_pass("delete_adapter", options=DeleteAdapterOptions)
+def delete_adapter(gm: fx.GraphModule, options: DeleteAdapterOptions) -> PassResult:
     """Delete adapter `name`: its branches, tensors and record."""
     core.delete(gm, options.name)
     return PassResult(gm, modified=True, report=f"deleted {options.name}")
-
-
-def _other_rewrites(gm: fx.GraphModule) -> list[str]:
-    """What passes outside the adapter record put in the graph: they stay through a merge."""
-    from peftc.techniques import prefix, prompt, side
-
-    found = [("the prompt (prompt)", prompt.has_prompt(gm)), ("the prefix (prefix)", bool(prefix.prefixes(gm))),
-             ("the side network (side)", side.has_side(gm))]
-    return [what for what, present in found if present]
 
 
 def _chosen(gm: fx.GraphModule, name: str | None, wanted, what: str, pass_name: str) -> list[str]:

@@ -32,13 +32,14 @@ from __future__ import annotations
 import math
 import operator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
 from peftc.ir.graph import module_path, peftc_meta
+from peftc.ir.rewrites import Resolver, as_captured, captured_name
 from peftc.ir.targets import select
 
 __all__ = [
@@ -49,6 +50,7 @@ __all__ = [
     "InputEmbeddings",
     "FinalHiddenState",
     "attention_sites",
+    "attention_as_called",
     "block_sites",
     "sublayer_sites",
     "input_embeddings",
@@ -108,6 +110,7 @@ class AttentionSite:
     same nodes as `key`/`value` without GQA); `scale` is the one SDPA applies (1/sqrt(head_dim)
     when none is given); head counts are None where shapes are unknown."""
 
+    kind: ClassVar[str] = "sdpa"
     path: str
     node: fx.Node
     query: fx.Node
@@ -126,14 +129,24 @@ class AttentionSite:
 
 
 def attention_sites(gm: fx.GraphModule, targets: str | None = None) -> list[AttentionSite]:
-    sites = [_attention_site(n) for n in _base_nodes(gm) if n.op == "call_function" and n.target in _SDPA_FNS]
+    resolve = Resolver(gm.graph)
+    sites = [_attention_site(n, resolve) for n in _base_nodes(gm)
+             if n.op == "call_function" and as_captured(n, resolve).target in _SDPA_FNS]
     return _select(sites, targets, "attention site")
 
 
-def _attention_site(n: fx.Node) -> AttentionSite:
+def _attention_site(n: fx.Node, resolve: Resolver) -> AttentionSite:
+    """The site of SDPA node `n`, read as captured (a technique may have rewritten its operands)."""
+    return attention_as_called(n, as_captured(n, resolve))
+
+
+def attention_as_called(n: fx.Node, view: Any = None) -> AttentionSite:
+    """SDPA node `n` read as it is called now, operands a technique changed included (or as `view` calls it): what
+    a rewrite of the graph that technique left (a key/value cache) builds on."""
+    view = n if view is None else view
     args = {"attn_mask": None, "dropout_p": 0.0, "is_causal": False, "scale": None, "enable_gqa": False}
-    args.update(zip(_SDPA_PARAMS, n.args))
-    args.update(n.kwargs)
+    args.update(zip(_SDPA_PARAMS, view.args))
+    args.update(view.kwargs)
     query, key, value = args["query"], args["key"], args["value"]
     key_heads, value_heads = _before_repeat_kv(key), _before_repeat_kv(value)
     head_dim = _dim(query, -1)
@@ -362,6 +375,7 @@ class InputEmbeddings:
     """The token embedding lookup at `path`: `node` its output, `ids` the graph input it reads,
     `stream` the value entering the first block it feeds (None without blocks)."""
 
+    kind: ClassVar[str] = "tokens"
     path: str
     node: fx.Node
     ids: fx.Node
@@ -373,6 +387,7 @@ class FinalHiddenState:
     """`node` is the stream leaving block stack `blocks` (e.g. `model.layers`) after its last block
     and `norm`, the final norm (None where none follows); `path` is `norm`, else the last block."""
 
+    kind: ClassVar[str] = "final_hidden"
     path: str
     node: fx.Node
     blocks: str
@@ -383,11 +398,12 @@ def input_embeddings(gm: fx.GraphModule, targets: str | None = None) -> list[Inp
     """Token embedding lookups of the model's input ids, in graph order (encoder-decoder models have two)."""
     firsts = [blocks[0].input for blocks in _stacks(gm).values() if blocks[0].input is not None]
     sites = []
+    resolve = Resolver(gm.graph)
     for n in _base_nodes(gm):
         lookup = _embedding_lookup(gm, n)
         if lookup is None:
             continue
-        ids = lookup
+        ids = resolve.nodes[captured_name(lookup)]  # behind a technique's rewrite of the ids (prompt tuning's)
         while _is(ids, _ID_VIEWS):
             ids = ids.args[0]
         if isinstance(ids, fx.Node) and ids.op == "placeholder":

@@ -9,22 +9,36 @@ from torch import fx
 from peftc.errors import OptionError
 from peftc.ir.graph import peftc_meta
 from peftc.ir.targets import select
-from peftc.sites.regions import SUBLAYER_KINDS, SublayerSite, sublayer_sites
+from peftc.sites.regions import (
+    SUBLAYER_KINDS,
+    SublayerSite,
+    attention_sites,
+    final_hidden_states,
+    input_embeddings,
+    sublayer_sites,
+)
 from peftc.sites.weight import WeightSite, lm_head, weight_sites
 
 __all__ = ["sites_of", "resolve_sites", "default_targets", "DEFAULT_TARGETS"]
 
 
-def sites_of(gm: fx.GraphModule, kinds: tuple[str, ...], targets: str | None = None) -> list[WeightSite | SublayerSite]:
-    """The sites of `kinds` a technique acts on: weight sites, sublayer sites (`attention`,
-    `feed_forward`), or both, in graph order."""
-    weight_kinds = tuple(k for k in kinds if k not in SUBLAYER_KINDS)
+# site kind -> the query finding the sites of that kind (weight kinds: `weight_sites`)
+_REGIONS = {"tokens": input_embeddings, "sdpa": attention_sites, "final_hidden": final_hidden_states}
+
+
+def sites_of(gm: fx.GraphModule, kinds: tuple[str, ...], targets: str | None = None) -> list[Any]:
+    """The sites of `kinds` a technique acts on (weight, sublayer, `tokens`, `sdpa`, `final_hidden` sites, in
+    any mix), in graph order."""
+    weight_kinds = tuple(k for k in kinds if k not in SUBLAYER_KINDS and k not in _REGIONS)
     sublayer_kinds = tuple(k for k in kinds if k in SUBLAYER_KINDS)
     found: list[Any] = []
     if weight_kinds:
         found += weight_sites(gm, None, weight_kinds)
     if sublayer_kinds:
         found += sublayer_sites(gm, None, sublayer_kinds)
+    for kind in kinds:
+        if kind in _REGIONS:
+            found += _REGIONS[kind](gm)
     what = " or ".join(kinds) + " site"
     chosen = set(select(targets, [s.path for s in found], what=what))
     order = {n: i for i, n in enumerate(gm.graph.nodes)}

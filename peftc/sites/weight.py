@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from peftc.ir.graph import get_attr_path, get_tensor, module_path, module_type
+from peftc.ir.rewrites import Resolver, as_captured
 from peftc.ir.targets import select
 from peftc.sites.formats import format_of_node
 
@@ -50,8 +51,6 @@ __all__ = [
     "rms_norm_sites",
     "weight_site_at",
     "lm_head",
-    "encode_original",
-    "decode_original",
 ]
 
 aten = torch.ops.aten
@@ -162,7 +161,9 @@ def _base_nodes(gm: fx.GraphModule) -> list[fx.Node]:
 
 def weight_sites(gm: fx.GraphModule, targets: str | None = None, kinds: tuple[str, ...] | None = None) -> list[WeightSite]:
     """Every weight site (of `kinds`, default all), in graph order."""
-    sites = [s for n in _base_nodes(gm) if (s := _weight_site(gm, n)) is not None and (kinds is None or s.kind in kinds)]
+    resolve = Resolver(gm.graph)
+    sites = [s for n in _base_nodes(gm) if (s := _weight_site(gm, n, resolve)) is not None
+             and (kinds is None or s.kind in kinds)]
     return _select(sites, targets, " or ".join(kinds or ("weight",)) + " site")
 
 
@@ -210,52 +211,9 @@ def _arg(n: fx.Node, index: int, name: str, default: Any = None) -> Any:
     return n.args[index] if len(n.args) > index else n.kwargs.get(name, default)
 
 
-def encode_original(site: WeightSite) -> dict[str, Any]:
-    """What `peftc.adapters` keeps on a base node it rewrites to restore it: nodes by name, not reference
-    (node metadata is shallow-copied when a graph is cloned)."""
-    n = site.node
-    encode = lambda a: ("__node__", a.name) if isinstance(a, fx.Node) else a  # noqa: E731
-    return {"site": site.path, "op": n.op, "target": n.target, "args": [encode(a) for a in n.args],
-            "kwargs": {k: encode(v) for k, v in n.kwargs.items()}, "input": list(n.args).index(site.input)}
-
-
-def decode_original(original: dict[str, Any], nodes: dict[str, fx.Node], x: fx.Node) -> tuple[tuple, dict[str, Any]]:
-    """The captured args and kwargs `encode_original` kept, with `x` as the input and nodes found by name."""
-    decode = lambda a: nodes[a[1]] if isinstance(a, tuple) and len(a) == 2 and a[0] == "__node__" else a  # noqa: E731
-    args = tuple(x if i == original["input"] else decode(a) for i, a in enumerate(original["args"]))
-    return args, {k: decode(v) for k, v in original["kwargs"].items()}
-
-
-class _Original:
-    """A rewritten base node as it was captured, with today's input: what site queries read."""
-
-    def __init__(self, n: fx.Node):
-        original = n.meta["peftc_original"]
-        by_name = {a.name: a for a in n.graph.nodes if a.op == "get_attr"}
-        self.args, self.kwargs = decode_original(original, by_name, _live_input(n, original))
-        self.op, self.target = original["op"], original["target"]
-        self.meta, self.graph = n.meta, n.graph
-
-
-def _live_input(n: fx.Node, original: dict[str, Any]) -> fx.Node:
-    """The site's own input: behind its input stages, the input of their `input_entry` node."""
-    x = n.args[original["now_input"]]
-    todo, seen = [x], set()
-    while todo:
-        node = todo.pop()
-        tag = node.meta.get("peftc", {})
-        if tag.get("site") != original["site"] or node in seen:
-            continue
-        if tag.get("role") == "input_entry":
-            return node.args[0]
-        seen.add(node)
-        todo += node.all_input_nodes
-    return x
-
-
-def _weight_site(gm: fx.GraphModule, n: fx.Node) -> WeightSite | None:
+def _weight_site(gm: fx.GraphModule, n: fx.Node, resolve: Resolver | None = None) -> WeightSite | None:
     if isinstance(n, fx.Node) and "peftc_original" in n.meta:
-        site = _weight_site(gm, _Original(n))  # type: ignore[arg-type]
+        site = _weight_site(gm, as_captured(n, resolve or Resolver(gm.graph)))
         return None if site is None else dataclasses.replace(site, node=n)
     if n.op == "call_module":
         return _module_site(gm, n)

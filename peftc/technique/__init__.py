@@ -1,14 +1,15 @@
 """The technique layer: the one extension point, and the core that every technique shares.
 
-A technique is a declaration (`declaration.Technique`); `adapters` inserts it, keeps the adapter
-record, switches, deletes, merges and unmerges; `checkpoint` saves and loads it. The core never
-imports a technique: it reaches each through the registry `register_technique` fills.
+A technique is a declaration (`Technique`, with options derived from `AdapterOptions` whose fields
+are made by `option(...)`); `adapters` inserts it, keeps the adapter record, switches and deletes,
+`merge` merges and unmerges, `checkpoint` saves and loads. The core never imports a technique: it
+reaches each through the table `register_technique` fills (`registry`).
 """
 
-from peftc.technique.adapters import register_technique, technique, techniques
+from peftc.ir.options import identifier, non_negative, one_of, option, pattern, positive, probability
+from peftc.technique.adapters import register_technique
 from peftc.technique.declaration import (
     STAGES,
-    AdapterOptions,
     Builder,
     Context,
     NotMergeable,
@@ -17,6 +18,9 @@ from peftc.technique.declaration import (
     Technique,
     kaiming_uniform,
 )
+from peftc.technique.options import AdapterOptions
+from peftc.technique.registry import technique, techniques
 
 __all__ = ["AdapterOptions", "Builder", "Context", "NotMergeable", "Param", "STAGES", "Stage", "Technique",
-           "kaiming_uniform", "register_technique", "technique", "techniques"]
+           "kaiming_uniform", "register_technique", "technique", "techniques", "option", "positive", "non_negative",
+           "probability", "identifier", "pattern", "one_of"]

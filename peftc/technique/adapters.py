@@ -1,24 +1,27 @@
 """The technique layer's core: adapters on a graph, written once for every technique.
 
-A technique (`peftc.technique.Technique`) declares its parameters, its stage and its rewrite;
-this module inserts it, keeps the adapter record, switches, deletes, merges and unmerges.
+A technique (`peftc.technique.Technique`) declares its parameters, its stage and its rewrite; this
+module inserts it, keeps the adapter record, switches and deletes (`peftc.technique.merge` merges,
+`peftc.technique.checkpoint` saves and loads).
 
-How techniques compose at one site (documented in docs/concepts.md):
+How techniques compose at one op (docs/concepts.md):
 
-    y = O_k(...O_1(op(I_m(...I_1(x)), W_n(...W_1(W)), b))) + A_1(x) + ... + A_j(x)
+    y = F(O_k(...O_1(op(I_m(...I_1(x)), W_n(...W_1(W)), b))) + A_1(x) + ... + A_j(x))
 
-1. `input` stages transform x, `weight` stages W (and b), `output` stages y, in adapter-name
-   order within a stage; `add` stages read the site's own x and are summed last.
-2. A site is always rebuilt whole from its active, unmerged adapters, so the graph depends only
-   on which adapters are active and merged, never on the order they were added or switched.
-3. Merging folds, from the site's original weight (kept at its first merge), every merged
-   adapter in the order that keeps (1): weight stages, input stages (innermost last),
-   output stages, then additive updates. A merged adapter must lie inside every active
-   unmerged one at the site (an `add` adapter cannot be merged under an active `output` scale):
-   otherwise merge, unmerge and set_adapter raise, naming both adapters.
+1. `input` stages transform x (or the op's operands), `weight` stages W (and b), `output` stages y,
+   `add` stages add terms read from the op's own x, `final` stages the whole result, in adapter-name
+   order within a stage. All sites at one op (an embedding weight and the token site of prompt
+   tuning, an RMSNorm weight and the final hidden state) compose together in this one order.
+2. An op is always rebuilt whole from its active, unmerged adapters: `rebuild` strips every node the
+   core inserted there (undoing reroutes and operand rewrites, `peftc.ir.rewrites`) and composes again,
+   so the graph depends only on which adapters are active and merged, never on the order they were
+   added or switched. Rebuilding a site rebuilds every site at its op, and every site of an adapter
+   whose nodes are shared across its sites (`Builder.once`).
+3. Merging (`peftc.technique.merge`) folds merged adapters from the site's original weights; a merged
+   adapter must lie inside every active unmerged one at the site.
 
-Every node a technique adds carries `meta["peftc"] = {"pass", "role", "adapter", "site"}`. The
-record lives in `gm.meta["peftc"]["adapters"]` as `Adapter` objects.
+Every node a technique adds carries `meta["peftc"] = {"pass", "role", "adapter", "site", "kind"}`.
+The record lives in `gm.meta["peftc"]["adapters"]` as `Adapter` objects.
 """
 
 from __future__ import annotations
@@ -30,81 +33,88 @@ from typing import Any
 import torch
 from torch import fx, nn
 
-from peftc.errors import OptionError, PassError, suggest
+from peftc.errors import OptionError, PassError, PeftcError, suggest
 from peftc.ir.graph import freeze_parameters, get_tensor, peftc_meta, qualify, set_tensor
 from peftc.ir.registry import PassResult, register_pass
+from peftc.ir.rewrites import Resolver, consumed, keep_original, restore_original
 from peftc.sites.formats import format_of
 from peftc.sites.selection import sites_of
-from peftc.sites.weight import WeightSite, decode_original, encode_original
-from peftc.technique.declaration import STAGES, Builder, Context, Technique
+from peftc.sites.weight import WeightSite
+from peftc.technique import registry
+from peftc.technique.declaration import STAGES, Builder, Context, Param, Technique
 
 __all__ = [
     "Adapter",
+    "SHARED",
     "register_technique",
-    "technique",
-    "techniques",
     "adapters",
     "active_adapters",
     "set_active",
     "disable",
     "delete",
-    "merge_adapters",
-    "unmerge_adapters",
+    "rebuild",
     "adapter_tensors",
+    "check_name",
+    "check_nesting",
+    "context",
+    "check_not_lowered",
+    "check_not_serving",
 ]
 
 aten = torch.ops.aten
+Ref = tuple[str, str]  # (site path, site kind)
+SHARED = "<shared>"  # the record's key for tensors an adapter shares across its sites (no module path looks so)
 
 
 @dataclass
 class Adapter:
-    """One adapter: its technique, options, sites and tensors; whether it is active and merged."""
+    """One adapter: its technique, options, sites, tensors and modules; whether it is active and merged."""
 
     name: str
     technique: str
     options: Any
-    sites: tuple[tuple[str, str], ...]  # (path, site kind)
-    names: dict[str, dict[str, str]]  # site path ("" for shared tensors) -> attr -> qualified name
-    modules: tuple[str, ...] = ()
+    sites: tuple[Ref, ...]
+    names: dict[str, dict[str, str]]  # site path (SHARED for shared tensors) -> attr -> qualified tensor name
+    modules: dict[str, dict[str, str]] = field(default_factory=dict)  # site path -> attr -> qualified module name
     active: bool = True
     merged: bool = False
     kept: dict[str, torch.Tensor] | None = None  # the tensors, while merged
     stages: dict[str, str] = field(default_factory=dict)  # site path -> stage
+    keys: dict[str, str] = field(default_factory=dict)  # qualified tensor name -> the name without the adapter's
 
     @property
     def param_names(self) -> list[str]:
         return [q for names in self.names.values() for q in names.values()]
 
+    @property
+    def module_names(self) -> list[str]:
+        return [q for names in self.modules.values() for q in names.values()]
+
     def method(self) -> Technique:
-        return technique(self.technique)
+        return registry.technique(self.technique)
 
 
-_TECHNIQUES: dict[str, Technique] = {}
+def register_technique(cls: type[Technique] | None = None, *, replace: bool = False) -> Any:
+    """Register a technique and the pass of its name that adds it (`lora(...)`, `ia3(...)`).
 
+    Refused before anything changes when the declaration is incomplete, or when its name or a peft type
+    it loads is taken; `replace=True` replaces a technique registered under the same name (a fix
+    reloaded in a notebook), never another pass.
+    """
 
-def register_technique(cls: type[Technique]) -> type[Technique]:
-    """Register a technique and the pass of the same name that adds it (`lora(...)`, `ia3(...)`)."""
-    method = cls()
-    _TECHNIQUES[cls.name] = method
+    def decorate(cls: type[Technique]) -> type[Technique]:
+        registry.check_declaration(cls, replace)
+        method = cls()
 
-    def run(gm: fx.GraphModule, options: Any) -> PassResult:
-        return add_adapter(gm, method, options)
+        def run(gm: fx.GraphModule, options: Any) -> PassResult:
+            return add_adapter(gm, method, options)
 
-    run.__doc__ = cls.__doc__
-    run.__name__ = cls.name
-    register_pass(cls.name, options=cls.options, preserves_outputs=cls.preserves_outputs)(run)
-    return cls
+        run.__doc__, run.__name__ = cls.__doc__, cls.name
+        register_pass(cls.name, options=cls.options, preserves_outputs=cls.preserves_outputs, replace=replace)(run)
+        registry.add(method)
+        return cls
 
-
-def technique(name: str) -> Technique:
-    try:
-        return _TECHNIQUES[name]
-    except KeyError:
-        raise OptionError(f"no technique named {name!r}; registered: {', '.join(sorted(_TECHNIQUES))}") from None
-
-
-def techniques() -> dict[str, Technique]:
-    return dict(_TECHNIQUES)
+    return decorate(cls) if cls is not None else decorate
 
 
 def adapters(gm: fx.GraphModule) -> dict[str, Adapter]:
@@ -115,35 +125,30 @@ def active_adapters(gm: fx.GraphModule) -> list[str]:
     return [name for name, record in adapters(gm).items() if record.active and not record.merged]
 
 
+def context(gm: fx.GraphModule, record: Adapter, site: Any) -> Context:
+    """What `record`'s technique sees at `site` (its shared tensors too)."""
+    names = {**record.names.get(SHARED, {}), **record.names.get(site.path, {})}
+    return Context(gm, site, record.options, names, dict(record.modules.get(site.path, {})), record.sites)
+
+
 # --- inserting ------------------------------------------------------------------------------
 
 def add_adapter(gm: fx.GraphModule, method: Technique, options: Any) -> PassResult:
     """The pass every technique gets: create its tensors at the selected sites and rebuild them."""
-    _check_not_lowered(gm)
+    check_not_lowered(gm)
     if options.adapter in adapters(gm):
-        raise OptionError(f"{method.name}: an adapter named {options.adapter!r} exists; pass adapter=\"other\" or delete it first")
+        raise OptionError(f"{method.name}: an adapter named {options.adapter!r} exists; pass adapter=\"other\" or "
+                          "delete it first")
     placed = method.select(gm, options)
     sites = [site for site, _ in placed]
     for site in sites:
-        method.check(gm, site, options)
+        _at_site(method, site, "cannot act on", lambda site=site: method.check(gm, site, options))
     record = Adapter(options.adapter, method.name, options, tuple((s.path, s.kind) for s in sites), {},
                      stages={s.path: method.stage_at(s, options) for s in sites})
-    _check_nesting(gm, record.sites, extra=[record])  # before anything changes
+    check_nesting(gm, record.sites, extra=[record])  # before anything changes
     if options.freeze_base:
-        freeze_parameters(gm, keep={q for record in adapters(gm).values() for q in record.param_names})
-    shared = method.shared_params(gm, sites, options)
-    if shared:
-        record.names[""] = _create(gm, "", shared, options.adapter, _dtype(gm, sites[0]), _device(gm, sites[0]))
-    modules = []
-    for site, prefix in placed:
-        ctx = Context(gm, site, options, dict(record.names.get("", {})))
-        made = _create(gm, prefix, method.params(ctx), options.adapter, _dtype(gm, site), _device(gm, site))
-        record.names[site.path] = made
-        for attr, module in method.modules(site, options).items():
-            qualname = qualify(site.path, attr, options.adapter)
-            gm.add_submodule(qualname, module)
-            modules.append(qualname)
-    record.modules = tuple(modules)
+        freeze_parameters(gm, keep={q for r in adapters(gm).values() for q in r.param_names})
+    _create_all(gm, method, options, record, placed)
     serving = "multi_lora" in peftc_meta(gm)
     record.active = not serving  # a stacked graph serves it per row after the next multi_lora, never on every row
     adapters(gm)[options.adapter] = record
@@ -153,6 +158,38 @@ def add_adapter(gm: fx.GraphModule, method: Technique, options: Any) -> PassResu
     if serving:
         report += "; inactive: this graph serves stacked adapters, apply 'multi_lora' again to serve it"
     return PassResult(gm, modified=True, sites=tuple(s.path for s in sites), report=report)
+
+
+def _create_all(gm: fx.GraphModule, method: Technique, options: Any, record: Adapter, placed: list) -> None:
+    """The adapter's tensors (shared, then per site) and modules, into `record`."""
+    sites = [site for site, _ in placed]
+    shared = method.shared_params(gm, sites, options) if sites else []
+    if shared:
+        record.names[SHARED] = _create(gm, "", shared, record, _dtype(gm, sites[0]), _device(gm, sites[0]))
+    for site, prefix in placed:
+        ctx = context(gm, record, site)
+        params = _at_site(method, site, "cannot create its tensors at", lambda: method.params(ctx))
+        record.names[site.path] = _create(gm, prefix, params, record, _dtype(gm, site), _device(gm, site))
+        modules = _at_site(method, site, "cannot create its modules at", lambda: method.modules(ctx))
+        for attr, module in modules.items():
+            qualname = qualify(prefix, attr, options.adapter)
+            gm.add_submodule(qualname, module.to(_device(gm, site)))
+            record.modules.setdefault(site.path, {})[attr] = qualname
+            # a module's tensors are the adapter's: trained, saved, never frozen with the base
+            for name, _ in [*module.named_parameters(), *module.named_buffers()]:
+                record.names[site.path][f"{attr}.{name}"] = f"{qualname}.{name}"
+                record.keys[f"{qualname}.{name}"] = qualify(prefix, attr, name)
+
+
+def _at_site(method: Technique, site: Any, what: str, fn: Any) -> Any:
+    """`fn()`, an error from inside the technique named by technique and site (not by a node deep in the graph)."""
+    try:
+        return fn()
+    except PeftcError:
+        raise
+    except Exception as e:
+        raise PassError(f"{method.name} {what} the {site.kind} site {site.path!r} ({type(e).__name__}: {e}); a "
+                        "technique refuses the sites it cannot act on in its check()") from e
 
 
 def _device(gm: fx.GraphModule, site: Any) -> torch.device:
@@ -170,39 +207,57 @@ def _dtype(gm: fx.GraphModule, site: Any) -> torch.dtype:
     return val.dtype if isinstance(val, torch.Tensor) and val.is_floating_point() else torch.float32
 
 
-def _current_sites(gm: fx.GraphModule, refs: Iterable[tuple[str, str]]) -> dict[tuple[str, str], Any]:
-    wanted = set(refs)
-    return {(s.path, s.kind): s for s in sites_of(gm, tuple({kind for _, kind in wanted})) if (s.path, s.kind) in wanted}
-
-
-def _create(gm: fx.GraphModule, path: str, params: list, adapter: str, dtype: torch.dtype, device: torch.device) -> dict[str, str]:
+def _create(gm: fx.GraphModule, path: str, params: list[Param], record: Adapter, dtype: torch.dtype,
+            device: torch.device) -> dict[str, str]:
     names = {}
     for param in params:
-        qualname = qualify(path, param.attr, adapter, param.suffix)
+        qualname = qualify(path, param.attr, record.name, param.suffix)
         tensor = param.make(dtype, device)
         set_tensor(gm, qualname, tensor, buffer=not isinstance(tensor, nn.Parameter))
         names[param.key or param.attr] = qualname
+        record.keys[qualname] = qualify(path, param.attr, param.suffix)
     return names
 
 
 # --- rebuilding sites -----------------------------------------------------------------------
 
-def rebuild(gm: fx.GraphModule, refs: Iterable[tuple[str, str]]) -> None:
-    """Strip the sites `refs` of every technique node, then insert their active, unmerged adapters."""
-    _check_not_lowered(gm)
-    refs = list(dict.fromkeys(refs))
+def rebuild(gm: fx.GraphModule, refs: Iterable[Ref]) -> None:
+    """Strip the sites `refs` (and every site composed with them, case 2) of every technique node, then
+    insert their active, unmerged adapters."""
+    check_not_lowered(gm)
+    refs = _closure(gm, list(dict.fromkeys(refs)))
     strip(gm, refs)
     compose(gm, refs)
 
 
-def _check_not_serving(gm: fx.GraphModule) -> None:
+def _closure(gm: fx.GraphModule, refs: list[Ref]) -> list[Ref]:
+    """`refs` with every site at the same op as one of them, and every site of an adapter with shared nodes."""
+    records = list(adapters(gm).values())
+    every = list(dict.fromkeys([*refs, *(ref for r in records for ref in r.sites)]))
+    if len(every) == len(refs):
+        return refs
+    anchors = {ref: site.node for ref, site in _current_sites(gm, every).items()}
+    shared = {n.meta["peftc"]["adapter"] for n in gm.graph.nodes
+              if "adapter" in n.meta.get("peftc", {}) and n.meta["peftc"].get("site") is None}
+    chosen = dict.fromkeys(refs)
+    while True:
+        ops = {anchors.get(ref) for ref in chosen}
+        grow = [ref for ref in every if ref not in chosen and anchors.get(ref) in ops]
+        grow += [ref for r in records if r.name in shared and set(r.sites) & set(chosen)
+                 for ref in r.sites if ref not in chosen]
+        if not grow:
+            return list(chosen)
+        chosen.update(dict.fromkeys(grow))
+
+
+def check_not_serving(gm: fx.GraphModule) -> None:
     if "multi_lora" in peftc_meta(gm):
         raise PassError("this graph serves stacked adapters (multi_lora): every row picks its adapter with adapter_ids, "
                         "so switching or merging branches would add them to every row; do that on the graph before "
                         "'multi_lora'")
 
 
-def _check_not_lowered(gm: fx.GraphModule) -> None:
+def check_not_lowered(gm: fx.GraphModule) -> None:
     if "lowered" in peftc_meta(gm):
         backend = peftc_meta(gm)["lowered"]["backend"]
         if backend == "outline":
@@ -213,103 +268,89 @@ def _check_not_lowered(gm: fx.GraphModule) -> None:
                         f"added, switched, merged or deleted; do that on the graph before {backend!r} (apply it last)")
 
 
-def strip(gm: fx.GraphModule, refs: list[tuple[str, str]]) -> None:
-    """Remove every technique node at the sites `refs`, restoring their base ops."""
-    paths = {path for path, _ in refs}
-    by_site: dict[str, list[fx.Node]] = {}
-    bases: dict[str, fx.Node] = {}
-    for n in gm.graph.nodes:
-        site = n.meta.get("peftc", {}).get("site")
-        if site in paths:
-            by_site.setdefault(site, []).append(n)
+def strip(gm: fx.GraphModule, refs: list[Ref]) -> None:
+    """Remove every technique node at the sites `refs` (and the shared nodes of their adapters), restoring the
+    ops they rewrote and giving rerouted users back what they read."""
+    keys = set(refs)
+    owners = {r.name for r in adapters(gm).values() if keys & set(r.sites)}
+    graph = gm.graph
+
+    def ours(n: fx.Node) -> bool:
+        tag = n.meta.get("peftc", {})
+        if "adapter" not in tag or "kind" not in tag:
+            return False
+        return (tag["site"], tag["kind"]) in keys if tag["site"] is not None else tag["adapter"] in owners
+
+    removed = [n for n in graph.nodes if ours(n)]
+    gone = set(removed)
+    resolve = Resolver(graph, skip=gone)
+    for n in graph.nodes:
         original = n.meta.get("peftc_original")
-        if original is not None and original["site"] in paths:
-            bases[original["site"]] = n
-    names = {n.name: n for n in gm.graph.nodes}
-    for path in paths:
-        _strip(gm, by_site.get(path, []), bases.get(path), names)
+        if original is not None and (original["site"], original["kind"]) in keys:
+            restore_original(n, resolve)
+    for n in reversed(removed):
+        if "exit" in n.meta["peftc"]:
+            n.replace_all_uses_with(consumed(n, gone, resolve))
+    for n in reversed(removed):
+        graph.erase_node(n)
 
 
-def compose(gm: fx.GraphModule, refs: list[tuple[str, str]]) -> None:
-    """Insert the active, unmerged adapters at the (stripped) sites `refs`."""
+def _current_sites(gm: fx.GraphModule, refs: Iterable[Ref]) -> dict[Ref, Any]:
+    wanted = set(refs)
+    kinds = tuple(dict.fromkeys(kind for _, kind in wanted))
+    return {(s.path, s.kind): s for s in sites_of(gm, kinds) if (s.path, s.kind) in wanted}
+
+
+def compose(gm: fx.GraphModule, refs: list[Ref]) -> None:
+    """Insert the active, unmerged adapters at the (stripped) sites `refs`, each op's sites together."""
     found = _current_sites(gm, refs)
-    # Composing a site replaces its output, which a later site may read (chained linears): find inputs by position.
-    positions = {ref: s.node.args.index(s.input) for ref, s in found.items() if s.input in s.node.args}
+    missing = [ref for ref in refs if ref not in found]
+    if missing:
+        path, kind = missing[0]
+        raise PassError(f"expected a {kind} site at {path!r}, found none; was its op rewritten by another pass?")
     active = [r for r in adapters(gm).values() if r.active and not r.merged]
-    for ref in refs:
-        if ref not in found:
-            raise PassError(f"expected a {ref[1]} site at {ref[0]!r}, found none; was the base op rewritten?")
-        here = [r for r in active if ref in r.sites]
-        if here:
-            site = found[ref]
+    # composing an op replaces its output, which a later site may read (chained linears): inputs by position
+    positions = {ref: s.node.args.index(s.input) for ref, s in found.items()
+                 if isinstance(s, WeightSite) and s.input in s.node.args}
+    groups: dict[fx.Node, list[tuple[Ref, Any, Adapter]]] = {}
+    for ref, site in found.items():
+        for record in active:
+            if ref in record.sites:
+                groups.setdefault(site.node, []).append((ref, site, record))
+    memo: dict[tuple[str, Any], Any] = {}
+    for node in [n for n in gm.graph.nodes if n in groups]:
+        pairs = []
+        for ref, site, record in groups[node]:
             if ref in positions and site.node.args[positions[ref]] is not site.input:
                 site = replace(site, input=site.node.args[positions[ref]])
-            _compose(gm, site, here)
+            pairs.append((site, record))
+        _compose_op(gm, node, pairs, memo)
 
 
-def _strip(gm: fx.GraphModule, nodes: list[fx.Node], base: fx.Node | None, names: dict[str, fx.Node]) -> None:
-    entry = next((n for n in nodes if n.meta["peftc"]["role"] == "input_entry"), None)
-    if base is not None:
-        original = base.meta.pop("peftc_original")
-        live_x = entry.args[0] if entry is not None else base.args[original["now_input"]]
-        base.op, base.target = original["op"], original["target"]
-        base.args, base.kwargs = decode_original(original, names, live_x)
-    for n in nodes:
-        if n.meta["peftc"].get("exit"):
-            n.replace_all_uses_with(names[n.meta["peftc"]["exit"]])
-    for n in reversed(nodes):
-        gm.graph.erase_node(n)
+def _stage(site: Any, record: Adapter) -> str:
+    return record.stages[site.path]
 
 
-def _stage_key(record: Adapter, path: str) -> tuple[int, str]:
-    return STAGES.index(record.stages[path]), record.name
+def _compose_op(gm: fx.GraphModule, base: fx.Node, pairs: list[tuple[Any, Adapter]], memo: dict) -> None:
+    """Compose every active adapter of every site at op `base` (case 1)."""
+    _check_alone(gm, base, pairs)
+    pairs = sorted(pairs, key=lambda p: (STAGES.index(_stage(*p)), p[1].name))
 
+    def builder(site: Any, record: Adapter, before: fx.Node | None, cursor: fx.Node, x: Any) -> Builder:
+        return Builder(gm, context(gm, record, site), record.method(), base=base, x=x, before=before, cursor=cursor,
+                       memo=memo)
 
-def _compose(gm: fx.GraphModule, site: WeightSite, here: list[Adapter]) -> None:
-    here = sorted(here, key=lambda r: _stage_key(r, site.path))
-    base, x = site.node, site.input
+    def build(b: Builder, record: Adapter, value: Any) -> Any:
+        return _at_site(record.method(), b.site, "cannot rewrite", lambda: record.method().build(b, value))
 
-    def builder(record: Adapter, cursor: fx.Node, before: fx.Node | None) -> Builder:
-        ctx = Context(gm, site, record.options, {**record.names.get("", {}), **record.names[site.path]})
-        return Builder(gm, ctx, record.method(), cursor, before=before, base=base, x=site.input)
-
-    inputs = [r for r in here if r.stages[site.path] == "input"]
-    weights = [r for r in here if r.stages[site.path] == "weight"]
-    if inputs or weights:
-        original = encode_original(site)
-        for record in inputs:
-            b = builder(record, base, before=base)
-            if x is site.input:
-                x = b.call(aten.alias.default, x, role="input_entry")
-            x = record.method().build(b, x)
-        weight = bias = None
-        for record in weights:
-            b = builder(record, base, before=base)
-            b._weight = weight
-            weight = record.method().build(b, b.weight())
-            bias = b.bias or bias
-        if weight is None:
-            args = list(base.args)
-            args[original["input"]] = x
-            base.args = tuple(args)
-            original["now_input"] = original["input"]
-        else:
-            if bias is None and site.bias:
-                bias = builder(weights[-1], base, before=base).base_bias()
-            target, args = site.functional(x, weight, bias)
-            base.op, base.target, base.args, base.kwargs = "call_function", target, args, {}
-            original["now_input"] = args.index(x)
-        base.meta["peftc_original"] = original
+    _compose_before(gm, base, [p for p in pairs if _stage(*p) in ("input", "weight")], builder, build)
     y, cursor, inside = base, base, []
-    for record in here:
-        stage = record.stages[site.path]
-        if stage not in ("output", "add"):
-            continue
-        b = builder(record, cursor, before=None)
-        if stage == "output":
-            y = record.method().build(b, y)
+    for site, record in [p for p in pairs if _stage(*p) in ("output", "add", "final")]:
+        b = builder(site, record, None, cursor, getattr(site, "input", None))
+        if _stage(site, record) == "add":
+            y = b.call(aten.add.Tensor, y, build(b, record, site.input), role="output")
         else:
-            y = b.call(aten.add.Tensor, y, record.method().build(b, site.input), role="output")
+            y = build(b, record, y)
         cursor = b.cursor
         inside += b.nodes
     if y is not base:
@@ -318,9 +359,54 @@ def _compose(gm: fx.GraphModule, site: WeightSite, here: list[Adapter]) -> None:
         base.replace_all_uses_with(y, delete_user_cb=lambda user: user not in members)
 
 
+def _compose_before(gm: fx.GraphModule, base: fx.Node, pairs: list[tuple[Any, Adapter]], builder: Any,
+                    build: Any) -> None:
+    """The `input` and `weight` stages: nodes before the op, which then reads the new input and weight."""
+    if not pairs:
+        return
+    site = pairs[0][0]
+    x = getattr(site, "input", None)
+    weight = bias = None
+    for site, record in pairs:
+        b = builder(site, record, base, base, x)
+        if _stage(site, record) == "input":
+            x = build(b, record, x if x is not None else base)  # an op of several operands: the op (`b.rewrite`)
+        else:
+            b._weight = weight
+            weight = build(b, record, b.weight())
+            bias = b.bias or bias
+    if not isinstance(site, WeightSite):
+        return
+    index = list(base.args).index(site.input)
+    keep_original(base, site=site.path, kind=site.kind)
+    if weight is None:
+        args = list(base.args)
+        args[index] = x
+        base.args = tuple(args)
+        return
+    if bias is None and site.bias:
+        bias = builder(*pairs[-1], base, base, x).base_bias()
+    target, args = site.functional(x, weight, bias)
+    base.op, base.target, base.args, base.kwargs = "call_function", target, args, {}
+
+
+def _check_alone(gm: fx.GraphModule, base: fx.Node, pairs: list[tuple[Any, Adapter]]) -> None:
+    """An op composed while another site's nodes are still at it would nest them in an unknown order."""
+    ours = {(s.path, s.kind) for s, _ in pairs}
+    original = base.meta.get("peftc_original")
+    if original is not None and (original["site"], original["kind"]) not in ours:
+        others = f"{original['kind']} site {original['site']!r}"
+    else:
+        chains = [n for n in base.users if n.meta.get("peftc", {}).get("exit") == base.name]
+        others = next((f"{n.meta['peftc']['kind']} site {n.meta['peftc']['site']!r}" for n in chains), None)
+    if others is not None:
+        raise PassError(f"internal: the op of {', '.join(f'{k} site {p!r}' for p, k in sorted(ours))} was composed "
+                        f"while {others} still rewrites it; please report this with the pipeline that gave it")
+
+
 # --- switching, deleting ----------------------------------------------------------------------
 
-def _check_name(gm: fx.GraphModule, name: str) -> Adapter:
+def check_name(gm: fx.GraphModule, name: str) -> Adapter:
     known = adapters(gm)
     if name not in known:
         parts = [f"no adapter named {name!r}.", suggest(name, known), f"Adapters: {', '.join(known) or 'none'}"]
@@ -328,26 +414,36 @@ def _check_name(gm: fx.GraphModule, name: str) -> Adapter:
     return known[name]
 
 
-def _check_nesting(gm: fx.GraphModule, refs: Iterable[tuple[str, str]], *, extra: Iterable[Adapter] = (),
-                   merged: Iterable[str] = (), unmerged: Iterable[str] = (), active: Iterable[str] | None = None) -> None:
+# How deep a stage sits in the composed site, innermost first: what merging folds first.
+NESTING = {"weight": 0, "input": 1, "output": 2, "add": 3, "final": 4}
+
+
+def check_nesting(gm: fx.GraphModule, refs: Iterable[Ref], *, extra: Iterable[Adapter] = (),
+                  merged: Iterable[str] = (), unmerged: Iterable[str] = (), active: Iterable[str] | None = None) -> None:
     """Refuse a state in which a merged adapter lies outside an active unmerged one at a site, or in which
-    two active adapters of an `exclusive` technique share a site."""
+    two active adapters of `exclusive` techniques share a site."""
     merged, unmerged = set(merged), set(unmerged)
+    active = set(active) if active is not None else None
     records = [*adapters(gm).values(), *extra]
+
+    def is_merged(r: Adapter) -> bool:
+        return (r.merged or r.name in merged) and r.name not in unmerged
+
+    def is_active(r: Adapter) -> bool:
+        return r.name in active if active is not None else r.active or r.name in unmerged
+
     for path, kind in refs:
         at_site = [r for r in records if (path, kind) in r.sites]
-        is_merged = lambda r: (r.merged or r.name in merged) and r.name not in unmerged  # noqa: E731
-        is_active = lambda r: r.name in active if active is not None else r.active or r.name in unmerged  # noqa: E731
         live = [r for r in at_site if not is_merged(r) and is_active(r)]
-        for method in sorted({r.technique for r in live if r.method().exclusive}):
-            same = [r.name for r in live if r.technique == method]
-            if len(same) > 1:
-                raise OptionError(f"at {path!r}, adapters {', '.join(map(repr, same))} ({method}) would be active "
-                                  f"together, but {method} allows one active adapter per site; make only one of them "
-                                  "active (set_adapter)")
+        alone = [r for r in live if r.method().exclusive]
+        if len(alone) > 1:
+            named = ", ".join(f"{r.name!r} ({r.technique})" for r in alone)
+            raise OptionError(f"at {path!r}, adapters {named} would be active together, but each replaces what the "
+                              f"other computes there (one active at a time); make only one of them active "
+                              f"(set_adapter, or disable_adapters before adding another)")
         for inner in [r for r in at_site if is_merged(r)]:
-            for outer in [r for r in at_site if not is_merged(r) and is_active(r)]:
-                i, o = _NESTING[inner.stages[path]], _NESTING[outer.stages[path]]
+            for outer in live:
+                i, o = NESTING[inner.stages[path]], NESTING[outer.stages[path]]
                 if i > o or (i == o and inner.stages[path] != "add"):
                     raise OptionError(
                         f"at {path!r}, adapter {inner.name!r} ({inner.technique}, {inner.stages[path]} stage) would be "
@@ -356,17 +452,18 @@ def _check_nesting(gm: fx.GraphModule, refs: Iterable[tuple[str, str]], *, extra
                         f"(or first), or unmerge {inner.name!r}")
 
 
+
 def set_active(gm: fx.GraphModule, names: str | Iterable[str]) -> fx.GraphModule:
     """Make exactly `names` active (in place): their branches are in the graph, no others."""
-    _check_not_lowered(gm)
+    check_not_lowered(gm)
     wanted = [names] if isinstance(names, str) else list(names)
     if wanted:
-        _check_not_serving(gm)
+        check_not_serving(gm)
     for name in wanted:
-        if _check_name(gm, name).merged:
+        if check_name(gm, name).merged:
             raise OptionError(f"adapter {name!r} is merged into the base weights; unmerge it before switching")
     changed = [r for r in adapters(gm).values() if not r.merged and r.active != (r.name in wanted)]
-    _check_nesting(gm, [ref for r in changed for ref in r.sites], active=wanted)
+    check_nesting(gm, [ref for r in changed for ref in r.sites], active=wanted)
     for record in changed:
         record.active = record.name in wanted
     rebuild(gm, [ref for r in changed for ref in r.sites])
@@ -381,133 +478,34 @@ def disable(gm: fx.GraphModule) -> fx.GraphModule:
 
 def delete(gm: fx.GraphModule, name: str) -> fx.GraphModule:
     """Remove adapter `name`: its nodes, tensors, modules and record."""
-    _check_not_lowered(gm)
-    record = _check_name(gm, name)
+    check_not_lowered(gm)
+    record = check_name(gm, name)
     if record.merged:
         raise OptionError(f"adapter {name!r} is merged into the base weights; unmerge it before deleting it")
     del adapters(gm)[name]
     rebuild(gm, record.sites)
-    for qualname in record.param_names + list(record.modules):
-        _pop(gm, qualname)
+    for qualname in record.param_names + record.module_names:
+        pop(gm, qualname)
     gm.recompile()
     return gm
 
 
-def _pop(gm: nn.Module, qualname: str) -> torch.Tensor | nn.Module | None:
+def pop(gm: nn.Module, qualname: str) -> torch.Tensor | nn.Module | None:
+    """Unregister the tensor or module at `qualname` (nothing if it is already gone with its module)."""
     owner, _, attr = qualname.rpartition(".")
-    module = gm.get_submodule(owner)
-    for registry in (module._parameters, module._buffers, module._modules):
-        if attr in registry:
-            return registry.pop(attr)
+    try:
+        module = gm.get_submodule(owner)
+    except AttributeError:
+        return None
+    for table in (module._parameters, module._buffers, module._modules):
+        if attr in table:
+            return table.pop(attr)
     return None
-
-
-# --- merging ----------------------------------------------------------------------------------
-
-# How deep a stage sits in the composed site, innermost first: what merging folds first.
-_NESTING = {"weight": 0, "input": 1, "output": 2, "add": 3}
-
-
-def _fold_order(record: Adapter, path: str) -> tuple[int, str]:
-    """Weight stages first, then input stages innermost last, then output stages, then updates."""
-    stage = record.stages[path]
-    rank = _NESTING[stage]
-    key = record.name if stage != "input" else "".join(chr(0x10FFFF - ord(c)) for c in record.name)
-    return rank, key
-
-
-def _refold(gm: fx.GraphModule, site: WeightSite, merged: list[Adapter], options: Any) -> float:
-    """Set the site's weights to its original ones with `merged` folded in; returns dW's survival."""
-    fmt = format_of(site)
-    bases = peftc_meta(gm).setdefault("merged_bases", {})
-    if site.path not in bases:
-        bases[site.path] = (fmt.name, fmt.snapshot(gm, site))
-    stored, state = bases[site.path]
-    if stored != fmt.name:
-        raise OptionError(f"{site.path!r} was stored as {stored} and merged into a {fmt.name} weight; "
-                          "that merge cannot be undone (merge into the same format, e.g. requantize=true, to keep it undoable)")
-    fmt.restore(gm, site, state)
-    if not merged:
-        del bases[site.path]
-        return 1.0
-    with torch.no_grad():
-        weight = fmt.read(gm, site).float()
-        bias = get_tensor(gm, site.bias).float() if site.bias else None
-        original = weight
-        for record in sorted(merged, key=lambda r: _fold_order(r, site.path)):
-            ctx = _Kept(gm, site, record.options, {**record.names.get("", {}), **record.names[site.path]}, record.kept)
-            weight, bias = record.method().fold(ctx, weight, bias)
-        unchanged = bias is None or not site.bias or torch.equal(bias, get_tensor(gm, site.bias).float())
-        if torch.equal(weight, original) and unchanged:
-            return 1.0
-        return fmt.write(gm, site, weight, None if unchanged else bias, options)
-
-
-class _Kept(Context):
-    """A context reading a merged adapter's kept tensors."""
-
-    def __init__(self, gm, site, options, names, kept):
-        super().__init__(gm, site, options, names)
-        self.kept = kept or {}
-
-    def tensor(self, attr: str) -> torch.Tensor:
-        qualname = self.names[attr]
-        return self.kept[qualname] if qualname in self.kept else get_tensor(self.gm, qualname)
-
-
-def merge_adapters(gm: fx.GraphModule, names: list[str], options: Any) -> tuple[list[str], list[float]]:
-    """Fold `names` into their sites' base weights; their tensors move into the record (or are dropped)."""
-    _check_not_lowered(gm)
-    _check_not_serving(gm)
-    records = [adapters(gm)[n] for n in names]
-    refs = list(dict.fromkeys(ref for r in records for ref in r.sites))
-    _check_nesting(gm, refs, merged=names)
-    strip(gm, refs)
-    for record in records:
-        record.kept, record.merged = {q: get_tensor(gm, q) for q in record.param_names}, True
-    sites = _current_sites(gm, refs)
-    survival = [_refold(gm, sites[ref], [r for r in adapters(gm).values() if r.merged and ref in r.sites], options)
-                for ref in refs]
-    for record in records:  # modules (dropout) hold no weights; unmerge calls them again
-        for qualname in record.param_names + ([] if options.keep else list(record.modules)):
-            _pop(gm, qualname)
-    if not options.keep:  # the merged weights become the base
-        for record in records:
-            del adapters(gm)[record.name]
-        still_merged = {path for r in adapters(gm).values() if r.merged for path, _ in r.sites}
-        for path, _ in refs:
-            if path not in still_merged:
-                peftc_meta(gm).get("merged_bases", {}).pop(path, None)
-    compose(gm, refs)
-    return [path for path, _ in refs], survival
-
-
-def unmerge_adapters(gm: fx.GraphModule, names: list[str]) -> list[str]:
-    """Undo `merge` for `names`: restore the original weights, refold the others, re-insert their branches."""
-    _check_not_lowered(gm)
-    records = [adapters(gm)[n] for n in names]
-    for record in records:
-        if record.kept is None:
-            raise OptionError(f"unmerge: adapter {record.name!r} was merged with keep=false; its weights are gone")
-    refs = list(dict.fromkeys(ref for r in records for ref in r.sites))
-    _check_nesting(gm, refs, unmerged=names)
-    strip(gm, refs)
-    for record in records:
-        record.merged = False
-    sites = _current_sites(gm, refs)
-    for ref in refs:
-        _refold(gm, sites[ref], [r for r in adapters(gm).values() if r.merged and ref in r.sites], None)
-    for record in records:
-        for qualname, tensor in record.kept.items():
-            set_tensor(gm, qualname, tensor, buffer=not isinstance(tensor, nn.Parameter))
-        record.kept, record.active = None, True
-    compose(gm, refs)
-    return [path for path, _ in refs]
 
 
 def adapter_tensors(gm: fx.GraphModule, name: str) -> dict[str, torch.Tensor]:
     """Adapter `name`'s tensors by qualified name (from the record while it is merged)."""
-    record = _check_name(gm, name)
+    record = check_name(gm, name)
     if record.merged:
         return dict(record.kept or {})
     return {q: get_tensor(gm, q) for q in record.param_names}

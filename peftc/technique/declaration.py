@@ -1,69 +1,51 @@
-"""A technique is a declaration; `peftc.adapters` does the rest.
+"""A technique is a declaration; the technique layer's core (`peftc.technique.adapters`) does the rest.
 
 A technique subclasses `Technique` and states:
 
-1. `name` (its pass name, peft's method name in lower case), `options` (a frozen dataclass
-   deriving from `AdapterOptions`), `peft_type`, the `site_kinds` it acts on (weight sites:
-   `linear`, `conv`, `embedding`, `layer_norm`, `rms_norm`; sublayer sites, a block's residual
-   adds: `attention`, `feed_forward`);
-2. its `stage` at a site, which fixes how it composes with others there:
-   `input` (x -> f(x)), `weight` (W -> f(W, theta), and the bias too if it wants),
-   `output` (y -> f(y)), or `add` (y -> y + g(x));
+1. `name` (its pass name; peft's method name in lower case), `options` (a frozen dataclass deriving
+   `AdapterOptions`, fields made with `option(...)`: peft's name, default and checks per field),
+   `peft_type`, and the `site_kinds` it acts on: weight sites (`linear`, `conv`, `embedding`,
+   `layer_norm`, `rms_norm`), sublayer sites (a block's residual add: `attention`, `feed_forward`),
+   `tokens` (the token embedding of the input ids), `sdpa` (each attention op), `final_hidden` (the
+   stream entering the head);
+2. its `stage` at a site, which fixes how it composes with the others there (`STAGES`, in order):
+   `input` (x -> f(x) before the op; at `sdpa` sites the op's operands, changed with `b.rewrite`),
+   `weight` (W -> f(W), and the bias if it wants), `output` (y -> f(y)), `add` (y -> y + g(x)),
+   `final` (the whole result -> f(result), additive terms included);
 3. `params(ctx)`: its tensors (`Param`: peft's attribute name, shape or value, init);
-   `shared_params(ctx)` for tensors one adapter shares across sites (VeRA);
+   `shared_params(gm, sites, options)` for tensors one adapter shares across its sites (saved as
+   `base_model.<attr>`, peft's rule for VeRA's projections); `modules(ctx)` for submodules it calls
+   or whose parameters it trains (dropout, P-tuning's encoder, a side network);
 4. `build(b, value)`: the rewrite, written with the `Builder` in standard aten ops;
-5. `fold(ctx, W, bias)` or just `delta(ctx)`: how it merges into the base weight and bias
-   (raise `NotMergeable` if it does not);
-6. `to_peft(options, sites)` / `from_peft(config)`: its `adapter_config.json` fields. `from_peft`
-   pops what it reads; the core refuses every other field that is not at a neutral value.
+5. `fold(ctx, W, bias)` or just `delta(ctx)`: how it merges into the base weight and bias (raise
+   `NotMergeable` if it cannot; `mergeable = False` if it never is a weight update). The first merge
+   on a graph checks the fold against the unmerged rewrite numerically.
 
-Insertion, tags, the adapter record, switching, deleting, merging, saving and loading are the
-core's. `docs/writing-a-technique.md` writes one from scratch.
+Insertion, tags, the adapter record, switching, deleting, merging, saving and loading are the core's.
+`docs/writing-a-technique.md` writes one from scratch.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
-import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal
 
 import torch
 from torch import fx, nn
 
-from peftc.errors import NotMergeable, OptionError
-from peftc.ir.graph import get_tensor, qualify, tag
+from peftc.errors import NotMergeable
+from peftc.ir.graph import get_tensor, tag
+from peftc.ir.rewrites import captured_name, keep_original
 from peftc.sites.formats import format_of, read_weight
 from peftc.sites.selection import resolve_sites
 
-__all__ = [
-    "AdapterOptions",
-    "Builder",
-    "Context",
-    "NotMergeable",
-    "Param",
-    "STAGES",
-    "Stage",
-    "Technique",
-    "kaiming_uniform",
-]
+__all__ = ["Builder", "Context", "NotMergeable", "Param", "STAGES", "Stage", "Technique", "kaiming_uniform"]
 
-Stage = Literal["input", "weight", "output", "add"]
-STAGES: tuple[Stage, ...] = ("input", "weight", "output", "add")  # the order a site composes them in
-
-
-@dataclass(frozen=True)
-class AdapterOptions:
-    """Options every technique has. Subclass with the technique's own fields (all with defaults)."""
-
-    targets: str | None = None  # glob/regex on module paths, "all-linear", or None for peft's default
-    adapter: str = "default"
-    freeze_base: bool = True  # as peft's get_peft_model: only adapter weights train
-
-    def __post_init__(self) -> None:
-        if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", self.adapter):
-            raise OptionError(f"adapter name must be an identifier (it becomes part of parameter names), got {self.adapter!r}")
+Stage = Literal["input", "weight", "output", "add", "final"]
+STAGES: tuple[Stage, ...] = ("input", "weight", "output", "add", "final")  # the order a site composes them in
 
 
 @dataclass(frozen=True)
@@ -103,15 +85,25 @@ def kaiming_uniform(tensor: torch.Tensor) -> None:
 
 @dataclass
 class Context:
-    """What a technique sees at one site: the site, its options, its tensors (by attr), the graph."""
+    """What a technique sees at one site: the site, its options, its tensors and modules (by attr), the graph."""
 
     gm: fx.GraphModule
     site: Any
     options: Any
-    names: dict[str, str] = field(default_factory=dict)  # attr -> qualified name
+    names: dict[str, str] = field(default_factory=dict)  # attr -> qualified tensor name
+    modules: dict[str, str] = field(default_factory=dict)  # attr -> qualified module name
+    sites: tuple[tuple[str, str], ...] = ()  # every (path, kind) the adapter acts on, in graph order
+
+    @property
+    def index(self) -> int:
+        """This site's position among the adapter's sites (prefix tuning's layer)."""
+        return self.sites.index((self.site.path, self.site.kind))
 
     def tensor(self, attr: str) -> torch.Tensor:
         return get_tensor(self.gm, self.names[attr])
+
+    def module(self, attr: str) -> nn.Module:
+        return self.gm.get_submodule(self.modules[attr])
 
     def weight(self) -> torch.Tensor:
         """The base weight as float, in the op's layout (dequantized for quantized storage)."""
@@ -119,34 +111,63 @@ class Context:
 
 
 class Builder:
-    """Adds tagged nodes for one adapter at one site, in order.
+    """Adds tagged nodes for one adapter at one site.
 
-    Nodes of the `input` and `weight` stages go before the base op, the others after it.
-    Every node carries `meta["peftc"] = {"pass", "role", "adapter", "site"}`.
+    Nodes go before the site's op for the `input` and `weight` stages, after it (in order) for the
+    others, or after any node inside `with b.at(node):`. Every node carries
+    `meta["peftc"] = {"pass", "role", "adapter", "site", "kind"}`; the core strips them all when it
+    rebuilds the site, undoing `reroute` and `rewrite` too.
     """
 
-    def __init__(self, gm: fx.GraphModule, ctx: Context, technique: Technique, cursor: fx.Node, *, before: fx.Node | None,
-                 base: fx.Node, x: fx.Node):
+    def __init__(self, gm: fx.GraphModule, ctx: Context, technique: Technique, *, base: fx.Node, x: Any,
+                 before: fx.Node | None, cursor: fx.Node, memo: dict[tuple[str, Any], Any]):
         self.gm, self.ctx, self.technique = gm, ctx, technique
         self.site, self.options = ctx.site, ctx.options
-        self.cursor, self.before = cursor, before
-        self.base, self.x = base, x  # base: the base op's output; x: the site's own input
+        self.base, self.x = base, x  # base: the site's op; x: its own input (None where it has several operands)
         self.nodes: list[fx.Node] = []
         self.bias: fx.Node | None = None  # a `weight`-stage technique may replace the bias too
         self._weight: fx.Node | None = None
+        self._before, self.cursor, self._at = before, cursor, None
+        self._memo, self._shared = memo, False
 
     def _place(self, make: Callable[[], fx.Node], role: str) -> fx.Node:
-        if self.before is not None:
-            with self.gm.graph.inserting_before(self.before):
+        graph = self.gm.graph
+        if self._at is not None:
+            with graph.inserting_after(self._at):
+                node = make()
+            self._at = node
+        elif self._before is not None:
+            with graph.inserting_before(self._before):
                 node = make()
         else:
-            with self.gm.graph.inserting_after(self.cursor):
+            with graph.inserting_after(self.cursor):
                 node = make()
             self.cursor = node
         tag(node, pass_name=self.technique.name, role=role, path=self.site.path, adapter=self.options.adapter,
-            site=self.site.path)
+            site=None if self._shared else self.site.path, kind=None if self._shared else self.site.kind)
         self.nodes.append(node)
         return node
+
+    @contextlib.contextmanager
+    def at(self, node: fx.Node) -> Iterator[None]:
+        """Insert the nodes made inside right after `node`, in order (an input's extension, a shifted position)."""
+        saved, self._at = self._at, node
+        try:
+            yield
+        finally:
+            self._at = saved
+
+    def once(self, key: Any, make: Callable[[], Any]) -> Any:
+        """`make()`'s result, made once for all of this adapter's sites (prefix tuning's keys and values): its
+        nodes belong to the adapter, and every site of the adapter is rebuilt with them."""
+        memo_key = (self.options.adapter, key)
+        if memo_key not in self._memo:
+            shared, self._shared = self._shared, True
+            try:
+                self._memo[memo_key] = make()
+            finally:
+                self._shared = shared
+        return self._memo[memo_key]
 
     def get(self, qualname: str, role: str) -> fx.Node:
         return self._place(lambda: self.gm.graph.get_attr(qualname), role)
@@ -159,8 +180,8 @@ class Builder:
         return self._place(lambda: self.gm.graph.call_function(target, args, kwargs), role)
 
     def module(self, attr: str, *args: Any, role: str) -> fx.Node:
-        """Call the technique's module `attr` (e.g. its dropout) registered at `<path>.<attr>.<adapter>`."""
-        qualname = qualify(self.site.path, attr, self.options.adapter)
+        """Call the technique's module `attr` (e.g. its dropout), registered at `<path>.<attr>.<adapter>`."""
+        qualname = self.ctx.modules[attr]
         return self._place(lambda: self.gm.graph.call_module(qualname, args), role)
 
     def weight(self) -> fx.Node:
@@ -172,19 +193,39 @@ class Builder:
     def base_bias(self) -> fx.Node | None:
         return self.get(self.site.bias, "base_bias") if self.site.bias else None
 
+    def reroute(self, old: fx.Node, new: fx.Node, *, users: set[fx.Node] | None = None) -> fx.Node:
+        """Give `old`'s users `new` instead (all but this build's own nodes, or only `users`); the core gives
+        them `old` back when it strips the site."""
+        mine = set(self.nodes)
+        for user in [u for u in old.users if u not in mine and u is not new and (users is None or u in users)]:
+            user.replace_input_with(old, new)
+        new.meta["peftc"]["exit"] = captured_name(old)
+        if users is not None:
+            new.meta["peftc"]["partial"] = True
+        return new
+
+    def rewrite(self, args: tuple, kwargs: dict[str, Any]) -> None:
+        """Call the site's op with other arguments (attention's keys, values and mask); the captured call is
+        kept and put back when the core strips the site."""
+        keep_original(self.base, site=self.site.path, kind=self.site.kind)
+        self.base.args, self.base.kwargs = tuple(args), dict(kwargs)
+
 
 class Technique:
     """Declare a technique: set the class attributes, write `params` and `build`; see the module doc."""
 
     name: ClassVar[str]
     options: ClassVar[type]
-    peft_type: ClassVar[str | None] = None
+    peft_type: ClassVar[str | None] = None  # None: saved in peftc's format (its options as JSON)
+    peft_loads: ClassVar[tuple[str, ...] | None] = None  # peft types whose checkpoints load as this; None: peft_type
+    peft_fixed: ClassVar[dict[str, Any]] = {}  # peft fields it implements at one value: written so, refused otherwise
+    peft_ignored: ClassVar[tuple[str, ...]] = ()  # peft fields that change nothing here (read from the graph, init)
     site_kinds: ClassVar[tuple[str, ...]] = ("linear",)
     stage: ClassVar[Stage] = "add"
     preserves_outputs: ClassVar[bool] = True  # at init the rewritten model computes what the base did
     mergeable: ClassVar[bool] = True  # False: not a weight update; `merge` leaves it in the graph and says so
     default_targets: ClassVar[dict[str, str] | None] = None  # model family -> pattern; None: LoRA's table
-    exclusive: ClassVar[bool] = False  # at most one of its adapters active at a site (it replaces the weight)
+    exclusive: ClassVar[bool] = False  # at most one active adapter of an exclusive technique per site
 
     def stage_at(self, site: Any, options: Any) -> Stage:
         return self.stage
@@ -200,18 +241,19 @@ class Technique:
         """Raise `OptionError` to refuse a site (e.g. an option it does not support there)."""
 
     def params(self, ctx: Context) -> list[Param]:
-        raise NotImplementedError
+        return []
 
     def shared_params(self, gm: fx.GraphModule, sites: list[Any], options: Any) -> list[Param]:
         return []
 
-    def modules(self, site: Any, options: Any) -> dict[str, nn.Module]:
-        """Submodules the rewrite calls (dropout), registered at `<path>.<attr>.<adapter>`."""
+    def modules(self, ctx: Context) -> dict[str, nn.Module]:
+        """Submodules at `<path>.<attr>.<adapter>`: called by the rewrite (dropout) or holding its parameters;
+        they follow the graph's train/eval mode and their parameters are the adapter's."""
         return {}
 
-    def build(self, b: Builder, value: fx.Node) -> fx.Node:
-        """The rewrite. `value` is x (`input`, `add`), W (`weight`) or y (`output`); return its replacement
-        (for `add`: the branch added to y)."""
+    def build(self, b: Builder, value: Any) -> Any:
+        """The rewrite. `value` is x (`input`, `add`; the op at `sdpa` sites), W (`weight`) or the result so
+        far (`output`, `final`); return its replacement (for `add`: the term added to y)."""
         raise NotImplementedError
 
     def delta(self, ctx: Context) -> torch.Tensor:
@@ -222,21 +264,27 @@ class Technique:
         """(W', b') such that the base op with them computes what this stage computed."""
         return weight + self.delta(ctx).to(weight.dtype), bias
 
-    def checkpoint_key(self, attr_key: str) -> str:
-        """peft's key for one tensor, given `<path>.<attr>[.<suffix>]` (the adapter name dropped)."""
-        return attr_key
+    def checkpoint_key(self, key: str) -> str:
+        """peft's key for one tensor, given `base_model.model.<path>.<attr>[.<suffix>]` (the adapter name dropped;
+        shared tensors: `base_model.<attr>`)."""
+        return key
 
     def saved(self, options: Any, attr: str) -> bool:
         """Whether peft's checkpoint holds tensor `attr`; False for tensors `params` / `shared_params`
         recreate from the options alone (FourierFT's indices, VeRA's projections without save_projection)."""
         return True
 
+    def to_checkpoint(self, ctx: Context, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The tensors peft's checkpoint holds, from the adapter's own (by checkpoint key): the same by default;
+        P-tuning and projected prefixes save their encoder's output, as peft does."""
+        return tensors
+
     def to_peft(self, options: Any, sites: list[Any]) -> dict[str, Any]:
-        """The technique's `adapter_config.json` fields (peft_type and target_modules are the core's)."""
+        """`adapter_config.json` fields beyond those the options declare (read from the sites, say)."""
         return {}
 
     def from_peft(self, config: dict[str, Any]) -> dict[str, Any]:
-        """Options from an `adapter_config.json`; pop every field read."""
+        """Options from `adapter_config.json` fields the options do not declare one to one; pop each field read."""
         return {}
 
     def after_insert(self, gm: fx.GraphModule, sites: list[Any], options: Any) -> None:

@@ -14,9 +14,10 @@ from peftc.techniques import (
     oft,
     prefix,
     prompt,
+    ptuning,
     side,
     vera,
 )
 
 __all__ = ["adalora", "boft", "bottleneck", "fourierft", "hra", "ia3", "ln_tuning", "loha", "lokr", "lora", "oft",
-           "prefix", "prompt", "side", "vera"]
+           "prefix", "prompt", "ptuning", "side", "vera"]

@@ -30,46 +30,57 @@ from typing import Any
 import torch
 from torch import fx, nn
 
-from peftc.technique.adapters import register_technique
 from peftc.errors import OptionError
-from peftc.technique import AdapterOptions, Builder, Context, Param, Technique
+from peftc.technique import (
+    AdapterOptions,
+    Builder,
+    Context,
+    Param,
+    Technique,
+    option,
+    positive,
+    probability,
+    register_technique,
+)
 
 __all__ = ["AdaloraOptions", "Adalora"]
 
 aten = torch.ops.aten
 
 
+def _rank_pattern_from_peft(pattern: Any) -> list:
+    return [[_path_of(k), [bool(m) for m in mask]] for k, mask in (pattern or {}).items()]
+
+
 @dataclass(frozen=True)
 class AdaloraOptions(AdapterOptions):
-    init_r: int = 12
-    alpha: float = 8.0
-    dropout: float = 0.0
-    init_weights: bool = True
-    rank_pattern: tuple[Any, ...] = ()  # [path, [bool] * init_r] pairs
+    init_r: int = option(12, doc="the starting rank of every site", check=positive, peft="init_r")
+    alpha: float = option(8.0, doc="the update's scale numerator (0: the site's rank)", peft="lora_alpha")
+    dropout: float = option(0.0, doc="dropout on the branch's input", check=probability, peft="lora_dropout")
+    init_weights: bool = option(True, doc="peft's init (E and B zero)", peft="init_lora_weights", decode=bool)
+    rank_pattern: tuple[Any, ...] = option(
+        (), doc="[path, [bool] * init_r] pairs: the ranks kept at each site (peft's rank_pattern)",
+        peft="rank_pattern", encode=lambda pairs: {f"{path}.lora_E": list(mask) for path, mask in pairs} or None,
+        decode=_rank_pattern_from_peft)
     # peft's allocation schedule: written to adapter_config.json, never run by peftc
-    target_r: int = 8
-    tinit: int = 0
-    tfinal: int = 0
-    deltaT: int = 1
-    beta1: float = 0.85
-    beta2: float = 0.85
-    orth_reg_weight: float = 0.5
-    total_step: int | None = None
+    target_r: int = option(8, doc="the schedule's final average rank (peft's allocator; not run by peftc)",
+                           peft="target_r")
+    tinit: int = option(0, doc="steps before pruning starts (schedule)", peft="tinit")
+    tfinal: int = option(0, doc="steps after pruning ends (schedule)", peft="tfinal")
+    deltaT: int = option(1, doc="steps between allocations (schedule)", peft="deltaT")
+    beta1: float = option(0.85, doc="importance smoothing (schedule)", peft="beta1")
+    beta2: float = option(0.85, doc="uncertainty smoothing (schedule)", peft="beta2")
+    orth_reg_weight: float = option(0.5, doc="orthogonal regularisation weight (schedule)", peft="orth_reg_weight")
+    total_step: int | None = option(None, doc="total training steps (schedule)", peft="total_step")
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.init_r <= 0:
-            raise OptionError(f"adalora: init_r must be a positive integer, got {self.init_r}")
-        if not 0.0 <= self.dropout < 1.0:
-            raise OptionError(f"adalora: dropout must be in [0, 1), got {self.dropout}")
-        pairs = tuple((p[0], tuple(p[1])) if isinstance(p, (list, tuple)) and len(p) == 2 and isinstance(p[1], (list, tuple))
-                      else p for p in self.rank_pattern)
-        for pair in pairs:
-            if not (isinstance(pair, tuple) and isinstance(pair[0], str) and all(isinstance(m, bool) for m in pair[1])
+        for pair in self.rank_pattern:
+            if not (isinstance(pair, tuple) and len(pair) == 2 and isinstance(pair[0], str)
+                    and isinstance(pair[1], tuple) and all(isinstance(m, bool) for m in pair[1])
                     and len(pair[1]) == self.init_r):
                 raise OptionError(f"adalora: rank_pattern holds [path, mask] pairs with a mask of init_r={self.init_r} "
                                   f"booleans (peft's rank_pattern), got {pair!r}")
-        object.__setattr__(self, "rank_pattern", pairs)  # hashable, whatever the text gave
 
     def rank_at(self, path: str) -> int:
         return sum(dict(self.rank_pattern).get(path, (True,) * self.init_r))
@@ -90,6 +101,10 @@ class Adalora(Technique):
     name = "adalora"
     options = AdaloraOptions
     peft_type = "ADALORA"
+    peft_fixed = {"bias": "none"}
+    # fields of peft's LoRA config its AdaLoRA ignores (init_r is the rank); qalora_group_size matters only with
+    # use_qalora, refused when set; the layout is read from the graph
+    peft_ignored = ("r", "use_rslora", "alpha_pattern", "qalora_group_size", "fan_in_fan_out")
     site_kinds = ("linear", "conv")
 
     def check(self, gm: fx.GraphModule, site: Any, options: AdaloraOptions) -> None:
@@ -113,8 +128,8 @@ class Adalora(Technique):
         return [Param("lora_A", (r, fan_in), init=init_a), Param("lora_E", (r, 1), init=init_e),
                 Param("lora_B", (out, r), init=init_b), Param("ranknum", value=ranknum, trainable=False)]
 
-    def modules(self, site: Any, options: AdaloraOptions) -> dict[str, nn.Module]:
-        return {"lora_dropout": nn.Dropout(options.dropout)} if options.dropout > 0 else {}
+    def modules(self, ctx: Context) -> dict[str, nn.Module]:
+        return {"lora_dropout": nn.Dropout(ctx.options.dropout)} if ctx.options.dropout > 0 else {}
 
     def _scaling(self, site: Any, options: AdaloraOptions) -> float:
         return options.alpha if options.alpha > 0 else float(options.rank_at(site.path))
@@ -157,28 +172,8 @@ class Adalora(Technique):
 
     def to_peft(self, options: AdaloraOptions, sites: list[Any]) -> dict[str, Any]:
         # peft refuses a config without a usable schedule; the smallest one is enough to load and resume
-        total_step = options.total_step or options.tinit + options.tfinal + 1
-        return {"init_r": options.init_r, "lora_alpha": options.alpha, "lora_dropout": options.dropout,
-                "init_lora_weights": options.init_weights, "bias": "none",
-                "rank_pattern": {f"{path}.lora_E": list(mask) for path, mask in options.rank_pattern} or None,
-                "target_r": options.target_r, "tinit": options.tinit, "tfinal": options.tfinal, "deltaT": options.deltaT,
-                "beta1": options.beta1, "beta2": options.beta2, "orth_reg_weight": options.orth_reg_weight,
-                "total_step": total_step, "fan_in_fan_out": any(getattr(s, "fan_in_fan_out", False) for s in sites)}
-
-    def from_peft(self, config: dict[str, Any]) -> dict[str, Any]:
-        # peft's AdaLoRA ignores these LoRA fields: r (init_r is the rank), use_rslora, alpha_pattern;
-        # qalora_group_size matters only with use_qalora, which the core refuses when set
-        for ignored in ("r", "use_rslora", "alpha_pattern", "qalora_group_size", "fan_in_fan_out"):
-            config.pop(ignored, None)
-        pattern = config.pop("rank_pattern", None) or {}
-        options = {"init_r": config.pop("init_r", 12), "alpha": float(config.pop("lora_alpha", 8)),
-                   "dropout": float(config.pop("lora_dropout", 0.0)),
-                   "init_weights": bool(config.pop("init_lora_weights", True)),  # peft's AdaLoRA only tests it for truth
-                   "rank_pattern": [[_path_of(k), [bool(m) for m in mask]] for k, mask in pattern.items()]}
-        for name, default in (("target_r", 8), ("tinit", 0), ("tfinal", 0), ("deltaT", 1), ("beta1", 0.85),
-                              ("beta2", 0.85), ("orth_reg_weight", 0.5), ("total_step", None)):
-            options[name] = config.pop(name, default)
-        return options
+        return {"total_step": options.total_step or options.tinit + options.tfinal + 1,
+                "fan_in_fan_out": any(getattr(s, "fan_in_fan_out", False) for s in sites)}
 
     def describe(self, options: AdaloraOptions, sites: list[Any]) -> str:
         pruned = sum(options.rank_at(s.path) < options.init_r for s in sites)

@@ -29,9 +29,19 @@ from typing import Any
 import torch
 from torch import fx, nn
 
-from peftc.technique.adapters import register_technique
 from peftc.errors import OptionError
-from peftc.technique import AdapterOptions, Builder, Context, Param, Technique
+from peftc.technique import (
+    AdapterOptions,
+    Builder,
+    Context,
+    Param,
+    Technique,
+    non_negative,
+    option,
+    positive,
+    probability,
+    register_technique,
+)
 from peftc.techniques.oft import check_weight_rotation_site, eager, rotated_dim
 
 __all__ = ["BoftOptions", "Boft", "MultiplicativeDropout"]
@@ -41,21 +51,21 @@ aten = torch.ops.aten
 
 @dataclass(frozen=True)
 class BoftOptions(AdapterOptions):
-    block_size: int = 4
-    block_num: int = 0
-    n_butterfly_factor: int = 1
-    dropout: float = 0.0
-    init_weights: bool = True
+    block_size: int = option(4, doc="size of each block (give it or block_num, the other 0)", check=non_negative,
+                             peft="boft_block_size")
+    block_num: int = option(0, doc="number of blocks (give it or block_size, the other 0)", check=non_negative,
+                            peft="boft_block_num")
+    n_butterfly_factor: int = option(1, doc="butterfly factors multiplied into the rotation", check=positive,
+                                     peft="boft_n_butterfly_factor")
+    dropout: float = option(0.0, doc="multiplicative dropout of whole blocks (training only)", check=probability,
+                            peft="boft_dropout")
+    init_weights: bool = option(True, doc="start at the identity rotation (false: random)", peft="init_weights")
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.block_size < 0 or self.block_num < 0 or (self.block_size != 0) == (self.block_num != 0):
+        if (self.block_size != 0) == (self.block_num != 0):
             raise OptionError(f"boft: give exactly one of block_size and block_num, the other 0; got block_size="
                               f"{self.block_size}, block_num={self.block_num}")
-        if self.n_butterfly_factor < 1:
-            raise OptionError(f"boft: n_butterfly_factor must be a positive integer, got {self.n_butterfly_factor}")
-        if not 0.0 <= self.dropout < 1.0:
-            raise OptionError(f"boft: dropout must be in [0, 1), got {self.dropout}")
 
 
 class MultiplicativeDropout(nn.Module):
@@ -148,6 +158,7 @@ class Boft(Technique):
     name = "boft"
     options = BoftOptions
     peft_type = "BOFT"
+    peft_fixed = {"bias": "none", "fan_in_fan_out": False}
     site_kinds = ("linear", "conv")
     stage = "weight"
 
@@ -164,8 +175,8 @@ class Boft(Technique):
                 Param("boft_s", (1, out) if site.kind == "conv" else (out, 1),
                       init=(lambda t: nn.init.normal_(t, 1.0, 0.1)) if random else nn.init.ones_)]
 
-    def modules(self, site: Any, options: BoftOptions) -> dict[str, nn.Module]:
-        return {"boft_dropout": MultiplicativeDropout(options.dropout)} if options.dropout > 0 else {}
+    def modules(self, ctx: Context) -> dict[str, nn.Module]:
+        return {"boft_dropout": MultiplicativeDropout(ctx.options.dropout)} if ctx.options.dropout > 0 else {}
 
     def build(self, b: Builder, W: fx.Node) -> fx.Node:
         site, o = b.site, b.options
@@ -190,16 +201,6 @@ class Boft(Technique):
         rot = butterfly(eager, ctx.tensor("boft_R").float(), *shape(site, ctx.options))
         s = ctx.tensor("boft_s").float()
         return self._rotate(eager, weight, list(weight.shape), rot, s.T if site.kind == "conv" else s), bias
-
-    def to_peft(self, options: BoftOptions, sites: list[Any]) -> dict[str, Any]:
-        return {"boft_block_size": options.block_size, "boft_block_num": options.block_num,
-                "boft_n_butterfly_factor": options.n_butterfly_factor, "boft_dropout": options.dropout,
-                "init_weights": options.init_weights, "bias": "none", "fan_in_fan_out": False}
-
-    def from_peft(self, config: dict[str, Any]) -> dict[str, Any]:
-        return {"block_size": config.pop("boft_block_size", 4), "block_num": config.pop("boft_block_num", 0),
-                "n_butterfly_factor": config.pop("boft_n_butterfly_factor", 1),
-                "dropout": float(config.pop("boft_dropout", 0.0)), "init_weights": bool(config.pop("init_weights", True))}
 
     def describe(self, options: BoftOptions, sites: list[Any]) -> str:
         return (f"BOFT with {options.n_butterfly_factor} butterfly factor(s) on {len(sites)} sites, "

@@ -34,10 +34,19 @@ from typing import Any, Literal
 import torch
 from torch import fx, nn
 
-from peftc.technique.adapters import register_technique
 from peftc.errors import OptionError, PassError
 from peftc.sites import SublayerSite, sites_of, weight_site_at
-from peftc.technique import AdapterOptions, Builder, Context, Param, Technique
+from peftc.technique import (
+    AdapterOptions,
+    Builder,
+    Context,
+    Param,
+    Technique,
+    option,
+    positive,
+    probability,
+    register_technique,
+)
 
 __all__ = ["BottleneckOptions", "Bottleneck", "ACTIVATIONS", "PLACEMENTS"]
 
@@ -59,30 +68,29 @@ ACTIVATIONS = {
 }
 
 
+def _activation(value: Any) -> str | None:
+    return None if value.lower() in ACTIVATIONS else "one of " + ", ".join(ACTIVATIONS)
+
+
+def _number(value: Any) -> str | None:
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    return None if ok else "a number (adapter-hub's 'learned' and 'channel' scalings are not implemented)"
+
+
 @dataclass(frozen=True)
 class BottleneckOptions(AdapterOptions):
-    placement: Literal["houlsby", "pfeiffer", "parallel"] = "houlsby"
-    reduction_factor: int | None = None  # None: the placement's (16, 16, 2)
-    activation: str | None = None  # None: the placement's (swish, relu, relu)
-    init: Literal["bert", "zero_up", "houlsby"] | None = None  # None: the placement's (bert, bert, zero_up)
-    scaling: float | str | None = None  # None: the placement's (1.0, 1.0, 4.0); strings are refused by name
-    dropout: float = 0.0
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if self.placement not in PLACEMENTS:
-            raise OptionError(f"adapter: placement must be one of {', '.join(PLACEMENTS)}, got {self.placement!r}")
-        if self.reduction_factor is not None and (not isinstance(self.reduction_factor, int) or self.reduction_factor < 1):
-            raise OptionError(f"adapter: reduction_factor must be a positive integer, got {self.reduction_factor!r}")
-        if self.activation is not None and self.activation.lower() not in ACTIVATIONS:
-            raise OptionError(f"adapter: unknown activation {self.activation!r}; choose one of {', '.join(ACTIVATIONS)}")
-        if self.init not in (None, "bert", "zero_up", "houlsby"):
-            raise OptionError(f"adapter: init must be 'bert', 'zero_up' or 'houlsby', got {self.init!r}")
-        if self.scaling is not None and (isinstance(self.scaling, bool) or not isinstance(self.scaling, (int, float))):
-            raise OptionError(f"adapter: scaling must be a number (adapter-hub's 'learned' and 'channel' scalings are "
-                              f"not implemented), got {self.scaling!r}")
-        if not 0 <= self.dropout < 1:
-            raise OptionError(f"adapter: dropout must be in [0, 1), got {self.dropout}")
+    placement: Literal["houlsby", "pfeiffer", "parallel"] = option(
+        "houlsby", doc="houlsby (after attention and feed-forward), pfeiffer (after feed-forward), parallel (beside it)")
+    reduction_factor: int | None = option(None, doc="bottleneck width d // reduction_factor (None: the "
+                                          "placement's 16, 16, 2)", check=positive)
+    activation: str | None = option(None, doc="activation between the projections (None: the placement's swish, "
+                                    "relu, relu)", check=_activation)
+    init: Literal["bert", "zero_up", "houlsby"] | None = option(
+        None, doc="bert N(0, 0.02), zero_up (the identity at init), houlsby truncated N(0, 1e-2) (None: the "
+        "placement's bert, bert, zero_up)")
+    scaling: float | str | None = option(None, doc="scale of the adapter's output (None: the placement's 1, 1, 4)",
+                                         check=_number)
+    dropout: float = option(0.0, doc="dropout after the scaled up projection", check=probability)
 
     @property
     def kinds(self) -> tuple[str, ...]:
@@ -158,8 +166,8 @@ class Bottleneck(Technique):
                 Param("adapter_up", (d, m), up, suffix="weight", key="up"),
                 Param("adapter_up", (d,), suffix="bias", key="up_bias")]
 
-    def modules(self, site: SublayerSite, options: BottleneckOptions) -> dict[str, nn.Module]:
-        return {"adapter_dropout": nn.Dropout(options.dropout)} if options.dropout else {}
+    def modules(self, ctx: Context) -> dict[str, nn.Module]:
+        return {"adapter_dropout": nn.Dropout(ctx.options.dropout)} if ctx.options.dropout else {}
 
     def build(self, b: Builder, z: fx.Node) -> fx.Node:
         site: SublayerSite = b.site

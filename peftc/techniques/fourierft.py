@@ -26,34 +26,29 @@ from typing import Any
 import torch
 from torch import fx, nn
 
-from peftc.technique.adapters import register_technique
 from peftc.errors import OptionError
-from peftc.technique import AdapterOptions, Builder, Context, Param, Technique
+from peftc.technique import AdapterOptions, Builder, Context, Param, Technique, option, positive, register_technique
 
 __all__ = ["FourierftOptions", "Fourierft", "frequency_indices"]
 
 aten = torch.ops.aten
 
 
+def _pairs(value: Any) -> str | None:
+    ok = all(isinstance(p, tuple) and len(p) == 2 and isinstance(p[0], str) and isinstance(p[1], int) and p[1] > 0
+             for p in value)
+    return None if ok else "[name, n] pairs with a positive n, e.g. [[\"q_proj\", 500]]"
+
+
 @dataclass(frozen=True)
 class FourierftOptions(AdapterOptions):
-    n_frequency: int = 1000
-    scaling: float = 150.0
-    random_loc_seed: int = 777
-    init_weights: bool = False
-    n_frequency_pattern: tuple[Any, ...] = ()  # [name, n] pairs
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        pairs = tuple(tuple(p) if isinstance(p, (list, tuple)) else p for p in self.n_frequency_pattern)
-        if not all(isinstance(p, tuple) and len(p) == 2 and isinstance(p[0], str) and isinstance(p[1], int)
-                   for p in pairs):
-            raise OptionError(f"fourierft: n_frequency_pattern must be [name, n] pairs, e.g. [[\"q_proj\", 500]]; "
-                              f"got {self.n_frequency_pattern!r}")
-        object.__setattr__(self, "n_frequency_pattern", pairs)  # hashable, whatever the text gave
-        for n in (self.n_frequency, *(n for _, n in pairs)):
-            if n <= 0:
-                raise OptionError(f"fourierft: n_frequency must be a positive integer, got {n}")
+    n_frequency: int = option(1000, doc="learned spectral entries per site", check=positive, peft="n_frequency")
+    scaling: float = option(150.0, doc="scale of the inverse transform", peft="scaling")
+    random_loc_seed: int = option(777, doc="seed of the entries' fixed random positions", peft="random_loc_seed")
+    init_weights: bool = option(False, doc="start the entries at zero (false: N(0, 1), as peft)", peft="init_weights")
+    n_frequency_pattern: tuple[Any, ...] = option(
+        (), doc="[name, n] pairs: n_frequency for the sites whose path ends in name", check=_pairs,
+        peft="n_frequency_pattern", encode=dict, decode=lambda d: [[k, v] for k, v in (d or {}).items()])
 
     def n_at(self, path: str) -> int:
         """peft's rule: the first pattern key k with `re.match(rf".*\\.{k}$", path)`, else the path itself."""
@@ -75,6 +70,8 @@ class Fourierft(Technique):
     name = "fourierft"
     options = FourierftOptions
     peft_type = "FOURIERFT"
+    peft_fixed = {"bias": "none"}
+    peft_ignored = ("fan_in_fan_out",)  # the layout is read from the graph
     preserves_outputs = False  # peft's default init is a random spectrum
 
     def check(self, gm: fx.GraphModule, site: Any, options: FourierftOptions) -> None:
@@ -117,17 +114,7 @@ class Fourierft(Technique):
         return attr != "indices"  # peft rebuilds them from random_loc_seed
 
     def to_peft(self, options: FourierftOptions, sites: list[Any]) -> dict[str, Any]:
-        return {"n_frequency": options.n_frequency, "scaling": options.scaling, "random_loc_seed": options.random_loc_seed,
-                "init_weights": options.init_weights, "n_frequency_pattern": dict(options.n_frequency_pattern),
-                "bias": "none", "fan_in_fan_out": any(getattr(s, "fan_in_fan_out", False) for s in sites)}
-
-    def from_peft(self, config: dict[str, Any]) -> dict[str, Any]:
-        config.pop("fan_in_fan_out", None)  # peftc reads the layout from the graph
-        pattern = config.pop("n_frequency_pattern", None) or {}
-        return {"n_frequency": config.pop("n_frequency", 1000), "scaling": float(config.pop("scaling", 150.0)),
-                "random_loc_seed": config.pop("random_loc_seed", 777),
-                "init_weights": bool(config.pop("init_weights", False)),
-                "n_frequency_pattern": [[k, v] for k, v in pattern.items()]}
+        return {"fan_in_fan_out": any(getattr(s, "fan_in_fan_out", False) for s in sites)}
 
     def describe(self, options: FourierftOptions, sites: list[Any]) -> str:
         return f"FourierFT n_frequency={options.n_frequency} on {len(sites)} sites, adapter {options.adapter!r}"

@@ -21,11 +21,19 @@ from typing import Any
 import torch
 from torch import fx
 
-from peftc.technique.adapters import register_technique
-from peftc.errors import OptionError
+from peftc.technique import (
+    AdapterOptions,
+    Builder,
+    Context,
+    Param,
+    Technique,
+    kaiming_uniform,
+    option,
+    positive,
+    register_technique,
+)
 from peftc.techniques.boft import weight_shape
 from peftc.techniques.oft import check_weight_rotation_site, eager, rotated_dim
-from peftc.technique import AdapterOptions, Builder, Context, Param, Technique, kaiming_uniform
 
 __all__ = ["HraOptions", "Hra"]
 
@@ -34,14 +42,9 @@ aten = torch.ops.aten
 
 @dataclass(frozen=True)
 class HraOptions(AdapterOptions):
-    r: int = 8
-    apply_GS: bool = False
-    init_weights: bool = True
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if self.r <= 0:
-            raise OptionError(f"hra: r must be a positive integer, got {self.r}")
+    r: int = option(8, doc="number of Householder reflections", check=positive, aliases=("rank",), peft="r")
+    apply_GS: bool = option(False, doc="orthonormalise the reflection vectors first (Gram-Schmidt)", peft="apply_GS")
+    init_weights: bool = option(True, doc="peft's init: repeated columns, so H = I for an even r", peft="init_weights")
 
 
 def _symmetric_init(tensor: torch.Tensor) -> None:
@@ -87,6 +90,7 @@ class Hra(Technique):
     name = "hra"
     options = HraOptions
     peft_type = "HRA"
+    peft_fixed = {"bias": "none"}
     site_kinds = ("linear", "conv")
     stage = "weight"
 
@@ -109,13 +113,6 @@ class Hra(Technique):
 
     def fold(self, ctx: Context, weight: torch.Tensor, bias: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
         return self._apply(eager, weight, list(weight.shape), ctx.tensor("hra_u").float(), ctx.site, ctx.options), bias
-
-    def to_peft(self, options: HraOptions, sites: list[Any]) -> dict[str, Any]:
-        return {"r": options.r, "apply_GS": options.apply_GS, "init_weights": options.init_weights, "bias": "none"}
-
-    def from_peft(self, config: dict[str, Any]) -> dict[str, Any]:
-        return {"r": config.pop("r", 8), "apply_GS": bool(config.pop("apply_GS", False)),
-                "init_weights": bool(config.pop("init_weights", True))}
 
     def describe(self, options: HraOptions, sites: list[Any]) -> str:
         gs = " with Gram-Schmidt" if options.apply_GS else ""

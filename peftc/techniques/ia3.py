@@ -26,10 +26,9 @@ from typing import Any
 import torch
 from torch import fx, nn
 
-from peftc.sites.selection import default_targets
-from peftc.technique.adapters import register_technique
 from peftc.errors import OptionError
-from peftc.technique import AdapterOptions, Builder, Context, Param, Stage, Technique
+from peftc.sites.selection import default_targets
+from peftc.technique import AdapterOptions, Builder, Context, Param, Stage, Technique, option, register_technique
 
 __all__ = ["Ia3Options", "Ia3"]
 
@@ -63,19 +62,22 @@ _FEEDFORWARD = {
 }
 
 
+def _regex(value: Any) -> str | None:
+    if not isinstance(value, str):
+        return None
+    try:
+        re.compile(value)
+    except re.error as e:
+        return f"a regex matching whole paths, or a list of suffixes ({e})"
+    return None
+
+
 @dataclass(frozen=True)
 class Ia3Options(AdapterOptions):
-    # peft's semantics: suffixes (no dot boundary), or a regex matching the whole path; None: the family's table
-    feedforward_modules: tuple[str, ...] | str | None = None
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if isinstance(self.feedforward_modules, str):
-            try:
-                re.compile(self.feedforward_modules)
-            except re.error as e:
-                raise OptionError(f"ia3: feedforward_modules {self.feedforward_modules!r} is not a valid regex ({e}); "
-                                  "pass a regex matching whole paths, or a list of suffixes") from None
+    feedforward_modules: tuple[str, ...] | str | None = option(
+        None, doc="the feed-forward sites, whose input is scaled (the others' output): path suffixes (no dot "
+        "boundary), or a regex matching whole paths; None: the family's table", check=_regex,
+        peft="feedforward_modules")
 
 
 def _feedforward_modules(gm: fx.GraphModule, options: Ia3Options) -> tuple[str, ...] | str:
@@ -107,6 +109,8 @@ class Ia3(Technique):
     name = "ia3"
     options = Ia3Options
     peft_type = "IA3"
+    peft_fixed = {"init_ia3_weights": True}
+    peft_ignored = ("init_ia3_weights", "fan_in_fan_out")  # the vectors' init; the layout is read from the graph
     site_kinds = ("linear", "conv")
     default_targets = _TARGETS
 
@@ -157,14 +161,7 @@ class Ia3(Technique):
         if any(path.endswith(suffix) for path in others for suffix in feedforward):
             # peft would read these paths as suffixes of the others too; a whole-path regex names exactly them
             modules = "(?:" + "|".join(re.escape(path) for path in feedforward) + ")"
-        return {"feedforward_modules": modules, "init_ia3_weights": True,
-                "fan_in_fan_out": any(getattr(s, "fan_in_fan_out", False) for s in sites)}
-
-    def from_peft(self, config: dict[str, Any]) -> dict[str, Any]:
-        config.pop("init_ia3_weights", None)  # the weights come from the checkpoint
-        config.pop("fan_in_fan_out", None)  # peftc reads the layout from the graph
-        feedforward = config.pop("feedforward_modules", None)
-        return {"feedforward_modules": tuple(feedforward) if isinstance(feedforward, list) else feedforward}
+        return {"feedforward_modules": modules, "fan_in_fan_out": any(getattr(s, "fan_in_fan_out", False) for s in sites)}
 
     def describe(self, options: Ia3Options, sites: list[Any]) -> str:
         inputs = sum(self.stage_at(s, options) == "input" for s in sites)

@@ -21,9 +21,8 @@ from typing import Any
 import torch
 from torch import fx
 
-from peftc.technique.adapters import register_technique
 from peftc.ir.graph import get_tensor
-from peftc.technique import AdapterOptions, Builder, Context, Param, Technique
+from peftc.technique import AdapterOptions, Builder, Context, Param, Technique, register_technique
 
 __all__ = ["LnTuningOptions", "LnTuning"]
 

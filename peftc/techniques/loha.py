@@ -28,12 +28,21 @@ from typing import Any
 import torch
 from torch import fx
 
-from peftc.technique.adapters import register_technique
 from peftc.errors import OptionError
 from peftc.ir.graph import get_tensor
+from peftc.sites.weight import LinearSite
+from peftc.technique import (
+    AdapterOptions,
+    Builder,
+    Context,
+    Param,
+    Technique,
+    kaiming_uniform,
+    option,
+    positive,
+    register_technique,
+)
 from peftc.techniques.lora import multihead_attention, refuse_convolution
-from peftc.sites import LinearSite
-from peftc.technique import AdapterOptions, Builder, Context, Param, Technique, kaiming_uniform
 
 __all__ = ["LohaOptions", "Loha"]
 
@@ -43,14 +52,10 @@ _ROLES = ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b")
 
 @dataclass(frozen=True)
 class LohaOptions(AdapterOptions):
-    r: int = 8
-    alpha: float = 8.0
-    use_effective_conv2d: bool = False
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if self.r <= 0:
-            raise OptionError(f"loha: r must be a positive integer, got {self.r}")
+    r: int = option(8, doc="rank of each of the two low-rank factors", check=positive, aliases=("rank",), peft="r")
+    alpha: float = option(8.0, doc="the update's scale: s = alpha / r", peft="alpha")
+    use_effective_conv2d: bool = option(False, doc="peft's CP decomposition of convolution kernels larger than 1",
+                                        peft="use_effective_conv2d")
 
     @property
     def scaling(self) -> float:
@@ -95,6 +100,8 @@ class Loha(Technique):
     name = "loha"
     options = LohaOptions
     peft_type = "LOHA"
+    peft_fixed = {"rank_dropout": 0.0, "module_dropout": 0.0, "init_weights": True}
+    peft_ignored = ("init_weights",)  # w2_b's init; a checkpoint brings its own weights
     site_kinds = ("linear", "conv")
 
     def check(self, gm: fx.GraphModule, site: Any, options: LohaOptions) -> None:
@@ -170,15 +177,6 @@ class Loha(Technique):
         else:
             weight = (w1a @ w1b) * (w2a @ w2b) * s
         return weight.reshape(get_tensor(ctx.gm, ctx.site.weight).shape) if ctx.site.kind == "conv" else weight
-
-    def to_peft(self, options: LohaOptions, sites: list[Any]) -> dict[str, Any]:
-        return {"r": options.r, "alpha": options.alpha, "rank_dropout": 0.0, "module_dropout": 0.0, "init_weights": True,
-                "use_effective_conv2d": options.use_effective_conv2d}
-
-    def from_peft(self, config: dict[str, Any]) -> dict[str, Any]:
-        config.pop("init_weights", None)  # the weights come from the checkpoint
-        return {"r": config.pop("r", 8), "alpha": float(config.pop("alpha", 8)),
-                "use_effective_conv2d": bool(config.pop("use_effective_conv2d", False))}
 
     def describe(self, options: LohaOptions, sites: list[Any]) -> str:
         factored = sum(_factored(s, options.r) for s in sites if s.kind == "linear")

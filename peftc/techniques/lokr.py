@@ -33,31 +33,40 @@ from typing import Any
 import torch
 from torch import fx
 
-from peftc.technique.adapters import register_technique
 from peftc.errors import OptionError
 from peftc.ir.graph import get_tensor
+from peftc.technique import (
+    AdapterOptions,
+    Builder,
+    Context,
+    Param,
+    Technique,
+    kaiming_uniform,
+    option,
+    positive,
+    register_technique,
+)
 from peftc.techniques.loha import conv_with, effective, refuse_lycoris, weight_shape
-from peftc.technique import AdapterOptions, Builder, Context, Param, Technique, kaiming_uniform
 
 __all__ = ["LokrOptions", "Lokr", "factorization"]
 
 aten = torch.ops.aten
 
 
+def _factor(value: int) -> str | None:
+    return None if value == -1 or value > 0 else "-1 (factors near sqrt(dim)) or a positive factor"
+
+
 @dataclass(frozen=True)
 class LokrOptions(AdapterOptions):
-    r: int = 8
-    alpha: float = 8.0
-    decompose_both: bool = False
-    decompose_factor: int = -1
-    use_effective_conv2d: bool = False
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if self.r <= 0:
-            raise OptionError(f"lokr: r must be a positive integer, got {self.r}")
-        if self.decompose_factor == 0 or self.decompose_factor < -1:
-            raise OptionError(f"lokr: decompose_factor must be -1 (near sqrt) or positive, got {self.decompose_factor}")
+    r: int = option(8, doc="rank of w2 (or of w1 and w2 with decompose_both) where it is factored", check=positive,
+                    aliases=("rank",), peft="r")
+    alpha: float = option(8.0, doc="the update's scale: s = alpha / r", peft="alpha")
+    decompose_both: bool = option(False, doc="factor w1 into w1_a w1_b as well", peft="decompose_both")
+    decompose_factor: int = option(-1, doc="the factor dims are split by (-1: near the square root)", check=_factor,
+                                   peft="decompose_factor")
+    use_effective_conv2d: bool = option(False, doc="peft's CP decomposition of convolution kernels larger than 1",
+                                        peft="use_effective_conv2d")
 
     @property
     def scaling(self) -> float:
@@ -120,6 +129,8 @@ class Lokr(Technique):
     name = "lokr"
     options = LokrOptions
     peft_type = "LOKR"
+    peft_fixed = {"rank_dropout": 0.0, "module_dropout": 0.0, "init_weights": True}
+    peft_ignored = ("init_weights",)  # w1's init; a checkpoint brings its own weights
     site_kinds = ("linear", "conv")
 
     def check(self, gm: fx.GraphModule, site: Any, options: LokrOptions) -> None:
@@ -173,18 +184,6 @@ class Lokr(Technique):
             w1 = w1.unsqueeze(2).unsqueeze(2)
         weight = torch.kron(w1, w2.contiguous()) * ctx.options.scaling
         return weight.reshape(get_tensor(ctx.gm, ctx.site.weight).shape) if ctx.site.kind == "conv" else weight
-
-    def to_peft(self, options: LokrOptions, sites: list[Any]) -> dict[str, Any]:
-        return {"r": options.r, "alpha": options.alpha, "rank_dropout": 0.0, "module_dropout": 0.0, "init_weights": True,
-                "decompose_both": options.decompose_both, "decompose_factor": options.decompose_factor,
-                "use_effective_conv2d": options.use_effective_conv2d}
-
-    def from_peft(self, config: dict[str, Any]) -> dict[str, Any]:
-        config.pop("init_weights", None)  # the weights come from the checkpoint
-        return {"r": config.pop("r", 8), "alpha": float(config.pop("alpha", 8)),
-                "decompose_both": bool(config.pop("decompose_both", False)),
-                "decompose_factor": int(config.pop("decompose_factor", -1)),
-                "use_effective_conv2d": bool(config.pop("use_effective_conv2d", False))}
 
     def describe(self, options: LokrOptions, sites: list[Any]) -> str:
         return f"LoKr r={options.r} on {len(sites)} sites, adapter {options.adapter!r}"

@@ -36,34 +36,50 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from peftc.technique.adapters import register_technique
 from peftc.errors import OptionError
 from peftc.ir.graph import get_tensor, module_path, peftc_meta, set_tensor
-from peftc.sites import linear_sites
+from peftc.sites.weight import linear_sites
 from peftc.ir.targets import compile_pattern
-from peftc.technique import AdapterOptions, Builder, Context, NotMergeable, Param, Stage, Technique, kaiming_uniform
+from peftc.technique import (
+    AdapterOptions,
+    Builder,
+    Context,
+    NotMergeable,
+    Param,
+    Stage,
+    Technique,
+    kaiming_uniform,
+    option,
+    positive,
+    probability,
+    register_technique,
+)
 
 __all__ = ["LoraOptions", "Lora", "multihead_attention", "padding_mode", "refuse_convolution"]
 
 aten = torch.ops.aten
 
 
+def _init_from_peft(value: Any) -> str:
+    if value in (True, False, "gaussian"):  # False: B random too; loaded weights come from the file either way
+        return "gaussian" if value == "gaussian" else "kaiming"
+    raise OptionError(f"init_lora_weights={value!r} changes the base weights at init (PiSSA, OLoRA, LoftQ, ...), "
+                      "which peftc does not implement")
+
+
 @dataclass(frozen=True)
 class LoraOptions(AdapterOptions):
-    r: int = 8
-    alpha: float = 8.0
-    dropout: float = 0.0
-    init: Literal["kaiming", "gaussian"] = "kaiming"
-    rslora: bool = False
-    dora: bool = False
-    bias: Literal["none", "all", "lora_only"] = "none"
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if self.r <= 0:
-            raise OptionError(f"lora: r must be a positive integer, got {self.r}")
-        if not 0.0 <= self.dropout < 1.0:
-            raise OptionError(f"lora: dropout must be in [0, 1), got {self.dropout}")
+    r: int = option(8, doc="rank of A (r x in) and B (out x r)", check=positive, aliases=("rank",), peft="r")
+    alpha: float = option(8.0, doc="the update's scale: s = alpha / r (alpha / sqrt(r) with rslora)", peft="lora_alpha")
+    dropout: float = option(0.0, doc="dropout on the branch's input", check=probability, peft="lora_dropout")
+    init: Literal["kaiming", "gaussian"] = option(
+        "kaiming", doc="A's init: Kaiming-uniform as nn.Linear, or N(0, 1/r); B starts at zero", peft="init_lora_weights",
+        encode=lambda v: True if v == "kaiming" else v, decode=_init_from_peft)
+    rslora: bool = option(False, doc="rank-stabilised scale alpha / sqrt(r)", peft="use_rslora")
+    dora: bool = option(False, doc="DoRA: a learned magnitude per output row over the normalised W + s B A",
+                        peft="use_dora")
+    bias: Literal["none", "all", "lora_only"] = option(
+        "none", doc="also train biases: of every linear (`all`) or of the adapted ones (`lora_only`)", peft="bias")
 
     @property
     def scaling(self) -> float:
@@ -116,6 +132,7 @@ class Lora(Technique):
     name = "lora"
     options = LoraOptions
     peft_type = "LORA"
+    peft_ignored = ("fan_in_fan_out", "qalora_group_size")  # the layout is read from the graph; QA-LoRA is refused
     site_kinds = ("linear", "conv", "embedding")
 
     def select(self, gm: fx.GraphModule, options: LoraOptions) -> list[tuple[Any, str]]:
@@ -185,7 +202,8 @@ class Lora(Technique):
                                 suffix="weight"))
         return params
 
-    def modules(self, site: Any, options: LoraOptions) -> dict[str, nn.Module]:
+    def modules(self, ctx: Context) -> dict[str, nn.Module]:
+        site, options = ctx.site, ctx.options
         if options.dropout == 0 or site.kind == "embedding" or self.stage_at(site, options) == "weight":
             return {}
         return {"lora_dropout": nn.Dropout(options.dropout)}
@@ -286,21 +304,8 @@ class Lora(Technique):
 
     def to_peft(self, options: LoraOptions, sites: list[Any]) -> dict[str, Any]:
         adapted = [s for s in sites if s.kind != "linear" or (multihead_attention(s) or ("",))[0] != "out_proj"]
-        return {"target_modules": sorted({s.path for s in adapted}), "r": options.r, "lora_alpha": options.alpha, "lora_dropout": options.dropout, "use_rslora": options.rslora,
-                "use_dora": options.dora, "bias": options.bias,
-                "init_lora_weights": True if options.init == "kaiming" else "gaussian",
+        return {"target_modules": sorted({s.path for s in adapted}),
                 "fan_in_fan_out": any(getattr(s, "fan_in_fan_out", False) for s in sites)}
-
-    def from_peft(self, config: dict[str, Any]) -> dict[str, Any]:
-        init = config.pop("init_lora_weights", True)
-        if init not in (True, False, "gaussian"):
-            raise OptionError(f"init_lora_weights={init!r} changes the base weights at init, which peftc does not implement")
-        config.pop("fan_in_fan_out", None)  # peftc reads the layout from the graph
-        config.pop("qalora_group_size", None)  # used only with use_qalora, refused when set
-        return {"r": config.pop("r", 8), "alpha": float(config.pop("lora_alpha", 8)),
-                "dropout": float(config.pop("lora_dropout", 0.0)), "rslora": bool(config.pop("use_rslora", False)),
-                "dora": bool(config.pop("use_dora", False)), "bias": config.pop("bias", "none"),
-                "init": "gaussian" if init == "gaussian" else "kaiming"}
 
     def after_insert(self, gm: fx.GraphModule, sites: list[Any], options: LoraOptions) -> None:
         if options.bias == "none":

@@ -28,9 +28,20 @@ from typing import Any
 import torch
 from torch import fx, nn
 
-from peftc.technique.adapters import register_technique
 from peftc.errors import OptionError
-from peftc.technique import AdapterOptions, Builder, Context, NotMergeable, Param, Stage, Technique
+from peftc.technique import (
+    AdapterOptions,
+    Builder,
+    Context,
+    NotMergeable,
+    Param,
+    Stage,
+    Technique,
+    non_negative,
+    option,
+    positive,
+    register_technique,
+)
 
 __all__ = ["OftOptions", "Oft", "conv2d_problem"]
 
@@ -39,12 +50,16 @@ aten = torch.ops.aten
 
 @dataclass(frozen=True)
 class OftOptions(AdapterOptions):
-    r: int = 0
-    block_size: int = 32
-    block_share: bool = False
-    use_cayley_neumann: bool = True
-    num_cayley_neumann_terms: int = 5
-    init_weights: bool = True
+    r: int = option(0, doc="number of diagonal blocks (give it or block_size, the other 0)", check=non_negative,
+                    peft="r")
+    block_size: int = option(32, doc="size of each diagonal block (give it or r, the other 0)", check=non_negative,
+                             peft="oft_block_size")
+    block_share: bool = option(False, doc="one rotation shared by all blocks", peft="block_share")
+    use_cayley_neumann: bool = option(True, doc="approximate the Cayley transform's inverse by a Neumann series",
+                                      peft="use_cayley_neumann")
+    num_cayley_neumann_terms: int = option(5, doc="terms of that series", check=positive,
+                                           peft="num_cayley_neumann_terms")
+    init_weights: bool = option(True, doc="start at the identity rotation (false: random)", peft="init_weights")
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -154,6 +169,8 @@ class Oft(Technique):
     name = "oft"
     options = OftOptions
     peft_type = "OFT"
+    peft_fixed = {"coft": False, "eps": 6e-5, "module_dropout": 0.0, "bias": "none", "fan_in_fan_out": False}
+    peft_ignored = ("eps", "module_dropout")  # eps is read by coft only; peft 0.21 never calls module_dropout
     site_kinds = ("linear", "conv", "embedding")
 
     def stage_at(self, site: Any, options: OftOptions) -> Stage:
@@ -217,24 +234,11 @@ class Oft(Technique):
         flat = weight.reshape(weight.shape[0], -1)
         return (self._matrix(ctx) @ flat.T).T.reshape(weight.shape), bias
 
-    def to_peft(self, options: OftOptions, sites: list[Any]) -> dict[str, Any]:
-        return {"r": options.r, "oft_block_size": options.block_size, "block_share": options.block_share,
-                "use_cayley_neumann": options.use_cayley_neumann,
-                "num_cayley_neumann_terms": options.num_cayley_neumann_terms, "init_weights": options.init_weights,
-                "coft": False, "eps": 6e-5, "module_dropout": 0.0, "bias": "none", "fan_in_fan_out": False}
-
     def from_peft(self, config: dict[str, Any]) -> dict[str, Any]:
         if "oft_block_size" not in config:
             raise OptionError("the config has no oft_block_size: it was saved by peft < 0.14, whose OFT differs; "
                               "retrain it with a current peft")
-        if not config.get("coft", False):
-            config.pop("eps", None)  # only read by coft
-        config.pop("module_dropout", None)  # peft 0.21 creates this dropout but never calls it
-        return {"r": config.pop("r", 0), "block_size": config.pop("oft_block_size"),
-                "block_share": bool(config.pop("block_share", False)),
-                "use_cayley_neumann": bool(config.pop("use_cayley_neumann", True)),
-                "num_cayley_neumann_terms": config.pop("num_cayley_neumann_terms", 5),
-                "init_weights": bool(config.pop("init_weights", True))}
+        return {}
 
     def describe(self, options: OftOptions, sites: list[Any]) -> str:
         sizes = sorted({blocks(s, options)[1] for s in sites})

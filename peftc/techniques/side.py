@@ -13,58 +13,47 @@
    did (QST starts at sigmoid(1.0) and so changes the outputs at init).
 4. The taps are detached and the base is frozen: no base op is recorded by autograd, so the base keeps
    no activations for backward; the side network's output goes through the frozen head.
-5. The network is one submodule, `side_network`; `peftc.save_adapter` writes its tensors (safetensors)
-   and these options (JSON) atomically, `peftc.load_adapter` rebuilds and fills it. `merge` leaves it.
-   `qst` is the pipeline `nf4, side` (see docs/concepts.md).
+5. The network is one submodule, `side_network.<adapter>`, at the `final_hidden` site (an output stage);
+   `peftc.save_adapter` writes its tensors and these options in peftc's format, `peftc.load_adapter`
+   rebuilds and fills it. `merge` leaves it. `qst` is the pipeline `nf4, side` (see docs/concepts.md).
 """
 
 from __future__ import annotations
 
-import json
-from dataclasses import asdict, dataclass
-from pathlib import Path
-from typing import Literal
+from dataclasses import dataclass
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from peftc._version import __version__
-from peftc.ir.capture import capture
-from peftc.ir.pipeline import Pipeline
-from peftc.ir.registry import PassResult, register_pass
-from peftc.technique.checkpoint import load_adapter, save_adapter
-from peftc._io import atomic_dir
-from peftc.technique.adapters import adapters
-from peftc.errors import CheckpointError, OptionError, PassError
-from peftc.ir.graph import freeze_parameters, peftc_meta, tag, tagged
-from peftc.sites.regions import attention_sites, block_sites, final_hidden_states
+from peftc.errors import OptionError, PassError
+from peftc.sites.regions import FinalHiddenState, attention_sites, block_sites, final_hidden_states
+from peftc.technique import (
+    AdapterOptions,
+    Builder,
+    Context,
+    Technique,
+    option,
+    pattern,
+    positive,
+    register_technique,
+)
 
-__all__ = ["SideOptions", "SideNetwork", "side", "has_side", "save_side", "load_side"]
+__all__ = ["SideOptions", "SideNetwork", "Side"]
 
 aten = torch.ops.aten
-MODULE = "side_network"
-WEIGHTS, CONFIG = "adapter_model.safetensors", "adapter_config.json"
 
 
 @dataclass(frozen=True)
-class SideOptions:
-    reduction_factor: int = 16  # side width d / reduction_factor
-    downsample: Literal["qst", "linear"] = "qst"
-    rank: int = 16  # QST's low-rank down sampler width
-    heads: int | None = None  # side attention heads; default: width // 64, at least 1
-    freeze_base: bool = True
-    seed: int | None = None
-
-    def __post_init__(self) -> None:
-        for name in ("reduction_factor", "rank"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
-                raise OptionError(f"side: {name} must be a positive integer, got {value!r}")
-        if self.downsample not in ("qst", "linear"):
-            raise OptionError(f"side: downsample must be 'qst' or 'linear', got {self.downsample!r}")
-        if self.heads is not None and self.heads < 1:
-            raise OptionError(f"side: heads must be positive, got {self.heads}")
+class SideOptions(AdapterOptions):
+    targets: str | None = option(None, doc="the final hidden state to mix into (the one stack feeding the head)",
+                                 check=pattern)
+    reduction_factor: int = option(16, doc="side width d / reduction_factor", check=positive)
+    downsample: Literal["qst", "linear"] = option("qst", doc="QST's low-rank down samplers, or LST's linear ones")
+    rank: int = option(16, doc="width inside QST's down samplers", check=positive)
+    heads: int | None = option(None, doc="side attention heads (None: width // 64, at least 1)", check=positive)
+    seed: int | None = option(None, doc="seed of the side network's init (None: the global generator)")
 
 
 class _Downsample(nn.Module):
@@ -118,96 +107,68 @@ class SideNetwork(nn.Module):
         return final + self.mix * (self.upsample(self.norm(g)) - final)
 
 
-@register_pass("side", options=SideOptions, preserves_outputs=True)
-def side(gm: fx.GraphModule, options: SideOptions) -> PassResult:
+@register_technique
+class Side(Technique):
     """Side tuning (QST/LST): taps on every block's output feed a small side network whose output is mixed
     into the base's final hidden state before the head; the base is frozen and keeps no activations.
 
     1. Down samplers (QST low-rank or LST linear) to width d / reduction_factor, gated side blocks.
     2. The mix with the base's final hidden state starts at 0: outputs are unchanged at init.
     """
-    if has_side(gm):
-        raise PassError("side: this graph already has a side network; one per graph: start from the graph before 'side'")
-    finals = final_hidden_states(gm)
-    if len(finals) != 1:
-        raise PassError(f"side: needs one stack of blocks feeding the head, found {len(finals)} "
-                        f"({', '.join(f.blocks for f in finals) or 'no repeated blocks'}); encoder-decoder models are "
-                        "not supported")
-    final = finals[0]
-    blocks = [b for b in block_sites(gm) if b.path.rpartition(".")[0] == final.blocks]
-    if blocks[0].input is None:
-        raise PassError(f"side: the stream entering {blocks[0].path} was not found, so there is no embedding tap")
+
+    name = "side"
+    options = SideOptions
+    site_kinds = ("final_hidden",)
+    stage = "output"
+    exclusive = True
+    mergeable = False
+
+    def select(self, gm: fx.GraphModule, options: SideOptions) -> list[tuple[Any, str]]:
+        finals = final_hidden_states(gm, options.targets)
+        if len(finals) != 1:
+            raise PassError(f"side: needs one stack of blocks feeding the head, found {len(finals)} "
+                            f"({', '.join(f.blocks for f in finals) or 'no repeated blocks'}); encoder-decoder models "
+                            "are not supported")
+        return [(finals[0], "")]
+
+    def check(self, gm: fx.GraphModule, site: FinalHiddenState, options: SideOptions) -> None:
+        blocks = _blocks(gm, site)
+        if blocks[0].input is None:
+            raise PassError(f"side: the stream entering {blocks[0].path} was not found, so there is no embedding tap")
+        d = _width(site)
+        if d // options.reduction_factor < 1:
+            raise OptionError(f"side: reduction_factor={options.reduction_factor} is larger than the hidden size {d}")
+
+    def modules(self, ctx: Context) -> dict[str, nn.Module]:
+        gm, site, options = ctx.gm, ctx.site, ctx.options
+        blocks = _blocks(gm, site)
+        attention = [s for s in attention_sites(gm) if s.path.startswith(blocks[0].path + ".")]
+        if options.seed is not None:
+            torch.manual_seed(options.seed)
+        network = SideNetwork(_width(site), len(blocks), options, bool(attention and attention[0].is_causal))
+        return {"side_network": network.to(dtype=site.node.meta["val"].dtype)}
+
+    def build(self, b: Builder, final: fx.Node) -> fx.Node:
+        blocks = _blocks(b.gm, b.site)
+        attention = [s for s in attention_sites(b.gm) if s.path.startswith(blocks[0].path + ".")]
+        taps = [b.call(aten.detach.default, node, role=f"tap_{i}")
+                for i, node in enumerate([blocks[0].input] + [block.output for block in blocks])]
+        base = b.call(aten.detach.default, final, role="final")
+        return b.module("side_network", taps, base, attention[0].mask if attention else None, role="output")
+
+    def describe(self, options: SideOptions, sites: list[Any]) -> str:
+        gm = sites[0].node.graph.owning_module
+        width = _width(sites[0]) // options.reduction_factor
+        return (f"side network of width {width} over {len(_blocks(gm, sites[0]))} blocks, mixed into {sites[0].path}, "
+                f"adapter {options.adapter!r}")
+
+
+def _blocks(gm: fx.GraphModule, final: FinalHiddenState) -> list[Any]:
+    return [b for b in block_sites(gm) if b.path.rpartition(".")[0] == final.blocks]
+
+
+def _width(final: FinalHiddenState) -> int:
     val = final.node.meta.get("val")
     if not isinstance(val, torch.Tensor):
         raise PassError("side: the final hidden state has no recorded shape; capture with peftc.capture")
-    d = int(val.shape[-1])
-    if d // options.reduction_factor < 1:
-        raise OptionError(f"side: reduction_factor={options.reduction_factor} is larger than the hidden size {d}")
-    attention = [s for s in attention_sites(gm) if s.path.startswith(blocks[0].path + ".")]
-    mask = attention[0].mask if attention else None
-    causal = bool(attention and attention[0].is_causal)
-
-    if options.freeze_base:  # the base; adapters already inserted keep training
-        freeze_parameters(gm, keep={q for r in adapters(gm).values() for q in r.param_names})
-    if options.seed is not None:
-        torch.manual_seed(options.seed)
-    network = SideNetwork(d, len(blocks), options, causal).to(dtype=val.dtype, device=val.device)
-    gm.add_submodule(MODULE, network)
-    graph = gm.graph
-    with graph.inserting_before(final.node.next):  # in order, right after the final hidden state
-        taps = []
-        for i, node in enumerate([blocks[0].input] + [b.output for b in blocks]):
-            taps.append(tag(graph.call_function(aten.detach.default, (node,)), pass_name="side", role=f"tap_{i}",
-                            path=MODULE))
-        base = tag(graph.call_function(aten.detach.default, (final.node,)), pass_name="side", role="final", path=MODULE)
-        out = tag(graph.call_module(MODULE, (taps, base, mask)), pass_name="side", role="output", path=MODULE)
-    ours = set(taps) | {base, out}
-    final.node.replace_all_uses_with(out, delete_user_cb=lambda user: user not in ours)
-    peftc_meta(gm)["side"] = {"options": asdict(options), "blocks": [b.path for b in blocks]}
-    gm.graph.lint()
-    gm.recompile()
-    trainable = sum(p.numel() for p in network.parameters())
-    return PassResult(gm, modified=True, sites=tuple(b.path for b in blocks),
-                            report=f"side network of width {d // options.reduction_factor} over {len(blocks)} blocks "
-                                   f"({trainable:,} parameters), mixed into {final.path}")
-
-
-def has_side(gm: fx.GraphModule) -> bool:
-    return any(True for _ in tagged(gm, **{"pass": "side"}, role="output"))
-
-
-def save_side(gm: fx.GraphModule, directory: str | Path) -> Path:
-    """The side network's tensors (safetensors) and options (JSON), as a peft-style folder, atomically."""
-    from safetensors.torch import save_file
-
-    if not has_side(gm):
-        raise CheckpointError("this graph has no side network to save; apply 'side' first")
-    config = {"peftc_technique": "side", "peftc_version": __version__, **peftc_meta(gm)["side"]}
-    tensors = {f"{MODULE}.{k}": v.detach().contiguous() for k, v in gm.get_submodule(MODULE).state_dict().items()}
-    with atomic_dir(directory) as tmp:
-        save_file(tensors, tmp / WEIGHTS)
-        (tmp / CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-    return Path(directory)
-
-
-def load_side(gm: fx.GraphModule, directory: str | Path) -> fx.GraphModule:
-    """A copy of `gm` rewritten by `side` with the options and tensors saved in `directory`."""
-    from safetensors.torch import load_file
-
-    directory = Path(directory)
-    config = json.loads((directory / CONFIG).read_text())
-    out = Pipeline([("side", config["options"])]).run(gm).graph_module
-    blocks = peftc_meta(out)["side"]["blocks"]
-    if blocks != config["blocks"]:
-        raise CheckpointError(f"checkpoint {directory} does not fit this model: its side network was trained over blocks "
-                              f"{', '.join(config['blocks'][:3])} ..., this model has {', '.join(blocks[:3])} ...; load it "
-                              "into the model it was trained on")
-    found = {k.removeprefix(f"{MODULE}."): v for k, v in load_file(directory / WEIGHTS).items()}
-    network = out.get_submodule(MODULE)
-    expected = network.state_dict()
-    wrong = sorted(set(expected) ^ set(found)) + [k for k in set(expected) & set(found) if expected[k].shape != found[k].shape]
-    if wrong:
-        raise CheckpointError(f"checkpoint {directory} does not fit this model's side network: {', '.join(wrong[:6])}"
-                              f"{' ...' if len(wrong) > 6 else ''}; load it into the model it was trained on")
-    network.load_state_dict(found)
-    return out
+    return int(val.shape[-1])

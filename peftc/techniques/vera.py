@@ -12,8 +12,9 @@
 3. Linear sites only (nn.Linear, NF4, GPT-2 Conv1D), as in peft; merge adds
    `(λ_b B_s)(λ_d A_s)` to W.
 Parameters: `<path>.vera_lambda_b.<adapter>`, `<path>.vera_lambda_d.<adapter>`; the shared
-buffers `vera_A.<adapter>`, `vera_B.<adapter>` are saved as peft's `base_model.vera_A` and
-`base_model.vera_B` with `save_projection=true`, else regenerated from the key on load.
+buffers `vera_A.<adapter>`, `vera_B.<adapter>` are shared tensors, saved as peft's `base_model.vera_A` and
+`base_model.vera_B` with `save_projection=true` (the core's rule for shared tensors), else regenerated
+from the key on load.
 Each adapter draws its own projections, sized by its own targets.
 """
 
@@ -26,9 +27,17 @@ from typing import Any
 import torch
 from torch import fx, nn
 
-from peftc.technique.adapters import register_technique
-from peftc.errors import OptionError
-from peftc.technique import AdapterOptions, Builder, Context, Param, Technique
+from peftc.technique import (
+    AdapterOptions,
+    Builder,
+    Context,
+    Param,
+    Technique,
+    option,
+    positive,
+    probability,
+    register_technique,
+)
 
 __all__ = ["VeraOptions", "Vera", "projections"]
 
@@ -37,19 +46,15 @@ aten = torch.ops.aten
 
 @dataclass(frozen=True)
 class VeraOptions(AdapterOptions):
-    r: int = 256
-    dropout: float = 0.0
-    d_initial: float = 0.1
-    projection_prng_key: int = 0
-    save_projection: bool = True
-    init_weights: bool = True
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if self.r <= 0:
-            raise OptionError(f"vera: r must be a positive integer, got {self.r}")
-        if not 0.0 <= self.dropout < 1.0:
-            raise OptionError(f"vera: dropout must be in [0, 1), got {self.dropout}")
+    r: int = option(256, doc="rank of the shared frozen projections", check=positive, aliases=("rank",), peft="r")
+    dropout: float = option(0.0, doc="dropout on the branch's input", check=probability, peft="vera_dropout")
+    d_initial: float = option(0.1, doc="initial value of λ_d", peft="d_initial")
+    projection_prng_key: int = option(0, doc="seed of the shared projections (peft's generator)",
+                                      peft="projection_prng_key")
+    save_projection: bool = option(True, doc="save the projections in the checkpoint (else regenerated from the key)",
+                                   peft="save_projection")
+    init_weights: bool = option(True, doc="λ_b = 0, λ_d = d_initial (the identity at init); false: λ_b = 1, "
+                                "λ_d ~ N(0, 1)", peft="init_weights")
 
 
 def _kaiming_uniform(shape: tuple[int, int], generator: torch.Generator) -> torch.Tensor:
@@ -71,6 +76,8 @@ class Vera(Technique):
     name = "vera"
     options = VeraOptions
     peft_type = "VERA"
+    peft_fixed = {"bias": "none"}
+    peft_ignored = ("fan_in_fan_out",)  # the layout is read from the graph
 
     def shared_params(self, gm: fx.GraphModule, sites: list[Any], options: VeraOptions) -> list[Param]:
         max_out = max(s.out_features for s in sites)
@@ -86,8 +93,8 @@ class Vera(Technique):
         return [Param("vera_lambda_b", (ctx.site.out_features,), init=nn.init.ones_),
                 Param("vera_lambda_d", (o.r,), init=nn.init.normal_)]
 
-    def modules(self, site: Any, options: VeraOptions) -> dict[str, nn.Module]:
-        return {"vera_dropout": nn.Dropout(options.dropout)} if options.dropout > 0 else {}
+    def modules(self, ctx: Context) -> dict[str, nn.Module]:
+        return {"vera_dropout": nn.Dropout(ctx.options.dropout)} if ctx.options.dropout > 0 else {}
 
     def build(self, b: Builder, x: fx.Node) -> fx.Node:
         site = b.site
@@ -111,24 +118,8 @@ class Vera(Technique):
     def saved(self, options: VeraOptions, attr: str) -> bool:
         return options.save_projection or attr not in ("vera_A", "vera_B")
 
-    def checkpoint_key(self, attr_key: str) -> str:
-        # the shared projections live on peft's VeraModel, outside the wrapped model
-        return attr_key.replace("base_model.model.", "base_model.", 1) if attr_key in (
-            "base_model.model.vera_A", "base_model.model.vera_B") else attr_key
-
     def to_peft(self, options: VeraOptions, sites: list[Any]) -> dict[str, Any]:
-        return {"r": options.r, "vera_dropout": options.dropout, "d_initial": options.d_initial,
-                "projection_prng_key": options.projection_prng_key, "save_projection": options.save_projection,
-                "init_weights": options.init_weights, "bias": "none",
-                "fan_in_fan_out": any(getattr(s, "fan_in_fan_out", False) for s in sites)}
-
-    def from_peft(self, config: dict[str, Any]) -> dict[str, Any]:
-        config.pop("fan_in_fan_out", None)  # peftc reads the layout from the graph
-        return {"r": config.pop("r", 256), "dropout": float(config.pop("vera_dropout", 0.0)),
-                "d_initial": float(config.pop("d_initial", 0.1)),
-                "projection_prng_key": int(config.pop("projection_prng_key", 0)),
-                "save_projection": bool(config.pop("save_projection", True)),
-                "init_weights": bool(config.pop("init_weights", True))}
+        return {"fan_in_fan_out": any(getattr(s, "fan_in_fan_out", False) for s in sites)}
 
     def describe(self, options: VeraOptions, sites: list[Any]) -> str:
         return f"VeRA r={options.r} on {len(sites)} sites, adapter {options.adapter!r}"

@@ -30,8 +30,10 @@ from torch import Tensor, fx
 
 from peftc.errors import OptionError, PassError
 from peftc.ir.graph import add_input, peftc_meta, tag
-from peftc.sites.regions import attention_sites, position_ids
-from peftc.techniques.prefix import _mask as extend_mask
+from peftc.sites.regions import attention_as_called, attention_sites, position_ids
+from peftc.ir.graph import clone
+from peftc.technique.adapters import active_adapters, adapters, set_active
+from peftc.techniques.prefix import extend_mask
 
 __all__ = ["generate", "decode_graphs"]
 
@@ -43,43 +45,32 @@ _DECODE_GRAPHS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 def decode_graphs(gm: fx.GraphModule) -> tuple[fx.GraphModule, fx.GraphModule]:
     """(prefill, step): `gm` taking `past_<i>_key`/`past_<i>_value` inputs and returning `(output, new keys and
     values)`; the step graph differs only for prompt tuning, whose virtual tokens enter at the prefill alone."""
-    from peftc.techniques.prompt import has_prompt
-
     cached = _DECODE_GRAPHS.get(gm)
     if cached is not None and cached[0] == len(gm.graph.nodes):  # rebuilt when a pass changed the graph
         return cached[1:]
     prefill = _with_cache(gm)
-    step = _with_cache(_without_prompt(gm)) if has_prompt(gm) else prefill
+    step = _with_cache(_without_prompt(gm)) if _prompts(gm) else prefill
     _DECODE_GRAPHS[gm] = (len(gm.graph.nodes), prefill, step)
     return prefill, step
 
 
+def _prompts(gm: fx.GraphModule) -> list[str]:
+    """The active adapters that put tokens in front of the input (prompt tuning, P-tuning)."""
+    return [name for name in active_adapters(gm) if adapters(gm)[name].technique in ("prompt", "ptuning")]
+
+
 def _without_prompt(gm: fx.GraphModule) -> fx.GraphModule:
     """`gm` without prompt tuning's rewrite: inputs not extended, embeddings not replaced, outputs not sliced."""
-    graph = _copy_graph(gm.graph)
-    ours = [n for n in graph.nodes if n.meta.get("peftc", {}).get("pass") in ("prompt", "ptuning")]
-    for node in ours:
-        role = node.meta["peftc"]["role"]
-        if role == "extended_input":  # cat(front, x) -> x
-            node.replace_all_uses_with(node.args[0][1])
-        elif role == "embeddings":  # cat(prompt, e[:, n:]) -> e
-            node.replace_all_uses_with(node.args[0][1].args[0])
-        elif role == "user_positions":  # y[:, n:] -> y
-            node.replace_all_uses_with(node.args[0])
-    while dead := [n for n in graph.nodes if n in ours and not n.users]:
-        for node in dead:
-            graph.erase_node(node)
-            ours.remove(node)
-    stripped = fx.GraphModule(gm, graph)
-    stripped.meta.update(gm.meta)
-    return stripped
+    step = clone(gm)
+    prompts = _prompts(gm)
+    return set_active(step, [name for name in active_adapters(gm) if name not in prompts])
 
 
 def _with_cache(gm: fx.GraphModule) -> fx.GraphModule:
     decode = fx.GraphModule(gm, _copy_graph(gm.graph))
     decode.meta.update(gm.meta)
     graph = decode.graph
-    sites = attention_sites(decode)
+    sites = [attention_as_called(site.node) for site in attention_sites(decode)]  # a prefix's keys included
     if not sites:
         raise PassError("generate: the graph has no attention sites (scaled_dot_product_attention); capture the "
                         "model with attn_implementation='sdpa'")
@@ -96,7 +87,7 @@ def _with_cache(gm: fx.GraphModule) -> fx.GraphModule:
             call = _caller(graph, site.path)
             key, cached_key = _with_past(site.key, past[2 * i], call, "key")
             value, cached_value = _with_past(site.value, past[2 * i + 1], call, "value")
-            mask = extend_mask(decode, site, length, masks, call)  # the past's columns visible in front
+            mask = extend_mask(site, length, masks, call)  # the past's columns visible in front
         joined += [cached_key, cached_value]
         kwargs = {k: v for k, v in site.node.kwargs.items() if k not in ("attn_mask", "dropout_p", "is_causal")}
         kwargs.update(attn_mask=mask, dropout_p=site.dropout_p, is_causal=False if mask is not None else site.is_causal)
@@ -124,8 +115,8 @@ def _copy_graph(graph: fx.Graph) -> fx.Graph:
 
 
 def _caller(graph: fx.Graph, path: str):
-    def call(target, *args, role: str) -> fx.Node:
-        return tag(graph.call_function(target, tuple(args)), pass_name=_PASS, role=role, path=path)
+    def call(target, *args, role: str, **kwargs) -> fx.Node:
+        return tag(graph.call_function(target, tuple(args), kwargs), pass_name=_PASS, role=role, path=path)
     return call
 
 

@@ -1,0 +1,147 @@
+"""What every technique's options share, and how options map to HF peft's `adapter_config.json`.
+
+The mapping is derived from the options' fields (`peftc.ir.options.option`), never restated:
+
+1. `to_peft(technique, options, sites)`: `peft_type`, `target_modules` (the paths of the sites the
+   adapter acts on, where the options' `targets` maps to it), every field declaring a `peft` name
+   (encoded), the technique's `peft_fixed` fields, then its own `to_peft` extras.
+2. `from_peft(technique, config)`: the technique's `from_peft` extras first, then every declared field
+   (decoded; absent fields take peft's default), `peft_fixed` fields at their value and `peft_ignored`
+   ones are consumed; any other field that is not at a neutral value (None, false, 0, empty) is
+   refused by name, so an option peftc does not implement is never ignored.
+3. `option_rows(options)`: the rows of the options table in docs/passes.md.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+from torch import fx
+
+from peftc.errors import CheckpointError, OptionError
+from peftc.ir.graph import peftc_meta
+from peftc.ir.options import SAME, Options, default_of, fields_of, identifier, option, pattern, spec_of, type_name
+
+__all__ = ["AdapterOptions", "to_peft", "from_peft", "peft_task_type", "targets_from_peft", "neutral", "option_rows",
+           "METADATA"]
+
+# Fields about where a config came from, not what the adapter computes.
+METADATA = ("peft_type", "peft_version", "task_type", "base_model_name_or_path", "revision", "inference_mode",
+            "auto_mapping", "megatron_core")
+
+
+def targets_from_peft(target_modules: Any) -> str:
+    """peft's target_modules (a regex string, or names matched as whole paths or path suffixes) as a pattern."""
+    if isinstance(target_modules, str):
+        return f"re:{target_modules}"
+    if not target_modules or not isinstance(target_modules, (list, tuple)):
+        raise OptionError(f"target_modules must name the adapted modules (a list of names or a regex), "
+                          f"got {target_modules!r}")
+    return "|".join(f"{t}|*.{t}" for t in target_modules)
+
+
+@dataclass(frozen=True)
+class AdapterOptions(Options):
+    """Options every technique has. Subclass with the technique's own fields (all with defaults)."""
+
+    targets: str | None = option(
+        None, doc="module paths to adapt: globs separated by `|`, a `re:` regex, or `all-linear`; None: peft's "
+        "default for the architecture", check=pattern, peft="target_modules", decode=targets_from_peft)
+    adapter: str = option("default", doc="the adapter's name; several adapters live in one graph",
+                          check=identifier, aliases=("adapter_name",))
+    freeze_base: bool = option(True, doc="freeze every base parameter, as peft's get_peft_model does")
+
+
+def peft_task_type(gm: fx.GraphModule) -> str:
+    """peft's task_type for the captured model's class (what `PeftModel.from_pretrained` builds)."""
+    name = peftc_meta(gm).get("capture", {}).get("class", "")
+    if name.endswith(("ForCausalLM", "LMHeadModel")):
+        return "CAUSAL_LM"
+    if name.endswith("ForSequenceClassification"):
+        return "SEQ_CLS"
+    if name.endswith("ForTokenClassification"):
+        return "TOKEN_CLS"
+    return "FEATURE_EXTRACTION"
+
+
+def to_peft(technique: Any, options: Any, sites: list[Any]) -> dict[str, Any]:
+    """`adapter_config.json` of an adapter of `technique` with `options` acting at `sites` (case 1)."""
+    gm = sites[0].node.graph.owning_module if sites else None
+    name_or_path = peftc_meta(gm).get("capture", {}).get("config", {}).get("name_or_path") if gm is not None else None
+    config: dict[str, Any] = {"peft_type": technique.peft_type, "task_type": None,
+                              "base_model_name_or_path": name_or_path or None, "inference_mode": True}
+    for f in fields_of(type(options)):
+        spec = spec_of(f)
+        if spec.peft == "target_modules":
+            config["target_modules"] = sorted({s.path for s in sites})
+        elif spec.peft is not None:
+            value = getattr(options, f.name)
+            config[spec.peft] = spec.encode(value) if spec.encode else _json(value)
+    config.update(technique.peft_fixed)
+    config.update(technique.to_peft(options, sites))
+    return config
+
+
+def from_peft(technique: Any, config: dict[str, Any], where: str) -> dict[str, Any]:
+    """Options of `technique` from a peft config (case 2); `where` names the file in errors."""
+    fields = {k: v for k, v in config.items() if k not in METADATA}
+    try:
+        options = technique.from_peft(fields)
+        for f in fields_of(technique.options):
+            spec = spec_of(f)
+            if spec.peft is None or f.name in options:
+                continue
+            if spec.peft in fields:
+                raw = fields.pop(spec.peft)
+                options[f.name] = spec.decode(raw) if spec.decode else raw
+            elif spec.peft_default is not SAME:
+                options[f.name] = spec.peft_default
+    except OptionError as e:
+        raise CheckpointError(f"{where}: {e}") from None
+    for key, value in technique.peft_fixed.items():
+        if fields.get(key, value) == value:
+            fields.pop(key, None)
+    for key in technique.peft_ignored:
+        fields.pop(key, None)
+    refused = {k: v for k, v in fields.items() if not neutral(v)}
+    if refused:
+        named = ", ".join(f"{k}={v!r}" for k, v in refused.items())
+        raise CheckpointError(f"{where}: the config sets {named}, which peftc does not implement for "
+                              f"{technique.name}; retrain without it, or load the adapter with peft")
+    return options
+
+
+def neutral(value: Any) -> bool:
+    """A config value that changes nothing: unset, false, zero, empty (peft's defaults for unused options)."""
+    if isinstance(value, dict):
+        return all(neutral(v) for v in value.values())
+    return value is None or value is False or value == 0 or value in ("", "none") or value == []
+
+
+def option_rows(options: type | None) -> list[tuple[str, str, str, str, str]]:
+    """(option, type, default, peft's name, meaning) for each field of an options dataclass."""
+    if options is None:
+        return []
+    import typing
+
+    hints = typing.get_type_hints(options)
+    rows = []
+    for f in fields_of(options):
+        spec = spec_of(f)
+        spellings = ", ".join(f"`{a}`" for a in spec.aliases if a != spec.peft)
+        doc = spec.doc + (f" (also: {spellings})" if spellings else "")
+        rows.append((f"`{f.name}`", f"`{type_name(hints[f.name])}`", f"`{default_of(f)!r}`",
+                     f"`{spec.peft}`" if spec.peft else "", doc))
+    return rows
+
+
+def _json(value: Any) -> Any:
+    """A value as JSON holds it (tuples as lists); anything else is refused by name."""
+    value = json.loads(json.dumps(value)) if isinstance(value, tuple) else value
+    try:
+        json.dumps(value)
+    except TypeError as e:
+        raise CheckpointError(f"option value {value!r} cannot be written to adapter_config.json ({e})") from None
+    return value
