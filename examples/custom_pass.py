@@ -15,18 +15,14 @@ import torch
 from torch import fx, nn
 
 import peftc
-from peftc.errors import OptionError
 from peftc.ir.graph import set_tensor
+from peftc.ir.options import Options, option, positive
 
 
 @dataclass(frozen=True)
-class AttnScaleOptions:
-    targets: str | None = None  # attention modules to scale (all by default)
-    init: float = 1.0
-
-    def __post_init__(self) -> None:
-        if self.init <= 0:
-            raise OptionError(f"attn_scale: init must be positive, got {self.init}")
+class AttnScaleOptions(Options):  # typed and checked on construction; the docs show in `peftc passes`
+    targets: str | None = option(None, doc="attention modules to scale (all by default)")
+    init: float = option(1.0, doc="the scales' initial value", check=positive)
 
 
 @peftc.register_pass("attn_scale", options=AttnScaleOptions, preserves_outputs=True, replace=True)

@@ -33,11 +33,23 @@ def test_adapter_example_trains_and_merges(name):
     if name == "loha":  # Khatri-Rao: the branch never builds a 64 x 64 (or 128 x 64) update
         assert result["largest_branch_tensor"] < 64 * 64
     if name == "custom_technique":  # the user's technique trained, merged and composed with LoRA
-        scales = [p for n, p in result["gm"].named_parameters() if n.endswith("channel_scale.default")]
-        assert len(scales) == 4 and all((s - 1).abs().max() > 1e-3 for s in scales)
+        grown = [p for n, p in result["gm"].named_parameters() if n.endswith("hira_B.default")]
+        assert len(grown) == 4 and all(b.abs().max() > 1e-4 for b in grown)  # B starts at zero
     if name == "qlora":
         assert result["bits_per_weight"] < 4.14  # 64-wide layers: one absmax group each, its scale and offset
         assert "requantizing to NF4 kept" in result["requantize_report"]
+
+
+def test_the_custom_technique_is_peft_exact(tmp_path):
+    """The guide's technique against HF peft's own HiRA: outputs, every gradient, merge, checkpoints both ways."""
+    import peft
+
+    from peftc.tools.models import example_inputs, tiny_model
+    from peftc.tools.parity import against_peft
+
+    importlib.import_module("custom_technique")  # registers `hira`
+    model = tiny_model("llama")
+    against_peft(model, *example_inputs(model), peft.HiraConfig(r=4, target_modules=["q_proj", "down_proj"]), tmp_path)
 
 
 def test_onnx_export_example(tmp_path):

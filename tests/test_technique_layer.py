@@ -158,3 +158,106 @@ def test_applying_passes_after_merge_shares_what_merge_kept():
     assert before.kept and all(after.kept[k] is v for k, v in before.kept.items())
     originals = merged.meta["peftc"]["merged_bases"]["0"][1]
     assert all(later.meta["peftc"]["merged_bases"]["0"][1][k] is v for k, v in originals.items())
+
+
+@dataclass(frozen=True)
+class ShiftOptions(AdapterOptions):
+    pass
+
+
+class _Shift(Technique):
+    """y -> y + d (an `add` term), merged into the bias; a base for the declarations below."""
+
+    options, stage, peft_type = ShiftOptions, "add", None
+
+    def params(self, ctx):
+        return [Param("shift", (ctx.site.out_features,))]
+
+    def build(self, b, x):
+        return b.param("shift")
+
+    def fold(self, ctx, weight, bias):
+        return weight, ctx.tensor("shift").float() + (0 if bias is None else bias)
+
+
+def test_registering_a_taken_name_or_peft_type_changes_nothing():
+    before = peftc.technique.technique("lora")
+
+    class Clash(_Shift):
+        name = "lora"
+
+    with pytest.raises(OptionError, match="a pass named 'lora' is already registered"):
+        peftc.register_technique(Clash)
+    assert peftc.technique.technique("lora") is before and peftc.apply(captured("tiny-llama"), "lora(r=2)")
+
+    class SameType(_Shift):
+        name, peft_type = "test_same_type", "LORA"
+
+    with pytest.raises(OptionError, match="loads peft_type 'LORA', which technique 'lora' already loads"):
+        peftc.register_technique(SameType)
+    assert "test_same_type" not in peftc.technique.techniques() and "test_same_type" not in peftc.registered_passes()
+
+    class Version1(_Shift):
+        name = "test_replaced"
+
+    class Version2(_Shift):
+        name = "test_replaced"
+
+    peftc.register_technique(Version1)
+    with pytest.raises(OptionError, match="already registered; pick another name or pass replace=True"):
+        peftc.register_technique(Version2)
+    peftc.register_technique(Version2, replace=True)  # documented: a technique replaced by a new version of itself
+    assert isinstance(peftc.technique.technique("test_replaced"), Version2)
+    with pytest.raises(OptionError, match="already registered"):  # never another pass
+        peftc.register_technique(type("Merge", (_Shift,), {"name": "merge"}), replace=True)
+
+
+def test_a_wrong_fold_is_caught_at_the_first_merge_and_changes_nothing():
+    """The fold forgets the bias: merged outputs would move with no error. The first merge checks it."""
+
+    @peftc.register_technique(replace=True)
+    class ForgetsBias(_Shift):
+        name = "test_forgets_bias"
+
+        def fold(self, ctx, weight, bias):
+            return weight, bias
+
+    model = nn.Sequential(nn.Linear(4, 5), nn.ReLU(), nn.Linear(5, 3))
+    x = torch.randn(6, 4)
+    gm = fill_trainable(peftc.apply(peftc.capture(model, (x,)), "test_forgets_bias(targets='0')"))
+    with pytest.raises(PassError, match="test_forgets_bias: its fold does not compute what its rewrite computes at '0'"):
+        peftc.apply(gm, "merge")
+    assert not adapters(gm)["default"].merged and "folds_checked" not in gm.meta["peftc"]
+    right = fill_trainable(peftc.apply(peftc.capture(model, (x,)), "test_bias_shift_checked(targets='0|2')"))
+    merged = peftc.apply(right, "merge")
+    assert merged.meta["peftc"]["folds_checked"] == ["test_bias_shift_checked"]
+    torch.testing.assert_close(merged(x), right(x))
+
+
+@peftc.register_technique(replace=True)
+class _CheckedShift(_Shift):
+    name = "test_bias_shift_checked"
+
+
+def test_a_technique_without_check_fails_with_its_name_and_site():
+    """A shape constraint nobody declared: the error names the technique and the site, not a node."""
+
+    @peftc.register_technique(replace=True)
+    class SquareOnly(_Shift):
+        name = "test_square_only"
+
+        def params(self, ctx):
+            return [Param("rotation", (ctx.site.in_features, ctx.site.in_features))]
+
+        def build(self, b, x):
+            rotated = b.call(aten.mm.default, b.param("rotation"), b.weight(), role="rotated")  # (in, in) @ (out, in)
+            return b.call(aten.linear.default, x, rotated, role="update")
+
+        def fold(self, ctx, weight, bias):
+            return weight + ctx.tensor("rotation") @ weight, bias
+
+    model = nn.Sequential(nn.Linear(4, 5), nn.ReLU(), nn.Linear(5, 5))
+    gm = peftc.capture(model, (torch.randn(6, 4),))
+    assert peftc.apply(gm, "test_square_only(targets='2')")  # square: fine
+    with pytest.raises(peftc.errors.VerificationError, match=r"test_square_only.*adapter 'default'.*linear site '0'"):
+        peftc.apply(gm, "test_square_only(targets='0')")

@@ -135,7 +135,7 @@ def _hints(cls: type) -> dict[str, Any]:
 # --- shared checks ------------------------------------------------------------------------------
 
 def positive(value: Any) -> str | None:
-    return None if value > 0 else "a positive integer"
+    return None if value > 0 else "a positive integer" if isinstance(value, int) else "positive"
 
 
 def non_negative(value: Any) -> str | None:

@@ -46,9 +46,8 @@ def propagate_shapes(gm: fx.GraphModule, pass_name: str) -> bool:
             interpreter.propagate_dont_convert_inputs(*values)
     except Exception as e:
         node = interpreter.current
-        where = f" at node {node.name} ({node.op} {_target(node)}) of module {module_path(node) or '<root>'}" if node else ""
         raise VerificationError(
-            f"after pass {pass_name!r}, shape propagation failed{where}: {type(e).__name__}: {e}".strip()
+            f"after pass {pass_name!r}, shape propagation failed{_where(node)}: {type(e).__name__}: {e}".strip()
         ) from e
     return True
 
@@ -110,6 +109,19 @@ def mark_propagated(gm: fx.GraphModule) -> None:
     for n in gm.graph.nodes:
         if "val" in n.meta:
             n.meta["peftc_prop_key"] = propagation_key(gm, n)
+
+
+def _where(node: fx.Node | None) -> str:
+    """The failing node, and what inserted it where its tag says (a technique's adapter at a site)."""
+    if node is None:
+        return ""
+    where = f" at node {node.name} ({node.op} {_target(node)}) of module {module_path(node) or '<root>'}"
+    tag = node.meta.get("peftc", {})
+    if "adapter" in tag:
+        site = f" at the {tag['kind']} site {tag['site']!r}" if tag.get("site") is not None else ""
+        where += (f", inserted by {tag['pass']!r} for adapter {tag['adapter']!r}{site} (role {tag['role']!r}); "
+                  f"{tag['pass']} cannot act on this site: it should refuse it in its check()")
+    return where
 
 
 def _target(node: fx.Node) -> str:

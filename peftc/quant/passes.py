@@ -25,6 +25,7 @@ from peftc.quant.nf4 import QuantizationError, check_blocksize, dequantize_nf4, 
 from peftc.ir.registry import PassResult, register_pass
 from peftc.quant.format import DTYPES
 from peftc.sites.selection import resolve_sites
+from peftc.technique.adapters import adapters
 
 __all__ = ["Nf4Options", "nf4"]
 
@@ -50,6 +51,10 @@ def nf4(gm: fx.GraphModule, options: Nf4Options) -> PassResult:
     if already:
         raise OptionError(f"nf4: {', '.join(already[:4])} {'is' if len(already) == 1 else 'are'} already NF4; "
                           "quantize each weight once (drop the second nf4 or narrow its targets)")
+    adapted = sorted({s.path for s in sites for r in adapters(gm).values() if (s.path, s.kind) in r.sites})
+    if adapted:
+        raise OptionError(f"nf4: {', '.join(adapted[:4])} already carr{'ies' if len(adapted) == 1 else 'y'} adapters; "
+                          "quantize the base first (nf4, freeze, lora(...)), or narrow nf4's targets")
     quantized: dict[str, int] = peftc_meta(gm).setdefault("quantized", {})
     # Sites were found before any rewrite: a site fed by an earlier site (chained linears) still
     # names that site's erased node as its input, so inputs are looked up here.
