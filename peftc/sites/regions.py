@@ -51,6 +51,7 @@ __all__ = [
     "FinalHiddenState",
     "attention_sites",
     "attention_as_called",
+    "attention_call",
     "block_sites",
     "sublayer_sites",
     "input_embeddings",
@@ -154,6 +155,17 @@ def attention_as_called(n: fx.Node, view: Any = None) -> AttentionSite:
     return AttentionSite(module_path(n), n, query, key, value, args["attn_mask"], args["is_causal"], scale,
                          args["dropout_p"], args["enable_gqa"], key_heads, value_heads, _dim(query, -3),
                          _dim(key_heads, -3), head_dim)
+
+
+def attention_call(site: AttentionSite, key: fx.Node, value: fx.Node, mask: fx.Node | None) -> tuple[tuple, dict]:
+    """(args, kwargs) of the site's SDPA with another key, value and mask (`is_causal` off where a mask says it)."""
+    kwargs = {k: v for k, v in site.node.kwargs.items() if k not in ("attn_mask", "dropout_p", "is_causal")}
+    kwargs.update(attn_mask=mask, dropout_p=site.dropout_p, is_causal=False if mask is not None else site.is_causal)
+    if site.scale is not None:
+        kwargs["scale"] = site.scale
+    if site.enable_gqa:
+        kwargs["enable_gqa"] = True
+    return (site.query, key, value), kwargs
 
 
 def _before_repeat_kv(node: fx.Node) -> fx.Node:

@@ -87,6 +87,11 @@ def weight_shape(b: Builder) -> list[int]:
     return list(get_tensor(b.gm, b.site.weight).shape)
 
 
+# peft's LyCORIS fields (LoHa, LoKr): no rank or module dropout; the init is the checkpoint's own weights
+LYCORIS_FIXED = {"rank_dropout": 0.0, "module_dropout": 0.0, "init_weights": True}
+LYCORIS_IGNORED = ("init_weights",)
+
+
 def conv_with(b: Builder, x: fx.Node, weight: fx.Node) -> fx.Node:
     """The site's convolution of `x` with `weight` and no bias, as peft's `_get_delta_activations`."""
     target, args = b.site.functional(x, weight, None)
@@ -100,8 +105,7 @@ class Loha(Technique):
     name = "loha"
     options = LohaOptions
     peft_type = "LOHA"
-    peft_fixed = {"rank_dropout": 0.0, "module_dropout": 0.0, "init_weights": True}
-    peft_ignored = ("init_weights",)  # w2_b's init; a checkpoint brings its own weights
+    peft_fixed, peft_ignored = LYCORIS_FIXED, LYCORIS_IGNORED
     site_kinds = ("linear", "conv")
 
     def check(self, gm: fx.GraphModule, site: Any, options: LohaOptions) -> None:

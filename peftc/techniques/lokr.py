@@ -46,7 +46,7 @@ from peftc.technique import (
     positive,
     register_technique,
 )
-from peftc.techniques.loha import conv_with, effective, refuse_lycoris, weight_shape
+from peftc.techniques.loha import LYCORIS_FIXED, LYCORIS_IGNORED, conv_with, effective, refuse_lycoris, weight_shape
 
 __all__ = ["LokrOptions", "Lokr", "factorization"]
 
@@ -129,8 +129,7 @@ class Lokr(Technique):
     name = "lokr"
     options = LokrOptions
     peft_type = "LOKR"
-    peft_fixed = {"rank_dropout": 0.0, "module_dropout": 0.0, "init_weights": True}
-    peft_ignored = ("init_weights",)  # w1's init; a checkpoint brings its own weights
+    peft_fixed, peft_ignored = LYCORIS_FIXED, LYCORIS_IGNORED
     site_kinds = ("linear", "conv")
 
     def check(self, gm: fx.GraphModule, site: Any, options: LokrOptions) -> None:

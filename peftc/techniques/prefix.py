@@ -34,7 +34,7 @@ import torch
 from torch import fx
 
 from peftc.errors import OptionError, PassError
-from peftc.sites.regions import AttentionSite, attention_sites, position_ids
+from peftc.sites.regions import AttentionSite, attention_call, attention_sites, position_ids
 from peftc.technique import (
     AdapterOptions,
     Builder,
@@ -143,14 +143,7 @@ class Prefix(Technique):
         kv = b.once("kv", lambda: _kv(b, n, layers, *_shape([site])))
         b.once("positions", lambda: _shift_positions(b, n))
         mask = extend_mask(site, n, b.once("masks", dict), _caller(b))
-        joined = _join(b, site, kv, b.ctx.index)
-        kwargs = {k: v for k, v in site.node.kwargs.items() if k not in ("attn_mask", "dropout_p", "is_causal")}
-        kwargs.update(attn_mask=mask, dropout_p=site.dropout_p, is_causal=False if mask is not None else site.is_causal)
-        if site.scale is not None:
-            kwargs["scale"] = site.scale
-        if site.enable_gqa:
-            kwargs["enable_gqa"] = True
-        b.rewrite((site.query, *joined), kwargs)
+        b.rewrite(*attention_call(site, *_join(b, site, kv, b.ctx.index), mask))
         return sdpa
 
     def checkpoint_key(self, key: str) -> str:

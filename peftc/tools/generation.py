@@ -30,7 +30,7 @@ from torch import Tensor, fx
 
 from peftc.errors import OptionError, PassError
 from peftc.ir.graph import add_input, peftc_meta, tag
-from peftc.sites.regions import attention_as_called, attention_sites, position_ids
+from peftc.sites.regions import attention_as_called, attention_call, attention_sites, position_ids
 from peftc.ir.graph import clone
 from peftc.technique.adapters import active_adapters, adapters, set_active
 from peftc.techniques.prefix import extend_mask
@@ -89,13 +89,7 @@ def _with_cache(gm: fx.GraphModule) -> fx.GraphModule:
             value, cached_value = _with_past(site.value, past[2 * i + 1], call, "value")
             mask = extend_mask(site, length, masks, call)  # the past's columns visible in front
         joined += [cached_key, cached_value]
-        kwargs = {k: v for k, v in site.node.kwargs.items() if k not in ("attn_mask", "dropout_p", "is_causal")}
-        kwargs.update(attn_mask=mask, dropout_p=site.dropout_p, is_causal=False if mask is not None else site.is_causal)
-        if site.scale is not None:
-            kwargs["scale"] = site.scale
-        if site.enable_gqa:
-            kwargs["enable_gqa"] = True
-        site.node.args, site.node.kwargs = (site.query, key, value), kwargs
+        site.node.args, site.node.kwargs = attention_call(site, key, value, mask)
     for source in position_ids(decode):
         with graph.inserting_after(source):
             shifted = graph.call_function(aten.add.Tensor, (source, length))
