@@ -1,6 +1,7 @@
 """Benchmark peftc against HF peft, measured in the same run on the same model and config.
 
-What it measures (each row: peftc time, peer time, ratio = peftc / peer; < 1.0 means peftc is faster):
+What it measures (each row: peftc time, peer time, ratio = peftc / peer; < 1.0 means peftc is
+faster):
 
 1. LoRA training step (forward + cross-entropy + backward + AdamW step), unmerged, on a
    ~20M-parameter Llama, r=8 on q_proj,v_proj: peftc vs peft.
@@ -45,7 +46,6 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-
 from common import begin, write_json
 
 SEED = 0
@@ -94,39 +94,71 @@ class Row:
     @property
     def round_ratios(self) -> list[float]:
         """peftc / peer within each interleaved round: robust to drift between rounds."""
-        return [a / b for a, b in zip(self.peftc_samples, self.peer_samples)]
+        return [a / b for a, b in zip(self.peftc_samples, self.peer_samples, strict=True)]
 
     def spread(self) -> str:
         rr = self.round_ratios
-        return f"per-round ratio median {statistics.median(rr):.3f} (min {min(rr):.3f}, max {max(rr):.3f}, n={len(rr)})"
+        return (
+            f"per-round ratio median {statistics.median(rr):.3f} (min {min(rr):.3f}, max "
+            f"{max(rr):.3f}, n={len(rr)})"
+        )
 
     def as_dict(self) -> dict[str, Any]:
         return {**asdict(self), "ratio": self.ratio, "round_ratios": self.round_ratios}
 
 
-def row(measurement: str, peer: str, peftc_samples: list[float], peer_samples: list[float], note: str = "") -> Row:
-    return Row(measurement, statistics.median(peftc_samples), statistics.median(peer_samples), peer,
-               peftc_samples, peer_samples, note)
+def row(
+    measurement: str,
+    peer: str,
+    peftc_samples: list[float],
+    peer_samples: list[float],
+    note: str = "",
+) -> Row:
+    return Row(
+        measurement,
+        statistics.median(peftc_samples),
+        statistics.median(peer_samples),
+        peer,
+        peftc_samples,
+        peer_samples,
+        note,
+    )
 
 
 # --- models -----------------------------------------------------------------------------------
 
 
-def llama(hidden: int, intermediate: int, layers: int, heads: int, vocab: int, *, device: str | None = None):
+def llama(
+    hidden: int,
+    intermediate: int,
+    layers: int,
+    heads: int,
+    vocab: int,
+    *,
+    device: str | None = None,
+):
     """A random-init LlamaForCausalLM (sdpa attention, untied head), built on `device` if given."""
     import transformers
 
     config = transformers.LlamaConfig(
-        vocab_size=vocab, hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
-        num_attention_heads=heads, num_key_value_heads=heads, max_position_embeddings=4096,
-        tie_word_embeddings=False, attn_implementation="sdpa",
+        vocab_size=vocab,
+        hidden_size=hidden,
+        intermediate_size=intermediate,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=heads,
+        max_position_embeddings=4096,
+        tie_word_embeddings=False,
+        attn_implementation="sdpa",
     )
     torch.manual_seed(SEED)
     with torch.device(device) if device else contextlib.nullcontext():
         return transformers.LlamaForCausalLM(config)
 
 
-def batch(vocab: int, b: int, s: int, device: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def batch(
+    vocab: int, b: int, s: int, device: str | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     generator = torch.Generator().manual_seed(SEED)
     ids = torch.randint(3, vocab, (b, s), generator=generator)
     if device:
@@ -140,8 +172,11 @@ def n_params(model: torch.nn.Module) -> int:
 
 def describe(model: torch.nn.Module, ids: torch.Tensor) -> str:
     c = model.config
-    return (f"llama {n_params(model) / 1e6:.1f}M: {c.num_hidden_layers}L h{c.hidden_size} i{c.intermediate_size} "
-            f"{c.num_attention_heads}H v{c.vocab_size}, batch {ids.shape[0]}x{ids.shape[1]}")
+    return (
+        f"llama {n_params(model) / 1e6:.1f}M: {c.num_hidden_layers}L h{c.hidden_size} "
+        f"i{c.intermediate_size} {c.num_attention_heads}H v{c.vocab_size}, batch "
+        f"{ids.shape[0]}x{ids.shape[1]}"
+    )
 
 
 def peft_name(name: str) -> str:
@@ -149,7 +184,9 @@ def peft_name(name: str) -> str:
     return name.removeprefix("base_model.model.")
 
 
-def trainable(module: torch.nn.Module, strip: Callable[[str], str] = lambda n: n) -> dict[str, torch.nn.Parameter]:
+def trainable(
+    module: torch.nn.Module, strip: Callable[[str], str] = lambda n: n
+) -> dict[str, torch.nn.Parameter]:
     return {strip(n): p for n, p in module.named_parameters() if p.requires_grad}
 
 
@@ -167,8 +204,10 @@ def pair(model, ids, mask, pipeline: str, peft_config, *, fill: bool = False):
     pm = peft.get_peft_model(peer_base, peft_config)
     ours, theirs = trainable(gm), trainable(pm, peft_name)
     if set(ours) != set(theirs):
-        raise RuntimeError(f"trainable parameters differ: peftc-only {sorted(set(ours) - set(theirs))[:4]}, "
-                           f"peft-only {sorted(set(theirs) - set(ours))[:4]}")
+        raise RuntimeError(
+            f"trainable parameters differ: peftc-only {sorted(set(ours) - set(theirs))[:4]}, "
+            f"peft-only {sorted(set(theirs) - set(ours))[:4]}"
+        )
     generator = torch.Generator().manual_seed(SEED + 1)
     with torch.no_grad():
         for name, p in theirs.items():
@@ -208,15 +247,28 @@ def check_same_loss(gm, pm, ids, mask) -> float:
     return a
 
 
-def training_rows(label: str, model, ids, mask, pipeline: str, peft_config, repeat: int, warmup: int) -> Row:
+def training_rows(
+    label: str, model, ids, mask, pipeline: str, peft_config, repeat: int, warmup: int
+) -> Row:
     model.train()
     gm, pm = pair(model, ids, mask, pipeline, peft_config, fill=True)
     check_same_loss(gm, pm, ids, mask)
     count = sum(p.numel() for p in trainable(gm).values())
-    samples = compare({"peftc": train_step(gm, ids, mask, eager=False), "peft": train_step(pm, ids, mask, eager=True)},
-                      repeat, warmup)
-    return row(label, "peft", samples["peftc"], samples["peft"],
-               note=f"{describe(model, ids)}; {count / 1e3:.0f}K trainable")
+    samples = compare(
+        {
+            "peftc": train_step(gm, ids, mask, eager=False),
+            "peft": train_step(pm, ids, mask, eager=True),
+        },
+        repeat,
+        warmup,
+    )
+    return row(
+        label,
+        "peft",
+        samples["peftc"],
+        samples["peft"],
+        note=f"{describe(model, ids)}; {count / 1e3:.0f}K trainable",
+    )
 
 
 # --- measurements -----------------------------------------------------------------------------
@@ -227,9 +279,18 @@ def bench_lora_train(sizes: dict, repeat: int, warmup: int) -> list[Row]:
 
     model = llama(**sizes["model"])
     ids, mask = batch(sizes["model"]["vocab"], *sizes["batch"])
-    return [training_rows("1. LoRA train step r=8 q,v", model, ids, mask,
-                          'freeze, lora(r=8, alpha=16, targets="*.q_proj|*.v_proj")',
-                          peft.LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"]), repeat, warmup)]
+    return [
+        training_rows(
+            "1. LoRA train step r=8 q,v",
+            model,
+            ids,
+            mask,
+            'freeze, lora(r=8, alpha=16, targets="*.q_proj|*.v_proj")',
+            peft.LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"]),
+            repeat,
+            warmup,
+        )
+    ]
 
 
 def bench_inference(sizes: dict, repeat: int, warmup: int) -> list[Row]:
@@ -240,15 +301,26 @@ def bench_inference(sizes: dict, repeat: int, warmup: int) -> list[Row]:
     model = llama(**sizes["model"]).eval()
     ids, mask = batch(sizes["model"]["vocab"], *sizes["batch"])
     base = copy.deepcopy(model)  # the same weights, no adapters, eager
-    base_gm = peftc.apply(peftc.capture(base, args=(ids,), kwargs={"attention_mask": mask}), "freeze")
-    gm, pm = pair(model, ids, mask, 'freeze, lora(r=8, alpha=16, targets="*.q_proj|*.v_proj")',
-                  peft.LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"]), fill=True)
+    base_gm = peftc.apply(
+        peftc.capture(base, args=(ids,), kwargs={"attention_mask": mask}), "freeze"
+    )
+    gm, pm = pair(
+        model,
+        ids,
+        mask,
+        'freeze, lora(r=8, alpha=16, targets="*.q_proj|*.v_proj")',
+        peft.LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"]),
+        fill=True,
+    )
     merged = peftc.apply(gm, "merge").eval()
     peer_merged = pm.merge_and_unload().eval()
     for m in (base, base_gm, gm, pm):
         m.eval()
     with torch.no_grad():
-        ours, theirs = merged(ids, attention_mask=mask).logits, peer_merged(ids, attention_mask=mask, use_cache=False).logits
+        ours, theirs = (
+            merged(ids, attention_mask=mask).logits,
+            peer_merged(ids, attention_mask=mask, use_cache=False).logits,
+        )
         torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=1e-4)
         if torch.equal(ours, base(ids, attention_mask=mask, use_cache=False).logits):
             raise RuntimeError("merged model computes the base model: the adapter was a no-op")
@@ -262,14 +334,39 @@ def bench_inference(sizes: dict, repeat: int, warmup: int) -> list[Row]:
 
         return forward
 
-    samples = compare({"peftc merged": run(merged, False), "base eager": run(base, True),
-                       "peft merged": run(peer_merged, True), "peftc base": run(base_gm, False)}, repeat, warmup)
+    samples = compare(
+        {
+            "peftc merged": run(merged, False),
+            "base eager": run(base, True),
+            "peft merged": run(peer_merged, True),
+            "peftc base": run(base_gm, False),
+        },
+        repeat,
+        warmup,
+    )
     note = describe(model, ids)
     return [
-        row("2. inference merged vs base eager", "base eager", samples["peftc merged"], samples["base eager"], note),
-        row("2. inference merged vs peft merged", "peft merged", samples["peftc merged"], samples["peft merged"], note),
-        row("2. inference captured base vs base eager", "base eager", samples["peftc base"], samples["base eager"],
-            "peftc graph without adapters: graph overhead alone"),
+        row(
+            "2. inference merged vs base eager",
+            "base eager",
+            samples["peftc merged"],
+            samples["base eager"],
+            note,
+        ),
+        row(
+            "2. inference merged vs peft merged",
+            "peft merged",
+            samples["peftc merged"],
+            samples["peft merged"],
+            note,
+        ),
+        row(
+            "2. inference captured base vs base eager",
+            "base eager",
+            samples["peftc base"],
+            samples["base eager"],
+            "peftc graph without adapters: graph overhead alone",
+        ),
     ]
 
 
@@ -292,7 +389,8 @@ def bench_rewrite(sizes: dict, repeat: int, warmup: int) -> list[Row]:
 
     fresh: list[Any] = []
 
-    def get_peft_model():  # get_peft_model mutates its model: give each run a fresh meta model (untimed)
+    # get_peft_model mutates its model: give each run a fresh meta model (untimed)
+    def get_peft_model():
         return peft.get_peft_model(fresh.pop(), peft.LoraConfig(r=8, target_modules="all-linear"))
 
     capture_s, apply_s, peer_s = [], [], []
@@ -304,11 +402,13 @@ def bench_rewrite(sizes: dict, repeat: int, warmup: int) -> list[Row]:
             apply_s.append(a)
             peer_s.append(p)
     gm = apply()
-    pm = peft.get_peft_model(llama(**sizes["model"], device="meta"), peft.LoraConfig(r=8, target_modules="all-linear"))
+    pm = peft.get_peft_model(
+        llama(**sizes["model"], device="meta"), peft.LoraConfig(r=8, target_modules="all-linear")
+    )
     ours, theirs = trainable(gm), trainable(pm, peft_name)
     if set(ours) != set(theirs):
         raise RuntimeError("peftc and peft adapt different sites on the meta model")
-    total = [c + a for c, a in zip(capture_s, apply_s)]
+    total = [c + a for c, a in zip(capture_s, apply_s, strict=True)]
     note = f"{describe(model, ids)} on meta; {len(ours) // 2} LoRA sites"
     return [
         row("3. rewrite meta: capture+apply", "peft get_peft_model", total, peer_s, note),
@@ -324,18 +424,35 @@ def bench_loha_lokr(sizes: dict, repeat: int, warmup: int) -> list[Row]:
     pattern = "|".join(f"*.{t}" for t in targets)
     ids, mask = batch(sizes["model"]["vocab"], *sizes["batch"])
     cases = [
-        ("4. LoHa train step r=8 q,v,up,down", f'freeze, loha(r=8, alpha=8, targets="{pattern}")',
-         peft.LoHaConfig(r=8, alpha=8, target_modules=targets)),
-        ("4. LoKr train step r=8 q,v,up,down", f'freeze, lokr(r=8, alpha=8, targets="{pattern}")',
-         peft.LoKrConfig(r=8, alpha=8, target_modules=targets)),
+        (
+            "4. LoHa train step r=8 q,v,up,down",
+            f'freeze, loha(r=8, alpha=8, targets="{pattern}")',
+            peft.LoHaConfig(r=8, alpha=8, target_modules=targets),
+        ),
+        (
+            "4. LoKr train step r=8 q,v,up,down",
+            f'freeze, lokr(r=8, alpha=8, targets="{pattern}")',
+            peft.LoKrConfig(r=8, alpha=8, target_modules=targets),
+        ),
     ]
-    return [training_rows(label, llama(**sizes["model"]), ids, mask, pipeline, config, repeat, warmup)
-            for label, pipeline, config in cases]
+    return [
+        training_rows(label, llama(**sizes["model"]), ids, mask, pipeline, config, repeat, warmup)
+        for label, pipeline, config in cases
+    ]
 
 
-def size(hidden: int, intermediate: int, layers: int, heads: int, vocab: int, tokens: tuple[int, int]) -> dict:
-    """A Llama shape (`model`: keyword arguments of `llama`) and an input shape (`batch`: batch, sequence)."""
-    model = {"hidden": hidden, "intermediate": intermediate, "layers": layers, "heads": heads, "vocab": vocab}
+def size(
+    hidden: int, intermediate: int, layers: int, heads: int, vocab: int, tokens: tuple[int, int]
+) -> dict:
+    """A Llama shape (`model`: keyword arguments of `llama`) and an input shape (`batch`: batch,
+    sequence)."""
+    model = {
+        "hidden": hidden,
+        "intermediate": intermediate,
+        "layers": layers,
+        "heads": heads,
+        "vocab": vocab,
+    }
     return {"model": model, "batch": tokens}
 
 
@@ -343,7 +460,8 @@ LLAMA_20M = size(512, 1376, layers=4, heads=8, vocab=8000, tokens=(8, 128))  # 2
 FULL = {
     "lora_train": LLAMA_20M,
     "inference": LLAMA_20M,
-    "rewrite": size(4096, 11008, layers=32, heads=32, vocab=32000, tokens=(2, 16)),  # Llama-7B shape, on meta
+    # Llama-7B shape, on meta
+    "rewrite": size(4096, 11008, layers=32, heads=32, vocab=32000, tokens=(2, 16)),
     "loha_lokr": size(1024, 2816, layers=2, heads=8, vocab=2000, tokens=(4, 64)),
 }
 QUICK = {
@@ -352,8 +470,12 @@ QUICK = {
     "rewrite": size(4096, 11008, layers=4, heads=32, vocab=32000, tokens=(2, 16)),
     "loha_lokr": size(1024, 2816, layers=1, heads=8, vocab=2000, tokens=(2, 64)),
 }
-BENCHES = {"lora_train": bench_lora_train, "inference": bench_inference, "rewrite": bench_rewrite,
-           "loha_lokr": bench_loha_lokr}
+BENCHES = {
+    "lora_train": bench_lora_train,
+    "inference": bench_inference,
+    "rewrite": bench_rewrite,
+    "loha_lokr": bench_loha_lokr,
+}
 # (repeat, warmup) per measurement
 FULL_REPEATS = {"lora_train": (7, 2), "inference": (7, 2), "rewrite": (3, 0), "loha_lokr": (7, 2)}
 QUICK_REPEATS = {"lora_train": (3, 1), "inference": (3, 1), "rewrite": (1, 0), "loha_lokr": (3, 1)}
@@ -368,17 +490,27 @@ def fmt_time(seconds: float) -> str:
 
 def table(rows: list[Row]) -> str:
     head = ("measurement", "peftc", "peer", "ratio (peftc/peer)")
-    body = [(r.measurement, fmt_time(r.peftc_s), f"{fmt_time(r.peer_s)} ({r.peer})", f"{r.ratio:.3f}") for r in rows]
+    body = [
+        (r.measurement, fmt_time(r.peftc_s), f"{fmt_time(r.peer_s)} ({r.peer})", f"{r.ratio:.3f}")
+        for r in rows
+    ]
     widths = [max(len(line[i]) for line in [head, *body]) for i in range(4)]
-    lines = [" | ".join(c.ljust(w) for c, w in zip(head, widths)), "-+-".join("-" * w for w in widths)]
-    lines += [" | ".join(c.ljust(w) for c, w in zip(line, widths)) for line in body]
+    lines = [
+        " | ".join(c.ljust(w) for c, w in zip(head, widths, strict=True)),
+        "-+-".join("-" * w for w in widths),
+    ]
+    lines += [" | ".join(c.ljust(w) for c, w in zip(line, widths, strict=True)) for line in body]
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="smaller models, fewer repeats (~30 s smoke run)")
-    parser.add_argument("--only", choices=list(BENCHES), action="append", help="run only these measurements")
+    parser.add_argument(
+        "--quick", action="store_true", help="smaller models, fewer repeats (~30 s smoke run)"
+    )
+    parser.add_argument(
+        "--only", choices=list(BENCHES), action="append", help="run only these measurements"
+    )
     args, command, started = begin(parser, argv, __file__)
     import peft
     import transformers
@@ -386,9 +518,12 @@ def main(argv: list[str] | None = None) -> int:
     import peftc
 
     sizes, repeats = (QUICK, QUICK_REPEATS) if args.quick else (FULL, FULL_REPEATS)
-    print(f"torch {torch.__version__}, transformers {transformers.__version__}, peft {peft.__version__}, "
-          f"peftc {peftc.__version__}; {torch.get_num_threads()} threads; {'quick' if args.quick else 'full'} run",
-          flush=True)
+    print(
+        f"torch {torch.__version__}, transformers {transformers.__version__}, peft "
+        f"{peft.__version__}, peftc {peftc.__version__}; {torch.get_num_threads()} threads; "
+        f"{'quick' if args.quick else 'full'} run",
+        flush=True,
+    )
     rows: list[Row] = []
     seconds: dict[str, float] = {}
     for name in args.only or BENCHES:
@@ -404,16 +539,33 @@ def main(argv: list[str] | None = None) -> int:
     print()
     for r in rows:
         print(f"{r.measurement}: {r.spread()}" + (f"; {r.note}" if r.note else ""))
-    print("times are medians of interleaved repeats; (repeat, warmup): "
-          + ", ".join(f"{k} {repeats[k]}" for k in seconds) + f"; wall time {wall:.1f} s")
+    print(
+        "times are medians of interleaved repeats; (repeat, warmup): "
+        + ", ".join(f"{k} {repeats[k]}" for k in seconds)
+        + f"; wall time {wall:.1f} s"
+    )
     if args.json:
-        write_json(args.json, {
-            "command": command, "quick": args.quick, "threads": torch.get_num_threads(), "seed": SEED,
-            "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
-                         "peft": peft.__version__, "peftc": peftc.__version__, "python": platform.python_version()},
-            "sizes": {k: sizes[k] for k in seconds}, "repeats": {k: repeats[k] for k in seconds},
-            "rows": [r.as_dict() for r in rows], "bench_seconds": seconds, "wall_seconds": wall,
-        })
+        write_json(
+            args.json,
+            {
+                "command": command,
+                "quick": args.quick,
+                "threads": torch.get_num_threads(),
+                "seed": SEED,
+                "versions": {
+                    "torch": torch.__version__,
+                    "transformers": transformers.__version__,
+                    "peft": peft.__version__,
+                    "peftc": peftc.__version__,
+                    "python": platform.python_version(),
+                },
+                "sizes": {k: sizes[k] for k in seconds},
+                "repeats": {k: repeats[k] for k in seconds},
+                "rows": [r.as_dict() for r in rows],
+                "bench_seconds": seconds,
+                "wall_seconds": wall,
+            },
+        )
         print(f"wrote {args.json}")
     return 0
 

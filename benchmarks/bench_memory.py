@@ -41,8 +41,15 @@ _MiB = 2**20
 def _model(layers: int, seq: int) -> torch.fx.GraphModule:
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    config = LlamaConfig(hidden_size=768, intermediate_size=2048, num_hidden_layers=layers, num_attention_heads=12,
-                         num_key_value_heads=12, vocab_size=32000, max_position_embeddings=max(seq, 512))
+    config = LlamaConfig(
+        hidden_size=768,
+        intermediate_size=2048,
+        num_hidden_layers=layers,
+        num_attention_heads=12,
+        num_key_value_heads=12,
+        vocab_size=32000,
+        max_position_embeddings=max(seq, 512),
+    )
     torch.manual_seed(0)
     model = LlamaForCausalLM(config).eval()
     ids = torch.randint(0, 32000, (2, 16))
@@ -58,7 +65,9 @@ def _step(gm, optimizer, ids) -> None:
 
 
 def _measured_peak(gm, optimizer, ids) -> int:
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=True, with_stack=True) as prof:
+    with profile(
+        activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=True, with_stack=True
+    ) as prof:
         _step(gm, optimizer, ids)
     _, sizes = MemoryProfileTimeline(prof._memory_profile())._coalesce_timeline(torch.device("cpu"))
     return max(sum(s) for s in sizes)
@@ -73,9 +82,14 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--only", action="append", choices=sorted(METHODS))
     args, command, _ = begin(parser, argv, "benchmarks/bench_memory.py")
     base = _model(args.layers, args.seq)
-    ids = torch.randint(0, 32000, (args.batch, args.seq), generator=torch.Generator().manual_seed(1))
-    print(f"model: Llama-shaped, hidden 768, {args.layers} layers, {peftc.summary(base).total:,} parameters; "
-          f"batch {args.batch} x {args.seq}", flush=True)
+    ids = torch.randint(
+        0, 32000, (args.batch, args.seq), generator=torch.Generator().manual_seed(1)
+    )
+    print(
+        f"model: Llama-shaped, hidden 768, {args.layers} layers, {peftc.summary(base).total:,} "
+        f"parameters; batch {args.batch} x {args.seq}",
+        flush=True,
+    )
     rows = {}
     for name in args.only or METHODS:
         gm = peftc.apply(base, METHODS[name])
@@ -91,17 +105,49 @@ def main(argv: list[str] | None = None) -> dict:
             started = time.perf_counter()
             _step(gm, optimizer, ids)
             times.append(time.perf_counter() - started)
-        rows[name] = {"pipeline": METHODS[name], "measured_peak": measured, "planned_peak": planned.peak,
-                      "planner_error": planned.peak / measured - 1, "activations": planned.activations,
-                      "step_seconds": statistics.median(times), "plan_seconds": plan_seconds}
+        rows[name] = {
+            "pipeline": METHODS[name],
+            "measured_peak": measured,
+            "planned_peak": planned.peak,
+            "planner_error": planned.peak / measured - 1,
+            "activations": planned.activations,
+            "step_seconds": statistics.median(times),
+            "plan_seconds": plan_seconds,
+        }
         print(f"{name}: {rows[name]}", flush=True)
     ref = rows.get("qlora", {}).get("measured_peak")
-    print_table(["method", "pipeline", "measured peak", "planned peak", "planner error", "saved activations (planned)",
-                 "step", "peak vs QLoRA"],
-                [[name, f"`{r['pipeline']}`", f"{r['measured_peak'] / _MiB:.0f} MiB", f"{r['planned_peak'] / _MiB:.0f} MiB",
-                  f"{100 * r['planner_error']:+.1f} %", f"{r['activations'] / _MiB:.0f} MiB", f"{r['step_seconds']:.2f} s",
-                  f"{r['measured_peak'] / ref:.2f}" if ref else "-"] for name, r in rows.items()])
-    result = {"command": command, "batch": args.batch, "seq": args.seq, "layers": args.layers, "rows": rows}
+    print_table(
+        [
+            "method",
+            "pipeline",
+            "measured peak",
+            "planned peak",
+            "planner error",
+            "saved activations (planned)",
+            "step",
+            "peak vs QLoRA",
+        ],
+        [
+            [
+                name,
+                f"`{r['pipeline']}`",
+                f"{r['measured_peak'] / _MiB:.0f} MiB",
+                f"{r['planned_peak'] / _MiB:.0f} MiB",
+                f"{100 * r['planner_error']:+.1f} %",
+                f"{r['activations'] / _MiB:.0f} MiB",
+                f"{r['step_seconds']:.2f} s",
+                f"{r['measured_peak'] / ref:.2f}" if ref else "-",
+            ]
+            for name, r in rows.items()
+        ],
+    )
+    result = {
+        "command": command,
+        "batch": args.batch,
+        "seq": args.seq,
+        "layers": args.layers,
+        "rows": rows,
+    }
     if args.json:
         write_json(args.json, result)
     return result

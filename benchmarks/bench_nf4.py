@@ -34,21 +34,31 @@ import time
 from typing import Any
 
 import torch
-
 from common import begin, compare, write_json
 
 SEED = 0
 
 
 def row(measurement: str, peftc: float, bnb: float, unit: str, note: str = "") -> dict[str, Any]:
-    return {"measurement": measurement, "peftc": peftc, "bnb": bnb, "unit": unit, "ratio": peftc / bnb, "note": note}
+    return {
+        "measurement": measurement,
+        "peftc": peftc,
+        "bnb": bnb,
+        "unit": unit,
+        "ratio": peftc / bnb,
+        "note": note,
+    }
 
 
 def bnb_stats_bytes(state) -> int:
-    """Bytes of bnb's block statistics: absmax (uint8 codes when nested) + nested absmax + offset."""
+    """Bytes of bnb's block statistics: absmax (uint8 codes when nested) + nested absmax +
+    offset."""
     total = state.absmax.numel() * state.absmax.element_size()
     if state.nested:
-        total += state.state2.absmax.numel() * state.state2.absmax.element_size() + state.offset.numel() * 4
+        total += (
+            state.state2.absmax.numel() * state.state2.absmax.element_size()
+            + state.offset.numel() * 4
+        )
     return total
 
 
@@ -66,18 +76,42 @@ def bench(size: int, tokens: int, repeat: int, warmup: int) -> list[dict[str, An
     for dtype, name in ((torch.bfloat16, "bf16"), (torch.float32, "fp32")):
         w = w32.to(dtype)
         ours = quantize_nf4(w, blocksize=64, double_quant=True)
-        packed, state = bf.quantize_4bit(w, blocksize=64, compress_statistics=True, quant_type="nf4")
+        packed, state = bf.quantize_4bit(
+            w, blocksize=64, compress_statistics=True, quant_type="nf4"
+        )
         if not torch.equal(ours.packed, packed):
             raise RuntimeError(f"packed codes differ from bitsandbytes ({name})")
-        torch.testing.assert_close(dequantize_nf4(ours), bf.dequantize_4bit(packed, state), atol=0, rtol=0)
-        t = compare({"peftc": lambda w=w: quantize_nf4(w, blocksize=64, double_quant=True),
-                     "bnb": lambda w=w: bf.quantize_4bit(w, blocksize=64, compress_statistics=True, quant_type="nf4")},
-                    repeat, warmup)
+        torch.testing.assert_close(
+            dequantize_nf4(ours), bf.dequantize_4bit(packed, state), atol=0, rtol=0
+        )
+        t = compare(
+            {
+                "peftc": lambda w=w: quantize_nf4(w, blocksize=64, double_quant=True),
+                "bnb": lambda w=w: bf.quantize_4bit(
+                    w, blocksize=64, compress_statistics=True, quant_type="nf4"
+                ),
+            },
+            repeat,
+            warmup,
+        )
         mb = w.numel() * w.element_size() / 1e6
-        rows.append(row(f"quantize {shape} {name} (MB/s)", mb / t["peftc"], mb / t["bnb"], "MB/s",
-                        f"peftc {t['peftc'] * 1e3:.1f} ms, bnb {t['bnb'] * 1e3:.1f} ms"))
-        t = compare({"peftc": lambda q=ours: dequantize_nf4(q), "bnb": lambda p=packed, s=state: bf.dequantize_4bit(p, s)},
-                    repeat, warmup)
+        rows.append(
+            row(
+                f"quantize {shape} {name} (MB/s)",
+                mb / t["peftc"],
+                mb / t["bnb"],
+                "MB/s",
+                f"peftc {t['peftc'] * 1e3:.1f} ms, bnb {t['bnb'] * 1e3:.1f} ms",
+            )
+        )
+        t = compare(
+            {
+                "peftc": lambda q=ours: dequantize_nf4(q),
+                "bnb": lambda p=packed, s=state: bf.dequantize_4bit(p, s),
+            },
+            repeat,
+            warmup,
+        )
         rows.append(row(f"dequantize {shape} {name}", t["peftc"], t["bnb"], "s"))
 
     # 4-bit linear on the fp32 weight
@@ -87,8 +121,9 @@ def bench(size: int, tokens: int, repeat: int, warmup: int) -> list[dict[str, An
     grad_out = torch.randn(tokens, size, generator=generator)
 
     def peftc_linear(inp):
-        return torch.ops.peftc.nf4_linear(inp, ours.packed, ours.absmax, ours.absmax_scale, ours.offset, None,
-                                          size, size, 64)
+        return torch.ops.peftc.nf4_linear(
+            inp, ours.packed, ours.absmax, ours.absmax_scale, ours.offset, None, size, size, 64
+        )
 
     def bnb_linear(inp):
         return bnb.matmul_4bit(inp, packed.t(), quant_state=state)
@@ -106,6 +141,7 @@ def bench(size: int, tokens: int, repeat: int, warmup: int) -> list[dict[str, An
         def run():
             with torch.no_grad():
                 return fn(x)
+
         return run
 
     def fwd_bwd(fn):
@@ -114,6 +150,7 @@ def bench(size: int, tokens: int, repeat: int, warmup: int) -> list[dict[str, An
         def run():
             xg.grad = None
             fn(xg).backward(grad_out)
+
         return run
 
     note = f"x {tokens}x{size} fp32, W {shape} from fp32"
@@ -124,13 +161,28 @@ def bench(size: int, tokens: int, repeat: int, warmup: int) -> list[dict[str, An
 
     # storage of one weight
     n = w32.numel()
-    ours_bytes = ours.packed.numel() + ours.absmax.numel() * ours.absmax.element_size() \
-        + ours.absmax_scale.numel() * 4 + 4
+    ours_bytes = (
+        ours.packed.numel()
+        + ours.absmax.numel() * ours.absmax.element_size()
+        + ours.absmax_scale.numel() * 4
+        + 4
+    )
     bnb_bytes = packed.numel() * packed.element_size() + bnb_stats_bytes(state)
-    for label, a, b in (("fp32", n * 4, n * 4), ("fp16", n * 2, n * 2), ("NF4 packed+stats", ours_bytes, bnb_bytes)):
+    for label, a, b in (
+        ("fp32", n * 4, n * 4),
+        ("fp16", n * 2, n * 2),
+        ("NF4 packed+stats", ours_bytes, bnb_bytes),
+    ):
         rows.append(row(f"bytes {shape} {label}", a, b, "B", f"{a / (n * 4):.4f} of fp32"))
-    rows.append(row("NF4 bits per weight", bits_per_weight(ours), bnb_bytes * 8 / n, "bits",
-                    f"{bits_per_weight(ours) / 32:.4f} of fp32"))
+    rows.append(
+        row(
+            "NF4 bits per weight",
+            bits_per_weight(ours),
+            bnb_bytes * 8 / n,
+            "bits",
+            f"{bits_per_weight(ours) / 32:.4f} of fp32",
+        )
+    )
     return rows
 
 
@@ -146,40 +198,74 @@ def fmt(value: float, unit: str) -> str:
 
 def table(rows: list[dict[str, Any]]) -> str:
     head = ("measurement", "peftc", "bitsandbytes", "ratio (peftc/bnb)", "note")
-    body = [(r["measurement"], fmt(r["peftc"], r["unit"]), fmt(r["bnb"], r["unit"]), f"{r['ratio']:.3f}", r["note"])
-            for r in rows]
+    body = [
+        (
+            r["measurement"],
+            fmt(r["peftc"], r["unit"]),
+            fmt(r["bnb"], r["unit"]),
+            f"{r['ratio']:.3f}",
+            r["note"],
+        )
+        for r in rows
+    ]
     widths = [max(len(line[i]) for line in [head, *body]) for i in range(len(head))]
-    lines = [" | ".join(c.ljust(w) for c, w in zip(head, widths)), "-+-".join("-" * w for w in widths)]
-    lines += [" | ".join(c.ljust(w) for c, w in zip(line, widths)) for line in body]
+    lines = [
+        " | ".join(c.ljust(w) for c, w in zip(head, widths, strict=True)),
+        "-+-".join("-" * w for w in widths),
+    ]
+    lines += [" | ".join(c.ljust(w) for c, w in zip(line, widths, strict=True)) for line in body]
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="1024x1024 weights, fewer repeats (~20 s)")
+    parser.add_argument(
+        "--quick", action="store_true", help="1024x1024 weights, fewer repeats (~20 s)"
+    )
     args, command, started = begin(parser, argv, __file__)
     import bitsandbytes as bnb
 
     import peftc
 
     size, tokens, repeat, warmup = (1024, 16, 5, 1) if args.quick else (4096, 16, 7, 2)
-    print(f"torch {torch.__version__}, bitsandbytes {bnb.__version__}, peftc {peftc.__version__}; "
-          f"{torch.get_num_threads()} threads; {'quick' if args.quick else 'full'} run", flush=True)
+    print(
+        f"torch {torch.__version__}, bitsandbytes {bnb.__version__}, peftc {peftc.__version__}; "
+        f"{torch.get_num_threads()} threads; {'quick' if args.quick else 'full'} run",
+        flush=True,
+    )
     torch.manual_seed(SEED)
     rows = bench(size, tokens, repeat, warmup)
     wall = time.perf_counter() - started
 
     print()
     print(table(rows))
-    print(f"\ntimes are medians of {repeat} interleaved repeats after {warmup} warm-up; "
-          f"for MB/s higher is better (ratio < 1: peftc slower), for times lower is better; wall time {wall:.1f} s")
+    print(
+        f"\ntimes are medians of {repeat} interleaved repeats after {warmup} warm-up; for MB/s "
+        "higher is better (ratio < 1: peftc slower), for times lower is better; wall time "
+        f"{wall:.1f} s"
+    )
     if args.json:
-        write_json(args.json, {
-            "command": command, "quick": args.quick, "threads": torch.get_num_threads(), "seed": SEED,
-            "versions": {"torch": torch.__version__, "bitsandbytes": bnb.__version__, "peftc": peftc.__version__,
-                         "python": platform.python_version()},
-            "size": size, "tokens": tokens, "repeat": repeat, "warmup": warmup, "rows": rows, "wall_seconds": wall,
-        })
+        write_json(
+            args.json,
+            {
+                "command": command,
+                "quick": args.quick,
+                "threads": torch.get_num_threads(),
+                "seed": SEED,
+                "versions": {
+                    "torch": torch.__version__,
+                    "bitsandbytes": bnb.__version__,
+                    "peftc": peftc.__version__,
+                    "python": platform.python_version(),
+                },
+                "size": size,
+                "tokens": tokens,
+                "repeat": repeat,
+                "warmup": warmup,
+                "rows": rows,
+                "wall_seconds": wall,
+            },
+        )
         print(f"wrote {args.json}")
     return 0
 

@@ -1,7 +1,8 @@
 """Serving requests spread over many LoRA adapters of one base, three ways, in one run:
 
 1. peftc `multi_lora`: the whole mixed batch at once (each row picks its adapter by id);
-2. the adapter-by-adapter loop: peft's `set_adapter(name)`, then that adapter's requests as one batch;
+2. the adapter-by-adapter loop: peft's `set_adapter(name)`, then that adapter's requests as one
+   batch;
 3. peft's mixed batch: `adapter_names=` (peft loops over the adapters inside each layer).
 
 Two workloads: generation (`peftc.generate` against peft's `generate`: 16 greedy tokens after a
@@ -32,12 +33,22 @@ def _setup(adapters: int, seq: int):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=32000, hidden_size=512, intermediate_size=1376, num_hidden_layers=4,
-                         num_attention_heads=8, num_key_value_heads=8, max_position_embeddings=max(seq, 512))
+    config = LlamaConfig(
+        vocab_size=32000,
+        hidden_size=512,
+        intermediate_size=1376,
+        num_hidden_layers=4,
+        num_attention_heads=8,
+        num_key_value_heads=8,
+        max_position_embeddings=max(seq, 512),
+    )
     model = LlamaForCausalLM(config).eval()
     names = [f"adapter{i}" for i in range(adapters)]
-    peft_model = peft.get_peft_model(copy.deepcopy(model), peft.LoraConfig(r=8, target_modules="all-linear"),
-                                     adapter_name=names[0])
+    peft_model = peft.get_peft_model(
+        copy.deepcopy(model),
+        peft.LoraConfig(r=8, target_modules="all-linear"),
+        adapter_name=names[0],
+    )
     for name in names[1:]:
         peft_model.add_adapter(name, peft.LoraConfig(r=8, target_modules="all-linear"))
     with torch.no_grad():
@@ -65,12 +76,20 @@ def bench(adapters: int, requests: int, seq: int, repeat: int, new_tokens: int =
     groups = {name: [i for i, w in enumerate(wanted) if w == name] for name in names}
 
     def generate_mixed():
-        return torch.tensor(peftc.generate(served, prompts, adapter_ids=wanted, max_new_tokens=new_tokens))
+        return torch.tensor(
+            peftc.generate(served, prompts, adapter_ids=wanted, max_new_tokens=new_tokens)
+        )
 
     def peft_generate(rows, **extra):
-        out = peft_model.generate(input_ids=prompts[rows], attention_mask=torch.ones_like(prompts[rows]),
-                                  max_new_tokens=new_tokens, do_sample=False, pad_token_id=0, **extra)
-        return out[:, prompts.shape[1]:]
+        out = peft_model.generate(
+            input_ids=prompts[rows],
+            attention_mask=torch.ones_like(prompts[rows]),
+            max_new_tokens=new_tokens,
+            do_sample=False,
+            pad_token_id=0,
+            **extra,
+        )
+        return out[:, prompts.shape[1] :]
 
     def generate_loop():
         out = torch.empty(requests, new_tokens, dtype=torch.long)
@@ -100,22 +119,50 @@ def bench(adapters: int, requests: int, seq: int, repeat: int, new_tokens: int =
         for fn in (forward_mixed, forward_peft_mixed):
             error = (fn() - reference).abs().max().item()
             if error > 1e-3:
-                raise RuntimeError(f"{fn.__name__} differs from the adapter-by-adapter loop by {error}")
+                raise RuntimeError(
+                    f"{fn.__name__} differs from the adapter-by-adapter loop by {error}"
+                )
         tokens = generate_loop()
-        agree = {fn.__name__: (fn() == tokens).float().mean().item() for fn in (generate_mixed, generate_peft_mixed)}
+        agree = {
+            fn.__name__: (fn() == tokens).float().mean().item()
+            for fn in (generate_mixed, generate_peft_mixed)
+        }
         seconds = {
-            "generate": compare({"peftc multi_lora": generate_mixed, "adapter-by-adapter loop (peft)": generate_loop,
-                                 "peft adapter_names=": generate_peft_mixed}, repeat=repeat, warmup=1),
-            "forward": compare({"peftc multi_lora": forward_mixed, "adapter-by-adapter loop (peft)": forward_loop,
-                                "peft adapter_names=": forward_peft_mixed}, repeat=repeat, warmup=1)}
+            "generate": compare(
+                {
+                    "peftc multi_lora": generate_mixed,
+                    "adapter-by-adapter loop (peft)": generate_loop,
+                    "peft adapter_names=": generate_peft_mixed,
+                },
+                repeat=repeat,
+                warmup=1,
+            ),
+            "forward": compare(
+                {
+                    "peftc multi_lora": forward_mixed,
+                    "adapter-by-adapter loop (peft)": forward_loop,
+                    "peft adapter_names=": forward_peft_mixed,
+                },
+                repeat=repeat,
+                warmup=1,
+            ),
+        }
     print(f"{adapters} adapters: generated tokens equal to the loop's: {agree}", flush=True)
-    return {"adapters": adapters, "requests": requests, "seq": seq, "new_tokens": new_tokens, "seconds": seconds,
-            "tokens_equal_to_loop": agree}
+    return {
+        "adapters": adapters,
+        "requests": requests,
+        "seq": seq,
+        "new_tokens": new_tokens,
+        "seconds": seconds,
+        "tokens_equal_to_loop": agree,
+    }
 
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--adapters", type=int, action="append", help="adapter counts (default: 8 and 32)")
+    parser.add_argument(
+        "--adapters", type=int, action="append", help="adapter counts (default: 8 and 32)"
+    )
     parser.add_argument("--requests", type=int, default=32)
     parser.add_argument("--seq", type=int, default=128)
     parser.add_argument("--repeat", type=int, default=3)
@@ -127,10 +174,27 @@ def main(argv: list[str] | None = None) -> dict:
             loop = timed["adapter-by-adapter loop (peft)"]
             tokens = run["requests"] * (run["new_tokens"] if workload == "generate" else run["seq"])
             for method, seconds in timed.items():
-                rows.append([run["adapters"], workload, method, f"{seconds * 1e3:.0f} ms", f"{tokens / seconds:,.0f}",
-                             f"{loop / seconds:.2f}x"])
-    print_table(["adapters", "workload", "method", f"{args.requests} requests", "tokens/s (new or prefilled)",
-                 "throughput vs loop"], rows)
+                rows.append(
+                    [
+                        run["adapters"],
+                        workload,
+                        method,
+                        f"{seconds * 1e3:.0f} ms",
+                        f"{tokens / seconds:,.0f}",
+                        f"{loop / seconds:.2f}x",
+                    ]
+                )
+    print_table(
+        [
+            "adapters",
+            "workload",
+            "method",
+            f"{args.requests} requests",
+            "tokens/s (new or prefilled)",
+            "throughput vs loop",
+        ],
+        rows,
+    )
     result = {"command": command, "runs": runs}
     if args.json:
         write_json(args.json, result)

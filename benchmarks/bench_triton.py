@@ -1,16 +1,18 @@
-"""One QLoRA training step, four ways: eager peftc, peftc lowered to Triton, lowered + torch.compile, and
-HF peft over bitsandbytes' Linear4bit (the peer), on the same random-init Llama-shaped model.
+"""One QLoRA training step, four ways: eager peftc, peftc lowered to Triton, lowered +
+torch.compile, and HF peft over bitsandbytes' Linear4bit (the peer), on the same random-init
+Llama-shaped model.
 
 On a CUDA device (the default there): ~1B parameters (hidden 2048, 16 layers, intermediate 5632,
 vocab 32000), bfloat16, NF4 base with double quantization, LoRA r=16 on every linear but the head,
 batch 4 x 1024, AdamW. Each row: the median step time (forward, cross-entropy, backward, optimizer
 step; after warm-up steps), tokens/s, and the peak of `torch.cuda.max_memory_allocated` over the
-timed steps. Ratios are against eager peftc and against peft + bitsandbytes, measured in the same run.
+timed steps. Ratios are against eager peftc and against peft + bitsandbytes, measured in the same
+run.
 
 Without a GPU, `--tiny` runs the same code on a 2-layer model on Triton's CPU interpreter: a smoke
 check that the script works, not a measurement.
 
-    python benchmarks/bench_triton.py --json $OUT/bench_triton.json      # on a GPU (benchmarks/gpu_check.sh)
+    python benchmarks/bench_triton.py --json $OUT/bench_triton.json   # on a GPU (gpu_check.sh)
     TRITON_INTERPRET=1 python benchmarks/bench_triton.py --tiny          # anywhere, ~1 min
 """
 
@@ -26,10 +28,22 @@ from common import begin, print_table, write_json
 
 import peftc
 
-SIZES = {"1b": dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=16, num_attention_heads=16,
-                    num_key_value_heads=16),
-         "tiny": dict(hidden_size=64, intermediate_size=160, num_hidden_layers=2, num_attention_heads=4,
-                      num_key_value_heads=4)}
+SIZES = {
+    "1b": dict(
+        hidden_size=2048,
+        intermediate_size=5632,
+        num_hidden_layers=16,
+        num_attention_heads=16,
+        num_key_value_heads=16,
+    ),
+    "tiny": dict(
+        hidden_size=64,
+        intermediate_size=160,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+    ),
+}
 LORA = dict(r=16, alpha=32)
 
 
@@ -43,7 +57,9 @@ def _model(size: str, device: str, dtype: torch.dtype):
 
 def _peftc(model, ids, lowering: str):
     gm = peftc.capture(model, (ids[:2],), {"attention_mask": torch.ones_like(ids[:2])})
-    pipeline = f"nf4, freeze, lora(r={LORA['r']}, alpha={LORA['alpha']}, targets='all-linear')" + lowering
+    pipeline = (
+        f"nf4, freeze, lora(r={LORA['r']}, alpha={LORA['alpha']}, targets='all-linear')" + lowering
+    )
     gm = peftc.apply(gm, pipeline)
     return gm.train(), lambda: gm(ids, attention_mask=torch.ones_like(ids)).logits
 
@@ -55,14 +71,28 @@ def _peft_bnb(model, ids, dtype):
     for name, module in list(model.named_modules()):
         for child_name, child in list(module.named_children()):
             if isinstance(child, torch.nn.Linear) and f"{name}.{child_name}" != "lm_head":
-                quantized = bnb.nn.Linear4bit(child.in_features, child.out_features, bias=child.bias is not None,
-                                              compute_dtype=dtype, compress_statistics=True, quant_type="nf4")
-                quantized.weight = bnb.nn.Params4bit(child.weight.data.cpu(), requires_grad=False,
-                                                     compress_statistics=True, quant_type="nf4")
+                quantized = bnb.nn.Linear4bit(
+                    child.in_features,
+                    child.out_features,
+                    bias=child.bias is not None,
+                    compute_dtype=dtype,
+                    compress_statistics=True,
+                    quant_type="nf4",
+                )
+                quantized.weight = bnb.nn.Params4bit(
+                    child.weight.data.cpu(),
+                    requires_grad=False,
+                    compress_statistics=True,
+                    quant_type="nf4",
+                )
                 setattr(module, child_name, quantized.to(ids.device))
-    wrapped = peft.get_peft_model(model, peft.LoraConfig(r=LORA["r"], lora_alpha=LORA["alpha"],
-                                                         target_modules="all-linear"))
-    return wrapped.train(), lambda: wrapped(input_ids=ids, attention_mask=torch.ones_like(ids)).logits
+    wrapped = peft.get_peft_model(
+        model, peft.LoraConfig(r=LORA["r"], lora_alpha=LORA["alpha"], target_modules="all-linear")
+    )
+    return (
+        wrapped.train(),
+        lambda: wrapped(input_ids=ids, attention_mask=torch.ones_like(ids)).logits,
+    )
 
 
 def _measure(module, forward, ids, steps: int, warmup: int, device: str) -> dict:
@@ -90,29 +120,51 @@ def _measure(module, forward, ids, steps: int, warmup: int, device: str) -> dict
         times.append(time.perf_counter() - started)
     peak = torch.cuda.max_memory_allocated() if device == "cuda" else 0
     seconds = statistics.median(times)
-    return {"step_seconds": seconds, "tokens_per_second": ids.numel() / seconds, "peak_bytes": peak, "losses": losses}
+    return {
+        "step_seconds": seconds,
+        "tokens_per_second": ids.numel() / seconds,
+        "peak_bytes": peak,
+        "losses": losses,
+    }
 
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--tiny", action="store_true", help="2-layer model, batch 2 x 32 (a smoke run; no GPU needed)")
+    parser.add_argument(
+        "--tiny",
+        action="store_true",
+        help="2-layer model, batch 2 x 32 (a smoke run; no GPU needed)",
+    )
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--only", action="append", choices=["eager", "triton", "triton+compile", "peft+bnb"])
+    parser.add_argument(
+        "--only", action="append", choices=["eager", "triton", "triton+compile", "peft+bnb"]
+    )
     args, command, _ = begin(parser, argv, "benchmarks/bench_triton.py")
     device = "cuda" if torch.cuda.is_available() else "cpu"
     size, (batch, seq) = ("tiny", (2, 32)) if args.tiny or device == "cpu" else ("1b", (4, 1024))
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
-    ids = torch.randint(0, 32000, (batch, seq), device=device, generator=torch.Generator().manual_seed(1)
-                        if device == "cpu" else None)
-    makers = {"eager": lambda m: _peftc(m, ids, ""), "triton": lambda m: _peftc(m, ids, ", triton"),
-              "triton+compile": lambda m: _peftc(m, ids, ", triton(compile=true)"),
-              "peft+bnb": lambda m: _peft_bnb(m, ids, dtype)}
+    ids = torch.randint(
+        0,
+        32000,
+        (batch, seq),
+        device=device,
+        generator=torch.Generator().manual_seed(1) if device == "cpu" else None,
+    )
+    makers = {
+        "eager": lambda m: _peftc(m, ids, ""),
+        "triton": lambda m: _peftc(m, ids, ", triton"),
+        "triton+compile": lambda m: _peftc(m, ids, ", triton(compile=true)"),
+        "peft+bnb": lambda m: _peft_bnb(m, ids, dtype),
+    }
     rows = {}
     for name in args.only or makers:
         try:
-            rows[name] = _measure(*makers[name](_model(size, device, dtype)), ids, args.steps, args.warmup, device)
-        except Exception as e:  # a peer that cannot run here (bitsandbytes without its backend) is reported, not fatal
+            rows[name] = _measure(
+                *makers[name](_model(size, device, dtype)), ids, args.steps, args.warmup, device
+            )
+        # a peer that cannot run here (bitsandbytes without its backend) is reported, not fatal
+        except Exception as e:
             rows[name] = {"error": f"{type(e).__name__}: {e}"[:300]}
         print(f"{name}: {rows[name]}", flush=True)
         if device == "cuda":
@@ -123,14 +175,40 @@ def main(argv: list[str] | None = None) -> dict:
         return f"{r[key] / ref[key]:.2f}" if key in r and ref.get(key) else "-"
 
     print(f"\nLlama-shaped {size} ({SIZES[size]}), {dtype}, batch {batch} x {seq}, {device}")
-    print_table(["method", "step", "tokens/s", "peak memory", "step vs eager peftc", "step vs peft+bnb",
-                 "peak vs peft+bnb"],
-                [[name, f"{r['step_seconds'] * 1e3:.0f} ms", f"{r['tokens_per_second']:.0f}",
-                  f"{r['peak_bytes'] / 2**30:.2f} GiB", ratio(r, eager, "step_seconds"), ratio(r, peer, "step_seconds"),
-                  ratio(r, peer, "peak_bytes")] if "error" not in r else [name, r["error"], "", "", "", "", ""]
-                 for name, r in rows.items()])
-    result = {"command": command, "device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
-              "size": size, "batch": batch, "seq": seq, "dtype": str(dtype), "rows": rows}
+    print_table(
+        [
+            "method",
+            "step",
+            "tokens/s",
+            "peak memory",
+            "step vs eager peftc",
+            "step vs peft+bnb",
+            "peak vs peft+bnb",
+        ],
+        [
+            [
+                name,
+                f"{r['step_seconds'] * 1e3:.0f} ms",
+                f"{r['tokens_per_second']:.0f}",
+                f"{r['peak_bytes'] / 2**30:.2f} GiB",
+                ratio(r, eager, "step_seconds"),
+                ratio(r, peer, "step_seconds"),
+                ratio(r, peer, "peak_bytes"),
+            ]
+            if "error" not in r
+            else [name, r["error"], "", "", "", "", ""]
+            for name, r in rows.items()
+        ],
+    )
+    result = {
+        "command": command,
+        "device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
+        "size": size,
+        "batch": batch,
+        "seq": seq,
+        "dtype": str(dtype),
+        "rows": rows,
+    }
     if args.json:
         write_json(args.json, result)
     return result

@@ -15,12 +15,21 @@ from typing import Any
 import torch
 
 
-def begin(parser: argparse.ArgumentParser, argv: Sequence[str] | None, script: str) -> tuple[Any, str, float]:
-    """Add --threads and --json, parse, print the command, set the threads: (args, command, start time)."""
-    parser.add_argument("--threads", type=int, default=2, help="threads for peftc and its peer alike (default 2)")
-    parser.add_argument("--json", metavar="PATH", help="also write the results as JSON (atomically)")
+def begin(
+    parser: argparse.ArgumentParser, argv: Sequence[str] | None, script: str
+) -> tuple[Any, str, float]:
+    """Add --threads and --json, parse, print the command, set the threads: (args, command, start
+    time)."""
+    parser.add_argument(
+        "--threads", type=int, default=2, help="threads for peftc and its peer alike (default 2)"
+    )
+    parser.add_argument(
+        "--json", metavar="PATH", help="also write the results as JSON (atomically)"
+    )
     args = parser.parse_args(argv)
-    command = shlex.join([sys.executable, *sys.argv] if argv is None else [sys.executable, script, *argv])
+    command = shlex.join(
+        [sys.executable, *sys.argv] if argv is None else [sys.executable, script, *argv]
+    )
     print(f"command: {command}", flush=True)
     torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore")

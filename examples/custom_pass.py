@@ -1,6 +1,7 @@
 """Write your own pass: scale every attention output by a learnable scalar, initialised to 1.
 
-    attn = scaled_dot_product_attention(q, k, v)  ->  attn = mul(scaled_dot_product_attention(q, k, v), scale)
+    attn = scaled_dot_product_attention(q, k, v)
+      ->  attn = mul(scaled_dot_product_attention(q, k, v), scale)
 
 Registered under a name, it runs from pipeline text like the built-in passes:
 
@@ -20,7 +21,8 @@ from peftc.ir.options import Options, option, positive
 
 
 @dataclass(frozen=True)
-class AttnScaleOptions(Options):  # typed and checked on construction; the docs show in `peftc passes`
+# typed and checked on construction; the docs show in `peftc passes`
+class AttnScaleOptions(Options):
     targets: str | None = option(None, doc="attention modules to scale (all by default)")
     init: float = option(1.0, doc="the scales' initial value", check=positive)
 
@@ -40,7 +42,9 @@ def attn_scale(gm: fx.GraphModule, options: AttnScaleOptions) -> peftc.PassResul
             scale = gm.graph.get_attr(name)
         with gm.graph.inserting_after(scale):
             scaled = gm.graph.call_function(torch.ops.aten.mul.Tensor, (site.node, scale))
-        site.node.replace_all_uses_with(scaled, delete_user_cb=lambda user, new=scaled: user is not new)
+        site.node.replace_all_uses_with(
+            scaled, delete_user_cb=lambda user, new=scaled: user is not new
+        )
         peftc.tag(scale, pass_name="attn_scale", role="scale", path=site.path)
         peftc.tag(scaled, pass_name="attn_scale", role="scaled_output", path=site.path)
     return peftc.PassResult(gm, modified=bool(sites), sites=tuple(s.path for s in sites))

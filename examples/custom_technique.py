@@ -1,7 +1,7 @@
-"""Write a technique from scratch: HiRA, one of HF peft's methods, in a declaration of 35 lines.
+"""Write a technique from scratch: HiRA, one of HF peft's methods, in a declaration of 32 lines.
 
-    y = W x + b  ->  y = W x + b + (W ⊙ B A) dropout(x)      A (r x in) Kaiming, B (out x r) zero: unchanged at init
-    merged:      W' = W + W ⊙ B A
+    y = W x + b  ->  y = W x + b + (W ⊙ B A) dropout(x)    A (r x in) Kaiming, B (out x r) zero
+    merged:          W' = W + W ⊙ B A                      unchanged at init
 
 It states its options (each field with peft's name), its tensors, its rewrite and its update. The
 core gives it the rest: the pass `hira(...)` in pipelines, tags, switching, merge and unmerge (its
@@ -18,6 +18,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from shakespeare import adapt_train_merge, steps_from
 from torch import nn
 
 from peftc.technique import (
@@ -30,7 +31,6 @@ from peftc.technique import (
     probability,
     register_technique,
 )
-from shakespeare import adapt_train_merge, steps_from
 
 aten = torch.ops.aten
 
@@ -38,20 +38,22 @@ aten = torch.ops.aten
 @dataclass(frozen=True)
 class HiraOptions(AdapterOptions):  # targets, adapter and freeze_base come from AdapterOptions
     r: int = option(32, doc="rank of A (r x in) and B (out x r)", check=positive, peft="r")
-    dropout: float = option(0.0, doc="dropout on the branch's input", check=probability, peft="hira_dropout")
+    dropout: float = option(0.0, doc="dropout on the input", check=probability, peft="hira_dropout")
 
 
 @register_technique
 class Hira(Technique):
-    """HiRA: `y = W x + b -> y = W x + b + (W ⊙ B A) dropout(x)`, a high-rank update shaped by W itself."""
+    """HiRA: `y = W x + b + (W ⊙ B A) dropout(x)`, a high-rank update shaped by W itself."""
 
     name, options, peft_type = "hira", HiraOptions, "HIRA"
-    peft_fixed = {"init_weights": True}  # what peftc writes; a checkpoint brings its own weights, so any init loads
+    # what peftc writes; a checkpoint brings its own weights, so any init loads
+    peft_fixed = {"init_weights": True}
     peft_ignored = ("init_weights", "fan_in_fan_out")  # the weight's layout is read from the graph
 
     def params(self, ctx):  # at <path>.hira_A.<adapter>, peft's names
         o, site = ctx.options, ctx.site
-        return [Param("hira_A", (o.r, site.in_features), init=kaiming_uniform), Param("hira_B", (site.out_features, o.r))]
+        A = Param("hira_A", (o.r, site.in_features), init=kaiming_uniform)
+        return [A, Param("hira_B", (site.out_features, o.r))]
 
     def modules(self, ctx):
         return {"hira_dropout": nn.Dropout(ctx.options.dropout)} if ctx.options.dropout else {}
@@ -60,14 +62,18 @@ class Hira(Technique):
         if b.options.dropout:
             x = b.module("hira_dropout", x, role="dropout")
         product = b.call(aten.mm.default, b.param("hira_B"), b.param("hira_A"), role="BA")
-        return b.call(aten.linear.default, x, b.call(aten.mul.Tensor, b.weight(), product, role="update"), role="hira")
+        update = b.call(aten.mul.Tensor, b.weight(), product, role="update")
+        return b.call(aten.linear.default, x, update, role="hira")
 
     def delta(self, ctx):  # what merge adds to W
         return ctx.weight() * (ctx.tensor("hira_B") @ ctx.tensor("hira_A")).float()
 
 
 def main(argv: list[str] | None = None) -> dict:
-    pipeline = "hira(r=8, targets='*.v_proj|*.down_proj'), lora(r=4, alpha=8, targets='*.v_proj', adapter='lora')"
+    pipeline = (
+        "hira(r=8, targets='*.v_proj|*.down_proj'), lora(r=4, alpha=8, targets='*.v_proj', "
+        "adapter='lora')"
+    )
     return adapt_train_merge(pipeline, steps_from(argv, __doc__))
 
 

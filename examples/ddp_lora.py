@@ -5,9 +5,9 @@ Every rank captures the same tiny Llama, runs `freeze, lora(...)`, and trains on
 global batch; the trainable weights are written per rank to compare with one process training on
 the combined batches.
 
-    python -m torch.distributed.run --standalone --nproc_per_node=2 examples/ddp_lora.py --mode ddp --out runs
-    python -m torch.distributed.run --standalone --nproc_per_node=2 examples/ddp_lora.py --mode fsdp --out runs
-    python examples/ddp_lora.py --mode single --out runs          # one process, the combined batches
+    torchrun --standalone --nproc_per_node=2 examples/ddp_lora.py --mode ddp --out runs
+    torchrun --standalone --nproc_per_node=2 examples/ddp_lora.py --mode fsdp --out runs
+    python examples/ddp_lora.py --mode single --out runs   # one process, the combined batches
 """
 
 from __future__ import annotations
@@ -60,7 +60,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--mode", choices=["ddp", "fsdp", "single"], required=True)
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--lr", type=float, default=1e-2)
-    parser.add_argument("--out", type=Path, required=True, help="folder for <mode>.rank<r>.safetensors")
+    parser.add_argument(
+        "--out", type=Path, required=True, help="folder for <mode>.rank<r>.safetensors"
+    )
     args = parser.parse_args(argv)
     from safetensors.torch import save
 
@@ -80,12 +82,15 @@ def main(argv: list[str] | None = None) -> int:
     optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=args.lr)
     shard = GLOBAL_BATCH // world
     for step in range(args.steps):
-        ids = global_batch(step, vocab)[rank * shard:(rank + 1) * shard]
-        loss = lm_loss(model(ids).logits, ids)  # mean over equal shards: the gradient average is the global one
+        ids = global_batch(step, vocab)[rank * shard : (rank + 1) * shard]
+        # mean over equal shards: the gradient average is the global one
+        loss = lm_loss(model(ids).logits, ids)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
-        print(f"[{args.mode} rank {rank}/{world}] step {step + 1} loss {loss.item():.5f}", flush=True)
+        print(
+            f"[{args.mode} rank {rank}/{world}] step {step + 1} loss {loss.item():.5f}", flush=True
+        )
     state = trainable_state(model)
     atomic_write(args.out / f"{args.mode}.rank{rank}.safetensors", save(state))
     if args.mode != "single":

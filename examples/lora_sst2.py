@@ -1,4 +1,5 @@
-"""Finetune the real all-MiniLM-L6-v2 with LoRA (or QLoRA) for SST-2 sentiment classification, on CPU.
+"""Finetune the real all-MiniLM-L6-v2 with LoRA (or QLoRA) for SST-2 sentiment classification, on
+CPU.
 
 MiniLM and a fresh linear head on its mean-pooled token states are captured as one graph;
 `freeze, lora(...)` runs over it, the LoRA weights and the head train with AdamW, and the dev
@@ -26,8 +27,13 @@ PIPELINE = 'freeze, lora(r=8, alpha=16, dropout=0.1, targets="*.query|*.value")'
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data", help="folder with train.tsv and dev.tsv (default: $PEFTC_SST2, ../shared/data/sst2)")
-    parser.add_argument("--pipeline", default=PIPELINE, help="peftc pass pipeline run over the captured classifier")
+    parser.add_argument(
+        "--data",
+        help="folder with train.tsv and dev.tsv (default: $PEFTC_SST2, ../shared/data/sst2)",
+    )
+    parser.add_argument(
+        "--pipeline", default=PIPELINE, help="peftc pass pipeline run over the captured classifier"
+    )
     parser.add_argument("--steps", type=int, default=150)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--lr", type=float, default=1e-3)
@@ -36,8 +42,11 @@ def main(argv: list[str] | None = None) -> int:
 
     data = find_data(args.data)
     if data is None:
-        print(f"no SST-2 data (train.tsv and dev.tsv) in {args.data or DEFAULT_DATA}; give --data DIR or set PEFTC_SST2",
-              file=sys.stderr)
+        print(
+            f"no SST-2 data (train.tsv and dev.tsv) in {args.data or DEFAULT_DATA}; give --data "
+            "DIR or set PEFTC_SST2",
+            file=sys.stderr,
+        )
         return 2
     train_split, dev = read_split(data / "train.tsv"), read_split(data / "dev.tsv")
 
@@ -49,9 +58,13 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     train(model, tokenizer, train_split, args.steps, args.batch_size, args.lr, seed=args.seed)
     seconds = time.perf_counter() - started
-    print(f"trained {args.steps} steps of {args.batch_size} in {seconds:.1f} s ({1000 * seconds / max(args.steps, 1):.0f} ms/step)")
+    print(
+        f"trained {args.steps} steps of {args.batch_size} in {seconds:.1f} s "
+        f"({1000 * seconds / max(args.steps, 1):.0f} ms/step)"
+    )
     print(f"dev accuracy after:  {evaluate(model, tokenizer, dev):.4f}")
-    # fold B·A into the base weights for deployment; dtype matters for NF4 bases only (QLoRA pipelines):
+    # fold B·A into the base weights for deployment; dtype matters for NF4 bases only (QLoRA
+    # pipelines):
     # a dense merge keeps all of a small update
     merged = peftc.apply(model, 'merge(dtype="float32")')
     print(f"dev accuracy merged: {evaluate(merged, tokenizer, dev):.4f}")

@@ -1,6 +1,6 @@
 """Deploy to ONNX Runtime: a LoRA-finetuned model merged to fp32, and its NF4 version kept 4-bit.
 
-    python examples/onnx_export.py [--steps 30] [--out onnx-out]
+python examples/onnx_export.py [--steps 30] [--out onnx-out]
 """
 
 from __future__ import annotations
@@ -11,11 +11,10 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 import torch
+from shakespeare import batch, capture_tiny_llama, corpus, finetune
 
 import peftc
 from peftc.backends import onnx as peftc_onnx
-
-from shakespeare import batch, capture_tiny_llama, corpus, finetune
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -25,11 +24,15 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
     gm = peftc.apply(capture_tiny_llama(), "nf4, freeze, lora(r=8, alpha=16, targets='all-linear')")
     finetune(gm, args.steps)
-    ids = batch(corpus()[0], 3, 40, torch.Generator().manual_seed(3))  # another batch size and length
+    # another batch size and length
+    ids = batch(corpus()[0], 3, 40, torch.Generator().manual_seed(3))
     feeds = {"input_ids": ids.numpy(), "attention_mask": np.ones_like(ids.numpy())}
     gaps = {}
-    for name, pipeline, options in (("dense", 'merge(dtype="float32")', {}), ("nf4", "merge(requantize=true)", {}),
-                                    ("int4", "merge(requantize=true)", {"quant": "int4"})):
+    for name, pipeline, options in (
+        ("dense", 'merge(dtype="float32")', {}),
+        ("nf4", "merge(requantize=true)", {}),
+        ("int4", "merge(requantize=true)", {"quant": "int4"}),
+    ):
         merged = peftc.apply(gm, pipeline)
         exported = peftc_onnx.export(merged, args.out / f"{name}.onnx", merged=True, **options)
         (logits,) = ort.InferenceSession(str(exported.path)).run(None, feeds)

@@ -1,11 +1,12 @@
-"""Serve several LoRA adapters over one base: in ONNX Runtime, chosen per request, and in PyTorch, one per row.
+"""Serve several LoRA adapters over one base: in ONNX Runtime, chosen per request, and in PyTorch,
+one per row.
 
 Two adapters are trained on different parts of the corpus, then
-1. exported as ONNX Runtime adapter files next to one base model; each request picks its adapter, and
-   each equals its own merged model;
+1. exported as ONNX Runtime adapter files next to one base model; each request picks its adapter,
+   and each equals its own merged model;
 2. stacked by `multi_lora` into one graph that generates for a batch whose rows use different
-   adapters (`peftc.generate`, with a key/value cache); each row equals what its adapter's merged model
-   generates alone.
+   adapters (`peftc.generate`, with a key/value cache); each row equals what its adapter's merged
+   model generates alone.
 
     python examples/serve_adapters.py [--steps 20] [--out served]
 """
@@ -17,11 +18,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from shakespeare import batch, capture_tiny_llama, corpus, finetune
 
 import peftc
 from peftc.backends import onnx as peftc_onnx
-
-from shakespeare import batch, capture_tiny_llama, corpus, finetune
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -31,7 +31,11 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
     gm = peftc.apply(capture_tiny_llama(), "freeze")
     for name, seed in (("early", 0), ("late", 1)):
-        gm = peftc.apply(gm, f"lora(r=4, alpha=8, targets='*.q_proj|*.v_proj', adapter={name!r}), set_adapter(name={name!r})")
+        gm = peftc.apply(
+            gm,
+            f"lora(r=4, alpha=8, targets='*.q_proj|*.v_proj', adapter={name!r}), "
+            f"set_adapter(name={name!r})",
+        )
         finetune(gm, args.steps, seed=seed)
     served = peftc_onnx.export_adapters(gm, args.out / "base.onnx")
     print(served)
@@ -40,21 +44,28 @@ def main(argv: list[str] | None = None) -> dict:
     feeds = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
     gaps = {}
     for name in (None, "early", "late"):
-        reference = peftc.apply(gm, "disable_adapters" if name is None else f"set_adapter(name={name!r}), merge")
+        reference = peftc.apply(
+            gm, "disable_adapters" if name is None else f"set_adapter(name={name!r}), merge"
+        )
         with torch.no_grad():
             expected = reference(ids, torch.ones_like(ids)).logits.numpy()
         gaps[name or "base"] = float(np.abs(session.run(feeds, adapter=name)[0] - expected).max())
-        print(f"adapter {name or '(none: base)'}: ONNX Runtime vs eager max |diff| {gaps[name or 'base']:.1e}")
+        print(
+            f"adapter {name or '(none: base)'}: ONNX Runtime vs eager max |diff| "
+            f"{gaps[name or 'base']:.1e}"
+        )
 
     stacked = peftc.apply(gm, "multi_lora")
     prompts = [list(b"ROMEO:\n"), list(b"ROMEO:\n"), list(b"To be")]
     names = [None, "early", "late"]
     rows = peftc.generate(stacked, prompts, adapter_ids=names, max_new_tokens=24)
     alone = []
-    for prompt, name in zip(prompts, names):
-        merged = peftc.apply(gm, "disable_adapters" if name is None else f"set_adapter(name={name!r}), merge")
+    for prompt, name in zip(prompts, names, strict=True):
+        merged = peftc.apply(
+            gm, "disable_adapters" if name is None else f"set_adapter(name={name!r}), merge"
+        )
         alone.append(peftc.generate(merged, [prompt], max_new_tokens=24)[0])
-    for prompt, name, tokens in zip(prompts, names, rows):
+    for prompt, name, tokens in zip(prompts, names, rows, strict=True):
         print(f"{name or 'base'}: {bytes(prompt + tokens).decode('utf-8', 'replace')!r}")
     return {"gaps": gaps, "adapters": session.adapters, "generated": rows, "alone": alone}
 

@@ -1,4 +1,5 @@
-"""Tiny Shakespeare as bytes, and a short finetune of a tiny Llama on it: shared by the technique examples.
+"""Tiny Shakespeare as bytes, and a short finetune of a tiny Llama on it: shared by the technique
+examples.
 
 Byte-level modelling needs no tokenizer: the tiny Llama's vocabulary is 256. The corpus is read from
 $PEFTC_SHAKESPEARE or ../shared/data/tinyshakespeare/input.txt beside the repository; without it,
@@ -39,12 +40,14 @@ def corpus() -> tuple[torch.Tensor, str]:
     path = Path(os.environ.get("PEFTC_SHAKESPEARE", DEFAULT))
     if path.is_file():
         return torch.frombuffer(bytearray(path.read_bytes()), dtype=torch.uint8), str(path)
-    return torch.frombuffer(bytearray(SONNET_18.encode()), dtype=torch.uint8), "Sonnet 18 (Tiny Shakespeare not found)"
+    return torch.frombuffer(
+        bytearray(SONNET_18.encode()), dtype=torch.uint8
+    ), "Sonnet 18 (Tiny Shakespeare not found)"
 
 
 def batch(data: torch.Tensor, size: int, length: int, generator: torch.Generator) -> torch.Tensor:
     starts = torch.randint(0, data.numel() - length, (size,), generator=generator)
-    return torch.stack([data[s:s + length] for s in starts.tolist()]).long()
+    return torch.stack([data[s : s + length] for s in starts.tolist()]).long()
 
 
 def lm_loss(gm: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
@@ -58,7 +61,9 @@ def capture_tiny_llama() -> torch.fx.GraphModule:
     return peftc.capture(model, (ids,), {"attention_mask": torch.ones_like(ids)})
 
 
-def finetune(gm: torch.fx.GraphModule, steps: int = 30, lr: float = 1e-2, seed: int = 0) -> list[float]:
+def finetune(
+    gm: torch.fx.GraphModule, steps: int = 30, lr: float = 1e-2, seed: int = 0
+) -> list[float]:
     """AdamW on `gm`'s trainable weights, next-byte prediction on batches of 8 x 64 bytes."""
     data, _ = corpus()
     generator = torch.Generator().manual_seed(seed)
@@ -91,12 +96,27 @@ def adapt_train_merge(pipeline: str, steps: int, merge: str = "merge") -> dict:
     merged = peftc.apply(gm, merge)
     ids = batch(corpus()[0], 2, 48, torch.Generator().manual_seed(2))
     with torch.no_grad():
-        gap = (merged(ids, torch.ones_like(ids)).logits - gm(ids, torch.ones_like(ids)).logits).abs().max().item()
+        gap = (
+            (merged(ids, torch.ones_like(ids)).logits - gm(ids, torch.ones_like(ids)).logits)
+            .abs()
+            .max()
+            .item()
+        )
     trainable = sum(p.numel() for p in gm.parameters() if p.requires_grad)
     print(f"data: {corpus()[1]}\npipeline: {pipeline}\ntrainable parameters: {trainable:,}")
-    print(f"held-out loss {before:.3f} -> {after:.3f} after {steps} steps; {merge}: merged vs unmerged max |diff| {gap:.1e}")
-    return {"gm": gm, "merged": merged, "before": before, "after": after, "losses": losses, "merge_gap": gap,
-            "trainable": trainable}
+    print(
+        f"held-out loss {before:.3f} -> {after:.3f} after {steps} steps; {merge}: merged vs "
+        f"unmerged max |diff| {gap:.1e}"
+    )
+    return {
+        "gm": gm,
+        "merged": merged,
+        "before": before,
+        "after": after,
+        "losses": losses,
+        "merge_gap": gap,
+        "trainable": trainable,
+    }
 
 
 def steps_from(argv: list[str] | None, doc: str, default: int = 30) -> int:

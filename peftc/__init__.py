@@ -12,7 +12,9 @@ imports every layer, which registers the built-in passes, techniques and weight 
 
 from peftc import errors, passes, quant, techniques
 from peftc._version import __version__
-from peftc.backends.triton import lowering as _triton_lowering  # noqa: F401  (registers the `triton` pass)
+
+# registers the `triton` pass
+from peftc.backends.triton import lowering as _triton_lowering  # noqa: F401
 from peftc.ir.capture import capture, export_program
 from peftc.ir.graph import tag, tagged
 from peftc.ir.pipeline import Pipeline, PipelineResult, Step, apply

@@ -36,7 +36,9 @@ class PipelineSyntaxError(PeftcError):
     def __init__(self, problem: str, text: str, line: int, column: int, hint: str = ""):
         self.problem, self.text, self.line, self.column = problem, text, line, column
         source_line = text.splitlines()[line - 1] if text.splitlines() else ""
-        message = f"{problem} (line {line}, column {column + 1})\n  {source_line}\n  {' ' * column}^"
+        message = (
+            f"{problem} (line {line}, column {column + 1})\n  {source_line}\n  {' ' * column}^"
+        )
         super().__init__(message + (f"\n{hint}" if hint else ""))
 
 
@@ -69,7 +71,8 @@ class ExportError(PeftcError):
 
 
 class CheckpointError(PeftcError):
-    """A checkpoint that does not fit the model: missing, unexpected or misshapen tensors, or unknown fields."""
+    """A checkpoint that does not fit the model: missing, unexpected or misshapen tensors, or
+    unknown fields."""
 
 
 class NotMergeable(PeftcError):

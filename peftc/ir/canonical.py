@@ -37,7 +37,15 @@ __all__ = ["canonicalize"]
 aten = torch.ops.aten
 
 # x @ W.T, for x of any rank (1) or 2-D (2)
-_PRODUCTS = {aten.matmul.default, operator.matmul, torch.matmul, "matmul", aten.mm.default, torch.mm, "mm"}
+_PRODUCTS = {
+    aten.matmul.default,
+    operator.matmul,
+    torch.matmul,
+    "matmul",
+    aten.mm.default,
+    torch.mm,
+    "mm",
+}
 # b + x @ W.T with beta = alpha = 1 (3)
 _ADDMMS = {aten.addmm.default, torch.addmm}
 # product + b (4)
@@ -64,7 +72,9 @@ def canonicalize(gm: fx.GraphModule) -> int:
     return count
 
 
-def _match_linear(gm: fx.GraphModule, node: fx.Node) -> tuple[list[fx.Node], fx.Node, fx.Node, fx.Node | None] | None:
+def _match_linear(
+    gm: fx.GraphModule, node: fx.Node
+) -> tuple[list[fx.Node], fx.Node, fx.Node, fx.Node | None] | None:
     """(replaced nodes, last first; x; W; b) when `node` starts a linear computation, else None."""
     if _is(node, _ADDMMS):  # (3)
         b, x, wt = node.args
@@ -79,7 +89,8 @@ def _match_linear(gm: fx.GraphModule, node: fx.Node) -> tuple[list[fx.Node], fx.
     if w is None:
         return None
     users = list(node.users)
-    if len(users) == 1 and _is(users[0], _ADDS) and not users[0].kwargs and len(users[0].args) == 2:  # (4)
+    # (4)
+    if len(users) == 1 and _is(users[0], _ADDS) and not users[0].kwargs and len(users[0].args) == 2:
         add = users[0]
         b = add.args[1] if add.args[0] is node else add.args[0]
         if _is_bias(gm, b, w):
@@ -90,7 +101,9 @@ def _match_linear(gm: fx.GraphModule, node: fx.Node) -> tuple[list[fx.Node], fx.
 def _is(node: fx.Node, targets: set) -> bool:
     if node.op == "call_method":
         return node.target in targets
-    return node.op == "call_function" and not isinstance(node.target, str) and node.target in targets
+    return (
+        node.op == "call_function" and not isinstance(node.target, str) and node.target in targets
+    )
 
 
 def _transposed_weight(gm: fx.GraphModule, node: Any) -> fx.Node | None:
@@ -99,7 +112,11 @@ def _transposed_weight(gm: fx.GraphModule, node: Any) -> fx.Node | None:
         return None
     w, rest = node.args[0], node.args[1:]
     path = get_attr_path(w)
-    if path is None or not isinstance(tensor := get_tensor(gm, path), torch.Tensor) or tensor.dim() != 2:
+    if (
+        path is None
+        or not isinstance(tensor := get_tensor(gm, path), torch.Tensor)
+        or tensor.dim() != 2
+    ):
         return None
     if node.op == "call_function" and node.target is getattr:
         return w if rest and rest[0] in _TRANSPOSE_ATTRS else None
@@ -109,7 +126,13 @@ def _transposed_weight(gm: fx.GraphModule, node: Any) -> fx.Node | None:
         return w if {d % 2 for d in rest} == {0, 1} else None
     if _is(node, _PERMUTES):
         dims = rest[0] if len(rest) == 1 and isinstance(rest[0], (list, tuple)) else rest
-        return w if len(dims) == 2 and all(isinstance(d, int) for d in dims) and [d % 2 for d in dims] == [1, 0] else None
+        return (
+            w
+            if len(dims) == 2
+            and all(isinstance(d, int) for d in dims)
+            and [d % 2 for d in dims] == [1, 0]
+            else None
+        )
     return None
 
 
@@ -118,16 +141,21 @@ def _is_bias(gm: fx.GraphModule, node: Any, w: fx.Node) -> bool:
     if path is None:
         return False
     tensor = get_tensor(gm, path)
-    return isinstance(tensor, torch.Tensor) and tuple(tensor.shape) == (get_tensor(gm, str(w.target)).shape[0],)
+    return isinstance(tensor, torch.Tensor) and tuple(tensor.shape) == (
+        get_tensor(gm, str(w.target)).shape[0],
+    )
 
 
-def _rewrite(gm: fx.GraphModule, replaced: list[fx.Node], x: fx.Node, w: fx.Node, b: fx.Node | None) -> None:
+def _rewrite(
+    gm: fx.GraphModule, replaced: list[fx.Node], x: fx.Node, w: fx.Node, b: fx.Node | None
+) -> None:
     graph, last = gm.graph, replaced[0]
     with graph.inserting_before(last):
         linear = graph.call_function(aten.linear.default, (x, w) if b is None else (x, w, b))
     linear.meta.update({k: v for k, v in last.meta.items() if k != "peftc"})
     owner = str(w.target).rpartition(".")[0]
-    if linear.meta.get("module_path") != owner:  # e.g. `x @ self.proj.weight.T` written in a parent module
+    # e.g. `x @ self.proj.weight.T` written in a parent module
+    if linear.meta.get("module_path") != owner:
         linear.meta["module_path"] = owner
         linear.meta["module_type"] = peftc_meta(gm).get("module_types", {}).get(owner, "")
     last.replace_all_uses_with(linear)

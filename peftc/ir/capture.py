@@ -27,8 +27,8 @@ from torch import fx, nn
 from torch.fx.graph import _PyTreeCodeGen, _PyTreeInfo
 from torch.fx.passes.fake_tensor_prop import FakeTensorProp
 
-from peftc.ir.canonical import canonicalize
 from peftc.errors import CaptureError
+from peftc.ir.canonical import canonicalize
 from peftc.ir.graph import clone, peftc_meta, set_tensor
 from peftc.ir.verify import mark_propagated
 
@@ -54,46 +54,68 @@ def capture(
     models whose forward takes `use_cache` unless you pass it yourself.
     """
     if not isinstance(model, nn.Module):
-        raise CaptureError(f"capture needs a torch.nn.Module, got {type(model).__name__}; wrap the function in a Module")
+        raise CaptureError(
+            f"capture needs a torch.nn.Module, got {type(model).__name__}; wrap it in one"
+        )
     if not isinstance(args, tuple):
         args = (args,)
     kwargs = dict(kwargs or {})
-    if method not in ("auto", "export", "symbolic"):
-        raise CaptureError(f"unknown capture method {method!r}; use 'export', 'symbolic' or 'auto'")
-    if method == "auto":
-        method = "export" if (args or kwargs) else "symbolic"
+    method = _method(method, bool(args or kwargs))
     start = time.perf_counter()
     if method == "export":
-        if not (args or kwargs):
-            raise CaptureError("method='export' needs example inputs: capture(model, args=(input_ids,))")
         gm = _export(model, args, kwargs, dynamic)
     else:
         gm = _symbolic(model, args, kwargs)
     meta = peftc_meta(gm)
-    meta["capture"] = {"method": method, "seconds": time.perf_counter() - start, "class": _qualname(type(model))}
-    meta["capture"]["config"] = _config_summary(model)  # what passes cannot read from the graph (tokenizer, limits)
+    meta["capture"] = {
+        "method": method,
+        "seconds": time.perf_counter() - start,
+        "class": _qualname(type(model)),
+        "config": _config_summary(
+            model
+        ),  # what passes cannot read from the graph (tokenizer, limits)
+    }
     meta["module_types"] = _module_types(model)
     meta["history"] = []
     gm.train(model.training)
-    meta["capture"]["canonicalized"] = canonicalize(gm)  # `x @ W.T (+ b)` becomes a linear site like nn.Linear
+    # `x @ W.T (+ b)` becomes a linear site like nn.Linear
+    meta["capture"]["canonicalized"] = canonicalize(gm)
     mark_propagated(gm)
     return gm
 
 
-def export_program(gm: fx.GraphModule, args: tuple | None = None, *, dynamic: bool = True) -> torch.export.ExportedProgram:
+def _method(method: str, has_inputs: bool) -> str:
+    if method not in ("auto", "export", "symbolic"):
+        raise CaptureError(f"unknown capture method {method!r}; use 'export', 'symbolic' or 'auto'")
+    if method == "export" and not has_inputs:
+        raise CaptureError(
+            "method='export' needs example inputs: capture(model, args=(input_ids,))"
+        )
+    if method == "auto":
+        return "export" if has_inputs else "symbolic"
+    return method
+
+
+def export_program(
+    gm: fx.GraphModule, args: tuple | None = None, *, dynamic: bool = True
+) -> torch.export.ExportedProgram:
     """Export a captured (and rewritten) module again as an ExportedProgram, called positionally
     with `args` (default: its example inputs), e.g. to `torch.export.save` it."""
     if args is None:
         inputs = peftc_meta(gm).get("example_inputs")
         if not inputs:
-            raise CaptureError("this module has no example inputs to export with; capture it with args=(...) first")
+            raise CaptureError(
+                "this module has no example inputs to export with; capture it with args=(...) first"
+            )
         args = tuple(inputs.values())
     args = _standalone(args)
     shapes = tuple(_dynamic_spec(a) for a in args) if dynamic else None
     try:
         return torch.export.export(gm, args, dynamic_shapes=shapes, strict=False)
     except Exception as e:
-        raise CaptureError(_failure_message(gm, e, "torch.export (re-export of the rewritten graph)")) from e
+        raise CaptureError(
+            _failure_message(gm, e, "torch.export (re-export of the rewritten graph)")
+        ) from e
 
 
 # --- torch.export flavour -----------------------------------------------------------------
@@ -107,10 +129,16 @@ def _export(model: nn.Module, args: tuple, kwargs: dict, dynamic: bool) -> fx.Gr
     try:
         bound = signature.bind(*args, **kwargs)
     except TypeError as e:
-        raise CaptureError(f"example inputs do not fit {type(model).__name__}.forward{signature}: {e}") from e
-    dynamic_shapes = {name: _dynamic_spec(value) for name, value in bound.arguments.items()} if dynamic else None
+        raise CaptureError(
+            f"example inputs do not fit {type(model).__name__}.forward{signature}: {e}"
+        ) from e
+    dynamic_shapes = (
+        {name: _dynamic_spec(value) for name, value in bound.arguments.items()} if dynamic else None
+    )
     try:
-        exported = torch.export.export(model, args, kwargs, dynamic_shapes=dynamic_shapes, strict=False)
+        exported = torch.export.export(
+            model, args, kwargs, dynamic_shapes=dynamic_shapes, strict=False
+        )
     except Exception as e:
         raise CaptureError(_failure_message(model, e, "torch.export")) from e
     try:
@@ -118,20 +146,34 @@ def _export(model: nn.Module, args: tuple, kwargs: dict, dynamic: bool) -> fx.Gr
     except TypeError:  # torch < 2.9 has no check_guards
         unlifted = exported.module()
     graph = unlifted.graph
-    for node in [n for n in graph.nodes if n.op == "call_module" and str(n.target).startswith("_guards")]:
-        graph.erase_node(node)
+    for node in graph.find_nodes(op="call_module"):
+        if str(node.target).startswith("_guards"):
+            graph.erase_node(node)
     gm = fx.GraphModule(unlifted, graph)
-    # GraphModule copies only what the graph reads; keep unused and tied tensors too,
-    # so state_dict names match the original model's.
+    _keep_every_tensor(gm, unlifted, set(model.state_dict()))
+    _mark_module_paths(gm, _module_types(model))
+    _dropout_as_modules(gm)
+    _drop_constant_inputs(gm)
+    _warn_static_dims(gm, dynamic)
+    gm.recompile()
+    peftc_meta(gm)["example_inputs"] = _example_inputs(gm, bound)
+    return gm
+
+
+def _keep_every_tensor(gm: fx.GraphModule, unlifted: nn.Module, persistent: set[str]) -> None:
+    """GraphModule copies only what the graph reads; keep unused and tied tensors too, so
+    state_dict names match the original model's."""
     have = set(gm.state_dict(keep_vars=True))
     for name, p in unlifted.named_parameters(remove_duplicate=False):
         if name not in have:
             set_tensor(gm, name, p)
-    persistent = set(model.state_dict())
     for name, b in unlifted.named_buffers(remove_duplicate=False):
         if name not in have or name not in persistent:
             set_tensor(gm, name, b, buffer=True, persistent=name in persistent)
-    types = _module_types(model)
+
+
+def _mark_module_paths(gm: fx.GraphModule, types: dict[str, str]) -> None:
+    """Each node's `module_path` and `module_type`: the innermost module that computes it."""
     for node in gm.graph.nodes:
         stack = _real_stack(node)
         if stack:
@@ -145,19 +187,16 @@ def _export(model: nn.Module, args: tuple, kwargs: dict, dynamic: bool) -> fx.Gr
         else:
             node.meta["module_path"] = ""
             node.meta["module_type"] = types.get("", "")
-    _dropout_as_modules(gm)
-    _drop_constant_inputs(gm)
-    _warn_static_dims(gm, dynamic)
-    gm.recompile()
-    peftc_meta(gm)["example_inputs"] = _example_inputs(gm, bound)
-    return gm
 
 
 def _standalone(value: Any) -> Any:
     """Tensor views (`ids[:2, :7]`) as copies. torch.export fakifies a view with its base and keeps
     guards on the base (`input_ids._base.size()[1] != ...`); the program's guard function then fails
-    on the base-less fake inputs of every later trace (torch.onnx: `'NoneType' has no attribute 'size'`)."""
-    return pytree.tree_map(lambda x: x.clone() if isinstance(x, torch.Tensor) and x._base is not None else x, value)
+    on the base-less fake inputs of every later trace (torch.onnx: `'NoneType' has no attribute
+    'size'`)."""
+    return pytree.tree_map(
+        lambda x: x.clone() if isinstance(x, torch.Tensor) and x._base is not None else x, value
+    )
 
 
 def _dynamic_spec(value: Any) -> Any:
@@ -170,13 +209,18 @@ def _dynamic_spec(value: Any) -> Any:
 
 
 def _dropout_as_modules(gm: fx.GraphModule) -> None:
-    """`aten.dropout(x, p, train)` has its mode baked in; make it an nn.Dropout so train()/eval() work."""
+    """`aten.dropout(x, p, train)` has its mode baked in; make it an nn.Dropout so train()/eval()
+    work."""
     for node in list(gm.graph.nodes):
         if node.op != "call_function" or node.target is not torch.ops.aten.dropout.default:
             continue
         x, p = node.args[0], node.args[1]
         owner = node.meta["module_path"]
-        target = owner if node.meta["module_type"].endswith("Dropout") else f"{owner}.dropout".lstrip(".")
+        target = (
+            owner
+            if node.meta["module_type"].endswith("Dropout")
+            else f"{owner}.dropout".lstrip(".")
+        )
         existing = gm.get_submodule(target) if _has_submodule(gm, target) else None
         if existing is not None and not (isinstance(existing, nn.Dropout) and existing.p == p):
             target = f"{target}_{node.name}"
@@ -201,7 +245,9 @@ def _drop_constant_inputs(gm: fx.GraphModule) -> None:
     """Export turns constant kwargs (`use_cache=False`) into unused inputs; remove them."""
     codegen = gm.graph._codegen
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
-    if not isinstance(codegen, _PyTreeCodeGen) or len(placeholders) != len(codegen.pytree_info.orig_args):
+    if not isinstance(codegen, _PyTreeCodeGen) or len(placeholders) != len(
+        codegen.pytree_info.orig_args
+    ):
         return
     kept = [n for n in placeholders if isinstance(n.meta.get("val"), torch.Tensor) or n.users]
     for node in placeholders:
@@ -221,9 +267,9 @@ def _warn_static_dims(gm: fx.GraphModule, dynamic: bool) -> None:
             ones = [d for d in range(min(val.dim(), 2)) if val.shape[d] == 1]
             if ones:
                 warnings.warn(
-                    f"input {node.target!r} has size 1 in dim(s) {ones}: torch.export specialises such "
-                    "dims, so the captured graph only accepts size 1 there; capture with a batch and "
-                    "length of at least 2",
+                    f"input {node.target!r} has size 1 in dim(s) {ones}: torch.export specialises "
+                    "such dims, so the captured graph only accepts size 1 there; capture with a "
+                    "batch and length of at least 2",
                     stacklevel=4,
                 )
 
@@ -259,7 +305,9 @@ def _symbolic(model: nn.Module, args: tuple, kwargs: dict) -> fx.GraphModule:
         try:
             bound = signature.bind(*args, **kwargs)
         except TypeError as e:
-            raise CaptureError(f"example inputs do not fit {type(model).__name__}.forward{signature}: {e}") from e
+            raise CaptureError(
+                f"example inputs do not fit {type(model).__name__}.forward{signature}: {e}"
+            ) from e
         bound.apply_defaults()
         example = dict(bound.arguments)
         values = [example[str(n.target)] for n in gm.graph.nodes if n.op == "placeholder"]
@@ -268,7 +316,9 @@ def _symbolic(model: nn.Module, args: tuple, kwargs: dict) -> fx.GraphModule:
         try:
             FakeTensorProp(gm, mode).propagate_dont_convert_inputs(*fakes)
         except Exception as e:
-            raise CaptureError(_failure_message(model, e, "shape propagation of the traced graph")) from e
+            raise CaptureError(
+                _failure_message(model, e, "shape propagation of the traced graph")
+            ) from e
     peftc_meta(gm)["example_inputs"] = example
     return gm
 
@@ -279,18 +329,34 @@ def _symbolic(model: nn.Module, args: tuple, kwargs: dict) -> fx.GraphModule:
 def _real_stack(node: fx.Node) -> list[tuple[str, Any]]:
     """`nn_module_stack` entries, without export's placeholder entry for nodes it made itself."""
     stack = node.meta.get("nn_module_stack") or {}
-    return [(path, kind) for path, kind in stack.values() if not str(path).startswith("_empty_nn_module_stack")]
+    return [
+        (path, kind)
+        for path, kind in stack.values()
+        if not str(path).startswith("_empty_nn_module_stack")
+    ]
 
 
-_CONFIG_KEYS = ("name_or_path", "max_position_embeddings", "pad_token_id", "vocab_size", "hidden_size",
-                "num_hidden_layers", "num_attention_heads", "model_type")
+_CONFIG_KEYS = (
+    "name_or_path",
+    "max_position_embeddings",
+    "pad_token_id",
+    "vocab_size",
+    "hidden_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "model_type",
+)
 
 
 def _config_summary(model: nn.Module) -> dict[str, Any]:
     """A few facts of a Hugging Face model's config: the model's own, else that of the one outermost
     submodule with a config (a transformer inside the user's wrapper); empty otherwise."""
     with_config = [path for path, m in model.named_modules() if hasattr(m, "config")]
-    outermost = [p for p in with_config if not any(p.startswith(q + ".") or q == "" for q in with_config if q != p)]
+    outermost = [
+        p
+        for p in with_config
+        if not any(p.startswith(q + ".") or q == "" for q in with_config if q != p)
+    ]
     config = model.get_submodule(outermost[0]).config if len(outermost) == 1 else None
     values = {key: getattr(config, key, None) for key in _CONFIG_KEYS}
     return {k: v for k, v in values.items() if isinstance(v, (str, int)) and v != ""}
@@ -324,13 +390,16 @@ def _failure_message(model: nn.Module, error: Exception, tool: str) -> str:
             code = linecache.getline(frame.f_code.co_filename, lineno).strip()
             construct = f"{frame.f_code.co_filename}:{lineno}: {code}"
     first_line = (str(error).strip().splitlines() or [type(error).__name__])[0]
-    message = f"{tool} could not capture {type(model).__name__}: {type(error).__name__}: {first_line}"
+    message = (
+        f"{tool} could not capture {type(model).__name__}: {type(error).__name__}: {first_line}"
+    )
     if where:
         message += f"\n  in module {where}\n  at {construct}"
     fix = (
         "pass example inputs and use method='export' (it handles Python control flow and HF models)"
         if "symbolic" in tool
-        else "make that construct traceable (no data-dependent Python control flow on tensor values, "
-        "e.g. use torch.where instead of `if tensor:`), or call capture with method='symbolic' for a plain module"
+        else "make that construct traceable (no data-dependent Python control flow on tensor "
+        "values, e.g. use torch.where instead of `if tensor:`), or call capture with "
+        "method='symbolic' for a plain module"
     )
     return f"{message}\n  fix: {fix}"

@@ -39,7 +39,8 @@ __all__ = [
 
 
 def qualify(*parts: str) -> str:
-    """Dotted name from parts, skipping empty ones: `qualify("", "lora_A")` is `lora_A` (root sites)."""
+    """Dotted name from parts, skipping empty ones: `qualify("", "lora_A")` is `lora_A` (root
+    sites)."""
     return ".".join(p for p in parts if p)
 
 
@@ -51,7 +52,9 @@ def module_type(node: fx.Node) -> str:
     return node.meta.get("module_type", "")
 
 
-def tag(node: fx.Node, *, pass_name: str, role: str, path: str, type_name: str = "", **extra: Any) -> fx.Node:
+def tag(
+    node: fx.Node, *, pass_name: str, role: str, path: str, type_name: str = "", **extra: Any
+) -> fx.Node:
     """Mark `node` as inserted by `pass_name` for the module at `path`."""
     node.meta["module_path"] = path
     node.meta["module_type"] = type_name
@@ -81,7 +84,12 @@ def get_tensor(gm: nn.Module, qualname: str) -> torch.Tensor:
 
 
 def set_tensor(
-    gm: nn.Module, qualname: str, value: torch.Tensor, *, buffer: bool = False, persistent: bool = True
+    gm: nn.Module,
+    qualname: str,
+    value: torch.Tensor,
+    *,
+    buffer: bool = False,
+    persistent: bool = True,
 ) -> None:
     """Register a parameter (or buffer) at `qualname`, creating empty parent modules as needed."""
     owner_path, _, name = qualname.rpartition(".")
@@ -125,11 +133,14 @@ def clone(gm: fx.GraphModule) -> fx.GraphModule:
     Passes replace tensors instead of mutating them, so the copy can be rewritten
     without touching `gm` and without doubling the memory of the weights.
     """
-    tensors = itertools.chain(gm.named_parameters(remove_duplicate=False), gm.named_buffers(remove_duplicate=False))
+    tensors = itertools.chain(
+        gm.named_parameters(remove_duplicate=False), gm.named_buffers(remove_duplicate=False)
+    )
     memo = {id(t): t for _, t in tensors}
-    # merged adapters' weights and the original weights merge keeps live in the record, not the module
+    # merged adapters' weights and the originals merge keeps live in the record, not the module
     memo.update({id(t): t for t in _tensors_in(gm.meta.get("peftc", {}))})
-    with warnings.catch_warnings():  # torch's own TreeSpec deprecation, raised while copying the codegen
+    # torch's own TreeSpec deprecation, raised while copying the codegen
+    with warnings.catch_warnings():
         warnings.filterwarnings("ignore", category=FutureWarning, message=".*LeafSpec.*")
         return copy.deepcopy(gm, memo)
 
@@ -154,9 +165,10 @@ def peftc_meta(gm: fx.GraphModule) -> dict[str, Any]:
 
 
 def add_input(graph: fx.Graph, name: str, *, pass_name: str, role: str) -> fx.Node:
-    """A new graph input `name` after the existing ones; a captured graph's signature gains it too."""
-    from torch.fx.graph import _PyTreeCodeGen, _PyTreeInfo
+    """A new graph input `name` after the existing ones; a captured graph's signature gains it
+    too."""
     import torch.utils._pytree as pytree
+    from torch.fx.graph import _PyTreeCodeGen, _PyTreeInfo
 
     placeholders = [n for n in graph.nodes if n.op == "placeholder"]
     with graph.inserting_before(placeholders[-1].next if placeholders else next(iter(graph.nodes))):
@@ -170,9 +182,9 @@ def add_input(graph: fx.Graph, name: str, *, pass_name: str, role: str) -> fx.No
 
 
 def dim_names(inputs: list[tuple[str, list[str]]]) -> dict[str, str]:
-    """Names for export's dimension symbols (`s72`), from the user inputs' (name, dims) in order: the first
-    dim of every input is `batch` (one batch for all), the second `sequence` for the token ids (or the first
-    input), else `<input>_length`. Fixed dims (digits) are left alone."""
+    """Names for export's dimension symbols (`s72`), from the user inputs' (name, dims) in order:
+    the first dim of every input is `batch` (one batch for all), the second `sequence` for the token
+    ids (or the first input), else `<input>_length`. Fixed dims (digits) are left alone."""
     first = next((i for i in inputs if i[0] == "input_ids"), inputs[0] if inputs else None)
     names: dict[str, str] = {}
     for name, dims in ([first] if first else []) + inputs:
@@ -184,13 +196,17 @@ def dim_names(inputs: list[tuple[str, list[str]]]) -> dict[str, str]:
 
 
 def shape_text(shape: Any, dims: dict[str, str] | None = None) -> str:
-    """`batch, sequence, 64`: a shape with export's symbols (`s72`, `s53 + 4`) named by `dims` where given."""
+    """`batch, sequence, 64`: a shape with export's symbols (`s72`, `s53 + 4`) named by `dims` where
+    given."""
     text = ", ".join(str(s) for s in shape)
     return re.sub(r"\bs\d+\b", lambda m: dims.get(m.group(), m.group()), text) if dims else text
 
 
 def input_dim_names(gm: fx.GraphModule) -> dict[str, str]:
     """`dim_names` of a captured graph's placeholders."""
-    inputs = [(str(n.target), [str(d) for d in n.meta["val"].shape]) for n in gm.graph.nodes
-              if n.op == "placeholder" and isinstance(n.meta.get("val"), torch.Tensor)]
+    inputs = [
+        (str(n.target), [str(d) for d in n.meta["val"].shape])
+        for n in gm.graph.nodes
+        if n.op == "placeholder" and isinstance(n.meta.get("val"), torch.Tensor)
+    ]
     return dim_names(inputs)

@@ -3,17 +3,19 @@
     @dataclass(frozen=True)
     class LoraOptions(AdapterOptions):
         r: int = option(8, doc="rank of A and B", check=positive, aliases=("rank",), peft="r")
-        dropout: float = option(0.0, doc="dropout on the branch's input", check=probability, peft="lora_dropout")
+        dropout: float = option(0.0, doc="input dropout", check=probability, peft="lora_dropout")
 
 1. Every options class derives from `Options`. Constructing one checks each field against its type
    annotation (int, float, bool, str, Literal choices, unions, tuples) and its `check`; lists become
-   tuples and ints become floats where the annotation asks, so options stay hashable however they were
-   given. A failure raises `OptionError` naming the pass, the field, the value and what it must be.
+   tuples and ints become floats where the annotation asks, so options stay hashable however they
+   were given. A failure raises `OptionError` naming the pass, the field, the value and what it must
+   be.
 2. A field made with `option(...)` also carries its doc (the pass reference in docs/passes.md is
-   generated from it), the other spellings pipeline text accepts (`aliases`; its HF peft name is one),
-   and how it appears in peft's `adapter_config.json`: `peft` (the field's name there), `peft_default`
-   (what peft assumes when the field is absent, if not `default`), `encode` / `decode` (value <-> JSON
-   value; `decode` raises `OptionError` for a value peftc does not implement). The technique layer
+   generated from it), the other spellings pipeline text accepts (`aliases`; its HF peft name is
+   one), and how it appears in peft's `adapter_config.json`: `peft` (the field's name there),
+   `peft_default` (what peft assumes when the field is absent, if not `default`), `encode` /
+   `decode` (value <-> JSON value; `decode` raises `OptionError` for a value peftc does not
+   implement). The technique layer
    derives a technique's config mapping from these (`peftc.technique.options`).
 3. Shared checks: `positive`, `non_negative`, `probability`, `identifier`, `pattern`, `one_of`.
 """
@@ -21,6 +23,8 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
+import operator
 import re
 import types
 import typing
@@ -50,7 +54,8 @@ __all__ = [
     "type_name",
 ]
 
-Check = Callable[[Any], "str | None"]  # None when the value is fine, else what it must be ("a positive integer")
+# None when the value is fine, else what it must be ("a positive integer")
+Check = Callable[[Any], "str | None"]
 
 
 class _Same:
@@ -74,9 +79,17 @@ class Spec:
     decode: Callable[[Any], Any] | None = None
 
 
-def option(default: Any, *, doc: str = "", check: Check | None = None, aliases: tuple[str, ...] = (),
-           peft: str | None = None, peft_default: Any = SAME, encode: Callable[[Any], Any] | None = None,
-           decode: Callable[[Any], Any] | None = None) -> Any:
+def option(
+    default: Any,
+    *,
+    doc: str = "",
+    check: Check | None = None,
+    aliases: tuple[str, ...] = (),
+    peft: str | None = None,
+    peft_default: Any = SAME,
+    encode: Callable[[Any], Any] | None = None,
+    decode: Callable[[Any], Any] | None = None,
+) -> Any:
     """A field of an options dataclass with its doc, checks and HF peft mapping."""
     spec = Spec(doc, check, tuple(aliases), peft, peft_default, encode, decode)
     return dataclasses.field(default=default, metadata={"peftc": spec})
@@ -102,9 +115,11 @@ def default_of(f: dataclasses.Field) -> Any:
 
 @dataclass(frozen=True)
 class Options:
-    """Base of every options dataclass: fields are type-checked, coerced and checked on construction."""
+    """Base of every options dataclass: fields are type-checked, coerced and checked on
+    construction."""
 
-    __pass__: ClassVar[str] = ""  # the pass these options belong to, for messages; set by register_pass
+    # the pass these options belong to, for messages; set by register_pass
+    __pass__: ClassVar[str] = ""
 
     def __post_init__(self) -> None:
         hints = _hints(type(self))
@@ -112,8 +127,10 @@ class Options:
         for f in fields_of(type(self)):
             value, hint = getattr(self, f.name), hints[f.name]
             if not fits(value, hint):
-                raise OptionError(f"option {f.name!r} of pass {owner!r} must be {type_name(hint)}, "
-                                  f"got {type(value).__name__} {value!r}")
+                raise OptionError(
+                    f"option {f.name!r} of pass {owner!r} must be {type_name(hint)}, got "
+                    f"{type(value).__name__} {value!r}"
+                )
             coerced = coerce(value, hint)
             if coerced is not value:
                 object.__setattr__(self, f.name, coerced)
@@ -133,6 +150,7 @@ def _hints(cls: type) -> dict[str, Any]:
 
 
 # --- shared checks ------------------------------------------------------------------------------
+
 
 def positive(value: Any) -> str | None:
     return None if value > 0 else "a positive integer" if isinstance(value, int) else "positive"
@@ -157,7 +175,7 @@ def pattern(value: Any) -> str | None:
         return None
     try:
         compile_pattern(value)
-    except Exception as e:  # noqa: BLE001 - the pattern's own error says what is wrong
+    except Exception as e:
         return f"a target pattern ({e})"
     return None
 
@@ -165,10 +183,12 @@ def pattern(value: Any) -> str | None:
 def one_of(*choices: Any) -> Check:
     def check(value: Any) -> str | None:
         return None if value in choices else "one of " + ", ".join(map(repr, choices))
+
     return check
 
 
 # --- types ------------------------------------------------------------------------------------
+
 
 def fits(value: Any, tp: Any) -> bool:
     """Whether `value` is of the annotated type `tp` (ints pass for floats, lists for tuples)."""
@@ -187,7 +207,11 @@ def fits(value: Any, tp: Any) -> bool:
         return isinstance(value, int) and not isinstance(value, bool)
     if origin in (tuple, list):
         args = [a for a in typing.get_args(tp) if a is not Ellipsis]
-        return isinstance(value, (tuple, list)) and all(fits(v, args[0]) for v in value) if args else True
+        return (
+            isinstance(value, (tuple, list)) and all(fits(v, args[0]) for v in value)
+            if args
+            else True
+        )
     if isinstance(tp, type):
         return isinstance(value, tp)
     return True
@@ -197,7 +221,11 @@ def coerce(value: Any, tp: Any) -> Any:
     """Lists become tuples (options stay hashable), ints become floats where only a float fits."""
     if isinstance(value, list):
         return tuple(_freeze(v) for v in value)
-    if isinstance(value, int) and not isinstance(value, bool) and not fits(value, _without(tp, float)):
+    if (
+        isinstance(value, int)
+        and not isinstance(value, bool)
+        and not fits(value, _without(tp, float))
+    ):
         return float(value)
     return value
 
@@ -212,7 +240,7 @@ def _without(tp: Any, drop: type) -> Any:
         return type(None)
     if typing.get_origin(tp) in (typing.Union, types.UnionType):
         rest = [a for a in typing.get_args(tp) if a is not drop]
-        return typing.Union[tuple(rest)] if rest else type(None)
+        return functools.reduce(operator.or_, rest) if rest else type(None)
     return tp
 
 

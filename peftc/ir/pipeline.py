@@ -19,7 +19,6 @@ from typing import Any
 
 from torch import fx
 
-from peftc.ir import verify as checks
 from peftc.errors import (
     OptionError,
     PassError,
@@ -29,12 +28,20 @@ from peftc.errors import (
     VerificationError,
     suggest,
 )
+from peftc.ir import verify as checks
 from peftc.ir.graph import clone, peftc_meta
-from peftc.ir.registry import PassResult, get_pass, options_to_dict, registered_passes
+from peftc.ir.registry import PassInfo, PassResult, get_pass, options_to_dict, registered_passes
 
 __all__ = ["Step", "Pipeline", "PipelineResult", "apply"]
 
-_LITERAL_NAMES = {"true": True, "false": False, "none": None, "True": True, "False": False, "None": None}
+_LITERAL_NAMES = {
+    "true": True,
+    "false": False,
+    "none": None,
+    "True": True,
+    "False": False,
+    "None": None,
+}
 
 
 @dataclass(frozen=True)
@@ -64,10 +71,22 @@ class PipelineResult:
     def __str__(self) -> str:
         rows = [("pass", "modified", "sites", "+nodes", "-nodes", "+params", "-params", "ms")]
         for r in self.results:
-            rows.append((r.name, "yes" if r.modified else "no", str(len(r.sites)), str(r.nodes_added),
-                         str(r.nodes_removed), str(len(r.params_added)), str(len(r.params_removed)), f"{r.seconds * 1e3:.1f}"))
+            rows.append(
+                (
+                    r.name,
+                    "yes" if r.modified else "no",
+                    str(len(r.sites)),
+                    str(r.nodes_added),
+                    str(r.nodes_removed),
+                    str(len(r.params_added)),
+                    str(len(r.params_removed)),
+                    f"{r.seconds * 1e3:.1f}",
+                )
+            )
         widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-        lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in rows]
+        lines = [
+            "  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in rows
+        ]
         reports = [f"{r.name}: {r.report}" for r in self.results if r.report]
         return "\n".join(lines + reports)
 
@@ -95,8 +114,12 @@ class Pipeline:
         except SyntaxError as wrapped:
             line, column, msg = _syntax_error_position(source, wrapped)
             raise PipelineSyntaxError(
-                f"pipeline is not valid call syntax: {msg}", source, line, column,
-                'write passes as name or name(option=value), separated by commas, e.g. "freeze, lora(r=8)"',
+                f"pipeline is not valid call syntax: {msg}",
+                source,
+                line,
+                column,
+                'write passes as name or name(option=value), separated by commas, e.g. "freeze, '
+                'lora(r=8)"',
             ) from None
         body = tree.body
         items = body.elts if isinstance(body, ast.Tuple) else [body]
@@ -121,7 +144,12 @@ class Pipeline:
         return Pipeline(self.steps + other.steps)
 
     def run(
-        self, gm: fx.GraphModule, *, verify: bool = True, check_numerics: bool = False, inplace: bool = False
+        self,
+        gm: fx.GraphModule,
+        *,
+        verify: bool = True,
+        check_numerics: bool = False,
+        inplace: bool = False,
     ) -> PipelineResult:
         """Run every step on `gm` (a copy sharing its tensors unless `inplace`).
 
@@ -142,14 +170,24 @@ class Pipeline:
             gm = result.graph_module
             results.append(result)
             peftc_meta(gm).setdefault("history", []).append(
-                {"pass": str(step), "modified": result.modified, "sites": list(result.sites), "seconds": result.seconds,
-                 "report": result.report}
+                {
+                    "pass": str(step),
+                    "modified": result.modified,
+                    "sites": list(result.sites),
+                    "seconds": result.seconds,
+                    "report": result.report,
+                }
             )
         return PipelineResult(gm, tuple(results))
 
 
 def apply(
-    gm: fx.GraphModule, pipeline: str | Pipeline, *, verify: bool = True, check_numerics: bool = False, inplace: bool = False
+    gm: fx.GraphModule,
+    pipeline: str | Pipeline,
+    *,
+    verify: bool = True,
+    check_numerics: bool = False,
+    inplace: bool = False,
 ) -> fx.GraphModule:
     """Run `pipeline` (text or `Pipeline`) on `gm` and return the rewritten module.
 
@@ -159,48 +197,32 @@ def apply(
     if isinstance(pipeline, str):
         pipeline = Pipeline.parse(pipeline)
     if not isinstance(pipeline, Pipeline):
-        raise OptionError(f"pipeline must be text or a peftc.Pipeline, got {type(pipeline).__name__}")
-    return pipeline.run(gm, verify=verify, check_numerics=check_numerics, inplace=inplace).graph_module
+        raise OptionError(
+            f"pipeline must be text or a peftc.Pipeline, got {type(pipeline).__name__}"
+        )
+    return pipeline.run(
+        gm, verify=verify, check_numerics=check_numerics, inplace=inplace
+    ).graph_module
 
 
-def _run_step(step: Step, gm: fx.GraphModule, ran: Sequence[str], verify: bool, check_numerics: bool) -> PassResult:
+def _run_step(
+    step: Step, gm: fx.GraphModule, ran: Sequence[str], verify: bool, check_numerics: bool
+) -> PassResult:
     info = get_pass(step.name)
-    position = f"after {', '.join(ran)}" if ran else "as the first pass"
     nodes_before = {n.name for n in gm.graph.nodes}
     node_ids_before = set(gm.graph.nodes)
     modules_before = {id(m) for m in gm.modules()}
     params_before = {name for name, _ in gm.named_parameters()}
     reference = checks.example_outputs(gm) if check_numerics and info.preserves_outputs else None
     start = time.perf_counter()
-    try:
-        result = info.fn(gm) if info.options is None else info.fn(gm, step.options)
-    except PeftcError as e:
-        if hasattr(e, "add_note"):  # Python >= 3.11
-            e.add_note(f"in pass {step.name!r}, run {position}")
-        raise
-    except Exception as e:
-        raise PassError(f"pass {step.name!r}, run {position}, failed: {type(e).__name__}: {e}") from e
+    result = _call_pass(info, step, gm, f"after {', '.join(ran)}" if ran else "as the first pass")
     seconds = time.perf_counter() - start
-    if not isinstance(result, PassResult):
-        raise PassError(f"pass {step.name!r} returned {type(result).__name__}; a pass must return peftc.PassResult(gm, modified)")
     out = result.graph_module
-    if not result.modified and not result.report:
-        raise PassError(f"pass {step.name!r} changed nothing and did not say why; "
-                        "return PassResult(gm, modified=False, report=\"<the reason>\")")
     _tag_new_nodes(out, node_ids_before, step.name)
     for module in out.modules():  # what a pass adds follows the graph's train/eval mode
         if id(module) not in modules_before:
             module.train(out.training)
-    if verify:
-        checks.lint(out, step.name)
-    try:
-        out.recompile()
-    except Exception as e:
-        raise VerificationError(f"pass {step.name!r} left a graph whose code does not compile: {e}") from e
-    if verify:
-        checks.propagate_shapes(out, step.name)
-    if reference is not None:
-        checks.compare_outputs(reference, checks.example_outputs(out), step.name)
+    _check_result(out, step.name, verify, reference)
     nodes_after = {n.name for n in out.graph.nodes}
     params_after = {name for name, _ in out.named_parameters()}
     return replace(
@@ -212,6 +234,47 @@ def _run_step(step: Step, gm: fx.GraphModule, ran: Sequence[str], verify: bool, 
         params_removed=tuple(sorted(params_before - params_after)),
         seconds=seconds,
     )
+
+
+def _call_pass(info: PassInfo, step: Step, gm: fx.GraphModule, position: str) -> PassResult:
+    """The pass's result; its failures name the pass and where it ran in the pipeline."""
+    try:
+        result = info.fn(gm) if info.options is None else info.fn(gm, step.options)
+    except PeftcError as e:
+        if hasattr(e, "add_note"):  # Python >= 3.11
+            e.add_note(f"in pass {step.name!r}, run {position}")
+        raise
+    except Exception as e:
+        raise PassError(
+            f"pass {step.name!r}, run {position}, failed: {type(e).__name__}: {e}"
+        ) from e
+    if not isinstance(result, PassResult):
+        raise PassError(
+            f"pass {step.name!r} returned {type(result).__name__}; a pass must return "
+            "peftc.PassResult(gm, modified)"
+        )
+    if not result.modified and not result.report:
+        raise PassError(
+            f"pass {step.name!r} changed nothing and did not say why; "
+            'return PassResult(gm, modified=False, report="<the reason>")'
+        )
+    return result
+
+
+def _check_result(out: fx.GraphModule, name: str, verify: bool, reference: Any) -> None:
+    """The rewritten graph lints, compiles, propagates shapes and computes `reference` (if any)."""
+    if verify:
+        checks.lint(out, name)
+    try:
+        out.recompile()
+    except Exception as e:
+        raise VerificationError(
+            f"pass {name!r} left a graph whose code does not compile: {e}"
+        ) from e
+    if verify:
+        checks.propagate_shapes(out, name)
+    if reference is not None:
+        checks.compare_outputs(reference, checks.example_outputs(out), name)
 
 
 def _tag_new_nodes(gm: fx.GraphModule, before: set[fx.Node], pass_name: str) -> None:
@@ -226,9 +289,16 @@ def _as_step(step: Step | str | tuple[str, dict[str, Any]]) -> Step:
         return step
     if isinstance(step, str):
         return Step.make(step)
-    if isinstance(step, tuple) and len(step) == 2 and isinstance(step[0], str) and isinstance(step[1], dict):
+    if (
+        isinstance(step, tuple)
+        and len(step) == 2
+        and isinstance(step[0], str)
+        and isinstance(step[1], dict)
+    ):
         return Step.make(*step)
-    raise OptionError(f"a pipeline step is a pass name, (name, options dict) or peftc.Step, got {step!r}")
+    raise OptionError(
+        f"a pipeline step is a pass name, (name, options dict) or peftc.Step, got {step!r}"
+    )
 
 
 def _syntax_error_position(source: str, wrapped: SyntaxError) -> tuple[int, int, str]:
@@ -244,21 +314,36 @@ def _syntax_error_position(source: str, wrapped: SyntaxError) -> tuple[int, int,
 
 
 def _parse_step(node: ast.expr, source: str) -> Step:
-    def fail(problem: str, at: ast.AST, hint: str = "", cls: type[PipelineSyntaxError] = PipelineSyntaxError) -> PipelineSyntaxError:
-        return cls(problem, source, getattr(at, "lineno", 2) - 1, getattr(at, "col_offset", 0), hint)
+    def fail(
+        problem: str,
+        at: ast.AST,
+        hint: str = "",
+        cls: type[PipelineSyntaxError] = PipelineSyntaxError,
+    ) -> PipelineSyntaxError:
+        return cls(
+            problem, source, getattr(at, "lineno", 2) - 1, getattr(at, "col_offset", 0), hint
+        )
 
     if isinstance(node, ast.Name):
         name, keywords = node.id, []
     elif isinstance(node, ast.Call) and isinstance(node.func, ast.Name):
         name, keywords = node.func.id, node.keywords
         if node.args:
-            raise fail(f"options of {name!r} must be named", node.args[0], f"write {name}(option=value), e.g. lora(r=8)")
+            raise fail(
+                f"options of {name!r} must be named",
+                node.args[0],
+                f"write {name}(option=value), e.g. lora(r=8)",
+            )
     else:
-        raise fail("expected a pass name or name(option=value)", node, 'e.g. "freeze, lora(r=8, alpha=16)"')
+        raise fail(
+            "expected a pass name or name(option=value)", node, 'e.g. "freeze, lora(r=8, alpha=16)"'
+        )
     passes = registered_passes()
     if name not in passes:
         at = node.func if isinstance(node, ast.Call) else node
-        hint = " ".join(p for p in (suggest(name, passes), f"Registered passes: {', '.join(passes)}") if p)
+        hint = " ".join(
+            p for p in (suggest(name, passes), f"Registered passes: {', '.join(passes)}") if p
+        )
         raise fail(f"unknown pass {name!r}", at, hint, UnknownPassError)
     given: dict[str, Any] = {}
     for kw in keywords:
@@ -281,7 +366,11 @@ def _literal(node: ast.expr, fail: Any) -> Any:
     try:
         return ast.literal_eval(node)
     except ValueError:
-        raise fail("option values must be literals", node, 'use numbers, "strings", true/false, none or [lists]') from None
+        raise fail(
+            "option values must be literals",
+            node,
+            'use numbers, "strings", true/false, none or [lists]',
+        ) from None
 
 
 def _format_value(value: Any) -> str:

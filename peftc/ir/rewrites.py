@@ -20,7 +20,15 @@ from typing import Any
 
 from torch import fx
 
-__all__ = ["captured_name", "Resolver", "keep_original", "original_call", "restore_original", "consumed", "as_captured"]
+__all__ = [
+    "captured_name",
+    "Resolver",
+    "keep_original",
+    "original_call",
+    "restore_original",
+    "consumed",
+    "as_captured",
+]
 
 _NODE, _ATTR = "__node__", "__attr__"
 
@@ -46,7 +54,8 @@ class Resolver:
         return self.exits.get(name) or self.nodes[name]
 
     def attr(self, target: str) -> fx.Node:
-        """A `get_attr` node reading `target`; made again if dead-code elimination took the captured one."""
+        """A `get_attr` node reading `target`; made again if dead-code elimination took the captured
+        one."""
         found = next((n for n in self.graph.find_nodes(op="get_attr", target=target)), None)
         if found is None:
             inputs = list(self.graph.find_nodes(op="placeholder"))
@@ -57,21 +66,28 @@ class Resolver:
 
 
 def keep_original(node: fx.Node, **record: Any) -> dict[str, Any]:
-    """Record `node`'s captured call (once: a node rewritten twice keeps the first); returns the record."""
+    """Record `node`'s captured call (once: a node rewritten twice keeps the first); returns the
+    record."""
     if "peftc_original" not in node.meta:
+
         def encode(a: Any) -> Any:
             if not isinstance(a, fx.Node):
                 return a
             return (_ATTR, a.target) if a.op == "get_attr" else (_NODE, captured_name(a))
 
         node.meta["peftc_original"] = {
-            "op": node.op, "target": node.target, "args": [fx.node.map_aggregate(a, encode) for a in node.args],
-            "kwargs": {k: fx.node.map_aggregate(v, encode) for k, v in node.kwargs.items()}, **record}
+            "op": node.op,
+            "target": node.target,
+            "args": [fx.node.map_aggregate(a, encode) for a in node.args],
+            "kwargs": {k: fx.node.map_aggregate(v, encode) for k, v in node.kwargs.items()},
+            **record,
+        }
     return node.meta["peftc_original"]
 
 
 def original_call(node: fx.Node, resolve: Resolver) -> tuple[str, Any, tuple, dict[str, Any]]:
-    """(op, target, args, kwargs) `node` was captured with, its node arguments as they are carried now."""
+    """(op, target, args, kwargs) `node` was captured with, its node arguments as they are carried
+    now."""
     original = node.meta["peftc_original"]
 
     def decode(a: Any) -> Any:
@@ -80,7 +96,12 @@ def original_call(node: fx.Node, resolve: Resolver) -> tuple[str, Any, tuple, di
         return a
 
     args = tuple(_map(a, decode) for a in original["args"])
-    return original["op"], original["target"], args, {k: _map(v, decode) for k, v in original["kwargs"].items()}
+    return (
+        original["op"],
+        original["target"],
+        args,
+        {k: _map(v, decode) for k, v in original["kwargs"].items()},
+    )
 
 
 class _Captured:
@@ -90,7 +111,8 @@ class _Captured:
 
 
 def as_captured(node: fx.Node, resolve: Resolver) -> Any:
-    """`node` as queries should read it: a rewritten node as it was captured (arguments as carried now)."""
+    """`node` as queries should read it: a rewritten node as it was captured (arguments as carried
+    now)."""
     return _Captured(node, resolve) if "peftc_original" in node.meta else node
 
 
@@ -101,9 +123,9 @@ def restore_original(node: fx.Node, resolve: Resolver) -> None:
 
 
 def consumed(exit_node: fx.Node, removed: Collection[fx.Node], resolve: Resolver) -> fx.Node:
-    """What `exit_node`'s users get back when the nodes `removed` (among them `exit_node`) go: the value
-    those nodes read in place of the captured value it stands for (the latest, if several), else that
-    captured value as it is carried now."""
+    """What `exit_node`'s users get back when the nodes `removed` (among them `exit_node`) go: the
+    value those nodes read in place of the captured value it stands for (the latest, if several),
+    else that captured value as it is carried now."""
     name = exit_node.meta["peftc"]["exit"]
     found, seen, todo = [], {exit_node}, [exit_node]
     while todo:

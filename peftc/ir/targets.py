@@ -20,12 +20,16 @@ __all__ = ["compile_pattern", "select"]
 def compile_pattern(pattern: str) -> Callable[[str], bool]:
     """A predicate over module paths for `pattern`."""
     if not isinstance(pattern, str) or not pattern.strip():
-        raise TargetError(f"target pattern must be a non-empty string, got {pattern!r}; e.g. '*.q_proj|*.v_proj'")
+        raise TargetError(
+            f"target pattern must be a non-empty string, got {pattern!r}; e.g. '*.q_proj|*.v_proj'"
+        )
     if pattern.startswith("re:"):
         try:
             regex = re.compile(pattern[3:])
         except re.error as e:
-            raise TargetError(f"target pattern {pattern!r} is not a valid regular expression: {e}") from e
+            raise TargetError(
+                f"target pattern {pattern!r} is not a valid regular expression: {e}"
+            ) from e
         return lambda path: regex.fullmatch(path) is not None
     globs = [g.strip() for g in pattern.split("|") if g.strip()]
     return lambda path: any(fnmatch.fnmatchcase(path, g) for g in globs)

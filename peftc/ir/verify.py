@@ -47,7 +47,8 @@ def propagate_shapes(gm: fx.GraphModule, pass_name: str) -> bool:
     except Exception as e:
         node = interpreter.current
         raise VerificationError(
-            f"after pass {pass_name!r}, shape propagation failed{_where(node)}: {type(e).__name__}: {e}".strip()
+            f"after pass {pass_name!r}, shape propagation failed{_where(node)}: "
+            f"{type(e).__name__}: {e}".strip()
         ) from e
     return True
 
@@ -84,11 +85,14 @@ class _NodeTrackingProp(FakeTensorProp):
 
 
 def _signature(val: Any) -> str | None:
-    """Shapes and dtypes of a node's value, as text (comparing symbolic sizes directly adds guards)."""
+    """Shapes and dtypes of a node's value, as text (comparing symbolic sizes directly adds
+    guards)."""
     leaves = pytree.tree_leaves(val)
     if not leaves:
         return None
-    return repr([(str(t.shape), t.dtype) if isinstance(t, torch.Tensor) else str(t) for t in leaves])
+    return repr(
+        [(str(t.shape), t.dtype) if isinstance(t, torch.Tensor) else str(t) for t in leaves]
+    )
 
 
 def propagation_key(gm: fx.GraphModule, n: fx.Node) -> tuple:
@@ -112,15 +116,22 @@ def mark_propagated(gm: fx.GraphModule) -> None:
 
 
 def _where(node: fx.Node | None) -> str:
-    """The failing node, and what inserted it where its tag says (a technique's adapter at a site)."""
+    """The failing node, and what inserted it where its tag says (a technique's adapter at a
+    site)."""
     if node is None:
         return ""
-    where = f" at node {node.name} ({node.op} {_target(node)}) of module {module_path(node) or '<root>'}"
+    where = (
+        f" at node {node.name} ({node.op} {_target(node)}) of module "
+        f"{module_path(node) or '<root>'}"
+    )
     tag = node.meta.get("peftc", {})
     if "adapter" in tag:
         site = f" at the {tag['kind']} site {tag['site']!r}" if tag.get("site") is not None else ""
-        where += (f", inserted by {tag['pass']!r} for adapter {tag['adapter']!r}{site} (role {tag['role']!r}); "
-                  f"{tag['pass']} cannot act on this site: it should refuse it in its check()")
+        where += (
+            f", inserted by {tag['pass']!r} for adapter {tag['adapter']!r}{site} (role "
+            f"{tag['role']!r}); {tag['pass']} cannot act on this site: it should refuse it in its "
+            "check()"
+        )
     return where
 
 
@@ -129,9 +140,12 @@ def _target(node: fx.Node) -> str:
 
 
 def example_outputs(gm: fx.GraphModule) -> list[torch.Tensor] | None:
-    """Flat outputs of `gm` on its captured example inputs in eval mode, or None without examples."""
+    """Flat outputs of `gm` on its captured example inputs in eval mode, or None without
+    examples."""
     inputs = peftc_meta(gm).get("example_inputs")
-    if not inputs or any(isinstance(v, torch.Tensor) and v.device.type == "meta" for v in inputs.values()):
+    if not inputs or any(
+        isinstance(v, torch.Tensor) and v.device.type == "meta" for v in inputs.values()
+    ):
         return None
     was_training = gm.training
     gm.eval()
@@ -144,14 +158,26 @@ def example_outputs(gm: fx.GraphModule) -> list[torch.Tensor] | None:
 
 
 def compare_outputs(
-    before: list[torch.Tensor], after: list[torch.Tensor] | None, pass_name: str, *, atol: float = 1e-5, rtol: float = 1e-5
+    before: list[torch.Tensor],
+    after: list[torch.Tensor] | None,
+    pass_name: str,
+    *,
+    atol: float = 1e-5,
+    rtol: float = 1e-5,
 ) -> None:
     if after is None or len(before) != len(after):
-        raise VerificationError(f"pass {pass_name!r} changed the number of outputs, though it declares preserves_outputs")
-    for i, (a, b) in enumerate(zip(before, after)):
+        raise VerificationError(
+            f"pass {pass_name!r} changed the number of outputs, though it declares "
+            "preserves_outputs"
+        )
+    for i, (a, b) in enumerate(zip(before, after, strict=True)):
         if a.shape != b.shape or not torch.allclose(a.float(), b.float(), atol=atol, rtol=rtol):
-            diff = (a.float() - b.float()).abs().max().item() if a.shape == b.shape else f"shape {tuple(a.shape)} -> {tuple(b.shape)}"
+            diff = (
+                (a.float() - b.float()).abs().max().item()
+                if a.shape == b.shape
+                else f"shape {tuple(a.shape)} -> {tuple(b.shape)}"
+            )
             raise VerificationError(
-                f"pass {pass_name!r} declares preserves_outputs but changed output {i} (max abs diff {diff}); "
-                "fix the pass or register it with preserves_outputs=False"
+                f"pass {pass_name!r} declares preserves_outputs but changed output {i} (max abs "
+                f"diff {diff}); fix the pass or register it with preserves_outputs=False"
             )

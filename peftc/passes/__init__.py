@@ -1,4 +1,5 @@
-"""Structural passes: `identity`, `dce`, `freeze`, `merge` and adapter switching, `multi_lora`, `outline`/`inline`.
+"""Structural passes: `identity`, `dce`, `freeze`, `merge` and adapter switching, `multi_lora`,
+`outline`/`inline`.
 
 Importing this package registers them (`peftc/__init__.py` does).
 """

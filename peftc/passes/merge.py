@@ -33,21 +33,29 @@ __all__ = ["MergeOptions", "merge", "unmerge", "set_adapter", "disable_adapters"
 @dataclass(frozen=True)
 class MergeOptions(Options):
     adapter: str | None = option(None, doc="the adapter to merge (None: every active one)")
-    keep: bool = option(True, doc="keep the adapter's weights and the original base weights, so `unmerge` works")
-    requantize: bool = option(False, doc="NF4 bases: dequantize, fold, quantize again (stays 4-bit, loses small "
-                              "updates)")
+    keep: bool = option(
+        True, doc="keep the adapter's weights and the original base weights, so `unmerge` works"
+    )
+    requantize: bool = option(
+        False, doc="NF4 bases: dequantize, fold, quantize again (stays 4-bit, loses small updates)"
+    )
     dtype: Literal["float32", "float16", "bfloat16"] | None = option(
-        None, doc="NF4 bases: a dense merged weight of this dtype instead")
+        None, doc="NF4 bases: a dense merged weight of this dtype instead"
+    )
 
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.requantize and self.dtype:
-            raise OptionError("merge: choose requantize=true (stay NF4) or dtype=... (dense), not both")
+            raise OptionError(
+                "merge: choose requantize=true (stay NF4) or dtype=... (dense), not both"
+            )
 
 
 @dataclass(frozen=True)
 class SetAdapterOptions(Options):
-    name: str = option("default", doc="the adapter to make the only active one", aliases=("adapter",))
+    name: str = option(
+        "default", doc="the adapter to make the only active one", aliases=("adapter",)
+    )
 
 
 @dataclass(frozen=True)
@@ -63,18 +71,27 @@ class UnmergeOptions(Options):
 @register_pass("merge", options=MergeOptions, preserves_outputs=True)
 def merge(gm: fx.GraphModule, options: MergeOptions) -> PassResult:
     """Fold adapters into base weights: `W x + branch(x) -> W' x`, W' = fold(W)."""
-    chosen = _chosen(gm, options.adapter, lambda r: r.active and not r.merged, "active and unmerged", "merge")
+    chosen = _chosen(
+        gm, options.adapter, lambda r: r.active and not r.merged, "active and unmerged", "merge"
+    )
     names = [n for n in chosen if adapters(gm)[n].method().mergeable]
     stays = [f"{n} ({adapters(gm)[n].technique})" for n in chosen if n not in names]
-    kept = f"{', '.join(stays)} stay{'s' if len(stays) == 1 else ''} in the graph: not a weight update, nothing to fold"
+    kept = (
+        f"{', '.join(stays)} stay{'s' if len(stays) == 1 else ''} in the graph: not a weight "
+        "update, nothing to fold"
+    )
     if not names:
         return PassResult(gm, modified=False, report=f"nothing merged: {kept}")
     touched, survival = merging.merge_adapters(gm, names, options)
-    report = f"merged {', '.join(names)} into {len(touched)} weights" + (f"; {kept}" if stays else "")
+    report = f"merged {', '.join(names)} into {len(touched)} weights" + (
+        f"; {kept}" if stays else ""
+    )
     if survival and options.requantize:
         mean = sum(survival) / len(survival)
-        report += (f"; requantizing to NF4 kept {mean:.1%} of dW on average (worst {min(survival):.1%})"
-                   + ("; prefer merge(dtype=\"float16\") for this update" if mean < 0.9 else ""))
+        report += (
+            f"; requantizing to NF4 kept {mean:.1%} of dW on average (worst {min(survival):.1%})"
+            + ('; prefer merge(dtype="float16") for this update' if mean < 0.9 else "")
+        )
     return PassResult(gm, modified=True, sites=tuple(touched), report=report)
 
 
@@ -83,24 +100,34 @@ def unmerge(gm: fx.GraphModule, options: UnmergeOptions) -> PassResult:
     """Undo `merge`: `W' x -> W x + branch(x)`, from the kept weights."""
     names = _chosen(gm, options.adapter, lambda r: r.merged, "merged", "unmerge")
     touched = merging.unmerge_adapters(gm, names)
-    return PassResult(gm, modified=True, sites=tuple(touched), report=f"unmerged {', '.join(names)}")
+    return PassResult(
+        gm, modified=True, sites=tuple(touched), report=f"unmerged {', '.join(names)}"
+    )
 
 
 @register_pass("set_adapter", options=SetAdapterOptions)
 def set_adapter(gm: fx.GraphModule, options: SetAdapterOptions) -> PassResult:
-    """Make adapter `name` the only active one: its branches in the graph, no other unmerged ones."""
+    """Make adapter `name` the only active one: its branches in the graph, no other unmerged
+    ones."""
     before = core.active_adapters(gm)
     core.set_active(gm, options.name)
     changed = before != [options.name]
-    return PassResult(gm, modified=changed, report=f"active: {options.name}" + ("" if changed else " (already the only one)"))
+    return PassResult(
+        gm,
+        modified=changed,
+        report=f"active: {options.name}" + ("" if changed else " (already the only one)"),
+    )
 
 
 @register_pass("disable_adapters")
 def disable_adapters(gm: fx.GraphModule) -> PassResult:
-    """Remove every unmerged branch from the graph: it computes the base model (and merged adapters) exactly."""
+    """Remove every unmerged branch from the graph: it computes the base model (and merged adapters)
+    exactly."""
     before = core.active_adapters(gm)
     core.disable(gm)
-    return PassResult(gm, modified=bool(before), report="no adapter active" if before else "no adapter was active")
+    return PassResult(
+        gm, modified=bool(before), report="no adapter active" if before else "no adapter was active"
+    )
 
 
 @register_pass("delete_adapter", options=DeleteAdapterOptions)
@@ -112,8 +139,13 @@ def delete_adapter(gm: fx.GraphModule, options: DeleteAdapterOptions) -> PassRes
 
 def _chosen(gm: fx.GraphModule, name: str | None, wanted, what: str, pass_name: str) -> list[str]:
     known = adapters(gm)
-    listing = ", ".join(f"{n} ({r.technique}, {'merged' if r.merged else 'active' if r.active else 'inactive'})"
-                        for n, r in known.items()) or "none"
+    listing = (
+        ", ".join(
+            f"{n} ({r.technique}, {'merged' if r.merged else 'active' if r.active else 'inactive'})"
+            for n, r in known.items()
+        )
+        or "none"
+    )
     if name is not None:
         if name not in known:
             raise OptionError(f"{pass_name}: no adapter named {name!r}; adapters: {listing}")
@@ -122,5 +154,7 @@ def _chosen(gm: fx.GraphModule, name: str | None, wanted, what: str, pass_name: 
         return [name]
     chosen = [n for n, record in known.items() if wanted(record)]
     if not chosen:
-        raise OptionError(f"{pass_name}: nothing to {pass_name}: no adapter is {what}; adapters: {listing}")
+        raise OptionError(
+            f"{pass_name}: nothing to {pass_name}: no adapter is {what}; adapters: {listing}"
+        )
     return chosen

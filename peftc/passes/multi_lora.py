@@ -1,39 +1,49 @@
 """Serving many LoRA adapters over one base in one batch: each row picks its adapter by id.
 
-    y = base(x) + B_stack[id] @ (A_stack[id] @ x)     for each row of the batch, nothing where id = -1
+    y = base(x) + B_stack[id] @ (A_stack[id] @ x)   for each row of the batch; nothing where id = -1
 
 1. Every LoRA adapter in the graph's record, in record order, is stacked at each site it adapts:
-   `A_stack` (N, r_max, in) and `B_stack` (N, r_max, out), B transposed and scaled by the adapter's scaling.
-   Ranks differ freely: a rank-r adapter fills the first r rows of both, the rest are zeros, so
-   its product is exact. An adapter that does not adapt a site has zeros there.
+   `A_stack` (N, r_max, in) and `B_stack` (N, r_max, out), B transposed and scaled by the adapter's
+   scaling. Ranks differ freely: a rank-r adapter fills the first r rows of both, the rest are
+   zeros, so its product is exact. An adapter that does not adapt a site has zeros there.
 2. The graph takes a new input, `adapter_ids` (one integer per row, -1 = the base alone), and each
-   adapted site adds `peftc::multi_lora_delta(x, ids, A_stack, B_stack)`; the adapters' own branches are
-   switched off (they stay in the record: `peftc.save_adapter` still writes each).
-3. Adding or removing an adapter while serving: load it (`peftc.load_adapter(gm, folder, adapter=...)`) or
-   delete it (`delete_adapter(name=...)`) and apply `multi_lora` again; it restacks from the record,
-   without capture. `peftc.adapter_ids(gm, names)` turns adapter names (None = base) into ids.
-4. `kernel="torch"`: while N * r_max fits in the site's input width, two dense products over all adapters'
-   ranks (each token's other adapters masked to zero); beyond, tokens grouped by adapter, two matmuls per
-   adapter present. `kernel="triton"`: the Triton shrink/expand kernel over tokens sorted by adapter.
+   adapted site adds `peftc::multi_lora_delta(x, ids, A_stack, B_stack)`; the adapters' own branches
+   are switched off (they stay in the record: `peftc.save_adapter` still writes each).
+3. Adding or removing an adapter while serving: load it (`peftc.load_adapter(gm, folder,
+   adapter=...)`) or delete it (`delete_adapter(name=...)`) and apply `multi_lora` again; it
+   restacks from the record, without capture. `peftc.adapter_ids(gm, names)` turns adapter names
+   (None = base) into ids.
+4. `kernel="torch"`: while N * r_max fits in the site's input width, two dense products over all
+   adapters' ranks (each token's other adapters masked to zero); beyond, tokens grouped by adapter,
+   two matmuls per adapter present. `kernel="triton"`: the Triton shrink/expand kernel over tokens
+   sorted by adapter.
 Only LoRA on linear sites (no DoRA, nothing merged) is served; other techniques are refused by name.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
 from torch import Tensor, fx
 
-from peftc.technique.adapters import adapters, set_active
 from peftc.errors import OptionError, PassError
 from peftc.ir.graph import add_input, get_tensor, peftc_meta, set_tensor, tag
+from peftc.ir.options import Options, option
 from peftc.ir.registry import PassResult, register_pass
 from peftc.sites import LinearSite, weight_sites
+from peftc.technique.adapters import adapters, set_active
 
-__all__ = ["MultiLoraOptions", "multi_lora", "multi_lora_delta", "adapter_ids", "register_kernel", "token_ids"]
+__all__ = [
+    "MultiLoraOptions",
+    "multi_lora",
+    "multi_lora_delta",
+    "adapter_ids",
+    "register_kernel",
+    "token_ids",
+]
 
 MODULE = "multi_lora"
 IDS = "adapter_ids"
@@ -41,12 +51,13 @@ IDS = "adapter_ids"
 
 @torch.library.custom_op("peftc::multi_lora_delta", mutates_args=())
 def multi_lora_delta(x: Tensor, ids: Tensor, lora_A: Tensor, lora_B: Tensor) -> Tensor:
-    """Row i of the batch gets x_i A[ids[i]]^T B[ids[i]] (A: N x r x in, B: N x r x out, scaled); 0 where ids[i] = -1."""
+    """Row i of the batch gets x_i A[ids[i]]^T B[ids[i]] (A: N x r x in, B: N x r x out, scaled); 0
+    where ids[i] = -1."""
     x2 = x.reshape(-1, x.shape[-1])
     tokens = token_ids(ids, x2.shape[0])
     adapters, rank, in_features = lora_A.shape
     if adapters * rank <= in_features:
-        # every adapter's shrink at once, each token keeping its own: two dense products, no grouping
+        # every adapter's shrink at once, each token keeping its own: two dense products, no groups
         shrunk = (x2 @ lora_A.reshape(adapters * rank, in_features).t()).view(-1, adapters, rank)
         shrunk = shrunk * (tokens[:, None] == torch.arange(adapters, device=x.device))[:, :, None]
         expand = lora_B.reshape(adapters * rank, -1)  # a view: B is stacked rank-major for this
@@ -67,52 +78,51 @@ def _(x, ids, lora_A, lora_B):
 def token_ids(ids: Tensor, tokens: int) -> Tensor:
     """One id per token: the rows' ids, each repeated over its row's tokens (x may be flattened)."""
     if tokens % ids.numel():
-        raise OptionError(f"adapter_ids has {ids.numel()} entries, but the batch has {tokens} tokens: give one id per "
-                          "row of the batch")
+        raise OptionError(
+            f"adapter_ids has {ids.numel()} entries, but the batch has {tokens} tokens: give one "
+            "id per row of the batch"
+        )
     return ids.reshape(-1).repeat_interleave(tokens // ids.numel())
 
 
-# kernel name -> (gm -> the op computing multi_lora_delta); a backend registers its own (peftc.backends.triton)
-_KERNELS: dict[str, Callable[[fx.GraphModule], Any]] = {"torch": lambda gm: torch.ops.peftc.multi_lora_delta.default}
+# kernel name -> (gm -> the op computing multi_lora_delta); a backend registers its own
+# (peftc.backends.triton)
+_KERNELS: dict[str, Callable[[fx.GraphModule], Any]] = {
+    "torch": lambda gm: torch.ops.peftc.multi_lora_delta.default
+}
 
 
 def register_kernel(name: str, resolve: Callable[[fx.GraphModule], Any]) -> None:
-    """Make `multi_lora(kernel=name)` call the op `resolve(gm)` returns (it raises `PassError` where it cannot run)."""
+    """Make `multi_lora(kernel=name)` call the op `resolve(gm)` returns (it raises `PassError` where
+    it cannot run)."""
     _KERNELS[name] = resolve
 
 
 def _kernel(gm: fx.GraphModule, name: str) -> Any:
     if name not in _KERNELS:
-        raise PassError(f"multi_lora: kernel {name!r} is provided by a backend that is not loaded; "
-                        f"loaded: {', '.join(_KERNELS)}")
+        raise PassError(
+            f"multi_lora: kernel {name!r} is provided by a backend that is not loaded; loaded: "
+            f"{', '.join(_KERNELS)}"
+        )
     return _KERNELS[name](gm)
 
 
 @dataclass(frozen=True)
-class MultiLoraOptions:
-    kernel: Literal["torch", "triton"] = "torch"
-
-    def __post_init__(self) -> None:
-        if self.kernel not in ("torch", "triton"):
-            raise OptionError(f"multi_lora: kernel must be 'torch' or 'triton', got {self.kernel!r}")
+class MultiLoraOptions(Options):
+    kernel: Literal["torch", "triton"] = option(
+        "torch", doc="what computes the stacked delta: torch ops, or the Triton kernel (GPU)"
+    )
 
 
 @register_pass("multi_lora", options=MultiLoraOptions)
 def multi_lora(gm: fx.GraphModule, options: MultiLoraOptions) -> PassResult:
-    """Stack every LoRA adapter of the record per site; the graph takes `adapter_ids` (one per row, -1 = base).
+    """Stack every LoRA adapter of the record per site; the graph takes `adapter_ids` (one per row,
+    -1 = base).
 
     Re-apply after loading or deleting adapters: it restacks from the record. See docs/serving.md.
     """
     records = list(adapters(gm).values())
-    others = [f"{r.name} ({r.technique}{', DoRA' if r.technique == 'lora' and r.options.dora else ''}"
-              f"{', merged' if r.merged else ''})" for r in records
-              if r.technique != "lora" or r.options.dora or r.merged]
-    if others:
-        raise PassError(f"multi_lora serves unmerged LoRA adapters only; this graph also has {', '.join(others)}: "
-                        "delete or unmerge them first")
-    if not records:
-        raise PassError("multi_lora: this graph has no LoRA adapter; add or load some first "
-                        "(peftc.load_adapter(gm, folder, adapter='name'))")
+    _check_servable(records)
     target = _kernel(gm, options.kernel)
     _unstack(gm)
     set_active(gm, [])  # the branches go; the stacks replace them
@@ -121,31 +131,64 @@ def multi_lora(gm: fx.GraphModule, options: MultiLoraOptions) -> PassResult:
     paths = list(dict.fromkeys(path for r in records for path, _ in r.sites))
     wrong = [p for p in paths if not isinstance(by_path.get(p), LinearSite)]
     if wrong:
-        raise PassError(f"multi_lora serves LoRA on linear sites; {', '.join(wrong[:4])} are not linear")
+        raise PassError(
+            f"multi_lora serves LoRA on linear sites; {', '.join(wrong[:4])} are not linear"
+        )
     ids = _ids_input(gm)
-    graph = gm.graph
     for path in paths:
-        site = by_path[path]
-        A, B = _stack(gm, site, records)
-        prefix = f"{MODULE}.{path.replace('.', '_')}"
-        set_tensor(gm, f"{prefix}.lora_A", A, buffer=True)
-        set_tensor(gm, f"{prefix}.lora_B", B, buffer=True)
-        with graph.inserting_before(site.node.next):
-            a = tag(graph.get_attr(f"{prefix}.lora_A"), pass_name="multi_lora", role="lora_A", path=path)
-            b = tag(graph.get_attr(f"{prefix}.lora_B"), pass_name="multi_lora", role="lora_B", path=path)
-            delta = tag(graph.call_function(target, (site.input, ids, a, b)), pass_name="multi_lora", role="delta",
-                        path=path)
-            out = tag(graph.call_function(torch.ops.aten.add.Tensor, (site.node, delta)), pass_name="multi_lora",
-                      role="output", path=path)
-        site.node.replace_all_uses_with(out, delete_user_cb=lambda user: user is not out)
+        _serve_stacked(gm, by_path[path], records, ids, target)
     peftc_meta(gm)[MODULE] = {"adapters": names, "sites": paths, "kernel": options.kernel}
-    graph.lint()
+    gm.graph.lint()
     gm.recompile()
     ranks = sorted({r.options.r for r in records})
-    return PassResult(gm, modified=True, sites=tuple(paths),
-                      report=f"{len(names)} adapters ({', '.join(names[:6])}{' ...' if len(names) > 6 else ''}; ranks "
-                             f"{', '.join(map(str, ranks))}) stacked at {len(paths)} sites; input '{IDS}' picks one "
-                             "per row")
+    return PassResult(
+        gm,
+        modified=True,
+        sites=tuple(paths),
+        report=f"{len(names)} adapters ({', '.join(names[:6])}{' ...' if len(names) > 6 else ''}; "
+        f"ranks {', '.join(map(str, ranks))}) stacked at {len(paths)} sites; input '{IDS}' picks "
+        "one per row",
+    )
+
+
+def _check_servable(records: list) -> None:
+    others = [
+        f"{r.name} ({r.technique}{', DoRA' if r.technique == 'lora' and r.options.dora else ''}"
+        f"{', merged' if r.merged else ''})"
+        for r in records
+        if r.technique != "lora" or r.options.dora or r.merged
+    ]
+    if others:
+        raise PassError(
+            "multi_lora serves unmerged LoRA adapters only; this graph also has "
+            f"{', '.join(others)}: delete or unmerge them first"
+        )
+    if not records:
+        raise PassError(
+            "multi_lora: this graph has no LoRA adapter; add or load some first "
+            "(peftc.load_adapter(gm, folder, adapter='name'))"
+        )
+
+
+def _serve_stacked(
+    gm: fx.GraphModule, site: LinearSite, records: list, ids: fx.Node, kernel: Any
+) -> None:
+    """`y = W x + b` -> `y + kernel(x, adapter_ids, A, B)` with every adapter's A and B stacked."""
+    graph, path = gm.graph, site.path
+    A, B = _stack(gm, site, records)
+    prefix = f"{MODULE}.{path.replace('.', '_')}"
+    set_tensor(gm, f"{prefix}.lora_A", A, buffer=True)
+    set_tensor(gm, f"{prefix}.lora_B", B, buffer=True)
+
+    def tagged(node: fx.Node, role: str) -> fx.Node:
+        return tag(node, pass_name="multi_lora", role=role, path=path)
+
+    with graph.inserting_before(site.node.next):
+        a = tagged(graph.get_attr(f"{prefix}.lora_A"), "lora_A")
+        b = tagged(graph.get_attr(f"{prefix}.lora_B"), "lora_B")
+        delta = tagged(graph.call_function(kernel, (site.input, ids, a, b)), "delta")
+        out = tagged(graph.call_function(torch.ops.aten.add.Tensor, (site.node, delta)), "output")
+    site.node.replace_all_uses_with(out, delete_user_cb=lambda user: user is not out)
 
 
 def _stack(gm: fx.GraphModule, site: LinearSite, records: list) -> tuple[Tensor, Tensor]:
@@ -153,7 +196,8 @@ def _stack(gm: fx.GraphModule, site: LinearSite, records: list) -> tuple[Tensor,
     rank = max(r.options.r for _, r in here)
     first = get_tensor(gm, here[0][1].names[site.path]["lora_A"])
     A = first.new_zeros(len(records), rank, site.in_features)
-    B = first.new_zeros(len(records), rank, site.out_features)  # B^T per adapter: (N * r, out) is a view
+    # B^T per adapter: (N * r, out) is a view
+    B = first.new_zeros(len(records), rank, site.out_features)
     with torch.no_grad():
         for i, record in here:
             names, r = record.names[site.path], record.options.r
@@ -165,14 +209,20 @@ def _stack(gm: fx.GraphModule, site: LinearSite, records: list) -> tuple[Tensor,
 def _ids_input(gm: fx.GraphModule) -> fx.Node:
     """The graph's `adapter_ids` input, added after its other inputs the first time."""
     found = next((n for n in gm.graph.find_nodes(op="placeholder") if n.target == IDS), None)
-    return found if found is not None else add_input(gm.graph, IDS, pass_name="multi_lora", role="ids")
+    return (
+        found if found is not None else add_input(gm.graph, IDS, pass_name="multi_lora", role="ids")
+    )
 
 
 def _unstack(gm: fx.GraphModule) -> None:
     """Remove an earlier stacking (its nodes and buffers), keeping the `adapter_ids` input."""
     if MODULE not in peftc_meta(gm):
         return
-    nodes = [n for n in gm.graph.nodes if n.meta.get("peftc", {}).get("pass") == "multi_lora" and n.op != "placeholder"]
+    nodes = [
+        n
+        for n in gm.graph.nodes
+        if n.meta.get("peftc", {}).get("pass") == "multi_lora" and n.op != "placeholder"
+    ]
     for node in nodes:
         if node.meta["peftc"]["role"] == "output":
             node.replace_all_uses_with(node.args[0])
@@ -189,6 +239,11 @@ def adapter_ids(gm: fx.GraphModule, names: list[str | None]) -> Tensor:
         raise PassError("this graph serves no stacked adapters; apply 'multi_lora' first")
     unknown = sorted({n for n in names if n is not None and n not in stacked})
     if unknown:
-        raise OptionError(f"no adapter named {', '.join(map(repr, unknown))} is stacked; stacked: {', '.join(stacked)}")
+        raise OptionError(
+            f"no adapter named {', '.join(map(repr, unknown))} is stacked; stacked: "
+            f"{', '.join(stacked)}"
+        )
     device = next((b.device for b in gm.buffers()), torch.device("cpu"))
-    return torch.tensor([-1 if n is None else stacked.index(n) for n in names], dtype=torch.long, device=device)
+    return torch.tensor(
+        [-1 if n is None else stacked.index(n) for n in names], dtype=torch.long, device=device
+    )

@@ -2,21 +2,22 @@
 
     x = layer0_ops(x); x = layer1_ops(x)   ->   x = call_module("model.layers.0", x); ...
 
-A captured graph reads every weight through `get_attr`, so module hooks never fire inside it: FSDP2's
-`fully_shard` on a block would never gather it. After `outline`, each block (`regions.block_sites`:
-the children of a model's outermost ModuleLists) is an `fx.GraphModule` at its own module path, owning its
-tensors under the same names (state_dict unchanged), called once per forward: FSDP2 gathers one block at a
-time, and activation checkpointing or pipeline stages can take blocks as units too.
+A captured graph reads every weight through `get_attr`, so module hooks never fire inside it:
+FSDP2's `fully_shard` on a block would never gather it. After `outline`, each block
+(`regions.block_sites`: the children of a model's outermost ModuleLists) is an `fx.GraphModule` at
+its own module path, owning its tensors under the same names (state_dict unchanged), called once per
+forward: FSDP2 gathers one block at a time, and activation checkpointing or pipeline stages can take
+blocks as units too.
 
 1. A block is the nodes under its module path, with the tensors it alone reads; values from outside
    (the residual stream, masks, rotary angles) become its inputs, values read outside its outputs.
    A block whose nodes are not one convex region of the graph is refused by name.
 2. `checkpoint=true` also recomputes each block's activations in backward instead of keeping them
    (`torch.utils.checkpoint`, non-reentrant; dropout masks replayed): the graph calls
-   `checkpointed(block, *inputs)`, so under FSDP2 the block is gathered for its forward and again for
-   its backward, where the recomputation runs.
-3. Outlining is the last rewrite: adapters cannot be added, switched or merged on an outlined graph (the
-   technique layer refuses, naming `outline`); `inline` puts the nodes back, exactly.
+   `checkpointed(block, *inputs)`, so under FSDP2 the block is gathered for its forward and again
+   for its backward, where the recomputation runs.
+3. Outlining is the last rewrite: adapters cannot be added, switched or merged on an outlined graph
+   (the technique layer refuses, naming `outline`); `inline` puts the nodes back, exactly.
 """
 
 from __future__ import annotations
@@ -30,26 +31,37 @@ from torch.utils.checkpoint import checkpoint
 
 from peftc.errors import PassError
 from peftc.ir.graph import module_path, peftc_meta, tag
-from peftc.sites.regions import block_sites
+from peftc.ir.options import Options, option
 from peftc.ir.registry import PassResult, register_pass
+from peftc.sites.regions import block_sites
 
 __all__ = ["OutlineOptions", "outline", "inline", "blocks"]
 
 
 @dataclass(frozen=True)
-class OutlineOptions:
-    targets: str | None = None  # which blocks (module paths, e.g. "model.layers.*"); default all
-    checkpoint: bool = False  # recompute each block's activations in backward instead of keeping them
+class OutlineOptions(Options):
+    targets: str | None = option(
+        None, doc="which blocks, by module path (e.g. `model.layers.*`); None: every block"
+    )
+    checkpoint: bool = option(
+        False, doc="recompute each block's activations in backward instead of keeping them"
+    )
 
 
 def checkpointed(block: nn.Module, *inputs):
-    """Run `block` keeping only its inputs for backward, where it runs again (activation checkpointing)."""
+    """Run `block` keeping only its inputs for backward, where it runs again (activation
+    checkpointing)."""
     return checkpoint(block, *inputs, use_reentrant=False)
 
 
 def _calls(gm: fx.GraphModule) -> list[fx.Node]:
-    return [n for n in gm.graph.nodes if n.op in ("call_module", "call_function")
-            and n.meta.get("peftc", {}).get("role") == "block" and n.meta["peftc"].get("pass") == "outline"]
+    return [
+        n
+        for n in gm.graph.nodes
+        if n.op in ("call_module", "call_function")
+        and n.meta.get("peftc", {}).get("role") == "block"
+        and n.meta["peftc"].get("pass") == "outline"
+    ]
 
 
 def blocks(gm: fx.GraphModule) -> list[str]:
@@ -66,11 +78,15 @@ def outline(gm: fx.GraphModule, options: OutlineOptions) -> PassResult:
     """
     lowered = peftc_meta(gm).get("lowered")
     if lowered is not None:
-        raise PassError(f"outline: this graph is already lowered by {lowered['backend']!r}; outline a graph once "
-                        "('triton' and 'outline' do not combine yet)")
+        raise PassError(
+            f"outline: this graph is already lowered by {lowered['backend']!r}; outline a graph "
+            "once ('triton' and 'outline' do not combine yet)"
+        )
     sites = block_sites(gm, options.targets)
     if not sites:
-        return PassResult(gm, modified=False, report="no repeated blocks (children of a ModuleList) in this graph")
+        return PassResult(
+            gm, modified=False, report="no repeated blocks (children of a ModuleList) in this graph"
+        )
     paths = [site.path for site in sites]
     for path in paths:
         _outline_block(gm, path, options.checkpoint)
@@ -78,8 +94,13 @@ def outline(gm: fx.GraphModule, options: OutlineOptions) -> PassResult:
     gm.graph.lint()
     gm.recompile()
     peftc_meta(gm)["lowered"] = {"backend": "outline", "sites": paths}
-    return PassResult(gm, modified=True, sites=tuple(paths), report=f"outlined {len(paths)} blocks"
-                      + (", each recomputed in backward (checkpoint=true)" if options.checkpoint else ""))
+    return PassResult(
+        gm,
+        modified=True,
+        sites=tuple(paths),
+        report=f"outlined {len(paths)} blocks"
+        + (", each recomputed in backward (checkpoint=true)" if options.checkpoint else ""),
+    )
 
 
 @register_pass("inline", preserves_outputs=True)
@@ -93,8 +114,12 @@ def inline(gm: fx.GraphModule) -> PassResult:
     gm.graph.lint()
     gm.recompile()
     peftc_meta(gm).pop("lowered", None)
-    return PassResult(gm, modified=True, sites=tuple(module_path(c) for c in calls),
-                      report=f"inlined {len(calls)} blocks")
+    return PassResult(
+        gm,
+        modified=True,
+        sites=tuple(module_path(c) for c in calls),
+        report=f"inlined {len(calls)} blocks",
+    )
 
 
 def _within(name: str, path: str) -> bool:
@@ -102,32 +127,64 @@ def _within(name: str, path: str) -> bool:
 
 
 def _outline_block(gm: fx.GraphModule, path: str, recompute: bool) -> None:
-    graph = gm.graph
-    compute = [n for n in graph.nodes if n.op not in ("placeholder", "output", "get_attr") and _within(module_path(n), path)]
-    computing = set(compute)
-    # a tensor moves into the block when the block alone reads it and it lives under the block's path
-    tensors = {n for n in graph.nodes if n.op == "get_attr" and _within(str(n.target), path)
-               and n.users and all(u in computing for u in n.users)}
-    members = [n for n in graph.nodes if n in computing or n in tensors]
+    members = _block_members(gm.graph, path)
     inside = set(members)
-    for n in compute:
-        if n.op == "call_module" and not _within(str(n.target), path):
-            raise PassError(f"outline: {path!r} calls module {n.target!r}, which lives outside the block")
-    _check_convex(graph, inside, path)
     inputs = list(dict.fromkeys(a for n in members for a in n.all_input_nodes if a not in inside))
     outputs = [n for n in members if any(u not in inside for u in n.users)]
+    _install_block(gm, path, _block_graph(members, inputs, outputs, path))
+    results = _call_block(gm, path, members[0], inputs, outputs, recompute)
+    for output, result in zip(outputs, results, strict=True):
+        output.replace_all_uses_with(result, delete_user_cb=lambda user: user not in inside)
+    for n in reversed(members):
+        gm.graph.erase_node(n)
 
+
+def _block_members(graph: fx.Graph, path: str) -> list[fx.Node]:
+    """The nodes computed under `path`, and the tensors only they read, in graph order."""
+    compute = [
+        n
+        for n in graph.nodes
+        if n.op not in ("placeholder", "output", "get_attr") and _within(module_path(n), path)
+    ]
+    computing = set(compute)
+    # a tensor moves into the block when the block alone reads it and it lives under its path
+    tensors = {
+        n
+        for n in graph.nodes
+        if n.op == "get_attr"
+        and _within(str(n.target), path)
+        and n.users
+        and all(u in computing for u in n.users)
+    }
+    members = [n for n in graph.nodes if n in computing or n in tensors]
+    for n in compute:
+        if n.op == "call_module" and not _within(str(n.target), path):
+            raise PassError(
+                f"outline: {path!r} calls module {n.target!r}, which lives outside the block"
+            )
+    _check_convex(graph, set(members), path)
+    return members
+
+
+def _block_graph(
+    members: list[fx.Node], inputs: list[fx.Node], outputs: list[fx.Node], path: str
+) -> fx.Graph:
+    """The block's own graph: `inputs` become placeholders, targets lose the `path.` prefix."""
     sub = fx.Graph()
     env: dict[fx.Node, fx.Node] = {}
     for value in inputs:
         env[value] = sub.placeholder(value.name)
-        env[value].meta.update({k: v for k, v in value.meta.items() if k in ("val", "tensor_meta")})
+        env[value].meta.update(_shape_meta(value))
     for n in members:
         env[n] = sub.node_copy(n, lambda a: env[a])
         if n.op in ("get_attr", "call_module"):
-            env[n].target = str(n.target)[len(path) + 1:]
+            env[n].target = str(n.target)[len(path) + 1 :]
     sub.output(env[outputs[0]] if len(outputs) == 1 else tuple(env[o] for o in outputs))
+    return sub
 
+
+def _install_block(gm: fx.GraphModule, path: str, sub: fx.Graph) -> None:
+    """The module at `path` becomes a GraphModule running `sub`."""
     container = gm.get_submodule(path)
     block = fx.GraphModule(container, sub, class_name="OutlinedBlock")
     # the same children and tensors as the module it replaces: names, ties and state_dict unchanged
@@ -138,23 +195,39 @@ def _outline_block(gm: fx.GraphModule, path: str, recompute: bool) -> None:
     parent, _, name = path.rpartition(".")
     setattr(gm.get_submodule(parent), name, block)
 
-    with graph.inserting_before(members[0]):
+
+def _call_block(
+    gm: fx.GraphModule,
+    path: str,
+    first: fx.Node,
+    inputs: list[fx.Node],
+    outputs: list[fx.Node],
+    recompute: bool,
+) -> list[fx.Node]:
+    """The call of the block (checkpointed when `recompute`) before `first`, and one node per
+    output."""
+    graph = gm.graph
+    with graph.inserting_before(first):
         if recompute:
             module = tag(graph.get_attr(path), pass_name="outline", role="block_module", path=path)
             call = graph.call_function(checkpointed, (module, *inputs))
         else:
             call = graph.call_module(path, tuple(inputs))
-        tag(call, pass_name="outline", role="block", path=path,
-            type_name=peftc_meta(gm).get("module_types", {}).get(path, ""))
-        results = [call] if len(outputs) == 1 else [graph.call_function(operator.getitem, (call, i)) for i in range(len(outputs))]
-    call.meta["val"] = outputs[0].meta.get("val") if len(outputs) == 1 else tuple(o.meta.get("val") for o in outputs)
-    for output, result in zip(outputs, results):
-        if result is not call:
-            result.meta.update({k: v for k, v in output.meta.items() if k in ("val", "tensor_meta")})
-            tag(result, pass_name="outline", role="block_output", path=path)
-        output.replace_all_uses_with(result, delete_user_cb=lambda user: user not in inside)
-    for n in reversed(members):
-        graph.erase_node(n)
+        type_name = peftc_meta(gm).get("module_types", {}).get(path, "")
+        tag(call, pass_name="outline", role="block", path=path, type_name=type_name)
+        if len(outputs) == 1:
+            call.meta["val"] = outputs[0].meta.get("val")
+            return [call]
+        call.meta["val"] = tuple(o.meta.get("val") for o in outputs)
+        results = [graph.call_function(operator.getitem, (call, i)) for i in range(len(outputs))]
+    for output, result in zip(outputs, results, strict=True):
+        result.meta.update(_shape_meta(output))
+        tag(result, pass_name="outline", role="block_output", path=path)
+    return results
+
+
+def _shape_meta(n: fx.Node) -> dict:
+    return {k: v for k, v in n.meta.items() if k in ("val", "tensor_meta")}
 
 
 def _reorder(graph: fx.Graph) -> None:
@@ -181,8 +254,11 @@ def _check_convex(graph: fx.Graph, inside: set[fx.Node], path: str) -> None:
         if n in inside:
             back = [a for a in n.all_input_nodes if a in downstream]
             if back:
-                raise PassError(f"outline: {path!r} is not one region: {n.name} reads {back[0].name}, which is computed "
-                                f"outside the block from the block's own values; pass targets=... to leave it out")
+                raise PassError(
+                    f"outline: {path!r} is not one region: {n.name} reads {back[0].name}, which is "
+                    "computed outside the block from the block's own values; pass targets=... to "
+                    "leave it out"
+                )
         elif feeds:
             downstream.add(n)
 
@@ -193,7 +269,7 @@ def _inline_block(gm: fx.GraphModule, call: fx.Node) -> None:
     graph = gm.graph
     placeholders = [n for n in block.graph.nodes if n.op == "placeholder"]
     module = call.args[0] if call.op == "call_function" else None  # checkpointed(block, *inputs)
-    env = dict(zip(placeholders, call.args[1:] if module is not None else call.args))
+    env = dict(zip(placeholders, call.args[1:] if module is not None else call.args, strict=True))
     with graph.inserting_before(call):
         for n in block.graph.nodes:
             if n.op == "placeholder":
@@ -214,9 +290,12 @@ def _inline_block(gm: fx.GraphModule, call: fx.Node) -> None:
     if module is not None:
         graph.erase_node(module)
     container = nn.Module()
-    container._modules, container._parameters, container._buffers = block._modules, block._parameters, block._buffers
+    container._modules, container._parameters, container._buffers = (
+        block._modules,
+        block._parameters,
+        block._buffers,
+    )
     container._non_persistent_buffers_set = block._non_persistent_buffers_set
     container.train(block.training)
     parent, _, name = path.rpartition(".")
     setattr(gm.get_submodule(parent), name, container)
-

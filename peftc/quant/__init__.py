@@ -28,4 +28,4 @@ __all__ = [
     "quantize_nf4",
 ]
 
-from peftc.quant import format, passes  # noqa: E402  (registers the NF4 format and the nf4 pass)
+from peftc.quant import format, passes  # noqa: F401  (registers the NF4 format and the nf4 pass)

@@ -3,7 +3,8 @@
 A `peftc::nf4_linear(x, packed, absmax, absmax_scale, offset, bias, out, in, blocksize)` node
 is a linear site with `storage="nf4"`; its weight reads as a dequantized float32 copy, appears
 in the graph through `peftc::nf4_dequantize`, and folds back by requantizing or by turning the
-site into a dense linear (`fold_into_nf4`). The `nf4` pass that makes such sites is `peftc.quant.passes`.
+site into a dense linear (`fold_into_nf4`). The `nf4` pass that makes such sites is
+`peftc.quant.passes`.
 """
 
 from __future__ import annotations
@@ -14,7 +15,15 @@ import torch
 from torch import fx
 
 from peftc.errors import OptionError
-from peftc.ir.graph import get_attr_path, get_tensor, module_path, peftc_meta, qualify, set_tensor, tag
+from peftc.ir.graph import (
+    get_attr_path,
+    get_tensor,
+    module_path,
+    peftc_meta,
+    qualify,
+    set_tensor,
+    tag,
+)
 from peftc.quant import ops  # noqa: F401  (registers the peftc:: ops)
 from peftc.quant.nf4 import NF4Weight, dequantize_nf4, quantize_nf4
 from peftc.sites.formats import register_format
@@ -30,12 +39,23 @@ def _dtype_name(dtype: torch.dtype) -> str:
     return next((name for name, d in DTYPES.items() if d == dtype), "float32")
 
 
-def nf4_state(gm: fx.GraphModule, site: Any) -> NF4Weight:
-    """The NF4Weight an `nf4_linear` site reads, from its buffers."""
-    _, packed, absmax, scale, offset, _, out_features, in_features, blocksize = site.node.args
-    read = lambda node: None if node is None else get_tensor(gm, get_attr_path(node))  # noqa: E731
-    return NF4Weight(read(packed), read(absmax), torch.Size((out_features, in_features)), torch.float32, blocksize,
-                     scale is not None, read(scale), read(offset))
+def nf4_state(gm: fx.GraphModule, node: fx.Node) -> NF4Weight:
+    """The NF4Weight a `peftc::nf4_linear` node reads, from its buffers."""
+    _, packed, absmax, scale, offset, _, out_features, in_features, blocksize = node.args
+
+    def read(n: fx.Node | None) -> torch.Tensor | None:
+        return None if n is None else get_tensor(gm, get_attr_path(n))
+
+    return NF4Weight(
+        read(packed),
+        read(absmax),
+        torch.Size((out_features, in_features)),
+        torch.float32,
+        blocksize,
+        scale is not None,
+        read(scale),
+        read(offset),
+    )
 
 
 class NF4Format:
@@ -43,17 +63,32 @@ class NF4Format:
 
     def site(self, gm: fx.GraphModule, node: fx.Node) -> Any:
         x, packed, _, _, _, bias, out_features, in_features, _ = node.args
-        return LinearSite(path=module_path(node), node=node, input=x, weight=get_attr_path(packed),
-                          bias=get_attr_path(bias), op="nf4", storage="nf4",
-                          in_features=in_features, out_features=out_features)
+        return LinearSite(
+            path=module_path(node),
+            node=node,
+            input=x,
+            weight=get_attr_path(packed),
+            bias=get_attr_path(bias),
+            op="nf4",
+            storage="nf4",
+            in_features=in_features,
+            out_features=out_features,
+        )
 
     def read(self, gm: fx.GraphModule, site: Any) -> torch.Tensor:
-        return dequantize_nf4(nf4_state(gm, site), torch.float32)
+        return dequantize_nf4(nf4_state(gm, site.node), torch.float32)
 
     def node(self, builder: Any, site: Any) -> fx.Node:
         _, *state, _, out_features, in_features, blocksize = site.node.args
-        return builder.call(torch.ops.peftc.nf4_dequantize.default, *state, out_features, in_features, blocksize,
-                            site.node.meta["val"].dtype, role="base_weight")
+        return builder.call(
+            torch.ops.peftc.nf4_dequantize.default,
+            *state,
+            out_features,
+            in_features,
+            blocksize,
+            site.node.meta["val"].dtype,
+            role="base_weight",
+        )
 
     def snapshot(self, gm: fx.GraphModule, site: Any) -> Any:
         names = [get_attr_path(a) for a in site.node.args[1:6] if a is not None]
@@ -61,50 +96,82 @@ class NF4Format:
 
     def restore(self, gm: fx.GraphModule, site: Any, state: Any) -> None:
         if site.storage != "nf4":
-            raise OptionError(f"{site.path!r} was merged into a dense weight (merge(dtype=...)); that cannot be undone")
+            raise OptionError(
+                f"{site.path!r} was merged into a dense weight (merge(dtype=...)); that cannot be "
+                "undone"
+            )
         for name, tensor in state.items():
             set_tensor(gm, name, tensor, buffer=not isinstance(tensor, torch.nn.Parameter))
 
-    def write(self, gm: fx.GraphModule, site: Any, weight: torch.Tensor, bias: torch.Tensor | None, options: Any) -> float:
+    def write(
+        self,
+        gm: fx.GraphModule,
+        site: Any,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None,
+        options: Any,
+    ) -> float:
         if bias is not None and site.bias:
-            set_tensor(gm, site.bias, torch.nn.Parameter(bias.to(get_tensor(gm, site.bias).dtype), requires_grad=False))
-        return fold_into_nf4(gm, site, weight, self.read(gm, site), requantize=getattr(options, "requantize", False),
-                             dtype=getattr(options, "dtype", None))
+            set_tensor(
+                gm,
+                site.bias,
+                torch.nn.Parameter(bias.to(get_tensor(gm, site.bias).dtype), requires_grad=False),
+            )
+        return fold_into_nf4(
+            gm,
+            site,
+            weight,
+            self.read(gm, site),
+            requantize=getattr(options, "requantize", False),
+            dtype=getattr(options, "dtype", None),
+        )
 
     def compute_dtype(self, gm: fx.GraphModule, site: Any) -> torch.dtype:
         return site.node.meta["val"].dtype
 
     def storage(self, gm: fx.GraphModule, site: Any) -> list[str]:
-        return [get_attr_path(a) for a in site.node.args[1:5] if a is not None]  # packed bytes and statistics
+        # packed bytes and statistics
+        return [get_attr_path(a) for a in site.node.args[1:5] if a is not None]
 
 
 register_format(NF4Format(), ops=(torch.ops.peftc.nf4_linear.default,))
 
 
-def fold_into_nf4(gm: fx.GraphModule, site, merged: torch.Tensor, base: torch.Tensor, *, requantize: bool,
-                  dtype: str | None) -> float:
+def fold_into_nf4(
+    gm: fx.GraphModule,
+    site,
+    merged: torch.Tensor,
+    base: torch.Tensor,
+    *,
+    requantize: bool,
+    dtype: str | None,
+) -> float:
     """Replace an NF4 site's weight by `merged` (= base + dW, float32, (out, in)).
 
     `requantize`: quantize `merged` to NF4 again in place of the old buffers (as peft does for
     bitsandbytes weights); `dtype`: swap the site for a dense `linear` with the merged weight in
     that dtype. Returns the fraction of dW that survives requantization (1.0 for dense).
     """
-    state = nf4_state(gm, site)
+    state = nf4_state(gm, site.node)
     requantized = quantize_nf4(merged, state.blocksize, state.double_quant)
     delta = merged - base
     kept = dequantize_nf4(requantized, torch.float32) - base
     survived = float((kept * delta).sum() / (delta * delta).sum().clamp_min(1e-30))
     if requantize:
-        for node, field in zip(site.node.args[1:5], ("packed", "absmax", "absmax_scale", "offset")):
+        for node, field in zip(
+            site.node.args[1:5], ("packed", "absmax", "absmax_scale", "offset"), strict=True
+        ):
             if node is not None:
                 set_tensor(gm, get_attr_path(node), getattr(requantized, field), buffer=True)
         return survived
     if dtype is None:
         ratio = float(delta.norm() / base.norm().clamp_min(1e-30))
         raise OptionError(
-            f"merge: {site.path!r} is NF4; this update has ||dW||/||W|| = {ratio:.1e} and requantizing would keep "
-            f"{survived:.1%} of it. Choose merge(dtype=\"{_dtype_name(state.dtype)}\") for a dense merged weight"
-            f"{' (recommended here)' if survived < 0.9 else ''} or merge(requantize=true) to stay 4-bit"
+            f"merge: {site.path!r} is NF4; this update has ||dW||/||W|| = {ratio:.1e} and "
+            "requantizing would keep "
+            f'{survived:.1%} of it. Choose merge(dtype="{_dtype_name(state.dtype)}") for a dense '
+            f"merged weight{' (recommended here)' if survived < 0.9 else ''} or "
+            "merge(requantize=true) to stay 4-bit"
         )
     _to_dense(gm, site, merged.to(DTYPES[dtype]))
     return 1.0
@@ -112,7 +179,11 @@ def fold_into_nf4(gm: fx.GraphModule, site, merged: torch.Tensor, base: torch.Te
 
 def _to_dense(gm: fx.GraphModule, site, weight: torch.Tensor) -> None:
     graph = gm.graph
-    x, buffers, bias = site.node.args[0], [a for a in site.node.args[1:5] if a is not None], site.node.args[5]
+    x, buffers, bias = (
+        site.node.args[0],
+        [a for a in site.node.args[1:5] if a is not None],
+        site.node.args[5],
+    )
     out_dtype = site.node.meta["val"].dtype
     name = qualify(site.path, "weight")
     set_tensor(gm, name, torch.nn.Parameter(weight, requires_grad=False))
@@ -122,12 +193,16 @@ def _to_dense(gm: fx.GraphModule, site, weight: torch.Tensor) -> None:
             x = graph.call_function(torch.ops.aten._to_copy.default, (x,), {"dtype": weight.dtype})
             tag(x, pass_name="merge", role="cast", path=site.path)
         if bias is not None and weight.dtype != out_dtype:
-            bias = graph.call_function(torch.ops.aten._to_copy.default, (bias,), {"dtype": weight.dtype})
+            bias = graph.call_function(
+                torch.ops.aten._to_copy.default, (bias,), {"dtype": weight.dtype}
+            )
             tag(bias, pass_name="merge", role="cast", path=site.path)
         dense = graph.call_function(torch.ops.aten.linear.default, (x, w, bias))
         out = dense
         if weight.dtype != out_dtype:
-            out = graph.call_function(torch.ops.aten._to_copy.default, (dense,), {"dtype": out_dtype})
+            out = graph.call_function(
+                torch.ops.aten._to_copy.default, (dense,), {"dtype": out_dtype}
+            )
             tag(out, pass_name="merge", role="cast", path=site.path)
     for node in (w, dense):
         node.meta.update(module_path=site.path, module_type=site.node.meta.get("module_type", ""))

@@ -1,4 +1,5 @@
-"""Reference NF4 (4-bit NormalFloat, QLoRA) quantizer in plain torch, byte-identical to bitsandbytes on the CPU.
+"""Reference NF4 (4-bit NormalFloat, QLoRA) quantizer in plain torch, byte-identical to bitsandbytes
+on the CPU.
 
 Format (the one `bitsandbytes.functional.quantize_4bit(w, quant_type="nf4")` writes):
 
@@ -54,10 +55,22 @@ __all__ = [
 # bitsandbytes' get_4bit_type("nf4"): quantiles of N(0, 1), normalized to [-1, 1].
 NF4_CODE = torch.tensor(
     [
-        -1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453,
-        -0.28444138169288635, -0.18477343022823334, -0.09105003625154495, 0.0,
-        0.07958029955625534, 0.16093020141124725, 0.24611230194568634, 0.33791524171829224,
-        0.44070982933044434, 0.5626170039176941, 0.7229568362236023, 1.0,
+        -1.0,
+        -0.6961928009986877,
+        -0.5250730514526367,
+        -0.39491748809814453,
+        -0.28444138169288635,
+        -0.18477343022823334,
+        -0.09105003625154495,
+        0.0,
+        0.07958029955625534,
+        0.16093020141124725,
+        0.24611230194568634,
+        0.33791524171829224,
+        0.44070982933044434,
+        0.5626170039176941,
+        0.7229568362236023,
+        1.0,
     ],
     dtype=torch.float32,
 )
@@ -101,7 +114,8 @@ def check_blocksize(blocksize: object) -> int:
     ok = isinstance(blocksize, int) and not isinstance(blocksize, bool)
     if not ok or not 32 <= blocksize <= 4096 or blocksize & (blocksize - 1):
         raise QuantizationError(
-            f"blocksize must be a power of two from 32 to 4096, got {blocksize!r}; use 64 (the NF4 default)"
+            f"blocksize must be a power of two from 32 to 4096, got {blocksize!r}; use 64 (the NF4 "
+            "default)"
         )
     return blocksize
 
@@ -109,8 +123,8 @@ def check_blocksize(blocksize: object) -> int:
 def _check_float_dtype(dtype: torch.dtype, what: str) -> None:
     if not dtype.is_floating_point:
         raise QuantizationError(
-            f"NF4 quantizes floating-point tensors, but {what} is {dtype}; "
-            f"convert it first, e.g. `w.float()` (bitsandbytes takes float32, float16 and bfloat16)"
+            f"NF4 quantizes floating-point tensors, but {what} is {dtype}; convert it first, e.g. "
+            "`w.float()` (bitsandbytes takes float32, float16 and bfloat16)"
         )
 
 
@@ -135,7 +149,8 @@ def _absmax_and_scaled(flat: torch.Tensor, blocksize: int) -> tuple[torch.Tensor
 
 
 def dynamic_map() -> torch.Tensor:
-    """bitsandbytes' `create_dynamic_map()` (signed, 8 bits): 256 sorted float32 values in [-1, 1]."""
+    """bitsandbytes' `create_dynamic_map()` (signed, 8 bits): 256 sorted float32 values in [-1,
+    1]."""
     return _dynamic_code().clone()
 
 
@@ -176,7 +191,9 @@ def _quantize_dynamic(x: torch.Tensor, blocksize: int) -> tuple[torch.Tensor, to
     return codes.reshape(-1)[:n].to(torch.uint8), absmax
 
 
-def _dequantize_blocks(codes: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor, blocksize: int) -> torch.Tensor:
+def _dequantize_blocks(
+    codes: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor, blocksize: int
+) -> torch.Tensor:
     """code[codes] * absmax per block, in float32 (flat)."""
     n = codes.numel()
     per_value = absmax.repeat_interleave(blocksize)[:n]
@@ -184,25 +201,35 @@ def _dequantize_blocks(codes: torch.Tensor, absmax: torch.Tensor, code: torch.Te
 
 
 def quantize_nf4(w: torch.Tensor, blocksize: int = 64, double_quant: bool = True) -> NF4Weight:
-    """NF4-quantize `w`; byte-identical to `bitsandbytes.functional.quantize_4bit(w, blocksize=blocksize,
-    compress_statistics=double_quant, quant_type="nf4")` on the CPU."""
+    """NF4-quantize `w`; byte-identical to `bitsandbytes.functional.quantize_4bit(w,
+    blocksize=blocksize, compress_statistics=double_quant, quant_type="nf4")` on the CPU."""
     if not isinstance(w, torch.Tensor):
         raise QuantizationError(f"quantize_nf4 takes a torch.Tensor, got {type(w).__name__}")
     _check_float_dtype(w.dtype, "the tensor")
     blocksize = check_blocksize(blocksize)
     n = w.numel()
     if n == 0:
-        raise QuantizationError(f"cannot quantize an empty tensor (shape {tuple(w.shape)}); skip it instead")
+        raise QuantizationError(
+            f"cannot quantize an empty tensor (shape {tuple(w.shape)}); skip it instead"
+        )
     nblocks = -(-n // blocksize)
 
     if w.device.type == "meta":  # shapes only
         packed = torch.empty((n + 1) // 2, 1, dtype=torch.uint8, device="meta")
         if not double_quant:
-            return NF4Weight(packed, torch.empty(nblocks, device="meta"), w.shape, w.dtype, blocksize)
+            return NF4Weight(
+                packed, torch.empty(nblocks, device="meta"), w.shape, w.dtype, blocksize
+            )
         groups = -(-nblocks // STATS_BLOCKSIZE)
         return NF4Weight(
-            packed, torch.empty(nblocks, dtype=torch.uint8, device="meta"), w.shape, w.dtype, blocksize, True,
-            torch.empty(groups, device="meta"), torch.empty((), device="meta"),
+            packed,
+            torch.empty(nblocks, dtype=torch.uint8, device="meta"),
+            w.shape,
+            w.dtype,
+            blocksize,
+            True,
+            torch.empty(groups, device="meta"),
+            torch.empty((), device="meta"),
         )
 
     with torch.no_grad():
@@ -241,10 +268,13 @@ def dequantize_nf4(state: NF4Weight, dtype: torch.dtype | None = None) -> torch.
     return out.view(state.shape)
 
 
-_TILE = 1 << 18  # values decoded per step: the float32 tile (1 MiB) is still in cache for the scaling
+# values decoded per step: the float32 tile (1 MiB) is still in cache for the scaling
+_TILE = 1 << 18
 
 
-def decode_nf4(packed: torch.Tensor, absmax: torch.Tensor, blocksize: int, start: int, out: torch.Tensor) -> None:
+def decode_nf4(
+    packed: torch.Tensor, absmax: torch.Tensor, blocksize: int, start: int, out: torch.Tensor
+) -> None:
     """Write values `[start, start + out.numel())` of an NF4 tensor into the flat, contiguous `out`.
 
     packed: the tensor's uint8 codes; absmax: its float32 absmax per block; start: a multiple of
@@ -259,16 +289,18 @@ def decode_nf4(packed: torch.Tensor, absmax: torch.Tensor, blocksize: int, start
     full = n - n % blocksize  # only the tensor's last block can be short
     first_block = start // blocksize
     table = _pair_table(out.device)
-    scratch = None if out.dtype == torch.float32 else torch.empty(min(_TILE, full), device=out.device)
+    scratch = (
+        None if out.dtype == torch.float32 else torch.empty(min(_TILE, full), device=out.device)
+    )
     for lo in range(0, full, _TILE):
         hi = min(lo + _TILE, full)
-        pairs = packed[(start + lo) // 2: (start + hi) // 2].view(torch.uint16).int()
+        pairs = packed[(start + lo) // 2 : (start + hi) // 2].view(torch.uint16).int()
         codes = out[lo:hi] if scratch is None else scratch[: hi - lo]
         torch.index_select(table, 0, pairs, out=codes.view(-1, 4))
-        scale = absmax[first_block + lo // blocksize: first_block + hi // blocksize].unsqueeze(1)
+        scale = absmax[first_block + lo // blocksize : first_block + hi // blocksize].unsqueeze(1)
         torch.mul(codes.view(-1, blocksize), scale, out=out[lo:hi].view(-1, blocksize))
     if full < n:
-        tail = packed[(start + full) // 2: (start + n + 1) // 2].long()
+        tail = packed[(start + full) // 2 : (start + n + 1) // 2].long()
         values = _byte_table(out.device)[tail].reshape(-1)[: n - full]
         out[full:] = values * absmax[first_block + full // blocksize]
 

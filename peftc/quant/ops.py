@@ -30,9 +30,19 @@ __all__ = ["nf4_linear", "nf4_dequantize"]
 _TILE_VALUES = 1 << 20  # weight values decoded per matmul
 
 
-def _state(packed, absmax, absmax_scale, offset, out_features, in_features, blocksize, dtype) -> NF4Weight:
-    return NF4Weight(packed, absmax, torch.Size((out_features, in_features)), dtype, blocksize,
-                     absmax_scale is not None, absmax_scale, offset)
+def _state(
+    packed, absmax, absmax_scale, offset, out_features, in_features, blocksize, dtype
+) -> NF4Weight:
+    return NF4Weight(
+        packed,
+        absmax,
+        torch.Size((out_features, in_features)),
+        dtype,
+        blocksize,
+        absmax_scale is not None,
+        absmax_scale,
+        offset,
+    )
 
 
 def _row_tiles(state: NF4Weight, dtype: torch.dtype) -> Iterator[tuple[int, int, Tensor]]:
@@ -51,10 +61,19 @@ def _row_tiles(state: NF4Weight, dtype: torch.dtype) -> Iterator[tuple[int, int,
 
 @torch.library.custom_op("peftc::nf4_linear", mutates_args=())
 def nf4_linear(
-    x: Tensor, packed: Tensor, absmax: Tensor, absmax_scale: Tensor | None, offset: Tensor | None,
-    bias: Tensor | None, out_features: int, in_features: int, blocksize: int,
+    x: Tensor,
+    packed: Tensor,
+    absmax: Tensor,
+    absmax_scale: Tensor | None,
+    offset: Tensor | None,
+    bias: Tensor | None,
+    out_features: int,
+    in_features: int,
+    blocksize: int,
 ) -> Tensor:
-    state = _state(packed, absmax, absmax_scale, offset, out_features, in_features, blocksize, x.dtype)
+    state = _state(
+        packed, absmax, absmax_scale, offset, out_features, in_features, blocksize, x.dtype
+    )
     if out_features * in_features <= _TILE_VALUES:
         return F.linear(x, dequantize_nf4(state, x.dtype), bias)
     x2 = x.reshape(-1, in_features)
@@ -81,11 +100,20 @@ def _setup_context(ctx, inputs, output):
 
 @torch.library.custom_op("peftc::nf4_linear_grad_input", mutates_args=())
 def nf4_linear_grad_input(
-    grad: Tensor, packed: Tensor, absmax: Tensor, absmax_scale: Tensor | None, offset: Tensor | None,
-    out_features: int, in_features: int, blocksize: int,
+    grad: Tensor,
+    packed: Tensor,
+    absmax: Tensor,
+    absmax_scale: Tensor | None,
+    offset: Tensor | None,
+    out_features: int,
+    in_features: int,
+    blocksize: int,
 ) -> Tensor:
-    """dL/dx of `nf4_linear`: grad @ W, with W decoded tile by tile (an op, so fake tensors can size it)."""
-    state = _state(packed, absmax, absmax_scale, offset, out_features, in_features, blocksize, grad.dtype)
+    """dL/dx of `nf4_linear`: grad @ W, with W decoded tile by tile (an op, so fake tensors can size
+    it)."""
+    state = _state(
+        packed, absmax, absmax_scale, offset, out_features, in_features, blocksize, grad.dtype
+    )
     if out_features * in_features <= _TILE_VALUES:
         return grad @ dequantize_nf4(state, grad.dtype)
     grad2 = grad.reshape(-1, out_features)
@@ -112,11 +140,19 @@ nf4_linear.register_autograd(_backward, setup_context=_setup_context)
 
 @torch.library.custom_op("peftc::nf4_dequantize", mutates_args=())
 def nf4_dequantize(
-    packed: Tensor, absmax: Tensor, absmax_scale: Tensor | None, offset: Tensor | None,
-    out_features: int, in_features: int, blocksize: int, dtype: torch.dtype,
+    packed: Tensor,
+    absmax: Tensor,
+    absmax_scale: Tensor | None,
+    offset: Tensor | None,
+    out_features: int,
+    in_features: int,
+    blocksize: int,
+    dtype: torch.dtype,
 ) -> Tensor:
     """The (out_features, in_features) weight in `dtype`; it is frozen, so no autograd is needed."""
-    state = _state(packed, absmax, absmax_scale, offset, out_features, in_features, blocksize, dtype)
+    state = _state(
+        packed, absmax, absmax_scale, offset, out_features, in_features, blocksize, dtype
+    )
     return dequantize_nf4(state, dtype)
 
 

@@ -24,7 +24,14 @@ from torch import fx, nn
 from peftc.errors import PassError
 from peftc.ir.graph import get_tensor, set_tensor
 
-__all__ = ["WeightFormat", "DenseFormat", "register_format", "format_of", "format_of_node", "read_weight"]
+__all__ = [
+    "WeightFormat",
+    "DenseFormat",
+    "register_format",
+    "format_of",
+    "format_of_node",
+    "read_weight",
+]
 
 
 class WeightFormat(Protocol):
@@ -35,7 +42,14 @@ class WeightFormat(Protocol):
     def node(self, builder: Any, site: Any) -> fx.Node: ...
     def snapshot(self, gm: fx.GraphModule, site: Any) -> Any: ...
     def restore(self, gm: fx.GraphModule, site: Any, state: Any) -> None: ...
-    def write(self, gm: fx.GraphModule, site: Any, weight: torch.Tensor, bias: torch.Tensor | None, options: Any) -> float: ...
+    def write(
+        self,
+        gm: fx.GraphModule,
+        site: Any,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None,
+        options: Any,
+    ) -> float: ...
     def compute_dtype(self, gm: fx.GraphModule, site: Any) -> torch.dtype: ...
     def storage(self, gm: fx.GraphModule, site: Any) -> list[str]: ...
 
@@ -65,7 +79,14 @@ class DenseFormat:
         for name, tensor in state.items():
             set_tensor(gm, name, tensor)
 
-    def write(self, gm: fx.GraphModule, site: Any, weight: torch.Tensor, bias: torch.Tensor | None, options: Any) -> float:
+    def write(
+        self,
+        gm: fx.GraphModule,
+        site: Any,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None,
+        options: Any,
+    ) -> float:
         if getattr(site, "fan_in_fan_out", False):
             weight = weight.T
         _replace(gm, site.weight, weight)
@@ -87,7 +108,13 @@ def _replace(gm: fx.GraphModule, qualname: str, value: torch.Tensor) -> None:
     """Replace (never mutate) a base tensor, keeping its dtype and trainability."""
     old = get_tensor(gm, qualname)
     value = value.to(old.dtype).contiguous()
-    set_tensor(gm, qualname, nn.Parameter(value, requires_grad=old.requires_grad) if isinstance(old, nn.Parameter) else value)
+    set_tensor(
+        gm,
+        qualname,
+        nn.Parameter(value, requires_grad=old.requires_grad)
+        if isinstance(old, nn.Parameter)
+        else value,
+    )
 
 
 _FORMATS: dict[str, WeightFormat] = {"dense": DenseFormat()}
@@ -105,7 +132,9 @@ def format_of(site: Any) -> WeightFormat:
     try:
         return _FORMATS[site.storage]
     except KeyError:
-        raise PassError(f"{site.path!r} stores its weight as {site.storage!r}, which no weight format handles") from None
+        raise PassError(
+            f"{site.path!r} stores its weight as {site.storage!r}, which no weight format handles"
+        ) from None
 
 
 def format_of_node(node: fx.Node) -> WeightFormat | None:

@@ -24,7 +24,7 @@ graph computes rather than by op or module names.
    `arange` over the sequence, a slice of a registered `position_ids` buffer holding 0, 1, 2, ...,
    or a `position_ids` input); techniques that put tokens in front (prefix tuning) shift them.
 
-Every query takes `targets` (see `peftc.targets`) and returns frozen dataclasses.
+Every query takes `targets` (see `peftc.ir.targets`) and returns frozen dataclasses.
 """
 
 from __future__ import annotations
@@ -61,13 +61,37 @@ __all__ = [
 
 aten = torch.ops.aten
 _SDPA_FNS = {aten.scaled_dot_product_attention.default, F.scaled_dot_product_attention}
-_SDPA_PARAMS = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
+_SDPA_PARAMS = (
+    "query",
+    "key",
+    "value",
+    "attn_mask",
+    "dropout_p",
+    "is_causal",
+    "scale",
+    "enable_gqa",
+)
 _SOFTMAX = {aten._softmax.default, aten.softmax.int, F.softmax, torch.softmax, "softmax"}
-_LINEAR = {aten.linear.default, F.linear, aten.addmm.default, aten.mm.default, aten.matmul.default, torch.matmul,
-           operator.matmul, "peftc.nf4_linear.default"}
+_LINEAR = {
+    aten.linear.default,
+    F.linear,
+    aten.addmm.default,
+    aten.mm.default,
+    aten.matmul.default,
+    torch.matmul,
+    operator.matmul,
+    "peftc.nf4_linear.default",
+}
 _ADDS = {aten.add.Tensor, operator.add, torch.add}
 # Ops that only re-view ids (GPT-2 flattens input_ids before the lookup).
-_ID_VIEWS = {aten.view.default, aten.reshape.default, aten._unsafe_view.default, aten.alias.default, "view", "reshape"}
+_ID_VIEWS = {
+    aten.view.default,
+    aten.reshape.default,
+    aten._unsafe_view.default,
+    aten.alias.default,
+    "view",
+    "reshape",
+}
 
 
 def _base_nodes(gm: fx.GraphModule) -> list[fx.Node]:
@@ -131,8 +155,11 @@ class AttentionSite:
 
 def attention_sites(gm: fx.GraphModule, targets: str | None = None) -> list[AttentionSite]:
     resolve = Resolver(gm.graph)
-    sites = [_attention_site(n, resolve) for n in _base_nodes(gm)
-             if n.op == "call_function" and as_captured(n, resolve).target in _SDPA_FNS]
+    sites = [
+        _attention_site(n, resolve)
+        for n in _base_nodes(gm)
+        if n.op == "call_function" and as_captured(n, resolve).target in _SDPA_FNS
+    ]
     return _select(sites, targets, "attention site")
 
 
@@ -142,25 +169,60 @@ def _attention_site(n: fx.Node, resolve: Resolver) -> AttentionSite:
 
 
 def attention_as_called(n: fx.Node, view: Any = None) -> AttentionSite:
-    """SDPA node `n` read as it is called now, operands a technique changed included (or as `view` calls it): what
-    a rewrite of the graph that technique left (a key/value cache) builds on."""
+    """SDPA node `n` read as it is called now, operands a technique changed included (or as `view`
+    calls it): what a rewrite of the graph that technique left (a key/value cache) builds on."""
     view = n if view is None else view
-    args = {"attn_mask": None, "dropout_p": 0.0, "is_causal": False, "scale": None, "enable_gqa": False}
-    args.update(zip(_SDPA_PARAMS, view.args))
+    args = {
+        "attn_mask": None,
+        "dropout_p": 0.0,
+        "is_causal": False,
+        "scale": None,
+        "enable_gqa": False,
+    }
+    args.update(zip(_SDPA_PARAMS, view.args, strict=False))
     args.update(view.kwargs)
     query, key, value = args["query"], args["key"], args["value"]
     key_heads, value_heads = _before_repeat_kv(key), _before_repeat_kv(value)
     head_dim = _dim(query, -1)
-    scale = args["scale"] if args["scale"] is not None else (1 / math.sqrt(head_dim) if head_dim else None)
-    return AttentionSite(module_path(n), n, query, key, value, args["attn_mask"], args["is_causal"], scale,
-                         args["dropout_p"], args["enable_gqa"], key_heads, value_heads, _dim(query, -3),
-                         _dim(key_heads, -3), head_dim)
+    scale = (
+        args["scale"]
+        if args["scale"] is not None
+        else (1 / math.sqrt(head_dim) if head_dim else None)
+    )
+    return AttentionSite(
+        module_path(n),
+        n,
+        query,
+        key,
+        value,
+        args["attn_mask"],
+        args["is_causal"],
+        scale,
+        args["dropout_p"],
+        args["enable_gqa"],
+        key_heads,
+        value_heads,
+        _dim(query, -3),
+        _dim(key_heads, -3),
+        head_dim,
+    )
 
 
-def attention_call(site: AttentionSite, key: fx.Node, value: fx.Node, mask: fx.Node | None) -> tuple[tuple, dict]:
-    """(args, kwargs) of the site's SDPA with another key, value and mask (`is_causal` off where a mask says it)."""
-    kwargs = {k: v for k, v in site.node.kwargs.items() if k not in ("attn_mask", "dropout_p", "is_causal")}
-    kwargs.update(attn_mask=mask, dropout_p=site.dropout_p, is_causal=False if mask is not None else site.is_causal)
+def attention_call(
+    site: AttentionSite, key: fx.Node, value: fx.Node, mask: fx.Node | None
+) -> tuple[tuple, dict]:
+    """(args, kwargs) of the site's SDPA with another key, value and mask (`is_causal` off where a
+    mask says it)."""
+    kwargs = {
+        k: v
+        for k, v in site.node.kwargs.items()
+        if k not in ("attn_mask", "dropout_p", "is_causal")
+    }
+    kwargs.update(
+        attn_mask=mask,
+        dropout_p=site.dropout_p,
+        is_causal=False if mask is not None else site.is_causal,
+    )
     if site.scale is not None:
         kwargs["scale"] = site.scale
     if site.enable_gqa:
@@ -169,17 +231,32 @@ def attention_call(site: AttentionSite, key: fx.Node, value: fx.Node, mask: fx.N
 
 
 def _before_repeat_kv(node: fx.Node) -> fx.Node:
-    """`x` for `reshape(expand(unsqueeze(x, 2), (b, kv, n_rep, s, d)), (b, kv * n_rep, s, d))`, else `node`."""
-    if not _is(node, {aten.reshape.default, aten.view.default, aten._unsafe_view.default, "reshape", "view"}):
+    """`x` for `reshape(expand(unsqueeze(x, 2), (b, kv, n_rep, s, d)), (b, kv * n_rep, s, d))`, else
+    `node`."""
+    if not _is(
+        node,
+        {aten.reshape.default, aten.view.default, aten._unsafe_view.default, "reshape", "view"},
+    ):
         return node
     expanded = node.args[0]
-    if not _is(expanded, {aten.expand.default, "expand"}) or _val(expanded) is None or _val(expanded).dim() != 5:
+    if (
+        not _is(expanded, {aten.expand.default, "expand"})
+        or _val(expanded) is None
+        or _val(expanded).dim() != 5
+    ):
         return node
     source = expanded.args[0]
-    while _is(source, {aten.unsqueeze.default, aten.slice.Tensor, aten.alias.default}) and _is_view_noop(source):
+    while _is(
+        source, {aten.unsqueeze.default, aten.slice.Tensor, aten.alias.default}
+    ) and _is_view_noop(source):
         source = source.args[0]
     kv, n_rep = _dim(expanded, 1), _dim(expanded, 2)
-    if _val(source) is None or _val(source).dim() != 4 or _dim(source, 1) != kv or _dim(node, 1) != kv * n_rep:
+    if (
+        _val(source) is None
+        or _val(source).dim() != 4
+        or _dim(source, 1) != kv
+        or _dim(node, 1) != kv * n_rep
+    ):
         return node
     return source
 
@@ -190,7 +267,11 @@ def _is_view_noop(node: fx.Node) -> bool:
         return node.args[1] == 2
     if node.target is aten.slice.Tensor:
         start, end, step = (*node.args[2:], None, None, None)[:3]
-        return start in (None, 0) and (end is None or (isinstance(end, int) and end >= 2**62)) and step in (None, 1)
+        return (
+            start in (None, 0)
+            and (end is None or (isinstance(end, int) and end >= 2**62))
+            and step in (None, 1)
+        )
     return True
 
 
@@ -219,26 +300,56 @@ def block_sites(gm: fx.GraphModule, targets: str | None = None) -> list[BlockSit
     order = {n: i for i, n in enumerate(gm.graph.nodes)}
     sites = []
     for path in blocks:
-        inside = [n for n in _base_nodes(gm) if n.op not in ("get_attr", "placeholder") and _within(module_path(n), path)]
+        inside = [
+            n
+            for n in _base_nodes(gm)
+            if n.op not in ("get_attr", "placeholder") and _within(module_path(n), path)
+        ]
         if not inside:
             continue
         members = set(inside)
-        # nodes passes inserted inside the block (NF4 linears, adapter branches) lie on its paths too: a value
+        # nodes passes inserted inside the block (NF4 linears, adapter branches) lie on its paths
+        # too: a value
         # they read is not an output of the block, and the stream may leave through one of them
-        ordered = [n for n in gm.graph.nodes if n.op not in ("get_attr", "placeholder") and _within(module_path(n), path)]
+        ordered = [
+            n
+            for n in gm.graph.nodes
+            if n.op not in ("get_attr", "placeholder") and _within(module_path(n), path)
+        ]
         region = set(ordered)
         outputs = [n for n in ordered if any(u not in region for u in n.users)]
-        inputs = sorted({a for n in inside for a in n.all_input_nodes if a not in members and a.op != "get_attr"}, key=order.get)
+        inputs = sorted(
+            {
+                a
+                for n in inside
+                for a in n.all_input_nodes
+                if a not in members and a.op != "get_attr"
+            },
+            key=order.get,
+        )
         stream_in, stream_out = _residual_stream(inputs, outputs)
         if stream_out is not None:
             (attention, attention_add), (ff, ff_add) = _sublayer_outputs(inside, region, stream_out)
-            sites.append(BlockSite(path, int(path.rsplit(".", 1)[1]), stream_in, stream_out, attention, ff,
-                                   attention_add, ff_add))
+            sites.append(
+                BlockSite(
+                    path,
+                    int(path.rsplit(".", 1)[1]),
+                    stream_in,
+                    stream_out,
+                    attention,
+                    ff,
+                    attention_add,
+                    ff_add,
+                )
+            )
     return _select(sites, targets, "block")
 
 
-def _sublayer_outputs(inside: list[fx.Node], region: set[fx.Node], stream_out: fx.Node) -> tuple[tuple, tuple]:
-    """(output, residual add) of the first attention sublayer and of the last feed-forward sublayer (case 2)."""
+def _sublayer_outputs(
+    inside: list[fx.Node], region: set[fx.Node], stream_out: fx.Node
+) -> tuple[tuple, tuple]:
+    """(output, residual add) of the first attention sublayer and of the last feed-forward sublayer
+    (case 2)."""
     attention = ff = (None, None)
     width = _dim(stream_out, -1)
     for add in inside:
@@ -261,7 +372,8 @@ def _sublayer_outputs(inside: list[fx.Node], region: set[fx.Node], stream_out: f
 
 
 def _computed_from(branch: fx.Node, stream: fx.Node, region: set[fx.Node]) -> set[fx.Node] | None:
-    """The nodes of `region` that `branch` is computed from, up to `stream`; None if `stream` is not among them."""
+    """The nodes of `region` that `branch` is computed from, up to `stream`; None if `stream` is not
+    among them."""
     seen, todo, reached = {branch}, [branch], False
     while todo:
         for a in todo.pop().all_input_nodes:
@@ -283,7 +395,9 @@ def _module_types(gm: fx.GraphModule) -> dict[str, str]:
         return types
     for n in gm.graph.nodes:
         for path, kind in (n.meta.get("nn_module_stack") or {}).values():
-            types.setdefault(path, kind if isinstance(kind, str) else f"{kind.__module__}.{kind.__qualname__}")
+            types.setdefault(
+                path, kind if isinstance(kind, str) else f"{kind.__module__}.{kind.__qualname__}"
+            )
     for path, module in gm.named_modules():
         types.setdefault(path, f"{type(module).__module__}.{type(module).__qualname__}")
     return types
@@ -300,12 +414,16 @@ def _outermost_list_children(types: dict[str, str]) -> list[str]:
     return blocks
 
 
-def _residual_stream(inputs: list[fx.Node], outputs: list[fx.Node]) -> tuple[fx.Node | None, fx.Node | None]:
+def _residual_stream(
+    inputs: list[fx.Node], outputs: list[fx.Node]
+) -> tuple[fx.Node | None, fx.Node | None]:
     """The output whose shape matches an input's: the residual stream keeps its shape."""
 
     def shape(n: fx.Node) -> tuple | None:
         val = n.meta.get("val")
-        return tuple(val.shape) if isinstance(val, torch.Tensor) and val.is_floating_point() else None
+        return (
+            tuple(val.shape) if isinstance(val, torch.Tensor) and val.is_floating_point() else None
+        )
 
     for out in outputs:
         for inp in inputs:
@@ -322,10 +440,11 @@ _LAYER_NORMS = {aten.layer_norm.default, F.layer_norm, aten.native_layer_norm.de
 
 @dataclass(frozen=True)
 class SublayerSite:
-    """A sublayer at its residual add `node`, z = residual + input: `input` is what the sublayer adds
-    (h), `residual` the stream it is added to (x), `norm` the LayerNorm that post-LN blocks apply to z
-    (BERT's `LN(x + h)`; None in pre-LN blocks). `path` is the sublayer's module under the block
-    (`model.layers.0.self_attn`, `model.layers.0.mlp`; BERT's `layer.0.attention`, `layer.0.output`)."""
+    """A sublayer at its residual add `node`, z = residual + input: `input` is what the sublayer
+    adds (h), `residual` the stream it is added to (x), `norm` the LayerNorm that post-LN blocks
+    apply to z (BERT's `LN(x + h)`; None in pre-LN blocks). `path` is the sublayer's module under
+    the block (`model.layers.0.self_attn`, `model.layers.0.mlp`; BERT's `layer.0.attention`,
+    `layer.0.output`)."""
 
     kind: str  # "attention" or "feed_forward"
     path: str
@@ -336,17 +455,29 @@ class SublayerSite:
     norm: fx.Node | None
 
 
-def sublayer_sites(gm: fx.GraphModule, targets: str | None = None,
-                   kinds: tuple[str, ...] = SUBLAYER_KINDS) -> list[SublayerSite]:
+def sublayer_sites(
+    gm: fx.GraphModule, targets: str | None = None, kinds: tuple[str, ...] = SUBLAYER_KINDS
+) -> list[SublayerSite]:
     """The residual adds of every block's attention and feed-forward sublayers, in graph order."""
     sites = []
     for block in block_sites(gm):
-        for kind, h, add in (("attention", block.attention_output, block.attention_add),
-                             ("feed_forward", block.ff_output, block.ff_add)):
+        for kind, h, add in (
+            ("attention", block.attention_output, block.attention_add),
+            ("feed_forward", block.ff_output, block.ff_add),
+        ):
             if kind in kinds and add is not None:
                 residual = add.args[1 - add.args.index(h)]
-                sites.append(SublayerSite(kind, _sublayer_path(h, block.path, kind), block.path, add, h, residual,
-                                          _post_norm(gm, add, block.path)))
+                sites.append(
+                    SublayerSite(
+                        kind,
+                        _sublayer_path(h, block.path, kind),
+                        block.path,
+                        add,
+                        h,
+                        residual,
+                        _post_norm(gm, add, block.path),
+                    )
+                )
     return _select(sites, targets, "sublayer")
 
 
@@ -354,13 +485,14 @@ def _sublayer_path(h: fx.Node, block: str, kind: str) -> str:
     """The block's child module that computes h (`self_attn`, `mlp`), else `<block>.<kind>`."""
     inner = module_path(h)
     if inner.startswith(block + "."):
-        return f"{block}.{inner[len(block) + 1:].split('.')[0]}"
+        return f"{block}.{inner[len(block) + 1 :].split('.')[0]}"
     return f"{block}.{kind}"
 
 
 def _post_norm(gm: fx.GraphModule, add: fx.Node, block: str) -> fx.Node | None:
-    """The block's LayerNorm that is z's only reader (post-LN), looking through adapter nodes already at z
-    (a pre-LN model's final norm also reads its last block's z alone, but outside the block)."""
+    """The block's LayerNorm that is z's only reader (post-LN), looking through adapter nodes
+    already at z (a pre-LN model's final norm also reads its last block's z alone, but outside the
+    block)."""
     readers, todo = [], list(add.users)
     while todo:
         user = todo.pop()
@@ -407,7 +539,8 @@ class FinalHiddenState:
 
 
 def input_embeddings(gm: fx.GraphModule, targets: str | None = None) -> list[InputEmbeddings]:
-    """Token embedding lookups of the model's input ids, in graph order (encoder-decoder models have two)."""
+    """Token embedding lookups of the model's input ids, in graph order (encoder-decoder models have
+    two)."""
     firsts = [blocks[0].input for blocks in _stacks(gm).values() if blocks[0].input is not None]
     sites = []
     resolve = Resolver(gm.graph)
@@ -415,7 +548,8 @@ def input_embeddings(gm: fx.GraphModule, targets: str | None = None) -> list[Inp
         lookup = _embedding_lookup(gm, n)
         if lookup is None:
             continue
-        ids = resolve.nodes[captured_name(lookup)]  # behind a technique's rewrite of the ids (prompt tuning's)
+        # behind a technique's rewrite of the ids (prompt tuning's)
+        ids = resolve.nodes[captured_name(lookup)]
         while _is(ids, _ID_VIEWS):
             ids = ids.args[0]
         if isinstance(ids, fx.Node) and ids.op == "placeholder":
@@ -430,20 +564,29 @@ def final_hidden_states(gm: fx.GraphModule, targets: str | None = None) -> list[
     sites = []
     for stack, blocks in _stacks(gm).items():
         last = blocks[-1]
-        norms = [module_path(u) for u in last.output.users if "norm" in types.get(module_path(u), "").lower()
-                 and not _within(module_path(u), last.path)]
+        norms = [
+            module_path(u)
+            for u in last.output.users
+            if "norm" in types.get(module_path(u), "").lower()
+            and not _within(module_path(u), last.path)
+        ]
         if not norms:
             sites.append(FinalHiddenState(last.path, last.output, stack, None))
             continue
         norm = norms[0]
-        inside = [n for n in gm.graph.nodes if module_path(n) == norm and n.op not in ("get_attr", "placeholder")]
+        inside = [
+            n
+            for n in gm.graph.nodes
+            if module_path(n) == norm and n.op not in ("get_attr", "placeholder")
+        ]
         leaving = [n for n in inside if any(module_path(u) != norm for u in n.users)]
         sites.append(FinalHiddenState(norm, leaving[-1], stack, norm))
     return _select(sites, targets, "final hidden state")
 
 
 def _stacks(gm: fx.GraphModule) -> dict[str, list[BlockSite]]:
-    """Block sites grouped by their ModuleList (`model.layers`; T5: `encoder.block`, `decoder.block`)."""
+    """Block sites grouped by their ModuleList (`model.layers`; T5: `encoder.block`,
+    `decoder.block`)."""
     stacks: dict[str, list[BlockSite]] = {}
     for block in block_sites(gm):
         stacks.setdefault(block.path.rpartition(".")[0], []).append(block)
@@ -488,7 +631,9 @@ def position_ids(gm: fx.GraphModule) -> list[fx.Node]:
             continue
         if n.op == "placeholder" and "position" in n.name:
             sources.append(n)
-        elif _is(n, {aten.arange.default, aten.arange.start, torch.arange, "arange"}) and _numbers_positions(gm, n):
+        elif _is(
+            n, {aten.arange.default, aten.arange.start, torch.arange, "arange"}
+        ) and _numbers_positions(gm, n):
             sources.append(n)
         elif n.op == "get_attr" and _is_arange_buffer(gm, n) and _numbers_positions(gm, n):
             sources.append(n)
@@ -507,7 +652,8 @@ def _is_arange_buffer(gm: fx.GraphModule, node: fx.Node) -> bool:
 
 
 def _numbers_positions(gm: fx.GraphModule, source: fx.Node) -> bool:
-    """Whether `source` reaches an embedding lookup as its indices, or a cos/sin, within a few ops."""
+    """Whether `source` reaches an embedding lookup as its indices, or a cos/sin, within a few
+    ops."""
     seen, frontier = {source}, [source]
     for _ in range(_INT_FLOW_LIMIT):
         following = []

@@ -1,4 +1,5 @@
-"""Which sites a pass acts on: its kinds, its `targets`, and peft's default targets per architecture."""
+"""Which sites a pass acts on: its kinds, its `targets`, and peft's default targets per
+architecture."""
 
 from __future__ import annotations
 
@@ -23,12 +24,16 @@ __all__ = ["sites_of", "resolve_sites", "default_targets", "DEFAULT_TARGETS"]
 
 
 # site kind -> the query finding the sites of that kind (weight kinds: `weight_sites`)
-_REGIONS = {"tokens": input_embeddings, "sdpa": attention_sites, "final_hidden": final_hidden_states}
+_REGIONS = {
+    "tokens": input_embeddings,
+    "sdpa": attention_sites,
+    "final_hidden": final_hidden_states,
+}
 
 
 def sites_of(gm: fx.GraphModule, kinds: tuple[str, ...], targets: str | None = None) -> list[Any]:
-    """The sites of `kinds` a technique acts on (weight, sublayer, `tokens`, `sdpa`, `final_hidden` sites, in
-    any mix), in graph order."""
+    """The sites of `kinds` a technique acts on (weight, sublayer, `tokens`, `sdpa`, `final_hidden`
+    sites, in any mix), in graph order."""
     weight_kinds = tuple(k for k in kinds if k not in SUBLAYER_KINDS and k not in _REGIONS)
     sublayer_kinds = tuple(k for k in kinds if k in SUBLAYER_KINDS)
     found: list[Any] = []
@@ -45,7 +50,7 @@ def sites_of(gm: fx.GraphModule, kinds: tuple[str, ...], targets: str | None = N
     return sorted((s for s in found if s.path in chosen), key=lambda s: order[s.node])
 
 
-# peft's default target modules (TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING), by module class prefix.
+# peft's default target modules (TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING) by class
 DEFAULT_TARGETS = {
     "llama": "*.q_proj|*.v_proj",
     "mistral": "*.q_proj|*.v_proj",
@@ -72,20 +77,30 @@ def default_targets(gm: fx.GraphModule, pass_name: str, table: dict[str, str] | 
         if f".models.{family}." in model_class:
             return pattern
     raise OptionError(
-        f"{pass_name}: no default targets for {model_class or 'this model'}; pass targets=\"...\" "
+        f'{pass_name}: no default targets for {model_class or "this model"}; pass targets="..." '
         "(a glob such as '*.q_proj|*.v_proj', a 're:' regex, or 'all-linear')"
     )
 
 
-def resolve_sites(gm: fx.GraphModule, targets: str | None, name: str, kinds: tuple[str, ...] = ("linear",),
-                  table: dict[str, str] | None = None) -> list[WeightSite | SublayerSite]:
+def resolve_sites(
+    gm: fx.GraphModule,
+    targets: str | None,
+    name: str,
+    kinds: tuple[str, ...] = ("linear",),
+    table: dict[str, str] | None = None,
+) -> list[WeightSite | SublayerSite]:
     """The sites of `kinds` that `targets` selects for pass `name` (None: `table`'s default for the
     architecture, peft's LoRA table by default); an empty selection is an error."""
     if targets == "all-linear":
         head = lm_head(gm)
-        sites = [s for s in weight_sites(gm, kinds=("linear",)) if head is None or s.path != head.path]
+        sites = [
+            s for s in weight_sites(gm, kinds=("linear",)) if head is None or s.path != head.path
+        ]
         if not sites:
-            raise OptionError(f"{name}: targets=\"all-linear\" selects no linear site in this graph (besides an LM head)")
+            raise OptionError(
+                f'{name}: targets="all-linear" selects no linear site in this graph (besides an LM '
+                "head)"
+            )
         return sites
     pattern = targets or default_targets(gm, name, table)
     return sites_of(gm, kinds, pattern)

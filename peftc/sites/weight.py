@@ -3,7 +3,7 @@ exported and symbolically traced graphs.
 
 Weight sites (`WeightSite`: one node computing with one stored weight; what weight-space
 techniques rewrite), recognised by what the computation is; capture first canonicalises
-`x @ W.T + b`, `mm`/`addmm` with a transposed weight to `aten.linear` (`peftc.canonical`):
+`x @ W.T + b`, `mm`/`addmm` with a transposed weight to `aten.linear` (`peftc.ir.canonical`):
 1. Linear sites: `aten.linear`, `F.linear`, `call_module(nn.Linear)`, GPT-2's `Conv1D`
    (`addmm(bias, x, W)` with W stored as (in, out)), and ops of registered weight formats
    (`peftc::nf4_linear`, `storage="nf4"`, whose `weight` names the packed buffer).
@@ -14,9 +14,10 @@ techniques rewrite), recognised by what the computation is; capture first canoni
    norms from elementwise ops; the site is the one op that reads the weight).
 6. The LM head: the last linear site that projects onto the vocabulary.
 A site rewritten by techniques (its input or weight replaced) is still found, as captured.
-Region sites (`peftc.regions`): attention, blocks, the input embeddings, the final hidden state.
+Region sites (`peftc.sites.regions`): attention, blocks, the input embeddings, the final hidden
+state.
 
-Every query takes `targets` (see `peftc.targets`); a pattern that selects nothing raises
+Every query takes `targets` (see `peftc.ir.targets`); a pattern that selects nothing raises
 `TargetError` naming near paths.
 """
 
@@ -54,11 +55,21 @@ __all__ = [
 ]
 
 aten = torch.ops.aten
-_LINEAR_FNS = {torch.ops.aten.linear.default: "aten.linear", F.linear: "F.linear", torch._C._nn.linear: "F.linear"}
+_LINEAR_FNS = {
+    torch.ops.aten.linear.default: "aten.linear",
+    F.linear: "F.linear",
+    torch._C._nn.linear: "F.linear",
+}
 _ADDMM_FNS = {torch.ops.aten.addmm.default, torch.addmm}
 _EMBEDDING_FNS = {torch.ops.aten.embedding.default, F.embedding}
-_CONV_FNS = {torch.ops.aten.conv1d.default: 1, torch.ops.aten.conv2d.default: 2, torch.ops.aten.conv3d.default: 3,
-             F.conv1d: 1, F.conv2d: 2, F.conv3d: 3}
+_CONV_FNS = {
+    torch.ops.aten.conv1d.default: 1,
+    torch.ops.aten.conv2d.default: 2,
+    torch.ops.aten.conv3d.default: 3,
+    F.conv1d: 1,
+    F.conv2d: 2,
+    F.conv3d: 3,
+}
 _CONV_MODULES = {nn.Conv1d: 1, nn.Conv2d: 2, nn.Conv3d: 3}
 _LAYER_NORM_FNS = {torch.ops.aten.layer_norm.default, F.layer_norm}
 
@@ -69,7 +80,7 @@ class WeightSite:
 
     `input` is the value the weight is applied to (token ids for embeddings); `weight` and
     `bias` are qualified names; `storage` says how the weight is held (`"dense"`, `"nf4"`, ...,
-    see `peftc.weights`); `op` is the captured op's flavour.
+    see `peftc.sites.formats`); `op` is the captured op's flavour.
     """
 
     kind: ClassVar[str] = ""
@@ -84,7 +95,8 @@ class WeightSite:
 
 @dataclass(frozen=True, kw_only=True)
 class LinearSite(WeightSite):
-    """`node` computes `input @ W.T + b` (W.T is what is stored for GPT-2's Conv1D: `fan_in_fan_out`)."""
+    """`node` computes `input @ W.T + b` (W.T is what is stored for GPT-2's Conv1D:
+    `fan_in_fan_out`)."""
 
     kind: ClassVar[str] = "linear"
     in_features: int
@@ -113,8 +125,24 @@ class ConvSite(WeightSite):
     def functional(self, x: Any, weight: Any, bias: Any) -> tuple[Any, tuple]:
         op = {1: aten.conv1d, 2: aten.conv2d, 3: aten.conv3d}[self.dims]
         if isinstance(self.padding, str):
-            return op.padding, (x, weight, bias, list(self.stride), self.padding, list(self.dilation), self.groups)
-        return op.default, (x, weight, bias, list(self.stride), list(self.padding), list(self.dilation), self.groups)
+            return op.padding, (
+                x,
+                weight,
+                bias,
+                list(self.stride),
+                self.padding,
+                list(self.dilation),
+                self.groups,
+            )
+        return op.default, (
+            x,
+            weight,
+            bias,
+            list(self.stride),
+            list(self.padding),
+            list(self.dilation),
+            self.groups,
+        )
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -132,7 +160,8 @@ class EmbeddingSite(WeightSite):
 
 @dataclass(frozen=True, kw_only=True)
 class LayerNormSite(WeightSite):
-    """`node` is `layer_norm(input, normalized_shape, W, b, eps)`; `weight` may be None (no affine)."""
+    """`node` is `layer_norm(input, normalized_shape, W, b, eps)`; `weight` may be None (no
+    affine)."""
 
     kind: ClassVar[str] = "layer_norm"
     normalized_shape: tuple[int, ...]
@@ -155,15 +184,21 @@ class RMSNormSite(WeightSite):
 
 
 def _base_nodes(gm: fx.GraphModule) -> list[fx.Node]:
-    """Nodes of the model itself: what passes inserted (tagged `peftc`, unless marked `base`) is not a site."""
+    """Nodes of the model itself: what passes inserted (tagged `peftc`, unless marked `base`) is not
+    a site."""
     return [n for n in gm.graph.nodes if n.meta.get("peftc", {}).get("base", "peftc" not in n.meta)]
 
 
-def weight_sites(gm: fx.GraphModule, targets: str | None = None, kinds: tuple[str, ...] | None = None) -> list[WeightSite]:
+def weight_sites(
+    gm: fx.GraphModule, targets: str | None = None, kinds: tuple[str, ...] | None = None
+) -> list[WeightSite]:
     """Every weight site (of `kinds`, default all), in graph order."""
     resolve = Resolver(gm.graph)
-    sites = [s for n in _base_nodes(gm) if (s := _weight_site(gm, n, resolve)) is not None
-             and (kinds is None or s.kind in kinds)]
+    sites = [
+        s
+        for n in _base_nodes(gm)
+        if (s := _weight_site(gm, n, resolve)) is not None and (kinds is None or s.kind in kinds)
+    ]
     return _select(sites, targets, " or ".join(kinds or ("weight",)) + " site")
 
 
@@ -193,7 +228,8 @@ def rms_norm_sites(gm: fx.GraphModule, targets: str | None = None) -> list[RMSNo
 
 
 def lm_head(gm: fx.GraphModule) -> LinearSite | None:
-    """The last linear site that projects onto the vocabulary (the largest embedding table), if any."""
+    """The last linear site that projects onto the vocabulary (the largest embedding table), if
+    any."""
     embeddings = embedding_sites(gm)
     if not embeddings:
         return None
@@ -211,7 +247,9 @@ def _arg(n: fx.Node, index: int, name: str, default: Any = None) -> Any:
     return n.args[index] if len(n.args) > index else n.kwargs.get(name, default)
 
 
-def _weight_site(gm: fx.GraphModule, n: fx.Node, resolve: Resolver | None = None) -> WeightSite | None:
+def _weight_site(
+    gm: fx.GraphModule, n: fx.Node, resolve: Resolver | None = None
+) -> WeightSite | None:
     if isinstance(n, fx.Node) and "peftc_original" in n.meta:
         site = _weight_site(gm, as_captured(n, resolve or Resolver(gm.graph)))
         return None if site is None else dataclasses.replace(site, node=n)
@@ -220,54 +258,120 @@ def _weight_site(gm: fx.GraphModule, n: fx.Node, resolve: Resolver | None = None
     if n.op != "call_function":
         return None
     if n.target in _LINEAR_FNS:
-        weight = get_attr_path(n.args[1])
-        if weight is None:
-            return None
-        out_features, in_features = get_tensor(gm, weight).shape
-        return LinearSite(path=_owner(weight, n), node=n, input=n.args[0], weight=weight,
-                          bias=get_attr_path(_arg(n, 2, "bias")), op=_LINEAR_FNS[n.target],
-                          in_features=in_features, out_features=out_features)
+        return _linear_fn_site(gm, n)
     if n.target in _ADDMM_FNS and module_type(n).endswith("Conv1D"):
-        b, x, w = n.args[:3]
-        weight = get_attr_path(w)
-        if weight is None:
-            return None
-        in_features, out_features = get_tensor(gm, weight).shape
-        return LinearSite(path=module_path(n), node=n, input=x, weight=weight, bias=get_attr_path(b), op="Conv1D",
-                          in_features=in_features, out_features=out_features, fan_in_fan_out=True)
+        return _hf_conv1d_site(gm, n)
     if n.target in _CONV_FNS:
-        weight = get_attr_path(n.args[1])
-        if weight is None:
-            return None
-        dims = _CONV_FNS[n.target]
-        W = get_tensor(gm, weight)
-        groups = _arg(n, 6, "groups", 1)
-        return ConvSite(path=_owner(weight, n), node=n, input=n.args[0], weight=weight,
-                        bias=get_attr_path(_arg(n, 2, "bias")), op=f"conv{dims}d", dims=dims,
-                        in_channels=W.shape[1] * groups, out_channels=W.shape[0], kernel_size=tuple(W.shape[2:]),
-                        stride=_ntuple(_arg(n, 3, "stride", 1), dims), padding=_padding(_arg(n, 4, "padding", 0), dims),
-                        dilation=_ntuple(_arg(n, 5, "dilation", 1), dims), groups=groups)
+        return _conv_fn_site(gm, n)
     if n.target in _EMBEDDING_FNS:
-        if n.target is torch.ops.aten.embedding.default:
-            w, ids, padding = n.args[0], n.args[1], _arg(n, 2, "padding_idx", -1)
-        else:
-            w, ids, padding = n.args[1], n.args[0], _arg(n, 2, "padding_idx")
-        weight = get_attr_path(w)
-        if weight is None:
-            return None
-        num, dim = get_tensor(gm, weight).shape
-        return EmbeddingSite(path=_owner(weight, n), node=n, input=ids, weight=weight, bias=None, op="embedding",
-                             num_embeddings=num, embedding_dim=dim, padding_idx=-1 if padding is None else padding)
+        return _embedding_fn_site(gm, n)
     if n.target in _LAYER_NORM_FNS:
-        weight = get_attr_path(_arg(n, 2, "weight"))
-        if weight is None:
-            return None
-        return LayerNormSite(path=_owner(weight, n), node=n, input=n.args[0], weight=weight,
-                             bias=get_attr_path(_arg(n, 3, "bias")), op="layer_norm",
-                             normalized_shape=tuple(n.args[1]), eps=_arg(n, 4, "eps", 1e-5))
+        return _layer_norm_fn_site(gm, n)
     if n.target in (aten.mul.Tensor, torch.mul, operator.mul):
         return _rms_norm_site(gm, n)
     return _registered_site(gm, n)
+
+
+def _linear_fn_site(gm: fx.GraphModule, n: fx.Node) -> LinearSite | None:
+    """`F.linear` / `aten.linear`."""
+    weight = get_attr_path(n.args[1])
+    if weight is None:
+        return None
+    out_features, in_features = get_tensor(gm, weight).shape
+    return LinearSite(
+        path=_owner(weight, n),
+        node=n,
+        input=n.args[0],
+        weight=weight,
+        bias=get_attr_path(_arg(n, 2, "bias")),
+        op=_LINEAR_FNS[n.target],
+        in_features=in_features,
+        out_features=out_features,
+    )
+
+
+def _hf_conv1d_site(gm: fx.GraphModule, n: fx.Node) -> LinearSite | None:
+    """`addmm(b, x, W)` in transformers' Conv1D (GPT-2): a linear site with W stored (in, out)."""
+    b, x, w = n.args[:3]
+    weight = get_attr_path(w)
+    if weight is None:
+        return None
+    in_features, out_features = get_tensor(gm, weight).shape
+    return LinearSite(
+        path=module_path(n),
+        node=n,
+        input=x,
+        weight=weight,
+        bias=get_attr_path(b),
+        op="Conv1D",
+        in_features=in_features,
+        out_features=out_features,
+        fan_in_fan_out=True,
+    )
+
+
+def _conv_fn_site(gm: fx.GraphModule, n: fx.Node) -> ConvSite | None:
+    weight = get_attr_path(n.args[1])
+    if weight is None:
+        return None
+    dims = _CONV_FNS[n.target]
+    W = get_tensor(gm, weight)
+    groups = _arg(n, 6, "groups", 1)
+    return ConvSite(
+        path=_owner(weight, n),
+        node=n,
+        input=n.args[0],
+        weight=weight,
+        bias=get_attr_path(_arg(n, 2, "bias")),
+        op=f"conv{dims}d",
+        dims=dims,
+        in_channels=W.shape[1] * groups,
+        out_channels=W.shape[0],
+        kernel_size=tuple(W.shape[2:]),
+        stride=_ntuple(_arg(n, 3, "stride", 1), dims),
+        padding=_padding(_arg(n, 4, "padding", 0), dims),
+        dilation=_ntuple(_arg(n, 5, "dilation", 1), dims),
+        groups=groups,
+    )
+
+
+def _embedding_fn_site(gm: fx.GraphModule, n: fx.Node) -> EmbeddingSite | None:
+    """`F.embedding(ids, W)` or `aten.embedding(W, ids)`."""
+    if n.target is torch.ops.aten.embedding.default:
+        w, ids, padding = n.args[0], n.args[1], _arg(n, 2, "padding_idx", -1)
+    else:
+        w, ids, padding = n.args[1], n.args[0], _arg(n, 2, "padding_idx")
+    weight = get_attr_path(w)
+    if weight is None:
+        return None
+    num, dim = get_tensor(gm, weight).shape
+    return EmbeddingSite(
+        path=_owner(weight, n),
+        node=n,
+        input=ids,
+        weight=weight,
+        bias=None,
+        op="embedding",
+        num_embeddings=num,
+        embedding_dim=dim,
+        padding_idx=-1 if padding is None else padding,
+    )
+
+
+def _layer_norm_fn_site(gm: fx.GraphModule, n: fx.Node) -> LayerNormSite | None:
+    weight = get_attr_path(_arg(n, 2, "weight"))
+    if weight is None:
+        return None
+    return LayerNormSite(
+        path=_owner(weight, n),
+        node=n,
+        input=n.args[0],
+        weight=weight,
+        bias=get_attr_path(_arg(n, 3, "bias")),
+        op="layer_norm",
+        normalized_shape=tuple(n.args[1]),
+        eps=_arg(n, 4, "eps", 1e-5),
+    )
 
 
 def _rms_norm_site(gm: fx.GraphModule, n: fx.Node) -> RMSNormSite | None:
@@ -279,8 +383,15 @@ def _rms_norm_site(gm: fx.GraphModule, n: fx.Node) -> RMSNormSite | None:
         if weight is not None and weight == f"{module_path(n)}.weight" and isinstance(x, fx.Node):
             tensor = get_tensor(gm, weight)
             if tensor.dim() == 1:
-                return RMSNormSite(path=module_path(n), node=n, input=x, weight=weight, bias=None, op="rms_norm",
-                                   hidden_size=tensor.shape[0])
+                return RMSNormSite(
+                    path=module_path(n),
+                    node=n,
+                    input=x,
+                    weight=weight,
+                    bias=None,
+                    op="rms_norm",
+                    hidden_size=tensor.shape[0],
+                )
     return None
 
 
@@ -290,20 +401,42 @@ def _module_site(gm: fx.GraphModule, n: fx.Node) -> WeightSite | None:
     bias = f"{path}.bias" if getattr(module, "bias", None) is not None else None
     common = dict(path=path, node=n, input=n.args[0], weight=f"{path}.weight", bias=bias)
     if type(module) is nn.Linear:
-        return LinearSite(**common, op="nn.Linear", in_features=module.in_features, out_features=module.out_features)
+        return LinearSite(
+            **common,
+            op="nn.Linear",
+            in_features=module.in_features,
+            out_features=module.out_features,
+        )
     if type(module) in _CONV_MODULES and module.padding_mode == "zeros":
         dims = _CONV_MODULES[type(module)]
-        return ConvSite(**common, op=f"nn.Conv{dims}d", dims=dims, in_channels=module.in_channels,
-                        out_channels=module.out_channels, kernel_size=tuple(module.kernel_size),
-                        stride=tuple(module.stride), padding=module.padding if isinstance(module.padding, str)
-                        else tuple(module.padding), dilation=tuple(module.dilation), groups=module.groups)
+        return ConvSite(
+            **common,
+            op=f"nn.Conv{dims}d",
+            dims=dims,
+            in_channels=module.in_channels,
+            out_channels=module.out_channels,
+            kernel_size=tuple(module.kernel_size),
+            stride=tuple(module.stride),
+            padding=module.padding if isinstance(module.padding, str) else tuple(module.padding),
+            dilation=tuple(module.dilation),
+            groups=module.groups,
+        )
     if type(module) is nn.Embedding:
         padding = -1 if module.padding_idx is None else module.padding_idx
-        return EmbeddingSite(**common, op="nn.Embedding", num_embeddings=module.num_embeddings,
-                             embedding_dim=module.embedding_dim, padding_idx=padding)
+        return EmbeddingSite(
+            **common,
+            op="nn.Embedding",
+            num_embeddings=module.num_embeddings,
+            embedding_dim=module.embedding_dim,
+            padding_idx=padding,
+        )
     if type(module) is nn.LayerNorm and module.weight is not None:
-        return LayerNormSite(**common, op="nn.LayerNorm", normalized_shape=tuple(module.normalized_shape),
-                             eps=module.eps)
+        return LayerNormSite(
+            **common,
+            op="nn.LayerNorm",
+            normalized_shape=tuple(module.normalized_shape),
+            eps=module.eps,
+        )
     return None
 
 
@@ -314,14 +447,19 @@ def _registered_site(gm: fx.GraphModule, n: fx.Node) -> WeightSite | None:
 
 
 def _owner(weight: str, n: fx.Node) -> str:
-    """The module owning `weight` when it lies inside the calling module (`nn.MultiheadAttention` calls its
-    `out_proj` weight itself), else the calling module (a tied LM head reads the embedding's weight)."""
+    """The module owning `weight` when it lies inside the calling module (`nn.MultiheadAttention`
+    calls its `out_proj` weight itself), else the calling module (a tied LM head reads the
+    embedding's weight)."""
     owner, caller = weight.rpartition(".")[0], module_path(n)
     return owner if owner.startswith(caller + ".") or (not caller and owner) else caller
 
 
 def _ntuple(value: Any, dims: int) -> tuple[int, ...]:
-    return tuple(value) * (dims if len(tuple(value)) == 1 else 1) if isinstance(value, (list, tuple)) else (value,) * dims
+    return (
+        tuple(value) * (dims if len(tuple(value)) == 1 else 1)
+        if isinstance(value, (list, tuple))
+        else (value,) * dims
+    )
 
 
 def _padding(value: Any, dims: int) -> tuple[int, ...] | str:

@@ -6,7 +6,15 @@ are made by `option(...)`); `adapters` inserts it, keeps the adapter record, swi
 reaches each through the table `register_technique` fills (`registry`).
 """
 
-from peftc.ir.options import identifier, non_negative, one_of, option, pattern, positive, probability
+from peftc.ir.options import (
+    identifier,
+    non_negative,
+    one_of,
+    option,
+    pattern,
+    positive,
+    probability,
+)
 from peftc.technique.adapters import register_technique
 from peftc.technique.declaration import (
     STAGES,
@@ -21,6 +29,24 @@ from peftc.technique.declaration import (
 from peftc.technique.options import AdapterOptions
 from peftc.technique.registry import technique, techniques
 
-__all__ = ["AdapterOptions", "Builder", "Context", "NotMergeable", "Param", "STAGES", "Stage", "Technique",
-           "kaiming_uniform", "register_technique", "technique", "techniques", "option", "positive", "non_negative",
-           "probability", "identifier", "pattern", "one_of"]
+__all__ = [
+    "AdapterOptions",
+    "Builder",
+    "Context",
+    "NotMergeable",
+    "Param",
+    "STAGES",
+    "Stage",
+    "Technique",
+    "kaiming_uniform",
+    "register_technique",
+    "technique",
+    "techniques",
+    "option",
+    "positive",
+    "non_negative",
+    "probability",
+    "identifier",
+    "pattern",
+    "one_of",
+]

@@ -13,12 +13,12 @@ How techniques compose at one op (docs/concepts.md):
    order within a stage. All sites at one op (an embedding weight and the token site of prompt
    tuning, an RMSNorm weight and the final hidden state) compose together in this one order.
 2. An op is always rebuilt whole from its active, unmerged adapters: `rebuild` strips every node the
-   core inserted there (undoing reroutes and operand rewrites, `peftc.ir.rewrites`) and composes again,
-   so the graph depends only on which adapters are active and merged, never on the order they were
-   added or switched. Rebuilding a site rebuilds every site at its op, and every site of an adapter
-   whose nodes are shared across its sites (`Builder.once`).
-3. Merging (`peftc.technique.merge`) folds merged adapters from the site's original weights; a merged
-   adapter must lie inside every active unmerged one at the site.
+   core inserted there (undoing reroutes and operand rewrites, `peftc.ir.rewrites`) and composes
+   again, so the graph depends only on which adapters are active and merged, never on the order they
+   were added or switched. Rebuilding a site rebuilds every site at its op, and every site of an
+   adapter whose nodes are shared across its sites (`Builder.once`).
+3. Merging (`peftc.technique.merge`) folds merged adapters from the site's original weights; a
+   merged adapter must lie inside every active unmerged one at the site.
 
 Every node a technique adds carries `meta["peftc"] = {"pass", "role", "adapter", "site", "kind"}`.
 The record lives in `gm.meta["peftc"]["adapters"]` as `Adapter` objects.
@@ -28,6 +28,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
+from functools import partial
 from typing import Any
 
 import torch
@@ -63,24 +64,29 @@ __all__ = [
 
 aten = torch.ops.aten
 Ref = tuple[str, str]  # (site path, site kind)
-SHARED = "<shared>"  # the record's key for tensors an adapter shares across its sites (no module path looks so)
+# the record's key for tensors an adapter shares across its sites (no module path looks so)
+SHARED = "<shared>"
 
 
 @dataclass
 class Adapter:
-    """One adapter: its technique, options, sites, tensors and modules; whether it is active and merged."""
+    """One adapter: its technique, options, sites, tensors and modules; whether it is active and
+    merged."""
 
     name: str
     technique: str
     options: Any
     sites: tuple[Ref, ...]
-    names: dict[str, dict[str, str]]  # site path (SHARED for shared tensors) -> attr -> qualified tensor name
-    modules: dict[str, dict[str, str]] = field(default_factory=dict)  # site path -> attr -> qualified module name
+    # site path (SHARED for shared tensors) -> attr -> qualified tensor name
+    names: dict[str, dict[str, str]]
+    # site path -> attr -> qualified module name
+    modules: dict[str, dict[str, str]] = field(default_factory=dict)
     active: bool = True
     merged: bool = False
     kept: dict[str, torch.Tensor] | None = None  # the tensors, while merged
     stages: dict[str, str] = field(default_factory=dict)  # site path -> stage
-    keys: dict[str, str] = field(default_factory=dict)  # qualified tensor name -> the name without the adapter's
+    # qualified tensor name -> the name without the adapter's
+    keys: dict[str, str] = field(default_factory=dict)
 
     @property
     def param_names(self) -> list[str]:
@@ -97,9 +103,9 @@ class Adapter:
 def register_technique(cls: type[Technique] | None = None, *, replace: bool = False) -> Any:
     """Register a technique and the pass of its name that adds it (`lora(...)`, `ia3(...)`).
 
-    Refused before anything changes when the declaration is incomplete, or when its name or a peft type
-    it loads is taken; `replace=True` replaces a technique registered under the same name (a fix
-    reloaded in a notebook), never another pass.
+    Refused before anything changes when the declaration is incomplete, or when its name or a peft
+    type it loads is taken; `replace=True` replaces a technique registered under the same name (a
+    fix reloaded in a notebook), never another pass.
     """
 
     def decorate(cls: type[Technique]) -> type[Technique]:
@@ -110,7 +116,9 @@ def register_technique(cls: type[Technique] | None = None, *, replace: bool = Fa
             return add_adapter(gm, method, options)
 
         run.__doc__, run.__name__ = cls.__doc__, cls.name
-        register_pass(cls.name, options=cls.options, preserves_outputs=cls.preserves_outputs, replace=replace)(run)
+        register_pass(
+            cls.name, options=cls.options, preserves_outputs=cls.preserves_outputs, replace=replace
+        )(run)
         registry.add(method)
         return cls
 
@@ -128,49 +136,71 @@ def active_adapters(gm: fx.GraphModule) -> list[str]:
 def context(gm: fx.GraphModule, record: Adapter, site: Any) -> Context:
     """What `record`'s technique sees at `site` (its shared tensors too)."""
     names = {**record.names.get(SHARED, {}), **record.names.get(site.path, {})}
-    return Context(gm, site, record.options, names, dict(record.modules.get(site.path, {})), record.sites)
+    return Context(
+        gm, site, record.options, names, dict(record.modules.get(site.path, {})), record.sites
+    )
 
 
 # --- inserting ------------------------------------------------------------------------------
+
 
 def add_adapter(gm: fx.GraphModule, method: Technique, options: Any) -> PassResult:
     """The pass every technique gets: create its tensors at the selected sites and rebuild them."""
     check_not_lowered(gm)
     if options.adapter in adapters(gm):
-        raise OptionError(f"{method.name}: an adapter named {options.adapter!r} exists; pass adapter=\"other\" or "
-                          "delete it first")
+        raise OptionError(
+            f'{method.name}: an adapter named {options.adapter!r} exists; pass adapter="other" or '
+            "delete it first"
+        )
     placed = method.select(gm, options)
     sites = [site for site, _ in placed]
     for site in sites:
         _at_site(method, site, "cannot act on", lambda site=site: method.check(gm, site, options))
-    record = Adapter(options.adapter, method.name, options, tuple((s.path, s.kind) for s in sites), {},
-                     stages={s.path: method.stage_at(s, options) for s in sites})
+    record = Adapter(
+        options.adapter,
+        method.name,
+        options,
+        tuple((s.path, s.kind) for s in sites),
+        {},
+        stages={s.path: method.stage_at(s, options) for s in sites},
+    )
     check_nesting(gm, record.sites, extra=[record])  # before anything changes
     if options.freeze_base:
         freeze_parameters(gm, keep={q for r in adapters(gm).values() for q in r.param_names})
     _create_all(gm, method, options, record, placed)
     serving = "multi_lora" in peftc_meta(gm)
-    record.active = not serving  # a stacked graph serves it per row after the next multi_lora, never on every row
+    # a stacked graph serves it per row after the next multi_lora, never on every row
+    record.active = not serving
     adapters(gm)[options.adapter] = record
     rebuild(gm, record.sites)
     method.after_insert(gm, sites, options)
     report = method.describe(options, sites)
     if serving:
-        report += "; inactive: this graph serves stacked adapters, apply 'multi_lora' again to serve it"
+        report += (
+            "; inactive: this graph serves stacked adapters, apply 'multi_lora' again to serve it"
+        )
     return PassResult(gm, modified=True, sites=tuple(s.path for s in sites), report=report)
 
 
-def _create_all(gm: fx.GraphModule, method: Technique, options: Any, record: Adapter, placed: list) -> None:
+def _create_all(
+    gm: fx.GraphModule, method: Technique, options: Any, record: Adapter, placed: list
+) -> None:
     """The adapter's tensors (shared, then per site) and modules, into `record`."""
     sites = [site for site, _ in placed]
     shared = method.shared_params(gm, sites, options) if sites else []
     if shared:
-        record.names[SHARED] = _create(gm, "", shared, record, _dtype(gm, sites[0]), _device(gm, sites[0]))
+        record.names[SHARED] = _create(
+            gm, "", shared, record, _dtype(gm, sites[0]), _device(gm, sites[0])
+        )
     for site, prefix in placed:
         ctx = context(gm, record, site)
-        params = _at_site(method, site, "cannot create its tensors at", lambda: method.params(ctx))
-        record.names[site.path] = _create(gm, prefix, params, record, _dtype(gm, site), _device(gm, site))
-        modules = _at_site(method, site, "cannot create its modules at", lambda: method.modules(ctx))
+        params = _at_site(method, site, "cannot create its tensors at", partial(method.params, ctx))
+        record.names[site.path] = _create(
+            gm, prefix, params, record, _dtype(gm, site), _device(gm, site)
+        )
+        modules = _at_site(
+            method, site, "cannot create its modules at", partial(method.modules, ctx)
+        )
         for attr, module in modules.items():
             qualname = qualify(prefix, attr, options.adapter)
             gm.add_submodule(qualname, module.to(_device(gm, site)))
@@ -182,14 +212,17 @@ def _create_all(gm: fx.GraphModule, method: Technique, options: Any, record: Ada
 
 
 def _at_site(method: Technique, site: Any, what: str, fn: Any) -> Any:
-    """`fn()`, an error from inside the technique named by technique and site (not by a node deep in the graph)."""
+    """`fn()`, an error from inside the technique named by technique and site (not by a node deep in
+    the graph)."""
     try:
         return fn()
     except PeftcError:
         raise
     except Exception as e:
-        raise PassError(f"{method.name} {what} the {site.kind} site {site.path!r} ({type(e).__name__}: {e}); a "
-                        "technique refuses the sites it cannot act on in its check()") from e
+        raise PassError(
+            f"{method.name} {what} the {site.kind} site {site.path!r} ({type(e).__name__}: {e}); a "
+            "technique refuses the sites it cannot act on in its check()"
+        ) from e
 
 
 def _device(gm: fx.GraphModule, site: Any) -> torch.device:
@@ -200,15 +233,22 @@ def _device(gm: fx.GraphModule, site: Any) -> torch.device:
 
 
 def _dtype(gm: fx.GraphModule, site: Any) -> torch.dtype:
-    """The dtype adapter tensors at `site` take: the weight format's compute dtype, else the site's values'."""
+    """The dtype adapter tensors at `site` take: the weight format's compute dtype, else the site's
+    values'."""
     if isinstance(site, WeightSite):
         return format_of(site).compute_dtype(gm, site)
     val = site.node.meta.get("val")
     return val.dtype if isinstance(val, torch.Tensor) and val.is_floating_point() else torch.float32
 
 
-def _create(gm: fx.GraphModule, path: str, params: list[Param], record: Adapter, dtype: torch.dtype,
-            device: torch.device) -> dict[str, str]:
+def _create(
+    gm: fx.GraphModule,
+    path: str,
+    params: list[Param],
+    record: Adapter,
+    dtype: torch.dtype,
+    device: torch.device,
+) -> dict[str, str]:
     names = {}
     for param in params:
         qualname = qualify(path, param.attr, record.name, param.suffix)
@@ -221,30 +261,40 @@ def _create(gm: fx.GraphModule, path: str, params: list[Param], record: Adapter,
 
 # --- rebuilding sites -----------------------------------------------------------------------
 
+
 def rebuild(gm: fx.GraphModule, refs: Iterable[Ref]) -> None:
-    """Strip the sites `refs` (and every site composed with them, case 2) of every technique node, then
-    insert their active, unmerged adapters."""
+    """Strip the sites `refs` (and every site composed with them, case 2) of every technique node,
+    then insert their active, unmerged adapters."""
     check_not_lowered(gm)
-    refs = _closure(gm, list(dict.fromkeys(refs)))
+    refs = closure(gm, list(dict.fromkeys(refs)))
     strip(gm, refs)
     compose(gm, refs)
 
 
-def _closure(gm: fx.GraphModule, refs: list[Ref]) -> list[Ref]:
-    """`refs` with every site at the same op as one of them, and every site of an adapter with shared nodes."""
+def closure(gm: fx.GraphModule, refs: list[Ref]) -> list[Ref]:
+    """`refs` with every site at the same op as one of them, and every site of an adapter with
+    shared nodes."""
     records = list(adapters(gm).values())
     every = list(dict.fromkeys([*refs, *(ref for r in records for ref in r.sites)]))
     if len(every) == len(refs):
         return refs
-    anchors = {ref: site.node for ref, site in _current_sites(gm, every).items()}
-    shared = {n.meta["peftc"]["adapter"] for n in gm.graph.nodes
-              if "adapter" in n.meta.get("peftc", {}) and n.meta["peftc"].get("site") is None}
+    anchors = {ref: site.node for ref, site in current_sites(gm, every).items()}
+    shared = {
+        n.meta["peftc"]["adapter"]
+        for n in gm.graph.nodes
+        if "adapter" in n.meta.get("peftc", {}) and n.meta["peftc"].get("site") is None
+    }
     chosen = dict.fromkeys(refs)
     while True:
         ops = {anchors.get(ref) for ref in chosen}
         grow = [ref for ref in every if ref not in chosen and anchors.get(ref) in ops]
-        grow += [ref for r in records if r.name in shared and set(r.sites) & set(chosen)
-                 for ref in r.sites if ref not in chosen]
+        grow += [
+            ref
+            for r in records
+            if r.name in shared and set(r.sites) & set(chosen)
+            for ref in r.sites
+            if ref not in chosen
+        ]
         if not grow:
             return list(chosen)
         chosen.update(dict.fromkeys(grow))
@@ -252,25 +302,32 @@ def _closure(gm: fx.GraphModule, refs: list[Ref]) -> list[Ref]:
 
 def check_not_serving(gm: fx.GraphModule) -> None:
     if "multi_lora" in peftc_meta(gm):
-        raise PassError("this graph serves stacked adapters (multi_lora): every row picks its adapter with adapter_ids, "
-                        "so switching or merging branches would add them to every row; do that on the graph before "
-                        "'multi_lora'")
+        raise PassError(
+            "this graph serves stacked adapters (multi_lora): every row picks its adapter with "
+            "adapter_ids, so switching or merging branches would add them to every row; do that on "
+            "the graph before 'multi_lora'"
+        )
 
 
 def check_not_lowered(gm: fx.GraphModule) -> None:
     if "lowered" in peftc_meta(gm):
         backend = peftc_meta(gm)["lowered"]["backend"]
         if backend == "outline":
-            raise PassError("this graph's blocks are outlined into submodules ('outline'), so adapters cannot be added, "
-                            "switched, merged or deleted here; run 'inline' first, or do that before 'outline' "
-                            "(apply it last)")
-        raise PassError(f"this graph was lowered by {backend!r}: its sites are fused kernels now, so adapters cannot be "
-                        f"added, switched, merged or deleted; do that on the graph before {backend!r} (apply it last)")
+            raise PassError(
+                "this graph's blocks are outlined into submodules ('outline'), so adapters cannot "
+                "be added, switched, merged or deleted here; run 'inline' first, or do that before "
+                "'outline' (apply it last)"
+            )
+        raise PassError(
+            f"this graph was lowered by {backend!r}: its sites are fused kernels now, so adapters "
+            "cannot be added, switched, merged or deleted; do that on the graph before "
+            f"{backend!r} (apply it last)"
+        )
 
 
 def strip(gm: fx.GraphModule, refs: list[Ref]) -> None:
-    """Remove every technique node at the sites `refs` (and the shared nodes of their adapters), restoring the
-    ops they rewrote and giving rerouted users back what they read."""
+    """Remove every technique node at the sites `refs` (and the shared nodes of their adapters),
+    restoring the ops they rewrote and giving rerouted users back what they read."""
     keys = set(refs)
     owners = {r.name for r in adapters(gm).values() if keys & set(r.sites)}
     graph = gm.graph
@@ -279,7 +336,11 @@ def strip(gm: fx.GraphModule, refs: list[Ref]) -> None:
         tag = n.meta.get("peftc", {})
         if "adapter" not in tag or "kind" not in tag:
             return False
-        return (tag["site"], tag["kind"]) in keys if tag["site"] is not None else tag["adapter"] in owners
+        return (
+            (tag["site"], tag["kind"]) in keys
+            if tag["site"] is not None
+            else tag["adapter"] in owners
+        )
 
     removed = [n for n in graph.nodes if ours(n)]
     gone = set(removed)
@@ -295,23 +356,30 @@ def strip(gm: fx.GraphModule, refs: list[Ref]) -> None:
         graph.erase_node(n)
 
 
-def _current_sites(gm: fx.GraphModule, refs: Iterable[Ref]) -> dict[Ref, Any]:
+def current_sites(gm: fx.GraphModule, refs: Iterable[Ref]) -> dict[Ref, Any]:
     wanted = set(refs)
     kinds = tuple(dict.fromkeys(kind for _, kind in wanted))
     return {(s.path, s.kind): s for s in sites_of(gm, kinds) if (s.path, s.kind) in wanted}
 
 
 def compose(gm: fx.GraphModule, refs: list[Ref]) -> None:
-    """Insert the active, unmerged adapters at the (stripped) sites `refs`, each op's sites together."""
-    found = _current_sites(gm, refs)
+    """Insert the active, unmerged adapters at the (stripped) sites `refs`, each op's sites
+    together."""
+    found = current_sites(gm, refs)
     missing = [ref for ref in refs if ref not in found]
     if missing:
         path, kind = missing[0]
-        raise PassError(f"expected a {kind} site at {path!r}, found none; was its op rewritten by another pass?")
+        raise PassError(
+            f"expected a {kind} site at {path!r}, found none; was its op rewritten by another pass?"
+        )
     active = [r for r in adapters(gm).values() if r.active and not r.merged]
-    # composing an op replaces its output, which a later site may read (chained linears): inputs by position
-    positions = {ref: s.node.args.index(s.input) for ref, s in found.items()
-                 if isinstance(s, WeightSite) and s.input in s.node.args}
+    # composing an op replaces its output, which a later site may read (chained linears), so
+    # inputs are matched by position
+    positions = {
+        ref: s.node.args.index(s.input)
+        for ref, s in found.items()
+        if isinstance(s, WeightSite) and s.input in s.node.args
+    }
     groups: dict[fx.Node, list[tuple[Ref, Any, Adapter]]] = {}
     for ref, site in found.items():
         for record in active:
@@ -324,26 +392,42 @@ def compose(gm: fx.GraphModule, refs: list[Ref]) -> None:
             if ref in positions and site.node.args[positions[ref]] is not site.input:
                 site = replace(site, input=site.node.args[positions[ref]])
             pairs.append((site, record))
-        _compose_op(gm, node, pairs, memo)
+        compose_op(gm, node, pairs, memo)
 
 
 def _stage(site: Any, record: Adapter) -> str:
     return record.stages[site.path]
 
 
-def _compose_op(gm: fx.GraphModule, base: fx.Node, pairs: list[tuple[Any, Adapter]], memo: dict) -> None:
+def compose_op(
+    gm: fx.GraphModule, base: fx.Node, pairs: list[tuple[Any, Adapter]], memo: dict
+) -> None:
     """Compose every active adapter of every site at op `base` (case 1)."""
     _check_alone(gm, base, pairs)
     pairs = sorted(pairs, key=lambda p: (STAGES.index(_stage(*p)), p[1].name))
 
-    def builder(site: Any, record: Adapter, before: fx.Node | None, cursor: fx.Node, x: Any) -> Builder:
-        return Builder(gm, context(gm, record, site), record.method(), base=base, x=x, before=before, cursor=cursor,
-                       memo=memo)
+    def builder(
+        site: Any, record: Adapter, before: fx.Node | None, cursor: fx.Node, x: Any
+    ) -> Builder:
+        return Builder(
+            gm,
+            context(gm, record, site),
+            record.method(),
+            base=base,
+            x=x,
+            before=before,
+            cursor=cursor,
+            memo=memo,
+        )
 
     def build(b: Builder, record: Adapter, value: Any) -> Any:
-        return _at_site(record.method(), b.site, "cannot rewrite", lambda: record.method().build(b, value))
+        return _at_site(
+            record.method(), b.site, "cannot rewrite", lambda: record.method().build(b, value)
+        )
 
-    _compose_before(gm, base, [p for p in pairs if _stage(*p) in ("input", "weight")], builder, build)
+    _compose_before(
+        gm, base, [p for p in pairs if _stage(*p) in ("input", "weight")], builder, build
+    )
     y, cursor, inside = base, base, []
     for site, record in [p for p in pairs if _stage(*p) in ("output", "add", "final")]:
         b = builder(site, record, None, cursor, getattr(site, "input", None))
@@ -359,9 +443,11 @@ def _compose_op(gm: fx.GraphModule, base: fx.Node, pairs: list[tuple[Any, Adapte
         base.replace_all_uses_with(y, delete_user_cb=lambda user: user not in members)
 
 
-def _compose_before(gm: fx.GraphModule, base: fx.Node, pairs: list[tuple[Any, Adapter]], builder: Any,
-                    build: Any) -> None:
-    """The `input` and `weight` stages: nodes before the op, which then reads the new input and weight."""
+def _compose_before(
+    gm: fx.GraphModule, base: fx.Node, pairs: list[tuple[Any, Adapter]], builder: Any, build: Any
+) -> None:
+    """The `input` and `weight` stages: nodes before the op, which then reads the new input and
+    weight."""
     if not pairs:
         return
     site = pairs[0][0]
@@ -370,7 +456,8 @@ def _compose_before(gm: fx.GraphModule, base: fx.Node, pairs: list[tuple[Any, Ad
     for site, record in pairs:
         b = builder(site, record, base, base, x)
         if _stage(site, record) == "input":
-            x = build(b, record, x if x is not None else base)  # an op of several operands: the op (`b.rewrite`)
+            # an op of several operands: the op (`b.rewrite`)
+            x = build(b, record, x if x is not None else base)
         else:
             b._weight = weight
             weight = build(b, record, b.weight())
@@ -391,25 +478,36 @@ def _compose_before(gm: fx.GraphModule, base: fx.Node, pairs: list[tuple[Any, Ad
 
 
 def _check_alone(gm: fx.GraphModule, base: fx.Node, pairs: list[tuple[Any, Adapter]]) -> None:
-    """An op composed while another site's nodes are still at it would nest them in an unknown order."""
+    """An op composed while another site's nodes are still at it would nest them in an unknown
+    order."""
     ours = {(s.path, s.kind) for s, _ in pairs}
     original = base.meta.get("peftc_original")
     if original is not None and (original["site"], original["kind"]) not in ours:
         others = f"{original['kind']} site {original['site']!r}"
     else:
         chains = [n for n in base.users if n.meta.get("peftc", {}).get("exit") == base.name]
-        others = next((f"{n.meta['peftc']['kind']} site {n.meta['peftc']['site']!r}" for n in chains), None)
+        others = next(
+            (f"{n.meta['peftc']['kind']} site {n.meta['peftc']['site']!r}" for n in chains), None
+        )
     if others is not None:
-        raise PassError(f"internal: the op of {', '.join(f'{k} site {p!r}' for p, k in sorted(ours))} was composed "
-                        f"while {others} still rewrites it; please report this with the pipeline that gave it")
+        raise PassError(
+            f"internal: the op of {', '.join(f'{k} site {p!r}' for p, k in sorted(ours))} was "
+            f"composed while {others} still rewrites it; please report this with the pipeline that "
+            "gave it"
+        )
 
 
 # --- switching, deleting ----------------------------------------------------------------------
 
+
 def check_name(gm: fx.GraphModule, name: str) -> Adapter:
     known = adapters(gm)
     if name not in known:
-        parts = [f"no adapter named {name!r}.", suggest(name, known), f"Adapters: {', '.join(known) or 'none'}"]
+        parts = [
+            f"no adapter named {name!r}.",
+            suggest(name, known),
+            f"Adapters: {', '.join(known) or 'none'}",
+        ]
         raise OptionError(" ".join(p for p in parts if p))
     return known[name]
 
@@ -418,10 +516,17 @@ def check_name(gm: fx.GraphModule, name: str) -> Adapter:
 NESTING = {"weight": 0, "input": 1, "output": 2, "add": 3, "final": 4}
 
 
-def check_nesting(gm: fx.GraphModule, refs: Iterable[Ref], *, extra: Iterable[Adapter] = (),
-                  merged: Iterable[str] = (), unmerged: Iterable[str] = (), active: Iterable[str] | None = None) -> None:
-    """Refuse a state in which a merged adapter lies outside an active unmerged one at a site, or in which
-    two active adapters of `exclusive` techniques share a site."""
+def check_nesting(
+    gm: fx.GraphModule,
+    refs: Iterable[Ref],
+    *,
+    extra: Iterable[Adapter] = (),
+    merged: Iterable[str] = (),
+    unmerged: Iterable[str] = (),
+    active: Iterable[str] | None = None,
+) -> None:
+    """Refuse a state in which a merged adapter lies outside an active unmerged one at a site, or in
+    which two active adapters of `exclusive` techniques share a site."""
     merged, unmerged = set(merged), set(unmerged)
     active = set(active) if active is not None else None
     records = [*adapters(gm).values(), *extra]
@@ -438,19 +543,22 @@ def check_nesting(gm: fx.GraphModule, refs: Iterable[Ref], *, extra: Iterable[Ad
         alone = [r for r in live if r.method().exclusive]
         if len(alone) > 1:
             named = ", ".join(f"{r.name!r} ({r.technique})" for r in alone)
-            raise OptionError(f"at {path!r}, adapters {named} would be active together, but each replaces what the "
-                              f"other computes there (one active at a time); make only one of them active "
-                              f"(set_adapter, or disable_adapters before adding another)")
+            raise OptionError(
+                f"at {path!r}, adapters {named} would be active together, but each replaces what "
+                "the other computes there (one active at a time); make only one of them active "
+                "(set_adapter, or disable_adapters before adding another)"
+            )
         for inner in [r for r in at_site if is_merged(r)]:
             for outer in live:
                 i, o = NESTING[inner.stages[path]], NESTING[outer.stages[path]]
                 if i > o or (i == o and inner.stages[path] != "add"):
                     raise OptionError(
-                        f"at {path!r}, adapter {inner.name!r} ({inner.technique}, {inner.stages[path]} stage) would be "
-                        f"merged into the base while {outer.name!r} ({outer.technique}, {outer.stages[path]} stage) "
-                        f"stays unmerged around it, which changes what the site computes; merge {outer.name!r} too "
-                        f"(or first), or unmerge {inner.name!r}")
-
+                        f"at {path!r}, adapter {inner.name!r} ({inner.technique}, "
+                        f"{inner.stages[path]} stage) would be merged into the base while "
+                        f"{outer.name!r} ({outer.technique}, {outer.stages[path]} stage) stays "
+                        "unmerged around it, which changes what the site computes; merge "
+                        f"{outer.name!r} too (or first), or unmerge {inner.name!r}"
+                    )
 
 
 def set_active(gm: fx.GraphModule, names: str | Iterable[str]) -> fx.GraphModule:
@@ -461,7 +569,9 @@ def set_active(gm: fx.GraphModule, names: str | Iterable[str]) -> fx.GraphModule
         check_not_serving(gm)
     for name in wanted:
         if check_name(gm, name).merged:
-            raise OptionError(f"adapter {name!r} is merged into the base weights; unmerge it before switching")
+            raise OptionError(
+                f"adapter {name!r} is merged into the base weights; unmerge it before switching"
+            )
     changed = [r for r in adapters(gm).values() if not r.merged and r.active != (r.name in wanted)]
     check_nesting(gm, [ref for r in changed for ref in r.sites], active=wanted)
     for record in changed:
@@ -472,7 +582,8 @@ def set_active(gm: fx.GraphModule, names: str | Iterable[str]) -> fx.GraphModule
 
 
 def disable(gm: fx.GraphModule) -> fx.GraphModule:
-    """No unmerged adapter active: the graph computes the base model (with merged adapters) exactly."""
+    """No unmerged adapter active: the graph computes the base model (with merged adapters)
+    exactly."""
     return set_active(gm, [])
 
 
@@ -481,7 +592,9 @@ def delete(gm: fx.GraphModule, name: str) -> fx.GraphModule:
     check_not_lowered(gm)
     record = check_name(gm, name)
     if record.merged:
-        raise OptionError(f"adapter {name!r} is merged into the base weights; unmerge it before deleting it")
+        raise OptionError(
+            f"adapter {name!r} is merged into the base weights; unmerge it before deleting it"
+        )
     del adapters(gm)[name]
     rebuild(gm, record.sites)
     for qualname in record.param_names + record.module_names:
@@ -491,7 +604,8 @@ def delete(gm: fx.GraphModule, name: str) -> fx.GraphModule:
 
 
 def pop(gm: nn.Module, qualname: str) -> torch.Tensor | nn.Module | None:
-    """Unregister the tensor or module at `qualname` (nothing if it is already gone with its module)."""
+    """Unregister the tensor or module at `qualname` (nothing if it is already gone with its
+    module)."""
     owner, _, attr = qualname.rpartition(".")
     try:
         module = gm.get_submodule(owner)

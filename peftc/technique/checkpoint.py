@@ -1,19 +1,22 @@
 """Adapters on disk in HF peft's format: `adapter_config.json` + `adapter_model.safetensors`.
 
-One code path for every technique, whatever its sites (weights, blocks, tokens, attention, the head):
+One code path for every technique, whatever its sites (weights, blocks, tokens, attention, the
+head):
 
-1. Keys are peft's: `base_model.model.<path>.<attr>[.<suffix>]` for a site's tensors (the adapter name
-   dropped: `...q_proj.lora_A.weight`), `base_model.<attr>` for tensors an adapter shares across its
-   sites (VeRA's projections), each passed through the technique's `checkpoint_key` (peft's quirks:
-   DoRA's magnitude has no `.weight`, prompt tuning saves `prompt_embeddings`). The technique's
-   `to_checkpoint` may replace its tensors by what peft saves instead (P-tuning: its encoder's output).
-2. The config is derived from the technique's options (`peftc.technique.options.to_peft`); a technique
-   without a `peft_type` is saved in peftc's variant: the same keys, and a config holding
+1. Keys are peft's: `base_model.model.<path>.<attr>[.<suffix>]` for a site's tensors (the adapter
+   name dropped: `...q_proj.lora_A.weight`), `base_model.<attr>` for tensors an adapter shares
+   across its sites (VeRA's projections), each passed through the technique's `checkpoint_key`
+   (peft's quirks: DoRA's magnitude has no `.weight`, prompt tuning saves `prompt_embeddings`). The
+   technique's `to_checkpoint` may replace its tensors by what peft saves instead (P-tuning: its
+   encoder's output).
+2. The config is derived from the technique's options (`peftc.technique.options.to_peft`); a
+   technique without a `peft_type` is saved in peftc's variant: the same keys, and a config holding
    `peftc_technique`, its pass options and its sites.
-3. Loading finds the technique registered for the file's `peft_type` (or `peftc_technique`), reads its
-   options from the config (refusing by name every field peftc does not implement), runs its pass on a
-   copy, checks every key and shape against the file, and only then fills the tensors.
-Saving replaces the folder atomically; `save_adapter` output loads with `peft.PeftModel.from_pretrained`.
+3. Loading finds the technique registered for the file's `peft_type` (or `peftc_technique`), reads
+   its options from the config (refusing by name every field peftc does not implement), runs its
+   pass on a copy, checks every key and shape against the file, and only then fills the tensors.
+Saving replaces the folder atomically; `save_adapter` output loads with
+`peft.PeftModel.from_pretrained`.
 """
 
 from __future__ import annotations
@@ -33,8 +36,15 @@ from peftc.errors import CheckpointError, PeftcError
 from peftc.ir.graph import get_tensor, peftc_meta, set_tensor
 from peftc.ir.pipeline import Pipeline, Step
 from peftc.technique import registry
-from peftc.technique.adapters import SHARED, Adapter, _current_sites, adapter_tensors, adapters, context
-from peftc.technique.merge import _Kept
+from peftc.technique.adapters import (
+    SHARED,
+    Adapter,
+    adapter_tensors,
+    adapters,
+    context,
+    current_sites,
+)
+from peftc.technique.merge import MergedContext
 from peftc.technique.options import from_peft, to_peft
 
 __all__ = ["CheckpointError", "save_adapter", "load_adapter"]
@@ -46,12 +56,16 @@ def save_adapter(gm: fx.GraphModule, directory: str | Path, adapter: str = "defa
     """Write adapter `adapter` of `gm` as a peft checkpoint folder (replaced atomically)."""
     record = adapters(gm).get(adapter)
     if record is None:
-        raise CheckpointError(f"no adapter named {adapter!r} to save; adapters: {', '.join(adapters(gm)) or 'none'}")
+        raise CheckpointError(
+            f"no adapter named {adapter!r} to save; adapters: {', '.join(adapters(gm)) or 'none'}"
+        )
     if record.merged and record.kept is None:
-        raise CheckpointError(f"adapter {adapter!r} was merged with keep=false; its weights are gone")
+        raise CheckpointError(
+            f"adapter {adapter!r} was merged with keep=false; its weights are gone"
+        )
     method = record.method()
     sites = _sites(gm, record)
-    ctx = _Kept(gm, sites[0], record) if record.merged else context(gm, record, sites[0])
+    ctx = MergedContext(gm, sites[0], record) if record.merged else context(gm, record, sites[0])
     saved = _saved(record)
     tensors = {_key(record, q): t for q, t in adapter_tensors(gm, adapter).items() if q in saved}
     tensors = method.to_checkpoint(ctx, tensors)
@@ -62,8 +76,9 @@ def save_adapter(gm: fx.GraphModule, directory: str | Path, adapter: str = "defa
     return Path(directory)
 
 
-def load_adapter(gm: fx.GraphModule, directory: str | Path, adapter: str = "default", *,
-                 verify: bool = True) -> fx.GraphModule:
+def load_adapter(
+    gm: fx.GraphModule, directory: str | Path, adapter: str = "default", *, verify: bool = True
+) -> fx.GraphModule:
     """A copy of `gm` with the peft checkpoint in `directory` added as adapter `adapter`.
 
     `verify=False` skips the shape propagation after the rewrite (seconds on a large graph: a server
@@ -74,13 +89,20 @@ def load_adapter(gm: fx.GraphModule, directory: str | Path, adapter: str = "defa
     """
     directory = Path(directory)
     if not directory.is_dir():
-        raise CheckpointError(f"{directory} does not exist or is not a folder; give the folder that "
-                              "peftc.save_adapter or peft's save_pretrained wrote")
+        raise CheckpointError(
+            f"{directory} does not exist or is not a folder; give the folder that "
+            "peftc.save_adapter or peft's save_pretrained wrote"
+        )
     if not (directory / CONFIG).exists() or not (directory / WEIGHTS).exists():
-        raise CheckpointError(f"{directory} is not a peft adapter folder: it needs {CONFIG} and {WEIGHTS}")
+        raise CheckpointError(
+            f"{directory} is not a peft adapter folder: it needs {CONFIG} and {WEIGHTS}"
+        )
     config = json.loads((directory / CONFIG).read_text())
-    step = _peftc_step(config, adapter, directory) if "peftc_technique" in config else _peft_step(config, adapter,
-                                                                                                   directory)
+    step = (
+        _peftc_step(config, adapter, directory)
+        if "peftc_technique" in config
+        else _peft_step(config, adapter, directory)
+    )
     out = _run(gm, step, config, directory, verify)
     record = adapters(out)[adapter]
     if "peftc_technique" in config:
@@ -93,16 +115,26 @@ def load_adapter(gm: fx.GraphModule, directory: str | Path, adapter: str = "defa
     found = {k: v for k, v in found.items() if k in expected or ".base_layer." not in k}
     _check_keys(out, found, expected, config, directory)
     for key, qualname in expected.items():
-        old = get_tensor(out, qualname)
-        value = found[key].to(device=old.device, dtype=old.dtype)
-        set_tensor(out, qualname, torch.nn.Parameter(value, requires_grad=old.requires_grad)
-                   if isinstance(old, torch.nn.Parameter) else value, buffer=not isinstance(old, torch.nn.Parameter))
+        _replace_tensor(out, qualname, found[key])
     out.recompile()
     return out
 
 
-def _run(gm: fx.GraphModule, step: Step, config: dict[str, Any], directory: Path, verify: bool) -> fx.GraphModule:
-    """The technique's pass on a copy of `gm`; a failure on a model the file was not saved for says so."""
+def _replace_tensor(gm: fx.GraphModule, qualname: str, value: torch.Tensor) -> None:
+    """`value` in place of the tensor at `qualname`: its device, dtype and kind kept."""
+    old = get_tensor(gm, qualname)
+    value = value.to(device=old.device, dtype=old.dtype)
+    if isinstance(old, torch.nn.Parameter):
+        set_tensor(gm, qualname, torch.nn.Parameter(value, requires_grad=old.requires_grad))
+    else:
+        set_tensor(gm, qualname, value, buffer=True)
+
+
+def _run(
+    gm: fx.GraphModule, step: Step, config: dict[str, Any], directory: Path, verify: bool
+) -> fx.GraphModule:
+    """The technique's pass on a copy of `gm`; a failure on a model the file was not saved for says
+    so."""
     try:
         return Pipeline([step]).run(gm, verify=verify).graph_module
     except PeftcError as e:
@@ -110,63 +142,101 @@ def _run(gm: fx.GraphModule, step: Step, config: dict[str, Any], directory: Path
         ours = peftc_meta(gm).get("capture", {}).get("config", {}).get("name_or_path")
         if not saved_for or saved_for == ours:
             raise
-        raise CheckpointError(f"checkpoint {directory} was saved for the base model {saved_for!r}"
-                              f"{f', and this model is {ours!r}' if ours else ''}; load it into that model ({e})") from e
+        raise CheckpointError(
+            f"checkpoint {directory} was saved for the base model {saved_for!r}"
+            f"{f', and this model is {ours!r}' if ours else ''}; load it into that model ({e})"
+        ) from e
 
 
-def _check_keys(out: fx.GraphModule, found: dict[str, torch.Tensor], expected: dict[str, str], config: dict[str, Any],
-                directory: Path) -> None:
+def _check_keys(
+    out: fx.GraphModule,
+    found: dict[str, torch.Tensor],
+    expected: dict[str, str],
+    config: dict[str, Any],
+    directory: Path,
+) -> None:
     missing = sorted(set(expected) - set(found))
     unexpected = sorted(set(found) - set(expected))
-    misshapen = [f"{k}: file {tuple(found[k].shape)}, model {tuple(get_tensor(out, expected[k]).shape)}"
-                 for k in sorted(set(found) & set(expected)) if found[k].shape != get_tensor(out, expected[k]).shape]
+    misshapen = [
+        f"{k}: file {tuple(found[k].shape)}, model {tuple(get_tensor(out, expected[k]).shape)}"
+        for k in sorted(set(found) & set(expected))
+        if found[k].shape != get_tensor(out, expected[k]).shape
+    ]
     if missing or unexpected or misshapen:
         kind = config.get("peft_type") or config.get("peftc_technique")
         lines = [f"checkpoint {directory} does not fit this model ({kind}):"]
-        for label, items in (("missing", missing), ("unexpected", unexpected), ("wrong shape", misshapen)):
+        for label, items in (
+            ("missing", missing),
+            ("unexpected", unexpected),
+            ("wrong shape", misshapen),
+        ):
             if items:
-                lines.append(f"  {label} ({len(items)}): " + ", ".join(items[:6]) + (" ..." if len(items) > 6 else ""))
-        lines.append("  fix: load it into the model it was trained on, with the same targets and options")
+                lines.append(
+                    f"  {label} ({len(items)}): "
+                    + ", ".join(items[:6])
+                    + (" ..." if len(items) > 6 else "")
+                )
+        lines.append(
+            "  fix: load it into the model it was trained on, with the same targets and options"
+        )
         raise CheckpointError("\n".join(lines))
 
 
 def _sites(gm: fx.GraphModule, record: Adapter) -> list[Any]:
-    found = _current_sites(gm, record.sites)
+    found = current_sites(gm, record.sites)
     return [found[ref] for ref in record.sites if ref in found]
 
 
 def _key(record: Adapter, qualname: str) -> str:
-    """`<path>.lora_A.<adapter>.weight -> base_model.model.<path>.lora_A.weight` (peft's naming); tensors the
-    adapter shares across its sites: `base_model.<attr>`."""
+    """peft's naming: `<path>.lora_A.<adapter>.weight -> base_model.model.<path>.lora_A.weight`;
+    tensors the adapter shares across its sites: `base_model.<attr>`."""
     shared = qualname in record.names.get(SHARED, {}).values()
     prefix = "base_model." if shared else "base_model.model."
     return record.method().checkpoint_key(prefix + record.keys[qualname])
 
 
 def _saved(record: Adapter) -> set[str]:
-    """The qualified names of the adapter's tensors that peft's checkpoint holds (`Technique.saved`)."""
+    """The qualified names of the adapter's tensors that peft's checkpoint holds
+    (`Technique.saved`)."""
     method = record.method()
-    return {q for names in record.names.values() for attr, q in names.items() if method.saved(record.options, attr)}
+    return {
+        q
+        for names in record.names.values()
+        for attr, q in names.items()
+        if method.saved(record.options, attr)
+    }
 
 
 def _peftc_config(record: Adapter) -> dict[str, Any]:
     """The config of a technique peft has no format for: its pass options and sites, as JSON."""
-    options = {f.name: getattr(record.options, f.name) for f in dataclasses.fields(record.options) if f.name != "adapter"}
-    config = {"peftc_technique": record.technique, "peftc_version": __version__, "options": options,
-              "sites": [list(ref) for ref in record.sites]}
+    options = {
+        f.name: getattr(record.options, f.name)
+        for f in dataclasses.fields(record.options)
+        if f.name != "adapter"
+    }
+    config = {
+        "peftc_technique": record.technique,
+        "peftc_version": __version__,
+        "options": options,
+        "sites": [list(ref) for ref in record.sites],
+    }
     try:
         json.dumps(config)
     except TypeError as e:
-        raise CheckpointError(f"adapter {record.name!r} ({record.technique}) has options JSON cannot hold ({e}); "
-                              "keep its tensors with torch.save(gm.state_dict(), ...)") from None
+        raise CheckpointError(
+            f"adapter {record.name!r} ({record.technique}) has options JSON cannot hold ({e}); "
+            "keep its tensors with torch.save(gm.state_dict(), ...)"
+        ) from None
     return config
 
 
 def _peftc_step(config: dict[str, Any], adapter: str, directory: Path) -> Step:
     name = config["peftc_technique"]
     if name not in registry.techniques():
-        raise CheckpointError(f"{directory} holds a {name!r} adapter, a technique not registered here; import the "
-                              "module that registers it first")
+        raise CheckpointError(
+            f"{directory} holds a {name!r} adapter, a technique not registered here; import the "
+            "module that registers it first"
+        )
     try:
         return Step.make(name, {**config.get("options", {}), "adapter": adapter})
     except PeftcError as e:
@@ -178,17 +248,22 @@ def _check_sites(record: Adapter, config: dict[str, Any], directory: Path) -> No
         return
     ours = [path for path, _ in record.sites]
     theirs = [path for path, _ in config.get("sites") or []]
-    raise CheckpointError(f"checkpoint {directory} does not fit this model: its {config['peftc_technique']} adapter "
-                          f"sits at {len(theirs)} sites ({', '.join(theirs[:3])}{' ...' if len(theirs) > 3 else ''}), "
-                          f"this model gives {len(ours)} ({', '.join(ours[:3])}{' ...' if len(ours) > 3 else ''}); "
-                          "load it into the model it was trained on")
+    raise CheckpointError(
+        f"checkpoint {directory} does not fit this model: its {config['peftc_technique']} adapter "
+        f"sits at {len(theirs)} sites "
+        f"({', '.join(theirs[:3])}{' ...' if len(theirs) > 3 else ''}), this model gives "
+        f"{len(ours)} ({', '.join(ours[:3])}{' ...' if len(ours) > 3 else ''}); load it into the "
+        "model it was trained on"
+    )
 
 
 def _peft_step(config: dict[str, Any], adapter: str, directory: Path) -> Step:
     method = registry.for_peft_type(config.get("peft_type", ""))
     if method is None:
         known = ", ".join(sorted(registry.peft_types()))
-        raise CheckpointError(f"peft_type {config.get('peft_type')!r} is not supported; peftc loads {known}")
+        raise CheckpointError(
+            f"peft_type {config.get('peft_type')!r} is not supported; peftc loads {known}"
+        )
     options = from_peft(method, config, str(directory))
     try:
         return Step.make(method.name, {**options, "adapter": adapter})

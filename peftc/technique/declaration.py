@@ -1,4 +1,5 @@
-"""A technique is a declaration; the technique layer's core (`peftc.technique.adapters`) does the rest.
+"""A technique is a declaration; the technique layer's core (`peftc.technique.adapters`) does the
+rest.
 
 A technique subclasses `Technique` and states:
 
@@ -21,8 +22,8 @@ A technique subclasses `Technique` and states:
    `NotMergeable` if it cannot; `mergeable = False` if it never is a weight update). The first merge
    on a graph checks the fold against the unmerged rewrite numerically.
 
-Insertion, tags, the adapter record, switching, deleting, merging, saving and loading are the core's.
-`docs/writing-a-technique.md` writes one from scratch.
+Insertion, tags, the adapter record, switching, deleting, merging, saving and loading are the
+core's. `docs/writing-a-technique.md` writes one from scratch.
 """
 
 from __future__ import annotations
@@ -42,15 +43,32 @@ from peftc.ir.rewrites import captured_name, keep_original
 from peftc.sites.formats import format_of, read_weight
 from peftc.sites.selection import resolve_sites
 
-__all__ = ["Builder", "Context", "NotMergeable", "Param", "STAGES", "Stage", "Technique", "kaiming_uniform"]
+__all__ = [
+    "Builder",
+    "Context",
+    "NotMergeable",
+    "Param",
+    "STAGES",
+    "Stage",
+    "Technique",
+    "kaiming_uniform",
+]
 
 Stage = Literal["input", "weight", "output", "add", "final"]
-STAGES: tuple[Stage, ...] = ("input", "weight", "output", "add", "final")  # the order a site composes them in
+# the order a site composes them in
+STAGES: tuple[Stage, ...] = (
+    "input",
+    "weight",
+    "output",
+    "add",
+    "final",
+)
 
 
 @dataclass(frozen=True)
 class Param:
-    """One adapter tensor at a site: `<site path>.<attr>.<adapter>[.<suffix>]`, peft's in-memory name.
+    """One adapter tensor at a site: `<site path>.<attr>.<adapter>[.<suffix>]`, peft's in-memory
+    name.
 
     Give `value` or `shape` (+ `init`, applied in place; zeros if None, skipped on `meta`).
     `dtype` defaults to the site's compute dtype. Frozen tensors (`trainable=False`) are buffers.
@@ -85,14 +103,16 @@ def kaiming_uniform(tensor: torch.Tensor) -> None:
 
 @dataclass
 class Context:
-    """What a technique sees at one site: the site, its options, its tensors and modules (by attr), the graph."""
+    """What a technique sees at one site: the site, its options, its tensors and modules (by attr),
+    the graph."""
 
     gm: fx.GraphModule
     site: Any
     options: Any
     names: dict[str, str] = field(default_factory=dict)  # attr -> qualified tensor name
     modules: dict[str, str] = field(default_factory=dict)  # attr -> qualified module name
-    sites: tuple[tuple[str, str], ...] = ()  # every (path, kind) the adapter acts on, in graph order
+    # every (path, kind) the adapter acts on, in graph order
+    sites: tuple[tuple[str, str], ...] = ()
 
     @property
     def index(self) -> int:
@@ -119,11 +139,25 @@ class Builder:
     rebuilds the site, undoing `reroute` and `rewrite` too.
     """
 
-    def __init__(self, gm: fx.GraphModule, ctx: Context, technique: Technique, *, base: fx.Node, x: Any,
-                 before: fx.Node | None, cursor: fx.Node, memo: dict[tuple[str, Any], Any]):
+    def __init__(
+        self,
+        gm: fx.GraphModule,
+        ctx: Context,
+        technique: Technique,
+        *,
+        base: fx.Node,
+        x: Any,
+        before: fx.Node | None,
+        cursor: fx.Node,
+        memo: dict[tuple[str, Any], Any],
+    ):
         self.gm, self.ctx, self.technique = gm, ctx, technique
         self.site, self.options = ctx.site, ctx.options
-        self.base, self.x = base, x  # base: the site's op; x: its own input (None where it has several operands)
+        # base: the site's op; x: its own input (None where it has several operands)
+        self.base, self.x = (
+            base,
+            x,
+        )
         self.nodes: list[fx.Node] = []
         self.bias: fx.Node | None = None  # a `weight`-stage technique may replace the bias too
         self._weight: fx.Node | None = None
@@ -143,14 +177,22 @@ class Builder:
             with graph.inserting_after(self.cursor):
                 node = make()
             self.cursor = node
-        tag(node, pass_name=self.technique.name, role=role, path=self.site.path, adapter=self.options.adapter,
-            site=None if self._shared else self.site.path, kind=None if self._shared else self.site.kind)
+        tag(
+            node,
+            pass_name=self.technique.name,
+            role=role,
+            path=self.site.path,
+            adapter=self.options.adapter,
+            site=None if self._shared else self.site.path,
+            kind=None if self._shared else self.site.kind,
+        )
         self.nodes.append(node)
         return node
 
     @contextlib.contextmanager
     def at(self, node: fx.Node) -> Iterator[None]:
-        """Insert the nodes made inside right after `node`, in order (an input's extension, a shifted position)."""
+        """Insert the nodes made inside right after `node`, in order (an input's extension, a
+        shifted position)."""
         saved, self._at = self._at, node
         try:
             yield
@@ -158,8 +200,9 @@ class Builder:
             self._at = saved
 
     def once(self, key: Any, make: Callable[[], Any]) -> Any:
-        """`make()`'s result, made once for all of this adapter's sites (prefix tuning's keys and values): its
-        nodes belong to the adapter, and every site of the adapter is rebuilt with them."""
+        """`make()`'s result, made once for all of this adapter's sites (prefix tuning's keys and
+        values): its nodes belong to the adapter, and every site of the adapter is rebuilt with
+        them."""
         memo_key = (self.options.adapter, key)
         if memo_key not in self._memo:
             shared, self._shared = self._shared, True
@@ -180,12 +223,14 @@ class Builder:
         return self._place(lambda: self.gm.graph.call_function(target, args, kwargs), role)
 
     def module(self, attr: str, *args: Any, role: str) -> fx.Node:
-        """Call the technique's module `attr` (e.g. its dropout), registered at `<path>.<attr>.<adapter>`."""
+        """Call the technique's module `attr` (e.g. its dropout), registered at
+        `<path>.<attr>.<adapter>`."""
         qualname = self.ctx.modules[attr]
         return self._place(lambda: self.gm.graph.call_module(qualname, args), role)
 
     def weight(self) -> fx.Node:
-        """The base weight as a graph value in the op's layout (dequantized for quantized storage)."""
+        """The base weight as a graph value in the op's layout (dequantized for quantized
+        storage)."""
         if self._weight is None:
             self._weight = format_of(self.site).node(self, self.site)
         return self._weight
@@ -194,10 +239,12 @@ class Builder:
         return self.get(self.site.bias, "base_bias") if self.site.bias else None
 
     def reroute(self, old: fx.Node, new: fx.Node, *, users: set[fx.Node] | None = None) -> fx.Node:
-        """Give `old`'s users `new` instead (all but this build's own nodes, or only `users`); the core gives
-        them `old` back when it strips the site."""
+        """Give `old`'s users `new` instead (all but this build's own nodes, or only `users`); the
+        core gives them `old` back when it strips the site."""
         mine = set(self.nodes)
-        for user in [u for u in old.users if u not in mine and u is not new and (users is None or u in users)]:
+        for user in [
+            u for u in old.users if u not in mine and u is not new and (users is None or u in users)
+        ]:
             user.replace_input_with(old, new)
         new.meta["peftc"]["exit"] = captured_name(old)
         if users is not None:
@@ -205,35 +252,44 @@ class Builder:
         return new
 
     def rewrite(self, args: tuple, kwargs: dict[str, Any]) -> None:
-        """Call the site's op with other arguments (attention's keys, values and mask); the captured call is
-        kept and put back when the core strips the site."""
+        """Call the site's op with other arguments (attention's keys, values and mask); the captured
+        call is kept and put back when the core strips the site."""
         keep_original(self.base, site=self.site.path, kind=self.site.kind)
         self.base.args, self.base.kwargs = tuple(args), dict(kwargs)
 
 
 class Technique:
-    """Declare a technique: set the class attributes, write `params` and `build`; see the module doc."""
+    """Declare a technique: set the class attributes, write `params` and `build`; see the module
+    doc."""
 
     name: ClassVar[str]
     options: ClassVar[type]
     peft_type: ClassVar[str | None] = None  # None: saved in peftc's format (its options as JSON)
-    peft_loads: ClassVar[tuple[str, ...] | None] = None  # peft types whose checkpoints load as this; None: peft_type
-    peft_fixed: ClassVar[dict[str, Any]] = {}  # peft fields it implements at one value: written so, refused otherwise
-    peft_ignored: ClassVar[tuple[str, ...]] = ()  # peft fields that change nothing here (read from the graph, init)
+    # peft types whose checkpoints load as this; None: peft_type
+    peft_loads: ClassVar[tuple[str, ...] | None] = None
+    # peft fields it implements at one value: written so, refused otherwise
+    peft_fixed: ClassVar[dict[str, Any]] = {}
+    # peft fields that change nothing here (read from the graph, init)
+    peft_ignored: ClassVar[tuple[str, ...]] = ()
     site_kinds: ClassVar[tuple[str, ...]] = ("linear",)
     stage: ClassVar[Stage] = "add"
-    preserves_outputs: ClassVar[bool] = True  # at init the rewritten model computes what the base did
-    mergeable: ClassVar[bool] = True  # False: not a weight update; `merge` leaves it in the graph and says so
-    default_targets: ClassVar[dict[str, str] | None] = None  # model family -> pattern; None: LoRA's table
-    exclusive: ClassVar[bool] = False  # at most one active adapter of an exclusive technique per site
+    # at init the rewritten model computes what the base did
+    preserves_outputs: ClassVar[bool] = True
+    # False: not a weight update; `merge` leaves it in the graph and says so
+    mergeable: ClassVar[bool] = True
+    # model family -> pattern; None: LoRA's table
+    default_targets: ClassVar[dict[str, str] | None] = None
+    # at most one active adapter of an exclusive technique per site
+    exclusive: ClassVar[bool] = False
 
     def stage_at(self, site: Any, options: Any) -> Stage:
         return self.stage
 
     def select(self, gm: fx.GraphModule, options: Any) -> list[tuple[Any, str]]:
-        """The sites an adapter acts on, each with the module path its tensors are named under: by default
-        the sites `options.targets` selects, each at its own path. Override to adapt more than the selected
-        sites (peft's LoRA on nn.MultiheadAttention also adapts its out_proj, under `<mha>.base_layer.out_proj`)."""
+        """The sites an adapter acts on, each with the module path its tensors are named under: by
+        default the sites `options.targets` selects, each at its own path. Override to adapt more
+        than the selected sites (peft's LoRA on nn.MultiheadAttention also adapts its out_proj,
+        under `<mha>.base_layer.out_proj`)."""
         sites = resolve_sites(gm, options.targets, self.name, self.site_kinds, self.default_targets)
         return [(site, site.path) for site in sites]
 
@@ -247,44 +303,55 @@ class Technique:
         return []
 
     def modules(self, ctx: Context) -> dict[str, nn.Module]:
-        """Submodules at `<path>.<attr>.<adapter>`: called by the rewrite (dropout) or holding its parameters;
-        they follow the graph's train/eval mode and their parameters are the adapter's."""
+        """Submodules at `<path>.<attr>.<adapter>`: called by the rewrite (dropout) or holding its
+        parameters; they follow the graph's train/eval mode and their parameters are the
+        adapter's."""
         return {}
 
     def build(self, b: Builder, value: Any) -> Any:
-        """The rewrite. `value` is x (`input`, `add`; the op at `sdpa` sites), W (`weight`) or the result so
-        far (`output`, `final`); return its replacement (for `add`: the term added to y)."""
+        """The rewrite. `value` is x (`input`, `add`; the op at `sdpa` sites), W (`weight`) or the
+        result so far (`output`, `final`); return its replacement (for `add`: the term added to
+        y)."""
         raise NotImplementedError
 
     def delta(self, ctx: Context) -> torch.Tensor:
         """dW in the op's weight layout, for `add` techniques whose merge is `W + dW`."""
-        raise NotMergeable(f"{self.name} does not fold into the base weight; keep it unmerged or delete it")
+        raise NotMergeable(
+            f"{self.name} does not fold into the base weight; keep it unmerged or delete it"
+        )
 
-    def fold(self, ctx: Context, weight: torch.Tensor, bias: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def fold(
+        self, ctx: Context, weight: torch.Tensor, bias: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(W', b') such that the base op with them computes what this stage computed."""
         return weight + self.delta(ctx).to(weight.dtype), bias
 
     def checkpoint_key(self, key: str) -> str:
-        """peft's key for one tensor, given `base_model.model.<path>.<attr>[.<suffix>]` (the adapter name dropped;
-        shared tensors: `base_model.<attr>`)."""
+        """peft's key for one tensor, given `base_model.model.<path>.<attr>[.<suffix>]` (the adapter
+        name dropped; shared tensors: `base_model.<attr>`)."""
         return key
 
     def saved(self, options: Any, attr: str) -> bool:
-        """Whether peft's checkpoint holds tensor `attr`; False for tensors `params` / `shared_params`
-        recreate from the options alone (FourierFT's indices, VeRA's projections without save_projection)."""
+        """Whether peft's checkpoint holds tensor `attr`; False for tensors `params` /
+        `shared_params` recreate from the options alone (FourierFT's indices, VeRA's projections
+        without save_projection)."""
         return True
 
-    def to_checkpoint(self, ctx: Context, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """The tensors peft's checkpoint holds, from the adapter's own (by checkpoint key): the same by default;
-        P-tuning and projected prefixes save their encoder's output, as peft does."""
+    def to_checkpoint(
+        self, ctx: Context, tensors: dict[str, torch.Tensor]
+    ) -> dict[str, torch.Tensor]:
+        """The tensors peft's checkpoint holds, from the adapter's own (by checkpoint key): the same
+        by default; P-tuning and projected prefixes save their encoder's output, as peft does."""
         return tensors
 
     def to_peft(self, options: Any, sites: list[Any]) -> dict[str, Any]:
-        """`adapter_config.json` fields beyond those the options declare (read from the sites, say)."""
+        """`adapter_config.json` fields beyond those the options declare (read from the sites,
+        say)."""
         return {}
 
     def from_peft(self, config: dict[str, Any]) -> dict[str, Any]:
-        """Options from `adapter_config.json` fields the options do not declare one to one; pop each field read."""
+        """Options from `adapter_config.json` fields the options do not declare one to one; pop each
+        field read."""
         return {}
 
     def after_insert(self, gm: fx.GraphModule, sites: list[Any], options: Any) -> None:

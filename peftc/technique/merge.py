@@ -4,11 +4,12 @@
    at its first merge, folds every merged adapter there from those originals in nesting order
    (weight stages, input stages innermost last, output stages, additive updates), writes the result
    through the format (NF4: requantize, or a dense weight), moves the adapters' tensors into their
-   records and composes what stays active. `unmerge_adapters` restores the originals and refolds the rest.
-2. The first time a technique merges on a graph, its `fold` is checked against its own rewrite: at one
-   of its sites, on a copy of that op alone with only this adapter composed, random inputs must give
-   what the op with the folded weight and bias gives. A fold that forgets the bias, or a term, fails
-   there with the technique's name, before anything changes.
+   records and composes what stays active. `unmerge_adapters` restores the originals and refolds the
+   rest.
+2. The first time a technique merges on a graph, its `fold` is checked against its own rewrite: at
+   one of its sites, on a copy of that op alone with only this adapter composed, random inputs must
+   give what the op with the folded weight and bias gives. A fold that forgets the bias, or a term,
+   fails there with the technique's name, before anything changes.
 """
 
 from __future__ import annotations
@@ -27,15 +28,15 @@ from peftc.sites.weight import WeightSite
 from peftc.technique.adapters import (
     NESTING,
     Adapter,
-    _closure,
-    _compose_op,
-    _current_sites,
     adapters,
     check_nesting,
     check_not_lowered,
     check_not_serving,
+    closure,
     compose,
+    compose_op,
     context,
+    current_sites,
     pop,
     strip,
 )
@@ -51,7 +52,7 @@ def _fold_order(record: Adapter, path: str) -> tuple[int, str]:
     return NESTING[stage], key
 
 
-class _Kept(Context):
+class MergedContext(Context):
     """A context reading a merged adapter's kept tensors."""
 
     def __init__(self, gm: fx.GraphModule, site: Any, record: Adapter):
@@ -65,15 +66,19 @@ class _Kept(Context):
 
 
 def _refold(gm: fx.GraphModule, site: WeightSite, merged: list[Adapter], options: Any) -> float:
-    """Set the site's weights to its original ones with `merged` folded in; returns dW's survival."""
+    """Set the site's weights to its original ones with `merged` folded in; returns dW's
+    survival."""
     fmt = format_of(site)
     bases = peftc_meta(gm).setdefault("merged_bases", {})
     if site.path not in bases:
         bases[site.path] = (fmt.name, fmt.snapshot(gm, site))
     stored, state = bases[site.path]
     if stored != fmt.name:
-        raise OptionError(f"{site.path!r} was stored as {stored} and merged into a {fmt.name} weight; that merge "
-                          "cannot be undone (merge into the same format, e.g. requantize=true, to keep it undoable)")
+        raise OptionError(
+            f"{site.path!r} was stored as {stored} and merged into a {fmt.name} weight; that merge "
+            "cannot be undone (merge into the same format, e.g. requantize=true, to keep it "
+            "undoable)"
+        )
     fmt.restore(gm, site, state)
     if not merged:
         del bases[site.path]
@@ -83,15 +88,20 @@ def _refold(gm: fx.GraphModule, site: WeightSite, merged: list[Adapter], options
         bias = get_tensor(gm, site.bias).float() if site.bias else None
         original = weight
         for record in sorted(merged, key=lambda r: _fold_order(r, site.path)):
-            weight, bias = record.method().fold(_Kept(gm, site, record), weight, bias)
-        unchanged = bias is None or not site.bias or torch.equal(bias, get_tensor(gm, site.bias).float())
+            weight, bias = record.method().fold(MergedContext(gm, site, record), weight, bias)
+        unchanged = (
+            bias is None or not site.bias or torch.equal(bias, get_tensor(gm, site.bias).float())
+        )
         if torch.equal(weight, original) and unchanged:
             return 1.0
         return fmt.write(gm, site, weight, None if unchanged else bias, options)
 
 
-def merge_adapters(gm: fx.GraphModule, names: list[str], options: Any) -> tuple[list[str], list[float]]:
-    """Fold `names` into their sites' base weights; their tensors move into the record (or are dropped)."""
+def merge_adapters(
+    gm: fx.GraphModule, names: list[str], options: Any
+) -> tuple[list[str], list[float]]:
+    """Fold `names` into their sites' base weights; their tensors move into the record (or are
+    dropped)."""
     check_not_lowered(gm)
     check_not_serving(gm)
     records = [adapters(gm)[n] for n in names]
@@ -99,13 +109,20 @@ def merge_adapters(gm: fx.GraphModule, names: list[str], options: Any) -> tuple[
     check_nesting(gm, folded, merged=names)
     for record in records:
         check_fold(gm, record)
-    refs = _closure(gm, folded)
+    refs = closure(gm, folded)
     strip(gm, refs)
     for record in records:
         record.kept, record.merged = {q: get_tensor(gm, q) for q in record.param_names}, True
-    sites = _current_sites(gm, folded)
-    survival = [_refold(gm, sites[ref], [r for r in adapters(gm).values() if r.merged and ref in r.sites], options)
-                for ref in folded]
+    sites = current_sites(gm, folded)
+    survival = [
+        _refold(
+            gm,
+            sites[ref],
+            [r for r in adapters(gm).values() if r.merged and ref in r.sites],
+            options,
+        )
+        for ref in folded
+    ]
     for record in records:  # modules (dropout) hold no weights; unmerge calls them again
         for qualname in record.param_names + ([] if options.keep else record.module_names):
             pop(gm, qualname)
@@ -121,21 +138,26 @@ def merge_adapters(gm: fx.GraphModule, names: list[str], options: Any) -> tuple[
 
 
 def unmerge_adapters(gm: fx.GraphModule, names: list[str]) -> list[str]:
-    """Undo `merge` for `names`: restore the original weights, refold the others, re-insert their branches."""
+    """Undo `merge` for `names`: restore the original weights, refold the others, re-insert their
+    branches."""
     check_not_lowered(gm)
     records = [adapters(gm)[n] for n in names]
     for record in records:
         if record.kept is None:
-            raise OptionError(f"unmerge: adapter {record.name!r} was merged with keep=false; its weights are gone")
+            raise OptionError(
+                f"unmerge: adapter {record.name!r} was merged with keep=false; its weights are gone"
+            )
     folded = list(dict.fromkeys(ref for r in records for ref in r.sites))
     check_nesting(gm, folded, unmerged=names)
-    refs = _closure(gm, folded)
+    refs = closure(gm, folded)
     strip(gm, refs)
     for record in records:
         record.merged = False
-    sites = _current_sites(gm, folded)
+    sites = current_sites(gm, folded)
     for ref in folded:
-        _refold(gm, sites[ref], [r for r in adapters(gm).values() if r.merged and ref in r.sites], None)
+        _refold(
+            gm, sites[ref], [r for r in adapters(gm).values() if r.merged and ref in r.sites], None
+        )
     for record in records:
         for qualname, tensor in record.kept.items():
             set_tensor(gm, qualname, tensor, buffer=not isinstance(tensor, nn.Parameter))
@@ -146,14 +168,19 @@ def unmerge_adapters(gm: fx.GraphModule, names: list[str]) -> list[str]:
 
 # --- the fold's numeric check (case 2) --------------------------------------------------------
 
+
 def check_fold(gm: fx.GraphModule, record: Adapter) -> None:
     """Check `record`'s technique's fold at one of its sites, the first time it merges on `gm`."""
     checked = peftc_meta(gm).setdefault("folds_checked", [])
     if record.technique in checked:
         return
-    sites = _current_sites(gm, record.sites)
-    site = next((sites[ref] for ref in record.sites if ref in sites and isinstance(sites[ref], WeightSite)), None)
-    if site is not None:  # the op as captured, before any adapter rewrote it (what the weight format reads)
+    sites = current_sites(gm, record.sites)
+    site = next(
+        (sites[ref] for ref in record.sites if ref in sites and isinstance(sites[ref], WeightSite)),
+        None,
+    )
+    # the op as captured, before any adapter rewrote it (what the weight format reads)
+    if site is not None:
         site = replace(site, node=as_captured(site.node, Resolver(gm.graph)))
     sandbox = _sandbox(gm, site, record) if site is not None else None
     if sandbox is not None:
@@ -161,9 +188,12 @@ def check_fold(gm: fx.GraphModule, record: Adapter) -> None:
     checked.append(record.technique)
 
 
-def _sandbox(gm: fx.GraphModule, site: WeightSite, record: Adapter) -> tuple[fx.GraphModule, Any, torch.Tensor] | None:
-    """The site's op alone in a graph of its own, `record` composed on it, and a random input; None where the op
-    reads other values than its input and stored tensors, or shapes or data are unknown (meta tensors)."""
+def _sandbox(
+    gm: fx.GraphModule, site: WeightSite, record: Adapter
+) -> tuple[fx.GraphModule, Any, torch.Tensor] | None:
+    """The site's op alone in a graph of its own, `record` composed on it, and a random input; None
+    where the op reads other values than its input and stored tensors, or shapes or data are unknown
+    (meta tensors)."""
     val = site.input.meta.get("val")
     if not isinstance(val, torch.Tensor) or any(t.device.type == "meta" for t in gm.parameters()):
         return None
@@ -180,8 +210,12 @@ def _sandbox(gm: fx.GraphModule, site: WeightSite, record: Adapter) -> tuple[fx.
         set_tensor(root, a.target, get_tensor(gm, a.target), buffer=True)
         return graph.get_attr(a.target)
 
-    op = graph.create_node(site.node.op, site.node.target, fx.node.map_aggregate(site.node.args, arg),
-                           fx.node.map_aggregate(site.node.kwargs, arg))
+    op = graph.create_node(
+        site.node.op,
+        site.node.target,
+        fx.node.map_aggregate(site.node.args, arg),
+        fx.node.map_aggregate(site.node.kwargs, arg),
+    )
     op.meta["val"] = site.node.meta.get("val")
     if site.node.op == "call_module":
         _attach(root, site.node.target, gm.get_submodule(site.node.target))
@@ -189,12 +223,13 @@ def _sandbox(gm: fx.GraphModule, site: WeightSite, record: Adapter) -> tuple[fx.
     if outside:
         return None
     sandbox = fx.GraphModule(root, graph)
-    sandbox.meta["peftc"] = peftc_meta(gm)  # what techniques read of the model (module types, its config)
+    # what techniques read of the model (module types, its config)
+    sandbox.meta["peftc"] = peftc_meta(gm)
     for qualname in record.param_names:
         set_tensor(sandbox, qualname, get_tensor(gm, qualname), buffer=True)
     for qualname in record.module_names:
         _attach(sandbox, qualname, gm.get_submodule(qualname))
-    _compose_op(sandbox, op, [(replace(site, node=op, input=x), record)], {})
+    compose_op(sandbox, op, [(replace(site, node=op, input=x), record)], {})
     sandbox.recompile()
     return sandbox, op, _random_input(site, val)
 
@@ -223,8 +258,14 @@ def _example_size(size: torch.SymInt) -> int:
     return int(hint) if isinstance(hint, int) else 2
 
 
-def _compare(gm: fx.GraphModule, site: WeightSite, record: Adapter, sandbox: fx.GraphModule, op: fx.Node,
-             x: torch.Tensor) -> None:
+def _compare(
+    gm: fx.GraphModule,
+    site: WeightSite,
+    record: Adapter,
+    sandbox: fx.GraphModule,
+    op: fx.Node,
+    x: torch.Tensor,
+) -> None:
     modes = {m: m.training for m in sandbox.modules()}
     sandbox.eval()  # no dropout
     try:
@@ -233,15 +274,24 @@ def _compare(gm: fx.GraphModule, site: WeightSite, record: Adapter, sandbox: fx.
             weight = format_of(site).read(gm, site).float()
             bias = get_tensor(gm, site.bias).float() if site.bias else None
             weight, bias = record.method().fold(context(gm, record, site), weight, bias)
-            target, args = site.functional(x, weight.to(expected.dtype), None if bias is None else bias.to(expected.dtype))
+            target, args = site.functional(
+                x, weight.to(expected.dtype), None if bias is None else bias.to(expected.dtype)
+            )
             got = target(*args)
     finally:
         for module, mode in modes.items():
             module.train(mode)
     scale = float(expected.abs().max()) if expected.numel() else 0.0
     tolerance = (1e-4 if expected.dtype == torch.float32 else 2e-2) * max(scale, 1.0)
-    gap = float((got.float() - expected.float()).abs().max()) if got.shape == expected.shape else float("inf")
+    gap = (
+        float((got.float() - expected.float()).abs().max())
+        if got.shape == expected.shape
+        else float("inf")
+    )
     if not gap <= tolerance:
-        raise PassError(f"{record.technique}: its fold does not compute what its rewrite computes at {site.path!r} "
-                        f"(max |difference| {gap:.3g} on a random input, tolerance {tolerance:.2g}); fix the "
-                        "technique's fold() (or delta()): merging it would change the model's outputs")
+        raise PassError(
+            f"{record.technique}: its fold does not compute what its rewrite computes at "
+            f"{site.path!r} (max |difference| {gap:.3g} on a random input, tolerance "
+            f"{tolerance:.2g}); fix the technique's fold() (or delta()): merging it would change "
+            "the model's outputs"
+        )

@@ -5,10 +5,10 @@ The mapping is derived from the options' fields (`peftc.ir.options.option`), nev
 1. `to_peft(technique, options, sites)`: `peft_type`, `target_modules` (the paths of the sites the
    adapter acts on, where the options' `targets` maps to it), every field declaring a `peft` name
    (encoded), the technique's `peft_fixed` fields, then its own `to_peft` extras.
-2. `from_peft(technique, config)`: the technique's `from_peft` extras first, then every declared field
-   (decoded; absent fields take peft's default), `peft_fixed` fields at their value and `peft_ignored`
-   ones are consumed; any other field that is not at a neutral value (None, false, 0, empty) is
-   refused by name, so an option peftc does not implement is never ignored.
+2. `from_peft(technique, config)`: the technique's `from_peft` extras first, then every declared
+   field (decoded; absent fields take peft's default), `peft_fixed` fields at their value and
+   `peft_ignored` ones are consumed; any other field that is not at a neutral value (None, false, 0,
+   empty) is refused by name, so an option peftc does not implement is never ignored.
 3. `option_rows(options)`: the rows of the options table in docs/passes.md.
 """
 
@@ -22,23 +22,52 @@ from torch import fx
 
 from peftc.errors import CheckpointError, OptionError
 from peftc.ir.graph import peftc_meta
-from peftc.ir.options import SAME, Options, default_of, fields_of, identifier, option, pattern, spec_of, type_name
+from peftc.ir.options import (
+    SAME,
+    Options,
+    default_of,
+    fields_of,
+    identifier,
+    option,
+    pattern,
+    spec_of,
+    type_name,
+)
 
-__all__ = ["AdapterOptions", "to_peft", "from_peft", "peft_task_type", "targets_from_peft", "neutral", "option_rows",
-           "METADATA"]
+__all__ = [
+    "AdapterOptions",
+    "to_peft",
+    "from_peft",
+    "peft_task_type",
+    "targets_from_peft",
+    "neutral",
+    "option_rows",
+    "METADATA",
+]
 
 # Fields about where a config came from, not what the adapter computes.
-METADATA = ("peft_type", "peft_version", "task_type", "base_model_name_or_path", "revision", "inference_mode",
-            "auto_mapping", "megatron_core")
+METADATA = (
+    "peft_type",
+    "peft_version",
+    "task_type",
+    "base_model_name_or_path",
+    "revision",
+    "inference_mode",
+    "auto_mapping",
+    "megatron_core",
+)
 
 
 def targets_from_peft(target_modules: Any) -> str:
-    """peft's target_modules (a regex string, or names matched as whole paths or path suffixes) as a pattern."""
+    """peft's target_modules (a regex string, or names matched as whole paths or path suffixes) as a
+    pattern."""
     if isinstance(target_modules, str):
         return f"re:{target_modules}"
     if not target_modules or not isinstance(target_modules, (list, tuple)):
-        raise OptionError(f"target_modules must name the adapted modules (a list of names or a regex), "
-                          f"got {target_modules!r}")
+        raise OptionError(
+            "target_modules must name the adapted modules (a list of names or a regex), got "
+            f"{target_modules!r}"
+        )
     return "|".join(f"{t}|*.{t}" for t in target_modules)
 
 
@@ -47,11 +76,22 @@ class AdapterOptions(Options):
     """Options every technique has. Subclass with the technique's own fields (all with defaults)."""
 
     targets: str | None = option(
-        None, doc="module paths to adapt: globs separated by `|`, a `re:` regex, or `all-linear`; None: peft's "
-        "default for the architecture", check=pattern, peft="target_modules", decode=targets_from_peft)
-    adapter: str = option("default", doc="the adapter's name; several adapters live in one graph",
-                          check=identifier, aliases=("adapter_name",))
-    freeze_base: bool = option(True, doc="freeze every base parameter, as peft's get_peft_model does")
+        None,
+        doc="module paths to adapt: globs separated by `|`, a `re:` regex, or `all-linear`; None: "
+        "peft's default for the architecture",
+        check=pattern,
+        peft="target_modules",
+        decode=targets_from_peft,
+    )
+    adapter: str = option(
+        "default",
+        doc="the adapter's name; several adapters live in one graph",
+        check=identifier,
+        aliases=("adapter_name",),
+    )
+    freeze_base: bool = option(
+        True, doc="freeze every base parameter, as peft's get_peft_model does"
+    )
 
 
 def peft_task_type(gm: fx.GraphModule) -> str:
@@ -67,11 +107,20 @@ def peft_task_type(gm: fx.GraphModule) -> str:
 
 
 def to_peft(technique: Any, options: Any, sites: list[Any]) -> dict[str, Any]:
-    """`adapter_config.json` of an adapter of `technique` with `options` acting at `sites` (case 1)."""
+    """`adapter_config.json` of an adapter of `technique` with `options` acting at `sites` (case
+    1)."""
     gm = sites[0].node.graph.owning_module if sites else None
-    name_or_path = peftc_meta(gm).get("capture", {}).get("config", {}).get("name_or_path") if gm is not None else None
-    config: dict[str, Any] = {"peft_type": technique.peft_type, "task_type": None,
-                              "base_model_name_or_path": name_or_path or None, "inference_mode": True}
+    name_or_path = (
+        peftc_meta(gm).get("capture", {}).get("config", {}).get("name_or_path")
+        if gm is not None
+        else None
+    )
+    config: dict[str, Any] = {
+        "peft_type": technique.peft_type,
+        "task_type": None,
+        "base_model_name_or_path": name_or_path or None,
+        "inference_mode": True,
+    }
     for f in fields_of(type(options)):
         spec = spec_of(f)
         if spec.peft == "target_modules":
@@ -108,13 +157,16 @@ def from_peft(technique: Any, config: dict[str, Any], where: str) -> dict[str, A
     refused = {k: v for k, v in fields.items() if not neutral(v)}
     if refused:
         named = ", ".join(f"{k}={v!r}" for k, v in refused.items())
-        raise CheckpointError(f"{where}: the config sets {named}, which peftc does not implement for "
-                              f"{technique.name}; retrain without it, or load the adapter with peft")
+        raise CheckpointError(
+            f"{where}: the config sets {named}, which peftc does not implement for "
+            f"{technique.name}; retrain without it, or load the adapter with peft"
+        )
     return options
 
 
 def neutral(value: Any) -> bool:
-    """A config value that changes nothing: unset, false, zero, empty (peft's defaults for unused options)."""
+    """A config value that changes nothing: unset, false, zero, empty (peft's defaults for unused
+    options)."""
     if isinstance(value, dict):
         return all(neutral(v) for v in value.values())
     return value is None or value is False or value == 0 or value in ("", "none") or value == []
@@ -132,8 +184,15 @@ def option_rows(options: type | None) -> list[tuple[str, str, str, str, str]]:
         spec = spec_of(f)
         spellings = ", ".join(f"`{a}`" for a in spec.aliases if a != spec.peft)
         doc = spec.doc + (f" (also: {spellings})" if spellings else "")
-        rows.append((f"`{f.name}`", f"`{type_name(hints[f.name])}`", f"`{default_of(f)!r}`",
-                     f"`{spec.peft}`" if spec.peft else "", doc))
+        rows.append(
+            (
+                f"`{f.name}`",
+                f"`{type_name(hints[f.name])}`",
+                f"`{default_of(f)!r}`",
+                f"`{spec.peft}`" if spec.peft else "",
+                doc,
+            )
+        )
     return rows
 
 
@@ -143,5 +202,7 @@ def _json(value: Any) -> Any:
     try:
         json.dumps(value)
     except TypeError as e:
-        raise CheckpointError(f"option value {value!r} cannot be written to adapter_config.json ({e})") from None
+        raise CheckpointError(
+            f"option value {value!r} cannot be written to adapter_config.json ({e})"
+        ) from None
     return value

@@ -24,7 +24,9 @@ def technique(name: str) -> Technique:
     try:
         return _TECHNIQUES[name]
     except KeyError:
-        raise OptionError(f"no technique named {name!r}; registered: {', '.join(sorted(_TECHNIQUES))}") from None
+        raise OptionError(
+            f"no technique named {name!r}; registered: {', '.join(sorted(_TECHNIQUES))}"
+        ) from None
 
 
 def techniques() -> dict[str, Technique]:
@@ -45,14 +47,19 @@ def for_peft_type(peft_type: str) -> Technique | None:
 
 
 def check_declaration(cls: type[Technique], replace: bool) -> None:
-    """Refuse a declaration that is incomplete, or that takes a name or a peft type another technique holds."""
+    """Refuse a declaration that is incomplete, or that takes a name or a peft type another
+    technique holds."""
     name = getattr(cls, "name", None)
     if not isinstance(name, str):
-        raise OptionError(f"technique {cls.__name__} needs a `name` (its pass name), e.g. name = \"my_technique\"")
+        raise OptionError(
+            f'technique {cls.__name__} needs a `name` (its pass name), e.g. name = "my_technique"'
+        )
     options = getattr(cls, "options", None)
     if not (isinstance(options, type) and issubclass(options, AdapterOptions)):
-        raise OptionError(f"technique {name!r}: `options` must be a frozen dataclass deriving "
-                          f"peftc.technique.AdapterOptions, got {options!r}")
+        raise OptionError(
+            f"technique {name!r}: `options` must be a frozen dataclass deriving "
+            f"peftc.technique.AdapterOptions, got {options!r}"
+        )
     if cls.stage not in STAGES:
         raise OptionError(f"technique {name!r}: stage {cls.stage!r} is none of {', '.join(STAGES)}")
     check_pass_name(name, options, replace and name in _TECHNIQUES)
@@ -60,13 +67,17 @@ def check_declaration(cls: type[Technique], replace: bool) -> None:
     for peft_type in _loads(cls):
         holder = holders.get(peft_type) if peft_type else None
         if holder is not None and holder.name != name:
-            raise OptionError(f"technique {name!r} loads peft_type {peft_type!r}, which technique {holder.name!r} "
-                              "already loads; a checkpoint must map to one technique (give one of them another "
-                              "peft_type, or none)")
+            raise OptionError(
+                f"technique {name!r} loads peft_type {peft_type!r}, which technique "
+                f"{holder.name!r} already loads; a checkpoint must map to one technique (give one "
+                "of them another peft_type, or none)"
+            )
     peft_names = [f.metadata["peftc"].peft for f in fields_of(options) if "peftc" in f.metadata]
     doubled = {p for p in peft_names if p and peft_names.count(p) > 1}
     if doubled:
-        raise OptionError(f"technique {name!r}: several options declare peft's field {sorted(doubled)[0]!r}")
+        raise OptionError(
+            f"technique {name!r}: several options declare peft's field {sorted(doubled)[0]!r}"
+        )
 
 
 def add(method: Technique) -> None:

@@ -19,5 +19,21 @@ from peftc.techniques import (
     vera,
 )
 
-__all__ = ["adalora", "boft", "bottleneck", "fourierft", "hra", "ia3", "ln_tuning", "loha", "lokr", "lora", "oft",
-           "prefix", "prompt", "ptuning", "side", "vera"]
+__all__ = [
+    "adalora",
+    "boft",
+    "bottleneck",
+    "fourierft",
+    "hra",
+    "ia3",
+    "ln_tuning",
+    "loha",
+    "lokr",
+    "lora",
+    "oft",
+    "prefix",
+    "prompt",
+    "ptuning",
+    "side",
+    "vera",
+]

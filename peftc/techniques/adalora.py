@@ -1,4 +1,5 @@
-"""AdaLoRA: an SVD-shaped low-rank update P Λ Q beside linear and 2-D convolution sites, as in HF peft.
+"""AdaLoRA: an SVD-shaped low-rank update P Λ Q beside linear and 2-D convolution sites, as in HF
+peft.
 
     y = W x + b  ->  y = W x + b + (dropout(x) (A ⊙ E)^T B^T) * alpha / (ranknum + 1e-5)
     y = conv(x)  ->  y = conv(x) + conv(dropout(x), reshape(B (A ⊙ E) * alpha / (ranknum + 1e-5)))
@@ -55,32 +56,53 @@ def _rank_pattern_from_peft(pattern: Any) -> list:
 @dataclass(frozen=True)
 class AdaloraOptions(AdapterOptions):
     init_r: int = option(12, doc="the starting rank of every site", check=positive, peft="init_r")
-    alpha: float = option(8.0, doc="the update's scale numerator (0: the site's rank)", peft="lora_alpha")
-    dropout: float = option(0.0, doc="dropout on the branch's input", check=probability, peft="lora_dropout")
-    init_weights: bool = option(True, doc="peft's init (E and B zero)", peft="init_lora_weights", decode=bool)
+    alpha: float = option(
+        8.0, doc="the update's scale numerator (0: the site's rank)", peft="lora_alpha"
+    )
+    dropout: float = option(
+        0.0, doc="dropout on the branch's input", check=probability, peft="lora_dropout"
+    )
+    init_weights: bool = option(
+        True, doc="peft's init (E and B zero)", peft="init_lora_weights", decode=bool
+    )
     rank_pattern: tuple[Any, ...] = option(
-        (), doc="[path, [bool] * init_r] pairs: the ranks kept at each site (peft's rank_pattern)",
-        peft="rank_pattern", encode=lambda pairs: {f"{path}.lora_E": list(mask) for path, mask in pairs} or None,
-        decode=_rank_pattern_from_peft)
+        (),
+        doc="[path, [bool] * init_r] pairs: the ranks kept at each site (peft's rank_pattern)",
+        peft="rank_pattern",
+        encode=lambda pairs: {f"{path}.lora_E": list(mask) for path, mask in pairs} or None,
+        decode=_rank_pattern_from_peft,
+    )
     # peft's allocation schedule: written to adapter_config.json, never run by peftc
-    target_r: int = option(8, doc="the schedule's final average rank (peft's allocator; not run by peftc)",
-                           peft="target_r")
+    target_r: int = option(
+        8,
+        doc="the schedule's final average rank (peft's allocator; not run by peftc)",
+        peft="target_r",
+    )
     tinit: int = option(0, doc="steps before pruning starts (schedule)", peft="tinit")
     tfinal: int = option(0, doc="steps after pruning ends (schedule)", peft="tfinal")
     deltaT: int = option(1, doc="steps between allocations (schedule)", peft="deltaT")
     beta1: float = option(0.85, doc="importance smoothing (schedule)", peft="beta1")
     beta2: float = option(0.85, doc="uncertainty smoothing (schedule)", peft="beta2")
-    orth_reg_weight: float = option(0.5, doc="orthogonal regularisation weight (schedule)", peft="orth_reg_weight")
+    orth_reg_weight: float = option(
+        0.5, doc="orthogonal regularisation weight (schedule)", peft="orth_reg_weight"
+    )
     total_step: int | None = option(None, doc="total training steps (schedule)", peft="total_step")
 
     def __post_init__(self) -> None:
         super().__post_init__()
         for pair in self.rank_pattern:
-            if not (isinstance(pair, tuple) and len(pair) == 2 and isinstance(pair[0], str)
-                    and isinstance(pair[1], tuple) and all(isinstance(m, bool) for m in pair[1])
-                    and len(pair[1]) == self.init_r):
-                raise OptionError(f"adalora: rank_pattern holds [path, mask] pairs with a mask of init_r={self.init_r} "
-                                  f"booleans (peft's rank_pattern), got {pair!r}")
+            if not (
+                isinstance(pair, tuple)
+                and len(pair) == 2
+                and isinstance(pair[0], str)
+                and isinstance(pair[1], tuple)
+                and all(isinstance(m, bool) for m in pair[1])
+                and len(pair[1]) == self.init_r
+            ):
+                raise OptionError(
+                    "adalora: rank_pattern holds [path, mask] pairs with a mask of "
+                    f"init_r={self.init_r} booleans (peft's rank_pattern), got {pair!r}"
+                )
 
     def rank_at(self, path: str) -> int:
         return sum(dict(self.rank_pattern).get(path, (True,) * self.init_r))
@@ -90,32 +112,43 @@ def _path_of(key: str) -> str:
     """peft's rank_pattern key `<path>.lora_E` (or `<path>.lora_E.<adapter>`) -> `<path>`."""
     path, found, _ = key.rpartition(".lora_E")
     if not found:
-        raise OptionError(f"adalora: rank_pattern key {key!r} does not name a lora_E (peft writes '<module path>.lora_E')")
+        raise OptionError(
+            f"adalora: rank_pattern key {key!r} does not name a lora_E (peft writes '<module "
+            "path>.lora_E')"
+        )
     return path
 
 
 @register_technique
 class Adalora(Technique):
-    """Insert AdaLoRA branches: `y = W x + b -> y = W x + b + (x (A ⊙ E)^T B^T) * alpha / (ranknum + 1e-5)`."""
+    """Insert AdaLoRA branches: `y = W x + b -> y = W x + b + (x (A ⊙ E)^T B^T) * alpha / (ranknum +
+    1e-5)`."""
 
     name = "adalora"
     options = AdaloraOptions
     peft_type = "ADALORA"
     peft_fixed = {"bias": "none"}
-    # fields of peft's LoRA config its AdaLoRA ignores (init_r is the rank); qalora_group_size matters only with
+    # fields of peft's LoRA config its AdaLoRA ignores (init_r is the rank); qalora_group_size
+    # matters only with
     # use_qalora, refused when set; the layout is read from the graph
     peft_ignored = ("r", "use_rslora", "alpha_pattern", "qalora_group_size", "fan_in_fan_out")
     site_kinds = ("linear", "conv")
 
     def check(self, gm: fx.GraphModule, site: Any, options: AdaloraOptions) -> None:
         if site.kind == "conv" and (site.dims != 2 or site.groups != 1):
-            raise OptionError(f"adalora: {site.path!r} is a {site.dims}-d convolution with groups={site.groups}; peft's "
-                              "AdaLoRA supports only ungrouped Conv2d: exclude it from targets")
+            raise OptionError(
+                f"adalora: {site.path!r} is a {site.dims}-d convolution with groups={site.groups}; "
+                "peft's AdaLoRA supports only ungrouped Conv2d: exclude it from targets"
+            )
 
     def params(self, ctx: Context) -> list[Param]:
         site, o = ctx.site, ctx.options
         r = o.rank_at(site.path)
-        fan_in = site.in_features if site.kind == "linear" else site.in_channels * math.prod(site.kernel_size)
+        fan_in = (
+            site.in_features
+            if site.kind == "linear"
+            else site.in_channels * math.prod(site.kernel_size)
+        )
         out = site.out_features if site.kind == "linear" else site.out_channels
         if o.init_weights:
             small = lambda t: nn.init.normal_(t, mean=0.0, std=0.02)  # noqa: E731
@@ -123,10 +156,14 @@ class Adalora(Technique):
             init_e = None
         else:
             init_a = init_b = init_e = nn.init.normal_
-        # peft resizes a pruned layer but keeps its ranknum at init_r (a layer pruned to rank 0 gets 0)
+        # peft resizes a pruned layer but keeps its ranknum at init_r (rank 0 pruned: ranknum 0)
         ranknum = torch.tensor([float(o.init_r if r > 0 else 0)])
-        return [Param("lora_A", (r, fan_in), init=init_a), Param("lora_E", (r, 1), init=init_e),
-                Param("lora_B", (out, r), init=init_b), Param("ranknum", value=ranknum, trainable=False)]
+        return [
+            Param("lora_A", (r, fan_in), init=init_a),
+            Param("lora_E", (r, 1), init=init_e),
+            Param("lora_B", (out, r), init=init_b),
+            Param("ranknum", value=ranknum, trainable=False),
+        ]
 
     def modules(self, ctx: Context) -> dict[str, nn.Module]:
         return {"lora_dropout": nn.Dropout(ctx.options.dropout)} if ctx.options.dropout > 0 else {}
@@ -142,24 +179,50 @@ class Adalora(Technique):
         ranknum = b.call(aten.add.Tensor, b.param("ranknum"), 1e-5, role="ranknum_eps")
         if site.kind == "conv":  # peft's SVDConv2d builds the (out, in, kh, kw) update
             delta = b.call(aten.mm.default, b.param("lora_B"), a_e, role="lora_BAE")
-            delta = b.call(aten.div.Tensor, b.call(aten.mul.Tensor, delta, s, role="scaled"), ranknum, role="delta_weight")
+            delta = b.call(
+                aten.div.Tensor,
+                b.call(aten.mul.Tensor, delta, s, role="scaled"),
+                ranknum,
+                role="delta_weight",
+            )
             shape = [site.out_channels, site.in_channels, *site.kernel_size]
             delta = b.call(aten.reshape.default, delta, shape, role="delta_weight_conv")
-            if isinstance(site.padding, str):
-                return b.call(aten.conv2d.padding, x, delta, None, list(site.stride), site.padding, list(site.dilation),
-                              1, role="adalora_out")
-            return b.call(aten.conv2d.default, x, delta, None, list(site.stride), list(site.padding),
-                          list(site.dilation), 1, role="adalora_out")
+            conv = aten.conv2d.padding if isinstance(site.padding, str) else aten.conv2d.default
+            padding = site.padding if isinstance(site.padding, str) else list(site.padding)
+            stride, dilation = list(site.stride), list(site.dilation)
+            return b.call(conv, x, delta, None, stride, padding, dilation, 1, role="adalora_out")
         # peft's order: (dropout(x) @ (A * E).T @ B.T) * scaling / (ranknum + 1e-5)
-        h = b.call(aten.matmul.default, x, b.call(aten.t.default, a_e, role="lora_AE_t"), role="lora_A_out")
-        h = b.call(aten.matmul.default, h, b.call(aten.t.default, b.param("lora_B"), role="lora_B_t"), role="lora_B_out")
-        return b.call(aten.div.Tensor, b.call(aten.mul.Tensor, h, s, role="scaled"), ranknum, role="adalora_out")
+        h = b.call(
+            aten.matmul.default, x, b.call(aten.t.default, a_e, role="lora_AE_t"), role="lora_A_out"
+        )
+        h = b.call(
+            aten.matmul.default,
+            h,
+            b.call(aten.t.default, b.param("lora_B"), role="lora_B_t"),
+            role="lora_B_out",
+        )
+        return b.call(
+            aten.div.Tensor,
+            b.call(aten.mul.Tensor, h, s, role="scaled"),
+            ranknum,
+            role="adalora_out",
+        )
 
     def delta(self, ctx: Context) -> torch.Tensor:
         site = ctx.site
-        a, e, b = ctx.tensor("lora_A").float(), ctx.tensor("lora_E").float(), ctx.tensor("lora_B").float()
-        delta = b @ (a * e) * self._scaling(site, ctx.options) / (ctx.tensor("ranknum").float() + 1e-5)
-        return delta.reshape(site.out_channels, site.in_channels, *site.kernel_size) if site.kind == "conv" else delta
+        a, e, b = (
+            ctx.tensor("lora_A").float(),
+            ctx.tensor("lora_E").float(),
+            ctx.tensor("lora_B").float(),
+        )
+        delta = (
+            b @ (a * e) * self._scaling(site, ctx.options) / (ctx.tensor("ranknum").float() + 1e-5)
+        )
+        return (
+            delta.reshape(site.out_channels, site.in_channels, *site.kernel_size)
+            if site.kind == "conv"
+            else delta
+        )
 
     def saved(self, options: AdaloraOptions, attr: str) -> bool:
         return attr != "ranknum"  # peft recreates it as init_r
@@ -167,15 +230,22 @@ class Adalora(Technique):
     def after_insert(self, gm: fx.GraphModule, sites: list[Any], options: AdaloraOptions) -> None:
         unknown = sorted(set(dict(options.rank_pattern)) - {s.path for s in sites})
         if unknown:
-            raise OptionError(f"adalora: rank_pattern names {', '.join(map(repr, unknown))}, which the targets do not "
-                              "select; target them too, or load the checkpoint into the model it was trained on")
+            raise OptionError(
+                f"adalora: rank_pattern names {', '.join(map(repr, unknown))}, which the targets "
+                "do not select; target them too, or load the checkpoint into the model it was "
+                "trained on"
+            )
 
     def to_peft(self, options: AdaloraOptions, sites: list[Any]) -> dict[str, Any]:
-        # peft refuses a config without a usable schedule; the smallest one is enough to load and resume
-        return {"total_step": options.total_step or options.tinit + options.tfinal + 1,
-                "fan_in_fan_out": any(getattr(s, "fan_in_fan_out", False) for s in sites)}
+        # peft refuses a config without a usable schedule; the smallest one loads and resumes
+        return {
+            "total_step": options.total_step or options.tinit + options.tfinal + 1,
+            "fan_in_fan_out": any(getattr(s, "fan_in_fan_out", False) for s in sites),
+        }
 
     def describe(self, options: AdaloraOptions, sites: list[Any]) -> str:
         pruned = sum(options.rank_at(s.path) < options.init_r for s in sites)
-        return (f"AdaLoRA init_r={options.init_r} on {len(sites)} sites ({pruned} pruned), adapter {options.adapter!r}; "
-                "no rank allocation")
+        return (
+            f"AdaLoRA init_r={options.init_r} on {len(sites)} sites ({pruned} pruned), adapter "
+            f"{options.adapter!r}; no rank allocation"
+        )

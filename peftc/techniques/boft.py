@@ -1,7 +1,7 @@
 """BOFT: a butterfly of block-diagonal orthogonal rotations of the weight, as in HF peft 0.21.
 
-    y = W x + b   ->  y = ((W Rot^T) ⊙ s) x + b            (linear, also NF4; s scales rows)
-    y = conv(x)   ->  y = conv(x, ((W_flat Rot^T) ⊙ s)_view)  (2-d convolution, W_flat: (out, in k k))
+    y = W x + b   ->  y = ((W Rot^T) ⊙ s) x + b              (linear, also NF4; s scales rows)
+    y = conv(x)   ->  y = conv(x, ((W_flat Rot^T) ⊙ s)_view)  (2-d conv; W_flat (out, in k k))
 
 1. Rot = M_{N-1} ... M_1 M_0 over the input dimension n, M_i = P_i Bd_i P_i^T: Bd_i the block
    diagonal of cayley(R_i,j) = (I - S)(I + S)^-1, S = (R - R^T) / 2, for the D blocks (b x b) of
@@ -51,26 +51,46 @@ aten = torch.ops.aten
 
 @dataclass(frozen=True)
 class BoftOptions(AdapterOptions):
-    block_size: int = option(4, doc="size of each block (give it or block_num, the other 0)", check=non_negative,
-                             peft="boft_block_size")
-    block_num: int = option(0, doc="number of blocks (give it or block_size, the other 0)", check=non_negative,
-                            peft="boft_block_num")
-    n_butterfly_factor: int = option(1, doc="butterfly factors multiplied into the rotation", check=positive,
-                                     peft="boft_n_butterfly_factor")
-    dropout: float = option(0.0, doc="multiplicative dropout of whole blocks (training only)", check=probability,
-                            peft="boft_dropout")
-    init_weights: bool = option(True, doc="start at the identity rotation (false: random)", peft="init_weights")
+    block_size: int = option(
+        4,
+        doc="size of each block (give it or block_num, the other 0)",
+        check=non_negative,
+        peft="boft_block_size",
+    )
+    block_num: int = option(
+        0,
+        doc="number of blocks (give it or block_size, the other 0)",
+        check=non_negative,
+        peft="boft_block_num",
+    )
+    n_butterfly_factor: int = option(
+        1,
+        doc="butterfly factors multiplied into the rotation",
+        check=positive,
+        peft="boft_n_butterfly_factor",
+    )
+    dropout: float = option(
+        0.0,
+        doc="multiplicative dropout of whole blocks (training only)",
+        check=probability,
+        peft="boft_dropout",
+    )
+    init_weights: bool = option(
+        True, doc="start at the identity rotation (false: random)", peft="init_weights"
+    )
 
     def __post_init__(self) -> None:
         super().__post_init__()
         if (self.block_size != 0) == (self.block_num != 0):
-            raise OptionError(f"boft: give exactly one of block_size and block_num, the other 0; got block_size="
-                              f"{self.block_size}, block_num={self.block_num}")
+            raise OptionError(
+                "boft: give exactly one of block_size and block_num, the other 0; got block_size="
+                f"{self.block_size}, block_num={self.block_num}"
+            )
 
 
 class MultiplicativeDropout(nn.Module):
-    """peft's BOFT `MultiplicativeDropoutLayer`: in training, `int(p * D)` random blocks of one random
-    butterfly factor become the identity (same random draws, in the same order, as peft)."""
+    """peft's BOFT `MultiplicativeDropoutLayer`: in training, `int(p * D)` random blocks of one
+    random butterfly factor become the identity (same random draws, in the same order, as peft)."""
 
     def __init__(self, p: float) -> None:
         super().__init__()
@@ -80,9 +100,12 @@ class MultiplicativeDropout(nn.Module):
         if not self.training:
             return x
         N, D, H, _ = x.shape
-        n_random = torch.randint(0, N, (1,))  # peft takes .item(); a tensor index picks the same factor
+        # peft takes .item(); a tensor index picks the same factor
+        n_random = torch.randint(0, N, (1,))
         replace = int(self.p * D)
-        mask = torch.cat([torch.ones(replace, device=x.device), torch.zeros(D - replace, device=x.device)])
+        mask = torch.cat(
+            [torch.ones(replace, device=x.device), torch.zeros(D - replace, device=x.device)]
+        )
         mask = mask[torch.randperm(D)].view(1, D, 1, 1)
         full_mask = torch.zeros(N, D, 1, 1, device=x.device)
         full_mask[n_random] = mask
@@ -98,50 +121,84 @@ def shape(site: Any, o: BoftOptions) -> tuple[int, int, int]:
         D = o.block_num
         if n % D:
             raise OptionError(f"{where} is not divisible by block_num={D}; choose a divisor")
-        if f and (f > int(math.log2(D)) or D % 2 ** f):
-            raise OptionError(f"{where}: block_num={D} must be a multiple of 2^(n_butterfly_factor - 1) = {2 ** f}")
+        if f and (f > int(math.log2(D)) or D % 2**f):
+            raise OptionError(
+                f"{where}: block_num={D} must be a multiple of 2^(n_butterfly_factor - 1) = {2**f}"
+            )
         b = n // D
     else:
         b = o.block_size
         if n % b:
             raise OptionError(f"{where} is not divisible by block_size={b}; choose a divisor")
-        if f and n % (b * 2 ** f):
-            raise OptionError(f"{where} is not a multiple of block_size * 2^(n_butterfly_factor - 1) = {b * 2 ** f}")
+        if f and n % (b * 2**f):
+            raise OptionError(
+                f"{where} is not a multiple of block_size * 2^(n_butterfly_factor - 1) = {b * 2**f}"
+            )
         D = n // b
     if f and (D % 2 or b % 2):
-        raise OptionError(f"{where}: with n_butterfly_factor > 1 the block number ({D}) and size ({b}) must be even")
+        raise OptionError(
+            f"{where}: with n_butterfly_factor > 1 the block number ({D}) and size ({b}) must be "
+            "even"
+        )
     return f + 1, D, b
 
 
 def butterfly(call: Any, R: Any, N: int, D: int, b: int, dropout: Any = None) -> Any:
-    """Rot (n x n) from `boft_R` (N, D, b, b), in peft's order of operations (`call`: see `passes.oft.cayley`)."""
+    """Rot (n x n) from `boft_R` (N, D, b, b), in peft's order of operations (`call`: see
+    `peftc.techniques.oft.cayley`)."""
     n = D * b
-    blocks = call(aten.view.default, R, [N * D, b, b], role="blocks")
-    skew = call(aten.mul.Tensor, call(aten.sub.Tensor, blocks, call(aten.transpose.int, blocks, 1, 2, role="blocks_t"),
-                                      role="diff"), 0.5, role="skew")
-    eye = call(aten.diag_embed.default, call(aten.new_ones.default, blocks, [N * D, b], role="diag_ones"), role="eye")
-    Q = call(aten.linalg_solve.default, call(aten.add.Tensor, eye, skew, role="i_plus_s"),
-             call(aten.sub.Tensor, eye, skew, role="i_minus_s"), left=False, role="cayley")
-    Q = call(aten.view.default, Q, [N, D, b, b], role="factors")
+    Q = _cayley_blocks(call, R, N, D, b)
     if dropout is not None:
         Q = dropout(Q)
-    # Block diagonals as diag_embed over the block index: Bd[i, (d, j), (e, k)] = Q[i, d, j, k] [d = e].
-    spread = call(aten.diag_embed.default, call(aten.permute.default, Q, [0, 2, 3, 1], role="blocks_last"),
-                  role="spread")  # (N, b, b, D, D)
-    Bd = call(aten.reshape.default, call(aten.permute.default, spread, [0, 3, 1, 4, 2], role="block_diag_order"),
-              [N, n, n], role="block_diag")
+    # block diagonals, diag_embed over the block index: Bd[i, (d, j), (e, k)] = Q[i, d, j, k] [d=e]
+    spread = call(  # (N, b, b, D, D)
+        aten.diag_embed.default,
+        call(aten.permute.default, Q, [0, 2, 3, 1], role="blocks_last"),
+        role="spread",
+    )
+    Bd = call(
+        aten.reshape.default,
+        call(aten.permute.default, spread, [0, 3, 1, 4, 2], role="block_diag_order"),
+        [N, n, n],
+        role="block_diag",
+    )
     rot = None
     for i in range(N):
         M = call(aten.select.int, Bd, 0, i, role="factor")
-        h = 2 ** i
+        h = 2**i
         if N > 1 and h > 1:
-            # P M P^T with peft's permutation (chunk (g, a, c) of size b/2 moves to (g, c, a)), as a relabelling.
+            # P M P^T with peft's permutation (chunk (g, a, c) of size b/2 moves to (g, c, a))
             g, r = D // h, b // 2
             M = call(aten.view.default, M, [g, h, 2, r, g, h, 2, r], role="factor_chunks")
             M = call(aten.permute.default, M, [0, 2, 1, 3, 4, 6, 5, 7], role="butterfly_permuted")
             M = call(aten.reshape.default, M, [n, n], role="butterfly_factor")
         rot = M if rot is None else call(aten.mm.default, M, rot, role="butterfly")
     return rot
+
+
+def _cayley_blocks(call: Any, R: Any, N: int, D: int, b: int) -> Any:
+    """Q = (I + S)^-1 (I - S) per block, S the skew part of R: (N, D, b, b) orthogonal blocks."""
+    blocks = call(aten.view.default, R, [N * D, b, b], role="blocks")
+    transposed = call(aten.transpose.int, blocks, 1, 2, role="blocks_t")
+    skew = call(
+        aten.mul.Tensor,
+        call(aten.sub.Tensor, blocks, transposed, role="diff"),
+        0.5,
+        role="skew",
+    )
+    eye = call(
+        aten.diag_embed.default,
+        call(aten.new_ones.default, blocks, [N * D, b], role="diag_ones"),
+        role="eye",
+    )
+    Q = call(
+        aten.linalg_solve.default,
+        call(aten.add.Tensor, eye, skew, role="i_plus_s"),
+        call(aten.sub.Tensor, eye, skew, role="i_minus_s"),
+        left=False,
+        role="cayley",
+    )
+    return call(aten.view.default, Q, [N, D, b, b], role="factors")
 
 
 def weight_shape(site: Any) -> list[int]:
@@ -171,12 +228,25 @@ class Boft(Technique):
         N, D, b = shape(site, o)
         out = site.out_channels if site.kind == "conv" else site.out_features
         random = not o.init_weights
-        return [Param("boft_R", (N, D, b, b), init=(lambda t: nn.init.normal_(t, 0.0, 0.1)) if random else None),
-                Param("boft_s", (1, out) if site.kind == "conv" else (out, 1),
-                      init=(lambda t: nn.init.normal_(t, 1.0, 0.1)) if random else nn.init.ones_)]
+        return [
+            Param(
+                "boft_R",
+                (N, D, b, b),
+                init=(lambda t: nn.init.normal_(t, 0.0, 0.1)) if random else None,
+            ),
+            Param(
+                "boft_s",
+                (1, out) if site.kind == "conv" else (out, 1),
+                init=(lambda t: nn.init.normal_(t, 1.0, 0.1)) if random else nn.init.ones_,
+            ),
+        ]
 
     def modules(self, ctx: Context) -> dict[str, nn.Module]:
-        return {"boft_dropout": MultiplicativeDropout(ctx.options.dropout)} if ctx.options.dropout > 0 else {}
+        return (
+            {"boft_dropout": MultiplicativeDropout(ctx.options.dropout)}
+            if ctx.options.dropout > 0
+            else {}
+        )
 
     def build(self, b: Builder, W: fx.Node) -> fx.Node:
         site, o = b.site, b.options
@@ -192,16 +262,32 @@ class Boft(Technique):
     def _rotate(call: Any, W: Any, size: list[int], rot: Any, s: Any) -> Any:
         """(Rot W_flat^T)^T ⊙ s in the weight's own shape, as peft's merge and conv forward."""
         flat = call(aten.reshape.default, W, [size[0], -1], role="weight_flat")
-        rotated = call(aten.t.default, call(aten.mm.default, rot, call(aten.t.default, flat, role="weight_t"),
-                                            role="rotated_t"), role="rotated")
-        return call(aten.reshape.default, call(aten.mul.Tensor, rotated, s, role="scaled"), size, role="boft_weight")
+        rotated = call(
+            aten.t.default,
+            call(
+                aten.mm.default, rot, call(aten.t.default, flat, role="weight_t"), role="rotated_t"
+            ),
+            role="rotated",
+        )
+        return call(
+            aten.reshape.default,
+            call(aten.mul.Tensor, rotated, s, role="scaled"),
+            size,
+            role="boft_weight",
+        )
 
-    def fold(self, ctx: Context, weight: torch.Tensor, bias: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def fold(
+        self, ctx: Context, weight: torch.Tensor, bias: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         site = ctx.site
         rot = butterfly(eager, ctx.tensor("boft_R").float(), *shape(site, ctx.options))
         s = ctx.tensor("boft_s").float()
-        return self._rotate(eager, weight, list(weight.shape), rot, s.T if site.kind == "conv" else s), bias
+        return self._rotate(
+            eager, weight, list(weight.shape), rot, s.T if site.kind == "conv" else s
+        ), bias
 
     def describe(self, options: BoftOptions, sites: list[Any]) -> str:
-        return (f"BOFT with {options.n_butterfly_factor} butterfly factor(s) on {len(sites)} sites, "
-                f"adapter {options.adapter!r}")
+        return (
+            f"BOFT with {options.n_butterfly_factor} butterfly factor(s) on {len(sites)} sites, "
+            f"adapter {options.adapter!r}"
+        )

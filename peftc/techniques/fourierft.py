@@ -1,4 +1,5 @@
-"""FourierFT: a sparse trainable spectrum whose inverse 2-D Fourier transform is the weight update, as in HF peft.
+"""FourierFT: a sparse trainable spectrum whose inverse 2-D Fourier transform is the weight update,
+as in HF peft.
 
     y = W x + b  ->  y = W x + b + dW x,   dW = Re(ifft2(S)) * scaling
 
@@ -27,7 +28,16 @@ import torch
 from torch import fx, nn
 
 from peftc.errors import OptionError
-from peftc.technique import AdapterOptions, Builder, Context, Param, Technique, option, positive, register_technique
+from peftc.technique import (
+    AdapterOptions,
+    Builder,
+    Context,
+    Param,
+    Technique,
+    option,
+    positive,
+    register_technique,
+)
 
 __all__ = ["FourierftOptions", "Fourierft", "frequency_indices"]
 
@@ -35,23 +45,41 @@ aten = torch.ops.aten
 
 
 def _pairs(value: Any) -> str | None:
-    ok = all(isinstance(p, tuple) and len(p) == 2 and isinstance(p[0], str) and isinstance(p[1], int) and p[1] > 0
-             for p in value)
-    return None if ok else "[name, n] pairs with a positive n, e.g. [[\"q_proj\", 500]]"
+    ok = all(
+        isinstance(p, tuple)
+        and len(p) == 2
+        and isinstance(p[0], str)
+        and isinstance(p[1], int)
+        and p[1] > 0
+        for p in value
+    )
+    return None if ok else '[name, n] pairs with a positive n, e.g. [["q_proj", 500]]'
 
 
 @dataclass(frozen=True)
 class FourierftOptions(AdapterOptions):
-    n_frequency: int = option(1000, doc="learned spectral entries per site", check=positive, peft="n_frequency")
+    n_frequency: int = option(
+        1000, doc="learned spectral entries per site", check=positive, peft="n_frequency"
+    )
     scaling: float = option(150.0, doc="scale of the inverse transform", peft="scaling")
-    random_loc_seed: int = option(777, doc="seed of the entries' fixed random positions", peft="random_loc_seed")
-    init_weights: bool = option(False, doc="start the entries at zero (false: N(0, 1), as peft)", peft="init_weights")
+    random_loc_seed: int = option(
+        777, doc="seed of the entries' fixed random positions", peft="random_loc_seed"
+    )
+    init_weights: bool = option(
+        False, doc="start the entries at zero (false: N(0, 1), as peft)", peft="init_weights"
+    )
     n_frequency_pattern: tuple[Any, ...] = option(
-        (), doc="[name, n] pairs: n_frequency for the sites whose path ends in name", check=_pairs,
-        peft="n_frequency_pattern", encode=dict, decode=lambda d: [[k, v] for k, v in (d or {}).items()])
+        (),
+        doc="[name, n] pairs: n_frequency for the sites whose path ends in name",
+        check=_pairs,
+        peft="n_frequency_pattern",
+        encode=dict,
+        decode=lambda d: [[k, v] for k, v in (d or {}).items()],
+    )
 
     def n_at(self, path: str) -> int:
-        """peft's rule: the first pattern key k with `re.match(rf".*\\.{k}$", path)`, else the path itself."""
+        """peft's rule: the first pattern key k with `re.match(rf".*\\.{k}$", path)`, else the path
+        itself."""
         pattern = dict(self.n_frequency_pattern)
         key = next((k for k in pattern if re.match(rf".*\.{k}$", path)), path)
         return pattern.get(key, self.n_frequency)
@@ -59,13 +87,16 @@ class FourierftOptions(AdapterOptions):
 
 def frequency_indices(out_features: int, in_features: int, n: int, seed: int) -> torch.Tensor:
     """peft's spectrum locations: (2, n) rows and columns into an (out, in) spectrum."""
-    flat = torch.randperm(out_features * in_features, generator=torch.Generator().manual_seed(seed))[:n]
+    flat = torch.randperm(
+        out_features * in_features, generator=torch.Generator().manual_seed(seed)
+    )[:n]
     return torch.stack([flat // in_features, flat % in_features], dim=0)
 
 
 @register_technique
 class Fourierft(Technique):
-    """Insert FourierFT branches: `y = W x + b -> y = W x + b + (Re(ifft2(S)) * scaling) x`, S sparse and trained."""
+    """Insert FourierFT branches: `y = W x + b -> y = W x + b + (Re(ifft2(S)) * scaling) x`, S
+    sparse and trained."""
 
     name = "fourierft"
     options = FourierftOptions
@@ -77,15 +108,20 @@ class Fourierft(Technique):
     def check(self, gm: fx.GraphModule, site: Any, options: FourierftOptions) -> None:
         n, size = options.n_at(site.path), site.out_features * site.in_features
         if n > size:
-            raise OptionError(f"fourierft: n_frequency={n} exceeds the {site.out_features} x {site.in_features} = {size} "
-                              f"entries of {site.path!r}; lower n_frequency (or set it for this site in n_frequency_pattern)")
+            raise OptionError(
+                f"fourierft: n_frequency={n} exceeds the {site.out_features} x {site.in_features} "
+                f"= {size} entries of {site.path!r}; lower n_frequency (or set it for this site in "
+                "n_frequency_pattern)"
+            )
 
     def params(self, ctx: Context) -> list[Param]:
         site, o = ctx.site, ctx.options
         n = o.n_at(site.path)
         indices = frequency_indices(site.out_features, site.in_features, n, o.random_loc_seed)
-        return [Param("fourierft_spectrum", (n,), init=None if o.init_weights else nn.init.normal_),
-                Param("indices", value=indices, trainable=False, dtype=torch.long)]
+        return [
+            Param("fourierft_spectrum", (n,), init=None if o.init_weights else nn.init.normal_),
+            Param("indices", value=indices, trainable=False, dtype=torch.long),
+        ]
 
     def build(self, b: Builder, x: fx.Node) -> fx.Node:
         site = b.site
@@ -93,11 +129,20 @@ class Fourierft(Technique):
         indices = b.param("indices")
         rows = b.call(aten.select.int, indices, 0, 0, role="rows")
         cols = b.call(aten.select.int, indices, 0, 1, role="cols")
-        dense = b.call(aten.new_zeros.default, spectrum, [site.out_features, site.in_features], dtype=torch.float32,
-                       role="dense_spectrum_zeros")
+        dense = b.call(
+            aten.new_zeros.default,
+            spectrum,
+            [site.out_features, site.in_features],
+            dtype=torch.float32,
+            role="dense_spectrum_zeros",
+        )
         values = b.call(aten.to.dtype, spectrum, torch.float32, role="spectrum_float")
         dense = b.call(aten.index_put.default, dense, [rows, cols], values, role="dense_spectrum")
-        delta = b.call(aten.real.default, b.call(aten.fft_ifft2.default, dense, role="ifft2"), role="ifft2_real")
+        delta = b.call(
+            aten.real.default,
+            b.call(aten.fft_ifft2.default, dense, role="ifft2"),
+            role="ifft2_real",
+        )
         delta = b.call(aten.mul.Tensor, delta, b.options.scaling, role="delta_weight")
         dtype = b.ctx.tensor("fourierft_spectrum").dtype
         if dtype != torch.float32:
@@ -117,4 +162,7 @@ class Fourierft(Technique):
         return {"fan_in_fan_out": any(getattr(s, "fan_in_fan_out", False) for s in sites)}
 
     def describe(self, options: FourierftOptions, sites: list[Any]) -> str:
-        return f"FourierFT n_frequency={options.n_frequency} on {len(sites)} sites, adapter {options.adapter!r}"
+        return (
+            f"FourierFT n_frequency={options.n_frequency} on {len(sites)} sites, adapter "
+            f"{options.adapter!r}"
+        )

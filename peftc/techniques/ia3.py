@@ -1,11 +1,13 @@
-"""IA3: learned vectors that rescale a layer's output or, on feed-forward layers, its input, as in HF peft.
+"""IA3: learned vectors that rescale a layer's output or, on feed-forward layers, its input, as in
+HF peft.
 
     y = W x + b  ->  y = (W x + b) * l            (l: out_features; the bias is scaled too)
     y = W x + b  ->  y = W (x * l) + b            (feed-forward layers; l: in_features)
     y = conv(x)  ->  y = conv(x) * l  or  conv(x * l)      (l over the channel dimension)
 
 1. Linear sites (`aten.linear`, `nn.Linear`, GPT-2's `Conv1D`, NF4 linears as peft's bitsandbytes
-   `Linear4bit`) and 2d/3d convolution sites; peft refuses `nn.Conv1d` and embeddings, so does peftc.
+   `Linear4bit`) and 2d/3d convolution sites; peft refuses `nn.Conv1d` and embeddings, so does
+   peftc.
 2. A site is feed-forward when its path matches `feedforward_modules` as peft matches it: a list of
    suffixes (`path.endswith(entry)`, with no dot boundary, so BERT's `output.dense` also selects
    `attention.output.dense`), or one regex that must match the whole path. Unset, it is peft's table
@@ -28,13 +30,23 @@ from torch import fx, nn
 
 from peftc.errors import OptionError
 from peftc.sites.selection import default_targets
-from peftc.technique import AdapterOptions, Builder, Context, Param, Stage, Technique, option, register_technique
+from peftc.technique import (
+    AdapterOptions,
+    Builder,
+    Context,
+    Param,
+    Stage,
+    Technique,
+    option,
+    register_technique,
+)
 
 __all__ = ["Ia3Options", "Ia3"]
 
 aten = torch.ops.aten
 
-# peft's TRANSFORMERS_MODELS_TO_IA3_TARGET_MODULES_MAPPING, as globs (an entry matches the whole path or a suffix after a dot)
+# peft's TRANSFORMERS_MODELS_TO_IA3_TARGET_MODULES_MAPPING, as globs (an entry matches the whole
+# path or a suffix after a dot)
 _TARGETS = {
     "llama": "*.k_proj|*.v_proj|*.down_proj",
     "mistral": "*.k_proj|*.v_proj|*.down_proj",
@@ -75,19 +87,25 @@ def _regex(value: Any) -> str | None:
 @dataclass(frozen=True)
 class Ia3Options(AdapterOptions):
     feedforward_modules: tuple[str, ...] | str | None = option(
-        None, doc="the feed-forward sites, whose input is scaled (the others' output): path suffixes (no dot "
-        "boundary), or a regex matching whole paths; None: the family's table", check=_regex,
-        peft="feedforward_modules")
+        None,
+        doc="the feed-forward sites, whose input is scaled (the others' output): path suffixes (no "
+        "dot boundary), or a regex matching whole paths; None: the family's table",
+        check=_regex,
+        peft="feedforward_modules",
+    )
 
 
 def _feedforward_modules(gm: fx.GraphModule, options: Ia3Options) -> tuple[str, ...] | str:
     if options.feedforward_modules is not None:
         return options.feedforward_modules
     try:
-        return default_targets(gm, "ia3", _FEEDFORWARD)  # type: ignore[arg-type]  # the family's suffixes
+        return default_targets(gm, "ia3", _FEEDFORWARD)  # type: ignore[arg-type]
     except OptionError:
-        raise OptionError("ia3: no default feedforward_modules for this model (as in peft); pass feedforward_modules="
-                          "[\"suffix\", ...] (layers whose input is scaled), a regex, or [] for none") from None
+        raise OptionError(
+            "ia3: no default feedforward_modules for this model (as in peft); pass "
+            "feedforward_modules="
+            '["suffix", ...] (layers whose input is scaled), a regex, or [] for none'
+        ) from None
 
 
 def is_feedforward(gm: fx.GraphModule, path: str, options: Ia3Options) -> bool:
@@ -110,18 +128,28 @@ class Ia3(Technique):
     options = Ia3Options
     peft_type = "IA3"
     peft_fixed = {"init_ia3_weights": True}
-    peft_ignored = ("init_ia3_weights", "fan_in_fan_out")  # the vectors' init; the layout is read from the graph
+    # the vectors' init; the layout is read from the graph
+    peft_ignored = (
+        "init_ia3_weights",
+        "fan_in_fan_out",
+    )
     site_kinds = ("linear", "conv")
     default_targets = _TARGETS
 
     def stage_at(self, site: Any, options: Ia3Options) -> Stage:
-        return "input" if is_feedforward(site.node.graph.owning_module, site.path, options) else "output"
+        return (
+            "input"
+            if is_feedforward(site.node.graph.owning_module, site.path, options)
+            else "output"
+        )
 
     def check(self, gm: fx.GraphModule, site: Any, options: Ia3Options) -> None:
         _feedforward_modules(gm, options)
         if site.kind == "conv" and site.dims == 1:
-            raise OptionError(f"ia3: {site.path!r} is a Conv1d, which peft's IA3 does not support (only Conv2d and "
-                              "Conv3d); exclude it from targets")
+            raise OptionError(
+                f"ia3: {site.path!r} is a Conv1d, which peft's IA3 does not support (only Conv2d "
+                "and Conv3d); exclude it from targets"
+            )
 
     def params(self, ctx: Context) -> list[Param]:
         site = ctx.site
@@ -135,11 +163,14 @@ class Ia3(Technique):
 
     def build(self, b: Builder, value: fx.Node) -> fx.Node:
         scale = b.param("ia3_l")
-        if b.site.kind == "linear":  # peft flattens the vector and broadcasts it over the last dimension
+        # peft flattens the vector and broadcasts it over the last dimension
+        if b.site.kind == "linear":
             scale = b.call(aten.reshape.default, scale, [-1], role="ia3_l_flat")
         return b.call(aten.mul.Tensor, value, scale, role="scaled")
 
-    def fold(self, ctx: Context, weight: torch.Tensor, bias: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def fold(
+        self, ctx: Context, weight: torch.Tensor, bias: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         site = ctx.site
         scale = ctx.tensor("ia3_l").to(weight.dtype).reshape(-1)
         ones = (1,) * (weight.dim() - 2)
@@ -149,9 +180,13 @@ class Ia3(Technique):
         groups = getattr(site, "groups", 1)
         if groups == 1:
             return weight * scale.reshape(1, -1, *ones), bias
-        # a grouped convolution's output channel o reads input channels group(o) * in/g ...: scale that slice
+        # a grouped convolution's output channel o reads the input channels of its group: scale them
         out, per_group = weight.shape[0], weight.shape[1]
-        scale = scale.reshape(groups, 1, per_group).expand(groups, out // groups, per_group).reshape(out, per_group, *ones)
+        scale = (
+            scale.reshape(groups, 1, per_group)
+            .expand(groups, out // groups, per_group)
+            .reshape(out, per_group, *ones)
+        )
         return weight * scale, bias
 
     def to_peft(self, options: Ia3Options, sites: list[Any]) -> dict[str, Any]:
@@ -159,11 +194,16 @@ class Ia3(Technique):
         others = [s.path for s in sites if s.path not in feedforward]
         modules: list[str] | str = feedforward
         if any(path.endswith(suffix) for path in others for suffix in feedforward):
-            # peft would read these paths as suffixes of the others too; a whole-path regex names exactly them
+            # peft would read these as suffixes of the others too; a whole-path regex names them
             modules = "(?:" + "|".join(re.escape(path) for path in feedforward) + ")"
-        return {"feedforward_modules": modules, "fan_in_fan_out": any(getattr(s, "fan_in_fan_out", False) for s in sites)}
+        return {
+            "feedforward_modules": modules,
+            "fan_in_fan_out": any(getattr(s, "fan_in_fan_out", False) for s in sites),
+        }
 
     def describe(self, options: Ia3Options, sites: list[Any]) -> str:
         inputs = sum(self.stage_at(s, options) == "input" for s in sites)
-        return (f"IA3 on {len(sites)} sites ({inputs} feed-forward, input scaled; {len(sites) - inputs} output scaled), "
-                f"adapter {options.adapter!r}")
+        return (
+            f"IA3 on {len(sites)} sites ({inputs} feed-forward, input scaled; "
+            f"{len(sites) - inputs} output scaled), adapter {options.adapter!r}"
+        )

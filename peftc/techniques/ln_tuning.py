@@ -26,7 +26,8 @@ from peftc.technique import AdapterOptions, Builder, Context, Param, Technique, 
 
 __all__ = ["LnTuningOptions", "LnTuning"]
 
-# peft's TRANSFORMERS_MODELS_TO_LNTUNING_TARGET_MODULES_MAPPING (bert, roberta, opt, gpt_neox have no entry there
+# peft's TRANSFORMERS_MODELS_TO_LNTUNING_TARGET_MODULES_MAPPING (bert, roberta, opt, gpt_neox have
+# no entry there
 # either).
 _TARGETS = {
     "llama": "*.input_layernorm|*.post_attention_layernorm|*.norm",
@@ -45,7 +46,8 @@ class LnTuningOptions(AdapterOptions):
 
 @register_technique
 class LnTuning(Technique):
-    """Tune copies of layer-norm weights and biases: `layer_norm(x, W, b) -> layer_norm(x, W', b')`."""
+    """Tune copies of layer-norm weights and biases: `layer_norm(x, W, b) -> layer_norm(x, W',
+    b')`."""
 
     name = "ln_tuning"
     options = LnTuningOptions
@@ -53,15 +55,23 @@ class LnTuning(Technique):
     site_kinds = ("layer_norm", "rms_norm")
     stage = "weight"
     default_targets = _TARGETS
-    exclusive = True  # each adapter replaces the weight: two active copies have no meaning (peft refuses them too)
+    # each adapter replaces the weight: two active copies have no meaning (peft refuses them too)
+    exclusive = True
 
     def params(self, ctx: Context) -> list[Param]:
         site = ctx.site
-        weight = get_tensor(ctx.gm, site.weight)  # copied as stored, dtype included, as peft's deepcopy
-        params = [Param("ln_tuning_layers", value=weight, dtype=weight.dtype, suffix="weight", key="weight")]
+        # copied as stored, dtype included, as peft's deepcopy
+        weight = get_tensor(ctx.gm, site.weight)
+        params = [
+            Param(
+                "ln_tuning_layers", value=weight, dtype=weight.dtype, suffix="weight", key="weight"
+            )
+        ]
         if site.bias:
             bias = get_tensor(ctx.gm, site.bias)
-            params.append(Param("ln_tuning_layers", value=bias, dtype=bias.dtype, suffix="bias", key="bias"))
+            params.append(
+                Param("ln_tuning_layers", value=bias, dtype=bias.dtype, suffix="bias", key="bias")
+            )
         return params
 
     def build(self, b: Builder, weight: fx.Node) -> fx.Node:
@@ -69,7 +79,9 @@ class LnTuning(Technique):
             b.bias = b.param("bias")
         return b.param("weight")
 
-    def fold(self, ctx: Context, weight: torch.Tensor, bias: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def fold(
+        self, ctx: Context, weight: torch.Tensor, bias: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         tuned_bias = ctx.tensor("bias").to(bias.dtype) if bias is not None else None
         return ctx.tensor("weight").to(weight.dtype), tuned_bias
 

@@ -1,4 +1,5 @@
-"""LoHa: a Hadamard product of two low-rank matrices beside linear and convolution sites, as in HF peft.
+"""LoHa: a Hadamard product of two low-rank matrices beside linear and convolution sites, as in HF
+peft.
 
     y = W x + b  ->  y = W x + b + dW x,   dW = s * (A1 B1) ⊙ (A2 B2),  s = alpha / r
 
@@ -52,14 +53,48 @@ _ROLES = ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b")
 
 @dataclass(frozen=True)
 class LohaOptions(AdapterOptions):
-    r: int = option(8, doc="rank of each of the two low-rank factors", check=positive, aliases=("rank",), peft="r")
+    r: int = option(
+        8,
+        doc="rank of each of the two low-rank factors",
+        check=positive,
+        aliases=("rank",),
+        peft="r",
+    )
     alpha: float = option(8.0, doc="the update's scale: s = alpha / r", peft="alpha")
-    use_effective_conv2d: bool = option(False, doc="peft's CP decomposition of convolution kernels larger than 1",
-                                        peft="use_effective_conv2d")
+    use_effective_conv2d: bool = option(
+        False,
+        doc="peft's CP decomposition of convolution kernels larger than 1",
+        peft="use_effective_conv2d",
+    )
 
     @property
     def scaling(self) -> float:
         return self.alpha / self.r
+
+
+def _factored_product(
+    b: Builder, x: fx.Node, w1a: fx.Node, w1b: fx.Node, w2a: fx.Node, w2b: fx.Node
+) -> fx.Node:
+    """s * U (V x), never forming dW: U[o, i*r + j] = w1a[o, i] w2a[o, j] and
+    V[i*r + j, n] = w1b[i, n] w2b[j, n]."""
+    site, r = b.site, b.options.r
+    U = b.call(
+        aten.mul.Tensor,
+        b.call(aten.unsqueeze.default, w1a, 2, role="w1a_col"),
+        b.call(aten.unsqueeze.default, w2a, 1, role="w2a_row"),
+        role="u_outer",
+    )
+    U = b.call(aten.reshape.default, U, [site.out_features, r * r], role="u")
+    V = b.call(
+        aten.mul.Tensor,
+        b.call(aten.unsqueeze.default, w1b, 1, role="w1b_col"),
+        b.call(aten.unsqueeze.default, w2b, 0, role="w2b_row"),
+        role="v_outer",
+    )
+    V = b.call(aten.reshape.default, V, [r * r, site.in_features], role="v")
+    v_out = b.call(aten.linear.default, x, V, role="v_out")
+    delta = b.call(aten.linear.default, v_out, U, role="u_out")
+    return b.call(aten.mul.Tensor, delta, b.options.scaling, role="scaled")
 
 
 def _factored(site: LinearSite, r: int) -> bool:
@@ -72,28 +107,37 @@ def effective(site: Any, options: Any) -> bool:
 
 
 def refuse_lycoris(name: str, site: Any) -> None:
-    """The sites peft's LyCORIS methods (LoHa, LoKr) refuse: they take nn.Linear, nn.Conv1d and nn.Conv2d only."""
+    """The sites peft's LyCORIS methods (LoHa, LoKr) refuse: they take nn.Linear, nn.Conv1d and
+    nn.Conv2d only."""
     if site.kind == "conv":
         if site.dims == 3:
-            raise OptionError(f"{name}: peft does not support Conv3d ({site.path!r}); exclude it from targets")
+            raise OptionError(
+                f"{name}: peft does not support Conv3d ({site.path!r}); exclude it from targets"
+            )
         refuse_convolution(name, site)
     elif getattr(site, "fan_in_fan_out", False):
-        raise OptionError(f"{name}: peft does not support GPT-2's Conv1D ({site.path!r}); exclude it from targets")
+        raise OptionError(
+            f"{name}: peft does not support GPT-2's Conv1D ({site.path!r}); exclude it from targets"
+        )
     elif mha := multihead_attention(site):
-        raise OptionError(f"{name}: peft does not support nn.MultiheadAttention ({mha[1]!r}); exclude it from targets")
+        raise OptionError(
+            f"{name}: peft does not support nn.MultiheadAttention ({mha[1]!r}); exclude it from "
+            "targets"
+        )
 
 
 def weight_shape(b: Builder) -> list[int]:
     return list(get_tensor(b.gm, b.site.weight).shape)
 
 
-# peft's LyCORIS fields (LoHa, LoKr): no rank or module dropout; the init is the checkpoint's own weights
+# peft's LyCORIS fields (LoHa, LoKr): no rank or module dropout; a checkpoint brings its weights
 LYCORIS_FIXED = {"rank_dropout": 0.0, "module_dropout": 0.0, "init_weights": True}
 LYCORIS_IGNORED = ("init_weights",)
 
 
 def conv_with(b: Builder, x: fx.Node, weight: fx.Node) -> fx.Node:
-    """The site's convolution of `x` with `weight` and no bias, as peft's `_get_delta_activations`."""
+    """The site's convolution of `x` with `weight` and no bias, as peft's
+    `_get_delta_activations`."""
     target, args = b.site.functional(x, weight, None)
     return b.call(target, *args, role="delta_out")
 
@@ -119,13 +163,21 @@ class Loha(Technique):
             out, inner = site.out_channels, site.in_channels // site.groups
         if effective(site, ctx.options):
             core = (r, r, *site.kernel_size, 1)[:4]  # Conv1d's core has a trailing 1
-            return [Param("hada_w1_a", (r, out), init=kaiming_uniform), Param("hada_w1_b", (r, inner), init=kaiming_uniform),
-                    Param("hada_w2_a", (r, out), init=kaiming_uniform), Param("hada_w2_b", (r, inner)),
-                    Param("hada_t1", core, init=kaiming_uniform), Param("hada_t2", core, init=kaiming_uniform)]
+            return [
+                Param("hada_w1_a", (r, out), init=kaiming_uniform),
+                Param("hada_w1_b", (r, inner), init=kaiming_uniform),
+                Param("hada_w2_a", (r, out), init=kaiming_uniform),
+                Param("hada_w2_b", (r, inner)),
+                Param("hada_t1", core, init=kaiming_uniform),
+                Param("hada_t2", core, init=kaiming_uniform),
+            ]
         if site.kind == "conv":
             inner *= math.prod(site.kernel_size)
         shapes = [(out, r), (r, inner)] * 2
-        return [Param(attr, shape, init=None if attr == "hada_w2_b" else kaiming_uniform) for attr, shape in zip(_ROLES, shapes)]
+        return [
+            Param(attr, shape, init=None if attr == "hada_w2_b" else kaiming_uniform)
+            for attr, shape in zip(_ROLES, shapes, strict=True)
+        ]
 
     def build(self, b: Builder, x: fx.Node) -> fx.Node:
         site, r = b.site, b.options.r
@@ -134,38 +186,57 @@ class Loha(Technique):
             if effective(site, b.options):
                 weight = self._cp_weight(b, w1a, w1b, w2a, w2b)
             else:
-                hadamard = b.call(aten.mul.Tensor, b.call(aten.mm.default, w1a, w1b, role="w1"),
-                                  b.call(aten.mm.default, w2a, w2b, role="w2"), role="hadamard")
-                weight = b.call(aten.mul.Tensor, hadamard, b.options.scaling, role="delta_weight_2d")
-            return conv_with(b, x, b.call(aten.reshape.default, weight, weight_shape(b), role="delta_weight"))
+                hadamard = b.call(
+                    aten.mul.Tensor,
+                    b.call(aten.mm.default, w1a, w1b, role="w1"),
+                    b.call(aten.mm.default, w2a, w2b, role="w2"),
+                    role="hadamard",
+                )
+                weight = b.call(
+                    aten.mul.Tensor, hadamard, b.options.scaling, role="delta_weight_2d"
+                )
+            return conv_with(
+                b, x, b.call(aten.reshape.default, weight, weight_shape(b), role="delta_weight")
+            )
         if _factored(site, r):
-            # U[o, i*r + j] = w1a[o, i] w2a[o, j];  V[i*r + j, n] = w1b[i, n] w2b[j, n]
-            U = b.call(aten.mul.Tensor, b.call(aten.unsqueeze.default, w1a, 2, role="w1a_col"),
-                       b.call(aten.unsqueeze.default, w2a, 1, role="w2a_row"), role="u_outer")
-            U = b.call(aten.reshape.default, U, [site.out_features, r * r], role="u")
-            V = b.call(aten.mul.Tensor, b.call(aten.unsqueeze.default, w1b, 1, role="w1b_col"),
-                       b.call(aten.unsqueeze.default, w2b, 0, role="w2b_row"), role="v_outer")
-            V = b.call(aten.reshape.default, V, [r * r, site.in_features], role="v")
-            delta = b.call(aten.linear.default, b.call(aten.linear.default, x, V, role="v_out"), U, role="u_out")
-            return b.call(aten.mul.Tensor, delta, b.options.scaling, role="scaled")
+            return _factored_product(b, x, w1a, w1b, w2a, w2b)
         w1 = b.call(aten.mm.default, w1a, w1b, role="w1")
         w2 = b.call(aten.mm.default, w2a, w2b, role="w2")
-        weight = b.call(aten.mul.Tensor, b.call(aten.mul.Tensor, w1, w2, role="hadamard"), b.options.scaling,
-                        role="delta_weight")
+        weight = b.call(
+            aten.mul.Tensor,
+            b.call(aten.mul.Tensor, w1, w2, role="hadamard"),
+            b.options.scaling,
+            role="delta_weight",
+        )
         return b.call(aten.linear.default, x, weight, role="delta_out")
 
-    def _cp_weight(self, b: Builder, w1a: fx.Node, w1b: fx.Node, w2a: fx.Node, w2b: fx.Node) -> fx.Node:
-        """peft's HadaWeightCP: values R1 ⊙ R2 * s; A1's gradient contracts with t2 B2 and A2's with t1 B1 (peft's
-        backward), so each A enters its R twice: detached with its own core, and through the other core as `g - g.detach()`."""
-        einsum = lambda eq, *ts, role: b.call(aten.einsum.default, eq, list(ts), role=role)  # noqa: E731
+    def _cp_weight(
+        self, b: Builder, w1a: fx.Node, w1b: fx.Node, w2a: fx.Node, w2b: fx.Node
+    ) -> fx.Node:
+        """peft's HadaWeightCP: values R1 ⊙ R2 * s; A1's gradient contracts with t2 B2 and A2's with
+        t1 B1 (peft's backward), so each A enters its R twice: detached with its own core, and
+        through the other core as `g - g.detach()`."""
+
+        def einsum(eq: str, *ts: fx.Node, role: str) -> fx.Node:
+            return b.call(aten.einsum.default, eq, list(ts), role=role)
+
         detach = lambda t, role: b.call(aten.detach.default, t, role=role)  # noqa: E731
         core1 = einsum("ijkl,jr->irkl", b.param("hada_t1"), w1b, role="t1_w1b")
         core2 = einsum("ijkl,jr->irkl", b.param("hada_t2"), w2b, role="t2_w2b")
         rebuilt = []
         for i, (core, other, a) in enumerate(((core1, core2, w1a), (core2, core1, w2a)), 1):
-            value = einsum("irkl,ip->prkl", core, detach(a, role=f"w{i}a_detached"), role=f"rebuild{i}_value")
-            grad = einsum("irkl,ip->prkl", detach(other, role=f"other_core{i}"), a, role=f"rebuild{i}_grad")
-            zero = b.call(aten.sub.Tensor, grad, detach(grad, role=f"rebuild{i}_grad_detached"), role=f"rebuild{i}_zero")
+            value = einsum(
+                "irkl,ip->prkl", core, detach(a, role=f"w{i}a_detached"), role=f"rebuild{i}_value"
+            )
+            grad = einsum(
+                "irkl,ip->prkl", detach(other, role=f"other_core{i}"), a, role=f"rebuild{i}_grad"
+            )
+            zero = b.call(
+                aten.sub.Tensor,
+                grad,
+                detach(grad, role=f"rebuild{i}_grad_detached"),
+                role=f"rebuild{i}_zero",
+            )
             rebuilt.append(b.call(aten.add.Tensor, value, zero, role=f"rebuild{i}"))
         product = b.call(aten.mul.Tensor, rebuilt[0], rebuilt[1], role="hadamard")
         return b.call(aten.mul.Tensor, product, b.options.scaling, role="delta_weight_cp")
@@ -180,8 +251,15 @@ class Loha(Technique):
             weight = rebuild1 * rebuild2 * s
         else:
             weight = (w1a @ w1b) * (w2a @ w2b) * s
-        return weight.reshape(get_tensor(ctx.gm, ctx.site.weight).shape) if ctx.site.kind == "conv" else weight
+        return (
+            weight.reshape(get_tensor(ctx.gm, ctx.site.weight).shape)
+            if ctx.site.kind == "conv"
+            else weight
+        )
 
     def describe(self, options: LohaOptions, sites: list[Any]) -> str:
         factored = sum(_factored(s, options.r) for s in sites if s.kind == "linear")
-        return f"LoHa r={options.r} on {len(sites)} sites ({factored} factored, {len(sites) - factored} dense)"
+        return (
+            f"LoHa r={options.r} on {len(sites)} sites ({factored} factored, "
+            f"{len(sites) - factored} dense)"
+        )

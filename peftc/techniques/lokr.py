@@ -46,7 +46,14 @@ from peftc.technique import (
     positive,
     register_technique,
 )
-from peftc.techniques.loha import LYCORIS_FIXED, LYCORIS_IGNORED, conv_with, effective, refuse_lycoris, weight_shape
+from peftc.techniques.loha import (
+    LYCORIS_FIXED,
+    LYCORIS_IGNORED,
+    conv_with,
+    effective,
+    refuse_lycoris,
+    weight_shape,
+)
 
 __all__ = ["LokrOptions", "Lokr", "factorization"]
 
@@ -59,14 +66,28 @@ def _factor(value: int) -> str | None:
 
 @dataclass(frozen=True)
 class LokrOptions(AdapterOptions):
-    r: int = option(8, doc="rank of w2 (or of w1 and w2 with decompose_both) where it is factored", check=positive,
-                    aliases=("rank",), peft="r")
+    r: int = option(
+        8,
+        doc="rank of w2 (or of w1 and w2 with decompose_both) where it is factored",
+        check=positive,
+        aliases=("rank",),
+        peft="r",
+    )
     alpha: float = option(8.0, doc="the update's scale: s = alpha / r", peft="alpha")
-    decompose_both: bool = option(False, doc="factor w1 into w1_a w1_b as well", peft="decompose_both")
-    decompose_factor: int = option(-1, doc="the factor dims are split by (-1: near the square root)", check=_factor,
-                                   peft="decompose_factor")
-    use_effective_conv2d: bool = option(False, doc="peft's CP decomposition of convolution kernels larger than 1",
-                                        peft="use_effective_conv2d")
+    decompose_both: bool = option(
+        False, doc="factor w1 into w1_a w1_b as well", peft="decompose_both"
+    )
+    decompose_factor: int = option(
+        -1,
+        doc="the factor dims are split by (-1: near the square root)",
+        check=_factor,
+        peft="decompose_factor",
+    )
+    use_effective_conv2d: bool = option(
+        False,
+        doc="peft's CP decomposition of convolution kernels larger than 1",
+        peft="use_effective_conv2d",
+    )
 
     @property
     def scaling(self) -> float:
@@ -74,7 +95,8 @@ class LokrOptions(AdapterOptions):
 
 
 def factorization(dimension: int, factor: int = -1) -> tuple[int, int]:
-    """`dimension = m * n` with m <= n, m as close to `factor` (default sqrt) as divisors allow (peft's rule)."""
+    """`dimension = m * n` with m <= n, m as close to `factor` (default sqrt) as divisors allow
+    (peft's rule)."""
     if factor > 0 and dimension % factor == 0:
         return factor, dimension // factor
     if factor == -1:
@@ -103,11 +125,19 @@ class _Layout:
     effective: bool = False  # W2 from the Tucker core lokr_t2
 
     def shapes(self, r: int) -> dict[str, tuple[int, ...]]:
-        w1 = {"lokr_w1": (self.a, self.c)} if self.full_w1 else {"lokr_w1_a": (self.a, r), "lokr_w1_b": (r, self.c)}
+        w1 = (
+            {"lokr_w1": (self.a, self.c)}
+            if self.full_w1
+            else {"lokr_w1_a": (self.a, r), "lokr_w1_b": (r, self.c)}
+        )
         if self.full_w2:
             w2 = {"lokr_w2": (self.b, self.d, *self.kernel)}
         elif self.effective:
-            w2 = {"lokr_t2": (r, r, *self.kernel, 1)[:4], "lokr_w2_a": (r, self.b), "lokr_w2_b": (r, self.d)}
+            w2 = {
+                "lokr_t2": (r, r, *self.kernel, 1)[:4],
+                "lokr_w2_a": (r, self.b),
+                "lokr_w2_b": (r, self.d),
+            }
         else:
             w2 = {"lokr_w2_a": (self.b, r), "lokr_w2_b": (r, self.d * math.prod(self.kernel))}
         return {**w1, **w2}
@@ -115,16 +145,21 @@ class _Layout:
 
 def _layout(site: Any, options: LokrOptions) -> _Layout:
     conv = site.kind == "conv"
-    c, d = factorization(site.in_channels // site.groups if conv else site.in_features, options.decompose_factor)
+    c, d = factorization(
+        site.in_channels // site.groups if conv else site.in_features, options.decompose_factor
+    )
     a, b = factorization(site.out_channels if conv else site.out_features, options.decompose_factor)
     full_w1 = not (options.decompose_both and options.r < max(a, c) / 2)
     full_w2 = not (options.r < max(b, d) / 2)
-    return _Layout(a, b, c, d, full_w1, full_w2, site.kernel_size if conv else (), effective(site, options))
+    return _Layout(
+        a, b, c, d, full_w1, full_w2, site.kernel_size if conv else (), effective(site, options)
+    )
 
 
 @register_technique
 class Lokr(Technique):
-    """Insert LoKr branches: `y = W x + b -> y = W x + b + s (W1 ⊗ W2) x`, never building W1 ⊗ W2."""
+    """Insert LoKr branches: `y = W x + b -> y = W x + b + s (W1 ⊗ W2) x`, never building W1 ⊗
+    W2."""
 
     name = "lokr"
     options = LokrOptions
@@ -136,35 +171,61 @@ class Lokr(Technique):
         refuse_lycoris("lokr", site)
         layout = _layout(site, options) if site.kind == "conv" else None
         if layout and site.dims == 1 and layout.effective and not layout.full_w2 and options.r == 1:
-            raise OptionError(f"lokr: peft fails on Conv1d {site.path!r} with use_effective_conv2d and r=1 (inside "
-                              "torch.kron); use r >= 2 or use_effective_conv2d=false")
+            raise OptionError(
+                f"lokr: peft fails on Conv1d {site.path!r} with use_effective_conv2d and r=1 "
+                "(inside torch.kron); use r >= 2 or use_effective_conv2d=false"
+            )
 
     def params(self, ctx: Context) -> list[Param]:
         shapes = _layout(ctx.site, ctx.options).shapes(ctx.options.r)
-        return [Param(attr, shape, init=None if attr in ("lokr_w1", "lokr_w1_a") else kaiming_uniform)
-                for attr, shape in shapes.items()]
+        return [
+            Param(attr, shape, init=None if attr in ("lokr_w1", "lokr_w1_a") else kaiming_uniform)
+            for attr, shape in shapes.items()
+        ]
 
     def build(self, b: Builder, x: fx.Node) -> fx.Node:
         layout = _layout(b.site, b.options)
         p = {attr: b.param(attr) for attr in layout.shapes(b.options.r)}
         if b.site.kind == "conv":  # peft's make_kron, then the base's convolution with it
-            w1 = p.get("lokr_w1") or b.call(aten.mm.default, p["lokr_w1_a"], p["lokr_w1_b"], role="w1")
+            w1 = p.get("lokr_w1") or b.call(
+                aten.mm.default, p["lokr_w1_a"], p["lokr_w1_b"], role="w1"
+            )
             if "lokr_w2" in p:
                 w2 = p["lokr_w2"]
             elif layout.effective:
-                w2 = b.call(aten.einsum.default, "ijkl,ip,jr->prkl", [p["lokr_t2"], p["lokr_w2_a"], p["lokr_w2_b"]],
-                            role="w2")
+                w2 = b.call(
+                    aten.einsum.default,
+                    "ijkl,ip,jr->prkl",
+                    [p["lokr_t2"], p["lokr_w2_a"], p["lokr_w2_b"]],
+                    role="w2",
+                )
             else:
                 w2 = b.call(aten.mm.default, p["lokr_w2_a"], p["lokr_w2_b"], role="w2")
             if len(layout.kernel) == 2 if layout.full_w2 else layout.effective:  # W2 is 4-D
-                w1 = b.call(aten.unsqueeze.default, b.call(aten.unsqueeze.default, w1, 2, role="w1_3d"), 2, role="w1_4d")
-            kron = b.call(aten.kron.default, w1, b.call(aten.contiguous.default, w2, role="w2_contiguous"), role="kron")
+                w1 = b.call(
+                    aten.unsqueeze.default,
+                    b.call(aten.unsqueeze.default, w1, 2, role="w1_3d"),
+                    2,
+                    role="w1_4d",
+                )
+            kron = b.call(
+                aten.kron.default,
+                w1,
+                b.call(aten.contiguous.default, w2, role="w2_contiguous"),
+                role="kron",
+            )
             weight = b.call(aten.mul.Tensor, kron, b.options.scaling, role="delta_weight_kron")
-            return conv_with(b, x, b.call(aten.reshape.default, weight, weight_shape(b), role="delta_weight"))
+            return conv_with(
+                b, x, b.call(aten.reshape.default, weight, weight_shape(b), role="delta_weight")
+            )
         w1 = p.get("lokr_w1") or b.call(aten.mm.default, p["lokr_w1_a"], p["lokr_w1_b"], role="w1")
         w2 = p.get("lokr_w2") or b.call(aten.mm.default, p["lokr_w2_a"], p["lokr_w2_b"], role="w2")
-        blocks = b.call(aten.reshape.default, x, [-1, layout.c, layout.d], role="x_blocks")  # X: (N, c, d)
-        xw2 = b.call(aten.matmul.default, blocks, b.call(aten.t.default, w2, role="w2_t"), role="x_w2t")  # (N, c, b)
+        # X: (N, c, d)
+        blocks = b.call(aten.reshape.default, x, [-1, layout.c, layout.d], role="x_blocks")
+        # (N, c, b)
+        xw2 = b.call(
+            aten.matmul.default, blocks, b.call(aten.t.default, w2, role="w2_t"), role="x_w2t"
+        )
         y = b.call(aten.matmul.default, w1, xw2, role="w1_x_w2t")  # (N, a, b)
         y = b.call(aten.reshape_as.default, y, b.base, role="delta_out")
         return b.call(aten.mul.Tensor, y, b.options.scaling, role="scaled")
@@ -176,13 +237,19 @@ class Lokr(Technique):
         if "lokr_w2" in t:
             w2 = t["lokr_w2"]
         elif "lokr_t2" in t:
-            w2 = torch.einsum("i j k l, i p, j r -> p r k l", t["lokr_t2"], t["lokr_w2_a"], t["lokr_w2_b"])
+            w2 = torch.einsum(
+                "i j k l, i p, j r -> p r k l", t["lokr_t2"], t["lokr_w2_a"], t["lokr_w2_b"]
+            )
         else:
             w2 = t["lokr_w2_a"] @ t["lokr_w2_b"]
         if w2.dim() == 4:
             w1 = w1.unsqueeze(2).unsqueeze(2)
         weight = torch.kron(w1, w2.contiguous()) * ctx.options.scaling
-        return weight.reshape(get_tensor(ctx.gm, ctx.site.weight).shape) if ctx.site.kind == "conv" else weight
+        return (
+            weight.reshape(get_tensor(ctx.gm, ctx.site.weight).shape)
+            if ctx.site.kind == "conv"
+            else weight
+        )
 
     def describe(self, options: LokrOptions, sites: list[Any]) -> str:
         return f"LoKr r={options.r} on {len(sites)} sites, adapter {options.adapter!r}"

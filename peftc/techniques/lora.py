@@ -1,10 +1,11 @@
 """LoRA and DoRA: low-rank updates beside linear, convolution and embedding sites, as in HF peft.
 
     y = W x + b  ->  y = W x + b + s * B A dropout(x)                       (LoRA, s = alpha / r)
-    y = W x + b  ->  y = W x + b + (m/n - 1)(W x) + (m/n) s B A dropout(x)  (DoRA, n = ||W + s B A||_row, detached)
+    y = W x + b  ->  y = W x + b + (m/n - 1)(W x) + (m/n) s B A dropout(x)
+                                                   (DoRA, n = ||W + s B A||_row, detached)
     e = E[ids]   ->  e = E[ids] + s * (A^T[ids] B^T)                         (embedding LoRA)
     y = conv(x)  ->  y = conv(x) + s * conv_1x1(conv_k(dropout(x), A), B)   (convolution LoRA)
-    mha(x)       ->  mha(x) with in_proj W + s B A, out_proj W + 2 s B A      (nn.MultiheadAttention)
+    mha(x)       ->  mha(x) with in_proj W + s B A, out_proj W + 2 s B A  (nn.MultiheadAttention)
 
 1. Linear sites (`aten.linear`, `nn.Linear`, NF4, and GPT-2 `Conv1D`, whose weight is stored
    transposed as peft's `fan_in_fan_out`) get the LoRA or DoRA branch; DoRA reads NF4 bases
@@ -22,8 +23,9 @@
    `<mha>.base_layer.out_proj.lora_A.<adapter>.weight`.
 5. A is Kaiming-uniform (`init="kaiming"`) or N(0, 1/r) (`"gaussian"`), B is zero, so at
    init the module computes what it computed before; for embeddings A is zero, B normal.
-Parameters sit where peft puts them: `<path>.lora_A.<adapter>.weight`, `<path>.lora_B.<adapter>.weight`,
-`<path>.lora_magnitude_vector.<adapter>.weight`, `<path>.lora_embedding_A.<adapter>`.
+Parameters sit where peft puts them: `<path>.lora_A.<adapter>.weight`,
+`<path>.lora_B.<adapter>.weight`, `<path>.lora_magnitude_vector.<adapter>.weight`,
+`<path>.lora_embedding_A.<adapter>`.
 """
 
 from __future__ import annotations
@@ -38,8 +40,8 @@ from torch import fx, nn
 
 from peftc.errors import OptionError
 from peftc.ir.graph import get_tensor, module_path, peftc_meta, set_tensor
-from peftc.sites.weight import linear_sites
 from peftc.ir.targets import compile_pattern
+from peftc.sites.weight import linear_sites
 from peftc.technique import (
     AdapterOptions,
     Builder,
@@ -61,25 +63,50 @@ aten = torch.ops.aten
 
 
 def _init_from_peft(value: Any) -> str:
-    if value in (True, False, "gaussian"):  # False: B random too; loaded weights come from the file either way
+    # False: B random too; loaded weights come from the file either way
+    if value in (
+        True,
+        False,
+        "gaussian",
+    ):
         return "gaussian" if value == "gaussian" else "kaiming"
-    raise OptionError(f"init_lora_weights={value!r} changes the base weights at init (PiSSA, OLoRA, LoftQ, ...), "
-                      "which peftc does not implement")
+    raise OptionError(
+        f"init_lora_weights={value!r} changes the base weights at init (PiSSA, OLoRA, LoftQ, ...), "
+        "which peftc does not implement"
+    )
 
 
 @dataclass(frozen=True)
 class LoraOptions(AdapterOptions):
-    r: int = option(8, doc="rank of A (r x in) and B (out x r)", check=positive, aliases=("rank",), peft="r")
-    alpha: float = option(8.0, doc="the update's scale: s = alpha / r (alpha / sqrt(r) with rslora)", peft="lora_alpha")
-    dropout: float = option(0.0, doc="dropout on the branch's input", check=probability, peft="lora_dropout")
+    r: int = option(
+        8, doc="rank of A (r x in) and B (out x r)", check=positive, aliases=("rank",), peft="r"
+    )
+    alpha: float = option(
+        8.0,
+        doc="the update's scale: s = alpha / r (alpha / sqrt(r) with rslora)",
+        peft="lora_alpha",
+    )
+    dropout: float = option(
+        0.0, doc="dropout on the branch's input", check=probability, peft="lora_dropout"
+    )
     init: Literal["kaiming", "gaussian"] = option(
-        "kaiming", doc="A's init: Kaiming-uniform as nn.Linear, or N(0, 1/r); B starts at zero", peft="init_lora_weights",
-        encode=lambda v: True if v == "kaiming" else v, decode=_init_from_peft)
+        "kaiming",
+        doc="A's init: Kaiming-uniform as nn.Linear, or N(0, 1/r); B starts at zero",
+        peft="init_lora_weights",
+        encode=lambda v: True if v == "kaiming" else v,
+        decode=_init_from_peft,
+    )
     rslora: bool = option(False, doc="rank-stabilised scale alpha / sqrt(r)", peft="use_rslora")
-    dora: bool = option(False, doc="DoRA: a learned magnitude per output row over the normalised W + s B A",
-                        peft="use_dora")
+    dora: bool = option(
+        False,
+        doc="DoRA: a learned magnitude per output row over the normalised W + s B A",
+        peft="use_dora",
+    )
     bias: Literal["none", "all", "lora_only"] = option(
-        "none", doc="also train biases: of every linear (`all`) or of the adapted ones (`lora_only`)", peft="bias")
+        "none",
+        doc="also train biases: of every linear (`all`) or of the adapted ones (`lora_only`)",
+        peft="bias",
+    )
 
     @property
     def scaling(self) -> float:
@@ -87,7 +114,8 @@ class LoraOptions(AdapterOptions):
 
 
 def multihead_attention(site: Any) -> tuple[str, str] | None:
-    """`("in_proj" | "out_proj", path of the nn.MultiheadAttention)` when `site` is one of its projections."""
+    """`("in_proj" | "out_proj", path of the nn.MultiheadAttention)` when `site` is one of its
+    projections."""
     types = peftc_meta(site.node.graph.owning_module).get("module_types", {})
     is_mha = lambda path: types.get(path, "").endswith(".MultiheadAttention")  # noqa: E731
     if is_mha(site.path) and site.weight == f"{site.path}.in_proj_weight":
@@ -97,21 +125,30 @@ def multihead_attention(site: Any) -> tuple[str, str] | None:
 
 
 def padding_mode(site: Any) -> str:
-    """A convolution's padding mode: export writes a mode other than zeros as an `aten.pad` before it."""
+    """A convolution's padding mode: export writes a mode other than zeros as an `aten.pad` before
+    it."""
     x = site.input
-    if (x.op == "call_function" and x.target is aten.pad.default and len(x.args) > 2 and x.args[2] != "constant"
-            and module_path(x) == site.path):
+    if (
+        x.op == "call_function"
+        and x.target is aten.pad.default
+        and len(x.args) > 2
+        and x.args[2] != "constant"
+        and module_path(x) == site.path
+    ):
         return x.args[2]
     return "zeros"
 
 
 def refuse_convolution(name: str, site: Any) -> None:
-    """What peft's adapter convolutions cannot reproduce: they pad with zeros whatever the base's padding mode."""
+    """What peft's adapter convolutions cannot reproduce: they pad with zeros whatever the base's
+    padding mode."""
     mode = padding_mode(site)
     if mode != "zeros":
-        raise OptionError(f"{name}: convolution {site.path!r} pads in mode {mode!r}; peft's adapter pads with zeros there, "
-                          "so its output differs from its merge and peftc does not reproduce it; use padding_mode='zeros' "
-                          "or exclude it from targets")
+        raise OptionError(
+            f"{name}: convolution {site.path!r} pads in mode {mode!r}; peft's adapter pads with "
+            "zeros there, so its output differs from its merge and peftc does not reproduce it; "
+            "use padding_mode='zeros' or exclude it from targets"
+        )
 
 
 def _mha_modules(gm: fx.GraphModule) -> list[str]:
@@ -121,42 +158,63 @@ def _mha_modules(gm: fx.GraphModule) -> list[str]:
 
 @register_technique
 class Lora(Technique):
-    """Insert LoRA (or DoRA with `dora=true`) at the selected linear, convolution and embedding sites.
+    """Insert LoRA (or DoRA with `dora=true`) at the selected linear, convolution and embedding
+    sites.
 
-    `y = W x + b  ->  y = W x + b + s * B A dropout(x)`, s = alpha / r (alpha / sqrt(r) with `rslora`).
+    `y = W x + b  ->  y = W x + b + s * B A dropout(x)`, s = alpha / r (alpha / sqrt(r) with
+    `rslora`).
     The new adapter is active next to any others; `set_adapter` chooses among them. `bias="all"`
-    or `"lora_only"` also trains the biases of all linears or of the targeted ones, as peft's `bias`.
-    The base is frozen unless `freeze_base=false`.
+    or `"lora_only"` also trains the biases of all linears or of the targeted ones, as peft's
+    `bias`. The base is frozen unless `freeze_base=false`.
     """
 
     name = "lora"
     options = LoraOptions
     peft_type = "LORA"
-    peft_ignored = ("fan_in_fan_out", "qalora_group_size")  # the layout is read from the graph; QA-LoRA is refused
+    # the layout is read from the graph; QA-LoRA is refused
+    peft_ignored = (
+        "fan_in_fan_out",
+        "qalora_group_size",
+    )
     site_kinds = ("linear", "conv", "embedding")
 
     def select(self, gm: fx.GraphModule, options: LoraOptions) -> list[tuple[Any, str]]:
-        matches = compile_pattern(options.targets) if options.targets and options.targets != "all-linear" else None
-        for path in _mha_modules(gm):  # checked first: a whole MultiheadAttention is no site, so nothing would match
+        matches = (
+            compile_pattern(options.targets)
+            if options.targets and options.targets != "all-linear"
+            else None
+        )
+        # checked first: a whole MultiheadAttention is no site, so nothing would match
+        for path in _mha_modules(gm):
             if matches is None or not matches(path):
                 continue
             if any(n.op == "call_module" and n.target == path for n in gm.graph.nodes):
-                raise OptionError(f"lora: nn.MultiheadAttention {path!r} is called whole in this graph (symbolic capture); "
-                                  "capture the model with example inputs (peftc.capture(model, args)) so it decomposes "
-                                  "into its in_proj and out_proj")
+                raise OptionError(
+                    f"lora: nn.MultiheadAttention {path!r} is called whole in this graph (symbolic "
+                    "capture); capture the model with example inputs (peftc.capture(model, args)) "
+                    "so it decomposes into its in_proj and out_proj"
+                )
             if not any(s.weight == f"{path}.in_proj_weight" for s in linear_sites(gm)):
-                raise OptionError(f"lora: nn.MultiheadAttention {path!r} does not apply in_proj_weight as one linear "
-                                  "(query, key and value differ, or separate projection weights); peftc adapts it only "
-                                  "for self-attention with one tensor as query, key and value")
+                raise OptionError(
+                    f"lora: nn.MultiheadAttention {path!r} does not apply in_proj_weight as one "
+                    "linear (query, key and value differ, or separate projection weights); peftc "
+                    "adapts it only for self-attention with one tensor as query, key and value"
+                )
         placed = []
         for site, prefix in super().select(gm, options):
             mha = multihead_attention(site)
             if mha and options.targets == "all-linear":
-                raise OptionError(f"lora: targets=\"all-linear\" selects the projections of nn.MultiheadAttention "
-                                  f"{mha[1]!r}, on which peft's all-linear has no effect; list the targets explicitly")
+                raise OptionError(
+                    f'lora: targets="all-linear" selects the projections of nn.MultiheadAttention '
+                    f"{mha[1]!r}, on which peft's all-linear has no effect; list the targets "
+                    "explicitly"
+                )
             if mha and mha[0] == "out_proj":
-                raise OptionError(f"lora: {site.path!r} is the out_proj of nn.MultiheadAttention {mha[1]!r}, whose forward "
-                                  f"never calls it, so peft's LoRA there has no effect; target {mha[1]!r} (both projections)")
+                raise OptionError(
+                    f"lora: {site.path!r} is the out_proj of nn.MultiheadAttention {mha[1]!r}, "
+                    "whose forward never calls it, so peft's LoRA there has no effect; target "
+                    f"{mha[1]!r} (both projections)"
+                )
             placed.append((site, prefix))
             if mha:
                 out_proj = next(s for s in linear_sites(gm) if s.path == f"{mha[1]}.out_proj")
@@ -168,109 +226,103 @@ class Lora(Technique):
 
     def check(self, gm: fx.GraphModule, site: Any, options: LoraOptions) -> None:
         if site.kind == "embedding" and options.dora:
-            raise OptionError(f"lora: dora is not supported on embedding {site.path!r}; exclude it from targets")
+            raise OptionError(
+                f"lora: dora is not supported on embedding {site.path!r}; exclude it from targets"
+            )
         mha = multihead_attention(site) if site.kind == "linear" else None
         if mha and options.dora:
-            raise OptionError(f"lora: peft does not support dora on nn.MultiheadAttention {mha[1]!r}; exclude it or set dora=false")
+            raise OptionError(
+                f"lora: peft does not support dora on nn.MultiheadAttention {mha[1]!r}; exclude it "
+                "or set dora=false"
+            )
         if mha and options.bias != "none":
-            raise OptionError(f"lora: bias={options.bias!r} with nn.MultiheadAttention {mha[1]!r} is not implemented; "
-                              "use bias=\"none\" or exclude it from targets")
+            raise OptionError(
+                f"lora: bias={options.bias!r} with nn.MultiheadAttention {mha[1]!r} is not "
+                "implemented; "
+                'use bias="none" or exclude it from targets'
+            )
         if site.kind == "conv":
             refuse_convolution("lora", site)
             if options.r % site.groups:
-                raise OptionError(f"lora: r={options.r} must be divisible by the groups ({site.groups}) of {site.path!r}, as in peft")
+                raise OptionError(
+                    f"lora: r={options.r} must be divisible by the groups ({site.groups}) of "
+                    f"{site.path!r}, as in peft"
+                )
             if any(d != 1 for d in site.dilation):
-                raise OptionError(f"lora: {site.path!r} is a dilated convolution, which peft's LoRA does not support")
+                raise OptionError(
+                    f"lora: {site.path!r} is a dilated convolution, which peft's LoRA does not "
+                    "support"
+                )
 
     def params(self, ctx: Context) -> list[Param]:
         site, o = ctx.site, ctx.options
         if site.kind == "embedding":
-            return [Param("lora_embedding_A", (o.r, site.num_embeddings)),
-                    Param("lora_embedding_B", (site.embedding_dim, o.r), init=nn.init.normal_)]
-        init = kaiming_uniform if o.init == "kaiming" else (lambda t: nn.init.normal_(t, std=1 / o.r))
+            return [
+                Param("lora_embedding_A", (o.r, site.num_embeddings)),
+                Param("lora_embedding_B", (site.embedding_dim, o.r), init=nn.init.normal_),
+            ]
+        init = (
+            kaiming_uniform if o.init == "kaiming" else (lambda t: nn.init.normal_(t, std=1 / o.r))
+        )
         if site.kind == "conv":
             ones = (1,) * site.dims
-            params = [Param("lora_A", (o.r, site.in_channels, *site.kernel_size), init=init, suffix="weight"),
-                      Param("lora_B", (site.out_channels, o.r // site.groups, *ones), suffix="weight")]
+            params = [
+                Param(
+                    "lora_A", (o.r, site.in_channels, *site.kernel_size), init=init, suffix="weight"
+                ),
+                Param("lora_B", (site.out_channels, o.r // site.groups, *ones), suffix="weight"),
+            ]
         else:
-            params = [Param("lora_A", (o.r, site.in_features), init=init, suffix="weight"),
-                      Param("lora_B", (site.out_features, o.r), suffix="weight")]
-        if o.dora:  # B is zero: the norm of W (conv: over all dimensions but the first, shaped (1, out, 1, ...))
+            params = [
+                Param("lora_A", (o.r, site.in_features), init=init, suffix="weight"),
+                Param("lora_B", (site.out_features, o.r), suffix="weight"),
+            ]
+        # B is zero: the norm of W (conv: over all dims but the first, shaped (1, out, 1, ...))
+        if o.dora:
             W = ctx.weight().float()
-            norm = torch.linalg.vector_norm(W, dim=tuple(range(1, W.dim())), keepdim=site.kind == "conv")
-            params.append(Param("lora_magnitude_vector", value=norm.transpose(1, 0) if site.kind == "conv" else norm,
-                                suffix="weight"))
+            norm = torch.linalg.vector_norm(
+                W, dim=tuple(range(1, W.dim())), keepdim=site.kind == "conv"
+            )
+            params.append(
+                Param(
+                    "lora_magnitude_vector",
+                    value=norm.transpose(1, 0) if site.kind == "conv" else norm,
+                    suffix="weight",
+                )
+            )
         return params
 
     def modules(self, ctx: Context) -> dict[str, nn.Module]:
         site, options = ctx.site, ctx.options
-        if options.dropout == 0 or site.kind == "embedding" or self.stage_at(site, options) == "weight":
+        if (
+            options.dropout == 0
+            or site.kind == "embedding"
+            or self.stage_at(site, options) == "weight"
+        ):
             return {}
         return {"lora_dropout": nn.Dropout(options.dropout)}
 
     def build(self, b: Builder, x: fx.Node) -> fx.Node:
         site, o = b.site, b.options
-        s = o.scaling
-        if self.stage_at(site, o) == "weight":  # nn.MultiheadAttention: x is the weight, as peft merges before the op
-            delta = b.call(aten.mul.Tensor, b.call(aten.mm.default, b.param("lora_B"), b.param("lora_A"), role="lora_weight"),
-                           s, role="scaled_weight")
-            W = b.call(aten.add.Tensor, x, delta, role="merged_weight")
-            if multihead_attention(site)[0] == "out_proj":  # peft's out_proj.merge() adds it again, outside autograd
-                W = b.call(aten.add.Tensor, W, b.call(aten.detach.default, delta, role="scaled_weight_detached"),
-                           role="merged_twice")
-            return W
+        if self.stage_at(site, o) == "weight":
+            return _on_weight(b, x)
         if site.kind == "embedding":
-            A = b.call(aten.t.default, b.param("lora_embedding_A"), role="lora_embedding_A_t")
-            after_a = b.call(aten.embedding.default, A, x, site.padding_idx, role="lora_A_out")
-            B = b.call(aten.t.default, b.param("lora_embedding_B"), role="lora_embedding_B_t")
-            return b.call(aten.mul.Tensor, b.call(aten.matmul.default, after_a, B, role="lora_B_out"), s, role="scaled")
+            return _on_embedding(b, x)
         if o.dropout > 0:
             x = b.module("lora_dropout", x, role="dropout")
         A, B = b.param("lora_A"), b.param("lora_B")
         if site.kind == "conv":
-            conv, d = {1: aten.conv1d, 2: aten.conv2d, 3: aten.conv3d}[site.dims], site.dims
-            if isinstance(site.padding, str):
-                after_a = b.call(conv.padding, x, A, None, list(site.stride), site.padding, role="lora_A_out")
-            else:
-                after_a = b.call(conv.default, x, A, None, list(site.stride), list(site.padding), role="lora_A_out")
-            lora_out = b.call(conv.default, after_a, B, None, [1] * d, [0] * d, [1] * d, site.groups, role="lora_B_out")
+            lora_out = _conv_product(b, x, A, B)
         else:
-            lora_out = b.call(aten.linear.default, b.call(aten.linear.default, x, A, role="lora_A_out"), B, role="lora_B_out")
+            lora_out = b.call(
+                aten.linear.default,
+                b.call(aten.linear.default, x, A, role="lora_A_out"),
+                B,
+                role="lora_B_out",
+            )
         if not o.dora:
-            return b.call(aten.mul.Tensor, lora_out, s, role="scaled")
-        # DoRA, in peft's order of operations (DoraLinearLayer / _DoraConvNdLayer.forward), added to y.
-        W = b.weight()
-        if site.kind == "conv":  # peft's conv lora weight: B viewed (-1, r) @ A viewed (r, -1), reshaped as W, detached
-            lora_weight = b.call(aten.mm.default, b.call(aten.reshape.default, B, [-1, o.r], role="lora_B_2d"),
-                                 b.call(aten.reshape.default, A, [o.r, -1], role="lora_A_2d"), role="lora_weight_2d")
-            lora_weight = b.call(aten.detach.default, b.call(aten.reshape.default, lora_weight, list(get_tensor(
-                b.gm, site.weight).shape), role="lora_weight"), role="lora_weight_detached")
-        else:
-            lora_weight = b.call(aten.mm.default, B, A, role="lora_weight")
-        combined = b.call(aten.add.Tensor, W, b.call(aten.mul.Tensor, lora_weight, s, role="scaled_weight"), role="combined")
-        if site.kind == "conv":
-            norm = b.call(aten.linalg_vector_norm.default, combined, 2, list(range(1, site.dims + 2)), True,
-                          role="weight_norm_keepdim")
-            norm = b.call(aten.transpose.int, norm, 1, 0, role="weight_norm")
-        else:
-            norm = b.call(aten.linalg_vector_norm.default, combined, 2, [1], role="weight_norm")
-        norm = b.call(aten.detach.default, norm, role="weight_norm_detached")
-        mag_norm_scale = b.call(aten.div.Tensor, b.param("lora_magnitude_vector"), norm, role="mag_norm_scale")
-        if o.dropout > 0:  # peft recomputes the base output from the dropped-out input
-            target, args = site.functional(x, W, None)
-            base = b.call(target, *args, role="base_dropped")
-        elif site.bias is not None:
-            bias = b.base_bias()
-            if site.kind == "conv":
-                bias = b.call(aten.reshape.default, bias, [1, -1] + [1] * site.dims, role="base_bias_view")
-            base = b.call(aten.sub.Tensor, b.base, bias, role="base_without_bias")
-        else:
-            base = b.base
-        first = b.call(aten.mul.Tensor, b.call(aten.sub.Tensor, mag_norm_scale, 1, role="mag_minus_one"), base,
-                       role="rescaled_base")
-        second = b.call(aten.mul.Tensor, b.call(aten.mul.Tensor, mag_norm_scale, lora_out, role="rescaled_lora"), s,
-                        role="scaled")
-        return b.call(aten.add.Tensor, first, second, role="dora_out")
+            return b.call(aten.mul.Tensor, lora_out, o.scaling, role="scaled")
+        return _dora(b, x, A, B, lora_out)
 
     def delta(self, ctx: Context) -> torch.Tensor:
         site, s = ctx.site, ctx.options.scaling
@@ -279,42 +331,178 @@ class Lora(Technique):
         A, B = ctx.tensor("lora_A").float(), ctx.tensor("lora_B").float()
         if site.kind == "conv":
             if site.groups > 1:
-                raise NotMergeable(f"lora: {site.path!r} is a grouped convolution, which peft does not merge either")
+                raise NotMergeable(
+                    f"lora: {site.path!r} is a grouped convolution, which peft does not merge "
+                    "either"
+                )
             if site.kernel_size[:2] == (1, 1):  # peft's "1x1" test reads kernel dims 0 and 1 only
                 if site.dims == 3:
-                    raise NotMergeable(f"lora: peft's merge fails on {site.path!r}, a Conv3d with kernel "
-                                       f"{site.kernel_size} (it takes it for a 1x1 Conv2d); keep it unmerged")
-                return (B.squeeze(3).squeeze(2) @ A.squeeze(3).squeeze(2)).unsqueeze(2).unsqueeze(3) * s
+                    raise NotMergeable(
+                        f"lora: peft's merge fails on {site.path!r}, a Conv3d with kernel "
+                        f"{site.kernel_size} (it takes it for a 1x1 Conv2d); keep it unmerged"
+                    )
+                return (B.squeeze(3).squeeze(2) @ A.squeeze(3).squeeze(2)).unsqueeze(2).unsqueeze(
+                    3
+                ) * s
             conv = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}[site.dims]
             return conv(A.transpose(0, 1), B).transpose(0, 1) * s
         return (B @ A) * s
 
-    def fold(self, ctx: Context, weight: torch.Tensor, bias: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def fold(
+        self, ctx: Context, weight: torch.Tensor, bias: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         delta = self.delta(ctx)
         merged = weight + delta
-        if self.stage_at(ctx.site, ctx.options) == "weight" and multihead_attention(ctx.site)[0] == "out_proj":
+        if (
+            self.stage_at(ctx.site, ctx.options) == "weight"
+            and multihead_attention(ctx.site)[0] == "out_proj"
+        ):
             merged = merged + delta  # peft merges out_proj's update twice
         if ctx.options.dora:
             norm = torch.linalg.vector_norm(merged, dim=tuple(range(1, merged.dim())))
-            merged = (ctx.tensor("lora_magnitude_vector").reshape(-1) / norm).view(-1, *[1] * (merged.dim() - 1)) * merged
+            merged = (ctx.tensor("lora_magnitude_vector").reshape(-1) / norm).view(
+                -1, *[1] * (merged.dim() - 1)
+            ) * merged
         return merged, bias
 
     def checkpoint_key(self, key: str) -> str:
         return key.removesuffix(".weight") if key.endswith("lora_magnitude_vector.weight") else key
 
     def to_peft(self, options: LoraOptions, sites: list[Any]) -> dict[str, Any]:
-        adapted = [s for s in sites if s.kind != "linear" or (multihead_attention(s) or ("",))[0] != "out_proj"]
-        return {"target_modules": sorted({s.path for s in adapted}),
-                "fan_in_fan_out": any(getattr(s, "fan_in_fan_out", False) for s in sites)}
+        adapted = [
+            s
+            for s in sites
+            if s.kind != "linear" or (multihead_attention(s) or ("",))[0] != "out_proj"
+        ]
+        return {
+            "target_modules": sorted({s.path for s in adapted}),
+            "fan_in_fan_out": any(getattr(s, "fan_in_fan_out", False) for s in sites),
+        }
 
     def after_insert(self, gm: fx.GraphModule, sites: list[Any], options: LoraOptions) -> None:
         if options.bias == "none":
             return
-        names = [name for name, _ in gm.named_parameters() if name.endswith(".bias")] if options.bias == "all" else [
-            s.bias for s in sites if s.kind == "linear" and s.bias]
+        names = (
+            [name for name, _ in gm.named_parameters() if name.endswith(".bias")]
+            if options.bias == "all"
+            else [s.bias for s in sites if s.kind == "linear" and s.bias]
+        )
         for name in names:
             set_tensor(gm, name, nn.Parameter(get_tensor(gm, name).data, requires_grad=True))
 
     def describe(self, options: LoraOptions, sites: list[Any]) -> str:
         kind = "DoRA" if options.dora else "LoRA"
         return f"{kind} r={options.r} on {len(sites)} sites, adapter {options.adapter!r}"
+
+
+def _on_weight(b: Builder, W: fx.Node) -> fx.Node:
+    """nn.MultiheadAttention: the adapter goes into the weight, as peft merges before the op."""
+    delta = b.call(
+        aten.mul.Tensor,
+        b.call(aten.mm.default, b.param("lora_B"), b.param("lora_A"), role="lora_weight"),
+        b.options.scaling,
+        role="scaled_weight",
+    )
+    W = b.call(aten.add.Tensor, W, delta, role="merged_weight")
+    if multihead_attention(b.site)[0] != "out_proj":
+        return W
+    # peft's out_proj.merge() adds it again, outside autograd
+    detached = b.call(aten.detach.default, delta, role="scaled_weight_detached")
+    return b.call(aten.add.Tensor, W, detached, role="merged_twice")
+
+
+def _on_embedding(b: Builder, ids: fx.Node) -> fx.Node:
+    A = b.call(aten.t.default, b.param("lora_embedding_A"), role="lora_embedding_A_t")
+    after_a = b.call(aten.embedding.default, A, ids, b.site.padding_idx, role="lora_A_out")
+    B = b.call(aten.t.default, b.param("lora_embedding_B"), role="lora_embedding_B_t")
+    lora_out = b.call(aten.matmul.default, after_a, B, role="lora_B_out")
+    return b.call(aten.mul.Tensor, lora_out, b.options.scaling, role="scaled")
+
+
+def _conv_product(b: Builder, x: fx.Node, A: fx.Node, B: fx.Node) -> fx.Node:
+    """B(A(x)) as peft's conv LoRA: A has the site's kernel, stride and padding, B is 1x1."""
+    site, d = b.site, b.site.dims
+    conv = {1: aten.conv1d, 2: aten.conv2d, 3: aten.conv3d}[d]
+    if isinstance(site.padding, str):
+        after_a = b.call(
+            conv.padding, x, A, None, list(site.stride), site.padding, role="lora_A_out"
+        )
+    else:
+        after_a = b.call(
+            conv.default, x, A, None, list(site.stride), list(site.padding), role="lora_A_out"
+        )
+    return b.call(
+        conv.default, after_a, B, None, [1] * d, [0] * d, [1] * d, site.groups, role="lora_B_out"
+    )
+
+
+def _dora(b: Builder, x: fx.Node, A: fx.Node, B: fx.Node, lora_out: fx.Node) -> fx.Node:
+    """DoRA's term added to y, in peft's order of operations (DoraLinearLayer /
+    _DoraConvNdLayer.forward)."""
+    site, o = b.site, b.options
+    W = b.weight()
+    norm = _dora_weight_norm(b, W, A, B)
+    mag_norm_scale = b.call(
+        aten.div.Tensor, b.param("lora_magnitude_vector"), norm, role="mag_norm_scale"
+    )
+    if o.dropout > 0:  # peft recomputes the base output from the dropped-out input
+        target, args = site.functional(x, W, None)
+        base = b.call(target, *args, role="base_dropped")
+    elif site.bias is not None:
+        bias = b.base_bias()
+        if site.kind == "conv":
+            bias = b.call(
+                aten.reshape.default, bias, [1, -1] + [1] * site.dims, role="base_bias_view"
+            )
+        base = b.call(aten.sub.Tensor, b.base, bias, role="base_without_bias")
+    else:
+        base = b.base
+    first = b.call(
+        aten.mul.Tensor,
+        b.call(aten.sub.Tensor, mag_norm_scale, 1, role="mag_minus_one"),
+        base,
+        role="rescaled_base",
+    )
+    second = b.call(
+        aten.mul.Tensor,
+        b.call(aten.mul.Tensor, mag_norm_scale, lora_out, role="rescaled_lora"),
+        o.scaling,
+        role="scaled",
+    )
+    return b.call(aten.add.Tensor, first, second, role="dora_out")
+
+
+def _dora_weight_norm(b: Builder, W: fx.Node, A: fx.Node, B: fx.Node) -> fx.Node:
+    """||W + s * B @ A|| per output channel, detached (DoRA's magnitude divides by it)."""
+    site, o = b.site, b.options
+    if site.kind == "conv":
+        # peft's conv lora weight: B viewed (-1, r) @ A viewed (r, -1), reshaped as W, detached
+        lora_weight = b.call(
+            aten.mm.default,
+            b.call(aten.reshape.default, B, [-1, o.r], role="lora_B_2d"),
+            b.call(aten.reshape.default, A, [o.r, -1], role="lora_A_2d"),
+            role="lora_weight_2d",
+        )
+        shape = list(get_tensor(b.gm, site.weight).shape)
+        lora_weight = b.call(
+            aten.detach.default,
+            b.call(aten.reshape.default, lora_weight, shape, role="lora_weight"),
+            role="lora_weight_detached",
+        )
+    else:
+        lora_weight = b.call(aten.mm.default, B, A, role="lora_weight")
+    combined = b.call(
+        aten.add.Tensor,
+        W,
+        b.call(aten.mul.Tensor, lora_weight, o.scaling, role="scaled_weight"),
+        role="combined",
+    )
+    if site.kind == "conv":
+        dims = list(range(1, site.dims + 2))
+        norm = b.call(
+            aten.linalg_vector_norm.default, combined, 2, dims, True, role="weight_norm_keepdim"
+        )
+        norm = b.call(aten.transpose.int, norm, 1, 0, role="weight_norm")
+    else:
+        norm = b.call(aten.linalg_vector_norm.default, combined, 2, [1], role="weight_norm")
+    return b.call(aten.detach.default, norm, role="weight_norm_detached")

@@ -1,21 +1,24 @@
-"""Prefix tuning: trainable keys and values of length `n` in front of every attention's own, as in HF peft.
+"""Prefix tuning: trainable keys and values of length `n` in front of every attention's own, as in
+HF peft.
 
-    sdpa(q, k, v, mask)  ->  sdpa(q, cat(P_k, k), cat(P_v, v), pad(mask, n visible columns in front))
+    sdpa(q, k, v, mask)  ->  sdpa(q, cat(P_k, k), cat(P_v, v), pad(mask, n visible key columns))
     positions 0..L-1     ->  positions n..n+L-1
 
 1. Sites are `attention_sites(gm, targets)` in graph order (kind `sdpa`); site i is peft's layer i.
    Every site must have the same key/value heads and head_dim (token_dim = kv_heads * head_dim, as
    peft sets it for GQA models).
-2. The parameter, shared by the adapter's sites, is peft's `prompt_encoder.<adapter>.embedding.weight`,
-   (n, 2 * sites * token_dim); row t viewed as (2 * sites, kv_heads, head_dim): entry 2i is site i's
-   key, 2i + 1 its value (peft's view (B, n, 2L, heads, hd) and permute to (2L, B, heads, n, hd)). With
-   `prefix_projection=True` it is Embedding(n, token_dim) -> Linear -> Tanh -> Linear, at peft's names
+2. The parameter, shared by the adapter's sites, is peft's
+   `prompt_encoder.<adapter>.embedding.weight`, (n, 2 * sites * token_dim); row t viewed as (2 *
+   sites, kv_heads, head_dim): entry 2i is site i's key, 2i + 1 its value (peft's view (B, n, 2L,
+   heads, hd) and permute to (2L, B, heads, n, hd)). With `prefix_projection=True` it is
+   Embedding(n, token_dim) -> Linear -> Tanh -> Linear, at peft's names
    `prompt_encoder.<adapter>.transform.{0,2}.{weight,bias}`, computed once for all sites.
 3. GQA: where the graph repeats key and value per query head (`repeat_kv`), the prefix heads are
    repeated the same way (`repeat_interleave`) and joined after the repeat; with SDPA's
    `enable_gqa=True` they are joined as they are.
 4. Masks: a bool or float mask gets n visible columns in front (True / 0.0), once per mask; SDPA
-   without a mask and `is_causal=True` gets an explicit causal mask whose first n columns are visible.
+   without a mask and `is_causal=True` gets an explicit causal mask whose first n columns are
+   visible.
 5. Positions: peft runs the model with a cache of n entries, so the user's tokens are numbered
    n..n+L-1 (rotary and learned absolute positions alike): every position-id source found by
    `regions.position_ids` is shifted by n.
@@ -56,47 +59,78 @@ aten = torch.ops.aten
 
 @dataclass(frozen=True)
 class PrefixOptions(AdapterOptions):
-    targets: str | None = option(None, doc="the attention modules that get a prefix (all by default)", check=pattern)
-    n: int = option(20, doc="virtual tokens: keys and values in front of every attention's", check=positive,
-                    aliases=("num_virtual_tokens",), peft="num_virtual_tokens")
-    prefix_projection: bool = option(False, doc="compute the prefix with peft's Embedding-Linear-Tanh-Linear "
-                                     "(a checkpoint holds its output, so it loads without)", peft="prefix_projection",
-                                     decode=lambda _: False)
-    encoder_hidden_size: int | None = option(None, doc="the projection's hidden size (None: token_dim, as peft)",
-                                             check=positive, peft="encoder_hidden_size", decode=lambda _: None)
-    init: str = option("normal", doc="`normal`: nn.Embedding's N(0, 1), as peft; `zero`: peft's init_weights=\"zero\"",
-                       check=one_of("normal", "zero"))
+    targets: str | None = option(
+        None, doc="the attention modules that get a prefix (all by default)", check=pattern
+    )
+    n: int = option(
+        20,
+        doc="virtual tokens: keys and values in front of every attention's",
+        check=positive,
+        aliases=("num_virtual_tokens",),
+        peft="num_virtual_tokens",
+    )
+    prefix_projection: bool = option(
+        False,
+        doc="compute the prefix with peft's Embedding-Linear-Tanh-Linear "
+        "(a checkpoint holds its output, so it loads without)",
+        peft="prefix_projection",
+        decode=lambda _: False,
+    )
+    encoder_hidden_size: int | None = option(
+        None,
+        doc="the projection's hidden size (None: token_dim, as peft)",
+        check=positive,
+        peft="encoder_hidden_size",
+        decode=lambda _: None,
+    )
+    init: str = option(
+        "normal",
+        doc="`normal`: nn.Embedding's N(0, 1), as peft; `zero`: peft's init_weights=\"zero\"",
+        check=one_of("normal", "zero"),
+    )
     seed: int | None = option(None, doc="seed of the init (None: the global generator)")
 
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.encoder_hidden_size is not None and not self.prefix_projection:
-            raise OptionError("prefix: encoder_hidden_size only applies with prefix_projection=True; set it or drop "
-                            "encoder_hidden_size")
+            raise OptionError(
+                "prefix: encoder_hidden_size only applies with prefix_projection=True; set it or "
+                "drop encoder_hidden_size"
+            )
 
 
 def _shape(sites: list[AttentionSite]) -> tuple[int, int]:
     shapes = {(s.num_kv_heads, s.head_dim) for s in sites}
     if len(shapes) != 1 or None in next(iter(shapes)):
-        raise PassError(f"prefix: attention sites differ in key/value heads or head_dim, or they are unknown "
-                        f"({sorted(map(str, shapes))}); select sites of one shape with targets=")
+        raise PassError(
+            "prefix: attention sites differ in key/value heads or head_dim, or they are unknown "
+            f"({sorted(map(str, shapes))}); select sites of one shape with targets="
+        )
     return next(iter(shapes))  # type: ignore[return-value]
 
 
 @register_technique
 class Prefix(Technique):
-    """Prefix tuning: `n` trainable keys and values in front of each attention's, as peft's PREFIX_TUNING.
+    """Prefix tuning: `n` trainable keys and values in front of each attention's, as peft's
+    PREFIX_TUNING.
 
-    1. One flat parameter `prompt_encoder.<adapter>.embedding.weight` (n, 2 * layers * kv_heads * head_dim),
+    1. One flat parameter `prompt_encoder.<adapter>.embedding.weight` (n, 2 * layers * kv_heads *
+       head_dim),
        or with `prefix_projection=True` peft's Embedding -> Linear -> Tanh -> Linear.
-    2. Masks get n visible columns in front; position ids are shifted by n, as peft's cache of n numbers them.
+    2. Masks get n visible columns in front; position ids are shifted by n, as peft's cache of n
+       numbers them.
     """
 
     name = "prefix"
     options = PrefixOptions
     peft_type = "PREFIX_TUNING"
     peft_fixed = {"num_transformer_submodules": 1}
-    peft_ignored = ("token_dim", "num_attention_heads", "num_layers")  # the model's sizes: the tensor's shape says
+    # the model's sizes: the tensor's shape says
+    peft_ignored = (
+        "token_dim",
+        "num_attention_heads",
+        "num_layers",
+    )
     site_kinds = ("sdpa",)
     stage = "input"
     exclusive = True
@@ -106,23 +140,33 @@ class Prefix(Technique):
     def select(self, gm: fx.GraphModule, options: PrefixOptions) -> list[tuple[Any, str]]:
         sites = attention_sites(gm, options.targets)
         if not sites:
-            raise PassError("prefix: the graph has no attention sites (scaled_dot_product_attention); capture the "
-                            "model with attn_implementation='sdpa' to use prefix tuning")
+            raise PassError(
+                "prefix: the graph has no attention sites (scaled_dot_product_attention); capture "
+                "the model with attn_implementation='sdpa' to use prefix tuning"
+            )
         _shape(sites)
         return [(site, site.path) for site in sites]
 
-    def shared_params(self, gm: fx.GraphModule, sites: list[AttentionSite], options: PrefixOptions) -> list[Param]:
+    def shared_params(
+        self, gm: fx.GraphModule, sites: list[AttentionSite], options: PrefixOptions
+    ) -> list[Param]:
         kv_heads, head_dim = _shape(sites)
         token_dim, n = kv_heads * head_dim, options.n
         width = 2 * len(sites) * token_dim
-        generator = torch.Generator().manual_seed(options.seed) if options.seed is not None else None
+        generator = (
+            torch.Generator().manual_seed(options.seed) if options.seed is not None else None
+        )
         dtype = next((p.dtype for p in gm.parameters() if p.is_floating_point()), torch.float32)
 
-        def param(suffix: str, shape: tuple[int, ...], key: str, zero: bool = False, fan_in: int = 0) -> Param:
+        def param(
+            suffix: str, shape: tuple[int, ...], key: str, zero: bool = False, fan_in: int = 0
+        ) -> Param:
             if zero:
                 value = torch.zeros(shape)
             elif fan_in:  # nn.Linear's default init
-                value = torch.empty(shape).uniform_(-fan_in ** -0.5, fan_in ** -0.5, generator=generator)
+                value = torch.empty(shape).uniform_(
+                    -(fan_in**-0.5), fan_in**-0.5, generator=generator
+                )
             else:
                 value = torch.randn(shape, generator=generator)
             return Param("prompt_encoder", value=value, suffix=suffix, key=key, dtype=dtype)
@@ -131,11 +175,13 @@ class Prefix(Technique):
         if not options.prefix_projection:
             return [param("embedding.weight", (n, width), "embedding", zero)]
         hidden = options.encoder_hidden_size or token_dim
-        return [param("embedding.weight", (n, token_dim), "embedding"),
-                param("transform.0.weight", (hidden, token_dim), "w0", fan_in=token_dim),
-                param("transform.0.bias", (hidden,), "b0", fan_in=token_dim),
-                param("transform.2.weight", (width, hidden), "w2", zero, hidden),
-                param("transform.2.bias", (width,), "b2", zero, hidden)]
+        return [
+            param("embedding.weight", (n, token_dim), "embedding"),
+            param("transform.0.weight", (hidden, token_dim), "w0", fan_in=token_dim),
+            param("transform.0.bias", (hidden,), "b0", fan_in=token_dim),
+            param("transform.2.weight", (width, hidden), "w2", zero, hidden),
+            param("transform.2.bias", (width,), "b2", zero, hidden),
+        ]
 
     def build(self, b: Builder, sdpa: fx.Node) -> fx.Node:
         site: AttentionSite = b.site
@@ -149,38 +195,60 @@ class Prefix(Technique):
     def checkpoint_key(self, key: str) -> str:
         return "prompt_embeddings" if key.endswith("prompt_encoder.embedding.weight") else key
 
-    def to_checkpoint(self, ctx: Context, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    def to_checkpoint(
+        self, ctx: Context, tensors: dict[str, torch.Tensor]
+    ) -> dict[str, torch.Tensor]:
         if not ctx.options.prefix_projection:
             return tensors
         t = {key: ctx.tensor(key).detach() for key in ("embedding", "w0", "b0", "w2", "b2")}
         hidden = torch.tanh(torch.nn.functional.linear(t["embedding"], t["w0"], t["b0"]))
-        return {"prompt_embeddings": torch.nn.functional.linear(hidden, t["w2"], t["b2"])}  # what peft saves
+        # what peft saves
+        return {"prompt_embeddings": torch.nn.functional.linear(hidden, t["w2"], t["b2"])}
 
     def to_peft(self, options: PrefixOptions, sites: list[AttentionSite]) -> dict[str, Any]:
         kv_heads, head_dim = _shape(sites)
-        return {"task_type": peft_task_type(sites[0].node.graph.owning_module), "token_dim": kv_heads * head_dim,
-                "num_attention_heads": kv_heads, "num_layers": len(sites),
-                "encoder_hidden_size": options.encoder_hidden_size or kv_heads * head_dim}
+        return {
+            "task_type": peft_task_type(sites[0].node.graph.owning_module),
+            "token_dim": kv_heads * head_dim,
+            "num_attention_heads": kv_heads,
+            "num_layers": len(sites),
+            "encoder_hidden_size": options.encoder_hidden_size or kv_heads * head_dim,
+        }
 
     def describe(self, options: PrefixOptions, sites: list[Any]) -> str:
-        return f"{options.n} virtual tokens at {len(sites)} attention sites, adapter {options.adapter!r}"
+        return (
+            f"{options.n} virtual tokens at {len(sites)} attention sites, adapter "
+            f"{options.adapter!r}"
+        )
 
 
 def _caller(b: Builder) -> Any:
     def call(target: Any, *args: Any, role: str, **kwargs: Any) -> fx.Node:
         return b.call(target, *args, role=role, **kwargs)
+
     return call
 
 
 def _kv(b: Builder, n: int, layers: int, kv_heads: int, head_dim: int) -> fx.Node:
     """(2L, kv_heads, n, head_dim): entry 2i keys, 2i + 1 values of site i (case 2)."""
     if b.options.prefix_projection:
-        hidden = b.call(aten.tanh.default, b.call(aten.linear.default, b.param("embedding"), b.param("w0"),
-                                                  b.param("b0"), role="transform_0"), role="tanh")
+        hidden = b.call(
+            aten.tanh.default,
+            b.call(
+                aten.linear.default,
+                b.param("embedding"),
+                b.param("w0"),
+                b.param("b0"),
+                role="transform_0",
+            ),
+            role="tanh",
+        )
         flat = b.call(aten.linear.default, hidden, b.param("w2"), b.param("b2"), role="prefix_flat")
     else:
         flat = b.param("embedding")
-    view = b.call(aten.reshape.default, flat, [n, 2 * layers, kv_heads, head_dim], role="prefix_view")
+    view = b.call(
+        aten.reshape.default, flat, [n, 2 * layers, kv_heads, head_dim], role="prefix_view"
+    )
     return b.call(aten.permute.default, view, [1, 2, 0, 3], role="prefix_kv")
 
 
@@ -197,19 +265,26 @@ def _join(b: Builder, site: AttentionSite, kv: fx.Node, i: int) -> list[fx.Node]
         if rep > 1:  # transformers' repeat_kv gives query head h the kv head h // rep
             p = b.call(aten.repeat_interleave.self_int, p, rep, 0, role=f"prefix_{name}_repeat")
         val = tensor.meta.get("val")
-        if isinstance(val, torch.Tensor) and val.dtype != b.ctx.tensor("embedding").dtype:  # peft casts to the model's
+        # peft casts to the model's
+        if isinstance(val, torch.Tensor) and val.dtype != b.ctx.tensor("embedding").dtype:
             p = b.call(aten._to_copy.default, p, role=f"prefix_{name}_cast", dtype=val.dtype)
-        p = b.call(aten.expand.default, b.call(aten.unsqueeze.default, p, 0, role=f"prefix_{name}_1"),
-                   [batch, -1, -1, -1], role=f"prefix_{name}_batch")
+        p = b.call(
+            aten.expand.default,
+            b.call(aten.unsqueeze.default, p, 0, role=f"prefix_{name}_1"),
+            [batch, -1, -1, -1],
+            role=f"prefix_{name}_batch",
+        )
         joined.append(b.call(aten.cat.default, [p, tensor], 2, role=f"{name}_with_prefix"))
     return joined
 
 
 def extend_mask(site: AttentionSite, n: int, masks: dict, call: Any) -> fx.Node | None:
-    """The site's mask with n visible key columns in front (case 4); a mask several sites share is extended once
-    (`masks` keeps them). `call(target, *args, role=...)` inserts a node. Generation's key/value cache uses it too."""
+    """The site's mask with n visible key columns in front (case 4); a mask several sites share is
+    extended once (`masks` keeps them). `call(target, *args, role=...)` inserts a node. Generation's
+    key/value cache uses it too."""
     if site.mask is not None:
-        if site.mask not in masks:  # peft prepends n ones to attention_mask: every query sees the prefix
+        # peft prepends n ones to attention_mask: every query sees the prefix
+        if site.mask not in masks:
             masks[site.mask] = _pad(site.mask, n, call)
         return masks[site.mask]
     if not site.is_causal:
@@ -217,9 +292,19 @@ def extend_mask(site: AttentionSite, n: int, masks: dict, call: Any) -> fx.Node 
     # is_causal without a mask: query i (numbered n + i) sees keys 0..n + i of the joined sequence
     length = call(aten.sym_size.int, site.query, -2, role="query_length")
     total = call(operator.add, length, n, role="key_length")
-    rows = call(aten.unsqueeze.default, call(aten.arange.default, length, role="query_positions"), 1, role="rows")
+    rows = call(
+        aten.unsqueeze.default,
+        call(aten.arange.default, length, role="query_positions"),
+        1,
+        role="rows",
+    )
     cols = call(aten.arange.default, total, role="key_positions")
-    return call(aten.le.Tensor, cols, call(aten.add.Tensor, rows, n, role="rows_shifted"), role="causal_mask")
+    return call(
+        aten.le.Tensor,
+        cols,
+        call(aten.add.Tensor, rows, n, role="rows_shifted"),
+        role="causal_mask",
+    )
 
 
 def _pad(mask: fx.Node, n: int, call: Any) -> fx.Node:
@@ -237,5 +322,7 @@ def _shift_positions(b: Builder, n: int) -> list[fx.Node]:
     shifted = []
     for source in position_ids(b.gm):
         with b.at(source):
-            shifted.append(b.reroute(source, b.call(aten.add.Tensor, source, n, role="positions_shifted")))
+            shifted.append(
+                b.reroute(source, b.call(aten.add.Tensor, source, n, role="positions_shifted"))
+            )
     return shifted

@@ -12,9 +12,9 @@
 3. Linear sites only (nn.Linear, NF4, GPT-2 Conv1D), as in peft; merge adds
    `(λ_b B_s)(λ_d A_s)` to W.
 Parameters: `<path>.vera_lambda_b.<adapter>`, `<path>.vera_lambda_d.<adapter>`; the shared
-buffers `vera_A.<adapter>`, `vera_B.<adapter>` are shared tensors, saved as peft's `base_model.vera_A` and
-`base_model.vera_B` with `save_projection=true` (the core's rule for shared tensors), else regenerated
-from the key on load.
+buffers `vera_A.<adapter>`, `vera_B.<adapter>` are shared tensors, saved as peft's
+`base_model.vera_A` and `base_model.vera_B` with `save_projection=true` (the core's rule for shared
+tensors), else regenerated from the key on load.
 Each adapter draws its own projections, sized by its own targets.
 """
 
@@ -46,24 +46,41 @@ aten = torch.ops.aten
 
 @dataclass(frozen=True)
 class VeraOptions(AdapterOptions):
-    r: int = option(256, doc="rank of the shared frozen projections", check=positive, aliases=("rank",), peft="r")
-    dropout: float = option(0.0, doc="dropout on the branch's input", check=probability, peft="vera_dropout")
+    r: int = option(
+        256,
+        doc="rank of the shared frozen projections",
+        check=positive,
+        aliases=("rank",),
+        peft="r",
+    )
+    dropout: float = option(
+        0.0, doc="dropout on the branch's input", check=probability, peft="vera_dropout"
+    )
     d_initial: float = option(0.1, doc="initial value of λ_d", peft="d_initial")
-    projection_prng_key: int = option(0, doc="seed of the shared projections (peft's generator)",
-                                      peft="projection_prng_key")
-    save_projection: bool = option(True, doc="save the projections in the checkpoint (else regenerated from the key)",
-                                   peft="save_projection")
-    init_weights: bool = option(True, doc="λ_b = 0, λ_d = d_initial (the identity at init); false: λ_b = 1, "
-                                "λ_d ~ N(0, 1)", peft="init_weights")
+    projection_prng_key: int = option(
+        0, doc="seed of the shared projections (peft's generator)", peft="projection_prng_key"
+    )
+    save_projection: bool = option(
+        True,
+        doc="save the projections in the checkpoint (else regenerated from the key)",
+        peft="save_projection",
+    )
+    init_weights: bool = option(
+        True,
+        doc="λ_b = 0, λ_d = d_initial (the identity at init); false: λ_b = 1, λ_d ~ N(0, 1)",
+        peft="init_weights",
+    )
 
 
 def _kaiming_uniform(shape: tuple[int, int], generator: torch.Generator) -> torch.Tensor:
-    bound = math.sqrt(3.0) * math.sqrt(2) / math.sqrt(shape[1])  # peft's _kaiming_init: fan_in, gain sqrt(2)
+    # peft's _kaiming_init: fan_in, gain sqrt(2)
+    bound = math.sqrt(3.0) * math.sqrt(2) / math.sqrt(shape[1])
     return torch.empty(shape).uniform_(-bound, bound, generator=generator)
 
 
 def projections(r: int, max_out: int, max_in: int, key: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """peft's shared (vera_A, vera_B): drawn in fp32 on the CPU, A then B, from one seeded generator."""
+    """peft's shared (vera_A, vera_B): drawn in fp32 on the CPU, A then B, from one seeded
+    generator."""
     generator = torch.Generator(device="cpu").manual_seed(key)
     vera_a = _kaiming_uniform((r, max_in), generator)
     return vera_a, _kaiming_uniform((max_out, r), generator)
@@ -71,7 +88,8 @@ def projections(r: int, max_out: int, max_in: int, key: int) -> tuple[torch.Tens
 
 @register_technique
 class Vera(Technique):
-    """Insert VeRA branches: `y = W x + b -> y = W x + b + λ_b ⊙ B_s(λ_d ⊙ A_s dropout(x))`, A and B shared and frozen."""
+    """Insert VeRA branches: `y = W x + b -> y = W x + b + λ_b ⊙ B_s(λ_d ⊙ A_s dropout(x))`, A and B
+    shared and frozen."""
 
     name = "vera"
     options = VeraOptions
@@ -79,19 +97,28 @@ class Vera(Technique):
     peft_fixed = {"bias": "none"}
     peft_ignored = ("fan_in_fan_out",)  # the layout is read from the graph
 
-    def shared_params(self, gm: fx.GraphModule, sites: list[Any], options: VeraOptions) -> list[Param]:
+    def shared_params(
+        self, gm: fx.GraphModule, sites: list[Any], options: VeraOptions
+    ) -> list[Param]:
         max_out = max(s.out_features for s in sites)
         max_in = max(s.in_features for s in sites)
         vera_a, vera_b = projections(options.r, max_out, max_in, options.projection_prng_key)
-        return [Param("vera_A", value=vera_a, trainable=False), Param("vera_B", value=vera_b, trainable=False)]
+        return [
+            Param("vera_A", value=vera_a, trainable=False),
+            Param("vera_B", value=vera_b, trainable=False),
+        ]
 
     def params(self, ctx: Context) -> list[Param]:
         o = ctx.options
         if o.init_weights:
-            return [Param("vera_lambda_b", (ctx.site.out_features,)),
-                    Param("vera_lambda_d", (o.r,), init=lambda t: t.fill_(o.d_initial))]
-        return [Param("vera_lambda_b", (ctx.site.out_features,), init=nn.init.ones_),
-                Param("vera_lambda_d", (o.r,), init=nn.init.normal_)]
+            return [
+                Param("vera_lambda_b", (ctx.site.out_features,)),
+                Param("vera_lambda_d", (o.r,), init=lambda t: t.fill_(o.d_initial)),
+            ]
+        return [
+            Param("vera_lambda_b", (ctx.site.out_features,), init=nn.init.ones_),
+            Param("vera_lambda_d", (o.r,), init=nn.init.normal_),
+        ]
 
     def modules(self, ctx: Context) -> dict[str, nn.Module]:
         return {"vera_dropout": nn.Dropout(ctx.options.dropout)} if ctx.options.dropout > 0 else {}
@@ -100,19 +127,30 @@ class Vera(Technique):
         site = b.site
         if b.options.dropout > 0:
             x = b.module("vera_dropout", x, role="dropout")
-        sliced_a = b.call(aten.slice.Tensor, b.param("vera_A"), 1, 0, site.in_features, role="vera_A_sliced")
-        sliced_b = b.call(aten.slice.Tensor, b.param("vera_B"), 0, 0, site.out_features, role="vera_B_sliced")
+        sliced_a = b.call(
+            aten.slice.Tensor, b.param("vera_A"), 1, 0, site.in_features, role="vera_A_sliced"
+        )
+        sliced_b = b.call(
+            aten.slice.Tensor, b.param("vera_B"), 0, 0, site.out_features, role="vera_B_sliced"
+        )
         # peft's order: lambda_b * linear(lambda_d * linear(x, A_s), B_s)
-        h = b.call(aten.mul.Tensor, b.param("vera_lambda_d"), b.call(aten.linear.default, x, sliced_a, role="vera_A_out"),
-                   role="lambda_d_out")
+        h = b.call(
+            aten.mul.Tensor,
+            b.param("vera_lambda_d"),
+            b.call(aten.linear.default, x, sliced_a, role="vera_A_out"),
+            role="lambda_d_out",
+        )
         h = b.call(aten.linear.default, h, sliced_b, role="vera_B_out")
         return b.call(aten.mul.Tensor, b.param("vera_lambda_b"), h, role="lambda_b_out")
 
     def delta(self, ctx: Context) -> torch.Tensor:
         site = ctx.site
-        sliced_a = ctx.tensor("vera_A").float()[:, :site.in_features]
-        sliced_b = ctx.tensor("vera_B").float()[:site.out_features, :]
-        lambda_b, lambda_d = ctx.tensor("vera_lambda_b").float(), ctx.tensor("vera_lambda_d").float()
+        sliced_a = ctx.tensor("vera_A").float()[:, : site.in_features]
+        sliced_b = ctx.tensor("vera_B").float()[: site.out_features, :]
+        lambda_b, lambda_d = (
+            ctx.tensor("vera_lambda_b").float(),
+            ctx.tensor("vera_lambda_d").float(),
+        )
         return (lambda_b.unsqueeze(-1) * sliced_b) @ (lambda_d.unsqueeze(-1) * sliced_a)
 
     def saved(self, options: VeraOptions, attr: str) -> bool:

@@ -3,7 +3,8 @@
     peftc show MODEL [--targets PATTERN]
     peftc apply MODEL --passes "freeze, dce" [--out DIR]
     peftc demo [--steps 150] [--data DIR] [--out DIR] [--pipeline TEXT]
-    peftc export MODEL --passes "nf4, ..." --onnx OUT.onnx [--dtype float16] [--quant int4] [--adapters]
+    peftc export MODEL --passes "nf4, ..." --onnx OUT.onnx [--dtype float16] [--quant int4]
+                 [--adapters]
     peftc plan MODEL --passes "nf4, side" [--batch 8] [--seq 256]
     peftc serve MODEL --adapters NAME=DIR ... [--passes nf4] [--port 8000]
     peftc passes [--markdown]
@@ -18,25 +19,23 @@ import argparse
 import dataclasses
 import io
 import sys
-import typing
 from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 
-from peftc.ir.capture import capture, export_program
-from peftc.ir.pipeline import Pipeline, apply
-from peftc.technique.checkpoint import load_adapter
-from peftc.tools import distributed
-from peftc.tools.inspect import diff, save_graph, show, summary
-from peftc.tools.plan import plan
 from peftc._io import atomic_write
 from peftc.errors import PeftcError
-from peftc.tools.models import BUILTIN_MODELS, LoadedModel, load_model
+from peftc.ir.capture import capture, export_program
 from peftc.ir.graph import peftc_meta
+from peftc.ir.pipeline import Pipeline, apply
 from peftc.ir.registry import PassInfo, registered_passes
+from peftc.technique.checkpoint import load_adapter
 from peftc.technique.options import option_rows
 from peftc.technique.registry import techniques
+from peftc.tools.inspect import diff, save_graph, show, summary
+from peftc.tools.models import BUILTIN_MODELS, LoadedModel, load_model
+from peftc.tools.plan import plan
 
 __all__ = ["main"]
 
@@ -51,7 +50,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     except OSError as e:  # an output path that cannot be written: say which, no traceback
         where = f" {e.filename}" if e.filename else ""
-        print(f"peftc: error: cannot write{where}: {e.strerror or e}; choose a writable path", file=sys.stderr)
+        print(
+            f"peftc: error: cannot write{where}: {e.strerror or e}; choose a writable path",
+            file=sys.stderr,
+        )
         return 2
 
 
@@ -63,80 +65,175 @@ def _positive(text: str) -> int:
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="peftc", description="Capture, rewrite and inspect models for PEFT.")
+    parser = argparse.ArgumentParser(
+        prog="peftc", description="Capture, rewrite and inspect models for PEFT."
+    )
     sub = parser.add_subparsers(required=True, metavar="COMMAND")
-    model_help = (f"built-in ({', '.join(BUILTIN_MODELS)}), a Hugging Face model folder, or package.module:factory "
-                  "(found from the current folder too; the factory returns a model, (model, args) or "
-                  "(model, args, kwargs), args being example inputs)")
+    model_help = (
+        f"built-in ({', '.join(BUILTIN_MODELS)}), a Hugging Face model folder, or "
+        "package.module:factory (found from the current folder too; the factory returns a model, "
+        "(model, args) or (model, args, kwargs), args being example inputs)"
+    )
+    _add_demo(sub)
+    _add_show(sub, model_help)
+    _add_apply(sub, model_help)
+    _add_export(sub, model_help)
+    _add_plan(sub, model_help)
+    _add_serve(sub, model_help)
+    _add_passes(sub)
+    return parser
 
-    demo = sub.add_parser("demo", help="the whole job on real MiniLM + SST-2: quantize, adapt, train, merge, "
-                                       "export, serve in ONNX Runtime, report")
-    demo.add_argument("--out", type=Path, default=Path("peftc-demo"), help="output folder (default: peftc-demo)")
-    demo.add_argument("--data", help="GLUE SST-2 folder (train.tsv, dev.tsv), or 'generated'; default: "
-                                     "$PEFTC_SST2, ../shared/data/sst2, else a generated task")
-    demo.add_argument("--pipeline", default=None, help="the pass pipeline (default: nf4, freeze, lora on query/value)")
+
+def _add_demo(sub: argparse._SubParsersAction) -> None:
+    demo = sub.add_parser(
+        "demo",
+        help="the whole job on real MiniLM + SST-2: quantize, adapt, train, merge, "
+        "export, serve in ONNX Runtime, report",
+    )
+    demo.add_argument(
+        "--out", type=Path, default=Path("peftc-demo"), help="output folder (default: peftc-demo)"
+    )
+    demo.add_argument(
+        "--data",
+        help="GLUE SST-2 folder (train.tsv, dev.tsv), or 'generated'; default: "
+        "$PEFTC_SST2, ../shared/data/sst2, else a generated task",
+    )
+    demo.add_argument(
+        "--pipeline",
+        default=None,
+        help="the pass pipeline (default: nf4, freeze, lora on query/value)",
+    )
     demo.add_argument("--steps", type=_positive, default=150, help="training steps (default 150)")
-    demo.add_argument("--batch-size", type=_positive, default=32, help="sentences per training step (default 32)")
+    demo.add_argument(
+        "--batch-size", type=_positive, default=32, help="sentences per training step (default 32)"
+    )
     demo.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate (default 1e-3)")
-    demo.add_argument("--dev-size", type=_positive, default=None, help="evaluate on the first N dev sentences only")
-    demo.add_argument("--seed", type=int, default=0, help="seed of the head, adapters and data order (default 0)")
+    demo.add_argument(
+        "--dev-size",
+        type=_positive,
+        default=None,
+        help="evaluate on the first N dev sentences only",
+    )
+    demo.add_argument(
+        "--seed", type=int, default=0, help="seed of the head, adapters and data order (default 0)"
+    )
     demo.set_defaults(run=_demo)
 
+
+def _add_show(sub: argparse._SubParsersAction, model_help: str) -> None:
     show = sub.add_parser("show", help="capture a model and print its graph")
     show.add_argument("model", help=model_help)
     show.add_argument("--targets", help="only nodes under module paths matching this pattern")
     show.add_argument("--max-rows", type=int, default=None, help="print at most this many nodes")
     show.set_defaults(run=_show)
 
-    apply = sub.add_parser("apply", help="capture a model, run a pass pipeline, report (and save) the result")
+
+def _add_apply(sub: argparse._SubParsersAction, model_help: str) -> None:
+    apply = sub.add_parser(
+        "apply", help="capture a model, run a pass pipeline, report (and save) the result"
+    )
     apply.add_argument("model", help=model_help)
     apply.add_argument("--passes", required=True, help='pipeline text, e.g. "freeze, dce"')
-    apply.add_argument("--out", type=Path, help="write report.txt, graph.dot, graph.svg, program.pt2 and trainable.safetensors here")
-    apply.add_argument("--check-numerics", action="store_true", help="compare outputs around passes that preserve them")
-    apply.add_argument("--no-verify", action="store_true", help="skip lint and shape propagation after each pass")
+    apply.add_argument(
+        "--out",
+        type=Path,
+        help="write report.txt, graph.dot, graph.svg, program.pt2 and trainable.safetensors here",
+    )
+    apply.add_argument(
+        "--check-numerics",
+        action="store_true",
+        help="compare outputs around passes that preserve them",
+    )
+    apply.add_argument(
+        "--no-verify", action="store_true", help="skip lint and shape propagation after each pass"
+    )
     apply.set_defaults(run=_apply)
 
+
+def _add_export(sub: argparse._SubParsersAction, model_help: str) -> None:
     export = sub.add_parser("export", help="capture a model, run a pipeline and export it to ONNX")
     export.add_argument("model", help=model_help)
-    export.add_argument("--passes", default="", help='pipeline text, e.g. "nf4, freeze, lora(r=8), merge(dtype=\"float32\")"')
+    export.add_argument(
+        "--passes",
+        default="",
+        help='pipeline text, e.g. "nf4, freeze, lora(r=8), merge(dtype="float32")"',
+    )
     export.add_argument("--onnx", type=Path, required=True, help="the .onnx file to write")
     export.add_argument("--dtype", choices=["float32", "float16"], default="float32")
-    export.add_argument("--quant", choices=["nf4", "int4"], default=None,
-                        help="NF4 weights (from an nf4 pass) as MatMulBnb4 (nf4, the default) or requantized to "
-                             "MatMulNBits (int4)")
-    export.add_argument("--merged", action="store_true", help="fail if an unmerged adapter branch is left")
-    export.add_argument("--adapters", action="store_true",
-                        help="export the base with a LoRA slot and one ONNX Runtime adapter file per adapter")
+    export.add_argument(
+        "--quant",
+        choices=["nf4", "int4"],
+        default=None,
+        help="NF4 weights (from an nf4 pass) as MatMulBnb4 (nf4, the default) or requantized to "
+        "MatMulNBits (int4)",
+    )
+    export.add_argument(
+        "--merged", action="store_true", help="fail if an unmerged adapter branch is left"
+    )
+    export.add_argument(
+        "--adapters",
+        action="store_true",
+        help="export the base with a LoRA slot and one ONNX Runtime adapter file per adapter",
+    )
     export.set_defaults(run=_export)
 
-    plan = sub.add_parser("plan", help="capture a model, run a pipeline and size one training step's memory")
+
+def _add_plan(sub: argparse._SubParsersAction, model_help: str) -> None:
+    plan = sub.add_parser(
+        "plan", help="capture a model, run a pipeline and size one training step's memory"
+    )
     plan.add_argument("model", help=model_help)
-    plan.add_argument("--passes", default="", help='pipeline text, e.g. "nf4, side" or "nf4, freeze, lora(r=8)"')
+    plan.add_argument(
+        "--passes", default="", help='pipeline text, e.g. "nf4, side" or "nf4, freeze, lora(r=8)"'
+    )
     plan.add_argument("--batch", type=int, default=1)
     plan.add_argument("--seq", type=int, default=512)
     plan.add_argument("--optimizer", default="adamw", choices=["adamw", "adam", "sgd", "momentum"])
-    plan.add_argument("--dtype", help="check that the model computes in this dtype, e.g. bfloat16 (capture it in the "
-                                      "dtype it trains in)")
-    plan.add_argument("--world-size", type=int, default=1,
-                      help="per-rank figures for N ranks of FSDP2 as peftc.distributed.shard wraps the graph "
-                           "(blocks sharded; --batch is per rank)")
+    plan.add_argument(
+        "--dtype",
+        help="check that the model computes in this dtype, e.g. bfloat16 (capture it in the "
+        "dtype it trains in)",
+    )
+    plan.add_argument(
+        "--world-size",
+        type=int,
+        default=1,
+        help="per-rank figures for N ranks of FSDP2 as peftc.distributed.shard wraps the graph "
+        "(blocks sharded; --batch is per rank)",
+    )
     plan.set_defaults(run=_plan)
 
-    serve = sub.add_parser("serve", help="serve many LoRA adapters over one causal LM: OpenAI-style /v1/completions")
+
+def _add_serve(sub: argparse._SubParsersAction, model_help: str) -> None:
+    serve = sub.add_parser(
+        "serve", help="serve many LoRA adapters over one causal LM: OpenAI-style /v1/completions"
+    )
     serve.add_argument("model", help=model_help)
-    serve.add_argument("--adapters", nargs="+", required=True, metavar="[NAME=]DIR",
-                       help="peft or peftc adapter folders; the name is the folder's unless given as NAME=DIR")
+    serve.add_argument(
+        "--adapters",
+        nargs="+",
+        required=True,
+        metavar="[NAME=]DIR",
+        help="peft or peftc adapter folders; the name is the folder's unless given as NAME=DIR",
+    )
     serve.add_argument("--passes", default="", help='base pipeline before the adapters, e.g. "nf4"')
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=8000)
-    serve.add_argument("--max-batch", type=int, default=32, help="requests decoded together (default 32)")
-    serve.add_argument("--max-wait-ms", type=float, default=10.0, help="how long a request waits for company")
+    serve.add_argument(
+        "--max-batch", type=int, default=32, help="requests decoded together (default 32)"
+    )
+    serve.add_argument(
+        "--max-wait-ms", type=float, default=10.0, help="how long a request waits for company"
+    )
     serve.set_defaults(run=_serve)
 
+
+def _add_passes(sub: argparse._SubParsersAction) -> None:
     passes = sub.add_parser("passes", help="list the registered passes with their options")
-    passes.add_argument("--markdown", action="store_true", help="print the pass reference as Markdown")
+    passes.add_argument(
+        "--markdown", action="store_true", help="print the pass reference as Markdown"
+    )
     passes.set_defaults(run=_passes)
-    return parser
 
 
 def _show(args: argparse.Namespace) -> int:
@@ -148,17 +245,24 @@ def _show(args: argparse.Namespace) -> int:
 
 def _apply(args: argparse.Namespace) -> int:
     if not args.passes.strip():
-        raise PeftcError("--passes is empty; give a pipeline, e.g. --passes \"freeze, lora(r=8)\" (peftc passes lists them)")
+        raise PeftcError(
+            '--passes is empty; give a pipeline, e.g. --passes "freeze, lora(r=8)" (peftc passes '
+            "lists them)"
+        )
     loaded = load_model(args.model)
     gm = capture(loaded.model, loaded.args, loaded.kwargs)
-    result = Pipeline.parse(args.passes).run(gm, verify=not args.no_verify, check_numerics=args.check_numerics)
+    result = Pipeline.parse(args.passes).run(
+        gm, verify=not args.no_verify, check_numerics=args.check_numerics
+    )
     rewritten = result.graph_module
-    report = "\n\n".join([
-        f"model: {loaded.name}\npipeline: {args.passes}",
-        str(result),
-        str(diff(gm, rewritten)),
-        str(summary(rewritten)),
-    ])
+    report = "\n\n".join(
+        [
+            f"model: {loaded.name}\npipeline: {args.passes}",
+            str(result),
+            str(diff(gm, rewritten)),
+            str(summary(rewritten)),
+        ]
+    )
     print(report)
     if args.out:
         _save(rewritten, args.out, report)
@@ -176,8 +280,16 @@ def _captured(args: argparse.Namespace) -> tuple[LoadedModel, torch.fx.GraphModu
 def _plan(args: argparse.Namespace) -> int:
     loaded, gm = _captured(args)
     print(f"model: {loaded.name}\npipeline: {args.passes or '(none)'}")
-    print(plan(gm, batch=args.batch, seq=args.seq, optimizer=args.optimizer, dtype=args.dtype,
-                     world_size=args.world_size))
+    print(
+        plan(
+            gm,
+            batch=args.batch,
+            seq=args.seq,
+            optimizer=args.optimizer,
+            dtype=args.dtype,
+            world_size=args.world_size,
+        )
+    )
     return 0
 
 
@@ -187,11 +299,23 @@ def _serve(args: argparse.Namespace) -> int:
     loaded, gm = _captured(args)
     for spec in args.adapters:
         name, _, folder = spec.rpartition("=")
-        gm = load_adapter(gm, folder, adapter=name or Path(folder).name, verify=False)  # multi_lora verifies
+        # multi_lora verifies
+        gm = load_adapter(gm, folder, adapter=name or Path(folder).name, verify=False)
     gm = apply(gm, "multi_lora")
-    server = CompletionServer(gm, base_name=loaded.name, tokenizer=loaded.tokenizer, host=args.host, port=args.port,
-                              max_batch=args.max_batch, max_wait=args.max_wait_ms / 1000)
-    print(f"serving {loaded.name} with adapters {', '.join(server.adapters)} at {server.url}/v1/completions", flush=True)
+    server = CompletionServer(
+        gm,
+        base_name=loaded.name,
+        tokenizer=loaded.tokenizer,
+        host=args.host,
+        port=args.port,
+        max_batch=args.max_batch,
+        max_wait=args.max_wait_ms / 1000,
+    )
+    print(
+        f"serving {loaded.name} with adapters {', '.join(server.adapters)} at "
+        f"{server.url}/v1/completions",
+        flush=True,
+    )
     server.serve_forever()
     return 0
 
@@ -199,8 +323,16 @@ def _serve(args: argparse.Namespace) -> int:
 def _demo(args: argparse.Namespace) -> int:
     from peftc.tools.demo import PIPELINE, run_demo
 
-    run_demo(args.out, data=args.data, pipeline=args.pipeline or PIPELINE, steps=args.steps,
-             batch_size=args.batch_size, lr=args.lr, dev_size=args.dev_size, seed=args.seed)
+    run_demo(
+        args.out,
+        data=args.data,
+        pipeline=args.pipeline or PIPELINE,
+        steps=args.steps,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        dev_size=args.dev_size,
+        seed=args.seed,
+    )
     return 0
 
 
@@ -208,9 +340,14 @@ def _export(args: argparse.Namespace) -> int:
     from peftc.backends import onnx as peftc_onnx
 
     _, gm = _captured(args)
-    if args.quant is not None and not any(n.target == torch.ops.peftc.nf4_linear.default for n in gm.graph.nodes):
-        raise PeftcError(f"--quant {args.quant} chooses how NF4 weights are written, and this pipeline quantizes none; "
-                         "add nf4 to --passes (e.g. --passes \"nf4\") or drop --quant")
+    if args.quant is not None and not any(
+        n.target == torch.ops.peftc.nf4_linear.default for n in gm.graph.nodes
+    ):
+        raise PeftcError(
+            f"--quant {args.quant} chooses how NF4 weights are written, and this pipeline "
+            "quantizes none; "
+            'add nf4 to --passes (e.g. --passes "nf4") or drop --quant'
+        )
     quant = args.quant or "nf4"
     if args.adapters:
         print(peftc_onnx.export_adapters(gm, args.onnx, quant=quant))
@@ -225,12 +362,16 @@ def _save(gm: torch.fx.GraphModule, out: Path, report: str) -> None:
     atomic_write(out / "report.txt", report + "\n")
     blocks = "*.layers.*|*.layer.*|*.h.*|*.block.*"
     save_graph(gm, out / "graph.dot", collapse=blocks)
-    save_graph(gm, out / "graph.svg", collapse=blocks, title="the rewritten model (blocks collapsed)")
+    save_graph(
+        gm, out / "graph.svg", collapse=blocks, title="the rewritten model (blocks collapsed)"
+    )
     if peftc_meta(gm).get("example_inputs"):
         buffer = io.BytesIO()
         torch.export.save(export_program(gm), buffer)
         atomic_write(out / "program.pt2", buffer.getvalue())
-    trainable = {name: p.detach().contiguous() for name, p in gm.named_parameters() if p.requires_grad}
+    trainable = {
+        name: p.detach().contiguous() for name, p in gm.named_parameters() if p.requires_grad
+    }
     if trainable:
         atomic_write(out / "trainable.safetensors", save(trainable))
 
@@ -249,28 +390,44 @@ def _passes(args: argparse.Namespace) -> int:
 
 def pass_reference_markdown(passes: dict[str, PassInfo]) -> str:
     """The pass reference in docs/, generated from docstrings and the options' own declarations."""
-    lines = ["# Pass reference", "", "Generated by `peftc passes --markdown`; do not edit by hand.", ""]
+    lines = [
+        "# Pass reference",
+        "",
+        "Generated by `peftc passes --markdown`; do not edit by hand.",
+        "",
+    ]
     methods = techniques()
     for info in passes.values():
         lines += [f"## `{info.name}`", "", info.doc or "(no description)", ""]
         if info.preserves_outputs:
-            lines += ["Preserves outputs: the numeric check compares outputs before and after it.", ""]
+            lines += [
+                "Preserves outputs: the numeric check compares outputs before and after it.",
+                "",
+            ]
         method = methods.get(info.name)
         if method is not None:
-            saved = f"HF peft's `{method.peft_type}`" if method.peft_type else "peftc's format (its options as JSON)"
-            lines += [f"A technique at {', '.join(f'`{k}`' for k in method.site_kinds)} sites; checkpoints in {saved}.", ""]
+            saved = (
+                f"HF peft's `{method.peft_type}`"
+                if method.peft_type
+                else "peftc's format (its options as JSON)"
+            )
+            lines += [
+                f"A technique at {', '.join(f'`{k}`' for k in method.site_kinds)} sites; "
+                f"checkpoints in {saved}.",
+                "",
+            ]
         rows = option_rows(info.options)
         if rows:
             peft = any(row[3] for row in rows)
             header = ["option", "type", "default"] + (["peft"] if peft else []) + ["meaning"]
             lines += ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
-            lines += ["| " + " | ".join(row[:3] + (row[3:4] if peft else ()) + row[4:]) + " |" for row in rows]
+            lines += [
+                "| " + " | ".join(row[:3] + (row[3:4] if peft else ()) + row[4:]) + " |"
+                for row in rows
+            ]
             lines.append("")
     return "\n".join(lines)
 
 
 def _fields(info: PassInfo) -> list[dataclasses.Field]:
     return [f for f in dataclasses.fields(info.options) if f.init] if info.options else []
-
-
-

@@ -19,22 +19,37 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from torch import fx, nn
 from torch.nn import functional as F
 
+from peftc._io import atomic_write
+from peftc.errors import PeftcError
 from peftc.ir.capture import capture
 from peftc.ir.pipeline import apply
 from peftc.tools.inspect import save_graph, summary
-from peftc._io import atomic_write
-from peftc.errors import PeftcError
 
-__all__ = ["DemoData", "find_data", "read_split", "load_data", "generated_task", "SentimentModel", "build",
-           "train", "evaluate", "run_demo", "PIPELINE"]
+__all__ = [
+    "DemoData",
+    "find_data",
+    "read_split",
+    "load_data",
+    "generated_task",
+    "SentimentModel",
+    "build",
+    "train",
+    "evaluate",
+    "run_demo",
+    "PIPELINE",
+]
 
-PIPELINE = 'nf4(targets="encoder.*"), freeze, lora(r=8, alpha=16, dropout=0.1, targets="*.query|*.value")'
-DEFAULT_DATA = Path(__file__).resolve().parents[3] / "shared" / "data" / "sst2"  # <repo>/../shared/data/sst2
+PIPELINE = (
+    'nf4(targets="encoder.*"), freeze, lora(r=8, alpha=16, dropout=0.1, targets="*.query|*.value")'
+)
+# <repo>/../shared/data/sst2
+DEFAULT_DATA = Path(__file__).resolve().parents[3] / "shared" / "data" / "sst2"
 
 
 @dataclass
@@ -45,7 +60,8 @@ class DemoData:
 
 
 def find_data(path: str | Path | None = None) -> Path | None:
-    """The SST-2 folder: `path`, else $PEFTC_SST2, else DEFAULT_DATA; None unless it holds both splits."""
+    """The SST-2 folder: `path`, else $PEFTC_SST2, else DEFAULT_DATA; None unless it holds both
+    splits."""
     folder = Path(path or os.environ.get("PEFTC_SST2") or DEFAULT_DATA)
     return folder if (folder / "train.tsv").is_file() and (folder / "dev.tsv").is_file() else None
 
@@ -53,38 +69,85 @@ def find_data(path: str | Path | None = None) -> Path | None:
 def read_split(path: str | Path) -> tuple[list[str], list[int]]:
     """Sentences and 0/1 labels of a GLUE SST-2 file with the header `sentence<TAB>label`."""
     with open(path, encoding="utf-8", newline="") as f:
-        rows = csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE)  # the text holds `` and '' unquoted
+        # the text holds `` and '' unquoted
+        rows = csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE)
         header = next(rows)
         if header != ["sentence", "label"]:
-            raise PeftcError(f"{path}: expected the header 'sentence<TAB>label', got {header}; is this GLUE SST-2?")
+            raise PeftcError(
+                f"{path}: expected the header 'sentence<TAB>label', got {header}; is this GLUE "
+                "SST-2?"
+            )
         pairs = [(sentence.strip(), int(label)) for sentence, label in rows]
     return [s for s, _ in pairs], [y for _, y in pairs]
 
 
-_POSITIVE = ["good", "great", "wonderful", "moving", "funny", "brilliant", "charming", "gripping", "delightful"]
-_NEGATIVE = ["bad", "dull", "boring", "awful", "tedious", "clumsy", "lifeless", "messy", "forgettable"]
-_SUBJECTS = ["the film", "this movie", "the acting", "the script", "the story", "the ending", "the cast"]
-_TEMPLATES = ["{s} is {a}", "{s} was {a} .", "i thought {s} was {a}", "{s} feels {a} and {a2}",
-              "{s} is not {na}", "{s} is anything but {na}", "honestly , {s} is {a}"]
+_POSITIVE = [
+    "good",
+    "great",
+    "wonderful",
+    "moving",
+    "funny",
+    "brilliant",
+    "charming",
+    "gripping",
+    "delightful",
+]
+_NEGATIVE = [
+    "bad",
+    "dull",
+    "boring",
+    "awful",
+    "tedious",
+    "clumsy",
+    "lifeless",
+    "messy",
+    "forgettable",
+]
+_SUBJECTS = [
+    "the film",
+    "this movie",
+    "the acting",
+    "the script",
+    "the story",
+    "the ending",
+    "the cast",
+]
+_TEMPLATES = [
+    "{s} is {a}",
+    "{s} was {a} .",
+    "i thought {s} was {a}",
+    "{s} feels {a} and {a2}",
+    "{s} is not {na}",
+    "{s} is anything but {na}",
+    "honestly , {s} is {a}",
+]
 
 
-def generated_task(train_size: int = 4000, dev_size: int = 800, seed: int = 0, why: str = "no SST-2 data found") -> DemoData:
-    """Template sentences with a polarity word (negations flip it): a task that needs no download."""
+def generated_task(
+    train_size: int = 4000, dev_size: int = 800, seed: int = 0, why: str = "no SST-2 data found"
+) -> DemoData:
+    """Template sentences with a polarity word (negations flip it): a task that needs no
+    download."""
     rng = random.Random(seed)
 
     def sentence() -> tuple[str, int]:
         label = rng.randrange(2)
         same, other = (_POSITIVE, _NEGATIVE) if label else (_NEGATIVE, _POSITIVE)
         template = rng.choice(_TEMPLATES)
-        text = template.format(s=rng.choice(_SUBJECTS), a=rng.choice(same), a2=rng.choice(same), na=rng.choice(other))
+        text = template.format(
+            s=rng.choice(_SUBJECTS), a=rng.choice(same), a2=rng.choice(same), na=rng.choice(other)
+        )
         return text, label
 
     def split(n: int) -> tuple[list[str], list[int]]:
         pairs = [sentence() for _ in range(n)]
         return [s for s, _ in pairs], [y for _, y in pairs]
 
-    return DemoData(f"a sentiment task generated by peftc from templates ({why}), not SST-2", split(train_size),
-                    split(dev_size))
+    return DemoData(
+        f"a sentiment task generated by peftc from templates ({why}), not SST-2",
+        split(train_size),
+        split(dev_size),
+    )
 
 
 def load_data(path: str | Path | None = None) -> DemoData:
@@ -93,11 +156,17 @@ def load_data(path: str | Path | None = None) -> DemoData:
         return generated_task(why="--data generated")
     folder = find_data(path)
     if folder is None and (path or os.environ.get("PEFTC_SST2")):
-        raise PeftcError(f"no SST-2 train.tsv and dev.tsv in {path or os.environ['PEFTC_SST2']}; "
-                         "give the GLUE SST-2 folder, or --data generated")
+        raise PeftcError(
+            f"no SST-2 train.tsv and dev.tsv in {path or os.environ['PEFTC_SST2']}; give the GLUE "
+            "SST-2 folder, or --data generated"
+        )
     if folder is None:
         return generated_task()
-    return DemoData(f"GLUE SST-2 from {folder}", read_split(folder / "train.tsv"), read_split(folder / "dev.tsv"))
+    return DemoData(
+        f"GLUE SST-2 from {folder}",
+        read_split(folder / "train.tsv"),
+        read_split(folder / "dev.tsv"),
+    )
 
 
 class SentimentModel(nn.Module):
@@ -110,7 +179,7 @@ class SentimentModel(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         states = self.encoder(input_ids, attention_mask=attention_mask).last_hidden_state
-        # mean over real tokens only: MiniLM's sentence embeddings are trained this way; its pooler is not
+        # mean over real tokens only: MiniLM's sentence embeddings are trained so, its pooler not
         weights = attention_mask.unsqueeze(-1).to(states.dtype)
         return self.head((states * weights).sum(1) / weights.sum(1).clamp(min=1))
 
@@ -123,8 +192,11 @@ def build(pipeline: str = PIPELINE, seed: int = 0) -> tuple[fx.GraphModule, fx.G
     loaded = load_model("minilm")
     torch.manual_seed(seed)
     model = SentimentModel(loaded.model, loaded.model.config.hidden_size).eval()
-    batch = loaded.tokenizer(["peftc captures the whole classifier.", "a second, longer example sentence to pad"],
-                             padding=True, return_tensors="pt")
+    batch = loaded.tokenizer(
+        ["peftc captures the whole classifier.", "a second, longer example sentence to pad"],
+        padding=True,
+        return_tensors="pt",
+    )
     captured = capture(model, (batch["input_ids"], batch["attention_mask"]))
     rewritten = apply(captured, pipeline)
     for p in rewritten.get_submodule("head").parameters():
@@ -132,14 +204,30 @@ def build(pipeline: str = PIPELINE, seed: int = 0) -> tuple[fx.GraphModule, fx.G
     return captured, rewritten, loaded.tokenizer
 
 
-def _batches(tokenizer, sentences: list[str], index: list[int], max_length: int) -> tuple[torch.Tensor, torch.Tensor]:
-    batch = tokenizer([sentences[i] for i in index], padding=True, truncation=True, max_length=max_length,
-                      return_tensors="pt")
+def _batches(
+    tokenizer, sentences: list[str], index: list[int], max_length: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    batch = tokenizer(
+        [sentences[i] for i in index],
+        padding=True,
+        truncation=True,
+        max_length=max_length,
+        return_tensors="pt",
+    )
     return batch["input_ids"], batch["attention_mask"]
 
 
-def train(model: nn.Module, tokenizer, data: tuple[list[str], list[int]], steps: int, batch_size: int = 32,
-          lr: float = 1e-3, max_length: int = 64, seed: int = 0, progress: bool = True) -> list[float]:
+def train(
+    model: nn.Module,
+    tokenizer,
+    data: tuple[list[str], list[int]],
+    steps: int,
+    batch_size: int = 32,
+    lr: float = 1e-3,
+    max_length: int = 64,
+    seed: int = 0,
+    progress: bool = True,
+) -> list[float]:
     """AdamW on the trainable parameters over shuffled batches; the loss of every step."""
     from tqdm.auto import tqdm
 
@@ -155,9 +243,11 @@ def train(model: nn.Module, tokenizer, data: tuple[list[str], list[int]], steps:
     for _ in bar:
         if position + batch_size > len(sentences):  # a new epoch
             order, position = torch.randperm(len(sentences), generator=generator), 0
-        index = order[position:position + batch_size].tolist()
+        index = order[position : position + batch_size].tolist()
         position += batch_size
-        loss = F.cross_entropy(model(*_batches(tokenizer, sentences, index, max_length)), targets[index])
+        loss = F.cross_entropy(
+            model(*_batches(tokenizer, sentences, index, max_length)), targets[index]
+        )
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
@@ -167,26 +257,37 @@ def train(model: nn.Module, tokenizer, data: tuple[list[str], list[int]], steps:
 
 
 def _ordered_batches(sentences: list[str], batch_size: int):
-    order = sorted(range(len(sentences)), key=lambda i: len(sentences[i]))  # similar lengths pad less
+    # similar lengths pad less
+    order = sorted(range(len(sentences)), key=lambda i: len(sentences[i]))
     for start in range(0, len(order), batch_size):
-        yield order[start:start + batch_size]
+        yield order[start : start + batch_size]
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, tokenizer, data: tuple[list[str], list[int]], batch_size: int = 64,
-             max_length: int = 64) -> float:
+def evaluate(
+    model: nn.Module,
+    tokenizer,
+    data: tuple[list[str], list[int]],
+    batch_size: int = 64,
+    max_length: int = 64,
+) -> float:
     """Accuracy in eval mode (dropout off)."""
     sentences, labels = data
     model.eval()
     correct = 0
     for index in _ordered_batches(sentences, batch_size):
         predicted = model(*_batches(tokenizer, sentences, index, max_length)).argmax(-1)
-        correct += sum(int(p) == labels[i] for p, i in zip(predicted, index))
+        correct += sum(int(p) == labels[i] for p, i in zip(predicted, index, strict=True))
     return correct / len(sentences)
 
 
-def evaluate_onnx(path: Path, tokenizer, data: tuple[list[str], list[int]], batch_size: int = 64,
-                  max_length: int = 64) -> float:
+def evaluate_onnx(
+    path: Path,
+    tokenizer,
+    data: tuple[list[str], list[int]],
+    batch_size: int = 64,
+    max_length: int = 64,
+) -> float:
     import onnxruntime as ort
 
     session = ort.InferenceSession(str(path))
@@ -195,14 +296,24 @@ def evaluate_onnx(path: Path, tokenizer, data: tuple[list[str], list[int]], batc
     correct = 0
     for index in _ordered_batches(sentences, batch_size):
         ids, mask = _batches(tokenizer, sentences, index, max_length)
-        (logits,) = session.run(None, dict(zip(names, (ids.numpy(), mask.numpy()))))
-        correct += sum(int(p) == labels[i] for p, i in zip(logits.argmax(-1), index))
+        (logits,) = session.run(None, dict(zip(names, (ids.numpy(), mask.numpy()), strict=True)))
+        correct += sum(int(p) == labels[i] for p, i in zip(logits.argmax(-1), index, strict=True))
     return correct / len(sentences)
 
 
-def run_demo(out: str | Path = "peftc-demo", *, data: str | None = None, pipeline: str = PIPELINE, steps: int = 150,
-             batch_size: int = 32, lr: float = 1e-3, max_length: int = 64, dev_size: int | None = None,
-             seed: int = 0, progress: bool = True) -> dict:
+def run_demo(
+    out: str | Path = "peftc-demo",
+    *,
+    data: str | None = None,
+    pipeline: str = PIPELINE,
+    steps: int = 150,
+    batch_size: int = 32,
+    lr: float = 1e-3,
+    max_length: int = 64,
+    dev_size: int | None = None,
+    seed: int = 0,
+    progress: bool = True,
+) -> dict:
     """Run the demo; write the report and figures to `out`; return the report's numbers."""
     started = time.perf_counter()
     out = Path(out)
@@ -214,44 +325,106 @@ def run_demo(out: str | Path = "peftc-demo", *, data: str | None = None, pipelin
     say(f"pipeline: {pipeline}")
 
     captured, model, tokenizer = build(pipeline, seed)
-    base = summary(captured)
-    rewritten = summary(model)
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    before = evaluate(model, tokenizer, dev, max_length=max_length)
+    sizes = _sizes(captured, model)
+    training = _Training(steps, batch_size, lr, max_length, seed, progress)
+    trained = _train_and_score(model, tokenizer, chosen.train, dev, training, say)
+    onnx, onnx_accuracy = _export_and_score(model, tokenizer, dev, out / "model.onnx", max_length)
+    say(f"dev accuracy in ONNX Runtime: {onnx_accuracy:.4f}")
+
+    _loss_plot(trained.losses, out / "loss.png")
+    block = _block_svg(model, out / "block.svg")
+    numbers = {
+        "data": chosen.name,
+        "pipeline": pipeline,
+        "steps": steps,
+        "batch_size": batch_size,
+        "dev_sentences": len(dev[0]),
+        "accuracy_before": trained.before,
+        "accuracy_after": trained.after,
+        "accuracy_onnxruntime": onnx_accuracy,
+        **sizes,
+        "step_seconds": trained.step_seconds,
+        **onnx,
+        "block_svg": block,
+        "seconds": time.perf_counter() - started,
+    }
+    _write_report(out, numbers, say)
+    return numbers
+
+
+class _Training(NamedTuple):
+    """`train`'s settings, and `max_length` for `evaluate` too."""
+
+    steps: int
+    batch_size: int
+    lr: float
+    max_length: int
+    seed: int
+    progress: bool
+
+
+class _Trained(NamedTuple):
+    before: float  # dev accuracy
+    after: float
+    losses: list[float]
+    step_seconds: float
+
+
+def _sizes(captured: fx.GraphModule, model: fx.GraphModule) -> dict:
+    """The report's numbers on what the pipeline did to the model's parameters and bytes."""
+    base, rewritten = summary(captured), summary(model)
+    return {
+        "trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad),
+        "parameters": base.total,
+        "model_bytes_fp32": base.bytes,
+        "model_bytes_rewritten": rewritten.bytes,
+        "quantized_bits_per_weight": rewritten.quantized_bits_per_weight,
+    }
+
+
+def _train_and_score(
+    model: nn.Module,
+    tokenizer,
+    data: tuple[list[str], list[int]],
+    dev: tuple[list[str], list[int]],
+    training: _Training,
+    say,
+) -> _Trained:
+    """Dev accuracy before and after training on `data`, the losses and the seconds per step."""
+    before = evaluate(model, tokenizer, dev, max_length=training.max_length)
     say(f"dev accuracy before training: {before:.4f}")
-
-    train_started = time.perf_counter()
-    losses = train(model, tokenizer, chosen.train, steps, batch_size, lr, max_length, seed, progress)
-    step_seconds = (time.perf_counter() - train_started) / max(steps, 1)
-    after = evaluate(model, tokenizer, dev, max_length=max_length)
+    started = time.perf_counter()
+    losses = train(model, tokenizer, data, **training._asdict())
+    step_seconds = (time.perf_counter() - started) / max(training.steps, 1)
+    after = evaluate(model, tokenizer, dev, max_length=training.max_length)
     say(f"dev accuracy after training:  {after:.4f}")
+    return _Trained(before, after, losses, step_seconds)
 
+
+def _export_and_score(
+    model: fx.GraphModule, tokenizer, dev: tuple[list[str], list[int]], path: Path, max_length: int
+) -> tuple[dict, float]:
+    """Merge, export to `path`: the report's numbers on the ONNX file, and its dev accuracy in ONNX
+    Runtime."""
     merged = apply(model, 'merge(dtype="float32")')  # a dense merge keeps all of a small update
     from peftc.backends import onnx as peftc_onnx
 
-    exported = peftc_onnx.export(merged, out / "model.onnx", merged=True)
-    onnx_accuracy = evaluate_onnx(exported.path, tokenizer, dev, max_length=max_length)
-    say(f"dev accuracy in ONNX Runtime: {onnx_accuracy:.4f}")
-
-    _loss_plot(losses, out / "loss.png")
-    block = _block_svg(model, out / "block.svg")
+    exported = peftc_onnx.export(merged, path, merged=True)
     numbers = {
-        "data": chosen.name, "pipeline": pipeline, "steps": steps, "batch_size": batch_size,
-        "dev_sentences": len(dev[0]), "accuracy_before": before, "accuracy_after": after,
-        "accuracy_onnxruntime": onnx_accuracy, "trainable_parameters": trainable,
-        "parameters": base.total, "model_bytes_fp32": base.bytes, "model_bytes_rewritten": rewritten.bytes,
-        "quantized_bits_per_weight": rewritten.quantized_bits_per_weight, "step_seconds": step_seconds,
-        "onnx_bytes": exported.bytes, "onnx_4bit_weights": exported.quantized_weights,
-        "onnx_bits_per_4bit_weight": exported.quantized_bits_per_weight, "block_svg": block,
-        "seconds": time.perf_counter() - started,
+        "onnx_bytes": exported.bytes,
+        "onnx_4bit_weights": exported.quantized_weights,
+        "onnx_bits_per_4bit_weight": exported.quantized_bits_per_weight,
     }
+    return numbers, evaluate_onnx(exported.path, tokenizer, dev, max_length=max_length)
+
+
+def _write_report(out: Path, numbers: dict, say) -> None:
     report = _report(numbers)
     atomic_write(out / "report.md", report)
     atomic_write(out / "report.json", json.dumps(numbers, indent=2) + "\n")
     say("")
     say(report)
     say(f"wrote {out.resolve()}/ (report.md, report.json, loss.png, block.svg, model.onnx)")
-    return numbers
 
 
 def _report(n: dict) -> str:
@@ -262,20 +435,39 @@ def _report(n: dict) -> str:
         ("dev accuracy before training", f"{n['accuracy_before']:.4f}"),
         ("dev accuracy after training (eager)", f"{n['accuracy_after']:.4f}"),
         ("dev accuracy, merged, in ONNX Runtime", f"{n['accuracy_onnxruntime']:.4f}"),
-        ("trainable parameters", f"{n['trainable_parameters']:,} of {n['parameters']:,} "
-                                 f"({100 * n['trainable_parameters'] / n['parameters']:.2f} %)"),
-        ("model bytes: fp32 -> rewritten", f"{n['model_bytes_fp32'] / mib:.1f} MiB -> "
-                                           f"{n['model_bytes_rewritten'] / mib:.1f} MiB"),
+        (
+            "trainable parameters",
+            f"{n['trainable_parameters']:,} of {n['parameters']:,} "
+            f"({100 * n['trainable_parameters'] / n['parameters']:.2f} %)",
+        ),
+        (
+            "model bytes: fp32 -> rewritten",
+            f"{n['model_bytes_fp32'] / mib:.1f} MiB -> {n['model_bytes_rewritten'] / mib:.1f} MiB",
+        ),
         ("bits per quantized weight", f"{n['quantized_bits_per_weight']:.3f}"),
-        ("train step", f"{1000 * n['step_seconds']:.0f} ms ({n['steps']} steps of {n['batch_size']})"),
-        ("ONNX export", f"{n['onnx_bytes'] / mib:.1f} MiB, {n['onnx_4bit_weights']:,} weights at "
-                        f"{n['onnx_bits_per_4bit_weight']:.2f} bits (MatMulBnb4)"),
+        (
+            "train step",
+            f"{1000 * n['step_seconds']:.0f} ms ({n['steps']} steps of {n['batch_size']})",
+        ),
+        (
+            "ONNX export",
+            f"{n['onnx_bytes'] / mib:.1f} MiB, {n['onnx_4bit_weights']:,} weights at "
+            f"{n['onnx_bits_per_4bit_weight']:.2f} bits (MatMulBnb4)",
+        ),
         ("wall time", f"{n['seconds']:.0f} s"),
     ]
     width = max(len(k) for k, _ in rows)
-    lines = ["# peftc demo", "", f"| {'measurement'.ljust(width)} | value |", f"| {'-' * width} | --- |"]
+    lines = [
+        "# peftc demo",
+        "",
+        f"| {'measurement'.ljust(width)} | value |",
+        f"| {'-' * width} | --- |",
+    ]
     lines += [f"| {k.ljust(width)} | {v} |" for k, v in rows]
-    lines += ["", "Figures: `loss.png` (training loss per step), `block.svg` (" + n["block_svg"] + ")."]
+    lines += [
+        "",
+        "Figures: `loss.png` (training loss per step), `block.svg` (" + n["block_svg"] + ").",
+    ]
     return "\n".join(lines) + "\n"
 
 
@@ -286,8 +478,10 @@ def _loss_plot(losses: list[float], path: Path) -> None:
     from matplotlib import pyplot as plt
 
     window = 10
-    smooth = [sum(losses[max(0, i - window + 1):i + 1]) / len(losses[max(0, i - window + 1):i + 1])
-              for i in range(len(losses))]
+    smooth = [
+        sum(losses[max(0, i - window + 1) : i + 1]) / len(losses[max(0, i - window + 1) : i + 1])
+        for i in range(len(losses))
+    ]
     figure, axes = plt.subplots(figsize=(6, 3.5))
     axes.plot(losses, alpha=0.35, label="per step")
     axes.plot(smooth, label=f"mean of {window}")
@@ -301,8 +495,11 @@ def _loss_plot(losses: list[float], path: Path) -> None:
 
 
 def _block_svg(gm: fx.GraphModule, path: Path) -> str:
-    """One rewritten encoder layer, drawn by Graphviz when installed, else by peftc's layered layout."""
+    """One rewritten encoder layer, drawn by Graphviz when installed, else by peftc's layered
+    layout."""
     layer = "encoder.encoder.layer.0"
     save_graph(gm, path, targets=f"{layer}|{layer}.*", title=f"{layer} after the pipeline")
-    drawer = "Graphviz" if shutil.which("dot") else "peftc's layered layout (Graphviz not installed)"
+    drawer = (
+        "Graphviz" if shutil.which("dot") else "peftc's layered layout (Graphviz not installed)"
+    )
     return f"{layer}, drawn by {drawer}; inserted nodes are coloured by pass"

@@ -1,12 +1,13 @@
 """Batched generation from a captured causal LM, one adapter per row, with a key/value cache.
 
-The captured graph computes a whole sequence at once. `generate` derives a decode graph from it (once
-per graph, cached while the graph lives and is not rewritten) that also takes the keys and values of the tokens before and returns
-them extended by the new ones, so each step runs only the new token:
+The captured graph computes a whole sequence at once. `generate` derives a decode graph from it
+(once per graph, cached while the graph lives and is not rewritten) that also takes the keys and
+values of the tokens before and returns them extended by the new ones, so each step runs only the
+new token:
 
-    sdpa(q, k, v, mask)  ->  sdpa(q, cat(past_k, k), cat(past_v, v), mask with P visible columns in front)
+    sdpa(q, k, v, mask)  ->  sdpa(q, cat(past_k, k), cat(past_v, v), mask, P columns in front)
     positions 0..L-1     ->  positions P..P+L-1                                   (P = past length)
-    output               ->  (output, (k_0, v_0, k_1, v_1, ...))               the joined keys and values
+    output               ->  (output, (k_0, v_0, k_1, v_1, ...))    the joined keys and values
 
 The cache is the keys and values as SDPA reads them (after rotary embeddings and GQA's repeat), held
 by the loop. Prompts of different lengths are grouped by length and each group decoded as one batch:
@@ -22,16 +23,15 @@ import copy
 import warnings
 import weakref
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.utils._pytree as pytree
 from torch import Tensor, fx
 
 from peftc.errors import OptionError, PassError
-from peftc.ir.graph import add_input, peftc_meta, tag
+from peftc.ir.graph import add_input, clone, peftc_meta, tag
 from peftc.sites.regions import attention_as_called, attention_call, attention_sites, position_ids
-from peftc.ir.graph import clone
 from peftc.technique.adapters import active_adapters, adapters, set_active
 from peftc.techniques.prefix import extend_mask
 
@@ -43,10 +43,12 @@ _DECODE_GRAPHS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def decode_graphs(gm: fx.GraphModule) -> tuple[fx.GraphModule, fx.GraphModule]:
-    """(prefill, step): `gm` taking `past_<i>_key`/`past_<i>_value` inputs and returning `(output, new keys and
-    values)`; the step graph differs only for prompt tuning, whose virtual tokens enter at the prefill alone."""
+    """(prefill, step): `gm` taking `past_<i>_key`/`past_<i>_value` inputs and returning `(output,
+    new keys and values)`; the step graph differs only for prompt tuning, whose virtual tokens enter
+    at the prefill alone."""
     cached = _DECODE_GRAPHS.get(gm)
-    if cached is not None and cached[0] == len(gm.graph.nodes):  # rebuilt when a pass changed the graph
+    # rebuilt when a pass changed the graph
+    if cached is not None and cached[0] == len(gm.graph.nodes):
         return cached[1:]
     prefill = _with_cache(gm)
     step = _with_cache(_without_prompt(gm)) if _prompts(gm) else prefill
@@ -56,11 +58,16 @@ def decode_graphs(gm: fx.GraphModule) -> tuple[fx.GraphModule, fx.GraphModule]:
 
 def _prompts(gm: fx.GraphModule) -> list[str]:
     """The active adapters that put tokens in front of the input (prompt tuning, P-tuning)."""
-    return [name for name in active_adapters(gm) if adapters(gm)[name].technique in ("prompt", "ptuning")]
+    return [
+        name
+        for name in active_adapters(gm)
+        if adapters(gm)[name].technique in ("prompt", "ptuning")
+    ]
 
 
 def _without_prompt(gm: fx.GraphModule) -> fx.GraphModule:
-    """`gm` without prompt tuning's rewrite: inputs not extended, embeddings not replaced, outputs not sliced."""
+    """`gm` without prompt tuning's rewrite: inputs not extended, embeddings not replaced, outputs
+    not sliced."""
     step = clone(gm)
     prompts = _prompts(gm)
     return set_active(step, [name for name in active_adapters(gm) if name not in prompts])
@@ -70,13 +77,19 @@ def _with_cache(gm: fx.GraphModule) -> fx.GraphModule:
     decode = fx.GraphModule(gm, _copy_graph(gm.graph))
     decode.meta.update(gm.meta)
     graph = decode.graph
-    sites = [attention_as_called(site.node) for site in attention_sites(decode)]  # a prefix's keys included
+    # a prefix's keys included
+    sites = [attention_as_called(site.node) for site in attention_sites(decode)]
     if not sites:
-        raise PassError("generate: the graph has no attention sites (scaled_dot_product_attention); capture the "
-                        "model with attn_implementation='sdpa'")
+        raise PassError(
+            "generate: the graph has no attention sites (scaled_dot_product_attention); capture "
+            "the model with attn_implementation='sdpa'"
+        )
     past, joined, layout = [], [], []
     for i in range(len(sites)):
-        past += [add_input(graph, f"past_{i}_{kind}", pass_name=_PASS, role="past") for kind in ("key", "value")]
+        past += [
+            add_input(graph, f"past_{i}_{kind}", pass_name=_PASS, role="past")
+            for kind in ("key", "value")
+        ]
     with graph.inserting_before(past[-1].next):
         length = _caller(graph, "")(aten.sym_size.int, past[0], 2, role="past_length")
     masks: dict[fx.Node, fx.Node] = {}
@@ -93,8 +106,15 @@ def _with_cache(gm: fx.GraphModule) -> fx.GraphModule:
     for source in position_ids(decode):
         with graph.inserting_after(source):
             shifted = graph.call_function(aten.add.Tensor, (source, length))
-        source.replace_all_uses_with(shifted, delete_user_cb=lambda user, new=shifted: user is not new)
-        tag(shifted, pass_name=_PASS, role="positions_shifted", path=source.meta.get("module_path", ""))
+        source.replace_all_uses_with(
+            shifted, delete_user_cb=lambda user, new=shifted: user is not new
+        )
+        tag(
+            shifted,
+            pass_name=_PASS,
+            role="positions_shifted",
+            path=source.meta.get("module_path", ""),
+        )
     _return_caches(graph, joined)
     graph.lint()
     decode.recompile()
@@ -110,14 +130,20 @@ def _copy_graph(graph: fx.Graph) -> fx.Graph:
 
 def _caller(graph: fx.Graph, path: str):
     def call(target, *args, role: str, **kwargs) -> fx.Node:
-        return tag(graph.call_function(target, tuple(args), kwargs), pass_name=_PASS, role=role, path=path)
+        return tag(
+            graph.call_function(target, tuple(args), kwargs), pass_name=_PASS, role=role, path=path
+        )
+
     return call
 
 
 def _with_past(kv: fx.Node, past: fx.Node, call, name: str) -> tuple[fx.Node, fx.Node]:
-    """(what SDPA reads, what the cache keeps): cat(past, kv); with a prefix, cat(prefix, cat(past, new)), the
-    prefix kept out of the cache (it is a parameter, joined again at every step)."""
-    if kv.meta.get("peftc", {}).get("pass") == "prefix" and kv.meta["peftc"]["role"] == f"{name}_with_prefix":
+    """(what SDPA reads, what the cache keeps): cat(past, kv); with a prefix, cat(prefix, cat(past,
+    new)), the prefix kept out of the cache (it is a parameter, joined again at every step)."""
+    if (
+        kv.meta.get("peftc", {}).get("pass") == "prefix"
+        and kv.meta["peftc"]["role"] == f"{name}_with_prefix"
+    ):
         prefix, new = kv.args[0]
         with kv.graph.inserting_before(kv):
             cached = call(aten.cat.default, [past, new], 2, role=f"{name}_with_past")
@@ -135,35 +161,49 @@ def _return_caches(graph: fx.Graph, caches: list[fx.Node]) -> None:
     leaves = output.args[0]
     codegen = graph._codegen
     if not isinstance(codegen, _PyTreeCodeGen) or not isinstance(leaves, (tuple, list)):
-        raise PassError("generate: this graph's outputs are not a captured pytree; capture the model with peftc.capture")
+        raise PassError(
+            "generate: this graph's outputs are not a captured pytree; capture the model with "
+            "peftc.capture"
+        )
     output.args = (type(leaves)([*leaves, *caches]),)
     cache_spec = pytree.tree_structure(tuple(range(len(caches))))
     spec = pytree.TreeSpec(tuple, None, [codegen.pytree_info.out_spec, cache_spec])
-    codegen.pytree_info = _PyTreeInfo(codegen.pytree_info.orig_args, codegen.pytree_info.in_spec, spec)
+    codegen.pytree_info = _PyTreeInfo(
+        codegen.pytree_info.orig_args, codegen.pytree_info.in_spec, spec
+    )
 
 
-def generate(gm: fx.GraphModule, input_ids: Tensor | Sequence[Sequence[int]], *, max_new_tokens: int = 20,
-             adapter_ids: Tensor | Sequence[str | None] | None = None, do_sample: bool = False,
-             temperature: float = 1.0, top_k: int | None = None, eos_token_id: int | None = None,
-             seed: int | None = None) -> list[list[int]]:
-    """Each prompt continued by up to `max_new_tokens` tokens (greedy, or sampled with `do_sample`): a list of
-    token lists (prompt excluded), stopping a row at `eos_token_id` (kept). Prompts may differ in length.
+def generate(
+    gm: fx.GraphModule,
+    input_ids: Tensor | Sequence[Sequence[int]],
+    *,
+    max_new_tokens: int = 20,
+    adapter_ids: Tensor | Sequence[str | None] | None = None,
+    do_sample: bool = False,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    eos_token_id: int | None = None,
+    seed: int | None = None,
+) -> list[list[int]]:
+    """Each prompt continued by up to `max_new_tokens` tokens (greedy, or sampled with `do_sample`):
+    a list of token lists (prompt excluded), stopping a row at `eos_token_id` (kept). Prompts may
+    differ in length.
 
-    `adapter_ids`: one per prompt for a `multi_lora` graph (ids, or names with None for the base)."""
+    `adapter_ids`: one per prompt for a `multi_lora` graph (ids, or names with None for the
+    base)."""
     if max_new_tokens < 1:
         raise OptionError(f"generate: max_new_tokens must be at least 1, got {max_new_tokens}")
     if do_sample and (temperature <= 0 or (top_k is not None and top_k < 1)):
         raise OptionError("generate: sampling needs temperature > 0 and top_k >= 1 (or None)")
-    prompts = [list(map(int, p)) for p in (input_ids.tolist() if isinstance(input_ids, Tensor) else input_ids)]
-    if not prompts or any(not p for p in prompts):
-        raise OptionError("generate: give at least one prompt, each at least one token long")
+    prompts = _token_lists(input_ids)
     served = "multi_lora" in peftc_meta(gm)
     ids = _adapter_ids(gm, adapter_ids, len(prompts), served)
     prefill, step = decode_graphs(gm)
     device = next((t.device for t in gm.parameters()), torch.device("cpu"))
     generator = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
+    sampling = _Sampling(max_new_tokens, do_sample, temperature, top_k, eos_token_id, generator)
     results: list[list[int]] = [[] for _ in prompts]
-    groups: dict[int, list[int]] = {}
+    groups: dict[int, list[int]] = {}  # rows by prompt length: each group decodes as one batch
     for row, prompt in enumerate(prompts):
         groups.setdefault(len(prompt), []).append(row)
     was_training = gm.training
@@ -173,45 +213,88 @@ def generate(gm: fx.GraphModule, input_ids: Tensor | Sequence[Sequence[int]], *,
             for rows in groups.values():
                 tokens = torch.tensor([prompts[r] for r in rows], device=device)
                 extra = {"adapter_ids": ids[rows]} if served else {}
-                for row, generated in zip(rows, _decode(prefill, step, tokens, extra, max_new_tokens, do_sample,
-                                                        temperature, top_k, eos_token_id, generator)):
-                    results[row] = generated
+                generated = _decode(prefill, step, tokens, extra, sampling)
+                for row, continuation in zip(rows, generated, strict=True):
+                    results[row] = continuation
     finally:
         prefill.train(was_training), step.train(was_training)
     return results
 
 
+def _token_lists(input_ids: Tensor | Sequence[Sequence[int]]) -> list[list[int]]:
+    prompts = [
+        list(map(int, p))
+        for p in (input_ids.tolist() if isinstance(input_ids, Tensor) else input_ids)
+    ]
+    if not prompts or any(not p for p in prompts):
+        raise OptionError("generate: give at least one prompt, each at least one token long")
+    return prompts
+
+
+class _Sampling(NamedTuple):
+    """How each next token is picked, and when a row stops."""
+
+    max_new_tokens: int
+    do_sample: bool
+    temperature: float
+    top_k: int | None
+    eos: int | None
+    generator: torch.Generator | None
+
+
 def _adapter_ids(gm: fx.GraphModule, given: Any, rows: int, served: bool) -> Tensor | None:
     if not served:
         if given is not None:
-            raise OptionError("generate: adapter_ids needs a graph serving stacked adapters; apply 'multi_lora' first")
+            raise OptionError(
+                "generate: adapter_ids needs a graph serving stacked adapters; apply 'multi_lora' "
+                "first"
+            )
         return None
     if given is None:
-        raise OptionError("generate: this graph serves stacked adapters; pass adapter_ids (one per prompt, None for "
-                          "the base)")
+        raise OptionError(
+            "generate: this graph serves stacked adapters; pass adapter_ids (one per prompt, None "
+            "for the base)"
+        )
     if not isinstance(given, Tensor):
         from peftc.passes.multi_lora import adapter_ids
 
         given = adapter_ids(gm, list(given))
     if given.numel() != rows:
-        raise OptionError(f"generate: {given.numel()} adapter ids for {rows} prompts; give one per prompt")
+        raise OptionError(
+            f"generate: {given.numel()} adapter ids for {rows} prompts; give one per prompt"
+        )
     return given.reshape(-1)
 
 
-def _decode(prefill: fx.GraphModule, step_graph: fx.GraphModule, tokens: Tensor, extra: dict, max_new_tokens: int,
-            do_sample: bool, temperature: float, top_k: int | None, eos: int | None, generator) -> list[list[int]]:
+def _decode(
+    prefill: fx.GraphModule,
+    step_graph: fx.GraphModule,
+    tokens: Tensor,
+    extra: dict,
+    sampling: _Sampling,
+) -> list[list[int]]:
     batch = tokens.shape[0]
-    caches = [tokens.new_zeros((batch, heads, 0, dim), dtype=dtype) for heads, dim, dtype in
-              prefill.meta["peftc_cache_layout"] for _ in ("key", "value")]
+    caches = [
+        tokens.new_zeros((batch, heads, 0, dim), dtype=dtype)
+        for heads, dim, dtype in prefill.meta["peftc_cache_layout"]
+        for _ in ("key", "value")
+    ]
     decode = prefill
     out: list[list[int]] = [[] for _ in range(batch)]
     done = torch.zeros(batch, dtype=torch.bool, device=tokens.device)
     step = tokens
-    for _ in range(max_new_tokens):
-        output, caches = decode(step, attention_mask=torch.ones_like(step), **extra,
-                                **{f"past_{i // 2}_{'key' if i % 2 == 0 else 'value'}": c for i, c in enumerate(caches)})
+    eos = sampling.eos
+    for _ in range(sampling.max_new_tokens):
+        output, caches = decode(
+            step,
+            attention_mask=torch.ones_like(step),
+            **extra,
+            **{
+                f"past_{i // 2}_{'key' if i % 2 == 0 else 'value'}": c for i, c in enumerate(caches)
+            },
+        )
         logits = (output.logits if hasattr(output, "logits") else output[0])[:, -1].float()
-        chosen = _choose(logits, do_sample, temperature, top_k, generator)
+        chosen = _choose(logits, sampling)
         if eos is not None:
             chosen = torch.where(done, torch.full_like(chosen, eos), chosen)
         for row, token in enumerate(chosen.tolist()):
@@ -225,11 +308,11 @@ def _decode(prefill: fx.GraphModule, step_graph: fx.GraphModule, tokens: Tensor,
     return out
 
 
-def _choose(logits: Tensor, do_sample: bool, temperature: float, top_k: int | None, generator) -> Tensor:
-    if not do_sample:
+def _choose(logits: Tensor, sampling: _Sampling) -> Tensor:
+    if not sampling.do_sample:
         return logits.argmax(-1)
-    logits = logits / temperature
-    if top_k is not None:
-        kth = logits.topk(min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]
+    logits = logits / sampling.temperature
+    if sampling.top_k is not None:
+        kth = logits.topk(min(sampling.top_k, logits.shape[-1]), dim=-1).values[:, -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
-    return torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(-1)
+    return torch.multinomial(logits.softmax(-1), 1, generator=sampling.generator).squeeze(-1)

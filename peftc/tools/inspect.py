@@ -9,9 +9,9 @@ import networkx as nx
 import torch
 from torch import fx
 
-from peftc.tools.drawing import save_graph, to_dot
 from peftc.ir.graph import input_dim_names, module_path, module_type, peftc_meta, shape_text
 from peftc.ir.targets import compile_pattern, select
+from peftc.tools.drawing import save_graph, to_dot
 
 __all__ = ["show", "summary", "Summary", "diff", "GraphDiff", "to_networkx", "to_dot", "save_graph"]
 
@@ -19,8 +19,13 @@ __all__ = ["show", "summary", "Summary", "diff", "GraphDiff", "to_networkx", "to
 def show(gm: fx.GraphModule, targets: str | None = None, *, max_rows: int | None = None) -> str:
     """A table of the graph's nodes (optionally only those under module paths matching
     `targets`), followed by the parameter summary and the passes that ran."""
-    if targets:  # a pattern that matches no module path is an error naming near paths, as everywhere
-        select(targets, sorted({module_path(n) for n in gm.graph.nodes if module_path(n)}), what="module")
+    # a pattern that matches no module path is an error naming near paths, as everywhere
+    if targets:
+        select(
+            targets,
+            sorted({module_path(n) for n in gm.graph.nodes if module_path(n)}),
+            what="module",
+        )
     matches = compile_pattern(targets) if targets else None
     rows = [("node", "op", "target", "module", "shape", "peftc")]
     dims = input_dim_names(gm)
@@ -28,11 +33,22 @@ def show(gm: fx.GraphModule, targets: str | None = None, *, max_rows: int | None
         if matches and not matches(module_path(n)):
             continue
         tag = n.meta.get("peftc")
-        rows.append((n.name, n.op, _target_name(n), module_path(n), _shape(n, dims), f"{tag['pass']}:{tag['role']}" if tag else ""))
+        rows.append(
+            (
+                n.name,
+                n.op,
+                _target_name(n),
+                module_path(n),
+                _shape(n, dims),
+                f"{tag['pass']}:{tag['role']}" if tag else "",
+            )
+        )
     shown = rows if max_rows is None else rows[: max_rows + 1]
     widths = [min(max(len(r[i]) for r in shown), 48) for i in range(len(rows[0]))]
     lines = [_header(gm, len(gm.graph.nodes))]
-    lines += ["  ".join(c[:w].ljust(w) for c, w in zip(r, widths)).rstrip() for r in shown]
+    lines += [
+        "  ".join(c[:w].ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in shown
+    ]
     if len(shown) < len(rows):
         lines.append(f"... {len(rows) - len(shown)} more nodes")
     lines += ["", str(summary(gm))]
@@ -76,14 +92,16 @@ class Summary:
     def __str__(self) -> str:
         dtypes = ", ".join(f"{k}: {v:,}" for k, v in self.by_dtype.items())
         text = (
-            f"parameters: {self.total:,} total, {self.trainable:,} trainable ({100 * self.trainable_fraction:.3f} %), "
-            f"{self.frozen:,} frozen\n"
-            f"storage: {_bytes(self.parameter_bytes)} parameters + {_bytes(self.buffer_bytes)} buffers, "
+            f"parameters: {self.total:,} total, {self.trainable:,} trainable "
+            f"({100 * self.trainable_fraction:.3f} %), {self.frozen:,} frozen\nstorage: "
+            f"{_bytes(self.parameter_bytes)} parameters + {_bytes(self.buffer_bytes)} buffers, "
             f"{self.bits_per_weight:.2f} bits per weight ({dtypes})"
         )
         if self.quantized_weights:
-            text += (f"\nquantized: {self.quantized_weights:,} weights in {_bytes(self.quantized_bytes)}, "
-                     f"{self.quantized_bits_per_weight:.3f} bits each")
+            text += (
+                f"\nquantized: {self.quantized_weights:,} weights in "
+                f"{_bytes(self.quantized_bytes)}, {self.quantized_bits_per_weight:.3f} bits each"
+            )
         return text
 
 
@@ -94,7 +112,9 @@ def summary(gm: torch.nn.Module) -> Summary:
         by_dtype[str(p.dtype).removeprefix("torch.")] += p.numel()
     quantized = peftc_meta(gm).get("quantized", {}) if isinstance(gm, fx.GraphModule) else {}
     prefixes = tuple(f"{path}.weight_" if path else "weight_" for path in quantized)
-    quantized_bytes = sum(b.numel() * b.element_size() for name, b in gm.named_buffers() if name.startswith(prefixes))
+    quantized_bytes = sum(
+        b.numel() * b.element_size() for name, b in gm.named_buffers() if name.startswith(prefixes)
+    )
     return Summary(
         total=sum(p.numel() for p in params),
         trainable=sum(p.numel() for p in params if p.requires_grad),
@@ -123,8 +143,16 @@ class GraphDiff:
 
     @property
     def changed(self) -> bool:
-        return any((self.nodes_added, self.nodes_removed, self.params_added, self.params_removed, self.now_frozen,
-                    self.now_trainable))
+        return any(
+            (
+                self.nodes_added,
+                self.nodes_removed,
+                self.params_added,
+                self.params_removed,
+                self.now_frozen,
+                self.now_trainable,
+            )
+        )
 
     def __str__(self) -> str:
         if not self.changed:
@@ -144,8 +172,10 @@ class GraphDiff:
             listed("modules touched", self.modules),
         ]
         lines = [p for p in parts if "(0)" not in p]
-        lines.append(f"trainable parameters: {self.before.trainable:,} -> {self.after.trainable:,}; "
-                     f"storage: {_bytes(self.before.bytes)} -> {_bytes(self.after.bytes)}")
+        lines.append(
+            f"trainable parameters: {self.before.trainable:,} -> {self.after.trainable:,}; "
+            f"storage: {_bytes(self.before.bytes)} -> {_bytes(self.after.bytes)}"
+        )
         return "\n".join(lines)
 
 
@@ -163,8 +193,12 @@ def diff(before: fx.GraphModule, after: fx.GraphModule) -> GraphDiff:
         nodes_removed=removed,
         params_added=tuple(k for k in new_params if k not in old_params),
         params_removed=tuple(k for k in old_params if k not in new_params),
-        now_frozen=tuple(k for k in common if old_params[k].requires_grad and not new_params[k].requires_grad),
-        now_trainable=tuple(k for k in common if new_params[k].requires_grad and not old_params[k].requires_grad),
+        now_frozen=tuple(
+            k for k in common if old_params[k].requires_grad and not new_params[k].requires_grad
+        ),
+        now_trainable=tuple(
+            k for k in common if new_params[k].requires_grad and not old_params[k].requires_grad
+        ),
         modules=tuple(sorted(m for m in modules if m)),
         before=summary(before),
         after=summary(after),
@@ -177,8 +211,15 @@ def to_networkx(gm: fx.GraphModule) -> nx.DiGraph:
     `shape` and `peftc` (the tag of inserted nodes)."""
     g = nx.DiGraph()
     for n in gm.graph.nodes:
-        g.add_node(n.name, op=n.op, target=_target_name(n), module_path=module_path(n), module_type=module_type(n),
-                   shape=_shape(n), peftc=n.meta.get("peftc"))
+        g.add_node(
+            n.name,
+            op=n.op,
+            target=_target_name(n),
+            module_path=module_path(n),
+            module_type=module_type(n),
+            shape=_shape(n),
+            peftc=n.meta.get("peftc"),
+        )
         for inp in n.all_input_nodes:
             g.add_edge(inp.name, n.name)
     return g

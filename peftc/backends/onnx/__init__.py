@@ -12,5 +12,12 @@ See docs/architecture.md (backends) for the lowering of each peftc op.
 from .exporter import TRANSLATIONS, OnnxExport, export, linear_weight_bytes
 from .serving import AdapterSession, ServedAdapters, export_adapters
 
-__all__ = ["export", "OnnxExport", "export_adapters", "ServedAdapters", "AdapterSession", "TRANSLATIONS",
-           "linear_weight_bytes"]
+__all__ = [
+    "export",
+    "OnnxExport",
+    "export_adapters",
+    "ServedAdapters",
+    "AdapterSession",
+    "TRANSLATIONS",
+    "linear_weight_bytes",
+]

@@ -32,27 +32,48 @@ _FLOATS = ["tensor(float)", "tensor(float16)", "tensor(bfloat16)"]
 
 
 def register_schemas() -> None:
-    _register(OpSchema(
-        "MatMulBnb4", "com.microsoft", 1,
-        doc="Y = A @ dequantize_bnb4(B).T; B: bitsandbytes' packed 4-bit codes of the [N, K] weight.",
-        inputs=[_param("A", "T1"), _param("B", "T2"), _param("absmax", "T1")],
-        outputs=[_param("Y", "T1")],
-        type_constraints=[("T1", _FLOATS, ""), ("T2", ["tensor(uint8)"], "")],
-        attributes=[_attr(name) for name in ("K", "N", "block_size", "quant_type")],
-    ))
+    _register(
+        OpSchema(
+            "MatMulBnb4",
+            "com.microsoft",
+            1,
+            doc="Y = A @ dequantize_bnb4(B).T; B: bitsandbytes' packed 4-bit codes of the [N, K] "
+            "weight.",
+            inputs=[_param("A", "T1"), _param("B", "T2"), _param("absmax", "T1")],
+            outputs=[_param("Y", "T1")],
+            type_constraints=[("T1", _FLOATS, ""), ("T2", ["tensor(uint8)"], "")],
+            attributes=[_attr(name) for name in ("K", "N", "block_size", "quant_type")],
+        )
+    )
     optional = OpSchema.FormalParameterOption.Optional
-    _register(OpSchema(
-        "MatMulNBits", "com.microsoft", 1,
-        doc="Y = A @ dequantize(B).T + bias; B: [N, K/block_size, block_size*bits/8] blockwise codes.",
-        inputs=[_param("A", "T1"), _param("B", "T2"), _param("scales", "T1"),
-                _param("zero_points", "T3", optional), _param("g_idx", "T4", optional),
-                _param("bias", "T1", optional)],
-        outputs=[_param("Y", "T1")],
-        type_constraints=[("T1", _FLOATS, ""), ("T2", ["tensor(uint8)", "tensor(int32)"], ""),
-                          ("T3", ["tensor(uint8)", "tensor(int32)", *_FLOATS], ""), ("T4", ["tensor(int32)"], "")],
-        attributes=[*(_attr(name) for name in ("K", "N", "bits", "block_size")),
-                    _attr("accuracy_level", required=False)],
-    ))
+    _register(
+        OpSchema(
+            "MatMulNBits",
+            "com.microsoft",
+            1,
+            doc="Y = A @ dequantize(B).T + bias; B: [N, K/block_size, block_size*bits/8] blockwise "
+            "codes.",
+            inputs=[
+                _param("A", "T1"),
+                _param("B", "T2"),
+                _param("scales", "T1"),
+                _param("zero_points", "T3", optional),
+                _param("g_idx", "T4", optional),
+                _param("bias", "T1", optional),
+            ],
+            outputs=[_param("Y", "T1")],
+            type_constraints=[
+                ("T1", _FLOATS, ""),
+                ("T2", ["tensor(uint8)", "tensor(int32)"], ""),
+                ("T3", ["tensor(uint8)", "tensor(int32)", *_FLOATS], ""),
+                ("T4", ["tensor(int32)"], ""),
+            ],
+            attributes=[
+                *(_attr(name) for name in ("K", "N", "bits", "block_size")),
+                _attr("accuracy_level", required=False),
+            ],
+        )
+    )
 
 
 def _register(schema: OpSchema) -> None:
@@ -60,7 +81,9 @@ def _register(schema: OpSchema) -> None:
         onnx.defs.register_schema(schema)
 
 
-def _param(name: str, type_str: str, option=OpSchema.FormalParameterOption.Single) -> OpSchema.FormalParameter:
+def _param(
+    name: str, type_str: str, option=OpSchema.FormalParameterOption.Single
+) -> OpSchema.FormalParameter:
     return OpSchema.FormalParameter(name, type_str, param_option=option)
 
 
@@ -68,47 +91,81 @@ def _attr(name: str, required: bool = True) -> OpSchema.Attribute:
     return OpSchema.Attribute(name, OpSchema.AttrType.INT, "", required=required)
 
 
-def nf4_linear_to_matmulbnb4(x, packed, absmax, absmax_scale, offset, bias, out_features: int, in_features: int,
-                             blocksize: int):
+def nf4_linear_to_matmulbnb4(
+    x,
+    packed,
+    absmax,
+    absmax_scale,
+    offset,
+    bias,
+    out_features: int,
+    in_features: int,
+    blocksize: int,
+):
     """Translation of `peftc::nf4_linear` for `torch.onnx.export(custom_translation_table=...)`;
     the export lowering has decoded `absmax` to the input's dtype and flattened `packed` already."""
     msft = onnxscript.values.Opset("com.microsoft", 1)
-    y = msft.MatMulBnb4(x, packed, absmax, K=in_features, N=out_features, block_size=blocksize, quant_type=NF4)
+    y = msft.MatMulBnb4(
+        x, packed, absmax, K=in_features, N=out_features, block_size=blocksize, quant_type=NF4
+    )
     return y if bias is None else op.Add(y, bias)
 
 
-def requantize_int4(model: onnx.ModelProto, weight_names: set[str], block_size: int) -> tuple[onnx.ModelProto, float]:
+def requantize_int4(
+    model: onnx.ModelProto, weight_names: set[str], block_size: int
+) -> tuple[onnx.ModelProto, float]:
     """Replace each MatMul whose weight input is one of `weight_names` ([K, N] initializers) by
     ONNX Runtime's MatMulNBits (4 bits, asymmetric, float activations: accuracy_level 0).
 
     Returns the model and the error requantization adds: ||W_int4 - W|| / ||W|| over all weights."""
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
-    nodes = [n.name for n in model.graph.node if n.op_type == "MatMul" and n.input[1] in weight_names]
+    nodes = [
+        n.name for n in model.graph.node if n.op_type == "MatMul" and n.input[1] in weight_names
+    ]
     if len(nodes) != len(weight_names):
         raise RuntimeError(f"found {len(nodes)} MatMul nodes for {len(weight_names)} NF4 weights")
-    sources = {i.name: onnx.numpy_helper.to_array(i) for i in model.graph.initializer if i.name in weight_names}
-    quantizer = MatMulNBitsQuantizer(model, bits=4, block_size=block_size, is_symmetric=False, accuracy_level=0,
-                                     nodes_to_include=nodes)
+    sources = {
+        i.name: onnx.numpy_helper.to_array(i)
+        for i in model.graph.initializer
+        if i.name in weight_names
+    }
+    quantizer = MatMulNBitsQuantizer(
+        model,
+        bits=4,
+        block_size=block_size,
+        is_symmetric=False,
+        accuracy_level=0,
+        nodes_to_include=nodes,
+    )
     with quiet():
         quantizer.process()
     model = quantizer.model.model
     inits = {i.name: i for i in model.graph.initializer}
     error = total = 0.0
     for name, weight in sources.items():
-        arrays = [onnx.numpy_helper.to_array(inits[f"{name}{suffix}"]) for suffix in ("_Q4", "_scales", "_zero_points")]
+        arrays = [
+            onnx.numpy_helper.to_array(inits[f"{name}{suffix}"])
+            for suffix in ("_Q4", "_scales", "_zero_points")
+        ]
         deviation = dequantize_int4(*arrays, k=weight.shape[0]) - weight.T
         error += float((deviation.astype(np.float64) ** 2).sum())
         total += float((weight.astype(np.float64) ** 2).sum())
     return model, (error / total) ** 0.5 if total else 0.0
 
 
-def dequantize_int4(packed: np.ndarray, scales: np.ndarray, zero_points: np.ndarray, k: int) -> np.ndarray:
+def dequantize_int4(
+    packed: np.ndarray, scales: np.ndarray, zero_points: np.ndarray, k: int
+) -> np.ndarray:
     """MatMulNBits' weight, [N, K]: `(code - zero_point) * scale` per block along K; the even index
     of each pair (codes along K, zero points along blocks) is in the low nibble."""
     n, blocks, _ = packed.shape
-    codes = np.stack([packed & 0x0F, packed >> 4], axis=-1).reshape(n, blocks, -1).astype(np.float32)
-    zero = np.stack([zero_points & 0x0F, zero_points >> 4], axis=-1).reshape(n, -1)[:, :blocks, None]
+    codes = (
+        np.stack([packed & 0x0F, packed >> 4], axis=-1).reshape(n, blocks, -1).astype(np.float32)
+    )
+    zero = np.stack([zero_points & 0x0F, zero_points >> 4], axis=-1).reshape(n, -1)[
+        :, :blocks, None
+    ]
     weight = (codes - zero) * scales.reshape(n, blocks, 1)
     return weight.reshape(n, -1)[:, :k]
 
@@ -116,7 +173,9 @@ def dequantize_int4(packed: np.ndarray, scales: np.ndarray, zero_points: np.ndar
 @contextlib.contextmanager
 def quiet():
     """torch.onnx prints progress lines and logs that torchvision is missing; keep output clean."""
-    loggers = [logging.getLogger(name) for name in ("torch.onnx", "onnx_ir", "onnxscript", "onnxruntime")]
+    loggers = [
+        logging.getLogger(name) for name in ("torch.onnx", "onnx_ir", "onnxscript", "onnxruntime")
+    ]
     levels = [logger.level for logger in loggers]
     for logger in loggers:
         logger.setLevel(logging.ERROR)
@@ -125,5 +184,5 @@ def quiet():
             warnings.simplefilter("ignore")
             yield
     finally:
-        for logger, level in zip(loggers, levels):
+        for logger, level in zip(loggers, levels, strict=True):
             logger.setLevel(level)

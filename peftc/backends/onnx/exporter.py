@@ -28,16 +28,29 @@ import torch.utils._pytree as pytree
 from torch import fx
 
 from peftc._io import atomic_write
-from peftc.technique.adapters import adapters
-from peftc.ir.capture import export_program
+from peftc.backends.onnx.contrib import (
+    nf4_linear_to_matmulbnb4,
+    quiet,
+    register_schemas,
+    requantize_int4,
+)
 from peftc.errors import CaptureError, ExportError
-from peftc.ir.graph import clone, dim_names, get_attr_path, get_tensor, peftc_meta, qualify, set_tensor
-from peftc.quant.nf4 import NF4Weight, dequantize_absmax, dequantize_nf4
-
-from .contrib import nf4_linear_to_matmulbnb4, quiet, register_schemas, requantize_int4
+from peftc.ir.capture import export_program
+from peftc.ir.graph import (
+    clone,
+    dim_names,
+    get_attr_path,
+    peftc_meta,
+    qualify,
+    set_tensor,
+)
+from peftc.quant.format import nf4_state
+from peftc.quant.nf4 import dequantize_absmax, dequantize_nf4
+from peftc.technique.adapters import adapters
 
 __all__ = ["export", "OnnxExport", "onnx_model", "linear_weight_bytes"]
 
+aten = torch.ops.aten
 NF4_LINEAR = torch.ops.peftc.nf4_linear.default
 TRANSLATIONS = {NF4_LINEAR: nf4_linear_to_matmulbnb4}
 _DTYPES = {"float32": torch.float32, "float16": torch.float16}
@@ -60,11 +73,16 @@ class OnnxExport:
     notes: list[str] = field(default_factory=list)
 
     def __str__(self) -> str:
-        lines = [f"wrote {self.path} ({self.bytes / 2**20:.2f} MiB, {self.dtype}, {self.seconds:.1f} s)",
-                 f"  inputs:  {', '.join(self.inputs)}", f"  outputs: {', '.join(self.outputs)}"]
+        lines = [
+            f"wrote {self.path} ({self.bytes / 2**20:.2f} MiB, {self.dtype}, {self.seconds:.1f} s)",
+            f"  inputs:  {', '.join(self.inputs)}",
+            f"  outputs: {', '.join(self.outputs)}",
+        ]
         if self.quantized_weights:
-            lines.append(f"  {self.quant} weights: {self.quantized_weights:,} at "
-                         f"{self.quantized_bits_per_weight:.3f} bits each")
+            lines.append(
+                f"  {self.quant} weights: {self.quantized_weights:,} at "
+                f"{self.quantized_bits_per_weight:.3f} bits each"
+            )
         return "\n".join(lines + [f"  {note}" for note in self.notes])
 
 
@@ -83,13 +101,14 @@ def export(
     """Export `gm` (called as `gm(*args, **kwargs)`; default: its example inputs) to `path`.
 
     dynamic: batch and sequence axes (dims 0 and 1 of each input) stay symbolic.
-    dtype: "float32", or "float16" (ONNX Runtime's float16 converter; inputs and outputs stay float32).
-    quant: how NF4 weights are written: "nf4" (MatMulBnb4, the file keeps peftc's bytes) or
+    dtype: "float32", or "float16" (ONNX Runtime's float16 converter; inputs and outputs stay
+    float32). quant: how NF4 weights are written: "nf4" (MatMulBnb4, the file keeps peftc's bytes)
+    or
         "int4" (requantized to MatMulNBits with `int4_block_size`; adds error, see `notes`).
     merged: require that no unmerged adapter branch is left (a deployment check).
     """
     start = time.perf_counter()
-    path = _writable(path)
+    path = writable_path(path)
     if dtype not in _DTYPES:
         raise ExportError(f"dtype must be one of {', '.join(_DTYPES)}, got {dtype!r}")
     if quant not in _QUANT:
@@ -98,15 +117,25 @@ def export(
     notes = []
     if int4_weights:
         model, error = requantize_int4(model, int4_weights, int4_block_size)
-        notes.append(f"{len(int4_weights)} NF4 weights requantized to int4 (MatMulNBits, blocks of {int4_block_size}): "
-                     f"adds a relative weight error ||W_int4 - W_nf4|| / ||W_nf4|| = {error:.4f}")
+        notes.append(
+            f"{len(int4_weights)} NF4 weights requantized to int4 (MatMulNBits, blocks of "
+            f"{int4_block_size}): adds a relative weight error ||W_int4 - W_nf4|| / ||W_nf4|| = "
+            f"{error:.4f}"
+        )
     model = finish(model, dtype)
-    return write(model, path, dtype=dtype, quant=quant, seconds=time.perf_counter() - start, notes=notes)
+    return write(
+        model, path, dtype=dtype, quant=quant, seconds=time.perf_counter() - start, notes=notes
+    )
 
 
 def onnx_model(
-    gm: fx.GraphModule, args: tuple | None = None, kwargs: dict[str, Any] | None = None, *,
-    dynamic: bool = True, merged: bool = False, quant: str = "nf4",
+    gm: fx.GraphModule,
+    args: tuple | None = None,
+    kwargs: dict[str, Any] | None = None,
+    *,
+    dynamic: bool = True,
+    merged: bool = False,
+    quant: str = "nf4",
 ) -> tuple[onnx.ModelProto, set[str]]:
     """The unoptimized float32 ONNX model of `gm`, and the names of the dense weights that stand in
     for NF4 weights when `quant="int4"` ([K, N] initializers, to requantize)."""
@@ -119,14 +148,17 @@ def onnx_model(
     try:
         program = export_program(lowered, inputs, dynamic=dynamic)
     except CaptureError as e:
-        raise ExportError(f"could not export the graph again before translating it to ONNX: {e}") from e
+        raise ExportError(
+            f"could not export the graph again before translating it to ONNX: {e}"
+        ) from e
     try:
         with quiet():
-            onnx_program = torch.onnx.export(program, dynamo=True, optimize=False,
-                                             custom_translation_table=TRANSLATIONS)
+            onnx_program = torch.onnx.export(
+                program, dynamo=True, optimize=False, custom_translation_table=TRANSLATIONS
+            )
     except Exception as e:
         raise ExportError(_conversion_message(gm, e)) from e
-    for value, name in zip(onnx_program.model.graph.outputs, _output_names(program)):
+    for value, name in zip(onnx_program.model.graph.outputs, _output_names(program), strict=True):
         value.name = name
     model = onnx_program.model_proto
     _name_dims(model, [str(n.target) for n in gm.graph.nodes if n.op == "placeholder"])
@@ -134,10 +166,15 @@ def onnx_model(
 
 
 def _name_dims(model: onnx.ModelProto, user_inputs: list[str]) -> None:
-    """Export's symbols (`s72`, `s43`) renamed by `dim_names`, for people and for ONNX Runtime (one batch dim)."""
+    """Export's symbols (`s72`, `s43`) renamed by `dim_names`, for people and for ONNX Runtime (one
+    batch dim)."""
     inputs = [i for i in model.graph.input if i.name in user_inputs]
-    renamed = dim_names([(i.name, [d.dim_param or str(d.dim_value) for d in i.type.tensor_type.shape.dim])
-                         for i in inputs])
+    renamed = dim_names(
+        [
+            (i.name, [d.dim_param or str(d.dim_value) for d in i.type.tensor_type.shape.dim])
+            for i in inputs
+        ]
+    )
     for value in [*model.graph.input, *model.graph.output, *model.graph.value_info]:
         for dim in value.type.tensor_type.shape.dim:
             if dim.dim_param in renamed:
@@ -145,12 +182,15 @@ def _name_dims(model: onnx.ModelProto, user_inputs: list[str]) -> None:
 
 
 def _output_names(program: torch.export.ExportedProgram) -> list[str]:
-    """Names from the model's output structure: `logits` for a ModelOutput, `output_0`, ... for tuples."""
+    """Names from the model's output structure: `logits` for a ModelOutput, `output_0`, ... for
+    tuples."""
     spec = program.call_spec.out_spec
     tree = pytree.tree_unflatten(list(range(spec.num_leaves)), spec)
     names = []
     for path, _ in pytree.tree_flatten_with_path(tree)[0]:
-        parts = [str(getattr(key, "key", getattr(key, "idx", getattr(key, "name", key)))) for key in path]
+        parts = [
+            str(getattr(key, "key", getattr(key, "idx", getattr(key, "name", key)))) for key in path
+        ]
         names.append("_".join(parts) if parts else "output")
     return [name if name[0].isalpha() else f"output_{name}" for name in names]
 
@@ -176,16 +216,24 @@ def write(model: onnx.ModelProto, path: Path, **info: Any) -> OnnxExport:
     try:
         data = model.SerializeToString()
     except ValueError as e:  # protobuf's 2 GiB limit
-        raise ExportError(f"the ONNX model is too large for one protobuf file ({e}); export a smaller model, "
-                          f"or quantize it first (nf4) so its weights fit in 2 GiB") from e
+        raise ExportError(
+            f"the ONNX model is too large for one protobuf file ({e}); export a smaller model, or "
+            "quantize it first (nf4) so its weights fit in 2 GiB"
+        ) from e
     atomic_write(path, data)
     bits, count = _quantized_bits(model)
-    return OnnxExport(path, [i.name for i in model.graph.input if not _is_initializer(model, i.name)],
-                      [o.name for o in model.graph.output], len(data), quantized_weights=count,
-                      quantized_bits_per_weight=bits, **info)
+    return OnnxExport(
+        path,
+        [i.name for i in model.graph.input if not _is_initializer(model, i.name)],
+        [o.name for o in model.graph.output],
+        len(data),
+        quantized_weights=count,
+        quantized_bits_per_weight=bits,
+        **info,
+    )
 
 
-def _writable(path: str | os.PathLike[str]) -> Path:
+def writable_path(path: str | os.PathLike[str]) -> Path:
     path = Path(path)
     if path.is_dir():
         raise ExportError(f"{path} is a folder; give a file path such as {path / 'model.onnx'}")
@@ -193,7 +241,9 @@ def _writable(path: str | os.PathLike[str]) -> Path:
     with contextlib.suppress(OSError):
         folder.mkdir(parents=True, exist_ok=True)
     if not folder.is_dir() or not os.access(folder, os.W_OK | os.X_OK):
-        raise ExportError(f"cannot write {path}: {folder} is not a writable folder; choose another path")
+        raise ExportError(
+            f"cannot write {path}: {folder} is not a writable folder; choose another path"
+        )
     return path
 
 
@@ -206,14 +256,16 @@ def _positional(gm: fx.GraphModule, args: tuple | None, kwargs: dict[str, Any] |
         return tuple(example.values())
     args = (args,) if isinstance(args, torch.Tensor) else tuple(args or ())
     kwargs = dict(kwargs or {})
-    unknown = set(kwargs) - set(names[len(args):])
+    unknown = set(kwargs) - set(names[len(args) :])
     if len(args) > len(names) or unknown:
-        raise ExportError(f"the graph takes ({', '.join(names)}); got {len(args)} positional inputs and "
-                          f"keyword inputs {sorted(kwargs)}")
-    missing = [n for n in names[len(args):] if n not in kwargs]
+        raise ExportError(
+            f"the graph takes ({', '.join(names)}); got {len(args)} positional inputs and keyword "
+            f"inputs {sorted(kwargs)}"
+        )
+    missing = [n for n in names[len(args) :] if n not in kwargs]
     if missing:
         raise ExportError(f"missing inputs {missing}: the graph takes ({', '.join(names)})")
-    return args + tuple(kwargs[n] for n in names[len(args):])
+    return args + tuple(kwargs[n] for n in names[len(args) :])
 
 
 def _check_translatable(gm: fx.GraphModule) -> None:
@@ -226,26 +278,39 @@ def _check_translatable(gm: fx.GraphModule) -> None:
             continue
         where = node.meta.get("module_path") or "the top-level module"
         inserted_by = node.meta.get("peftc", {}).get("pass")
-        hint = (f"it belongs to a {inserted_by} branch: merge it first (on NF4 weights: merge(dtype=\"float16\")), or "
-                if inserted_by else "")
+        hint = (
+            f"it belongs to a {inserted_by} branch: merge it first (on NF4 weights: "
+            'merge(dtype="float16")), or '
+            if inserted_by
+            else ""
+        )
         raise ExportError(
-            f"node {node.name!r} ({target}) in {where} has no ONNX translation; {hint}register one in "
-            f"peftc.backends.onnx.TRANSLATIONS (an onnxscript function taking the op's arguments), "
-            f"or rewrite the node into aten ops before exporting"
+            f"node {node.name!r} ({target}) in {where} has no ONNX translation; {hint}register one "
+            "in peftc.backends.onnx.TRANSLATIONS (an onnxscript function taking the op's "
+            "arguments), or rewrite the node into aten ops before exporting"
         )
 
 
 def _check_merged(gm: fx.GraphModule) -> None:
     record = adapters(gm)
-    in_graph = {n.meta["peftc"]["adapter"] for n in gm.graph.nodes if n.meta.get("peftc", {}).get("adapter")}
-    unmerged = sorted(name for name in in_graph | {name for name, r in record.items() if r.active and not r.merged}
-                      if name not in record or record[name].method().mergeable)  # bottleneck blocks are the model now
+    in_graph = {
+        n.meta["peftc"]["adapter"] for n in gm.graph.nodes if n.meta.get("peftc", {}).get("adapter")
+    }
+    # bottleneck blocks are the model now
+    unmerged = sorted(
+        name
+        for name in in_graph | {name for name, r in record.items() if r.active and not r.merged}
+        if name not in record or record[name].method().mergeable
+    )
     if unmerged:
-        kinds = ", ".join(f"{name!r} ({record[name].technique if name in record else 'tagged nodes'})" for name in unmerged)
+        kinds = ", ".join(
+            f"{name!r} ({record[name].technique if name in record else 'tagged nodes'})"
+            for name in unmerged
+        )
         raise ExportError(
             f"merged=True, but the graph still computes the branches of adapter(s) {kinds}. "
-            f"Merge first (pipeline \"..., merge\"), or export without merged=True (on the command line: without "
-            f"--merged) to keep them as separate ops"
+            'Merge first (pipeline "..., merge"), or export without merged=True (on the command '
+            "line: without --merged) to keep them as separate ops"
         )
 
 
@@ -259,28 +324,27 @@ def _lower(gm: fx.GraphModule, quant: str) -> tuple[fx.GraphModule, set[str]]:
     graph = lowered.graph
     int4_weights = set()
     for node in [n for n in graph.nodes if n.op == "call_function" and n.target is NF4_LINEAR]:
-        x, packed, absmax, scale, offset, bias, out_features, in_features, blocksize = node.args
+        x, packed, _, _, _, bias, out_features, in_features, blocksize = node.args
         path = node.meta.get("module_path") or get_attr_path(packed).rpartition(".")[0]
-        read = lambda n: None if n is None else get_tensor(lowered, get_attr_path(n))  # noqa: E731
-        state = NF4Weight(read(packed), read(absmax), torch.Size((out_features, in_features)), torch.float32,
-                          blocksize, scale is not None, read(scale), read(offset))
-        x_dtype = x.meta["val"].dtype if "val" in x.meta else torch.float32
+        state = nf4_state(lowered, node)
         with graph.inserting_before(node):
             if quant == "nf4":
-                set_tensor(lowered, qualify(path, "weight_nf4_flat"), state.packed.reshape(-1), buffer=True)
-                set_tensor(lowered, qualify(path, "weight_absmax_decoded"), dequantize_absmax(state).to(x_dtype),
-                           buffer=True)
-                new_args = (x, graph.get_attr(qualify(path, "weight_nf4_flat")),
-                            graph.get_attr(qualify(path, "weight_absmax_decoded")), None, None, bias,
-                            out_features, in_features, blocksize)
+                x_dtype = x.meta["val"].dtype if "val" in x.meta else torch.float32
+                flat = qualify(path, "weight_nf4_flat")
+                decoded = qualify(path, "weight_absmax_decoded")
+                set_tensor(lowered, flat, state.packed.reshape(-1), buffer=True)
+                set_tensor(lowered, decoded, dequantize_absmax(state).to(x_dtype), buffer=True)
+                new_args = (x, graph.get_attr(flat), graph.get_attr(decoded), None, None)
+                new_args += (bias, out_features, in_features, blocksize)
                 replacement = graph.call_function(NF4_LINEAR, new_args)
             else:
                 name = qualify(path, "weight_int4_source")
-                set_tensor(lowered, name, dequantize_nf4(state, torch.float32).T.contiguous(), buffer=True)
+                dense = dequantize_nf4(state, torch.float32).T.contiguous()
+                set_tensor(lowered, name, dense, buffer=True)
                 int4_weights.add(name)
-                replacement = graph.call_function(torch.ops.aten.matmul.default, (x, graph.get_attr(name)))
+                replacement = graph.call_function(aten.matmul.default, (x, graph.get_attr(name)))
                 if bias is not None:
-                    replacement = graph.call_function(torch.ops.aten.add.Tensor, (replacement, bias))
+                    replacement = graph.call_function(aten.add.Tensor, (replacement, bias))
         replacement.meta.update(node.meta)
         node.replace_all_uses_with(replacement)
         graph.erase_node(node)
@@ -297,17 +361,29 @@ def _conversion_message(gm: fx.GraphModule, error: Exception) -> str:
     cause = re.search(r"^<class '(?:[\w.]+\.)?(\w+)'>: (.*)$", text, re.MULTILINE)
     summary = f"{cause.group(1)}: {cause.group(2)}" if cause else f"{type(error).__name__}: {first}"
     found = re.search(r"Error when translating node %(\w+) : .*?target=([\w.:]+)\]", text)
-    if not found:  # decomposition, ONNX building, serialization: torch.onnx's own steps, not a node of the user's
+    # decomposition, ONNX building, serialization: torch.onnx's own steps, not a node of the user's
+    if not found:
         step = first.removesuffix(" Next steps:") if cause else "torch.onnx.export raised"
-        return (f"torch.onnx failed in its own export steps, not on a node of this graph. {step} {summary}. "
-                f"The chained exception has torch's full trace; to reproduce it outside peftc: "
-                f"torch.onnx.export(peftc.export_program(gm), dynamo=True)")
+        return (
+            f"torch.onnx failed in its own export steps, not on a node of this graph. {step} "
+            f"{summary}. The chained exception has torch's full trace; to reproduce it outside "
+            "peftc: torch.onnx.export(peftc.export_program(gm), dynamo=True)"
+        )
     op_name = found.group(2).split("::")[-1].split(".")[0]
-    paths = sorted({n.meta.get("module_path") or "top level" for n in gm.graph.nodes
-                    if n.op == "call_function" and op_name in str(n.target)})
-    where = f"node {found.group(1)} ({found.group(2)})" + (f" in {', '.join(paths[:5])}" if paths else "")
-    return (f"torch.onnx could not translate {where}: {summary}. Rewrite that node into ops "
-            f"ONNX has, or register a translation in peftc.backends.onnx.TRANSLATIONS")
+    paths = sorted(
+        {
+            n.meta.get("module_path") or "top level"
+            for n in gm.graph.nodes
+            if n.op == "call_function" and op_name in str(n.target)
+        }
+    )
+    where = f"node {found.group(1)} ({found.group(2)})" + (
+        f" in {', '.join(paths[:5])}" if paths else ""
+    )
+    return (
+        f"torch.onnx could not translate {where}: {summary}. Rewrite that node into ops ONNX has, "
+        "or register a translation in peftc.backends.onnx.TRANSLATIONS"
+    )
 
 
 def _is_initializer(model: onnx.ModelProto, name: str) -> bool:
@@ -339,7 +415,11 @@ def linear_weight_bytes(model: onnx.ModelProto) -> int:
     total = 0
     for node in model.graph.node:
         if node.op_type in ("MatMul", "Gemm"):
-            total += sum(_tensor_bytes(inits[n]) for n in node.input[1:2] if n in inits and len(inits[n].dims) == 2)
+            total += sum(
+                _tensor_bytes(inits[n])
+                for n in node.input[1:2]
+                if n in inits and len(inits[n].dims) == 2
+            )
         elif node.op_type in ("MatMulBnb4", "MatMulNBits"):
             total += sum(_tensor_bytes(inits[n]) for n in node.input[1:4] if n in inits)
     return total
