@@ -99,6 +99,7 @@ def _swap_linears(model: torch.nn.Module) -> None:
             weight = bnb.nn.Params4bit(child.weight.data.clone(), requires_grad=False, compress_statistics=True,
                                        quant_type="nf4", blocksize=64)
             quantized.weight = weight._quantize("cpu")
+            quantized.support_avx512bf16_for_cpu = False  # eval mode would repack the bytes for its CPU kernel
             setattr(model, name, quantized)
         else:
             _swap_linears(child)

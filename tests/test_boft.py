@@ -7,8 +7,6 @@ is exact: one factor natively, several with `FakeFbd` standing in for the CUDA k
 diagonal, which is all the kernel computes). peft's failed compile of the extension is skipped.
 """
 
-import copy
-
 import peft
 import peft.tuners.boft.layer as boft_layer
 import pytest
@@ -17,8 +15,9 @@ import torch
 import peftc
 import peftc.techniques.boft  # noqa: F401  (registers the pass)
 from peftc.errors import OptionError, PeftcError, TargetError
-from conftest import captured, loaded
-from rotation_parity import check_merge, check_parity, check_reload_in_peft, close, pair
+from peftc.tools.parity import against_peft, close
+from conftest import captured
+from zoo import build, check
 
 
 class FakeFbd:
@@ -57,68 +56,59 @@ def small_inputs():
     return (torch.randn(3, 16, generator=g), torch.randn(3, 2, 5, 5, generator=g)), {}
 
 
-CONFIGS = {
-    "block-size": (False, dict(boft_block_size=4)),
-    "block-num": (False, dict(boft_block_num=2, boft_block_size=0)),
-    "butterfly-2": (True, dict(boft_block_size=2, boft_n_butterfly_factor=2)),
-    "butterfly-3": (True, dict(boft_block_num=4, boft_block_size=0, boft_n_butterfly_factor=3)),
+def small():
+    return Small(), *small_inputs()
+
+
+def boft(*targets, **fields):
+    return peft.BOFTConfig(target_modules=list(targets), **fields)
+
+
+FAR = {"scale": 0.3}  # rotations far from the identity
+CELLS = {
+    "mlp": ("mlp", boft("lin1", boft_block_size=4)),
+    "llama": ("llama", boft("q_proj", "v_proj", boft_block_size=8)),
+    "llama-down_proj": ("llama", boft("q_proj", "down_proj", boft_block_size=8)),
+    "small-block-size": (small, boft("conv", "lin", "out", boft_block_size=4), FAR),
+    "small-block-num": (small, boft("conv", "lin", "out", boft_block_num=2, boft_block_size=0), FAR),
+    "small-butterfly-2": (small, boft("conv", "lin", "out", boft_block_size=2, boft_n_butterfly_factor=2), FAR),
+    "small-butterfly-3": (small, boft("lin", boft_block_num=4, boft_block_size=0, boft_n_butterfly_factor=3), FAR),
 }
 
 
-@pytest.mark.parametrize("case", CONFIGS)
-def test_small_model_matches_peft(case, tmp_path, monkeypatch):
-    with_kernel, fields = CONFIGS[case]
-    if with_kernel:
+@pytest.mark.parametrize("cell", CELLS)
+def test_matches_peft(cell, tmp_path, monkeypatch):
+    model, config, *options = CELLS[cell]
+    if config.boft_n_butterfly_factor > 1:
         monkeypatch.setattr(boft_layer, "get_fbd_cuda", FakeFbd)
-    args, kwargs = small_inputs()
-    targets = ["lin"] if fields.get("boft_n_butterfly_factor") == 3 else ["conv", "lin", "out"]
-    peft_model, gm = pair(Small(), args, kwargs, peft.BOFTConfig(target_modules=targets, **fields), tmp_path)
-    check_parity(peft_model, gm, args, kwargs)
-    check_merge(gm, args, kwargs)
-    check_reload_in_peft(gm, Small(), args, kwargs, tmp_path)
-
-
-def test_tiny_llama_matches_peft_both_ways(tmp_path):
-    lm = loaded("tiny-llama")
-    config = peft.BOFTConfig(boft_block_size=8, target_modules=["q_proj", "down_proj"])
-    graph = peftc.apply(captured("tiny-llama"), "freeze")
-    peft_model, gm = pair(copy.deepcopy(lm.model), lm.args, lm.kwargs, config, tmp_path, scale=0.05, graph=graph)
-    check_parity(peft_model, gm, lm.args, lm.kwargs, {"use_cache": False})
-    check_merge(gm, lm.args, lm.kwargs)
-    check_reload_in_peft(gm, copy.deepcopy(lm.model), lm.args, lm.kwargs, tmp_path, {"use_cache": False})
+    check(model, config, tmp_path, **dict(*options))
 
 
 def test_nf4_matches_peft_on_bitsandbytes_linear4bit(tmp_path, monkeypatch):
     pytest.importorskip("bitsandbytes")
     from bnb_oracle import linear4bit_model
 
-    lm = loaded("tiny-llama")
-    config = peft.BOFTConfig(boft_block_size=8, target_modules=["q_proj", "up_proj"])
-    graph = peftc.apply(captured("tiny-llama"), "nf4, freeze")
-    peft_model, qboft = pair(linear4bit_model(copy.deepcopy(lm.model), monkeypatch), lm.args, lm.kwargs, config, tmp_path,
-                             scale=0.05, graph=graph)
+    model, args, kwargs = build("llama")
+    parity = against_peft(model, args, kwargs, boft("q_proj", "up_proj", boft_block_size=8), tmp_path,
+                          graph=peftc.apply(captured("tiny-llama"), "nf4, freeze"),
+                          prepare=lambda m: linear4bit_model(m, monkeypatch), merge=False)
+    qboft = parity.graph
     assert all(s.storage == "nf4" for s in peftc.linear_sites(qboft) if s.path != "lm_head")
-    check_parity(peft_model, qboft, lm.args, lm.kwargs, {"use_cache": False})
     merged = peftc.apply(qboft, "merge(dtype='float32')")
-    close(merged(*lm.args, **lm.kwargs).logits, qboft(*lm.args, **lm.kwargs).logits)
+    close(merged(*args, **kwargs).logits, qboft(*args, **kwargs).logits, "merged outputs")
 
 
-def test_block_dropout_draws_what_peft_draws(tmp_path):
-    args, kwargs = small_inputs()
-    config = peft.BOFTConfig(boft_block_size=2, boft_dropout=0.5, target_modules=["lin", "out"])
-    peft_model, gm = pair(Small(), args, kwargs, config, tmp_path)
-    peft_model.train()
-    gm.train()
-    dropped = []
-    for seed in range(3):
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_block_dropout_draws_what_peft_draws(seed, tmp_path):
+    def seeded():  # Small() seeds the generator: reseed after it, so each seed draws other masks
+        model = Small()
         torch.manual_seed(seed)
-        dropped.append(peft_model(*args))
-        torch.manual_seed(seed)
-        close(gm(*args), dropped[-1])
-    peft_model.eval()
-    gm.eval()
-    close(gm(*args), peft_model(*args))
-    assert (dropped[0] - gm(*args)).abs().max() > 1e-3  # the dropout really replaced blocks
+        return model, *small_inputs()
+
+    config = boft("lin", "out", boft_block_size=2, boft_dropout=0.5)
+    gm = check(seeded, config, tmp_path, scale=0.3, train=True).graph  # both in training mode, the same masks
+    args, _ = small_inputs()
+    assert (gm.train()(*args) - gm.eval()(*args)).abs().max() > 1e-3  # the dropout really replaced blocks
 
 
 def test_refusals(tmp_path):

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 import peftc
 from peftc.errors import CheckpointError, OptionError, PassError
 from peftc.tools.models import example_inputs
+from peftc.tools.parity import close
 from conftest import ARCHITECTURES, captured, fill_trainable, loaded, onnx_runtime_gap
 
 ACT = {"swish": F.silu, "relu": F.relu, "gelu": F.gelu}
@@ -93,13 +94,13 @@ def test_formulas_against_hooks_on_the_original_modules(arch, placement, activat
     kwargs["attention_mask"][0, 5:] = 0
     ours, theirs = gm(*args, **kwargs)[0], model(*args, **kwargs)[0]
     assert (ours - loaded(f"tiny-{arch}").model(*args, **kwargs)[0]).abs().max() > 1e-3  # the adapters act
-    torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-5)
+    close(ours, theirs, "outputs")
     weight = torch.randn_like(ours, generator=torch.Generator().manual_seed(0))
     (ours * weight).sum().backward()
     (theirs * weight).sum().backward()
     assert len(leaves) == {"houlsby": 8, "pfeiffer": 4, "parallel": 4}[placement] * 2  # two blocks
     for name, leaf in leaves.items():
-        torch.testing.assert_close(gm.get_parameter(name).grad, leaf.grad, atol=1e-5, rtol=1e-5, msg=name)
+        close(gm.get_parameter(name).grad, leaf.grad, f"gradient of {name}")
 
 
 def test_defaults_and_shapes_follow_adapter_hub():
@@ -156,11 +157,11 @@ def test_with_lora_and_merge_against_peft_lora_plus_hooks():
                 p.copy_(gm.get_parameter(name.removeprefix("base_model.model.")))
     args, kwargs = example_inputs(loaded("tiny-llama").model, batch=2, seq=9, seed=3)
     expected = lora(*args, **kwargs)[0]
-    torch.testing.assert_close(gm(*args, **kwargs)[0], expected, atol=1e-5, rtol=1e-5)
+    close(gm(*args, **kwargs)[0], expected, "outputs")
     merged = peftc.Pipeline.parse("merge").run(gm)
     assert "bn (adapter) stays in the graph" in merged.results[0].report
     assert not any("lora_" in n for n, _ in merged.graph_module.named_parameters())
-    torch.testing.assert_close(merged.graph_module(*args, **kwargs)[0], expected, atol=1e-5, rtol=1e-5)
+    close(merged.graph_module(*args, **kwargs)[0], expected, "merged outputs")
 
 
 def test_onnx_export_keeps_the_blocks(tmp_path):

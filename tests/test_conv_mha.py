@@ -1,11 +1,9 @@
 """LoRA, DoRA, LoHa and LoKr on Conv1d/2d/3d and LoRA on nn.MultiheadAttention against HF peft 0.21.
 
-Each case builds peft's adapter on a small model, perturbs every adapter tensor, saves it, loads
-it into peftc and compares outputs and every adapter gradient; then saves from peftc and loads
-that in peft, and merges and unmerges.
+Each case is `peftc.tools.parity.against_peft`: peft's adapter with random weights, loaded into peftc,
+outputs and every adapter gradient, peftc's checkpoint in peft, merge and unmerge.
 """
 
-import copy
 import functools
 import json
 
@@ -20,6 +18,7 @@ import peftc.techniques.lokr  # noqa: F401
 import peftc.techniques.lora  # noqa: F401
 from peftc.errors import OptionError, PeftcError
 from peftc.technique import NotMergeable
+from peftc.tools.parity import against_peft, close
 from conftest import fill_trainable
 
 
@@ -78,54 +77,7 @@ def attention_input(batch_first):
     return x if batch_first else x.transpose(0, 1).contiguous()
 
 
-def build_pair(model, base, config, tmp_path):
-    """(peft model, peftc module) with identical, perturbed adapter weights, through peft's checkpoint."""
-    peft_model = peft.get_peft_model(model, config)
-    fill_trainable(peft_model, seed=1)
-    peft_model.save_pretrained(tmp_path)
-    return peft_model, peftc.load_adapter(base, tmp_path)
-
-
-def close(got, expected, what):
-    scale = max(1.0, expected.detach().abs().max().item())
-    diff = (got - expected).abs().max().item()
-    assert diff <= 1e-5 * scale, f"{what}: max abs diff {diff:.3g} (scale {scale:.3g})"
-    return diff
-
-
-def assert_parity(peft_model, gm, x):
-    expected, got = peft_model(x), gm(x)
-    close(got, expected, "output")
-    weights = torch.randn(expected.shape, generator=torch.Generator().manual_seed(3))
-    (expected * weights).sum().backward()
-    (got * weights).sum().backward()
-    theirs = {n.removeprefix("base_model.model.").replace(".default", ""): p
-              for n, p in peft_model.named_parameters() if p.requires_grad}
-    ours = {n.replace(".default", ""): p for n, p in gm.named_parameters() if p.requires_grad}
-    assert set(ours) == set(theirs) and ours
-    for name, p in ours.items():
-        assert p.grad is not None and p.grad.abs().sum() > 0, name
-        close(p.grad, theirs[name].grad, f"gradient of {name}")
-    base = peftc.technique.adapters.disable(peftc.ir.graph.clone(gm))(x)
-    assert (base - got).abs().max() > 1e-3  # the adapter really changes the output
-
-
-def assert_round_trips(gm, model, x, tmp_path, *, mergeable=True):
-    """peftc's checkpoint loads in peft with equal outputs; merge and unmerge keep the output."""
-    peftc.save_adapter(gm, tmp_path / "from_peftc")
-    reloaded = peft.PeftModel.from_pretrained(copy.deepcopy(model), tmp_path / "from_peftc")
-    expected = gm(x).detach()
-    close(reloaded(x).detach(), expected, "peftc checkpoint in peft")
-    if not mergeable:
-        with pytest.raises(NotMergeable):
-            peftc.apply(gm, "merge")
-        return
-    merged = peftc.apply(gm, "merge")
-    close(merged(x), expected, "merged")
-    close(peftc.apply(merged, "unmerge")(x), expected, "unmerged")
-
-
-CONV = "c1|c2|c2b|c3"
+# case: (config, whether it merges: LoRA on the grouped c2 does not, as in peft)
 CONV_CASES = {
     "lora": (peft.LoraConfig(r=4, lora_alpha=8, target_modules=["c1", "c2", "c2b", "c3"]), False),
     "dora": (peft.LoraConfig(r=4, lora_alpha=8, target_modules=["c1", "c2b", "c3"], use_dora=True), True),
@@ -143,10 +95,10 @@ CONV_CASES = {
 @pytest.mark.parametrize("case", CONV_CASES)
 def test_conv_parity_with_peft(case, tmp_path):
     config, mergeable = CONV_CASES[case]
-    model, x = conv_model(), conv_input()
-    peft_model, gm = build_pair(copy.deepcopy(model), captured("conv"), config, tmp_path / "from_peft")
-    assert_parity(peft_model, gm, x)
-    assert_round_trips(gm, model, x, tmp_path, mergeable=mergeable)
+    parity = against_peft(conv_model(), (conv_input(),), {}, config, tmp_path, graph=captured("conv"), merge=mergeable)
+    if not mergeable:
+        with pytest.raises(NotMergeable):
+            peftc.apply(parity.graph, "merge")
 
 
 def test_lokr_conv_layouts_are_peft_s():
@@ -167,16 +119,16 @@ MHA_CONFIG = peft.LoraConfig(r=2, lora_alpha=4, target_modules=["mha"])
 
 @pytest.mark.parametrize("batch_first", [True, False], ids=["batch_first", "seq_first"])
 def test_multihead_attention_parity_with_peft(batch_first, tmp_path):
-    model, x = attention_model(batch_first), attention_input(batch_first)
-    peft_model, gm = build_pair(copy.deepcopy(model), captured("mha", batch_first), MHA_CONFIG, tmp_path / "from_peft")
+    x = attention_input(batch_first)
+    parity = against_peft(attention_model(batch_first), (x,), {}, MHA_CONFIG, tmp_path,
+                          graph=captured("mha", batch_first))
+    gm = parity.graph
     assert {n for n, _ in gm.named_parameters() if "lora" in n} == {
         "mha.lora_A.default.weight", "mha.lora_B.default.weight",
         "mha.base_layer.out_proj.lora_A.default.weight", "mha.base_layer.out_proj.lora_B.default.weight"}
-    assert_parity(peft_model, gm, x)
-    assert_round_trips(gm, model, x, tmp_path)
-    config = json.loads((tmp_path / "from_peftc" / "adapter_config.json").read_text())
+    config = json.loads((tmp_path / "peftc" / "adapter_config.json").read_text())
     assert config["target_modules"] == ["mha"]
-    merged = peft_model.merge_and_unload()  # peft's merge (out_proj's update twice) equals peftc's
+    merged = parity.peft.merge_and_unload()  # peft's merge (out_proj's update twice) equals peftc's
     close(peftc.apply(gm, "merge")(x), merged(x), "merged in peft")
 
 

@@ -12,67 +12,69 @@ import peftc
 import peftc.techniques.fourierft
 from peftc.technique.checkpoint import CheckpointError
 from peftc.errors import OptionError, TargetError
-from peft_parity import Case, check_loads_in_peft, check_merge, check_parity
+from conftest import loaded
+from zoo import check, graph
 
 
 def test_locations_and_init_are_peft_s():
-    case = Case.transformer("tiny-llama")
+    lm = loaded("tiny-llama")
+    base = graph("llama")
     config = peft.FourierFTConfig(n_frequency=100, target_modules=["q_proj", "v_proj"], n_frequency_pattern={"v_proj": 40})
-    model = peft.get_peft_model(copy.deepcopy(case.model), config)
-    gm = peftc.apply(case.gm, "fourierft(n_frequency=100, targets='*.q_proj|*.v_proj', n_frequency_pattern=[['v_proj', 40]])")
+    model = peft.get_peft_model(copy.deepcopy(lm.model), config)
+    gm = peftc.apply(base, "fourierft(n_frequency=100, targets='*.q_proj|*.v_proj', n_frequency_pattern=[['v_proj', 40]])")
     for path in ("model.layers.0.self_attn.q_proj", "model.layers.1.self_attn.v_proj"):
         theirs = model.base_model.model.get_submodule(path).indices["default"]
         assert torch.equal(gm.get_buffer(f"{path}.indices.default"), theirs)
     assert gm.get_parameter("model.layers.0.self_attn.v_proj.fourierft_spectrum.default").shape == (40,)
     assert gm.get_parameter("model.layers.0.self_attn.q_proj.fourierft_spectrum.default").std() > 0.5  # N(0, 1), as peft
-    zero = peftc.apply(case.gm, "fourierft(n_frequency=100, init_weights=true, targets='*.q_proj')")
-    for out, ref in zip(case.run(zero), case.run(case.gm)):
-        assert torch.equal(out, ref)
+    zero = peftc.apply(base, "fourierft(n_frequency=100, init_weights=true, targets='*.q_proj')")
+    assert torch.equal(zero(*lm.args, **lm.kwargs).logits, base(*lm.args, **lm.kwargs).logits)
 
 
-def test_mlp_matches_peft(tmp_path):
-    case = Case.mlp()
-    config = peft.FourierFTConfig(n_frequency=32, scaling=10.0, target_modules=["a", "b"], random_loc_seed=3,
-                                  n_frequency_pattern={"b": 20})
-    peft_model, gm = case.from_peft(config, tmp_path / "peft")
-    assert gm.get_parameter("b.fourierft_spectrum.default").shape == (20,)
-    check_parity(case, peft_model, gm)
-    check_merge(case, gm)
-    check_loads_in_peft(case, gm, tmp_path / "peftc")
-    config = json.loads((tmp_path / "peftc" / "adapter_config.json").read_text())
-    assert config["n_frequency_pattern"] == {"b": 20} and config["random_loc_seed"] == 3
+CELLS = {
+    "mlp": ("mlp", peft.FourierFTConfig(n_frequency=40, target_modules=["lin0", "lin1"])),
+    "linears": ("linears", peft.FourierFTConfig(n_frequency=32, scaling=10.0, target_modules=["a", "b"],
+                                                random_loc_seed=3, n_frequency_pattern={"b": 20})),
+    "llama": ("llama", peft.FourierFTConfig(n_frequency=100, target_modules=["q_proj", "v_proj"])),
+    "llama-down_proj": ("llama", peft.FourierFTConfig(n_frequency=200, scaling=20.0,
+                                                      target_modules=["q_proj", "v_proj", "down_proj"])),
+    "gpt2": ("gpt2", peft.FourierFTConfig(n_frequency=200, scaling=20.0, target_modules=["c_attn", "mlp.c_proj"])),
+}
 
 
-@pytest.mark.parametrize("name, targets", [("tiny-llama", ["q_proj", "v_proj", "down_proj"]), ("tiny-gpt2", ["c_attn", "mlp.c_proj"])])
-def test_transformer_matches_peft(tmp_path, name, targets):
-    case = Case.transformer(name)
-    peft_model, gm = case.from_peft(peft.FourierFTConfig(n_frequency=200, scaling=20.0, target_modules=targets),
-                                    tmp_path / "peft")
-    out_diff, grad_diff = check_parity(case, peft_model, gm)
-    merge_diff = check_merge(case, gm)
-    saved_diff = check_loads_in_peft(case, gm, tmp_path / "peftc")
+@pytest.mark.parametrize("cell", CELLS)
+def test_matches_peft(cell, tmp_path):
+    name, config = CELLS[cell]
+    parity = check(name, config, tmp_path)
     keys = set(load_file(tmp_path / "peftc" / "adapter_model.safetensors"))
     assert keys == set(load_file(tmp_path / "peft" / "adapter_model.safetensors"))  # spectra only, no indices
     assert all(k.endswith(".fourierft_spectrum") for k in keys)
-    print(f"fourierft {name}: output {out_diff:.2g}, gradients {grad_diff:.2g}, merge {merge_diff:.2g}, "
-          f"peft on peftc's checkpoint {saved_diff:.2g}")
+    for path, spectrum in parity.graph.named_parameters():  # each site's n_frequency, or its pattern's
+        if spectrum.requires_grad:
+            site = path.removesuffix(".fourierft_spectrum.default").rsplit(".", 1)[-1]
+            assert spectrum.shape == (config.n_frequency_pattern.get(site, config.n_frequency),)
+    saved = json.loads((tmp_path / "peftc" / "adapter_config.json").read_text())
+    assert saved["n_frequency_pattern"] == config.n_frequency_pattern
+    assert saved["random_loc_seed"] == config.random_loc_seed
+    print(f"fourierft {cell}: output {parity.output:.2g}, gradients {parity.gradient:.2g}, merge {parity.merged:.2g}, "
+          f"peft on peftc's checkpoint {parity.reloaded:.2g}")
 
 
 def test_refuses_what_it_does_not_implement(tmp_path):
-    case = Case.mlp()
     with pytest.raises(CheckpointError, match="bias='fourier_only'"):
-        case.from_peft(peft.FourierFTConfig(n_frequency=8, target_modules=["a"], bias="fourier_only"), tmp_path)
+        check("linears", peft.FourierFTConfig(n_frequency=8, target_modules=["a"], bias="fourier_only"), tmp_path)
+    gm = graph("linears")
     with pytest.raises(TargetError, match="matches no linear site"):
-        peftc.apply(case.gm, "fourierft(targets='*.nothing')")
+        peftc.apply(gm, "fourierft(targets='*.nothing')")
     with pytest.raises(OptionError, match=r"n_frequency=1000 exceeds the 16 x 8 = 128 entries of 'a'"):
-        peftc.apply(case.gm, "fourierft(targets='a')")
+        peftc.apply(gm, "fourierft(targets='a')")
     with pytest.raises(OptionError, match="n_frequency_pattern must be"):
-        peftc.apply(case.gm, "fourierft(targets='a', n_frequency_pattern=['a', 3])")
+        peftc.apply(gm, "fourierft(targets='a', n_frequency_pattern=['a', 3])")
 
 
 def test_text_round_trip():
     text = "fourierft(n_frequency=16, scaling=3.0, random_loc_seed=5, n_frequency_pattern=[['b', 8]], targets='a|b')"
     step = peftc.Pipeline.parse(text).steps[0]
     assert peftc.Pipeline.parse(str(step)).steps[0] == step
-    gm = peftc.apply(Case.mlp().gm, str(step))
+    gm = peftc.apply(graph("linears"), str(step))
     assert gm.get_parameter("b.fourierft_spectrum.default").shape == (8,)

@@ -1,8 +1,6 @@
 """HRA against HF peft 0.21: linear and 2-d convolution sites, tiny Llama, Gram-Schmidt, merging,
 checkpoints both ways, refusals, and composition with LoRA on one site."""
 
-import copy
-
 import peft
 import pytest
 import torch
@@ -10,8 +8,8 @@ import torch
 import peftc
 import peftc.techniques.hra  # noqa: F401  (registers the pass)
 from peftc.errors import OptionError, PeftcError, TargetError
-from conftest import captured, loaded
-from rotation_parity import check_merge, check_parity, check_reload_in_peft, pair, perturb
+from peftc.tools.parity import perturb
+from zoo import check
 
 
 class Small(torch.nn.Module):
@@ -31,33 +29,35 @@ def small_inputs():
     return (torch.randn(3, 16, generator=g), torch.randn(3, 2, 6, 6, generator=g)), {}
 
 
-CONFIGS = {"r4": dict(r=4), "r3-gram-schmidt": dict(r=3, apply_GS=True), "r2-random-init": dict(r=2, init_weights=False)}
+def small():
+    return Small(), *small_inputs()
 
 
-@pytest.mark.parametrize("case", CONFIGS)
-def test_small_model_matches_peft(case, tmp_path):
-    args, kwargs = small_inputs()
-    config = peft.HRAConfig(target_modules=["conv", "lin", "out"], **CONFIGS[case])
-    peft_model, gm = pair(Small(), args, kwargs, config, tmp_path)
-    check_parity(peft_model, gm, args, kwargs)
-    check_merge(gm, args, kwargs)
-    check_reload_in_peft(gm, Small(), args, kwargs, tmp_path)
+def hra(*targets, **fields):
+    return peft.HRAConfig(target_modules=list(targets), **fields)
+
+
+FAR = {"scale": 0.3}  # reflections far from the identity
+CELLS = {
+    "mlp": ("mlp", hra("lin0", "lin1", r=2)),
+    "llama": ("llama", hra("q_proj", "v_proj", r=4)),
+    "llama-k_proj-up_proj": ("llama", hra("k_proj", "up_proj", r=4), FAR),
+    "small-r4": (small, hra("conv", "lin", "out", r=4), FAR),
+    "small-r3-gram-schmidt": (small, hra("conv", "lin", "out", r=3, apply_GS=True), FAR),
+    "small-r2-random-init": (small, hra("conv", "lin", "out", r=2, init_weights=False), FAR),
+}
+
+
+@pytest.mark.parametrize("cell", CELLS)
+def test_matches_peft(cell, tmp_path):
+    model, config, *options = CELLS[cell]
+    check(model, config, tmp_path, **dict(*options))
 
 
 def test_even_r_starts_at_the_identity():
     args, _ = small_inputs()
     gm = peftc.apply(peftc.capture(Small(), args, method="symbolic"), "freeze, hra(r=4, targets='lin|out')")
     torch.testing.assert_close(gm(*args), Small()(*args), atol=1e-6, rtol=0)
-
-
-def test_tiny_llama_matches_peft_both_ways(tmp_path):
-    lm = loaded("tiny-llama")
-    config = peft.HRAConfig(r=4, target_modules=["k_proj", "up_proj"])
-    graph = peftc.apply(captured("tiny-llama"), "freeze")
-    peft_model, gm = pair(copy.deepcopy(lm.model), lm.args, lm.kwargs, config, tmp_path, graph=graph)
-    check_parity(peft_model, gm, lm.args, lm.kwargs, {"use_cache": False})
-    check_merge(gm, lm.args, lm.kwargs)
-    check_reload_in_peft(gm, copy.deepcopy(lm.model), lm.args, lm.kwargs, tmp_path, {"use_cache": False})
 
 
 def test_hra_and_lora_on_one_site_compose_in_either_order():

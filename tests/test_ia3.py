@@ -1,6 +1,7 @@
 """IA3 against HF peft (IA3Config): outputs, gradients, checkpoints both ways, merge, and IA3 next to LoRA.
 
-peft's vectors get random non-zero values (`fill_trainable`), so every check sees them act.
+Adapters made in peft are checked with `peftc.tools.parity.against_peft`; adapters made in peftc go to peft
+through `save_adapter`.
 """
 
 import copy
@@ -17,17 +18,10 @@ from peftc.technique.adapters import adapters, set_active
 from peftc.technique.checkpoint import CheckpointError
 from peftc.errors import OptionError, TargetError
 from peftc.tools.models import example_inputs, tiny_model
+from peftc.tools.parity import against_peft, close
 from peftc.ir.pipeline import Pipeline
 from conftest import captured, fill_trainable, loaded
-from test_adapters_parity import assert_parity, assert_same_output, eager_kwargs
-
-
-def build_pair(arch, config, tmp_path):
-    """(peft model, peftc module) with the same IA3 vectors, loaded from peft's checkpoint."""
-    peft_model = peft.get_peft_model(tiny_model(arch), config)
-    fill_trainable(peft_model, seed=1)
-    peft_model.save_pretrained(tmp_path)
-    return peft_model, peftc.load_adapter(peftc.apply(captured(f"tiny-{arch}"), "freeze"), tmp_path)
+from zoo import check, symbolic, with_pooler
 
 
 def peft_stages(peft_model):
@@ -35,24 +29,37 @@ def peft_stages(peft_model):
             for n, m in peft_model.named_modules() if isinstance(m, peft.tuners.ia3.IA3Layer)}
 
 
-# peft's default targets and feed-forward modules; gpt2's are Conv1D layers (fan_in_fan_out)
-@pytest.mark.parametrize("arch", ["llama", "bert", "gpt2"])
-def test_parity_with_peft_on_default_targets(arch, tmp_path):
-    peft_model, gm = build_pair(arch, peft.IA3Config(), tmp_path)
-    assert adapters(gm)["default"].stages == peft_stages(peft_model)
-    assert set(adapters(gm)["default"].stages.values()) == {"input", "output"}
-    assert_parity(peft_model, gm, *example_inputs(peft_model.base_model.model, batch=3, seq=9, seed=2))
+# "-default": peft's default targets and feed-forward modules (gpt2's are Conv1D layers, fan_in_fan_out)
+CELLS = {
+    "mlp": ("mlp", peft.IA3Config(target_modules=["lin0", "lin1"], feedforward_modules=["lin1"])),
+    "conv2d": ("conv2d", peft.IA3Config(target_modules=["conv0", "conv1"], feedforward_modules=["conv1"])),
+    "llama": ("llama", peft.IA3Config(target_modules=["k_proj", "v_proj", "down_proj"],
+                                      feedforward_modules=["down_proj"])),
+    "gpt2": ("gpt2", peft.IA3Config(target_modules=["c_attn", "c_fc"], feedforward_modules=["c_fc"],
+                                    fan_in_fan_out=True)),
+    "bert": ("bert", peft.IA3Config(target_modules=["key", "value", "output.dense"],
+                                    feedforward_modules=["output.dense"])),
+    "llama-default": ("llama", peft.IA3Config()),
+    "bert-default": ("bert", peft.IA3Config()),
+    "gpt2-default": ("gpt2", peft.IA3Config()),
+}
+
+
+@pytest.mark.parametrize("cell", CELLS)
+def test_matches_peft(cell, tmp_path):
+    parity = check(*CELLS[cell], tmp_path)
+    stages = adapters(parity.graph)["default"].stages
+    assert stages == peft_stages(parity.peft) and set(stages.values()) == {"input", "output"}
 
 
 def test_bert_feedforward_suffixes_have_no_dot_boundary(tmp_path):
     """peft's `output.dense` also selects `attention.output.dense` (suffix match without a dot)."""
     config = peft.IA3Config(target_modules=["query", "dense", "output.dense"], feedforward_modules=["output.dense"])
-    peft_model, gm = build_pair("bert", config, tmp_path)
-    stages = adapters(gm)["default"].stages
-    assert stages == peft_stages(peft_model)
+    parity = check("bert", config, tmp_path, view=with_pooler)  # `dense` selects the pooler's too
+    stages = adapters(parity.graph)["default"].stages
+    assert stages == peft_stages(parity.peft)
     assert stages["encoder.layer.0.attention.output.dense"] == "input"
     assert stages["encoder.layer.0.intermediate.dense"] == "output"
-    assert_parity(peft_model, gm, *example_inputs(peft_model.base_model.model, batch=3, seq=9, seed=2))
 
 
 class MLP(nn.Module):
@@ -76,41 +83,17 @@ class Convs(nn.Module):
         return self.head(h.mean((2, 3))) + v.mean((2, 3, 4))
 
 
-def peft_pair(model, x, config, tmp_path, method):
-    base = copy.deepcopy(model)
-    peft_model = peft.get_peft_model(model, config)
-    fill_trainable(peft_model, seed=1)
-    peft_model.save_pretrained(tmp_path)
-    gm = peftc.apply(peftc.capture(base, (x,), method=method), "freeze")
-    return peft_model, peftc.load_adapter(gm, tmp_path)
-
-
-def check_small_model(peft_model, gm, x):
-    expected, got = peft_model(x), gm(x)
-    torch.testing.assert_close(got, expected, atol=1e-6, rtol=1e-5)
-    expected.square().sum().backward()
-    got.square().sum().backward()
-    theirs = {n.removeprefix("base_model.model.").replace(".default", ""): p.grad
-              for n, p in peft_model.named_parameters() if p.requires_grad}
-    ours = {n.replace(".default", ""): p.grad for n, p in gm.named_parameters() if p.requires_grad}
-    assert set(ours) == set(theirs) and ours
-    for name, grad in ours.items():
-        torch.testing.assert_close(grad, theirs[name], atol=1e-5, rtol=1e-5)
-    merged = peftc.apply(gm, "merge")
-    torch.testing.assert_close(merged(x), got, atol=1e-5, rtol=1e-5)
-    assert not torch.allclose(peftc.technique.adapters.disable(peftc.ir.graph.clone(gm))(x), got)
-
-
 @pytest.mark.parametrize("method", ["symbolic", "export"])
 def test_mlp_parity_with_peft(method, tmp_path):
     torch.manual_seed(0)
     # `proj` as feed-forward suffix selects `out_proj` too, as in peft
     config = peft.IA3Config(target_modules=["fc1", "proj", "out_proj"], feedforward_modules=["proj"])
     x = torch.randn(5, 8)
-    peft_model, gm = peft_pair(MLP(), x, config, tmp_path, method)
-    assert adapters(gm)["default"].stages == peft_stages(peft_model) == {"fc1": "output", "proj": "input",
-                                                                          "out_proj": "input"}
-    check_small_model(peft_model, gm, x)
+    model = MLP()
+    graph = peftc.apply(peftc.capture(copy.deepcopy(model), (x,), method=method), "freeze")
+    parity = against_peft(model, (x,), {}, config, tmp_path, graph=graph)
+    assert adapters(parity.graph)["default"].stages == peft_stages(parity.peft) == {
+        "fc1": "output", "proj": "input", "out_proj": "input"}
 
 
 def test_saved_feedforward_modules_select_exactly_the_same_layers_in_peft(tmp_path):
@@ -124,7 +107,7 @@ def test_saved_feedforward_modules_select_exactly_the_same_layers_in_peft(tmp_pa
     assert json.loads((tmp_path / "adapter_config.json").read_text())["feedforward_modules"] == "(?:proj)"
     reloaded = peft.PeftModel.from_pretrained(model, tmp_path)
     assert peft_stages(reloaded) == adapters(gm)["default"].stages == {"proj": "input", "out_proj": "output"}
-    torch.testing.assert_close(gm(x), reloaded(x), atol=1e-6, rtol=1e-5)
+    close(gm(x), reloaded(x), "peft on peftc's checkpoint")
 
 
 def test_conv_parity_with_peft(tmp_path):
@@ -132,11 +115,11 @@ def test_conv_parity_with_peft(tmp_path):
     torch.manual_seed(0)
     config = peft.IA3Config(target_modules=["conv", "grouped", "volume", "head"], feedforward_modules=["grouped"])
     x = torch.randn(2, 3, 8, 8)
-    peft_model, gm = peft_pair(Convs(), x, config, tmp_path, "symbolic")
-    assert {n: tuple(p.shape) for n, p in gm.named_parameters() if p.requires_grad} == {
+    model = Convs()
+    parity = against_peft(model, (x,), {}, config, tmp_path, graph=symbolic(model, (x,)))
+    assert {n: tuple(p.shape) for n, p in parity.graph.named_parameters() if p.requires_grad} == {
         "conv.ia3_l.default": (1, 8, 1, 1), "grouped.ia3_l.default": (1, 8, 1, 1),
         "volume.ia3_l.default": (1, 4, 1, 1, 1), "head.ia3_l.default": (4, 1)}
-    check_small_model(peft_model, gm, x)
 
 
 def test_conv1d_and_models_without_feedforward_defaults_are_refused():
@@ -171,7 +154,7 @@ def test_saved_adapters_load_in_peft(arch, tmp_path):
     assert config["peft_type"] == "IA3" and config["feedforward_modules"]
     reloaded = peft.PeftModel.from_pretrained(model, tmp_path)
     assert peft_stages(reloaded) == adapters(gm)["default"].stages
-    assert_same_output(gm(*args, **kwargs)[0], reloaded(*args, **eager_kwargs(model, kwargs))[0])
+    close(gm(*args, **kwargs)[0], reloaded(*args, **kwargs, use_cache=False)[0], "peft on peftc's checkpoint")
     again = peftc.load_adapter(peftc.apply(captured(f"tiny-{arch}"), "freeze"), tmp_path)
     torch.testing.assert_close(again(*args, **kwargs)[0], gm(*args, **kwargs)[0], atol=0, rtol=0)
 
@@ -256,24 +239,16 @@ def test_ia3_on_nf4_matches_peft_on_bitsandbytes_linear4bit(tmp_path, monkeypatc
     pytest.importorskip("bitsandbytes", reason="bitsandbytes is the NF4 oracle: pip install bitsandbytes")
     from bnb_oracle import linear4bit_model
 
+    def quantized(model):
+        model = linear4bit_model(model, monkeypatch)
+        model.is_loaded_in_4bit = True  # so peft builds its bitsandbytes IA3 layers
+        return model
+
     model = tiny_model("llama")
-    args, kwargs = example_inputs(model)
-    gm = peftc.apply(captured("tiny-llama"), "nf4, freeze")  # the same weights as `model`
-    quantized = linear4bit_model(model, monkeypatch)
-    quantized.is_loaded_in_4bit = True  # so peft builds its bitsandbytes IA3 layers
-    peft_model = peft.get_peft_model(quantized, peft.IA3Config())
-    assert type(peft_model.get_submodule("base_model.model.model.layers.0.mlp.down_proj")).__name__ == "Linear4bit"
-    fill_trainable(peft_model, seed=1)
-    peft_model.save_pretrained(tmp_path)
-    ours = peftc.load_adapter(gm, tmp_path)
+    graph = peftc.apply(captured("tiny-llama"), "nf4, freeze")  # the same weights as `model`
+    parity = against_peft(model, *example_inputs(model), peft.IA3Config(), tmp_path, graph=graph, prepare=quantized,
+                          merge=False)
+    assert type(parity.peft.get_submodule("base_model.model.model.layers.0.mlp.down_proj")).__name__ == "Linear4bit"
+    ours = parity.graph
     assert {s.storage for s in peftc.linear_sites(ours) if s.path in adapters(ours)["default"].stages} == {"nf4"}
-    expected = peft_model(*args, **kwargs, use_cache=False).logits
-    got = ours(*args, **kwargs).logits
-    torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
-    expected.square().mean().backward()
-    got.square().mean().backward()
-    theirs = {n.removeprefix("base_model.model."): p.grad for n, p in peft_model.named_parameters() if p.requires_grad}
-    grads = {n: p.grad for n, p in ours.named_parameters() if p.requires_grad}
-    assert set(grads) == set(theirs) and len(grads) == 6
-    for name, grad in grads.items():
-        torch.testing.assert_close(grad, theirs[name], atol=1e-6, rtol=1e-4)
+    assert sum(p.requires_grad for p in ours.parameters()) == 6

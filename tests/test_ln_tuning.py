@@ -1,7 +1,5 @@
 """LN tuning against HF peft (LNTuningConfig): outputs, gradients, checkpoints both ways, merge, one adapter at a time."""
 
-import copy
-
 import peft
 import pytest
 import torch
@@ -13,25 +11,25 @@ from peftc.technique.adapters import adapters, set_active
 from peftc.technique.checkpoint import CheckpointError
 from peftc.errors import OptionError, TargetError
 from peftc.tools.models import example_inputs, tiny_model
+from peftc.tools.parity import against_peft, close
 from conftest import captured, fill_trainable, loaded
-from test_adapters_parity import assert_parity, assert_same_output, eager_kwargs
+from zoo import check, symbolic
 
-CONFIGS = {"bert": peft.LNTuningConfig(target_modules=["LayerNorm"]),  # post-LN; peft has no default for bert
-           "gpt2": peft.LNTuningConfig()}  # peft's default: ln_1, ln_2, ln_f
+# cell: (model, config, how many norms it tunes)
+CELLS = {
+    "layernorm": ("layernorm", peft.LNTuningConfig(target_modules=["norm"]), 1),
+    "llama": ("llama", peft.LNTuningConfig(target_modules=["input_layernorm", "norm"]), 3),
+    "gpt2": ("gpt2", peft.LNTuningConfig(target_modules=["ln_1", "ln_f"]), 3),
+    "gpt2-default": ("gpt2", peft.LNTuningConfig(), 5),  # peft's default: ln_1, ln_2, ln_f
+    "bert": ("bert", peft.LNTuningConfig(target_modules=["LayerNorm"]), 5),  # post-LN; peft has no default for bert
+}
 
 
-def build_pair(arch, config, tmp_path):
-    peft_model = peft.get_peft_model(tiny_model(arch), config)
-    fill_trainable(peft_model, seed=1)
-    peft_model.save_pretrained(tmp_path)
-    return peft_model, peftc.load_adapter(peftc.apply(captured(f"tiny-{arch}"), "freeze"), tmp_path)
-
-
-@pytest.mark.parametrize("arch", ["bert", "gpt2"])
-def test_parity_with_peft(arch, tmp_path):
-    peft_model, gm = build_pair(arch, CONFIGS[arch], tmp_path)
-    assert len(adapters(gm)["default"].sites) == 5
-    assert_parity(peft_model, gm, *example_inputs(peft_model.base_model.model, batch=3, seq=9, seed=2))
+@pytest.mark.parametrize("cell", CELLS)
+def test_matches_peft(cell, tmp_path):
+    name, config, norms = CELLS[cell]
+    parity = check(name, config, tmp_path)
+    assert len(adapters(parity.graph)["default"].sites) == norms
 
 
 @pytest.mark.parametrize("arch", ["bert", "gpt2"])
@@ -42,7 +40,7 @@ def test_saved_adapters_load_in_peft(arch, tmp_path):
     gm = fill_trainable(peftc.apply(captured(f"tiny-{arch}"), text))
     peftc.save_adapter(gm, tmp_path)
     reloaded = peft.PeftModel.from_pretrained(model, tmp_path)
-    assert_same_output(gm(*args, **kwargs)[0], reloaded(*args, **eager_kwargs(model, kwargs))[0])
+    close(gm(*args, **kwargs)[0], reloaded(*args, **kwargs, use_cache=False)[0], "peft on peftc's checkpoint")
     again = peftc.load_adapter(peftc.apply(captured(f"tiny-{arch}"), "freeze"), tmp_path)
     assert torch.equal(again(*args, **kwargs)[0], gm(*args, **kwargs)[0])
 
@@ -50,22 +48,10 @@ def test_saved_adapters_load_in_peft(arch, tmp_path):
 def test_layer_norms_without_bias_on_a_symbolic_graph(tmp_path):
     model = nn.Sequential(nn.Linear(4, 8), nn.LayerNorm(8, bias=False), nn.Linear(8, 8), nn.LayerNorm(8))
     x = torch.randn(3, 4)
-    base = copy.deepcopy(model)
-    peft_model = peft.get_peft_model(model, peft.LNTuningConfig(target_modules=["1", "3"]))
-    fill_trainable(peft_model, seed=1)
-    peft_model.save_pretrained(tmp_path)
-    gm = peftc.load_adapter(peftc.apply(peftc.capture(base, (x,), method="symbolic"), "freeze"), tmp_path)
-    assert sorted(n for n, p in gm.named_parameters() if p.requires_grad) == [
+    parity = against_peft(model, (x,), {}, peft.LNTuningConfig(target_modules=["1", "3"]), tmp_path,
+                          graph=symbolic(model, (x,)))
+    assert sorted(n for n, p in parity.graph.named_parameters() if p.requires_grad) == [
         "1.ln_tuning_layers.default.weight", "3.ln_tuning_layers.default.bias", "3.ln_tuning_layers.default.weight"]
-    expected, got = peft_model(x), gm(x)
-    torch.testing.assert_close(got, expected, atol=1e-6, rtol=1e-5)
-    expected.square().sum().backward()
-    got.square().sum().backward()
-    for name, p in gm.named_parameters():
-        if p.requires_grad:
-            torch.testing.assert_close(p.grad, peft_model.get_parameter(f"base_model.model.{name}").grad,
-                                       atol=1e-6, rtol=1e-5)
-    torch.testing.assert_close(peftc.apply(gm, "merge")(x), got, atol=1e-6, rtol=1e-5)
 
 
 def test_merge_copies_into_the_base_and_unmerge_restores_it():

@@ -1,4 +1,4 @@
-"""A short LoRA finetune of the real MiniLM on SST-2 (examples/lora_sst2.py, peftc.demo) learns, training only LoRA and the head."""
+"""A short LoRA finetune of the real MiniLM on SST-2 (examples/lora_sst2.py, peftc.tools.demo) learns, training only LoRA and the head."""
 
 import importlib.util
 

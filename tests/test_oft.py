@@ -1,7 +1,6 @@
 """OFT against HF peft 0.21: linear, 2-d convolution and embedding sites on a small model, tiny Llama,
 NF4 against bitsandbytes' Linear4bit, merging, checkpoints both ways, refusals, composition with LoRA."""
 
-import copy
 import warnings
 
 import peft
@@ -13,8 +12,9 @@ import peftc.techniques.oft  # noqa: F401  (registers the pass)
 from peftc.errors import OptionError, PeftcError, TargetError
 from transformers.pytorch_utils import Conv1D
 
-from conftest import captured, loaded
-from rotation_parity import check_merge, check_parity, check_reload_in_peft, close, pair, perturb
+from peftc.tools.parity import against_peft, close, perturb
+from conftest import captured
+from zoo import build, check
 
 warnings.filterwarnings("ignore", message=".*Adjusted.*")
 
@@ -41,60 +41,62 @@ def small_inputs():
     return (torch.randint(0, 10, (3, 7), generator=g), torch.randn(3, 2, 6, 6, generator=g)), {}
 
 
-CONFIGS = {
-    "block-size": dict(oft_block_size=4, r=0),
-    "adjusted-shared": dict(oft_block_size=5, r=0, block_share=True),  # 16 -> 4, 18 -> 6, 36 -> 6
-    "r-exact-cayley": dict(r=2, oft_block_size=0, use_cayley_neumann=False),
-    "neumann-7": dict(oft_block_size=4, r=0, num_cayley_neumann_terms=7),
+def small():
+    return Small(), *small_inputs()
+
+
+def oft(*targets, **fields):
+    return peft.OFTConfig(target_modules=list(targets), **fields)
+
+
+SMALL = ("emb", "conv", "pointwise", "lin", "out")
+# rotations far from the identity; Small's 3x3 convolution rotates input patches, which merging refuses
+ON_SMALL = {"scale": 0.3, "merge": False}
+CELLS = {
+    "mlp": ("mlp", oft("lin0", "lin1", oft_block_size=5)),
+    "conv2d": ("conv2d", oft("conv1", oft_block_size=4)),
+    "llama": ("llama", oft("q_proj", "v_proj", oft_block_size=16)),
+    "llama-down_proj-embedding": ("llama", oft("q_proj", "v_proj", "down_proj", "embed_tokens", oft_block_size=16, r=0)),
+    "small-block-size": (small, oft(*SMALL, oft_block_size=4, r=0), ON_SMALL),
+    "small-adjusted-shared": (small, oft(*SMALL, oft_block_size=5, r=0, block_share=True), ON_SMALL),  # 16 -> 4, 18 -> 6, 36 -> 6
+    "small-r-exact-cayley": (small, oft(*SMALL, r=2, oft_block_size=0, use_cayley_neumann=False), ON_SMALL),
+    "small-neumann-7": (small, oft(*SMALL, oft_block_size=4, r=0, num_cayley_neumann_terms=7), ON_SMALL),
 }
 
 
-@pytest.mark.parametrize("case", CONFIGS)
-def test_small_model_matches_peft(case, tmp_path):
-    args, kwargs = small_inputs()
-    config = peft.OFTConfig(target_modules=["emb", "conv", "pointwise", "lin", "out"], **CONFIGS[case])
-    peft_model, gm = pair(Small(), args, kwargs, config, tmp_path)
-    check_parity(peft_model, gm, args, kwargs)
-    check_reload_in_peft(gm, Small(), args, kwargs, tmp_path)
+@pytest.mark.parametrize("cell", CELLS)
+def test_matches_peft(cell, tmp_path):
+    model, config, *options = CELLS[cell]
+    check(model, config, tmp_path, **dict(*options))
 
 
 def test_merge_folds_the_rotation_and_refuses_patch_rotations(tmp_path):
     args, kwargs = small_inputs()
     gm = perturb(peftc.apply(peftc.capture(Small(), args, method="symbolic"),
                              "freeze, oft(block_size=4, targets='emb|pointwise|lin|out')"), 0.3)
-    check_merge(gm, args, kwargs)
+    unmerged = gm(*args)
+    merged = peftc.apply(gm, "merge")
+    close(merged(*args), unmerged, "merged outputs")
+    restored = peftc.apply(merged, "unmerge")
+    close(restored(*args), unmerged, "unmerged outputs")
+    assert all(torch.equal(restored.get_parameter(n), p) for n, p in gm.named_parameters() if not p.requires_grad)
     conv = perturb(peftc.apply(peftc.capture(Small(), args, method="symbolic"), "freeze, oft(block_size=6, targets='conv')"), 0.3)
     with pytest.raises(PeftcError, match=r"'conv' has a \(3, 3\) kernel: peft's OFT rotates input patches"):
         peftc.apply(conv, "merge")
-
-
-def llama():
-    lm = loaded("tiny-llama")
-    return copy.deepcopy(lm.model), lm.args, lm.kwargs
-
-
-def test_tiny_llama_matches_peft_both_ways(tmp_path):
-    model, args, kwargs = llama()
-    config = peft.OFTConfig(oft_block_size=16, r=0, target_modules=["q_proj", "v_proj", "down_proj", "embed_tokens"])
-    graph = peftc.apply(captured("tiny-llama"), "freeze")
-    peft_model, gm = pair(model, args, kwargs, config, tmp_path, scale=0.05, graph=graph)
-    check_parity(peft_model, gm, args, kwargs, {"use_cache": False})
-    check_merge(gm, args, kwargs)
-    check_reload_in_peft(gm, llama()[0], args, kwargs, tmp_path, {"use_cache": False})
 
 
 def test_nf4_matches_peft_on_bitsandbytes_linear4bit(tmp_path, monkeypatch):
     pytest.importorskip("bitsandbytes")
     from bnb_oracle import linear4bit_model
 
-    model, args, kwargs = llama()
-    config = peft.OFTConfig(oft_block_size=8, r=0, target_modules=["q_proj", "up_proj"])
-    graph = peftc.apply(captured("tiny-llama"), "nf4, freeze")
-    peft_model, qoft = pair(linear4bit_model(model, monkeypatch), args, kwargs, config, tmp_path, scale=0.05, graph=graph)
+    model, args, kwargs = build("llama")
+    parity = against_peft(model, args, kwargs, oft("q_proj", "up_proj", oft_block_size=8, r=0), tmp_path,
+                          graph=peftc.apply(captured("tiny-llama"), "nf4, freeze"),
+                          prepare=lambda m: linear4bit_model(m, monkeypatch), merge=False)
+    qoft = parity.graph
     assert all(s.storage == "nf4" for s in peftc.linear_sites(qoft) if s.path != "lm_head")
-    check_parity(peft_model, qoft, args, kwargs, {"use_cache": False})
     merged = peftc.apply(qoft, "merge(dtype='float32')")
-    close(merged(*args, **kwargs).logits, qoft(*args, **kwargs).logits)
+    close(merged(*args, **kwargs).logits, qoft(*args, **kwargs).logits, "merged outputs")
 
 
 def test_oft_and_lora_on_one_site_compose_in_either_order():

@@ -16,6 +16,7 @@ from peftc.errors import OptionError, PassError, TargetError
 from peftc.ir.graph import tagged
 from peftc.tools.models import example_inputs, tiny_model
 from peftc.sites.regions import attention_sites, position_ids
+from peftc.tools.parity import against_peft, close
 from conftest import captured
 
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning")  # peft passes past_key_values (renamed cache)
@@ -61,20 +62,26 @@ def assert_parity(peft_model, gm, theirs, ours, args, kwargs, arch):
     assert got.shape == expected.shape == (*args[0].shape, expected.shape[-1])  # [B, L, ...]: user positions only
     base = peft_model.get_base_model()(*args, **eager)[0]
     assert (expected - base).abs().max() > 1e-2  # the prefix changes the output, so parity means something
-    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+    close(got, expected, "outputs")
     loss(expected).backward()
     loss(got).backward()
     for name, p in theirs.items():
         assert p.grad.abs().max() > 0
-        torch.testing.assert_close(ours[name].grad, p.grad, atol=1e-5, rtol=1e-5)
+        close(ours[name].grad, p.grad, f"gradient of {name}")
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "gpt2", "bert"])
-def test_parity_with_peft(arch):
-    peft_model, gm, theirs, ours = build_pair(arch)
+def test_parity_with_peft(arch, tmp_path):
+    model = tiny_model(arch)  # the model conftest captured at batch 2, length 16
+    args, kwargs = padded_inputs(model)
+    config = peft.PrefixTuningConfig(task_type=TASKS[arch], num_virtual_tokens=3)
+    parity = against_peft(model, args, kwargs, config, tmp_path, graph=peftc.apply(captured(f"tiny-{arch}"), "freeze"))
+    assert parity.graph(*args, **kwargs)[0].shape[:2] == args[0].shape  # user positions only
+    theirs = {name: p.shape for name, p in parity.peft.named_parameters() if p.requires_grad}
+    made = peftc.apply(captured(f"tiny-{arch}"), "freeze, prefix(n=3)")
+    assert {name: p.shape for name, p in made.named_parameters() if p.requires_grad} == theirs  # peft's names, shapes
     if arch in ("llama", "qwen2"):  # GQA: the prefix has num_key_value_heads heads, as peft's token_dim
-        assert theirs["prompt_encoder.default.embedding.weight"].shape == (3, 2 * 2 * 2 * 16)
-    assert_parity(peft_model, gm, theirs, ours, *padded_inputs(peft_model.get_base_model()), arch)
+        assert theirs["prompt_encoder.default.embedding.weight"] == (3, 2 * 2 * 2 * 16)
 
 
 def test_parity_with_prefix_projection():
@@ -91,7 +98,7 @@ def test_other_batch_sizes_and_lengths():
     for batch, seq in ((1, 3), (4, 20)):
         args, kwargs = example_inputs(peft_model.get_base_model(), batch=batch, seq=seq, seed=batch)
         expected = peft_model(*args, **kwargs, use_cache=False)[0]
-        torch.testing.assert_close(gm(*args, **kwargs)[0], expected, atol=1e-5, rtol=1e-5)
+        close(gm(*args, **kwargs)[0], expected, f"outputs at batch {batch}, length {seq}")
 
 
 def test_positions_are_shifted_and_masks_extended_once():
@@ -137,7 +144,7 @@ def test_is_causal_without_mask_against_eager_reference():
     flat = gm.get_parameter("prompt_encoder.default.embedding.weight")
     kv = flat.reshape(3, 2, 4, 8).permute(1, 2, 0, 3)
     for y in (x, torch.randn(3, 9, 32)):
-        torch.testing.assert_close(gm(y), module.reference(y, kv[0], kv[1]), atol=1e-5, rtol=1e-5)
+        close(gm(y), module.reference(y, kv[0], kv[1]), "outputs")
 
 
 def test_errors():
@@ -185,7 +192,7 @@ def test_sequence_classifier_where_peft_fails():
     expected = classifier.score(captured["h"])[torch.arange(3), last]
     got = gm(ids, attention_mask=mask)[0]
     assert (got - classifier(ids, attention_mask=mask)[0]).abs().max() > 1e-2
-    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+    close(got, expected, "logits")
 
 
 def test_checkpoints_both_ways(tmp_path):
@@ -199,12 +206,11 @@ def test_checkpoints_both_ways(tmp_path):
     assert not any(".transform." in name for name, _ in loaded_gm.named_parameters())  # the flat prefix, as peft's
     args, kwargs = padded_inputs(peft_model.get_base_model())
     expected = peft_model(*args, **kwargs, use_cache=False)[0]
-    torch.testing.assert_close(loaded_gm(*args, **kwargs)[0], expected, atol=1e-5, rtol=1e-5)
+    close(loaded_gm(*args, **kwargs)[0], expected, "peftc on peft's checkpoint")
     # peftc-saved (projection evaluated) -> peft
     peftc.save_adapter(gm, tmp_path / "ours")
     reloaded = peft.PeftModel.from_pretrained(tiny_model("llama"), tmp_path / "ours")
-    torch.testing.assert_close(reloaded(*args, **kwargs, use_cache=False)[0], gm(*args, **kwargs)[0],
-                               atol=1e-5, rtol=1e-5)
+    close(reloaded(*args, **kwargs, use_cache=False)[0], gm(*args, **kwargs)[0], "peft on peftc's checkpoint")
     with pytest.raises(CheckpointError, match="does not fit this model"):
         peftc.load_adapter(captured("tiny-gpt2"), tmp_path / "ours")
     # a second prefix is another adapter, one active at a time
@@ -214,7 +220,7 @@ def test_checkpoints_both_ways(tmp_path):
     with pytest.raises(OptionError, match="would be active together"):
         peftc.apply(flat, "prefix(n=2, adapter='other')")
     both = peftc.load_adapter(peftc.apply(flat, "disable_adapters"), tmp_path / "peft", adapter="trained")
-    torch.testing.assert_close(both(*args, **kwargs)[0], expected, atol=1e-5, rtol=1e-5)
+    close(both(*args, **kwargs)[0], expected, "the second adapter")
     switched = peftc.apply(both, "set_adapter(name='default')")
     torch.testing.assert_close(switched(*args, **kwargs)[0], flat(*args, **kwargs)[0])
 
@@ -237,4 +243,4 @@ def test_float_mask_gets_zero_columns_in_front():
     k = torch.cat([kv[0].expand(2, -1, -1, -1), k], 2)
     v = torch.cat([kv[1].expand(2, -1, -1, -1), v], 2)
     scores = q @ k.transpose(-1, -2) / math.sqrt(8) + F.pad(mask, (3, 0))
-    torch.testing.assert_close(gm(x, mask), scores.softmax(-1) @ v, atol=1e-5, rtol=1e-5)
+    close(gm(x, mask), scores.softmax(-1) @ v, "outputs")

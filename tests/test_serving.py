@@ -15,12 +15,8 @@ from peftc.backends.triton import ops
 from peftc.errors import OptionError, PassError
 from peftc.ir.graph import peftc_meta
 from peftc.passes.multi_lora import multi_lora_delta
+from peftc.tools.parity import close
 from conftest import captured, loaded
-
-
-def close(actual: torch.Tensor, expected: torch.Tensor, tolerance: float = 1e-5) -> None:
-    error = (actual - expected).abs().max().item()
-    assert error <= tolerance * max(expected.abs().max().item(), 1.0), error
 
 
 def peft_adapters(tmp_path):
@@ -58,12 +54,13 @@ def test_each_row_is_its_adapter_as_peft_serves_it(tmp_path, kernel):
     with torch.no_grad():
         theirs = peft_model(input_ids=ids, attention_mask=mask,
                             adapter_names=[n or "__base__" for n in names]).logits
-    close(ours, theirs)
+    close(ours, theirs, "rows against peft's mixed batch")
     for row, name in enumerate(names):  # and each row is that adapter's merged model
         single = peftc.apply(captured("tiny-llama"), "identity")
         if name is not None:
             single = peftc.apply(peftc.load_adapter(single, tmp_path / name, adapter=name), "merge")
-        close(ours[row], single(ids[row:row + 1].repeat(2, 1), attention_mask=mask[:2]).logits[0])
+        close(ours[row], single(ids[row:row + 1].repeat(2, 1), attention_mask=mask[:2]).logits[0],
+              f"row {row} against {name}'s merged model")
 
 
 def test_adapters_come_and_go_while_serving(tmp_path):
@@ -77,20 +74,21 @@ def test_adapters_come_and_go_while_serving(tmp_path):
         third.get_parameter(next(n for n, _ in third.named_parameters() if "lora_B" in n)).normal_()
     peftc.save_adapter(third, tmp_path / "c", adapter="c")
     loaded_c = peftc.load_adapter(served, tmp_path / "c", adapter="c")  # inactive until restacked: no row changes
-    close(loaded_c(ids, attention_mask=mask, adapter_ids=peftc.adapter_ids(loaded_c, ["a", "b", None])).logits, before)
+    close(loaded_c(ids, attention_mask=mask, adapter_ids=peftc.adapter_ids(loaded_c, ["a", "b", None])).logits, before,
+          "rows after loading c")
     with pytest.raises(PassError, match="serves stacked adapters"):
         peftc.apply(loaded_c, "set_adapter(name='c')")
     grown = peftc.apply(loaded_c, "multi_lora")
     assert peftc_meta(grown)["multi_lora"]["adapters"] == ["a", "b", "c"]
     after = grown(ids, attention_mask=mask, adapter_ids=peftc.adapter_ids(grown, ["a", "b", None])).logits
-    close(after, before)
+    close(after, before, "rows after restacking")
     with_c = grown(ids, attention_mask=mask, adapter_ids=peftc.adapter_ids(grown, ["c", "c", "c"])).logits
     assert (with_c - before).abs().max() > 1e-3
     shrunk = peftc.apply(grown, "delete_adapter(name='a'), multi_lora")
     assert peftc_meta(shrunk)["multi_lora"]["adapters"] == ["b", "c"]
     kept = shrunk(ids, attention_mask=mask, adapter_ids=peftc.adapter_ids(shrunk, ["c", "b", None])).logits
-    close(kept[1:], before[1:])
-    close(kept[0], with_c[0])
+    close(kept[1:], before[1:], "rows after deleting a")
+    close(kept[0], with_c[0], "c's row after deleting a")
     with pytest.raises(OptionError, match="no adapter named 'a' is stacked; stacked: b, c"):
         peftc.adapter_ids(shrunk, ["a"])
 
@@ -103,11 +101,11 @@ def test_triton_shrink_expand_equals_the_reference(in_features):
     A[1, 3:], B[1, 3:] = 0, 0  # a rank-3 adapter stacked beside rank-8 ones
     ids = torch.tensor([4, -1, 1, 4, 0, -1])
     expected = multi_lora_delta(x, ids, A, B)
-    close(ops.triton_multi_lora_delta(x, ids, A, B), expected)
+    close(ops.triton_multi_lora_delta(x, ids, A, B), expected, "triton")
     assert expected[1].abs().max() == 0 and expected[5].abs().max() == 0
-    close(expected[2], x[2] @ A[1, :3].t() @ B[1, :3])
+    close(expected[2], x[2] @ A[1, :3].t() @ B[1, :3], "the rank-3 row")
     flat = multi_lora_delta(x.reshape(30, in_features), ids, A, B)  # GPT-2 flattens rows x tokens before its linears
-    close(flat.view(6, 5, 45), expected)
+    close(flat.view(6, 5, 45), expected, "flattened rows")
 
 
 def test_what_is_refused():

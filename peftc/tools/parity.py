@@ -4,22 +4,26 @@
     against_peft(model, args, kwargs, peft.LoraConfig(r=4, target_modules=["q_proj"]), tmp_path)
 
 1. peft builds the adapter on a copy of `model`, its trainable tensors get random non-zero values
-   (LoRA's B starts at zero: parity at init would prove nothing) and `save_pretrained` writes them;
-   peftc captures another copy and `load_adapter`s that folder (peft's format, read).
-2. Outputs (the first tensor a model returns) and the gradient of every trainable adapter tensor, by
-   name, agree with peft's within `tol` of their scale: peft and peftc may sum in another order, which
-   differs by CPU and BLAS path; a wrong adapter moves them by far more. The adapter must move the
-   output, else the comparison proves nothing.
-3. `merge` keeps the outputs and `unmerge` gives back the base weights exactly (mergeable techniques).
+   (LoRA's B starts at zero: parity at init would prove nothing) and `save_pretrained` writes them
+   (or peft loads a checkpoint made by hand: an AdaLoRA one after rank allocation); peftc captures
+   another copy and `load_adapter`s that folder (peft's format, read).
+2. Outputs (the first tensor a model returns, or what `view` takes from them) and the gradient of
+   every trainable adapter tensor, by name, agree with peft's within `tol` of their scale: peft and
+   peftc may sum in another order, which differs by CPU and BLAS path; a wrong adapter moves them by
+   far more. The adapter must move the output, else the comparison proves nothing.
+3. `merge` keeps the outputs and `unmerge` gives back the base weights exactly (mergeable
+   techniques).
 4. What `peftc.save_adapter` writes loads in `peft.PeftModel.from_pretrained` and computes the same
    (peft's format, written).
-`close(got, expected, what)` is the comparison itself, for oracles written out by hand (adapter-hub's
-formulas for bottleneck adapters). peft is a test dependency of peftc: `pip install 'peftc[test]'`.
+`close(got, expected, what)` is the comparison itself, for oracles written out by hand
+(adapter-hub's formulas for bottleneck adapters). peft is a test dependency of peftc:
+`pip install 'peftc[test]'`.
 """
 
 from __future__ import annotations
 
 import copy
+import inspect
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -45,6 +49,7 @@ class Parity:
     merged: float | None
     reloaded: float | None
     graph: fx.GraphModule  # peftc's module, loaded from peft's checkpoint, after the backward pass
+    peft: nn.Module  # peft's model, after the backward pass
 
 
 def close(got: torch.Tensor, expected: torch.Tensor, what: str, tol: float = 1e-5) -> float:
@@ -61,7 +66,8 @@ def close(got: torch.Tensor, expected: torch.Tensor, what: str, tol: float = 1e-
 
 
 def first_output(out: Any) -> torch.Tensor:
-    """The first tensor a model returns (a HF output's logits or first field, a tuple's first member)."""
+    """The first tensor a model returns (a HF output's logits or first field, a tuple's first
+    member)."""
     if isinstance(out, torch.Tensor):
         return out
     if hasattr(out, "logits"):
@@ -81,58 +87,134 @@ def perturb(module: nn.Module, scale: float = 0.1, seed: int = 1) -> nn.Module:
     return module
 
 
-def against_peft(model: nn.Module, args: tuple, kwargs: dict, config: Any, folder: str | Path, *,
-                 graph: fx.GraphModule | None = None, prepare: Any = None, scale: float = 0.1, tol: float = 1e-5,
-                 grad_tol: float | None = None, merge: bool = True, reload: bool = True) -> Parity:
-    """Check the technique of peft's `config` on `model` (cases 1-4); raises AssertionError naming what differs.
+def against_peft(
+    model: nn.Module,
+    args: tuple,
+    kwargs: dict,
+    config: Any,
+    folder: str | Path,
+    *,
+    graph: fx.GraphModule | None = None,
+    prepare: Any = None,
+    scale: float = 0.1,
+    tol: float = 1e-5,
+    grad_tol: float | None = None,
+    view: Any = first_output,
+    train: bool = False,
+    merge: bool = True,
+    reload: bool = True,
+) -> Parity:
+    """Check the technique of peft's `config` on `model` (cases 1-4); raises AssertionError naming
+    what differs.
 
-    `graph`: `model` already captured (and frozen), to capture once for many checks; `prepare(model)`: what
-    peft's copy goes through first (bitsandbytes' Linear4bit for 4-bit bases); `scale`: the noise on the
-    adapter's tensors; `tol` / `grad_tol`: relative tolerances of outputs and gradients.
+    `config`: a peft config, or a folder peft saved an adapter in (loaded trainable, as saved);
+    `graph`: `model` already captured (and frozen), to capture once for many checks;
+    `prepare(model)`: what peft's copy goes through first (bitsandbytes' Linear4bit for 4-bit
+    bases); `scale`: the noise on the adapter's tensors; `tol` / `grad_tol`: relative tolerances of
+    outputs and gradients; `view(output)`: the tensor compared and differentiated, where the first
+    output is not all the adapter acts on; `train`: outputs and gradients in training mode, both
+    sides from one RNG state so that dropout draws the same masks (merge and reload in eval mode).
     """
-    import peft
-
     folder = Path(folder)
     eager = {**kwargs, "use_cache": False} if "use_cache" in _parameters(model) else kwargs
-    base = copy.deepcopy(model)
-    theirs = perturb(peft.get_peft_model(prepare(copy.deepcopy(model)) if prepare else copy.deepcopy(model), config),
-                     scale).eval()
-    theirs.save_pretrained(folder / "peft")
-    ours = load_adapter(graph if graph is not None else apply(capture(copy.deepcopy(model), args, kwargs), "freeze"),
-                        folder / "peft").eval()
-    expected, got = first_output(theirs(*args, **eager)), first_output(ours(*args, **kwargs))
+    theirs, checkpoint = _peft_model(model, config, folder, prepare, scale)
+    if graph is None:
+        graph = apply(capture(copy.deepcopy(model), args, kwargs), "freeze")
+    ours = load_adapter(graph, checkpoint)
+    run = _runner(args, view, train, theirs, ours)
+    expected, got = run(theirs, eager), run(ours, kwargs)
     output = close(got, expected, "outputs", tol)
-    baseline = first_output(disable(clone(ours))(*args, **kwargs))
-    if not (baseline - got).abs().max() > 1e-4 * max(1.0, got.abs().max().item()):
-        raise AssertionError("the adapter does not change the output, so parity proves nothing: give it other "
-                             "weights (scale) or other targets")
+    _moves(run(disable(clone(ours)), kwargs), got)
     gradient = _gradients(theirs, ours, expected, got, grad_tol if grad_tol is not None else tol)
+    theirs.eval()
+    ours.eval()
     with torch.no_grad():
-        merged = _merge(ours, args, kwargs, got, tol) if merge else None
-        reloaded = None
-        if reload:
-            save_adapter(ours, folder / "peftc")
-            again = peft.PeftModel.from_pretrained(prepare(copy.deepcopy(base)) if prepare else copy.deepcopy(base),
-                                                   folder / "peftc").eval()
-            reloaded = close(first_output(again(*args, **eager)), got, "peft on peftc's checkpoint", tol)
-    return Parity(output, gradient, merged, reloaded, ours)
+        got = run(ours, kwargs) if train else got
+        merged = _merge(ours, run, kwargs, got, tol) if merge else None
+        reloaded = _reload(ours, model, run, eager, got, folder, prepare, tol) if reload else None
+    return Parity(output, gradient, merged, reloaded, ours, theirs)
+
+
+def _runner(args: tuple, view: Any, train: bool, *modules: nn.Module) -> Any:
+    """`run(module, kwargs)`: `view` of its output, from one RNG state, so that dropout draws the
+    same masks on both sides; `modules` in training mode if `train`."""
+    for module in modules:
+        module.train(train)
+    state = torch.get_rng_state()
+
+    def run(module: nn.Module, kwargs: dict) -> torch.Tensor:
+        torch.set_rng_state(state)
+        return view(module(*args, **kwargs))
+
+    return run
+
+
+def _moves(baseline: torch.Tensor, got: torch.Tensor) -> None:
+    if not (baseline - got).abs().max() > 1e-4 * max(1.0, got.abs().max().item()):
+        raise AssertionError(
+            "the adapter does not change the output, so parity proves nothing: give it other "
+            "weights (scale) or other targets"
+        )
+
+
+def _peft_model(
+    model: nn.Module, config: Any, folder: Path, prepare: Any, scale: float
+) -> tuple[nn.Module, Path]:
+    """peft's model on a copy of `model` and the checkpoint it is in: `config`'s adapter with random
+    non-zero weights, saved under `folder`, or the checkpoint `config` names."""
+    import peft
+
+    base = prepare(copy.deepcopy(model)) if prepare else copy.deepcopy(model)
+    if isinstance(config, (str, Path)):
+        return peft.PeftModel.from_pretrained(base, config, is_trainable=True), Path(config)
+    theirs = perturb(peft.get_peft_model(base, config), scale)
+    theirs.save_pretrained(folder / "peft")
+    return theirs, folder / "peft"
+
+
+def _reload(
+    ours: fx.GraphModule,
+    model: nn.Module,
+    run: Any,
+    kwargs: dict,
+    got: torch.Tensor,
+    folder: Path,
+    prepare: Any,
+    tol: float,
+) -> float:
+    """peftc's checkpoint, loaded by peft on a copy of `model`, computes `got`."""
+    import peft
+
+    save_adapter(ours, folder / "peftc")
+    base = prepare(copy.deepcopy(model)) if prepare else copy.deepcopy(model)
+    again = peft.PeftModel.from_pretrained(base, folder / "peftc").eval()
+    return close(run(again, kwargs), got, "peft on peftc's checkpoint", tol)
 
 
 def _parameters(model: nn.Module) -> set[str]:
-    import inspect
-
     return set(inspect.signature(model.forward).parameters)
 
 
-def _gradients(theirs: nn.Module, ours: fx.GraphModule, expected: torch.Tensor, got: torch.Tensor, tol: float) -> float:
-    """Every trainable adapter tensor's gradient, by peft's name without `base_model.model.`."""
-    expected.float().square().mean().backward()
-    got.float().square().mean().backward()
-    peft_grads = {n.removeprefix("base_model.model."): p for n, p in theirs.named_parameters() if p.requires_grad}
+def _gradients(
+    theirs: nn.Module, ours: fx.GraphModule, expected: torch.Tensor, got: torch.Tensor, tol: float
+) -> float:
+    """Every trainable adapter tensor's gradient, by peft's name without `base_model.model.`, of the
+    outputs' sum under fixed random weights (a post-LN output's mean square hardly moves)."""
+    weights = torch.randn(expected.shape, generator=torch.Generator().manual_seed(0))
+    (expected.float() * weights).sum().backward()
+    (got.float() * weights).sum().backward()
+    peft_grads = {
+        n.removeprefix("base_model.model."): p
+        for n, p in theirs.named_parameters()
+        if p.requires_grad
+    }
     our_grads = {n: p for n, p in ours.named_parameters() if p.requires_grad}
     if set(our_grads) != set(peft_grads) or not our_grads:
-        raise AssertionError(f"trainable tensors differ: only peftc's {sorted(set(our_grads) - set(peft_grads))[:4]}, "
-                             f"only peft's {sorted(set(peft_grads) - set(our_grads))[:4]}")
+        raise AssertionError(
+            "trainable tensors differ: only peftc's "
+            f"{sorted(set(our_grads) - set(peft_grads))[:4]}, only peft's "
+            f"{sorted(set(peft_grads) - set(our_grads))[:4]}"
+        )
     worst = 0.0
     for name, p in our_grads.items():
         if p.grad is None or (p.numel() and not p.grad.abs().sum() > 0):
@@ -141,11 +223,13 @@ def _gradients(theirs: nn.Module, ours: fx.GraphModule, expected: torch.Tensor, 
     return worst
 
 
-def _merge(ours: fx.GraphModule, args: tuple, kwargs: dict, got: torch.Tensor, tol: float) -> float | None:
+def _merge(
+    ours: fx.GraphModule, run: Any, kwargs: dict, got: torch.Tensor, tol: float
+) -> float | None:
     if not any(r.method().mergeable for r in adapters(ours).values()):
         return None
     merged = apply(ours, "merge")
-    diff = close(first_output(merged(*args, **kwargs)), got, "merged outputs", tol)
+    diff = close(run(merged, kwargs), got, "merged outputs", tol)
     restored = apply(merged, "unmerge")
     for name, p in ours.named_parameters():
         if not p.requires_grad and not torch.equal(restored.get_parameter(name), p):

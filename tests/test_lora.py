@@ -1,0 +1,48 @@
+"""LoRA, DoRA and rsLoRA against HF peft on every site kind peft supports (linear, conv, embedding,
+GPT-2's Conv1D, nn.MultiheadAttention) and on tiny transformers and the real MiniLM: outputs, every
+gradient, merge, checkpoints both ways (`peftc.tools.parity.against_peft`)."""
+
+import peft
+import pytest
+from conftest import requires_minilm
+from zoo import check, with_pooler
+
+
+def lora(*targets, **fields):
+    return peft.LoraConfig(**{"r": 4, "lora_alpha": 8, "target_modules": list(targets), **fields})
+
+
+# The real MiniLM: its pooler's `dense` is a target too, so both outputs are compared. Merging folds
+# B A into trained weights: float32 rounding moves outputs by ~1e-5 of their scale after six layers.
+MINILM = {"view": with_pooler, "merge": False}
+
+CELLS = {
+    "mlp": ("mlp", lora("lin0", "lin1")),
+    "conv2d": ("conv2d", lora("conv0", "conv1")),
+    "conv1d": ("conv1d", lora("conv0", "lin0")),
+    "embedding": ("embedding", lora("emb", "lin0")),
+    "mha": ("mha", lora("mha")),
+    "llama": ("llama", lora("q_proj", "v_proj", "embed_tokens")),
+    "gpt2": ("gpt2", lora("c_attn", "c_fc", lora_alpha=16, fan_in_fan_out=True)),
+    "bert": ("bert", lora("query", "value", lora_dropout=0.1)),
+    "opt": ("opt", lora("q_proj", "v_proj", "fc1", r=8, lora_alpha=16)),
+    "minilm": ("minilm", lora("query", "value", r=8, lora_alpha=16), MINILM),
+    "dora-mlp": ("mlp", lora("lin0", "lin1", use_dora=True)),
+    "dora-conv1d": ("conv1d", lora("conv0", use_dora=True)),
+    "dora-llama": ("llama", lora("o_proj", "down_proj", use_dora=True)),
+    "dora-llama-o_proj": ("llama", lora("o_proj", use_dora=True)),
+    "dora-gpt2": ("gpt2", lora("c_proj", lora_alpha=16, fan_in_fan_out=True, use_dora=True)),
+    "dora-minilm": ("minilm", lora("query", "key", "value", "dense", use_dora=True), MINILM),
+    "rslora-dora-bert": (
+        "bert",
+        lora("query", "value", lora_alpha=16, use_rslora=True, use_dora=True),
+    ),
+}
+
+
+@pytest.mark.parametrize(
+    "cell", [pytest.param(c, marks=requires_minilm) if "minilm" in c else c for c in CELLS]
+)
+def test_matches_peft(cell, tmp_path):
+    name, config, *options = CELLS[cell]
+    check(name, config, tmp_path, **dict(*options))
