@@ -548,10 +548,10 @@ def input_embeddings(gm: fx.GraphModule, targets: str | None = None) -> list[Inp
         lookup = _embedding_lookup(gm, n)
         if lookup is None:
             continue
-        # behind a technique's rewrite of the ids (prompt tuning's)
+        # through views (GPT-2 flattens the ids) and a technique's rewrite of them (prompt tuning's)
         ids = resolve.nodes[captured_name(lookup)]
-        while _is(ids, _ID_VIEWS):
-            ids = ids.args[0]
+        while _is(ids, _ID_VIEWS) and isinstance(ids.args[0], fx.Node):
+            ids = resolve.nodes[captured_name(ids.args[0])]
         if isinstance(ids, fx.Node) and ids.op == "placeholder":
             stream = next((s for s in firsts if s is n or n in _ancestors(s)), None)
             sites.append(InputEmbeddings(module_path(n), n, ids, stream))
