@@ -46,6 +46,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+
 from common import begin, write_json
 
 SEED = 0

@@ -22,11 +22,12 @@ import statistics
 import time
 
 import torch
-from common import begin, print_table, write_json
 from torch.profiler import ProfilerActivity, profile
 from torch.profiler._memory_profiler import MemoryProfileTimeline
 
 import peftc
+
+from common import begin, print_table, write_json
 
 METHODS = {
     "full": "identity",

@@ -34,6 +34,7 @@ import time
 from typing import Any
 
 import torch
+
 from common import begin, compare, write_json
 
 SEED = 0

@@ -32,6 +32,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.utils._pytree as pytree
+
 from common import begin, compare, write_json
 
 

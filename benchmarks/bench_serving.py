@@ -23,9 +23,10 @@ import tempfile
 from pathlib import Path
 
 import torch
-from common import begin, compare, print_table, write_json
 
 import peftc
+
+from common import begin, compare, print_table, write_json
 
 
 def _setup(adapters: int, seq: int):

@@ -23,10 +23,10 @@ import argparse
 import time
 from statistics import mean
 
-from common import begin, print_table, write_json
-
 import peftc
 from peftc.tools.demo import build, evaluate, load_data, train
+
+from common import begin, print_table, write_json
 
 METHODS = {  # name: (pipeline, learning rate)
     "full": ("identity", 5e-5),  # every weight trains

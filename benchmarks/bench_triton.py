@@ -24,9 +24,10 @@ import time
 
 import torch
 import torch.nn.functional as F
-from common import begin, print_table, write_json
 
 import peftc
+
+from common import begin, print_table, write_json
 
 SIZES = {
     "1b": dict(

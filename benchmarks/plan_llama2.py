@@ -17,9 +17,10 @@ import argparse
 import time
 
 import torch
-from common import begin, print_table, write_json
 
 import peftc
+
+from common import begin, print_table, write_json
 
 SHAPES = {  # the published LLaMA-2 configurations
     "7b": dict(

@@ -13,9 +13,10 @@ import argparse
 from pathlib import Path
 
 import torch
-from shakespeare import batch, capture_tiny_llama, corpus, finetune, held_out_loss
 
 import peftc
+
+from shakespeare import batch, capture_tiny_llama, corpus, finetune, held_out_loss
 
 
 def main(argv: list[str] | None = None) -> dict:

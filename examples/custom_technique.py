@@ -18,7 +18,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from shakespeare import adapt_train_merge, steps_from
 from torch import nn
 
 from peftc.technique import (
@@ -31,6 +30,8 @@ from peftc.technique import (
     probability,
     register_technique,
 )
+
+from shakespeare import adapt_train_merge, steps_from
 
 aten = torch.ops.aten
 

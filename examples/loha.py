@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import math
 
-from shakespeare import adapt_train_merge, steps_from
-
 import peftc
+
+from shakespeare import adapt_train_merge, steps_from
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -16,9 +16,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from sst2 import arguments, finetune
 
 import peftc
+
+from sst2 import arguments, finetune
 
 PIPELINE = "freeze, prefix(n=10, prefix_projection=true, encoder_hidden_size=128)"
 

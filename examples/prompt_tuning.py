@@ -18,10 +18,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from sst2 import arguments, finetune
 
 import peftc
 from peftc.tools.demo import evaluate_onnx
+
+from sst2 import arguments, finetune
 
 PIPELINE = (
     'freeze, prompt(n=20, init="text", text="Is the sentiment of this movie review positive '

@@ -8,9 +8,9 @@ keeps all of it; `merge` reports what survives.
 
 from __future__ import annotations
 
-from shakespeare import adapt_train_merge, steps_from
-
 import peftc
+
+from shakespeare import adapt_train_merge, steps_from
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -18,10 +18,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from shakespeare import batch, capture_tiny_llama, corpus, finetune
 
 import peftc
 from peftc.backends import onnx as peftc_onnx
+
+from shakespeare import batch, capture_tiny_llama, corpus, finetune
 
 
 def main(argv: list[str] | None = None) -> dict:

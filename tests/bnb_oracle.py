@@ -21,13 +21,18 @@ try:
     import bitsandbytes.functional as F
     from bitsandbytes.cextension import ErrorHandlerMockBNBNativeLibrary, lib
 
-    MISSING = "bitsandbytes' CPU library is not loaded" if isinstance(lib, ErrorHandlerMockBNBNativeLibrary) else ""
+    MISSING = (
+        "bitsandbytes' CPU library is not loaded"
+        if isinstance(lib, ErrorHandlerMockBNBNativeLibrary)
+        else ""
+    )
 except ImportError:
     bnb = F = None
     MISSING = "bitsandbytes (the NF4 oracle) is not installed: pip install bitsandbytes"
 
 needs_bnb = pytest.mark.skipif(bool(MISSING), reason=MISSING)
-raw_dequantize = F.dequantize_4bit if F is not None else None  # bitsandbytes' own, whatever tests patch later
+# bitsandbytes' own, whatever tests patch later
+raw_dequantize = F.dequantize_4bit if F is not None else None
 _warned = False
 
 
@@ -35,15 +40,19 @@ def quantize(w: torch.Tensor, blocksize: int = 64, double_quant: bool = True):
     """bitsandbytes' packed bytes and QuantState for `w`."""
     # eager: bitsandbytes wraps its pure-torch fallbacks in torch.compile (~25 s to compile here)
     with torch.compiler.set_stance("force_eager"):
-        return F.quantize_4bit(w, blocksize=blocksize, compress_statistics=double_quant, quant_type="nf4")
+        return F.quantize_4bit(
+            w, blocksize=blocksize, compress_statistics=double_quant, quant_type="nf4"
+        )
 
 
 def plain_decode(packed: torch.Tensor, state) -> torch.Tensor:
     """bitsandbytes' bytes decoded the obvious way, with its own code tables: two codes a byte, high
-    nibble first, each the NF4 value times its block's absmax; a double-quantized absmax is its 8-bit
-    code's value times its group's scale, plus the offset."""
+    nibble first, each the NF4 value times its block's absmax; a double-quantized absmax is its
+    8-bit code's value times its group's scale, plus the offset."""
     n = math.prod(state.shape)
-    nibbles = torch.stack([packed.reshape(-1) >> 4, packed.reshape(-1) & 15], 1).reshape(-1)[:n].long()
+    nibbles = (
+        torch.stack([packed.reshape(-1) >> 4, packed.reshape(-1) & 15], 1).reshape(-1)[:n].long()
+    )
     absmax = state.absmax
     if state.nested:
         groups = torch.arange(absmax.numel()) // state.state2.blocksize
@@ -53,7 +62,8 @@ def plain_decode(packed: torch.Tensor, state) -> torch.Tensor:
 
 
 def dequantize(packed: torch.Tensor, state) -> torch.Tensor:
-    """bitsandbytes' dequantized tensor where it equals the plain decode of its bytes, else that decode."""
+    """bitsandbytes' dequantized tensor where it equals the plain decode of its bytes, else that
+    decode."""
     global _warned
     with torch.compiler.set_stance("force_eager"):
         out = raw_dequantize(packed.reshape(-1, 1), state).reshape(state.shape)
@@ -62,14 +72,21 @@ def dequantize(packed: torch.Tensor, state) -> torch.Tensor:
         return out
     if not _warned:
         _warned = True
-        warnings.warn(f"bitsandbytes' dequantize_4bit is wrong on this CPU (seen at shape {tuple(state.shape)}, "
-                      f"blocksize {state.blocksize}, {state.dtype}, nested={state.nested}): it differs from a plain "
-                      "decode of its own bytes, so the tests use that decode as the oracle (bytes stay bnb's)")
+        warnings.warn(
+            "bitsandbytes' dequantize_4bit is wrong on this CPU (seen at shape "
+            f"{tuple(state.shape)}, blocksize {state.blocksize}, {state.dtype}, "
+            f"nested={state.nested}): it differs from a plain decode of its own bytes, so the "
+            "tests use that decode as the oracle (bytes stay bnb's)",
+            stacklevel=2,
+        )
     return plain
 
 
-def dequantized_model(model: torch.nn.Module, paths: list[str], blocksize: int = 64) -> torch.nn.Module:
-    """A copy of `model` with each weight at `paths` replaced by its NF4 round trip through bitsandbytes."""
+def dequantized_model(
+    model: torch.nn.Module, paths: list[str], blocksize: int = 64
+) -> torch.nn.Module:
+    """A copy of `model` with each weight at `paths` replaced by its NF4 round trip through
+    bitsandbytes."""
     reference = copy.deepcopy(model)
     with torch.no_grad():
         for path in paths:
@@ -79,8 +96,9 @@ def dequantized_model(model: torch.nn.Module, paths: list[str], blocksize: int =
 
 
 def linear4bit_model(model: torch.nn.Module, monkeypatch: pytest.MonkeyPatch) -> torch.nn.Module:
-    """`model` with every linear but the LM head swapped for bitsandbytes' NF4 `Linear4bit`, decoding
-    through `dequantize` for the rest of the test (its forward, peft's bitsandbytes layers, DoRA)."""
+    """`model` with every linear but the LM head swapped for bitsandbytes' NF4 `Linear4bit`,
+    decoding through `dequantize` for the rest of the test (its forward, peft's bitsandbytes layers,
+    DoRA)."""
     monkeypatch.setattr(F, "dequantize_4bit", dequantize)
     monkeypatch.setattr(bnb, "matmul_4bit", _matmul_4bit)
     _swap_linears(model)
@@ -94,12 +112,24 @@ def _matmul_4bit(x, weight, bias=None, quant_state=None, out=None):
 def _swap_linears(model: torch.nn.Module) -> None:
     for name, child in list(model.named_children()):
         if isinstance(child, torch.nn.Linear) and name != "lm_head":
-            quantized = bnb.nn.Linear4bit(child.in_features, child.out_features, bias=child.bias is not None,
-                                          compute_dtype=torch.float32, compress_statistics=True, quant_type="nf4")
-            weight = bnb.nn.Params4bit(child.weight.data.clone(), requires_grad=False, compress_statistics=True,
-                                       quant_type="nf4", blocksize=64)
+            quantized = bnb.nn.Linear4bit(
+                child.in_features,
+                child.out_features,
+                bias=child.bias is not None,
+                compute_dtype=torch.float32,
+                compress_statistics=True,
+                quant_type="nf4",
+            )
+            weight = bnb.nn.Params4bit(
+                child.weight.data.clone(),
+                requires_grad=False,
+                compress_statistics=True,
+                quant_type="nf4",
+                blocksize=64,
+            )
             quantized.weight = weight._quantize("cpu")
-            quantized.support_avx512bf16_for_cpu = False  # eval mode would repack the bytes for its CPU kernel
+            # eval mode would repack the bytes for its CPU kernel
+            quantized.support_avx512bf16_for_cpu = False
             setattr(model, name, quantized)
         else:
             _swap_linears(child)

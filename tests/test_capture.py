@@ -8,6 +8,7 @@ from torch import nn
 import peftc
 from peftc.errors import CaptureError
 from peftc.tools.models import example_inputs, tiny_model
+
 from conftest import ARCHITECTURES, captured, loaded, requires_minilm
 
 
@@ -49,15 +50,21 @@ def test_every_node_has_a_module_path_and_fake_value(arch):
         assert node.meta["module_path"] in module_paths, node.name
         if node.op == "call_function" and node.target is torch.ops.aten.linear.default:
             assert node.meta["module_type"] == "torch.nn.modules.linear.Linear"
-            assert tuple(node.meta["val"].shape)[-1] == model.get_submodule(node.meta["module_path"]).out_features
+            assert (
+                tuple(node.meta["val"].shape)[-1]
+                == model.get_submodule(node.meta["module_path"]).out_features
+            )
 
 
 @requires_minilm
 def test_real_minilm_captures_exactly():
     lm = loaded("minilm")
     gm = captured("minilm")
-    batch = lm.tokenizer(["a short one", "peftc rewrites graphs of real pretrained models", "third"],
-                         padding=True, return_tensors="pt")
+    batch = lm.tokenizer(
+        ["a short one", "peftc rewrites graphs of real pretrained models", "third"],
+        padding=True,
+        return_tensors="pt",
+    )
     expected = eager(lm.model, (batch["input_ids"],), {"attention_mask": batch["attention_mask"]})
     got = gm(batch["input_ids"], attention_mask=batch["attention_mask"])
     torch.testing.assert_close(got.last_hidden_state, expected.last_hidden_state, atol=1e-5, rtol=0)
@@ -139,7 +146,10 @@ def test_symbolic_and_export_give_passes_the_same_view():
     for gm in (symbolic, exported):
         sites = peftc.linear_sites(gm)
         assert [(s.path, s.in_features, s.out_features) for s in sites] == [
-            ("layers.0", 8, 8), ("layers.1", 8, 4), ("", 4, 3)]
+            ("layers.0", 8, 8),
+            ("layers.1", 8, 4),
+            ("", 4, 3),
+        ]
         assert sites[-1].weight == "head"
         torch.testing.assert_close(gm(x), model(x))
         assert all("val" in n.meta for n in gm.graph.nodes if n.op != "output")
@@ -158,8 +168,14 @@ def test_symbolic_capture_does_not_share_modules_with_the_model():
 def test_meta_device_llama_7b_captures_without_allocating():
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    config = LlamaConfig(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
-                         num_key_value_heads=32, vocab_size=32000)
+    config = LlamaConfig(
+        hidden_size=4096,
+        intermediate_size=11008,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=32,
+        vocab_size=32000,
+    )
     with torch.device("meta"):
         model = LlamaForCausalLM(config)
         ids = torch.randint(0, 32000, (2, 16))
@@ -206,7 +222,8 @@ def test_bad_capture_arguments():
 
 
 def test_capture_records_the_config_of_a_wrapped_transformer():
-    """Passes read the config (prompt's tokenizer, position limits); a wrapper's one transformer supplies it."""
+    """Passes read the config (prompt's tokenizer, position limits); a wrapper's one transformer
+    supplies it."""
     from peftc.ir.capture import _config_summary
 
     inner = loaded("tiny-llama").model
@@ -218,4 +235,5 @@ def test_capture_records_the_config_of_a_wrapped_transformer():
 
     assert _config_summary(inner)["hidden_size"] == 64
     assert _config_summary(Head(inner)) == _config_summary(inner)
-    assert _config_summary(Head(inner, loaded("tiny-gpt2").model)) == {}  # two transformers: no one config
+    # two transformers: no one config
+    assert _config_summary(Head(inner, loaded("tiny-gpt2").model)) == {}

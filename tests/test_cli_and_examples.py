@@ -30,13 +30,33 @@ def test_apply_writes_a_reloadable_program(tmp_path, capsys):
     sys.path.insert(0, str(ROOT))
     import examples.custom_pass  # noqa: F401  registers attn_scale in this process
 
-    assert main(["apply", "tiny-llama", "--passes", "freeze, attn_scale", "--out", str(tmp_path), "--check-numerics"]) == 0
+    assert (
+        main(
+            [
+                "apply",
+                "tiny-llama",
+                "--passes",
+                "freeze, attn_scale",
+                "--out",
+                str(tmp_path),
+                "--check-numerics",
+            ]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     assert "attn_scale" in out and "parameters added (2)" in out
-    assert {p.name for p in tmp_path.iterdir()} >= {"report.txt", "graph.dot", "graph.svg", "program.pt2",
-                                                   "trainable.safetensors"}
+    assert {p.name for p in tmp_path.iterdir()} >= {
+        "report.txt",
+        "graph.dot",
+        "graph.svg",
+        "program.pt2",
+        "trainable.safetensors",
+    }
     assert sorted(load_file(tmp_path / "trainable.safetensors")) == [
-        "model.layers.0.self_attn.attn_scale", "model.layers.1.self_attn.attn_scale"]
+        "model.layers.0.self_attn.attn_scale",
+        "model.layers.1.self_attn.attn_scale",
+    ]
     program = torch.export.load(tmp_path / "program.pt2").module()
     from peftc.tools.models import example_inputs, tiny_model
 
@@ -53,16 +73,23 @@ def test_factory_models(capsys):
     assert "captured by export" in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["show", "tiny-lama"], "no model 'tiny-lama'. did you mean 'tiny-llama'"),
-    (["show", "no.such.module:make"], "cannot load factory"),
-    (["apply", "tiny-bert", "--passes", "freze"], "unknown pass 'freze'"),
-    (["apply", "tiny-bert", "--passes", "freeze(r=1)"], "takes no options"),
-    # no silent no-ops: a pattern that matches nothing, an empty pipeline, --quant with nothing quantized
-    (["show", "tiny-llama", "--targets", "*.nothing"], "target '*.nothing' matches no module"),
-    (["apply", "tiny-llama", "--passes", " "], "--passes is empty"),
-    (["export", "tiny-llama", "--onnx", "unused.onnx", "--quant", "int4"], "this pipeline quantizes none"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["show", "tiny-lama"], "no model 'tiny-lama'. did you mean 'tiny-llama'"),
+        (["show", "no.such.module:make"], "cannot load factory"),
+        (["apply", "tiny-bert", "--passes", "freze"], "unknown pass 'freze'"),
+        (["apply", "tiny-bert", "--passes", "freeze(r=1)"], "takes no options"),
+        # no silent no-ops: a pattern that matches nothing, an empty pipeline, --quant with nothing
+        # quantized
+        (["show", "tiny-llama", "--targets", "*.nothing"], "target '*.nothing' matches no module"),
+        (["apply", "tiny-llama", "--passes", " "], "--passes is empty"),
+        (
+            ["export", "tiny-llama", "--onnx", "unused.onnx", "--quant", "int4"],
+            "this pipeline quantizes none",
+        ),
+    ],
+)
 def test_errors_exit_2_with_a_message(argv, message, capsys):
     assert main(argv) == 2
     assert message in capsys.readouterr().err
@@ -70,7 +97,10 @@ def test_errors_exit_2_with_a_message(argv, message, capsys):
 
 def test_unwritable_outputs_and_bad_numbers_get_one_line_not_a_traceback(tmp_path, capsys):
     (tmp_path / "afile").write_text("")
-    assert main(["apply", "tiny-llama", "--passes", "freeze", "--out", str(tmp_path / "afile" / "x")]) == 2
+    assert (
+        main(["apply", "tiny-llama", "--passes", "freeze", "--out", str(tmp_path / "afile" / "x")])
+        == 2
+    )
     assert "cannot write" in capsys.readouterr().err
     for steps in ("0", "-5"):
         with pytest.raises(SystemExit):
@@ -80,36 +110,60 @@ def test_unwritable_outputs_and_bad_numbers_get_one_line_not_a_traceback(tmp_pat
 
 def test_peft_spellings_of_options_are_accepted(capsys):
     import peftc
+
     from conftest import captured
 
-    gm = peftc.apply(captured("tiny-llama"), "lora(rank=4, lora_alpha=8, target_modules='*.q_proj', lora_dropout=0.1)")
+    gm = peftc.apply(
+        captured("tiny-llama"),
+        "lora(rank=4, lora_alpha=8, target_modules='*.q_proj', lora_dropout=0.1)",
+    )
     options = peftc.technique.adapters.adapters(gm)["default"].options
     assert (options.r, options.alpha, options.targets, options.dropout) == (4, 8.0, "*.q_proj", 0.1)
 
 
 def test_console_script_is_installed():
-    done = subprocess.run([sys.executable, "-m", "peftc", "--help"], capture_output=True, text=True, check=True)
+    done = subprocess.run(
+        [sys.executable, "-m", "peftc", "--help"], capture_output=True, text=True, check=True
+    )
     assert "show" in done.stdout and "apply" in done.stdout and "passes" in done.stdout
 
 
 def test_custom_pass_example_runs():
-    done = subprocess.run([sys.executable, str(ROOT / "examples" / "custom_pass.py")], capture_output=True, text=True,
-                          check=True, cwd=ROOT)
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "examples" / "custom_pass.py")],
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd=ROOT,
+    )
     assert "parameters added (2)" in done.stdout
-    assert "trainable: model.layers.0.self_attn.attn_scale, model.layers.1.self_attn.attn_scale" in done.stdout
+    assert (
+        "trainable: model.layers.0.self_attn.attn_scale, model.layers.1.self_attn.attn_scale"
+        in done.stdout
+    )
 
 
 def test_docs_pass_reference_is_generated_from_the_registry():
-    """docs/passes.md is `peftc passes --markdown` of the built-in passes (a fresh process: no test passes)."""
-    done = subprocess.run([sys.executable, "-m", "peftc", "passes", "--markdown"], capture_output=True, text=True,
-                          cwd=ROOT, timeout=120)
+    """docs/passes.md is `peftc passes --markdown` of the built-in passes (a fresh process: no test
+    passes)."""
+    done = subprocess.run(
+        [sys.executable, "-m", "peftc", "passes", "--markdown"],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=120,
+    )
     assert done.returncode == 0, done.stderr
-    assert (ROOT / "docs" / "passes.md").read_text() == done.stdout, "regenerate: peftc passes --markdown > docs/passes.md"
+    assert (ROOT / "docs" / "passes.md").read_text() == done.stdout, (
+        "regenerate: peftc passes --markdown > docs/passes.md"
+    )
 
 
 def test_a_factory_beside_the_user_is_found(tmp_path, monkeypatch, capsys):
     (tmp_path / "mymodels_here.py").write_text(
-        "import torch\n\ndef make():\n    return torch.nn.Sequential(torch.nn.Linear(4, 4)), (torch.randn(2, 4),)\n")
+        "import torch\n\ndef make():\n    return torch.nn.Sequential(torch.nn.Linear(4, 4)), "
+        "(torch.randn(2, 4),)\n"
+    )
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(sys, "path", [p for p in sys.path if p not in ("", str(tmp_path))])
     assert main(["show", "mymodels_here:make", "--max-rows", "2"]) == 0
@@ -123,13 +177,16 @@ def test_messages_name_the_real_problem(tmp_path):
 
     import peftc
     from peftc.errors import CheckpointError, OptionError
+
     from conftest import captured, loaded
 
     with pytest.raises(CheckpointError, match="does not exist or is not a folder"):
         peftc.load_adapter(captured("tiny-llama"), tmp_path / "missing")
     gpt2 = copy.deepcopy(loaded("tiny-gpt2").model)
     gpt2.name_or_path = "openai-community/gpt2"
-    peft.get_peft_model(gpt2, peft.LoraConfig(r=4, target_modules=["c_attn"])).save_pretrained(tmp_path / "gpt2")
+    peft.get_peft_model(gpt2, peft.LoraConfig(r=4, target_modules=["c_attn"])).save_pretrained(
+        tmp_path / "gpt2"
+    )
     with pytest.raises(CheckpointError, match="saved for the base model 'openai-community/gpt2'"):
         peftc.load_adapter(captured("tiny-llama"), tmp_path / "gpt2")
     trained = peftc.apply(captured("tiny-llama"), "nf4, lora(r=4, targets='*.q_proj')")

@@ -16,9 +16,9 @@ import torch
 from torch import nn
 
 import peftc
-from peftc.technique.adapters import adapter_tensors, adapters, register_technique
 from peftc.errors import OptionError
 from peftc.technique import AdapterOptions, Param, Technique
+from peftc.technique.adapters import adapter_tensors, adapters, register_technique
 
 aten = torch.ops.aten
 
@@ -72,7 +72,13 @@ class WeightMix(Technique):
     name, options, stage = "test_weight_mix", ScaleOptions, "weight"
 
     def params(self, ctx):
-        return [Param("test_r", (ctx.site.in_features, ctx.site.in_features), init=lambda t: t.copy_(torch.eye(len(t))))]
+        return [
+            Param(
+                "test_r",
+                (ctx.site.in_features, ctx.site.in_features),
+                init=lambda t: t.copy_(torch.eye(len(t))),
+            )
+        ]
 
     def build(self, b, weight):
         return b.call(aten.mm.default, weight, b.param("test_r"), role="mixed_weight")
@@ -81,7 +87,13 @@ class WeightMix(Technique):
         return weight @ ctx.tensor("test_r").float(), bias
 
 
-STAGE = {"lora": "add", "loha": "add", "test_out_scale": "output", "test_in_scale": "input", "test_weight_mix": "weight"}
+STAGE = {
+    "lora": "add",
+    "loha": "add",
+    "test_out_scale": "output",
+    "test_in_scale": "input",
+    "test_weight_mix": "weight",
+}
 MODEL = nn.Sequential(nn.Linear(8, 12), nn.Tanh(), nn.Linear(12, 6))
 X = torch.randn(5, 8)
 
@@ -100,7 +112,10 @@ def expected(gm, model=MODEL, x=X):
     """The documented composition, computed eagerly from each adapter's tensors."""
     live = {n: r for n, r in adapters(gm).items() if r.active or r.merged}
     values = {n: adapter_tensors(gm, n) for n in live}
-    order = sorted(live, key=lambda n: (["input", "weight", "output", "add"].index(STAGE[live[n].technique]), n))
+    order = sorted(
+        live,
+        key=lambda n: (["input", "weight", "output", "add"].index(STAGE[live[n].technique]), n),
+    )
     h = x
     for path, layer in (("0", model[0]), ("2", model[2])):
         here = [n for n in order if (path, "linear") in live[n].sites]
@@ -117,10 +132,20 @@ def expected(gm, model=MODEL, x=X):
             if t == "test_out_scale":
                 y = y * _tensor(values[n], n, "test_l", path)
             if t == "lora":
-                y = y + o.scaling * h @ _tensor(values[n], n, "lora_A", path).T @ _tensor(values[n], n, "lora_B", path).T
+                y = (
+                    y
+                    + o.scaling
+                    * h
+                    @ _tensor(values[n], n, "lora_A", path).T
+                    @ _tensor(values[n], n, "lora_B", path).T
+                )
             if t == "loha":
-                w1 = _tensor(values[n], n, "hada_w1_a", path) @ _tensor(values[n], n, "hada_w1_b", path)
-                w2 = _tensor(values[n], n, "hada_w2_a", path) @ _tensor(values[n], n, "hada_w2_b", path)
+                w1 = _tensor(values[n], n, "hada_w1_a", path) @ _tensor(
+                    values[n], n, "hada_w1_b", path
+                )
+                w2 = _tensor(values[n], n, "hada_w2_a", path) @ _tensor(
+                    values[n], n, "hada_w2_b", path
+                )
                 y = y + h @ (w1 * w2 * o.scaling).T
         h = torch.tanh(y) if path == "0" else y
     return h
@@ -129,15 +154,19 @@ def expected(gm, model=MODEL, x=X):
 def randomize(gm, seed):
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        for name, p in sorted(gm.named_parameters()):
+        for _name, p in sorted(gm.named_parameters()):
             if p.requires_grad:
                 p.add_(torch.randn(p.shape, generator=generator) * 0.3)
     return gm
 
 
-ADD = {"a": "lora(r=2, adapter='a', targets='0|2')", "b": "test_out_scale(adapter='b', targets='2')",
-       "c": "loha(r=2, adapter='c', targets='0')", "d": "test_in_scale(adapter='d', targets='0|2')",
-       "e": "test_weight_mix(adapter='e', targets='2')"}
+ADD = {
+    "a": "lora(r=2, adapter='a', targets='0|2')",
+    "b": "test_out_scale(adapter='b', targets='2')",
+    "c": "loha(r=2, adapter='c', targets='0')",
+    "d": "test_in_scale(adapter='d', targets='0|2')",
+    "e": "test_weight_mix(adapter='e', targets='2')",
+}
 
 
 @pytest.mark.parametrize("order", list(itertools.permutations("abde"))[::5])
@@ -160,7 +189,19 @@ def test_lora_then_output_scale_is_not_scaled_lora(base):
     torch.testing.assert_close(before, expected(gm), atol=1e-5, rtol=1e-5)
 
 
-OPERATIONS = ["add", "add", "add", "disable", "set", "set", "delete", "merge", "merge_one", "unmerge", "unmerge_one"]
+OPERATIONS = [
+    "add",
+    "add",
+    "add",
+    "disable",
+    "set",
+    "set",
+    "delete",
+    "merge",
+    "merge_one",
+    "unmerge",
+    "unmerge_one",
+]
 
 
 @pytest.mark.parametrize("seed", range(24))
@@ -180,7 +221,9 @@ def test_random_sequences_of_operations_keep_the_documented_form(base, seed):
                 gm = peftc.apply(gm, "disable_adapters")
             elif op == "set" and unmerged:
                 gm = peftc.ir.graph.clone(gm)
-                peftc.technique.adapters.set_active(gm, rng.sample(unmerged, rng.randint(1, len(unmerged))))
+                peftc.technique.adapters.set_active(
+                    gm, rng.sample(unmerged, rng.randint(1, len(unmerged)))
+                )
             elif op == "delete" and unmerged:
                 gm = peftc.apply(gm, f"delete_adapter(name='{rng.choice(unmerged)}')")
             elif op == "merge" and any(r.active and not r.merged for r in known.values()):
@@ -194,12 +237,17 @@ def test_random_sequences_of_operations_keep_the_documented_form(base, seed):
         except OptionError as e:  # a refused step names the adapters and leaves the graph as it was
             assert "stays unmerged around it" in str(e), e
         step += 1
-        torch.testing.assert_close(gm(X), expected(gm), atol=1e-5, rtol=1e-5, msg=f"after {op} (step {step})")
+        torch.testing.assert_close(
+            gm(X), expected(gm), atol=1e-5, rtol=1e-5, msg=f"after {op} (step {step})"
+        )
 
 
 def test_merging_an_update_under_an_active_output_scale_is_refused(base):
     gm = randomize(peftc.apply(base, f"{ADD['a']}, {ADD['b']}"), 3)
-    with pytest.raises(OptionError, match=r"'a' \(lora, add stage\) would be merged .* 'b' \(test_out_scale, output stage\)"):
+    with pytest.raises(
+        OptionError,
+        match=r"'a' \(lora, add stage\) would be merged .* 'b' \(test_out_scale, output stage\)",
+    ):
         peftc.apply(gm, "merge(adapter='a')")
     scale_first = peftc.apply(gm, "merge(adapter='b'), merge(adapter='a')")  # inside out: allowed
     torch.testing.assert_close(scale_first(X), gm(X), atol=1e-5, rtol=1e-5)

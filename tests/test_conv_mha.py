@@ -1,7 +1,7 @@
 """LoRA, DoRA, LoHa and LoKr on Conv1d/2d/3d and LoRA on nn.MultiheadAttention against HF peft 0.21.
 
-Each case is `peftc.tools.parity.against_peft`: peft's adapter with random weights, loaded into peftc,
-outputs and every adapter gradient, peftc's checkpoint in peft, merge and unmerge.
+Each case is `peftc.tools.parity.against_peft`: peft's adapter with random weights, loaded into
+peftc, outputs and every adapter gradient, peftc's checkpoint in peft, merge and unmerge.
 """
 
 import functools
@@ -13,12 +13,13 @@ import torch
 from torch import nn
 
 import peftc
-import peftc.techniques.loha  # noqa: F401
-import peftc.techniques.lokr  # noqa: F401
-import peftc.techniques.lora  # noqa: F401
+import peftc.techniques.loha
+import peftc.techniques.lokr
+import peftc.techniques.lora
 from peftc.errors import OptionError, PeftcError
 from peftc.technique import NotMergeable
 from peftc.tools.parity import against_peft, close
+
 from conftest import fill_trainable
 
 
@@ -53,8 +54,13 @@ class Attention(nn.Module):
 
 @functools.cache
 def captured(kind, batch_first=True):
-    """The frozen base graph of `conv_model()` or `attention_model(batch_first)` (apply and load copy it)."""
-    model, x = (conv_model(), conv_input()) if kind == "conv" else (attention_model(batch_first), attention_input(batch_first))
+    """The frozen base graph of `conv_model()` or `attention_model(batch_first)` (apply and load
+    copy it)."""
+    model, x = (
+        (conv_model(), conv_input())
+        if kind == "conv"
+        else (attention_model(batch_first), attention_input(batch_first))
+    )
     return peftc.apply(peftc.capture(model, (x,)), "freeze")
 
 
@@ -80,38 +86,67 @@ def attention_input(batch_first):
 # case: (config, whether it merges: LoRA on the grouped c2 does not, as in peft)
 CONV_CASES = {
     "lora": (peft.LoraConfig(r=4, lora_alpha=8, target_modules=["c1", "c2", "c2b", "c3"]), False),
-    "dora": (peft.LoraConfig(r=4, lora_alpha=8, target_modules=["c1", "c2b", "c3"], use_dora=True), True),
-    "dora-grouped": (peft.LoraConfig(r=4, lora_alpha=8, target_modules=["c2"], use_dora=True), False),
+    "dora": (
+        peft.LoraConfig(r=4, lora_alpha=8, target_modules=["c1", "c2b", "c3"], use_dora=True),
+        True,
+    ),
+    "dora-grouped": (
+        peft.LoraConfig(r=4, lora_alpha=8, target_modules=["c2"], use_dora=True),
+        False,
+    ),
     "loha": (peft.LoHaConfig(r=2, alpha=4, target_modules=["c1", "c2", "c2b", "c2d"]), True),
-    "loha-effective": (peft.LoHaConfig(r=2, alpha=4, target_modules=["c1", "c2", "c2b", "c2d"],
-                                       use_effective_conv2d=True), True),
+    "loha-effective": (
+        peft.LoHaConfig(
+            r=2, alpha=4, target_modules=["c1", "c2", "c2b", "c2d"], use_effective_conv2d=True
+        ),
+        True,
+    ),
     "lokr": (peft.LoKrConfig(r=1, alpha=4, target_modules=["c1", "c2", "c2b", "c2d"]), True),
     "lokr-full-w2": (peft.LoKrConfig(r=8, alpha=4, target_modules=["c1", "c2", "c2d"]), True),
-    "lokr-effective": (peft.LoKrConfig(r=2, alpha=4, target_modules=["c1", "c2", "c2d"], use_effective_conv2d=True,
-                                       decompose_factor=1), True),  # W1 (1, 1), Tucker cores everywhere
+    # W1 (1, 1), Tucker cores everywhere
+    "lokr-effective": (
+        peft.LoKrConfig(
+            r=2,
+            alpha=4,
+            target_modules=["c1", "c2", "c2d"],
+            use_effective_conv2d=True,
+            decompose_factor=1,
+        ),
+        True,
+    ),
 }
 
 
 @pytest.mark.parametrize("case", CONV_CASES)
 def test_conv_parity_with_peft(case, tmp_path):
     config, mergeable = CONV_CASES[case]
-    parity = against_peft(conv_model(), (conv_input(),), {}, config, tmp_path, graph=captured("conv"), merge=mergeable)
+    parity = against_peft(
+        conv_model(), (conv_input(),), {}, config, tmp_path, graph=captured("conv"), merge=mergeable
+    )
     if not mergeable:
         with pytest.raises(NotMergeable):
             peftc.apply(parity.graph, "merge")
 
 
 def test_lokr_conv_layouts_are_peft_s():
-    """Conv1d with a full 3-D W2 (torch.kron's scrambled layout), the Tucker core, the factored W2."""
+    """Conv1d with a full 3-D W2 (torch.kron's scrambled layout), the Tucker core, the factored
+    W2."""
     gm = captured("conv")
     full = peftc.apply(gm, "lokr(r=8, targets='c1|c2')")
     shapes = {n: tuple(p.shape) for n, p in full.named_parameters() if "lokr" in n}
-    assert shapes == {"c1.lokr_w1.default": (2, 2), "c1.lokr_w2.default": (4, 2, 3),
-                      "c2.lokr_w1.default": (2, 2), "c2.lokr_w2.default": (4, 2, 3, 3)}
+    assert shapes == {
+        "c1.lokr_w1.default": (2, 2),
+        "c1.lokr_w2.default": (4, 2, 3),
+        "c2.lokr_w1.default": (2, 2),
+        "c2.lokr_w2.default": (4, 2, 3, 3),
+    }
     eff = peftc.apply(gm, "lokr(r=1, targets='c2', use_effective_conv2d=true)")
     assert {n: tuple(p.shape) for n, p in eff.named_parameters() if "lokr" in n} == {
-        "c2.lokr_w1.default": (2, 2), "c2.lokr_t2.default": (1, 1, 3, 3), "c2.lokr_w2_a.default": (1, 4),
-        "c2.lokr_w2_b.default": (1, 2)}
+        "c2.lokr_w1.default": (2, 2),
+        "c2.lokr_t2.default": (1, 1, 3, 3),
+        "c2.lokr_w2_a.default": (1, 4),
+        "c2.lokr_w2_b.default": (1, 2),
+    }
 
 
 MHA_CONFIG = peft.LoraConfig(r=2, lora_alpha=4, target_modules=["mha"])
@@ -120,12 +155,21 @@ MHA_CONFIG = peft.LoraConfig(r=2, lora_alpha=4, target_modules=["mha"])
 @pytest.mark.parametrize("batch_first", [True, False], ids=["batch_first", "seq_first"])
 def test_multihead_attention_parity_with_peft(batch_first, tmp_path):
     x = attention_input(batch_first)
-    parity = against_peft(attention_model(batch_first), (x,), {}, MHA_CONFIG, tmp_path,
-                          graph=captured("mha", batch_first))
+    parity = against_peft(
+        attention_model(batch_first),
+        (x,),
+        {},
+        MHA_CONFIG,
+        tmp_path,
+        graph=captured("mha", batch_first),
+    )
     gm = parity.graph
     assert {n for n, _ in gm.named_parameters() if "lora" in n} == {
-        "mha.lora_A.default.weight", "mha.lora_B.default.weight",
-        "mha.base_layer.out_proj.lora_A.default.weight", "mha.base_layer.out_proj.lora_B.default.weight"}
+        "mha.lora_A.default.weight",
+        "mha.lora_B.default.weight",
+        "mha.base_layer.out_proj.lora_A.default.weight",
+        "mha.base_layer.out_proj.lora_B.default.weight",
+    }
     config = json.loads((tmp_path / "peftc" / "adapter_config.json").read_text())
     assert config["target_modules"] == ["mha"]
     merged = parity.peft.merge_and_unload()  # peft's merge (out_proj's update twice) equals peftc's
@@ -136,8 +180,14 @@ def test_multihead_attention_refusals(tmp_path):
     model, x = attention_model(True), attention_input(True)
     gm = captured("mha")
     for text, message in [
-        ("lora(targets='mha', dora=true)", "peft does not support dora on nn.MultiheadAttention 'mha'"),
-        ("lora(targets='mha.out_proj')", "out_proj of nn.MultiheadAttention 'mha', whose forward never calls it"),
+        (
+            "lora(targets='mha', dora=true)",
+            "peft does not support dora on nn.MultiheadAttention 'mha'",
+        ),
+        (
+            "lora(targets='mha.out_proj')",
+            "out_proj of nn.MultiheadAttention 'mha', whose forward never calls it",
+        ),
         ("lora(targets='all-linear')", "peft's all-linear has no effect"),
         ("loha(targets='mha')", "loha: peft does not support nn.MultiheadAttention"),
         ("lokr(targets='mha.out_proj')", "lokr: peft does not support nn.MultiheadAttention"),
@@ -189,14 +239,20 @@ def test_conv_refusals(tmp_path):
         def forward(self, x):
             return self.c(x)
 
-    flat = fill_trainable(peftc.apply(peftc.capture(Flat3d(), (torch.randn(2, 4, 2, 2, 5),)), "lora(r=2, targets='c')"))
+    flat = fill_trainable(
+        peftc.apply(
+            peftc.capture(Flat3d(), (torch.randn(2, 4, 2, 2, 5),)), "lora(r=2, targets='c')"
+        )
+    )
     with pytest.raises(NotMergeable, match="peft's merge fails"):
         peftc.apply(flat, "merge")
 
 
 @pytest.mark.parametrize("field", ["rank_dropout", "module_dropout"])
 def test_lycoris_dropouts_are_refused_by_name(field, tmp_path):
-    peft_model = peft.get_peft_model(conv_model(), peft.LoHaConfig(r=2, target_modules=["c1"], **{field: 0.1}))
+    peft_model = peft.get_peft_model(
+        conv_model(), peft.LoHaConfig(r=2, target_modules=["c1"], **{field: 0.1})
+    )
     peft_model.save_pretrained(tmp_path)
     with pytest.raises(PeftcError, match=f"{field}=0.1"):
         peftc.load_adapter(captured("conv"), tmp_path)
@@ -215,7 +271,9 @@ def test_lycoris_refuses_gpt2_conv1d():
 
     gm = peftc.capture(Gpt2Mlp(), (torch.randn(2, 3, 4),))
     for name in ("loha", "lokr"):
-        with pytest.raises(OptionError, match=rf"{name}: peft does not support GPT-2's Conv1D \('c_fc'\)"):
+        with pytest.raises(
+            OptionError, match=rf"{name}: peft does not support GPT-2's Conv1D \('c_fc'\)"
+        ):
             peftc.apply(gm, f"{name}(targets='c_fc')")
 
 
@@ -223,4 +281,8 @@ def test_pass_text_round_trip():
     gm = captured("conv")
     out = peftc.apply(gm, "loha(r=2, targets='c1|c2', use_effective_conv2d=true)")
     assert {n for n, _ in out.named_parameters() if "hada_t" in n} == {
-        "c1.hada_t1.default", "c1.hada_t2.default", "c2.hada_t1.default", "c2.hada_t2.default"}
+        "c1.hada_t1.default",
+        "c1.hada_t2.default",
+        "c2.hada_t1.default",
+        "c2.hada_t2.default",
+    }

@@ -1,6 +1,6 @@
-"""examples/fsdp_qlora.py under torch.distributed.run (2 processes, gloo, CPU): NF4 storage sharded by FSDP2,
-blocks gathered one at a time; the same LoRA weights as one process on the combined batches; the adapter
-loads in peft; bf16 mixed precision within a stated tolerance of fp32."""
+"""examples/fsdp_qlora.py under torch.distributed.run (2 processes, gloo, CPU): NF4 storage sharded
+by FSDP2, blocks gathered one at a time; the same LoRA weights as one process on the combined
+batches; the adapter loads in peft; bf16 mixed precision within a stated tolerance of fp32."""
 
 from __future__ import annotations
 
@@ -17,15 +17,28 @@ from safetensors.torch import load_file
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE = ROOT / "examples" / "fsdp_qlora.py"
 pytestmark = [
-    pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
-                       reason="torch.distributed with gloo is not available"),
+    pytest.mark.skipif(
+        not dist.is_available() or not dist.is_gloo_available(),
+        reason="torch.distributed with gloo is not available",
+    ),
     pytest.mark.filterwarnings("ignore::DeprecationWarning"),
 ]
 
 
 def _run(out: Path, *extra: str, processes: int = 2) -> None:
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}"]
-    command = (launcher if processes > 1 else [sys.executable]) + [str(EXAMPLE), "--out", str(out), *extra]
+    launcher = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc_per_node={processes}",
+    ]
+    command = (launcher if processes > 1 else [sys.executable]) + [
+        str(EXAMPLE),
+        "--out",
+        str(out),
+        *extra,
+    ]
     done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
 
@@ -42,7 +55,10 @@ def runs(tmp_path_factory):
 
 def test_nf4_storage_is_sharded_and_training_matches_one_process(runs):
     single = load_file(runs / "single.rank0.safetensors")
-    assert len(single) == 16 and max(t.abs().max().item() for n, t in single.items() if "lora_B" in n) > 1e-4
+    assert (
+        len(single) == 16
+        and max(t.abs().max().item() for n, t in single.items() if "lora_B" in n) > 1e-4
+    )
     for rank in range(2):
         numbers = json.loads((runs / f"fsdp2.rank{rank}.json").read_text())
         share = numbers["quantized_bytes_this_rank"] / numbers["quantized_bytes_one_process"]
@@ -56,7 +72,10 @@ def test_nf4_storage_is_sharded_and_training_matches_one_process(runs):
 def test_planned_per_rank_peak_matches_the_measured_one(runs):
     for rank in range(2):
         numbers = json.loads((runs / f"fsdp2.rank{rank}.json").read_text())
-        assert abs(numbers["planned_peak"] - numbers["measured_peak"]) <= 0.15 * numbers["measured_peak"], numbers
+        assert (
+            abs(numbers["planned_peak"] - numbers["measured_peak"])
+            <= 0.15 * numbers["measured_peak"]
+        ), numbers
 
 
 def test_adapter_from_rank_0_loads_in_peft_and_merges(runs):
@@ -76,7 +95,9 @@ def test_adapter_from_rank_0_loads_in_peft_and_merges(runs):
     ids = example_ids(config.vocab_size, batch=2, seq=16, seed=3)
     ours = peftc.load_adapter(peftc.capture(base, (ids,)), runs / "fsdp2.adapter")
     model = PeftModel.from_pretrained(base, runs / "fsdp2.adapter").eval()
-    loaded = {n.removeprefix("base_model.model."): p for n, p in model.named_parameters() if "lora_" in n}
+    loaded = {
+        n.removeprefix("base_model.model."): p for n, p in model.named_parameters() if "lora_" in n
+    }
     assert sorted(loaded) == sorted(trained)
     for name, tensor in trained.items():
         torch.testing.assert_close(loaded[name], tensor, atol=0, rtol=0)
@@ -84,8 +105,10 @@ def test_adapter_from_rank_0_loads_in_peft_and_merges(runs):
 
 
 def test_bf16_mixed_precision_gradients_are_close_to_fp32(runs):
-    # bf16 keeps 8 bits of mantissa (relative rounding 2**-9 per op); over 4 blocks the first step's LoRA
-    # gradients stay within 3 % of fp32's in norm (measured: at most 1.5 %). The weights are bf16-exact in both
+    # bf16 keeps 8 bits of mantissa (relative rounding 2**-9 per op); over 4 blocks the first step's
+    # LoRA
+    # gradients stay within 3 % of fp32's in norm (measured: at most 1.5 %). The weights are
+    # bf16-exact in both
     # runs, so both quantize the same values.
     fp32 = load_file(runs / "single.rank0.grads.safetensors")
     for rank in range(2):

@@ -1,5 +1,6 @@
-"""`peftc.generate`: batched decoding with a key/value cache from a captured graph, against transformers'
-and peft's own `generate` (the same tokens), one adapter per row over a `multi_lora` graph."""
+"""`peftc.generate`: batched decoding with a key/value cache from a captured graph, against
+transformers' and peft's own `generate` (the same tokens), one adapter per row over a `multi_lora`
+graph."""
 
 from __future__ import annotations
 
@@ -12,15 +13,21 @@ import torch
 import peftc
 from peftc.errors import OptionError, PassError
 from peftc.tools.generation import decode_graphs
+
 from conftest import captured, loaded
 
 PROMPTS = [[5, 9, 13, 2, 7], [3, 4, 5, 6, 7], [11, 12, 13]]  # two lengths: two groups
 
 
 def hf_greedy(model, prompt, n):
-    out = model.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
-                         max_new_tokens=n, do_sample=False, pad_token_id=0)
-    return out[0, len(prompt):].tolist()
+    out = model.generate(
+        torch.tensor([prompt]),
+        attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+        max_new_tokens=n,
+        do_sample=False,
+        pad_token_id=0,
+    )
+    return out[0, len(prompt) :].tolist()
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
@@ -29,21 +36,27 @@ def test_greedy_tokens_are_transformers_and_each_step_runs_one_token(arch):
     decode = decode_graphs(gm)[0]
     seen = []
     forward = decode.forward
-    decode.forward = lambda *a, **k: (seen.append(tuple(k["input_ids"].shape if "input_ids" in k else a[0].shape)),
-                                      forward(*a, **k))[1]
+    decode.forward = lambda *a, **k: (
+        seen.append(tuple(k["input_ids"].shape if "input_ids" in k else a[0].shape)),
+        forward(*a, **k),
+    )[1]
     try:
         ours = peftc.generate(gm, PROMPTS, max_new_tokens=6)
     finally:
         del decode.forward
     model = loaded(f"tiny-{arch}").model
     assert ours == [hf_greedy(model, p, 6) for p in PROMPTS]
-    assert seen == [(2, 5)] + [(2, 1)] * 5 + [(1, 3)] + [(1, 1)] * 5  # prefill once, then one token a step
+    # prefill once, then one token a step
+    assert seen == [(2, 5)] + [(2, 1)] * 5 + [(1, 3)] + [(1, 1)] * 5
 
 
 def test_each_row_generates_as_peft_does_with_its_adapter(tmp_path):
     model = copy.deepcopy(loaded("tiny-llama").model)
-    peft_model = peft.get_peft_model(model, peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]),
-                                     adapter_name="a")
+    peft_model = peft.get_peft_model(
+        model,
+        peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]),
+        adapter_name="a",
+    )
     peft_model.add_adapter("b", peft.LoraConfig(r=8, target_modules="all-linear"))
     with torch.no_grad():
         for name, p in peft_model.named_parameters():
@@ -57,7 +70,7 @@ def test_each_row_generates_as_peft_does_with_its_adapter(tmp_path):
     names = ["b", None, "a"]
     ours = peftc.generate(served, PROMPTS, adapter_ids=names, max_new_tokens=6)
     expected = []
-    for prompt, name in zip(PROMPTS, names):
+    for prompt, name in zip(PROMPTS, names, strict=True):
         if name is None:
             with peft_model.disable_adapter():
                 expected.append(hf_greedy(peft_model, prompt, 6))
@@ -76,13 +89,14 @@ def without_cache(gm, prompts, n):
         for _ in range(n):
             ids = torch.tensor([tokens, tokens])
             tokens.append(int(gm(ids, attention_mask=torch.ones_like(ids)).logits[0, -1].argmax()))
-        out.append(tokens[len(prompt):])
+        out.append(tokens[len(prompt) :])
     return out
 
 
 def test_prefix_tuning_joins_its_keys_in_front_of_the_cache():
-    """peft 0.21's own prefix-tuning `generate` on transformers 5.24 returns the base model's tokens here (tried), so
-    the oracle is the prefix graph (checked against peft's forward in test_prefix.py) run without a cache."""
+    """peft 0.21's own prefix-tuning `generate` on transformers 5.24 returns the base model's tokens
+    here (tried), so the oracle is the prefix graph (checked against peft's forward in
+    test_prefix.py) run without a cache."""
     gm = peftc.apply(captured("tiny-llama"), "prefix(n=4, seed=0)")
     ours = peftc.generate(gm, PROMPTS, max_new_tokens=5)
     assert ours == without_cache(gm, PROMPTS, 5)
@@ -90,10 +104,13 @@ def test_prefix_tuning_joins_its_keys_in_front_of_the_cache():
 
 
 def test_prompt_tuning_enters_at_the_prefill_only(tmp_path):
-    """Against peft's own forward run on the whole sequence at every step (peft 0.21's prompt-tuning `generate` on
-    transformers 5.24 departs from its own forward after a few tokens here, so it is not the oracle)."""
-    peft_model = peft.get_peft_model(copy.deepcopy(loaded("tiny-llama").model),
-                                     peft.PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4))
+    """Against peft's own forward run on the whole sequence at every step (peft 0.21's prompt-tuning
+    `generate` on transformers 5.24 departs from its own forward after a few tokens here, so it is
+    not the oracle)."""
+    peft_model = peft.get_peft_model(
+        copy.deepcopy(loaded("tiny-llama").model),
+        peft.PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4),
+    )
     with torch.no_grad():
         for name, p in peft_model.named_parameters():
             if "prompt_encoder" in name:
@@ -105,9 +122,11 @@ def test_prompt_tuning_enters_at_the_prefill_only(tmp_path):
         tokens = list(prompt)
         for _ in range(5):
             with torch.no_grad():
-                logits = peft_model(input_ids=torch.tensor([tokens]), attention_mask=torch.ones(1, len(tokens))).logits
+                logits = peft_model(
+                    input_ids=torch.tensor([tokens]), attention_mask=torch.ones(1, len(tokens))
+                ).logits
             tokens.append(int(logits[0, -1].argmax()))
-        expected.append(tokens[len(prompt):])
+        expected.append(tokens[len(prompt) :])
     assert peftc.generate(gm, PROMPTS, max_new_tokens=5) == expected
 
 
@@ -116,11 +135,15 @@ def test_nf4_base_sampling_and_stopping():
     greedy = peftc.generate(gm, PROMPTS[:2], max_new_tokens=5)
     assert greedy == without_cache(gm, PROMPTS[:2], 5)
     sampled = peftc.generate(gm, PROMPTS, max_new_tokens=5, do_sample=True, temperature=0.8, seed=3)
-    assert sampled == peftc.generate(gm, PROMPTS, max_new_tokens=5, do_sample=True, temperature=0.8, seed=3)
-    assert peftc.generate(gm, PROMPTS[:2], max_new_tokens=5, do_sample=True, top_k=1, seed=0) == greedy
+    assert sampled == peftc.generate(
+        gm, PROMPTS, max_new_tokens=5, do_sample=True, temperature=0.8, seed=3
+    )
+    assert (
+        peftc.generate(gm, PROMPTS[:2], max_new_tokens=5, do_sample=True, top_k=1, seed=0) == greedy
+    )
     stop = greedy[0][1]
     stopped = peftc.generate(gm, PROMPTS[:2], max_new_tokens=5, eos_token_id=stop)
-    assert stopped[0] == greedy[0][:greedy[0].index(stop) + 1]
+    assert stopped[0] == greedy[0][: greedy[0].index(stop) + 1]
 
 
 def test_what_is_refused():
@@ -135,5 +158,10 @@ def test_what_is_refused():
     with pytest.raises(OptionError, match="max_new_tokens must be at least 1"):
         peftc.generate(gm, PROMPTS, max_new_tokens=0)
     with pytest.raises(PassError, match="no attention sites"):
-        peftc.generate(peftc.capture(torch.nn.Sequential(torch.nn.Embedding(8, 4)), (torch.zeros(2, 3, dtype=torch.long),)),
-                       [[1, 2]])
+        peftc.generate(
+            peftc.capture(
+                torch.nn.Sequential(torch.nn.Embedding(8, 4)),
+                (torch.zeros(2, 3, dtype=torch.long),),
+            ),
+            [[1, 2]],
+        )

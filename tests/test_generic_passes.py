@@ -4,6 +4,7 @@ from torch import nn
 
 import peftc
 from peftc.tools.models import example_inputs, tiny_model
+
 from conftest import captured
 
 
@@ -41,7 +42,9 @@ def test_dce_removes_dead_nodes_and_keeps_outputs():
 def test_dce_keeps_impure_dropout_and_parameters():
     gm = captured("tiny-bert")
     out = run(gm, "dce").graph_module
-    assert sum(isinstance(m, nn.Dropout) for m in out.modules()) == sum(isinstance(m, nn.Dropout) for m in gm.modules())
+    assert sum(isinstance(m, nn.Dropout) for m in out.modules()) == sum(
+        isinstance(m, nn.Dropout) for m in gm.modules()
+    )
     assert set(out.state_dict()) == set(gm.state_dict())
 
 
@@ -61,7 +64,9 @@ def test_freeze_keeps_tied_weights_tied_and_model_untouched():
     assert not any(p.requires_grad for p in frozen.parameters())
     assert all(p.requires_grad for p in model.parameters())
     assert frozen.get_parameter("lm_head.weight").data_ptr() == model.lm_head.weight.data_ptr()
-    torch.testing.assert_close(frozen(*args, **kwargs).logits, model(*args, **kwargs, use_cache=False).logits)
+    torch.testing.assert_close(
+        frozen(*args, **kwargs).logits, model(*args, **kwargs, use_cache=False).logits
+    )
 
 
 def test_passes_on_a_graph_without_parameters():

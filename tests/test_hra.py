@@ -6,9 +6,10 @@ import pytest
 import torch
 
 import peftc
-import peftc.techniques.hra  # noqa: F401  (registers the pass)
+import peftc.techniques.hra
 from peftc.errors import OptionError, PeftcError, TargetError
 from peftc.tools.parity import perturb
+
 from zoo import check
 
 
@@ -56,16 +57,24 @@ def test_matches_peft(cell, tmp_path):
 
 def test_even_r_starts_at_the_identity():
     args, _ = small_inputs()
-    gm = peftc.apply(peftc.capture(Small(), args, method="symbolic"), "freeze, hra(r=4, targets='lin|out')")
+    gm = peftc.apply(
+        peftc.capture(Small(), args, method="symbolic"), "freeze, hra(r=4, targets='lin|out')"
+    )
     torch.testing.assert_close(gm(*args), Small()(*args), atol=1e-6, rtol=0)
 
 
 def test_hra_and_lora_on_one_site_compose_in_either_order():
-    """HRA rewrites W (`weight` stage), LoRA adds beside it: y = (W H) x + b + s B A x, in either order."""
+    """HRA rewrites W (`weight` stage), LoRA adds beside it: y = (W H) x + b + s B A x, in either
+    order."""
     model = torch.nn.Linear(8, 6)
     x = torch.randn(5, 8)
-    hra, lora = "hra(r=2, adapter='h', targets='all-linear')", "lora(r=2, adapter='l', targets='all-linear')"
-    first = perturb(peftc.apply(peftc.capture(model, (x,), method="symbolic"), f"freeze, {hra}, {lora}"), 0.3)
+    hra, lora = (
+        "hra(r=2, adapter='h', targets='all-linear')",
+        "lora(r=2, adapter='l', targets='all-linear')",
+    )
+    first = perturb(
+        peftc.apply(peftc.capture(model, (x,), method="symbolic"), f"freeze, {hra}, {lora}"), 0.3
+    )
     second = peftc.apply(peftc.capture(model, (x,), method="symbolic"), f"freeze, {lora}, {hra}")
     second.load_state_dict(first.state_dict())
     torch.testing.assert_close(second(x), first(x), atol=0, rtol=0)
@@ -78,7 +87,9 @@ def test_hra_and_lora_on_one_site_compose_in_either_order():
 
 def test_refusals(tmp_path):
     args, _ = small_inputs()
-    peft.get_peft_model(Small(), peft.HRAConfig(target_modules=["lin"], bias="hra_only")).save_pretrained(tmp_path)
+    peft.get_peft_model(
+        Small(), peft.HRAConfig(target_modules=["lin"], bias="hra_only")
+    ).save_pretrained(tmp_path)
     with pytest.raises(PeftcError, match="the config sets bias='hra_only'"):
         peftc.load_adapter(peftc.capture(Small(), args, method="symbolic"), tmp_path)
     gm = peftc.capture(Small(), args, method="symbolic")
@@ -86,7 +97,12 @@ def test_refusals(tmp_path):
         peftc.apply(gm, "hra(r=0, targets='lin')")
     with pytest.raises(TargetError):
         peftc.apply(gm, "hra(targets='nothing_here')")
-    dilated = peftc.capture(torch.nn.Sequential(torch.nn.Conv2d(2, 2, 3, dilation=2)), (torch.randn(1, 2, 7, 7),),
-                            method="symbolic")
-    with pytest.raises(OptionError, match="is a dilated convolution, which peft's HRA does not support"):
+    dilated = peftc.capture(
+        torch.nn.Sequential(torch.nn.Conv2d(2, 2, 3, dilation=2)),
+        (torch.randn(1, 2, 7, 7),),
+        method="symbolic",
+    )
+    with pytest.raises(
+        OptionError, match="is a dilated convolution, which peft's HRA does not support"
+    ):
         peftc.apply(dilated, "hra(r=2, targets='0')")

@@ -1,4 +1,5 @@
-"""LN tuning against HF peft (LNTuningConfig): outputs, gradients, checkpoints both ways, merge, one adapter at a time."""
+"""LN tuning against HF peft (LNTuningConfig): outputs, gradients, checkpoints both ways, merge, one
+adapter at a time."""
 
 import peft
 import pytest
@@ -6,12 +7,13 @@ import torch
 from torch import nn
 
 import peftc
-import peftc.techniques.ln_tuning  # noqa: F401  (registers the pass)
+import peftc.techniques.ln_tuning
+from peftc.errors import OptionError, TargetError
 from peftc.technique.adapters import adapters, set_active
 from peftc.technique.checkpoint import CheckpointError
-from peftc.errors import OptionError, TargetError
 from peftc.tools.models import example_inputs, tiny_model
 from peftc.tools.parity import against_peft, close
+
 from conftest import captured, fill_trainable, loaded
 from zoo import check, symbolic
 
@@ -21,7 +23,12 @@ CELLS = {
     "llama": ("llama", peft.LNTuningConfig(target_modules=["input_layernorm", "norm"]), 3),
     "gpt2": ("gpt2", peft.LNTuningConfig(target_modules=["ln_1", "ln_f"]), 3),
     "gpt2-default": ("gpt2", peft.LNTuningConfig(), 5),  # peft's default: ln_1, ln_2, ln_f
-    "bert": ("bert", peft.LNTuningConfig(target_modules=["LayerNorm"]), 5),  # post-LN; peft has no default for bert
+    # post-LN; peft has no default for bert
+    "bert": (
+        "bert",
+        peft.LNTuningConfig(target_modules=["LayerNorm"]),
+        5,
+    ),
 }
 
 
@@ -40,18 +47,33 @@ def test_saved_adapters_load_in_peft(arch, tmp_path):
     gm = fill_trainable(peftc.apply(captured(f"tiny-{arch}"), text))
     peftc.save_adapter(gm, tmp_path)
     reloaded = peft.PeftModel.from_pretrained(model, tmp_path)
-    close(gm(*args, **kwargs)[0], reloaded(*args, **kwargs, use_cache=False)[0], "peft on peftc's checkpoint")
+    close(
+        gm(*args, **kwargs)[0],
+        reloaded(*args, **kwargs, use_cache=False)[0],
+        "peft on peftc's checkpoint",
+    )
     again = peftc.load_adapter(peftc.apply(captured(f"tiny-{arch}"), "freeze"), tmp_path)
     assert torch.equal(again(*args, **kwargs)[0], gm(*args, **kwargs)[0])
 
 
 def test_layer_norms_without_bias_on_a_symbolic_graph(tmp_path):
-    model = nn.Sequential(nn.Linear(4, 8), nn.LayerNorm(8, bias=False), nn.Linear(8, 8), nn.LayerNorm(8))
+    model = nn.Sequential(
+        nn.Linear(4, 8), nn.LayerNorm(8, bias=False), nn.Linear(8, 8), nn.LayerNorm(8)
+    )
     x = torch.randn(3, 4)
-    parity = against_peft(model, (x,), {}, peft.LNTuningConfig(target_modules=["1", "3"]), tmp_path,
-                          graph=symbolic(model, (x,)))
+    parity = against_peft(
+        model,
+        (x,),
+        {},
+        peft.LNTuningConfig(target_modules=["1", "3"]),
+        tmp_path,
+        graph=symbolic(model, (x,)),
+    )
     assert sorted(n for n, p in parity.graph.named_parameters() if p.requires_grad) == [
-        "1.ln_tuning_layers.default.weight", "3.ln_tuning_layers.default.bias", "3.ln_tuning_layers.default.weight"]
+        "1.ln_tuning_layers.default.weight",
+        "3.ln_tuning_layers.default.bias",
+        "3.ln_tuning_layers.default.weight",
+    ]
 
 
 def test_merge_copies_into_the_base_and_unmerge_restores_it():
@@ -61,8 +83,10 @@ def test_merge_copies_into_the_base_and_unmerge_restores_it():
     run = lambda gm: gm(*lm.args, **lm.kwargs).logits  # noqa: E731
     merged = peftc.apply(tuned, "merge")
     assert not peftc.tagged(merged, adapter="default")
-    assert torch.equal(merged.get_parameter("transformer.ln_f.weight"),
-                       tuned.get_parameter("transformer.ln_f.ln_tuning_layers.default.weight"))
+    assert torch.equal(
+        merged.get_parameter("transformer.ln_f.weight"),
+        tuned.get_parameter("transformer.ln_f.ln_tuning_layers.default.weight"),
+    )
     torch.testing.assert_close(run(merged), run(tuned), atol=0, rtol=0)
     restored = peftc.apply(merged, "unmerge")
     torch.testing.assert_close(run(restored), run(tuned), atol=0, rtol=0)
@@ -73,10 +97,16 @@ def test_merge_copies_into_the_base_and_unmerge_restores_it():
 def test_one_active_adapter_per_layer_norm():
     lm = loaded("tiny-gpt2")
     run = lambda gm: gm(*lm.args, **lm.kwargs).logits  # noqa: E731
-    a = fill_trainable(peftc.apply(captured("tiny-gpt2"), "freeze, ln_tuning(adapter='a', targets='*.ln_f')"))
-    with pytest.raises(OptionError, match=r"adapters 'a' \(ln_tuning\), 'b' \(ln_tuning\) would be active together"):
+    a = fill_trainable(
+        peftc.apply(captured("tiny-gpt2"), "freeze, ln_tuning(adapter='a', targets='*.ln_f')")
+    )
+    with pytest.raises(
+        OptionError, match=r"adapters 'a' \(ln_tuning\), 'b' \(ln_tuning\) would be active together"
+    ):
         peftc.apply(a, "ln_tuning(adapter='b', targets='*.ln_f')")
-    both = fill_trainable(peftc.apply(a, "disable_adapters, ln_tuning(adapter='b', targets='*.ln_f')"), seed=3)
+    both = fill_trainable(
+        peftc.apply(a, "disable_adapters, ln_tuning(adapter='b', targets='*.ln_f')"), seed=3
+    )
     assert peftc.technique.adapters.active_adapters(both) == ["b"]
     with pytest.raises(OptionError, match="one active at a time"):
         set_active(both, ["a", "b"])
@@ -92,6 +122,8 @@ def test_targets_that_are_not_norms_are_refused(tmp_path):
         peftc.apply(captured("tiny-gpt2"), "ln_tuning(targets='*.c_attn')")
     with pytest.raises(OptionError, match="no default targets"):  # as peft, which has no bert entry
         peftc.apply(captured("tiny-bert"), "ln_tuning")
-    peft.get_peft_model(tiny_model("gpt2"), peft.LNTuningConfig(modules_to_save=["wte"])).save_pretrained(tmp_path)
+    peft.get_peft_model(
+        tiny_model("gpt2"), peft.LNTuningConfig(modules_to_save=["wte"])
+    ).save_pretrained(tmp_path)
     with pytest.raises(CheckpointError, match="the config sets modules_to_save="):
         peftc.load_adapter(captured("tiny-gpt2"), tmp_path)

@@ -3,6 +3,7 @@ checkpoints both ways (`peftc.tools.parity.against_peft`). Conv layouts: tests/t
 
 import peft
 import pytest
+
 from zoo import check
 
 CELLS = {

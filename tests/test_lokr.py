@@ -4,6 +4,7 @@ whole or factored: outputs, every gradient, merge, checkpoints both ways
 
 import peft
 import pytest
+
 from conftest import requires_minilm
 from zoo import check
 

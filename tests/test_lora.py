@@ -4,6 +4,7 @@ gradient, merge, checkpoints both ways (`peftc.tools.parity.against_peft`)."""
 
 import peft
 import pytest
+
 from conftest import requires_minilm
 from zoo import check, with_pooler
 

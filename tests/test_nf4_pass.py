@@ -7,10 +7,13 @@ import torch
 
 import peftc
 from peftc.errors import OptionError, TargetError
+
 from conftest import captured, fill_trainable, loaded
 
-pytest.importorskip("bitsandbytes", reason="bitsandbytes is the NF4 oracle: pip install bitsandbytes")
-from bnb_oracle import dequantized_model, linear4bit_model  # noqa: E402
+pytest.importorskip(
+    "bitsandbytes", reason="bitsandbytes is the NF4 oracle: pip install bitsandbytes"
+)
+from bnb_oracle import dequantized_model, linear4bit_model
 
 
 @pytest.mark.parametrize("bias", [False, True], ids=["no-bias", "bias"])
@@ -24,7 +27,9 @@ def test_nf4_linear_in_row_tiles_equals_the_dense_weight(monkeypatch, bias):
     state = nf4.quantize_nf4(torch.randn(70, 100, generator=g), blocksize=64, double_quant=True)
     b = torch.randn(70, generator=g, requires_grad=True) if bias else None
     x = torch.randn(2, 3, 100, generator=g, requires_grad=True)
-    y = torch.ops.peftc.nf4_linear(x, state.packed, state.absmax, state.absmax_scale, state.offset, b, 70, 100, 64)
+    y = torch.ops.peftc.nf4_linear(
+        x, state.packed, state.absmax, state.absmax_scale, state.offset, b, 70, 100, 64
+    )
     dense = nf4.dequantize_nf4(state)
     x_ref = x.detach().clone().requires_grad_()
     b_ref = b.detach().clone().requires_grad_() if bias else None
@@ -59,7 +64,10 @@ def test_no_full_precision_copy_survives(quantized):
     assert not any(n.endswith("proj.weight") for n in names)
     packed = dict(quantized.named_buffers())["model.layers.0.self_attn.q_proj.weight_nf4"]
     assert packed.dtype == torch.uint8 and packed.numel() == 64 * 64 // 2
-    assert peftc.ir.graph.peftc_meta(quantized)["quantized"]["model.layers.0.mlp.down_proj"] == 128 * 64
+    assert (
+        peftc.ir.graph.peftc_meta(quantized)["quantized"]["model.layers.0.mlp.down_proj"]
+        == 128 * 64
+    )
 
 
 def test_qlora_trains_adapters_and_reaches_the_input(quantized):
@@ -81,18 +89,24 @@ def test_qlora_trains_adapters_and_reaches_the_input(quantized):
 def test_nf4_graph_exports_again(quantized):
     program = peftc.export_program(quantized)
     targets = {str(n.target) for n in program.graph.nodes if n.op == "call_function"}
-    assert "peftc.nf4_linear.default" in targets and "aten.linear.default" in targets  # the LM head stays
+    # the LM head stays
+    assert "peftc.nf4_linear.default" in targets and "aten.linear.default" in targets
     lm = loaded("tiny-llama")
-    torch.testing.assert_close(program.module()(*lm.args, lm.kwargs["attention_mask"]).logits,
-                               quantized(*lm.args, **lm.kwargs).logits)
+    torch.testing.assert_close(
+        program.module()(*lm.args, lm.kwargs["attention_mask"]).logits,
+        quantized(*lm.args, **lm.kwargs).logits,
+    )
 
 
-@pytest.mark.parametrize("text, error, message", [
-    ("nf4(blocksize=48)", OptionError, "blocksize"),
-    ("nf4(blocksize=8192)", OptionError, "blocksize"),
-    ("nf4, nf4", OptionError, "already NF4"),
-    ("nf4(targets='*.self_attn')", TargetError, "matches no linear site"),
-])
+@pytest.mark.parametrize(
+    "text, error, message",
+    [
+        ("nf4(blocksize=48)", OptionError, "blocksize"),
+        ("nf4(blocksize=8192)", OptionError, "blocksize"),
+        ("nf4, nf4", OptionError, "already NF4"),
+        ("nf4(targets='*.self_attn')", TargetError, "matches no linear site"),
+    ],
+)
 def test_bad_nf4_input(text, error, message):
     with pytest.raises(error, match=message):
         peftc.apply(captured("tiny-llama"), text)
@@ -103,7 +117,11 @@ class _Residual(torch.nn.Module):
 
     def __init__(self):
         super().__init__()
-        self.a, self.b, self.c = torch.nn.Linear(16, 16), torch.nn.Linear(16, 16, bias=False), torch.nn.Linear(16, 4)
+        self.a, self.b, self.c = (
+            torch.nn.Linear(16, 16),
+            torch.nn.Linear(16, 16, bias=False),
+            torch.nn.Linear(16, 4),
+        )
 
     def forward(self, x):
         h = self.a(x)
@@ -111,12 +129,22 @@ class _Residual(torch.nn.Module):
 
 
 @pytest.mark.parametrize("method", ["symbolic", "export"])
-@pytest.mark.parametrize("make", [
-    lambda: torch.nn.Sequential(torch.nn.Linear(16, 16), torch.nn.Linear(16, 16), torch.nn.Linear(16, 4)),
-    lambda: torch.nn.Sequential(torch.nn.Linear(16, 16), torch.nn.ReLU(), torch.nn.Linear(16, 16),
-                                torch.nn.Linear(16, 4)),
-    _Residual,
-], ids=["chain", "relu-then-chain", "fan-out"])
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: torch.nn.Sequential(
+            torch.nn.Linear(16, 16), torch.nn.Linear(16, 16), torch.nn.Linear(16, 4)
+        ),
+        lambda: torch.nn.Sequential(
+            torch.nn.Linear(16, 16),
+            torch.nn.ReLU(),
+            torch.nn.Linear(16, 16),
+            torch.nn.Linear(16, 4),
+        ),
+        _Residual,
+    ],
+    ids=["chain", "relu-then-chain", "fan-out"],
+)
 def test_nf4_on_linears_feeding_linears(method, make):
     """Each site's input may be the previous site's output, which the pass has just replaced."""
     torch.manual_seed(0)
@@ -124,8 +152,16 @@ def test_nf4_on_linears_feeding_linears(method, make):
     x = torch.randn(2, 3, 16)
     gm = peftc.apply(peftc.capture(model, (x,), method=method), "nf4")
     targets = {str(n.target) for n in gm.graph.nodes if n.op in ("call_function", "call_module")}
-    assert "peftc.nf4_linear.default" in targets and not targets & {"aten.linear.default", "0", "a", "b", "c"}
-    reference = dequantized_model(model, [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)])
+    assert "peftc.nf4_linear.default" in targets and not targets & {
+        "aten.linear.default",
+        "0",
+        "a",
+        "b",
+        "c",
+    }
+    reference = dequantized_model(
+        model, [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
+    )
     x = torch.randn(3, 5, 16)
     torch.testing.assert_close(gm(x), reference(x), atol=1e-6, rtol=1e-6)
 
@@ -141,7 +177,9 @@ def test_merge_into_nf4_requantized_or_dense(quantized):
     with pytest.raises(OptionError, match="requantizing would keep .* of it"):
         peftc.apply(qlora, "merge")
     dense = peftc.apply(qlora, "merge(dtype='float32')")
-    assert {s.path: s.op for s in peftc.linear_sites(dense)}["model.layers.0.self_attn.q_proj"] == "aten.linear"
+    assert {s.path: s.op for s in peftc.linear_sites(dense)}[
+        "model.layers.0.self_attn.q_proj"
+    ] == "aten.linear"
     torch.testing.assert_close(dense(*lm.args, **lm.kwargs).logits, expected, atol=1e-4, rtol=1e-4)
     half = peftc.apply(qlora, "merge(dtype='float16')")
     assert half.get_parameter("model.layers.0.self_attn.q_proj.weight").dtype == torch.float16
@@ -154,8 +192,12 @@ def test_merge_into_nf4_requantized_or_dense(quantized):
     base_gap = (quantized(*lm.args, **lm.kwargs).logits - expected).abs().max()
     assert error < base_gap  # the requantized merge keeps most of a large update
     restored = peftc.apply(requantized, "unmerge")  # the original 4-bit bytes were kept: exact
-    torch.testing.assert_close(restored(*lm.args, **lm.kwargs).logits, qlora(*lm.args, **lm.kwargs).logits, atol=0, rtol=0)
-    with pytest.raises(OptionError, match="merged into a dense weight; that merge cannot be undone"):
+    torch.testing.assert_close(
+        restored(*lm.args, **lm.kwargs).logits, qlora(*lm.args, **lm.kwargs).logits, atol=0, rtol=0
+    )
+    with pytest.raises(
+        OptionError, match="merged into a dense weight; that merge cannot be undone"
+    ):
         peftc.apply(dense, "unmerge")
     with pytest.raises(OptionError, match="not both"):
         peftc.Pipeline.parse("merge(requantize=true, dtype='float16')")
@@ -173,7 +215,9 @@ def test_small_updates_vanish_when_requantized(quantized):
 
 @pytest.mark.parametrize("double_quant, limit", [(True, 4.13), (False, 4.51)])
 def test_summary_reports_bits_per_quantized_weight(double_quant, limit):
-    model = torch.nn.Sequential(torch.nn.Linear(1024, 1024), torch.nn.GELU(), torch.nn.Linear(1024, 512))
+    model = torch.nn.Sequential(
+        torch.nn.Linear(1024, 1024), torch.nn.GELU(), torch.nn.Linear(1024, 512)
+    )
     gm = peftc.capture(model, (torch.randn(2, 1024),))
     stats = peftc.summary(peftc.apply(gm, f"nf4(double_quant={str(double_quant).lower()})"))
     assert stats.quantized_weights == 1024 * 1024 + 1024 * 512
@@ -184,7 +228,8 @@ def test_summary_reports_bits_per_quantized_weight(double_quant, limit):
 
 @pytest.mark.parametrize("dora", [False, True], ids=["qlora", "qdora"])
 def test_qlora_matches_peft_on_bitsandbytes_linear4bit(tmp_path, monkeypatch, dora):
-    """QLoRA, and DoRA on the 4-bit base (peft dequantizes it for the weight norm; so does peftc)."""
+    """QLoRA, and DoRA on the 4-bit base (peft dequantizes it for the weight norm; so does
+    peftc)."""
     import peft
 
     from peftc.tools.models import example_inputs, tiny_model
@@ -194,8 +239,16 @@ def test_qlora_matches_peft_on_bitsandbytes_linear4bit(tmp_path, monkeypatch, do
     args, kwargs = example_inputs(model)
     gm = peftc.apply(peftc.capture(copy.deepcopy(model), args, kwargs), "nf4, freeze")
     config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], use_dora=dora)
-    parity = against_peft(model, args, kwargs, config, tmp_path, graph=gm,
-                          prepare=lambda m: linear4bit_model(m, monkeypatch), merge=False)
+    parity = against_peft(
+        model,
+        args,
+        kwargs,
+        config,
+        tmp_path,
+        graph=gm,
+        prepare=lambda m: linear4bit_model(m, monkeypatch),
+        merge=False,
+    )
     qlora = parity.graph
     assert sum(p.requires_grad for p in qlora.parameters()) == (12 if dora else 8)
     if dora:
@@ -208,14 +261,23 @@ def test_qdora_initial_magnitude_is_the_dequantized_norm(quantized):
     dequantizes it), so it changes nothing."""
     lm = loaded("tiny-llama")
     qdora = peftc.apply(quantized, "freeze, lora(r=4, dora=true, targets='*.q_proj')")
-    torch.testing.assert_close(qdora(*lm.args, **lm.kwargs).logits, quantized(*lm.args, **lm.kwargs).logits,
-                               atol=1e-6, rtol=0)
+    torch.testing.assert_close(
+        qdora(*lm.args, **lm.kwargs).logits,
+        quantized(*lm.args, **lm.kwargs).logits,
+        atol=1e-6,
+        rtol=0,
+    )
     path = "model.layers.0.self_attn.q_proj"
     norm = dequantized_model(lm.model, [path]).get_submodule(path).weight.norm(dim=1)
-    assert not torch.allclose(norm, lm.model.get_submodule(path).weight.norm(dim=1))  # 4-bit, not the original
-    magnitude = qdora.get_parameter("model.layers.0.self_attn.q_proj.lora_magnitude_vector.default.weight")
+    # 4-bit, not the original
+    assert not torch.allclose(norm, lm.model.get_submodule(path).weight.norm(dim=1))
+    magnitude = qdora.get_parameter(
+        "model.layers.0.self_attn.q_proj.lora_magnitude_vector.default.weight"
+    )
     torch.testing.assert_close(magnitude, norm)
     program = peftc.export_program(qdora)
     assert "peftc.nf4_dequantize.default" in {str(n.target) for n in program.graph.nodes}
-    torch.testing.assert_close(program.module()(*lm.args, lm.kwargs["attention_mask"]).logits,
-                               qdora(*lm.args, **lm.kwargs).logits)
+    torch.testing.assert_close(
+        program.module()(*lm.args, lm.kwargs["attention_mask"]).logits,
+        qdora(*lm.args, **lm.kwargs).logits,
+    )

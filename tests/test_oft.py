@@ -1,18 +1,19 @@
-"""OFT against HF peft 0.21: linear, 2-d convolution and embedding sites on a small model, tiny Llama,
-NF4 against bitsandbytes' Linear4bit, merging, checkpoints both ways, refusals, composition with LoRA."""
+"""OFT against HF peft 0.21: linear, 2-d convolution and embedding sites on a small model, tiny
+Llama, NF4 against bitsandbytes' Linear4bit, merging, checkpoints both ways, refusals, composition
+with LoRA."""
 
 import warnings
 
 import peft
 import pytest
 import torch
-
-import peftc
-import peftc.techniques.oft  # noqa: F401  (registers the pass)
-from peftc.errors import OptionError, PeftcError, TargetError
 from transformers.pytorch_utils import Conv1D
 
+import peftc
+import peftc.techniques.oft
+from peftc.errors import OptionError, PeftcError, TargetError
 from peftc.tools.parity import against_peft, close, perturb
+
 from conftest import captured
 from zoo import build, check
 
@@ -50,17 +51,34 @@ def oft(*targets, **fields):
 
 
 SMALL = ("emb", "conv", "pointwise", "lin", "out")
-# rotations far from the identity; Small's 3x3 convolution rotates input patches, which merging refuses
+# rotations far from the identity; Small's 3x3 convolution rotates input patches, which merging
+# refuses
 ON_SMALL = {"scale": 0.3, "merge": False}
 CELLS = {
     "mlp": ("mlp", oft("lin0", "lin1", oft_block_size=5)),
     "conv2d": ("conv2d", oft("conv1", oft_block_size=4)),
     "llama": ("llama", oft("q_proj", "v_proj", oft_block_size=16)),
-    "llama-down_proj-embedding": ("llama", oft("q_proj", "v_proj", "down_proj", "embed_tokens", oft_block_size=16, r=0)),
+    "llama-down_proj-embedding": (
+        "llama",
+        oft("q_proj", "v_proj", "down_proj", "embed_tokens", oft_block_size=16, r=0),
+    ),
     "small-block-size": (small, oft(*SMALL, oft_block_size=4, r=0), ON_SMALL),
-    "small-adjusted-shared": (small, oft(*SMALL, oft_block_size=5, r=0, block_share=True), ON_SMALL),  # 16 -> 4, 18 -> 6, 36 -> 6
-    "small-r-exact-cayley": (small, oft(*SMALL, r=2, oft_block_size=0, use_cayley_neumann=False), ON_SMALL),
-    "small-neumann-7": (small, oft(*SMALL, oft_block_size=4, r=0, num_cayley_neumann_terms=7), ON_SMALL),
+    # 16 -> 4, 18 -> 6, 36 -> 6
+    "small-adjusted-shared": (
+        small,
+        oft(*SMALL, oft_block_size=5, r=0, block_share=True),
+        ON_SMALL,
+    ),
+    "small-r-exact-cayley": (
+        small,
+        oft(*SMALL, r=2, oft_block_size=0, use_cayley_neumann=False),
+        ON_SMALL,
+    ),
+    "small-neumann-7": (
+        small,
+        oft(*SMALL, oft_block_size=4, r=0, num_cayley_neumann_terms=7),
+        ON_SMALL,
+    ),
 }
 
 
@@ -72,16 +90,33 @@ def test_matches_peft(cell, tmp_path):
 
 def test_merge_folds_the_rotation_and_refuses_patch_rotations(tmp_path):
     args, kwargs = small_inputs()
-    gm = perturb(peftc.apply(peftc.capture(Small(), args, method="symbolic"),
-                             "freeze, oft(block_size=4, targets='emb|pointwise|lin|out')"), 0.3)
+    gm = perturb(
+        peftc.apply(
+            peftc.capture(Small(), args, method="symbolic"),
+            "freeze, oft(block_size=4, targets='emb|pointwise|lin|out')",
+        ),
+        0.3,
+    )
     unmerged = gm(*args)
     merged = peftc.apply(gm, "merge")
     close(merged(*args), unmerged, "merged outputs")
     restored = peftc.apply(merged, "unmerge")
     close(restored(*args), unmerged, "unmerged outputs")
-    assert all(torch.equal(restored.get_parameter(n), p) for n, p in gm.named_parameters() if not p.requires_grad)
-    conv = perturb(peftc.apply(peftc.capture(Small(), args, method="symbolic"), "freeze, oft(block_size=6, targets='conv')"), 0.3)
-    with pytest.raises(PeftcError, match=r"'conv' has a \(3, 3\) kernel: peft's OFT rotates input patches"):
+    assert all(
+        torch.equal(restored.get_parameter(n), p)
+        for n, p in gm.named_parameters()
+        if not p.requires_grad
+    )
+    conv = perturb(
+        peftc.apply(
+            peftc.capture(Small(), args, method="symbolic"),
+            "freeze, oft(block_size=6, targets='conv')",
+        ),
+        0.3,
+    )
+    with pytest.raises(
+        PeftcError, match=r"'conv' has a \(3, 3\) kernel: peft's OFT rotates input patches"
+    ):
         peftc.apply(conv, "merge")
 
 
@@ -90,9 +125,16 @@ def test_nf4_matches_peft_on_bitsandbytes_linear4bit(tmp_path, monkeypatch):
     from bnb_oracle import linear4bit_model
 
     model, args, kwargs = build("llama")
-    parity = against_peft(model, args, kwargs, oft("q_proj", "up_proj", oft_block_size=8, r=0), tmp_path,
-                          graph=peftc.apply(captured("tiny-llama"), "nf4, freeze"),
-                          prepare=lambda m: linear4bit_model(m, monkeypatch), merge=False)
+    parity = against_peft(
+        model,
+        args,
+        kwargs,
+        oft("q_proj", "up_proj", oft_block_size=8, r=0),
+        tmp_path,
+        graph=peftc.apply(captured("tiny-llama"), "nf4, freeze"),
+        prepare=lambda m: linear4bit_model(m, monkeypatch),
+        merge=False,
+    )
     qoft = parity.graph
     assert all(s.storage == "nf4" for s in peftc.linear_sites(qoft) if s.path != "lm_head")
     merged = peftc.apply(qoft, "merge(dtype='float32')")
@@ -100,16 +142,24 @@ def test_nf4_matches_peft_on_bitsandbytes_linear4bit(tmp_path, monkeypatch):
 
 
 def test_oft_and_lora_on_one_site_compose_in_either_order():
-    """OFT rotates the input (`input` stage), LoRA adds beside it from the unrotated x: y = W (x R) + b + s B A x."""
+    """OFT rotates the input (`input` stage), LoRA adds beside it from the unrotated x: y = W (x R)
+    + b + s B A x."""
     model = torch.nn.Sequential(torch.nn.Linear(8, 6), torch.nn.Linear(6, 4))
     x = torch.randn(5, 8)
-    oft, lora = "oft(block_size=4, adapter='o', targets='all-linear')", "lora(r=2, adapter='l', targets='all-linear')"
-    first = perturb(peftc.apply(peftc.capture(model, (x,), method="symbolic"), f"freeze, {oft}, {lora}"), 0.3)
+    oft, lora = (
+        "oft(block_size=4, adapter='o', targets='all-linear')",
+        "lora(r=2, adapter='l', targets='all-linear')",
+    )
+    first = perturb(
+        peftc.apply(peftc.capture(model, (x,), method="symbolic"), f"freeze, {oft}, {lora}"), 0.3
+    )
     second = peftc.apply(peftc.capture(model, (x,), method="symbolic"), f"freeze, {lora}, {oft}")
     second.load_state_dict(first.state_dict())
     torch.testing.assert_close(second(x), first(x), atol=0, rtol=0)
     single = torch.nn.Linear(8, 6)
-    gm = perturb(peftc.apply(peftc.capture(single, (x,), method="symbolic"), f"freeze, {oft}, {lora}"), 0.3)
+    gm = perturb(
+        peftc.apply(peftc.capture(single, (x,), method="symbolic"), f"freeze, {oft}, {lora}"), 0.3
+    )
     rotated = peftc.apply(gm, "set_adapter(name='o')")(x)
     added = peftc.apply(gm, "set_adapter(name='l')")(x) - single(x)
     torch.testing.assert_close(gm(x), rotated + added, atol=1e-6, rtol=1e-5)
@@ -126,6 +176,10 @@ def test_refusals(tmp_path):
         peftc.apply(gm, "oft(r=2, block_size=4, targets='lin')")
     with pytest.raises(TargetError):
         peftc.apply(gm, "oft(targets='nothing_here')")
-    gpt2_style = peftc.capture(torch.nn.Sequential(Conv1D(8, 4)), (torch.randn(2, 4),), method="symbolic")
-    with pytest.raises(OptionError, match="'0' is a GPT-2 Conv1D, which peft's OFT does not support"):
+    gpt2_style = peftc.capture(
+        torch.nn.Sequential(Conv1D(8, 4)), (torch.randn(2, 4),), method="symbolic"
+    )
+    with pytest.raises(
+        OptionError, match="'0' is a GPT-2 Conv1D, which peft's OFT does not support"
+    ):
         peftc.apply(gpt2_style, "oft(block_size=2, targets='0')")

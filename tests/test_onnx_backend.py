@@ -18,9 +18,12 @@ import torch.utils._pytree as pytree
 
 import peftc
 from peftc.errors import ExportError
+
 from conftest import captured, fill_trainable, requires_minilm
 
-ort = pytest.importorskip("onnxruntime", reason="ONNX Runtime is the oracle: pip install onnxruntime")
+ort = pytest.importorskip(
+    "onnxruntime", reason="ONNX Runtime is the oracle: pip install onnxruntime"
+)
 from peftc.backends import onnx as peftc_onnx  # noqa: E402
 from peftc.backends.onnx import contrib, exporter  # noqa: E402
 
@@ -36,13 +39,19 @@ def feeds(gm, batch=3, seq=11, seed=5):
             mask[0, -3:] = 0
             out[name] = mask
         else:
-            out[name] = torch.randint(3, int(value.max()) + 1, (batch, seq), generator=g, dtype=value.dtype)
+            out[name] = torch.randint(
+                3, int(value.max()) + 1, (batch, seq), generator=g, dtype=value.dtype
+            )
     return out
 
 
 def eager(gm, inputs):
     with torch.no_grad():
-        return [t.numpy() for t in pytree.tree_leaves(gm(*inputs.values())) if isinstance(t, torch.Tensor)]
+        return [
+            t.numpy()
+            for t in pytree.tree_leaves(gm(*inputs.values()))
+            if isinstance(t, torch.Tensor)
+        ]
 
 
 def run_onnx(path, inputs, options=None):
@@ -52,7 +61,7 @@ def run_onnx(path, inputs, options=None):
 
 def assert_outputs_close(got, expected, atol):
     assert len(got) == len(expected)
-    for g, e in zip(got, expected):
+    for g, e in zip(got, expected, strict=True):
         assert g.shape == e.shape
         np.testing.assert_allclose(g, e, atol=atol, rtol=0)
 
@@ -61,11 +70,15 @@ MERGED = [
     ("tiny-llama", "lora(r=4, alpha=8, targets='all-linear')"),
     ("tiny-gpt2", "ia3(targets='*.c_attn|*.c_fc', feedforward_modules=['c_fc'])"),
     ("tiny-bert", "lokr(r=4, targets='*.query|*.value|*.dense')"),
-    pytest.param("minilm", "lora(r=8, dora=true, targets='*.query|*.value')", marks=requires_minilm),
+    pytest.param(
+        "minilm", "lora(r=8, dora=true, targets='*.query|*.value')", marks=requires_minilm
+    ),
 ]
 
 
-@pytest.mark.parametrize("model, adapter", MERGED, ids=lambda v: v if v.startswith(("tiny", "minilm")) else None)
+@pytest.mark.parametrize(
+    "model, adapter", MERGED, ids=lambda v: v if v.startswith(("tiny", "minilm")) else None
+)
 def test_merged_export_matches_eager(tmp_path, model, adapter):
     trained = fill_trainable(peftc.apply(captured(model), f"freeze, {adapter}"))
     merged = peftc.apply(trained, "merge")
@@ -75,17 +88,21 @@ def test_merged_export_matches_eager(tmp_path, model, adapter):
     assert [p.name for p in tmp_path.iterdir()] == ["model.onnx"]  # no temp file left
     inputs = feeds(merged)
     assert result.inputs == list(inputs)
-    graph = onnx.load(str(result.path)).graph  # one batch and one sequence, named, shared by the inputs
+    graph = onnx.load(
+        str(result.path)
+    ).graph  # one batch and one sequence, named, shared by the inputs
     assert {i.name: [d.dim_param for d in i.type.tensor_type.shape.dim] for i in graph.input} == {
-        name: ["batch", "sequence"] for name in inputs}
+        name: ["batch", "sequence"] for name in inputs
+    }
     assert_outputs_close(run_onnx(result.path, inputs), eager(merged, inputs), atol=1e-4)
     assert_outputs_close(run_onnx(result.path, inputs), eager(trained, inputs), atol=1e-4)
 
 
 @requires_minilm
 def test_minilm_captured_from_slices_of_a_tokenizer_batch(tmp_path):
-    """Example inputs that are views (`ids[:2, :7]` of a padded SST-2 batch): torch.export keeps guards
-    on their base, which torch.onnx's retrace cannot meet; captured from them, the model still exports."""
+    """Example inputs that are views (`ids[:2, :7]` of a padded SST-2 batch): torch.export keeps
+    guards on their base, which torch.onnx's retrace cannot meet; captured from them, the model
+    still exports."""
     from transformers import AutoTokenizer, BertModel
 
     from peftc.tools.demo import find_data, read_split
@@ -104,7 +121,8 @@ def test_minilm_captured_from_slices_of_a_tokenizer_batch(tmp_path):
     result = peftc_onnx.export(gm, tmp_path / "minilm.onnx")
     other = tokenizer(sentences[4:7], padding=True, return_tensors="pt")
     inputs = {"input_ids": other["input_ids"], "attention_mask": other["attention_mask"]}
-    assert inputs["input_ids"].shape[1] != 7 and not inputs["attention_mask"].all()  # another length, padded
+    # another length, padded
+    assert inputs["input_ids"].shape[1] != 7 and not inputs["attention_mask"].all()
     got = run_onnx(result.path, inputs)
     assert_outputs_close(got, eager(gm, inputs), atol=1e-4)
     with torch.no_grad():
@@ -116,23 +134,33 @@ def test_failure_inside_torch_onnx_is_not_blamed_on_a_node(tmp_path, monkeypatch
 
     def fails(*args, **kwargs):
         # torch.onnx's own wording for a failure in its decomposition step (colours included)
-        raise ConversionError("Failed to decompose the FX graph for ONNX compatibility. \x1b[96mThis is step 2/3\x1b[0m "
-                              "of exporting the model to ONNX. Next steps:\n- Create an issue\n\n## Exception summary\n\n"
-                              "<class 'AttributeError'>: 'NoneType' object has no attribute 'size'\n\nWhile executing "
-                              "%_guards_fn : [num_users=0] = call_module[target=_guards_fn](args = (%input_ids,))")
+        raise ConversionError(
+            "Failed to decompose the FX graph for ONNX compatibility. \x1b[96mThis is step "
+            "2/3\x1b[0m of exporting the model to ONNX. Next steps:\n- Create an issue\n\n## "
+            "Exception summary\n\n<class 'AttributeError'>: 'NoneType' object has no attribute "
+            "'size'\n\nWhile executing %_guards_fn : [num_users=0] = "
+            "call_module[target=_guards_fn](args = (%input_ids,))"
+        )
 
     monkeypatch.setattr(exporter.torch.onnx, "export", fails)
     with pytest.raises(ExportError) as info:
         peftc_onnx.export(captured("tiny-llama"), tmp_path / "x.onnx")
     message = str(info.value)
-    assert message.startswith("torch.onnx failed in its own export steps, not on a node of this graph")
-    assert "step 2/3 of exporting the model to ONNX. AttributeError: 'NoneType' object has no attribute 'size'" in message
+    assert message.startswith(
+        "torch.onnx failed in its own export steps, not on a node of this graph"
+    )
+    assert (
+        "step 2/3 of exporting the model to ONNX. AttributeError: 'NoneType' object has no "
+        "attribute 'size'" in message
+    )
     assert "Rewrite" not in message and "TRANSLATIONS" not in message and "\x1b" not in message
     assert isinstance(info.value.__cause__, ConversionError)
 
 
 def test_float16_export(tmp_path):
-    merged = peftc.apply(fill_trainable(peftc.apply(captured("tiny-llama"), "freeze, lora(r=4)")), "merge")
+    merged = peftc.apply(
+        fill_trainable(peftc.apply(captured("tiny-llama"), "freeze, lora(r=4)")), "merge"
+    )
     fp32 = merged.state_dict()
     result = peftc_onnx.export(merged, tmp_path / "model16.onnx", dtype="float16")
     model = onnx.load(str(result.path))
@@ -161,8 +189,9 @@ def test_nf4_export_keeps_4bit_weights(tmp_path, quantized):
     assert len(bnb4) == len(sites) == 14
     names = {i.name for i in model.graph.initializer}
     assert not any(f"{path}.weight" in names for path in sites)  # no float copy in the file
-    assert result.quantized_weights == sum(s.in_features * s.out_features for s in peftc.linear_sites(quantized)
-                                           if s.storage == "nf4")
+    assert result.quantized_weights == sum(
+        s.in_features * s.out_features for s in peftc.linear_sites(quantized) if s.storage == "nf4"
+    )
     assert result.quantized_bits_per_weight <= 4.6
     inputs = feeds(quantized)
     assert_outputs_close(run_onnx(result.path, inputs), eager(quantized, inputs), atol=1e-4)
@@ -172,18 +201,27 @@ def test_nf4_export_keeps_4bit_weights(tmp_path, quantized):
     ort.InferenceSession(str(result.path), options)
     optimized = onnx.load(options.optimized_model_filepath)
     assert sum(n.op_type == "MatMulBnb4" for n in optimized.graph.node) == 14
-    assert not [i for i in optimized.graph.initializer if tuple(i.dims) in {(64, 64), (64, 128), (128, 64)}
-                and i.data_type == onnx.TensorProto.FLOAT]
+    assert not [
+        i
+        for i in optimized.graph.initializer
+        if tuple(i.dims) in {(64, 64), (64, 128), (128, 64)}
+        and i.data_type == onnx.TensorProto.FLOAT
+    ]
 
 
 def test_qdora_exports_once_merged_into_dense_weights(tmp_path, quantized):
-    qdora = fill_trainable(peftc.apply(quantized, "freeze, lora(r=4, dora=true, targets='*.q_proj')"))
-    with pytest.raises(ExportError, match=r"nf4_dequantize.*self_attn\.q_proj.*lora branch: merge it first"):
+    qdora = fill_trainable(
+        peftc.apply(quantized, "freeze, lora(r=4, dora=true, targets='*.q_proj')")
+    )
+    with pytest.raises(
+        ExportError, match=r"nf4_dequantize.*self_attn\.q_proj.*lora branch: merge it first"
+    ):
         peftc_onnx.export(qdora, tmp_path / "unmerged.onnx")
     merged = peftc.apply(qdora, "merge(dtype='float32')")
     result = peftc_onnx.export(merged, tmp_path / "qdora.onnx", merged=True)
     model = onnx.load(str(result.path))
-    assert sum(n.op_type == "MatMulBnb4" for n in model.graph.node) == 14 - 2  # the merged q_proj are dense
+    # the merged q_proj are dense
+    assert sum(n.op_type == "MatMulBnb4" for n in model.graph.node) == 14 - 2
     inputs = feeds(merged)
     assert_outputs_close(run_onnx(result.path, inputs), eager(qdora, inputs), atol=1e-4)
 
@@ -201,28 +239,37 @@ def test_int4_requantization_reports_its_error(tmp_path, quantized):
 
 
 def test_int4_dequantization_matches_onnxruntime():
-    """`contrib.dequantize_int4` (used for the reported error) reads MatMulNBits as ONNX Runtime does."""
+    """`contrib.dequantize_int4` (used for the reported error) reads MatMulNBits as ONNX Runtime
+    does."""
     g = np.random.default_rng(0)
     weight = g.standard_normal((96, 40)).astype(np.float32)  # [K, N]; K not a multiple of the block
     graph = onnx.helper.make_graph(
-        [onnx.helper.make_node("MatMul", ["x", "w"], ["y"], name="mm")], "g",
+        [onnx.helper.make_node("MatMul", ["x", "w"], ["y"], name="mm")],
+        "g",
         [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [5, 96])],
         [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [5, 40])],
-        [onnx.numpy_helper.from_array(weight, "w")])
-    model = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 20)], ir_version=10)
+        [onnx.numpy_helper.from_array(weight, "w")],
+    )
+    model = onnx.helper.make_model(
+        graph, opset_imports=[onnx.helper.make_opsetid("", 20)], ir_version=10
+    )
     quantized, error = contrib.requantize_int4(model, {"w"}, block_size=32)
     x = g.standard_normal((5, 96)).astype(np.float32)
     (got,) = ort.InferenceSession(quantized.SerializeToString()).run(None, {"x": x})
     inits = {i.name: onnx.numpy_helper.to_array(i) for i in quantized.graph.initializer}
     dense = contrib.dequantize_int4(inits["w_Q4"], inits["w_scales"], inits["w_zero_points"], k=96)
     np.testing.assert_allclose(got, x @ dense.T, atol=1e-4)
-    assert error == pytest.approx(np.linalg.norm(dense - weight.T) / np.linalg.norm(weight), rel=1e-5)
+    assert error == pytest.approx(
+        np.linalg.norm(dense - weight.T) / np.linalg.norm(weight), rel=1e-5
+    )
 
 
 @pytest.fixture(scope="module")
 def two_adapters():
-    text = ("freeze, lora(r=4, alpha=8, targets='*.q_proj|*.v_proj', adapter='a'), "
-            "lora(r=2, alpha=4, rslora=true, targets='*.v_proj|*.o_proj', adapter='b')")
+    text = (
+        "freeze, lora(r=4, alpha=8, targets='*.q_proj|*.v_proj', adapter='a'), lora(r=2, alpha=4, "
+        "rslora=true, targets='*.v_proj|*.o_proj', adapter='b')"
+    )
     return fill_trainable(peftc.apply(captured("tiny-llama"), text))
 
 
@@ -230,12 +277,20 @@ def test_multi_adapter_serving(tmp_path, two_adapters):
     served = peftc_onnx.export_adapters(two_adapters, tmp_path / "base.onnx")
     onnx.checker.check_model(str(served.base.path))
     assert sorted(p.name for p in tmp_path.iterdir()) == [
-        "base.a.onnx_adapter", "base.adapters.json", "base.b.onnx_adapter", "base.onnx"]
-    assert json.loads(served.manifest.read_text())["adapters"] == {"a": "base.a.onnx_adapter", "b": "base.b.onnx_adapter"}
+        "base.a.onnx_adapter",
+        "base.adapters.json",
+        "base.b.onnx_adapter",
+        "base.onnx",
+    ]
+    assert json.loads(served.manifest.read_text())["adapters"] == {
+        "a": "base.a.onnx_adapter",
+        "b": "base.b.onnx_adapter",
+    }
     model = onnx.load(str(served.base.path))
     initializers = {i.name: i for i in model.graph.initializer}
     slots = [i.name for i in model.graph.input if i.name in initializers]
-    assert len(slots) == 2 * 6  # A and B at q_proj, v_proj, o_proj of both layers: names kept, rank-0 defaults
+    # A and B at q_proj, v_proj, o_proj of both layers: names kept, rank-0 defaults
+    assert len(slots) == 2 * 6
     assert all(".lora_" in name and 0 in initializers[name].dims for name in slots)
 
     session = peftc_onnx.AdapterSession(served.base.path)
@@ -283,7 +338,10 @@ def test_op_without_translation_names_node_and_module(tmp_path):
     node.meta["module_path"] = site.path
     site.node.replace_all_uses_with(node, delete_user_cb=lambda user: user is not node)
     gm.recompile()
-    with pytest.raises(ExportError, match=r"halve.*model\.layers\.1\.mlp\.up_proj has no ONNX translation.*TRANSLATIONS"):
+    with pytest.raises(
+        ExportError,
+        match=r"halve.*model\.layers\.1\.mlp\.up_proj has no ONNX translation.*TRANSLATIONS",
+    ):
         peftc_onnx.export(gm, tmp_path / "x.onnx")
     assert not list(tmp_path.iterdir())
 
@@ -307,14 +365,18 @@ def test_inputs_by_position_and_name():
     ids, mask = feeds(gm).values()
     assert exporter._positional(gm, ids, {"attention_mask": mask}) == (ids, mask)
     assert exporter._positional(gm, None, {"input_ids": ids, "attention_mask": mask}) == (ids, mask)
-    with pytest.raises(ExportError, match=r"missing inputs \['attention_mask'\].*\(input_ids, attention_mask\)"):
+    with pytest.raises(
+        ExportError, match=r"missing inputs \['attention_mask'\].*\(input_ids, attention_mask\)"
+    ):
         exporter._positional(gm, (ids,), None)
     with pytest.raises(ExportError, match="keyword inputs \\['mask'\\]"):
         exporter._positional(gm, (ids,), {"mask": mask})
 
 
-@pytest.mark.parametrize("option, message", [({"dtype": "bf16"}, "dtype must be one of"),
-                                             ({"quant": "int8"}, "quant must be one of")])
+@pytest.mark.parametrize(
+    "option, message",
+    [({"dtype": "bf16"}, "dtype must be one of"), ({"quant": "int8"}, "quant must be one of")],
+)
 def test_bad_options(tmp_path, option, message):
     with pytest.raises(ExportError, match=message):
         peftc_onnx.export(captured("tiny-llama"), tmp_path / "x.onnx", **option)
@@ -323,29 +385,39 @@ def test_bad_options(tmp_path, option, message):
 def test_failed_export_leaves_the_old_file(tmp_path, monkeypatch):
     target = tmp_path / "model.onnx"
     target.write_bytes(b"the old model")
-    tiny = onnx.helper.make_model(onnx.helper.make_graph(
-        [onnx.helper.make_node("Identity", ["x"], ["y"])], "g",
-        [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1])],
-        [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1])]))
+    tiny = onnx.helper.make_model(
+        onnx.helper.make_graph(
+            [onnx.helper.make_node("Identity", ["x"], ["y"])],
+            "g",
+            [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1])],
+            [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1])],
+        )
+    )
     monkeypatch.setattr(exporter, "onnx_model", lambda *a, **k: (tiny, set()))
     import peftc._io
 
     def disk_full(fd):
         raise OSError("disk full")
 
-    monkeypatch.setattr(peftc._io.os, "fsync", disk_full)  # fails mid-write, after the temp file exists
+    # fails mid-write, after the temp file exists
+    monkeypatch.setattr(peftc._io.os, "fsync", disk_full)
     with pytest.raises(OSError, match="disk full"):
         peftc_onnx.export(captured("tiny-llama"), target)
     assert target.read_bytes() == b"the old model"
     assert [p.name for p in tmp_path.iterdir()] == ["model.onnx"]
 
 
-@pytest.mark.parametrize("pipeline, message", [
-    ("freeze, lora(r=2, dora=true, targets='*.q_proj')", "DoRA"),
-    ("freeze, loha(r=2, targets='*.q_proj')", "only LoRA adapters"),
-    ("freeze", "no adapters to serve"),
-])
+@pytest.mark.parametrize(
+    "pipeline, message",
+    [
+        ("freeze, lora(r=2, dora=true, targets='*.q_proj')", "DoRA"),
+        ("freeze, loha(r=2, targets='*.q_proj')", "only LoRA adapters"),
+        ("freeze", "no adapters to serve"),
+    ],
+)
 def test_adapters_that_cannot_be_served(tmp_path, pipeline, message):
     with pytest.raises(ExportError, match=message):
-        peftc_onnx.export_adapters(peftc.apply(captured("tiny-llama"), pipeline), tmp_path / "base.onnx")
+        peftc_onnx.export_adapters(
+            peftc.apply(captured("tiny-llama"), pipeline), tmp_path / "base.onnx"
+        )
     assert not list(tmp_path.iterdir())

@@ -1,5 +1,5 @@
-"""`outline` / `inline`: blocks as submodule calls, exactly the same computation; FSDP2 on the blocks
-(one process, gloo) and the per-rank memory plan."""
+"""`outline` / `inline`: blocks as submodule calls, exactly the same computation; FSDP2 on the
+blocks (one process, gloo) and the per-rank memory plan."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ import torch.distributed as dist
 import peftc
 from peftc.errors import PassError
 from peftc.ir.graph import get_tensor
-from peftc.tools.models import tiny_model
 from peftc.passes.outline import blocks
+from peftc.tools.models import tiny_model
 
 ARCHS = ["llama", "gpt2", "bert", "t5", "gptneox", "opt", "qwen2"]
 
@@ -32,14 +32,22 @@ def _trained(arch: str, pipeline: str = "nf4, freeze, lora(r=4, targets='all-lin
 
 
 def _first(outputs):
-    return outputs[0] if isinstance(outputs, (tuple, list)) else outputs[0] if hasattr(outputs, "keys") else outputs
+    return (
+        outputs[0]
+        if isinstance(outputs, (tuple, list))
+        else outputs[0]
+        if hasattr(outputs, "keys")
+        else outputs
+    )
 
 
 def _forward_backward(gm, args, kwargs):
     gm.zero_grad()
     out = _first(gm(*args, **kwargs))
     out.float().pow(2).mean().backward()
-    return out.detach(), {n: p.grad for n, p in gm.named_parameters() if p.requires_grad and p.grad is not None}
+    return out.detach(), {
+        n: p.grad for n, p in gm.named_parameters() if p.requires_grad and p.grad is not None
+    }
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -50,8 +58,11 @@ def test_outlined_graph_computes_the_same_and_inline_restores_it(arch):
     outlined = peftc.apply(gm, "outline")
     paths = blocks(outlined)
     assert paths and all(isinstance(outlined.get_submodule(p), torch.fx.GraphModule) for p in paths)
-    assert not any(n.op == "get_attr" and any(str(n.target).startswith(p + ".") for p in paths)
-                   for n in outlined.graph.nodes)  # block weights are read inside the block only
+    # block weights are read inside the block only
+    assert not any(
+        n.op == "get_attr" and any(str(n.target).startswith(p + ".") for p in paths)
+        for n in outlined.graph.nodes
+    )
     assert list(outlined.state_dict()) == list(before_state)  # same names, same order
     out2, grads2 = _forward_backward(outlined, args, kwargs)
     torch.testing.assert_close(out2, out, atol=0, rtol=0)
@@ -61,7 +72,9 @@ def test_outlined_graph_computes_the_same_and_inline_restores_it(arch):
     outlined.train()
     assert all(outlined.get_submodule(p).training for p in paths)  # modules follow the graph's mode
     inlined = peftc.apply(outlined, "inline")
-    assert not blocks(inlined) and not any(n.op == "call_module" and str(n.target) in paths for n in inlined.graph.nodes)
+    assert not blocks(inlined) and not any(
+        n.op == "call_module" and str(n.target) in paths for n in inlined.graph.nodes
+    )
     inlined.eval()
     torch.testing.assert_close(_forward_backward(inlined, args, kwargs)[0], out, atol=0, rtol=0)
 
@@ -81,8 +94,9 @@ def test_checkpointed_blocks_recompute_the_same_values_with_less_memory(arch):
     for name in grads:
         torch.testing.assert_close(grads2[name], grads[name], atol=0, rtol=0)
     inlined = peftc.apply(checkpointed, "inline")
-    assert not blocks(inlined) and not any(n.op == "get_attr" and str(n.target) in blocks(checkpointed)
-                                           for n in inlined.graph.nodes)
+    assert not blocks(inlined) and not any(
+        n.op == "get_attr" and str(n.target) in blocks(checkpointed) for n in inlined.graph.nodes
+    )
     plain, recomputed = (peftc.plan(g, batch=4, seq=32) for g in (gm, checkpointed))
     assert recomputed.activations < 0.5 * plain.activations and recomputed.working < plain.working
 
@@ -93,14 +107,18 @@ def test_an_outlined_graph_refuses_adapter_changes_until_inlined():
     for text in ("lora(r=2, adapter='second')", "merge", "triton(fallback=true)", "outline"):
         with pytest.raises(PassError) as err:
             peftc.apply(outlined, text)
-        assert "outline" in str(err.value) and ("inline" in str(err.value) or "combine" in str(err.value))
+        assert "outline" in str(err.value) and (
+            "inline" in str(err.value) or "combine" in str(err.value)
+        )
     merged = peftc.apply(peftc.apply(outlined, "inline"), 'merge(dtype="float32")')
     expected = peftc.apply(gm, 'merge(dtype="float32")')
     torch.testing.assert_close(_first(merged(*args)), _first(expected(*args)))
 
 
 def test_outline_says_why_when_there_are_no_blocks():
-    gm = peftc.capture(torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.ReLU()), (torch.randn(2, 4),))
+    gm = peftc.capture(
+        torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.ReLU()), (torch.randn(2, 4),)
+    )
     result = peftc.Pipeline.parse("outline").run(gm)
     assert not result.results[0].modified and "no repeated blocks" in result.results[0].report
 
@@ -128,12 +146,14 @@ def test_fsdp_gathers_each_block_through_its_own_hooks(one_process_group):
     assert storage and all(n.rsplit(".", 1)[1].startswith("weight_") for n in storage)
     peftc.distributed.shard(sharded)
     assert all(isinstance(sharded.get_submodule(p), FSDPModule) for p in blocks(sharded))
-    assert all(isinstance(get_tensor(sharded, n), DTensor) for n in storage)  # NF4 bytes and statistics are sharded
+    # NF4 bytes and statistics are sharded
+    assert all(isinstance(get_tensor(sharded, n), DTensor) for n in storage)
     out2, grads2 = _forward_backward(sharded, args, kwargs)
     torch.testing.assert_close(out2, out, atol=1e-6, rtol=1e-6)
     for name, grad in grads.items():
         torch.testing.assert_close(grads2[name].full_tensor(), grad, atol=1e-6, rtol=1e-6)
-    recomputed = peftc.apply(gm, "outline(checkpoint=true)")  # gathered again for the backward's recomputation
+    # gathered again for the backward's recomputation
+    recomputed = peftc.apply(gm, "outline(checkpoint=true)")
     peftc.distributed.shard(recomputed)
     out3, grads3 = _forward_backward(recomputed, args, kwargs)
     torch.testing.assert_close(out3, out, atol=1e-6, rtol=1e-6)
@@ -167,15 +187,22 @@ def test_plan_per_rank_shards_weights_and_gathers_the_root_and_two_blocks():
     gm = peftc.apply(_trained("llama")[0], "outline")
     one = peftc.plan(gm, batch=2, seq=16, optimizer="adamw")
     two = peftc.plan(gm, batch=2, seq=16, optimizer="adamw", world_size=2)
-    per_block = {p: sum(t.numel() * t.element_size() for t in gm.get_submodule(p).state_dict().values())
-                 for p in blocks(gm)}
-    root = sum(t.numel() * t.element_size() for n, t in gm.state_dict().items()
-               if not any(n.startswith(p + ".") for p in blocks(gm)) and "rotary" not in n)
+    per_block = {
+        p: sum(t.numel() * t.element_size() for t in gm.get_submodule(p).state_dict().values())
+        for p in blocks(gm)
+    }
+    root = sum(
+        t.numel() * t.element_size()
+        for n, t in gm.state_dict().items()
+        if not any(n.startswith(p + ".") for p in blocks(gm)) and "rotary" not in n
+    )
     assert two.gathered == pytest.approx(root / 2 + sum(sorted(per_block.values())[-2:]), rel=0.02)
     assert sum(two.weights.values()) == pytest.approx(sum(one.weights.values()) / 2, rel=0.02)
     assert two.optimizer_states == pytest.approx(one.optimizer_states / 2, rel=0.02)
     assert two.working == one.working
-    assert two.peak == sum(two.weights.values()) + two.optimizer_states + max(two.working + two.gathered, two.step)
+    assert two.peak == sum(two.weights.values()) + two.optimizer_states + max(
+        two.working + two.gathered, two.step
+    )
     assert "per rank of 2" in str(two) and "gathered" in str(two)
     with pytest.raises(peftc.errors.OptionError, match="world_size"):
         peftc.plan(gm, world_size=0)

@@ -8,7 +8,13 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 import peftc
-from peftc.errors import OptionError, PassError, PipelineSyntaxError, UnknownPassError, VerificationError
+from peftc.errors import (
+    OptionError,
+    PassError,
+    PipelineSyntaxError,
+    UnknownPassError,
+    VerificationError,
+)
 from peftc.ir.pipeline import Pipeline, Step
 from peftc.ir.registry import get_pass
 
@@ -50,17 +56,23 @@ def demo(gm: fx.GraphModule, options: DemoOptions) -> peftc.PassResult:
     return peftc.PassResult(gm, modified=False, report="a test pass that changes nothing")
 
 
-@pytest.mark.parametrize("text, canonical", [
-    ("dce", "dce"),
-    ("  freeze ,dce,identity  ", "freeze, dce, identity"),
-    ("demo(r=8)", "demo"),  # defaults are dropped
-    ("demo(r=4, alpha=2, targets='*.q_proj|*.v_proj')", 'demo(r=4, alpha=2.0, targets="*.q_proj|*.v_proj")'),
-    ("demo(flag=true, init=\"ones\")", 'demo(init="ones", flag=true)'),
-    ("demo(layers=[0, 2], flag=True)", "demo(layers=[0, 2], flag=true)"),
-    ("demo(targets=none)", "demo"),
-    ("freeze,\n  demo(r=2),\n  dce", "freeze, demo(r=2), dce"),
-    ("", ""),
-])
+@pytest.mark.parametrize(
+    "text, canonical",
+    [
+        ("dce", "dce"),
+        ("  freeze ,dce,identity  ", "freeze, dce, identity"),
+        ("demo(r=8)", "demo"),  # defaults are dropped
+        (
+            "demo(r=4, alpha=2, targets='*.q_proj|*.v_proj')",
+            'demo(r=4, alpha=2.0, targets="*.q_proj|*.v_proj")',
+        ),
+        ('demo(flag=true, init="ones")', 'demo(init="ones", flag=true)'),
+        ("demo(layers=[0, 2], flag=True)", "demo(layers=[0, 2], flag=true)"),
+        ("demo(targets=none)", "demo"),
+        ("freeze,\n  demo(r=2),\n  dce", "freeze, demo(r=2), dce"),
+        ("", ""),
+    ],
+)
 def test_pipeline_text_round_trips(text, canonical):
     pipeline = Pipeline.parse(text)
     assert str(pipeline) == canonical
@@ -91,15 +103,22 @@ def test_unknown_pass_suggests_near_names():
     assert message.splitlines()[2].index("^") == message.splitlines()[1].index("fereze")
 
 
-@pytest.mark.parametrize("text, expected", [
-    ("demo(r='eight')", "option 'r' of pass 'demo' must be int, got str 'eight'"),
-    ("demo(rnak=8)", "pass 'demo' has no option 'rnak'. did you mean 'r'?"),  # peft's 'rank' is accepted as r
-    ("demo(init='random')", "must be one of 'zeros', 'ones'"),
-    ("demo(flag=1)", "option 'flag' of pass 'demo' must be bool"),
-    ("demo(r=0)", "demo: r must be positive, got 0"),
-    ("demo(layers=['a'])", "option 'layers' of pass 'demo' must be tuple"),
-    ("freeze(x=1)", "pass 'freeze' takes no options"),
-])
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("demo(r='eight')", "option 'r' of pass 'demo' must be int, got str 'eight'"),
+        # peft's 'rank' is accepted as r
+        (
+            "demo(rnak=8)",
+            "pass 'demo' has no option 'rnak'. did you mean 'r'?",
+        ),
+        ("demo(init='random')", "must be one of 'zeros', 'ones'"),
+        ("demo(flag=1)", "option 'flag' of pass 'demo' must be bool"),
+        ("demo(r=0)", "demo: r must be positive, got 0"),
+        ("demo(layers=['a'])", "option 'layers' of pass 'demo' must be tuple"),
+        ("freeze(x=1)", "pass 'freeze' takes no options"),
+    ],
+)
 def test_bad_options(text, expected):
     with pytest.raises(OptionError) as err:
         Pipeline.parse(text)
@@ -107,13 +126,16 @@ def test_bad_options(text, expected):
     assert "^" in str(err.value)
 
 
-@pytest.mark.parametrize("text, expected", [
-    ("demo(8)", "options of 'demo' must be named"),
-    ("dce, 3", "expected a pass name"),
-    ("demo(r=x)", "option values must be literals"),
-    ("demo(**opts)", "'**' is not allowed"),
-    ("a.b", "expected a pass name"),
-])
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("demo(8)", "options of 'demo' must be named"),
+        ("dce, 3", "expected a pass name"),
+        ("demo(r=x)", "option values must be literals"),
+        ("demo(**opts)", "'**' is not allowed"),
+        ("a.b", "expected a pass name"),
+    ],
+)
 def test_malformed_steps(text, expected):
     with pytest.raises(PipelineSyntaxError, match=expected.replace("(", r"\(").replace("*", r"\*")):
         Pipeline.parse(text)
@@ -134,7 +156,9 @@ def test_apply_copies_and_records_statistics(mlp):
     out = result.graph_module
     assert out is not gm and all(p.requires_grad for p in gm.parameters())
     freeze, dce, identity = result.results
-    assert freeze.modified and freeze.sites == ("down", "up") and freeze.report == "froze 4 parameters"
+    assert (
+        freeze.modified and freeze.sites == ("down", "up") and freeze.report == "froze 4 parameters"
+    )
     assert not dce.modified and not identity.modified
     assert freeze.seconds >= 0 and freeze.name == "freeze"
     assert [h["pass"] for h in out.meta["peftc"]["history"]] == ["freeze", "dce", "identity"]
@@ -175,7 +199,9 @@ def test_statistics_count_added_nodes_and_parameters(mlp):
     result = Pipeline.parse("add_bias").run(gm, check_numerics=True)
     (stats,) = result.results
     assert (stats.nodes_added, stats.nodes_removed, stats.params_added) == (2, 0, ("extra.bias",))
-    shape = next(n for n in result.graph_module.graph.nodes if n.name == "add_tensor").meta["val"].shape
+    shape = (
+        next(n for n in result.graph_module.graph.nodes if n.name == "add_tensor").meta["val"].shape
+    )
     assert list(shape) == [3, 6]
 
 
@@ -183,7 +209,11 @@ def test_shape_verification_names_the_pass_and_node(mlp):
     _, gm = mlp
 
     def bad_shapes(gm):
-        down = next(n for n in gm.graph.nodes if n.meta.get("module_path") == "down" and n.op == "call_function")
+        down = next(
+            n
+            for n in gm.graph.nodes
+            if n.meta.get("module_path") == "down" and n.op == "call_function"
+        )
         peftc.ir.graph.set_tensor(gm, "wrong", nn.Parameter(torch.zeros(5, 7)))
         with gm.graph.inserting_after(down):
             w = gm.graph.get_attr("wrong")
@@ -193,7 +223,10 @@ def test_shape_verification_names_the_pass_and_node(mlp):
         return peftc.PassResult(gm, modified=True)
 
     add_pass("bad_shapes", bad_shapes)
-    with pytest.raises(VerificationError, match="after pass 'bad_shapes', shape propagation failed at node linear_default"):
+    with pytest.raises(
+        VerificationError,
+        match="after pass 'bad_shapes', shape propagation failed at node linear_default",
+    ):
         peftc.apply(gm, "freeze, bad_shapes")
     peftc.apply(gm, "bad_shapes", verify=False)  # opting out is explicit
 
@@ -236,7 +269,9 @@ def test_pass_failures_are_wrapped_with_context(mlp):
 
     add_pass("explode", explode)
     add_pass("wrong_return", wrong_return)
-    with pytest.raises(PassError, match=r"pass 'explode', run after freeze, failed: KeyError") as err:
+    with pytest.raises(
+        PassError, match=r"pass 'explode', run after freeze, failed: KeyError"
+    ) as err:
         peftc.apply(gm, "freeze, explode")
     assert isinstance(err.value.__cause__, KeyError)
     with pytest.raises(PassError, match="returned GraphModule"):

@@ -1,5 +1,6 @@
-"""Prefix tuning against HF peft (PrefixTuningConfig): outputs and gradients on the user's positions for a GQA
-Llama, Qwen2, GPT-2 and BERT, the reparameterisation MLP, other batch sizes and lengths, is_causal SDPA, errors."""
+"""Prefix tuning against HF peft (PrefixTuningConfig): outputs and gradients on the user's positions
+for a GQA Llama, Qwen2, GPT-2 and BERT, the reparameterisation MLP, other batch sizes and lengths,
+is_causal SDPA, errors."""
 
 import copy
 import math
@@ -11,17 +12,24 @@ import torch.nn.functional as F
 from torch import nn
 
 import peftc
-import peftc.techniques.prefix  # noqa: F401  (registers the pass)
+import peftc.techniques.prefix
 from peftc.errors import OptionError, PassError, TargetError
 from peftc.ir.graph import tagged
-from peftc.tools.models import example_inputs, tiny_model
 from peftc.sites.regions import attention_sites, position_ids
+from peftc.tools.models import example_inputs, tiny_model
 from peftc.tools.parity import against_peft, close
+
 from conftest import captured
 
-pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning")  # peft passes past_key_values (renamed cache)
+# peft passes past_key_values (renamed cache)
+pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning")
 
-TASKS = {"llama": "CAUSAL_LM", "qwen2": "CAUSAL_LM", "gpt2": "CAUSAL_LM", "bert": "FEATURE_EXTRACTION"}
+TASKS = {
+    "llama": "CAUSAL_LM",
+    "qwen2": "CAUSAL_LM",
+    "gpt2": "CAUSAL_LM",
+    "bert": "FEATURE_EXTRACTION",
+}
 
 
 def padded_inputs(model, batch=3, seq=7):
@@ -41,9 +49,16 @@ def loss(out, seed=3):
 def build_pair(arch, n=3, projection=False, hidden=None):
     model = tiny_model(arch)  # the model conftest captured at batch 2, length 16
     extra = f", encoder_hidden_size={hidden}" if hidden else ""
-    gm = peftc.apply(captured(f"tiny-{arch}"), f"freeze, prefix(n={n}, prefix_projection={projection}{extra}, seed=1)")
-    config = peft.PrefixTuningConfig(task_type=TASKS[arch], num_virtual_tokens=n, prefix_projection=projection,
-                                     **({"encoder_hidden_size": hidden} if hidden else {}))
+    gm = peftc.apply(
+        captured(f"tiny-{arch}"),
+        f"freeze, prefix(n={n}, prefix_projection={projection}{extra}, seed=1)",
+    )
+    config = peft.PrefixTuningConfig(
+        task_type=TASKS[arch],
+        num_virtual_tokens=n,
+        prefix_projection=projection,
+        **({"encoder_hidden_size": hidden} if hidden else {}),
+    )
     peft_model = peft.get_peft_model(model, config)
     theirs = {name: p for name, p in peft_model.named_parameters() if p.requires_grad}
     ours = {name: p for name, p in gm.named_parameters() if p.requires_grad}
@@ -59,9 +74,12 @@ def build_pair(arch, n=3, projection=False, hidden=None):
 def assert_parity(peft_model, gm, theirs, ours, args, kwargs, arch):
     eager = kwargs if arch == "bert" else {**kwargs, "use_cache": False}
     expected, got = peft_model(*args, **eager)[0], gm(*args, **kwargs)[0]
-    assert got.shape == expected.shape == (*args[0].shape, expected.shape[-1])  # [B, L, ...]: user positions only
+    # [B, L, ...]: user positions only
+    assert got.shape == expected.shape == (*args[0].shape, expected.shape[-1])
     base = peft_model.get_base_model()(*args, **eager)[0]
-    assert (expected - base).abs().max() > 1e-2  # the prefix changes the output, so parity means something
+    assert (
+        expected - base
+    ).abs().max() > 1e-2  # the prefix changes the output, so parity means something
     close(got, expected, "outputs")
     loss(expected).backward()
     loss(got).backward()
@@ -75,22 +93,40 @@ def test_parity_with_peft(arch, tmp_path):
     model = tiny_model(arch)  # the model conftest captured at batch 2, length 16
     args, kwargs = padded_inputs(model)
     config = peft.PrefixTuningConfig(task_type=TASKS[arch], num_virtual_tokens=3)
-    parity = against_peft(model, args, kwargs, config, tmp_path, graph=peftc.apply(captured(f"tiny-{arch}"), "freeze"))
+    parity = against_peft(
+        model, args, kwargs, config, tmp_path, graph=peftc.apply(captured(f"tiny-{arch}"), "freeze")
+    )
     assert parity.graph(*args, **kwargs)[0].shape[:2] == args[0].shape  # user positions only
     theirs = {name: p.shape for name, p in parity.peft.named_parameters() if p.requires_grad}
     made = peftc.apply(captured(f"tiny-{arch}"), "freeze, prefix(n=3)")
-    assert {name: p.shape for name, p in made.named_parameters() if p.requires_grad} == theirs  # peft's names, shapes
-    if arch in ("llama", "qwen2"):  # GQA: the prefix has num_key_value_heads heads, as peft's token_dim
+    assert {
+        name: p.shape for name, p in made.named_parameters() if p.requires_grad
+    } == theirs  # peft's names, shapes
+    # GQA: the prefix has num_key_value_heads heads, as peft's token_dim
+    if arch in (
+        "llama",
+        "qwen2",
+    ):
         assert theirs["prompt_encoder.default.embedding.weight"] == (3, 2 * 2 * 2 * 16)
 
 
 def test_parity_with_prefix_projection():
     peft_model, gm, theirs, ours = build_pair("llama", n=4, projection=True, hidden=24)
     assert {n: tuple(p.shape) for n, p in ours.items()} == {
-        "prompt_encoder.default.embedding.weight": (4, 32), "prompt_encoder.default.transform.0.weight": (24, 32),
-        "prompt_encoder.default.transform.0.bias": (24,), "prompt_encoder.default.transform.2.weight": (128, 24),
-        "prompt_encoder.default.transform.2.bias": (128,)}
-    assert_parity(peft_model, gm, theirs, ours, *padded_inputs(peft_model.get_base_model(), batch=2, seq=11), "llama")
+        "prompt_encoder.default.embedding.weight": (4, 32),
+        "prompt_encoder.default.transform.0.weight": (24, 32),
+        "prompt_encoder.default.transform.0.bias": (24,),
+        "prompt_encoder.default.transform.2.weight": (128, 24),
+        "prompt_encoder.default.transform.2.bias": (128,),
+    }
+    assert_parity(
+        peft_model,
+        gm,
+        theirs,
+        ours,
+        *padded_inputs(peft_model.get_base_model(), batch=2, seq=11),
+        "llama",
+    )
 
 
 def test_other_batch_sizes_and_lengths():
@@ -103,15 +139,18 @@ def test_other_batch_sizes_and_lengths():
 
 def test_positions_are_shifted_and_masks_extended_once():
     gm = captured("tiny-llama")
-    assert [n.target for n in position_ids(gm)] == [torch.ops.aten.arange.default]  # rotary only, not the mask's
+    # rotary only, not the mask's
+    assert [n.target for n in position_ids(gm)] == [torch.ops.aten.arange.default]
     out = peftc.apply(gm, "prefix(n=2)")
     assert len(tagged(out, **{"pass": "prefix"}, role="positions_shifted")) == 1
-    assert len(tagged(out, **{"pass": "prefix"}, role="mask_with_prefix")) == 1  # both layers share the mask
+    # both layers share the mask
+    assert len(tagged(out, **{"pass": "prefix"}, role="mask_with_prefix")) == 1
     assert [n.target for n in position_ids(captured("tiny-bert"))] == ["embeddings.position_ids"]
 
 
 class CausalAttention(nn.Module):
-    """One attention with `is_causal=True` and no mask, and its eager reference with an explicit prefix."""
+    """One attention with `is_causal=True` and no mask, and its eager reference with an explicit
+    prefix."""
 
     def __init__(self, d=32, heads=4):
         super().__init__()
@@ -128,7 +167,10 @@ class CausalAttention(nn.Module):
     def reference(self, x, pk, pv):
         q, k, v = self.split(x)
         b, n, s = x.shape[0], pk.shape[1], x.shape[1]
-        k, v = torch.cat([pk.expand(b, -1, -1, -1), k], 2), torch.cat([pv.expand(b, -1, -1, -1), v], 2)
+        k, v = (
+            torch.cat([pk.expand(b, -1, -1, -1), k], 2),
+            torch.cat([pv.expand(b, -1, -1, -1), v], 2),
+        )
         scores = q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])
         visible = torch.arange(n + s)[None, :] <= torch.arange(s)[:, None] + n
         return scores.masked_fill(~visible, float("-inf")).softmax(-1) @ v
@@ -140,7 +182,8 @@ def test_is_causal_without_mask_against_eager_reference():
     gm = peftc.apply(peftc.capture(module, (x,)), "prefix(n=3, seed=0)")
     site = attention_sites(gm)[0]  # site queries read the op as captured ...
     assert site.mask is None and site.is_causal is True
-    assert site.node.kwargs["attn_mask"] is not None and site.node.kwargs["is_causal"] is False  # ... it now has a mask
+    # ... it now has a mask
+    assert site.node.kwargs["attn_mask"] is not None and site.node.kwargs["is_causal"] is False
     flat = gm.get_parameter("prompt_encoder.default.embedding.weight")
     kv = flat.reshape(3, 2, 4, 8).permute(1, 2, 0, 3)
     for y in (x, torch.randn(3, 9, 32)):
@@ -159,8 +202,9 @@ def test_errors():
 
 
 def test_sequence_classifier_where_peft_fails():
-    """peft refuses prefix tuning on LlamaForSequenceClassification under transformers 5 ("Model does not support
-    past key values"); peftc's logits equal the score head on peft's causal-LM final hidden states, same weights."""
+    """peft refuses prefix tuning on LlamaForSequenceClassification under transformers 5 ("Model
+    does not support past key values"); peftc's logits equal the score head on peft's causal-LM
+    final hidden states, same weights."""
     import transformers
 
     from peftc.tools.models import tiny_config
@@ -177,7 +221,9 @@ def test_sequence_classifier_where_peft_fails():
     with pytest.raises(Exception, match="past key values"):
         config = peft.PrefixTuningConfig(task_type="SEQ_CLS", num_virtual_tokens=3)
         peft.get_peft_model(copy.deepcopy(classifier), config)(*args, **kwargs)
-    peft_lm = peft.get_peft_model(lm, peft.PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=3))
+    peft_lm = peft.get_peft_model(
+        lm, peft.PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=3)
+    )
     ours = gm.get_parameter("prompt_encoder.default.embedding.weight")
     theirs = peft_lm.get_parameter("prompt_encoder.default.embedding.weight")
     with torch.no_grad():
@@ -186,7 +232,9 @@ def test_sequence_classifier_where_peft_fails():
     mask = torch.ones_like(ids)
     ids[1, 4:], mask[1, 4:] = 0, 0  # right padding: the classifier pools token 3 of row 1
     captured = {}
-    peft_lm.get_base_model().model.norm.register_forward_hook(lambda m, i, o: captured.setdefault("h", o))
+    peft_lm.get_base_model().model.norm.register_forward_hook(
+        lambda m, i, o: captured.setdefault("h", o)
+    )
     peft_lm(ids, attention_mask=mask, use_cache=False)
     last = torch.tensor([5, 3, 5])
     expected = classifier.score(captured["h"])[torch.arange(3), last]
@@ -203,14 +251,19 @@ def test_checkpoints_both_ways(tmp_path):
     peft_model, gm, theirs, ours = build_pair("llama", n=4, projection=True)
     peft_model.save_pretrained(tmp_path / "peft")
     loaded_gm = peftc.load_adapter(captured("tiny-llama"), tmp_path / "peft")
-    assert not any(".transform." in name for name, _ in loaded_gm.named_parameters())  # the flat prefix, as peft's
+    # the flat prefix, as peft's
+    assert not any(".transform." in name for name, _ in loaded_gm.named_parameters())
     args, kwargs = padded_inputs(peft_model.get_base_model())
     expected = peft_model(*args, **kwargs, use_cache=False)[0]
     close(loaded_gm(*args, **kwargs)[0], expected, "peftc on peft's checkpoint")
     # peftc-saved (projection evaluated) -> peft
     peftc.save_adapter(gm, tmp_path / "ours")
     reloaded = peft.PeftModel.from_pretrained(tiny_model("llama"), tmp_path / "ours")
-    close(reloaded(*args, **kwargs, use_cache=False)[0], gm(*args, **kwargs)[0], "peft on peftc's checkpoint")
+    close(
+        reloaded(*args, **kwargs, use_cache=False)[0],
+        gm(*args, **kwargs)[0],
+        "peft on peftc's checkpoint",
+    )
     with pytest.raises(CheckpointError, match="does not fit this model"):
         peftc.load_adapter(captured("tiny-gpt2"), tmp_path / "ours")
     # a second prefix is another adapter, one active at a time
@@ -219,7 +272,9 @@ def test_checkpoints_both_ways(tmp_path):
         peftc.load_adapter(flat, tmp_path / "peft")
     with pytest.raises(OptionError, match="would be active together"):
         peftc.apply(flat, "prefix(n=2, adapter='other')")
-    both = peftc.load_adapter(peftc.apply(flat, "disable_adapters"), tmp_path / "peft", adapter="trained")
+    both = peftc.load_adapter(
+        peftc.apply(flat, "disable_adapters"), tmp_path / "peft", adapter="trained"
+    )
     close(both(*args, **kwargs)[0], expected, "the second adapter")
     switched = peftc.apply(both, "set_adapter(name='default')")
     torch.testing.assert_close(switched(*args, **kwargs)[0], flat(*args, **kwargs)[0])
@@ -231,14 +286,19 @@ class MaskedAttention(CausalAttention):
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
 
 
-@pytest.mark.filterwarnings("ignore:input 'mask' has size 1")  # the heads dim of the mask broadcasts
+# the heads dim of the mask broadcasts
+@pytest.mark.filterwarnings("ignore:input 'mask' has size 1")
 def test_float_mask_gets_zero_columns_in_front():
     module = MaskedAttention().eval()
     x = torch.randn(2, 5, 32)
     mask = torch.zeros(2, 1, 5, 5)
     mask[0, :, :, :2] = float("-inf")  # row 0 hides its first two keys
     gm = peftc.apply(peftc.capture(module, (x, mask)), "prefix(n=3, seed=0)")
-    kv = gm.get_parameter("prompt_encoder.default.embedding.weight").reshape(3, 2, 4, 8).permute(1, 2, 0, 3)
+    kv = (
+        gm.get_parameter("prompt_encoder.default.embedding.weight")
+        .reshape(3, 2, 4, 8)
+        .permute(1, 2, 0, 3)
+    )
     q, k, v = module.split(x)
     k = torch.cat([kv[0].expand(2, -1, -1, -1), k], 2)
     v = torch.cat([kv[1].expand(2, -1, -1, -1), v], 2)

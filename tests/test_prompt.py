@@ -1,5 +1,6 @@
-"""The `prompt` pass against HF peft's prompt tuning (PromptTuningConfig) and against the unmodified model
-run on the joined ids (prompt engineering): outputs, gradients, init, checkpoints both ways, errors."""
+"""The `prompt` pass against HF peft's prompt tuning (PromptTuningConfig) and against the unmodified
+model run on the joined ids (prompt engineering): outputs, gradients, init, checkpoints both ways,
+errors."""
 
 import copy
 import json
@@ -13,9 +14,10 @@ from torch import nn
 import peftc
 from peftc.errors import OptionError
 from peftc.ir.graph import peftc_meta
-from peftc.tools.models import example_inputs
 from peftc.ir.pipeline import Pipeline
+from peftc.tools.models import example_inputs
 from peftc.tools.parity import against_peft, close
+
 from conftest import captured, loaded
 
 N = 5
@@ -28,11 +30,16 @@ def rewrite(gm, **options):
 
 @pytest.fixture(scope="module")
 def word_tokenizer(tmp_path_factory):
-    """A word-level tokenizer over the tiny models' 256 ids, saved as a folder AutoTokenizer loads offline."""
+    """A word-level tokenizer over the tiny models' 256 ids, saved as a folder AutoTokenizer loads
+    offline."""
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    words = ["[UNK]", "[PAD]", "[CLS]"] + [f"w{i}" for i in range(200)] + "classify the sentiment of this review".split()
+    words = (
+        ["[UNK]", "[PAD]", "[CLS]"]
+        + [f"w{i}" for i in range(200)]
+        + "classify the sentiment of this review".split()
+    )
     tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="[UNK]"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]")
@@ -42,12 +49,15 @@ def word_tokenizer(tmp_path_factory):
 
 
 def peft_pair(arch, task_type, n=N):
-    """peftc's prompt(n) module and peft's PromptTuningConfig model holding the same prompt_embeddings."""
+    """peftc's prompt(n) module and peft's PromptTuningConfig model holding the same
+    prompt_embeddings."""
     gm = rewrite(peftc.apply(captured(f"tiny-{arch}"), "freeze"), n=n)
     with torch.no_grad():
         gm.get_parameter(PROMPT).normal_(generator=torch.Generator().manual_seed(3))
-    model = peft.get_peft_model(copy.deepcopy(loaded(f"tiny-{arch}").model),
-                                peft.PromptTuningConfig(task_type=task_type, num_virtual_tokens=n))
+    model = peft.get_peft_model(
+        copy.deepcopy(loaded(f"tiny-{arch}").model),
+        peft.PromptTuningConfig(task_type=task_type, num_virtual_tokens=n),
+    )
     with torch.no_grad():
         model.prompt_encoder.default.embedding.weight.copy_(gm.get_parameter(PROMPT))
     return gm, model
@@ -55,7 +65,8 @@ def peft_pair(arch, task_type, n=N):
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
 def test_tuning_matches_peft_outputs_and_gradients(arch, tmp_path):
-    """Another batch (3) and length (7) than the capture's; peft's last 7 positions are the user's."""
+    """Another batch (3) and length (7) than the capture's; peft's last 7 positions are the
+    user's."""
     ids = torch.randint(3, 256, (3, 7), generator=torch.Generator().manual_seed(1))
     mask = torch.ones_like(ids)
     mask[0, 5:] = 0  # a right-padded row
@@ -63,19 +74,28 @@ def test_tuning_matches_peft_outputs_and_gradients(arch, tmp_path):
     made = rewrite(base, n=N)
     assert [name for name, p in made.named_parameters() if p.requires_grad] == [PROMPT]
     config = peft.PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=N)
-    parity = against_peft(copy.deepcopy(loaded(f"tiny-{arch}").model), (ids, mask), {}, config, tmp_path, graph=base,
-                          view=lambda out: out[0][:, -7:])
+    parity = against_peft(
+        copy.deepcopy(loaded(f"tiny-{arch}").model),
+        (ids, mask),
+        {},
+        config,
+        tmp_path,
+        graph=base,
+        view=lambda out: out[0][:, -7:],
+    )
     assert parity.graph(ids, mask)[0].shape == (3, 7, 256)  # the user's positions only
     assert made.get_parameter(PROMPT).shape == parity.peft.get_parameter(PROMPT).shape
 
 
 def test_labels_get_minus_100_in_front_and_the_loss_is_peft():
-    """A causal LM captured with labels (export gives them their own length symbol): peft's -100 prefix."""
+    """A causal LM captured with labels (export gives them their own length symbol): peft's -100
+    prefix."""
     model = loaded("tiny-llama").model
     args, kwargs = example_inputs(model)
     gm = rewrite(peftc.capture(model, args, {**kwargs, "labels": args[0].clone()}), n=N)
-    peft_model = peft.get_peft_model(copy.deepcopy(model), peft.PromptTuningConfig(task_type="CAUSAL_LM",
-                                                                                   num_virtual_tokens=N))
+    peft_model = peft.get_peft_model(
+        copy.deepcopy(model), peft.PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=N)
+    )
     with torch.no_grad():
         peft_model.prompt_encoder.default.embedding.weight.copy_(gm.get_parameter(PROMPT))
     ids = torch.randint(3, 256, (3, 7), generator=torch.Generator().manual_seed(10))
@@ -93,14 +113,17 @@ def test_bert_classifier_token_types_and_padding_match_peft():
     import transformers
 
     torch.manual_seed(0)
-    model = transformers.BertForSequenceClassification(peftc.tools.models.tiny_config("bert")).eval()
+    model = transformers.BertForSequenceClassification(
+        peftc.tools.models.tiny_config("bert")
+    ).eval()
     args, kwargs = example_inputs(model)
     kwargs["token_type_ids"] = torch.zeros_like(args[0])
     gm = rewrite(peftc.capture(model, args, kwargs), n=N)
     with torch.no_grad():
         gm.get_parameter(PROMPT).normal_(generator=torch.Generator().manual_seed(3))
-    peft_model = peft.get_peft_model(copy.deepcopy(model), peft.PromptTuningConfig(task_type="SEQ_CLS",
-                                                                                   num_virtual_tokens=N))
+    peft_model = peft.get_peft_model(
+        copy.deepcopy(model), peft.PromptTuningConfig(task_type="SEQ_CLS", num_virtual_tokens=N)
+    )
     with torch.no_grad():
         peft_model.prompt_encoder.default.embedding.weight.copy_(gm.get_parameter(PROMPT))
     ids = torch.randint(3, 256, (4, 6), generator=torch.Generator().manual_seed(4))
@@ -112,7 +135,11 @@ def test_bert_classifier_token_types_and_padding_match_peft():
     close(got, expected, "logits")
     got.sum().backward()
     expected.sum().backward()
-    close(gm.get_parameter(PROMPT).grad, peft_model.prompt_encoder.default.embedding.weight.grad, "gradient")
+    close(
+        gm.get_parameter(PROMPT).grad,
+        peft_model.prompt_encoder.default.embedding.weight.grad,
+        "gradient",
+    )
 
 
 def test_decoder_classifier_pools_the_users_last_real_token():
@@ -130,12 +157,18 @@ def test_decoder_classifier_pools_the_users_last_real_token():
     mask = torch.ones_like(ids)
     ids[0, 5:], mask[0, 5:] = 0, 0
     got = gm(ids, mask)[0]
-    joined = torch.cat([gm.get_parameter(PROMPT).expand(3, -1, -1), model.model.embed_tokens(ids)], 1)
-    hidden = model.model(inputs_embeds=joined, attention_mask=torch.cat([torch.ones(3, 4, dtype=mask.dtype), mask], 1))
+    joined = torch.cat(
+        [gm.get_parameter(PROMPT).expand(3, -1, -1), model.model.embed_tokens(ids)], 1
+    )
+    hidden = model.model(
+        inputs_embeds=joined,
+        attention_mask=torch.cat([torch.ones(3, 4, dtype=mask.dtype), mask], 1),
+    )
     hand = model.score(hidden.last_hidden_state[torch.arange(3), 4 + mask.sum(1) - 1])
     close(got, hand, "logits")
-    peft_model = peft.get_peft_model(copy.deepcopy(model), peft.PromptTuningConfig(task_type="SEQ_CLS",
-                                                                                   num_virtual_tokens=4))
+    peft_model = peft.get_peft_model(
+        copy.deepcopy(model), peft.PromptTuningConfig(task_type="SEQ_CLS", num_virtual_tokens=4)
+    )
     with torch.no_grad():
         peft_model.prompt_encoder.default.embedding.weight.copy_(gm.get_parameter(PROMPT))
     theirs = peft_model(input_ids=ids, attention_mask=mask).logits
@@ -147,9 +180,14 @@ def test_decoder_classifier_pools_the_users_last_real_token():
 def test_init_is_peft_prompt_embedding_for_the_same_seed(init):
     gm = captured("tiny-llama")
     table = loaded("tiny-llama").model.get_input_embeddings()
-    config = peft.PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=7, token_dim=64, num_layers=2,
-                                     num_transformer_submodules=1,
-                                     prompt_tuning_init={"random": "RANDOM", "vocab": "SAMPLE_VOCAB"}[init])
+    config = peft.PromptTuningConfig(
+        task_type="CAUSAL_LM",
+        num_virtual_tokens=7,
+        token_dim=64,
+        num_layers=2,
+        num_transformer_submodules=1,
+        prompt_tuning_init={"random": "RANDOM", "vocab": "SAMPLE_VOCAB"}[init],
+    )
     torch.manual_seed(11)
     expected = PromptEmbedding(config, table).embedding.weight
     torch.manual_seed(11)
@@ -162,27 +200,41 @@ def test_text_init_repeats_then_truncates_like_peft(word_tokenizer):
     table = loaded("tiny-llama").model.get_input_embeddings()
     text = "classify the sentiment"  # 3 tokens: repeated to 8, truncated to 2
     for n in (8, 2):
-        config = peft.PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=n, token_dim=64, num_layers=2,
-                                         num_transformer_submodules=1, prompt_tuning_init="TEXT",
-                                         prompt_tuning_init_text=text, tokenizer_name_or_path=word_tokenizer)
+        config = peft.PromptTuningConfig(
+            task_type="CAUSAL_LM",
+            num_virtual_tokens=n,
+            token_dim=64,
+            num_layers=2,
+            num_transformer_submodules=1,
+            prompt_tuning_init="TEXT",
+            prompt_tuning_init_text=text,
+            tokenizer_name_or_path=word_tokenizer,
+        )
         expected = PromptEmbedding(config, table).embedding.weight
-        got = rewrite(gm, n=n, init="text", text=text, tokenizer=word_tokenizer).get_parameter(PROMPT)
+        got = rewrite(gm, n=n, init="text", text=text, tokenizer=word_tokenizer).get_parameter(
+            PROMPT
+        )
         assert got.shape == (n, 64) and torch.equal(got, expected)
 
 
 def test_text_prompt_equals_model_on_joined_ids(word_tokenizer):
-    """Prompt engineering on a causal LM: the module's logits are the model's on cat(text ids, ids)."""
+    """Prompt engineering on a causal LM: the module's logits are the model's on cat(text ids,
+    ids)."""
     from transformers import AutoTokenizer
 
     text = "classify the sentiment of this review"
     gm = rewrite(captured("tiny-llama"), text=text, tokenizer=word_tokenizer)
-    text_ids = AutoTokenizer.from_pretrained(word_tokenizer)(text, add_special_tokens=False)["input_ids"]
+    text_ids = AutoTokenizer.from_pretrained(word_tokenizer)(text, add_special_tokens=False)[
+        "input_ids"
+    ]
     n = len(text_ids)
     assert n == 6 and PROMPT not in dict(gm.named_parameters())
     ids = torch.randint(3, 256, (3, 9), generator=torch.Generator().manual_seed(5))
     mask = torch.ones_like(ids)
     joined = torch.cat([torch.tensor([text_ids] * 3), ids], 1)
-    expected = loaded("tiny-llama").model(input_ids=joined, attention_mask=torch.ones_like(joined)).logits
+    expected = (
+        loaded("tiny-llama").model(input_ids=joined, attention_mask=torch.ones_like(joined)).logits
+    )
     got = gm(ids, mask)[0]
     assert got.shape == (3, 9, 256)
     close(got, expected[:, n:], "logits")
@@ -196,8 +248,11 @@ def test_text_prompt_on_bert_with_a_tokenizer_object(word_tokenizer):
     ids = torch.randint(3, 256, (2, 11), generator=torch.Generator().manual_seed(6))
     mask = torch.ones_like(ids)
     mask[1, 8:] = 0
-    joined = torch.cat([torch.tensor([[10, 11, 12]] * 2), ids], 1)  # w7 is id 10 (3 special words first)
-    expected = loaded("tiny-bert").model(input_ids=joined, attention_mask=torch.cat([torch.ones(2, 3, dtype=mask.dtype), mask], 1))
+    # w7 is id 10 (3 special words first)
+    joined = torch.cat([torch.tensor([[10, 11, 12]] * 2), ids], 1)
+    expected = loaded("tiny-bert").model(
+        input_ids=joined, attention_mask=torch.cat([torch.ones(2, 3, dtype=mask.dtype), mask], 1)
+    )
     got = gm(ids, mask)
     close(got[0], expected.last_hidden_state[:, 3:], "hidden states")
     close(got[1], expected.pooler_output, "pooled output")
@@ -218,17 +273,30 @@ def test_checkpoints_both_ways_in_peft_format(tmp_path, word_tokenizer):
     mask = torch.ones_like(ids)
     # peftc -> peft
     peftc.save_adapter(gm, tmp_path / "ours")
-    assert json.loads((tmp_path / "ours" / "adapter_config.json").read_text())["peft_type"] == "PROMPT_TUNING"
-    reloaded = peft.PeftModel.from_pretrained(copy.deepcopy(loaded("tiny-llama").model), tmp_path / "ours")
+    assert (
+        json.loads((tmp_path / "ours" / "adapter_config.json").read_text())["peft_type"]
+        == "PROMPT_TUNING"
+    )
+    reloaded = peft.PeftModel.from_pretrained(
+        copy.deepcopy(loaded("tiny-llama").model), tmp_path / "ours"
+    )
     assert torch.equal(reloaded.prompt_encoder.default.embedding.weight, gm.get_parameter(PROMPT))
-    close(reloaded(input_ids=ids, attention_mask=mask).logits[:, N:], gm(ids, mask)[0], "peft on peftc's checkpoint")
+    close(
+        reloaded(input_ids=ids, attention_mask=mask).logits[:, N:],
+        gm(ids, mask)[0],
+        "peft on peftc's checkpoint",
+    )
     # peft -> peftc
     with torch.no_grad():
         model.prompt_encoder.default.embedding.weight.mul_(2)
     model.save_pretrained(tmp_path / "peft")
     fresh = peftc.load_adapter(captured("tiny-llama"), tmp_path / "peft")
     assert torch.equal(fresh.get_parameter(PROMPT), model.prompt_encoder.default.embedding.weight)
-    close(fresh(ids, mask)[0], model(input_ids=ids, attention_mask=mask).logits[:, N:], "peftc on peft's checkpoint")
+    close(
+        fresh(ids, mask)[0],
+        model(input_ids=ids, attention_mask=mask).logits[:, N:],
+        "peftc on peft's checkpoint",
+    )
     # a fixed text prompt saves as the embedding rows of its ids: the same model, in peft's format
     fixed = rewrite(captured("tiny-llama"), text="w1 w2 w3", tokenizer=word_tokenizer)
     peftc.save_adapter(fixed, tmp_path / "text")
@@ -245,14 +313,16 @@ def test_errors_name_the_problem():
         rewrite(gm, n=3, init="text")
     with pytest.raises(OptionError, match="text='...'.*or n="):
         rewrite(gm)
-    with pytest.raises(OptionError, match="no name_or_path; pass tokenizer="):  # a random-init model has none
+    # a random-init model has none
+    with pytest.raises(OptionError, match="no name_or_path; pass tokenizer="):
         rewrite(gm, n=3, init="text", text="hello")
     with pytest.raises(OptionError, match="2048 positions"):
         rewrite(gm, n=2048)
     gpt2 = peftc.ir.graph.clone(captured("tiny-gpt2"))
     with pytest.raises(OptionError, match="128 positions"):
         rewrite(gpt2, n=200)
-    del peftc_meta(gpt2)["capture"]["config"]["max_position_embeddings"]  # then the wpe table's rows say it
+    # then the wpe table's rows say it
+    del peftc_meta(gpt2)["capture"]["config"]["max_position_embeddings"]
     with pytest.raises(OptionError, match="128 positions"):
         rewrite(gpt2, n=128)
 
@@ -267,6 +337,8 @@ def test_errors_name_the_problem():
     with pytest.raises(OptionError, match="no token ids input"):
         rewrite(peftc.capture(NoIds(), (torch.randn(2, 3, 4),)), n=2)
     for first in ("prompt(n=2)", "ptuning(n=2)"):  # one prompt in front of the input at a time
-        with pytest.raises(OptionError, match="'default' \\((prompt|ptuning)\\), 'second' \\(prompt\\) would be active together"):
+        with pytest.raises(
+            OptionError,
+            match=r"'default' \((prompt|ptuning)\), 'second' \(prompt\) would be active together",
+        ):
             rewrite(peftc.apply(gm, first), n=2, adapter="second")
-

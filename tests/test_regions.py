@@ -1,4 +1,5 @@
-"""Region sites (peftc/regions.py, cases 1-4) on real tiny transformers, checked against what the eager model computes."""
+"""Region sites (peftc/regions.py, cases 1-4) on real tiny transformers, checked against what the
+eager model computes."""
 
 import pytest
 import torch
@@ -9,6 +10,7 @@ import peftc
 from peftc.errors import TargetError
 from peftc.ir.graph import clone
 from peftc.sites.regions import attention_sites, block_sites, final_hidden_states, input_embeddings
+
 from conftest import captured, loaded
 
 ARCHS = ["llama", "qwen2", "gpt2", "bert"]
@@ -18,7 +20,11 @@ SUBLAYERS = {
     "llama": ("model.layers.{}.self_attn", "model.layers.{}.mlp"),
     "qwen2": ("model.layers.{}.self_attn", "model.layers.{}.mlp"),
     "gpt2": ("transformer.h.{}.attn", "transformer.h.{}.mlp"),
-    "bert": ("encoder.layer.{}.attention.output.dense", "encoder.layer.{}.output.dense"),  # dropout after is identity
+    # dropout after is identity
+    "bert": (
+        "encoder.layer.{}.attention.output.dense",
+        "encoder.layer.{}.output.dense",
+    ),
 }
 
 
@@ -43,19 +49,31 @@ def test_attention_sites_carry_heads_mask_and_scale(arch):
     env = run(gm, lm)
     for site in sites:
         assert (site.num_heads, site.num_kv_heads, site.head_dim) == (4, kv_heads, 16)
-        assert (site.scale, site.dropout_p, site.is_causal, site.enable_gqa) == (0.25, 0.0, False, False)
+        assert (site.scale, site.dropout_p, site.is_causal, site.enable_gqa) == (
+            0.25,
+            0.0,
+            False,
+            False,
+        )
         key, key_heads = env[site.key], env[site.key_heads]
         assert key_heads.shape[1] == kv_heads
         # repeat_kv: each key/value head serves num_heads / kv_heads query heads
-        torch.testing.assert_close(key, key_heads.repeat_interleave(4 // kv_heads, dim=1), rtol=0, atol=0)
-        torch.testing.assert_close(env[site.value], env[site.value_heads].repeat_interleave(4 // kv_heads, dim=1),
-                                   rtol=0, atol=0)
+        torch.testing.assert_close(
+            key, key_heads.repeat_interleave(4 // kv_heads, dim=1), rtol=0, atol=0
+        )
+        torch.testing.assert_close(
+            env[site.value],
+            env[site.value_heads].repeat_interleave(4 // kv_heads, dim=1),
+            rtol=0,
+            atol=0,
+        )
         assert (site.key_heads is site.key) == (kv_heads == 4)
 
 
 @pytest.mark.parametrize("arch", ARCHS)
 def test_attention_mask_is_the_models_mask(arch):
-    """With right padding, the mask SDPA gets lets query i see key j iff j is no padding (and j <= i if causal)."""
+    """With right padding, the mask SDPA gets lets query i see key j iff j is no padding (and j <= i
+    if causal)."""
     gm, lm = captured(f"tiny-{arch}"), loaded(f"tiny-{arch}")
     ids = lm.args[0]
     padding = torch.ones_like(ids)
@@ -73,13 +91,16 @@ def test_attention_mask_is_the_models_mask(arch):
 
 
 def test_enable_gqa_has_no_repeat(monkeypatch):
-    monkeypatch.setenv("TRANSFORMERS_SDPA_FORCE_GQA", "1")  # transformers then leaves the repeat to SDPA
+    # transformers then leaves the repeat to SDPA
+    monkeypatch.setenv("TRANSFORMERS_SDPA_FORCE_GQA", "1")
     lm = loaded("tiny-llama")
     gm = peftc.capture(lm.model, lm.args, lm.kwargs)
     for site in attention_sites(gm):
         assert site.enable_gqa and site.key_heads is site.key and site.value_heads is site.value
         assert (site.num_heads, site.num_kv_heads, site.head_dim) == (4, 2, 16)
-    torch.testing.assert_close(gm(*lm.args, *lm.kwargs.values()).logits, lm.model(*lm.args, **lm.kwargs).logits)
+    torch.testing.assert_close(
+        gm(*lm.args, *lm.kwargs.values()).logits, lm.model(*lm.args, **lm.kwargs).logits
+    )
 
 
 def test_causal_sdpa_without_mask_traced_symbolically():
@@ -100,13 +121,16 @@ def test_causal_sdpa_without_mask_traced_symbolically():
 
 
 def zero_sublayer(gm: fx.GraphModule, which: str) -> fx.GraphModule:
-    """A copy where every block's `which` output (attention_output or ff_output) is replaced by zeros."""
+    """A copy where every block's `which` output (attention_output or ff_output) is replaced by
+    zeros."""
     gm = clone(gm)
     for block in block_sites(gm):
         node = getattr(block, which)
         with gm.graph.inserting_after(node):
             zeros = gm.graph.call_function(torch.ops.aten.zeros_like.default, (node,))
-        node.replace_all_uses_with(zeros, delete_user_cb=lambda user: user is not zeros)
+        node.replace_all_uses_with(
+            zeros, delete_user_cb=lambda user, zeros=zeros: user is not zeros
+        )
     gm.recompile()
     return gm
 
@@ -115,7 +139,11 @@ def zeroed_eager(lm, module_paths):
     """The eager model's output with those modules' outputs zeroed by forward hooks."""
 
     def hook(module, args, out):
-        return (torch.zeros_like(out[0]), *out[1:]) if isinstance(out, tuple) else torch.zeros_like(out)
+        return (
+            (torch.zeros_like(out[0]), *out[1:])
+            if isinstance(out, tuple)
+            else torch.zeros_like(out)
+        )
 
     handles = [lm.model.get_submodule(p).register_forward_hook(hook) for p in module_paths]
     try:
@@ -135,7 +163,8 @@ def test_block_sublayer_outputs_are_what_the_model_adds_to_the_stream(arch, whic
     expected = zeroed_eager(lm, [pattern.format(b.index) for b in blocks])
     got = zero_sublayer(gm, which)(*lm.args, *lm.kwargs.values())[0]
     torch.testing.assert_close(got, expected)
-    assert not torch.allclose(expected, lm.model(*lm.args, **lm.kwargs)[0])  # zeroing it changes the model
+    # zeroing it changes the model
+    assert not torch.allclose(expected, lm.model(*lm.args, **lm.kwargs)[0])
 
 
 def test_block_sublayers_are_found_through_adapter_branches():
@@ -146,31 +175,48 @@ def test_block_sublayers_are_found_through_adapter_branches():
         assert block.ff_output.meta["module_path"] == f"{block.path}.mlp.down_proj"
 
 
-@pytest.mark.parametrize("arch,path,distinct", [("llama", "model.embed_tokens", False),
-                                                ("gpt2", "transformer.wte", True),
-                                                ("bert", "embeddings.word_embeddings", True)])
+@pytest.mark.parametrize(
+    "arch,path,distinct",
+    [
+        ("llama", "model.embed_tokens", False),
+        ("gpt2", "transformer.wte", True),
+        ("bert", "embeddings.word_embeddings", True),
+    ],
+)
 def test_input_embeddings(arch, path, distinct):
     gm, lm = captured(f"tiny-{arch}"), loaded(f"tiny-{arch}")
     (site,) = input_embeddings(gm)
     assert site.path == path and site.ids.target == "input_ids"
-    assert (site.stream is not site.node) == distinct  # position / token-type embeddings are added after the lookup
+    assert (
+        site.stream is not site.node
+    ) == distinct  # position / token-type embeddings are added after the lookup
     assert site.stream is block_sites(gm)[0].input
     env = run(gm, lm)
-    torch.testing.assert_close(env[site.node], lm.model.get_input_embeddings()(lm.args[0]), rtol=0, atol=0)
+    torch.testing.assert_close(
+        env[site.node], lm.model.get_input_embeddings()(lm.args[0]), rtol=0, atol=0
+    )
     torch.testing.assert_close(env[site.stream], eager_hidden_states(lm)[0])
 
 
 def test_input_embeddings_of_encoder_decoder_and_targets():
     sites = input_embeddings(captured("tiny-t5"))
-    assert [(s.ids.target, s.stream is not None) for s in sites] == [("input_ids", True), ("decoder_input_ids", True)]
+    assert [(s.ids.target, s.stream is not None) for s in sites] == [
+        ("input_ids", True),
+        ("decoder_input_ids", True),
+    ]
     assert len(input_embeddings(captured("tiny-t5"), "decoder.*")) == 1
     with pytest.raises(TargetError, match="no input embedding"):
         input_embeddings(captured("tiny-llama"), "*.q_proj")
 
 
-@pytest.mark.parametrize("arch,path,norm", [("llama", "model.norm", "model.norm"),
-                                            ("gpt2", "transformer.ln_f", "transformer.ln_f"),
-                                            ("bert", "encoder.layer.1", None)])
+@pytest.mark.parametrize(
+    "arch,path,norm",
+    [
+        ("llama", "model.norm", "model.norm"),
+        ("gpt2", "transformer.ln_f", "transformer.ln_f"),
+        ("bert", "encoder.layer.1", None),
+    ],
+)
 def test_final_hidden_state_is_the_last_hidden_state(arch, path, norm):
     gm, lm = captured(f"tiny-{arch}"), loaded(f"tiny-{arch}")
     (site,) = final_hidden_states(gm)
@@ -181,16 +227,29 @@ def test_final_hidden_state_is_the_last_hidden_state(arch, path, norm):
     torch.testing.assert_close(env[site.node].reshape(expected.shape), expected)
     head = peftc.lm_head(gm)
     if head is not None:  # the head reads it (through llama's logits_to_keep slice, gpt2's view)
-        torch.testing.assert_close(env[head.input].reshape(expected.shape), env[site.node].reshape(expected.shape),
-                                   rtol=0, atol=0)
+        torch.testing.assert_close(
+            env[head.input].reshape(expected.shape),
+            env[site.node].reshape(expected.shape),
+            rtol=0,
+            atol=0,
+        )
 
 
 def test_final_hidden_states_of_each_stack():
     sites = final_hidden_states(captured("tiny-t5"))
-    assert [(s.blocks, s.norm) for s in sites] == [("encoder.block", "encoder.final_layer_norm"),
-                                                   ("decoder.block", "decoder.final_layer_norm")]
+    assert [(s.blocks, s.norm) for s in sites] == [
+        ("encoder.block", "encoder.final_layer_norm"),
+        ("decoder.block", "decoder.final_layer_norm"),
+    ]
 
 
 def test_no_blocks_no_regions():
-    gm = peftc.capture(nn.Sequential(nn.Linear(4, 4), nn.ReLU()), (torch.randn(2, 4),), method="symbolic")
-    assert (block_sites(gm), attention_sites(gm), input_embeddings(gm), final_hidden_states(gm)) == ([], [], [], [])
+    gm = peftc.capture(
+        nn.Sequential(nn.Linear(4, 4), nn.ReLU()), (torch.randn(2, 4),), method="symbolic"
+    )
+    assert (
+        block_sites(gm),
+        attention_sites(gm),
+        input_embeddings(gm),
+        final_hidden_states(gm),
+    ) == ([], [], [], [])

@@ -1,5 +1,6 @@
-"""The `side` pass (QST / LST side tuning): outputs unchanged at init, no base op recorded by autograd,
-gradients only in the side network, QST (`nf4, side`), merge, checkpoints, ONNX Runtime, errors."""
+"""The `side` pass (QST / LST side tuning): outputs unchanged at init, no base op recorded by
+autograd, gradients only in the side network, QST (`nf4, side`), merge, checkpoints, ONNX Runtime,
+errors."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from torch import fx
 import peftc
 from peftc.errors import CheckpointError, OptionError, PassError
 from peftc.tools.models import example_inputs
+
 from conftest import captured, fill_trainable, loaded, onnx_runtime_gap
 
 
@@ -20,13 +22,17 @@ def inputs(arch, seed=1):
 
 
 class Recorded(fx.Interpreter):
-    """Runs the graph and keeps every base op that autograd recorded and that does not read the side network's
-    output (the head after it does)."""
+    """Runs the graph and keeps every base op that autograd recorded and that does not read the side
+    network's output (the head after it does)."""
 
     def __init__(self, gm):
         super().__init__(gm)
         self.recorded = []
-        side = next(n for n in gm.graph.nodes if n.op == "call_module" and n.target == "side_network.default")
+        side = next(
+            n
+            for n in gm.graph.nodes
+            if n.op == "call_module" and n.target == "side_network.default"
+        )
         self.after_side, todo = set(), [side]
         while todo:
             for user in todo.pop().users:
@@ -38,7 +44,9 @@ class Recorded(fx.Interpreter):
         out = super().run_node(n)
         if n.op == "call_function" and "peftc" not in n.meta and n not in self.after_side:
             tensors = out if isinstance(out, (tuple, list)) else [out]
-            self.recorded += [n.name for t in tensors if isinstance(t, torch.Tensor) and t.requires_grad]
+            self.recorded += [
+                n.name for t in tensors if isinstance(t, torch.Tensor) and t.requires_grad
+            ]
         return out
 
 
@@ -51,7 +59,8 @@ def test_unchanged_at_init_no_base_op_recorded_and_only_side_weights_learn(arch)
 
     run = Recorded(gm)
     out = run.run(*args, *kwargs.values())[0]
-    assert run.recorded == [] and out.requires_grad  # the base builds no autograd graph; the side output does
+    # the base builds no autograd graph; the side output does
+    assert run.recorded == [] and out.requires_grad
     optimizer = torch.optim.AdamW([p for p in gm.parameters() if p.requires_grad], lr=1e-2)
     for _ in range(2):  # step 1 moves the mix away from 0; step 2 trains the whole side network
         loss = gm(*args, **kwargs)[0].float().pow(2).mean()
@@ -60,7 +69,9 @@ def test_unchanged_at_init_no_base_op_recorded_and_only_side_weights_learn(arch)
         optimizer.step()
     trained = {n for n, p in gm.named_parameters() if p.grad is not None}
     assert trained == {n for n, _ in gm.named_parameters() if n.startswith("side_network.default.")}
-    assert all(gm.get_parameter(n).grad.abs().sum() > 0 for n in trained if n.endswith("upsample.weight"))
+    assert all(
+        gm.get_parameter(n).grad.abs().sum() > 0 for n in trained if n.endswith("upsample.weight")
+    )
     assert (gm(*args, **kwargs)[0] - base(*args, **kwargs)[0]).abs().max() > 1e-4
 
 
@@ -68,28 +79,42 @@ def test_qst_is_nf4_then_side():
     nf4 = peftc.apply(captured("tiny-llama"), "nf4, freeze")
     qst = peftc.apply(captured("tiny-llama"), "nf4, side(reduction_factor=4)")
     # the taps are the blocks' outputs and the mix is at the final norm, NF4 linears or not
-    taps = [n.args[0].name for n in qst.graph.nodes if n.meta.get("peftc", {}).get("pass") == "side"
-            and n.target == torch.ops.aten.detach.default]
+    taps = [
+        n.args[0].name
+        for n in qst.graph.nodes
+        if n.meta.get("peftc", {}).get("pass") == "side"
+        and n.target == torch.ops.aten.detach.default
+    ]
     side = peftc.apply(captured("tiny-llama"), "side(reduction_factor=4)")
-    assert taps == [n.args[0].name for n in side.graph.nodes if n.meta.get("peftc", {}).get("pass") == "side"
-                    and n.target == torch.ops.aten.detach.default]
+    assert taps == [
+        n.args[0].name
+        for n in side.graph.nodes
+        if n.meta.get("peftc", {}).get("pass") == "side"
+        and n.target == torch.ops.aten.detach.default
+    ]
     args, kwargs = inputs("llama")
     torch.testing.assert_close(qst(*args, **kwargs)[0], nf4(*args, **kwargs)[0], atol=0, rtol=0)
     run = Recorded(qst)
     run.run(*args, *kwargs.values())
     assert run.recorded == []
-    assert {n for n, p in qst.named_parameters() if p.requires_grad} == {n for n, _ in qst.named_parameters()
-                                                                         if n.startswith("side_network.default.")}
+    assert {n for n, p in qst.named_parameters() if p.requires_grad} == {
+        n for n, _ in qst.named_parameters() if n.startswith("side_network.default.")
+    }
 
 
 def test_merge_leaves_it_and_checkpoints_round_trip(tmp_path):
-    gm = fill_trainable(peftc.apply(captured("tiny-llama"), "side(reduction_factor=4, downsample='linear')"))
+    gm = fill_trainable(
+        peftc.apply(captured("tiny-llama"), "side(reduction_factor=4, downsample='linear')")
+    )
     args, kwargs = inputs("llama")
     expected = gm(*args, **kwargs)[0]
     merged = peftc.Pipeline.parse("merge").run(gm)
     assert not merged.results[0].modified and "default (side) stays" in merged.results[0].report
     folder = peftc.save_adapter(gm, tmp_path / "side")
-    assert sorted(p.name for p in folder.iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
+    assert sorted(p.name for p in folder.iterdir()) == [
+        "adapter_config.json",
+        "adapter_model.safetensors",
+    ]
     reloaded = peftc.load_adapter(captured("tiny-llama"), folder)
     torch.testing.assert_close(reloaded(*args, **kwargs)[0], expected, atol=0, rtol=0)
     with pytest.raises(CheckpointError, match="does not fit"):
@@ -106,8 +131,12 @@ def test_errors_name_the_problem():
     with pytest.raises(PassError, match="encoder-decoder models are not supported"):
         peftc.apply(captured("tiny-t5"), "side")
     with pytest.raises(PassError, match="no repeated blocks"):
-        peftc.apply(peftc.capture(torch.nn.Sequential(torch.nn.Linear(4, 4)), (torch.randn(2, 4),)), "side")
+        peftc.apply(
+            peftc.capture(torch.nn.Sequential(torch.nn.Linear(4, 4)), (torch.randn(2, 4),)), "side"
+        )
     with pytest.raises(OptionError, match="larger than the hidden size 64"):
         peftc.apply(captured("tiny-llama"), "side(reduction_factor=128)")
-    with pytest.raises(OptionError, match="'default' \\(side\\), 'b' \\(side\\) would be active together"):
+    with pytest.raises(
+        OptionError, match="'default' \\(side\\), 'b' \\(side\\) would be active together"
+    ):
         peftc.apply(captured("tiny-llama"), "side, side(adapter='b')")

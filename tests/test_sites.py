@@ -4,6 +4,7 @@ import torch
 import peftc
 from peftc.errors import TargetError
 from peftc.ir.targets import compile_pattern
+
 from conftest import ARCHITECTURES, captured, loaded
 
 
@@ -11,21 +12,34 @@ def test_llama_has_all_seven_projections_of_every_layer():
     gm = captured("tiny-llama")
     sites = peftc.linear_sites(gm, "model.layers.*")
     leaves = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-    assert sorted(s.path for s in sites) == sorted(f"model.layers.{i}.{p}.{leaf}" for i in range(2)
-                                                  for p, leaf in [("self_attn" if "proj" in l and l[0] in "qkvo" else "mlp", l)
-                                                                  for l in leaves])
+    assert sorted(s.path for s in sites) == sorted(
+        f"model.layers.{i}.{p}.{leaf}"
+        for i in range(2)
+        for p, leaf in [
+            ("self_attn" if "proj" in leaf and leaf[0] in "qkvo" else "mlp", leaf)
+            for leaf in leaves
+        ]
+    )
     model = loaded("tiny-llama").model
     for s in sites:
         module = model.get_submodule(s.path)
-        assert (s.in_features, s.out_features, s.weight, s.bias) == (module.in_features, module.out_features,
-                                                                     f"{s.path}.weight", None)
+        assert (s.in_features, s.out_features, s.weight, s.bias) == (
+            module.in_features,
+            module.out_features,
+            f"{s.path}.weight",
+            None,
+        )
 
 
 def test_gpt2_conv1d_sites_are_linear_with_fan_in_fan_out():
     gm = captured("tiny-gpt2")
     sites = peftc.linear_sites(gm, "*.c_attn|*.c_proj|*.c_fc")
-    assert [s.path for s in sites[:4]] == ["transformer.h.0.attn.c_attn", "transformer.h.0.attn.c_proj",
-                                           "transformer.h.0.mlp.c_fc", "transformer.h.0.mlp.c_proj"]
+    assert [s.path for s in sites[:4]] == [
+        "transformer.h.0.attn.c_attn",
+        "transformer.h.0.attn.c_proj",
+        "transformer.h.0.mlp.c_fc",
+        "transformer.h.0.mlp.c_proj",
+    ]
     assert all(s.op == "Conv1D" and s.fan_in_fan_out for s in sites)
     c_attn = sites[0]
     assert (c_attn.in_features, c_attn.out_features) == (64, 192)
@@ -43,7 +57,8 @@ def test_every_architecture_has_linear_attention_embedding_and_block_sites(arch)
     model = loaded(f"tiny-{arch}").model
     linears = {p for p, m in model.named_modules() if type(m).__name__ in ("Linear", "Conv1D")}
     assert {s.path for s in peftc.linear_sites(gm)} <= linears
-    assert len({s.path for s in peftc.linear_sites(gm)}) >= len(linears) - 1  # tied heads may be skipped
+    # tied heads may be skipped
+    assert len({s.path for s in peftc.linear_sites(gm)}) >= len(linears) - 1
     attention = peftc.attention_sites(gm)
     blocks = peftc.block_sites(gm)
     assert len(blocks) == (4 if arch == "t5" else 2)
@@ -60,7 +75,9 @@ def test_every_architecture_has_linear_attention_embedding_and_block_sites(arch)
 def test_block_outputs_are_the_hidden_states():
     gm = captured("tiny-llama")
     lm = loaded("tiny-llama")
-    hidden = lm.model(*lm.args, **lm.kwargs, output_hidden_states=True, use_cache=False).hidden_states
+    hidden = lm.model(
+        *lm.args, **lm.kwargs, output_hidden_states=True, use_cache=False
+    ).hidden_states
     interpreter = torch.fx.Interpreter(gm, garbage_collect_values=False)
     interpreter.run(*lm.args, *lm.kwargs.values())
     blocks = peftc.block_sites(gm)

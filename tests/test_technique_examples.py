@@ -17,7 +17,8 @@ EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 
 @pytest.fixture(autouse=True)
 def examples_on_path(monkeypatch):
-    monkeypatch.syspath_prepend(str(EXAMPLES))  # the scripts import their shared `shakespeare` module
+    # the scripts import their shared `shakespeare` module
+    monkeypatch.syspath_prepend(str(EXAMPLES))
 
 
 def run(name: str, *argv: str) -> dict:
@@ -36,12 +37,14 @@ def test_adapter_example_trains_and_merges(name):
         grown = [p for n, p in result["gm"].named_parameters() if n.endswith("hira_B.default")]
         assert len(grown) == 4 and all(b.abs().max() > 1e-4 for b in grown)  # B starts at zero
     if name == "qlora":
-        assert result["bits_per_weight"] < 4.14  # 64-wide layers: one absmax group each, its scale and offset
+        # 64-wide layers: one absmax group each, its scale and offset
+        assert result["bits_per_weight"] < 4.14
         assert "requantizing to NF4 kept" in result["requantize_report"]
 
 
 def test_the_custom_technique_is_peft_exact(tmp_path):
-    """The guide's technique against HF peft's own HiRA: outputs, every gradient, merge, checkpoints both ways."""
+    """The guide's technique against HF peft's own HiRA: outputs, every gradient, merge, checkpoints
+    both ways."""
     import peft
 
     from peftc.tools.models import example_inputs, tiny_model
@@ -49,7 +52,12 @@ def test_the_custom_technique_is_peft_exact(tmp_path):
 
     importlib.import_module("custom_technique")  # registers `hira`
     model = tiny_model("llama")
-    against_peft(model, *example_inputs(model), peft.HiraConfig(r=4, target_modules=["q_proj", "down_proj"]), tmp_path)
+    against_peft(
+        model,
+        *example_inputs(model),
+        peft.HiraConfig(r=4, target_modules=["q_proj", "down_proj"]),
+        tmp_path,
+    )
 
 
 def test_onnx_export_example(tmp_path):
@@ -97,7 +105,10 @@ def test_prompt_tuning_example_learns_saves_in_peft_format_and_exports(tmp_path)
     assert sum(result["losses"][-10:]) < sum(result["losses"][:10])
     assert result["reloaded_gap"] < 1e-5
     assert result["prompt_in_onnx"] and abs(result["onnx_accuracy"] - result["after"]) <= 1 / 128
-    assert sorted(p.name for p in result["checkpoint"].iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
+    assert sorted(p.name for p in result["checkpoint"].iterdir()) == [
+        "adapter_config.json",
+        "adapter_model.safetensors",
+    ]
 
 
 @requires_minilm

@@ -10,21 +10,25 @@ import torch
 from torch import nn
 
 import peftc
-from peftc.technique.adapters import adapters
 from peftc.errors import OptionError, PassError, TargetError
 from peftc.technique import AdapterOptions, Param, Technique
+from peftc.technique.adapters import adapters
 from peftc.tools.parity import close
+
 from conftest import captured, fill_trainable, loaded
 
 aten = torch.ops.aten
 
 
 def test_a_peft_adapter_with_dropout_loaded_into_an_eval_graph_follows_eval(tmp_path):
-    """The reported silent wrong result: inserted dropout stayed in training mode (outputs 2.1 away)."""
+    """The reported silent wrong result: inserted dropout stayed in training mode (outputs 2.1
+    away)."""
     lm = loaded("tiny-llama")
     model = copy.deepcopy(lm.model).eval()
-    peft_model = peft.get_peft_model(copy.deepcopy(model), peft.LoraConfig(r=4, lora_dropout=0.1,
-                                                                          target_modules=["q_proj", "v_proj"]))
+    peft_model = peft.get_peft_model(
+        copy.deepcopy(model),
+        peft.LoraConfig(r=4, lora_dropout=0.1, target_modules=["q_proj", "v_proj"]),
+    )
     fill_trainable(peft_model, seed=3)
     peft_model.save_pretrained(tmp_path)
     peft_model.eval()
@@ -47,16 +51,23 @@ def test_adapter_passes_freeze_the_base_as_get_peft_model_does():
     trainable = {n for n, p in frozen.named_parameters() if p.requires_grad}
     assert trainable and all(".lora_" in n for n in trainable)
     both = peftc.apply(frozen, "loha(r=2, adapter='b', targets='*.k_proj')")
-    assert {n for n, p in both.named_parameters() if p.requires_grad} >= trainable  # other adapters stay trainable
+    assert {
+        n for n, p in both.named_parameters() if p.requires_grad
+    } >= trainable  # other adapters stay trainable
     kept = peftc.apply(gm, "lora(r=2, freeze_base=false)")
     assert kept.get_parameter("model.embed_tokens.weight").requires_grad
-    assert gm.get_parameter("model.embed_tokens.weight").requires_grad  # the input graph is untouched
+    assert gm.get_parameter(
+        "model.embed_tokens.weight"
+    ).requires_grad  # the input graph is untouched
 
 
-@pytest.mark.parametrize("text, error, message", [
-    ("lora(targets='*.no_such_proj')", TargetError, "matches no"),
-    ("ia3_missing", Exception, "unknown pass"),
-])
+@pytest.mark.parametrize(
+    "text, error, message",
+    [
+        ("lora(targets='*.no_such_proj')", TargetError, "matches no"),
+        ("ia3_missing", Exception, "unknown pass"),
+    ],
+)
 def test_targets_that_select_nothing_are_errors(text, error, message):
     with pytest.raises(error, match=message):
         peftc.apply(captured("tiny-llama"), text)
@@ -71,7 +82,9 @@ def test_all_linear_on_a_graph_without_linears_is_an_error():
 
 def test_merge_and_switches_say_what_exists():
     gm = peftc.apply(captured("tiny-llama"), "lora(r=2, adapter='a')")
-    with pytest.raises(OptionError, match=r"nothing to unmerge: no adapter is merged; adapters: a \(lora, active\)"):
+    with pytest.raises(
+        OptionError, match=r"nothing to unmerge: no adapter is merged; adapters: a \(lora, active\)"
+    ):
         peftc.apply(gm, "unmerge")
     with pytest.raises(OptionError, match="no adapter named 'b'; adapters: a"):
         peftc.apply(gm, "merge(adapter='b')")
@@ -98,7 +111,9 @@ def test_the_manager_tags_every_node_and_needs_a_reason_for_no_change():
 
     model = nn.Linear(4, 3)
     gm = peftc.apply(peftc.capture(model, (torch.randn(2, 4),)), "test_untagged_double")
-    added = [n for n in gm.graph.nodes if n.meta.get("peftc", {}).get("pass") == "test_untagged_double"]
+    added = [
+        n for n in gm.graph.nodes if n.meta.get("peftc", {}).get("pass") == "test_untagged_double"
+    ]
     assert len(added) == 1 and added[0].meta["peftc"]["role"] == "inserted"
     with pytest.raises(PassError, match="changed nothing and did not say why"):
         peftc.apply(gm, "test_silent")
@@ -106,7 +121,9 @@ def test_the_manager_tags_every_node_and_needs_a_reason_for_no_change():
 
 def test_export_merged_refuses_any_unmerged_technique(tmp_path):
     onnx_backend = pytest.importorskip("peftc.backends.onnx")
-    gm = peftc.apply(captured("tiny-llama"), "lora(r=2), loha(r=2, adapter='b', targets='*.k_proj')")
+    gm = peftc.apply(
+        captured("tiny-llama"), "lora(r=2), loha(r=2, adapter='b', targets='*.k_proj')"
+    )
     with pytest.raises(peftc.errors.ExportError, match=r"'b' \(loha\), 'default' \(lora\)"):
         onnx_backend.export(gm, tmp_path / "m.onnx", merged=True)
     assert not (tmp_path / "m.onnx").exists()
@@ -137,7 +154,9 @@ def test_a_technique_declared_in_a_few_lines_gets_merge_save_and_switching(tmp_p
     x = torch.randn(6, 4)
     gm = fill_trainable(peftc.apply(peftc.capture(model, (x,)), "test_bias_shift(targets='0|2')"))
     shifted = gm(x)
-    expected = model[2](torch.relu(model[0](x) + gm.get_parameter("0.shift.default"))) + gm.get_parameter("2.shift.default")
+    expected = model[2](
+        torch.relu(model[0](x) + gm.get_parameter("0.shift.default"))
+    ) + gm.get_parameter("2.shift.default")
     torch.testing.assert_close(shifted, expected)
     merged = peftc.apply(gm, "merge")
     torch.testing.assert_close(merged(x), shifted)
@@ -145,15 +164,22 @@ def test_a_technique_declared_in_a_few_lines_gets_merge_save_and_switching(tmp_p
     torch.testing.assert_close(peftc.apply(merged, "unmerge")(x), shifted)
     torch.testing.assert_close(peftc.apply(gm, "disable_adapters")(x), model(x))
     assert isinstance(adapters(gm)["default"], peftc.technique.adapters.Adapter)
-    folder = peftc.save_adapter(gm, tmp_path / "a")  # no peft_type: peftc's variant of peft's folder
-    assert json.loads((folder / "adapter_config.json").read_text())["peftc_technique"] == "test_bias_shift"
+    # no peft_type: peftc's variant of peft's folder
+    folder = peftc.save_adapter(gm, tmp_path / "a")
+    assert (
+        json.loads((folder / "adapter_config.json").read_text())["peftc_technique"]
+        == "test_bias_shift"
+    )
     torch.testing.assert_close(peftc.load_adapter(peftc.capture(model, (x,)), folder)(x), shifted)
 
 
 def test_applying_passes_after_merge_shares_what_merge_kept():
-    """The original weights and adapter tensors merge keeps must not be copied by every later apply."""
+    """The original weights and adapter tensors merge keeps must not be copied by every later
+    apply."""
     model = nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 4))
-    merged = peftc.apply(peftc.capture(model, (torch.randn(3, 8),)), "lora(r=2, targets='0|1'), merge")
+    merged = peftc.apply(
+        peftc.capture(model, (torch.randn(3, 8),)), "lora(r=2, targets='0|1'), merge"
+    )
     later = peftc.apply(merged, "dce")
     before, after = adapters(merged)["default"], adapters(later)["default"]
     assert before.kept and all(after.kept[k] is v for k, v in before.kept.items())
@@ -189,14 +215,21 @@ def test_registering_a_taken_name_or_peft_type_changes_nothing():
 
     with pytest.raises(OptionError, match="a pass named 'lora' is already registered"):
         peftc.register_technique(Clash)
-    assert peftc.technique.technique("lora") is before and peftc.apply(captured("tiny-llama"), "lora(r=2)")
+    assert peftc.technique.technique("lora") is before and peftc.apply(
+        captured("tiny-llama"), "lora(r=2)"
+    )
 
     class SameType(_Shift):
         name, peft_type = "test_same_type", "LORA"
 
-    with pytest.raises(OptionError, match="loads peft_type 'LORA', which technique 'lora' already loads"):
+    with pytest.raises(
+        OptionError, match="loads peft_type 'LORA', which technique 'lora' already loads"
+    ):
         peftc.register_technique(SameType)
-    assert "test_same_type" not in peftc.technique.techniques() and "test_same_type" not in peftc.registered_passes()
+    assert (
+        "test_same_type" not in peftc.technique.techniques()
+        and "test_same_type" not in peftc.registered_passes()
+    )
 
     class Version1(_Shift):
         name = "test_replaced"
@@ -205,16 +238,20 @@ def test_registering_a_taken_name_or_peft_type_changes_nothing():
         name = "test_replaced"
 
     peftc.register_technique(Version1)
-    with pytest.raises(OptionError, match="already registered; pick another name or pass replace=True"):
+    with pytest.raises(
+        OptionError, match="already registered; pick another name or pass replace=True"
+    ):
         peftc.register_technique(Version2)
-    peftc.register_technique(Version2, replace=True)  # documented: a technique replaced by a new version of itself
+    # documented: a technique replaced by a new version of itself
+    peftc.register_technique(Version2, replace=True)
     assert isinstance(peftc.technique.technique("test_replaced"), Version2)
     with pytest.raises(OptionError, match="already registered"):  # never another pass
         peftc.register_technique(type("Merge", (_Shift,), {"name": "merge"}), replace=True)
 
 
 def test_a_wrong_fold_is_caught_at_the_first_merge_and_changes_nothing():
-    """The fold forgets the bias: merged outputs would move with no error. The first merge checks it."""
+    """The fold forgets the bias: merged outputs would move with no error. The first merge checks
+    it."""
 
     @peftc.register_technique(replace=True)
     class ForgetsBias(_Shift):
@@ -226,10 +263,15 @@ def test_a_wrong_fold_is_caught_at_the_first_merge_and_changes_nothing():
     model = nn.Sequential(nn.Linear(4, 5), nn.ReLU(), nn.Linear(5, 3))
     x = torch.randn(6, 4)
     gm = fill_trainable(peftc.apply(peftc.capture(model, (x,)), "test_forgets_bias(targets='0')"))
-    with pytest.raises(PassError, match="test_forgets_bias: its fold does not compute what its rewrite computes at '0'"):
+    with pytest.raises(
+        PassError,
+        match="test_forgets_bias: its fold does not compute what its rewrite computes at '0'",
+    ):
         peftc.apply(gm, "merge")
     assert not adapters(gm)["default"].merged and "folds_checked" not in gm.meta["peftc"]
-    right = fill_trainable(peftc.apply(peftc.capture(model, (x,)), "test_bias_shift_checked(targets='0|2')"))
+    right = fill_trainable(
+        peftc.apply(peftc.capture(model, (x,)), "test_bias_shift_checked(targets='0|2')")
+    )
     merged = peftc.apply(right, "merge")
     assert merged.meta["peftc"]["folds_checked"] == ["test_bias_shift_checked"]
     torch.testing.assert_close(merged(x), right(x))
@@ -241,7 +283,8 @@ class _CheckedShift(_Shift):
 
 
 def test_a_technique_without_check_fails_with_its_name_and_site():
-    """A shape constraint nobody declared: the error names the technique and the site, not a node."""
+    """A shape constraint nobody declared: the error names the technique and the site, not a
+    node."""
 
     @peftc.register_technique(replace=True)
     class SquareOnly(_Shift):
@@ -251,7 +294,8 @@ def test_a_technique_without_check_fails_with_its_name_and_site():
             return [Param("rotation", (ctx.site.in_features, ctx.site.in_features))]
 
         def build(self, b, x):
-            rotated = b.call(aten.mm.default, b.param("rotation"), b.weight(), role="rotated")  # (in, in) @ (out, in)
+            # (in, in) @ (out, in)
+            rotated = b.call(aten.mm.default, b.param("rotation"), b.weight(), role="rotated")
             return b.call(aten.linear.default, x, rotated, role="update")
 
         def fold(self, ctx, weight, bias):
@@ -260,5 +304,8 @@ def test_a_technique_without_check_fails_with_its_name_and_site():
     model = nn.Sequential(nn.Linear(4, 5), nn.ReLU(), nn.Linear(5, 5))
     gm = peftc.capture(model, (torch.randn(6, 4),))
     assert peftc.apply(gm, "test_square_only(targets='2')")  # square: fine
-    with pytest.raises(peftc.errors.VerificationError, match=r"test_square_only.*adapter 'default'.*linear site '0'"):
+    with pytest.raises(
+        peftc.errors.VerificationError,
+        match=r"test_square_only.*adapter 'default'.*linear site '0'",
+    ):
         peftc.apply(gm, "test_square_only(targets='0')")

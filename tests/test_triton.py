@@ -1,6 +1,7 @@
-"""The Triton backend against the eager graph it replaces: kernels, the fused linear's output and every
-gradient, the lowering pass on real architectures. Without a GPU the kernels run on Triton's CPU
-interpreter (TRITON_INTERPRET=1, set in conftest.py before they are imported); shapes stay small."""
+"""The Triton backend against the eager graph it replaces: kernels, the fused linear's output and
+every gradient, the lowering pass on real architectures. Without a GPU the kernels run on Triton's
+CPU interpreter (TRITON_INTERPRET=1, set in conftest.py before they are imported); shapes stay
+small."""
 
 from __future__ import annotations
 
@@ -13,10 +14,16 @@ from peftc.backends.triton import ops
 from peftc.errors import PassError
 from peftc.ir.graph import peftc_meta
 from peftc.quant.nf4 import dequantize_nf4, quantize_nf4
+
 from conftest import captured, loaded
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 2e-2, torch.float16: 5e-3}  # relative to the largest magnitude
+# relative to the largest magnitude
+TOLERANCE = {
+    torch.float32: 1e-4,
+    torch.bfloat16: 2e-2,
+    torch.float16: 5e-3,
+}
 
 
 def close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype = torch.float32) -> None:
@@ -31,13 +38,25 @@ def test_dequantize_equals_the_reference_decoder(shape, blocksize, double_quant)
     torch.manual_seed(0)
     state = quantize_nf4(torch.randn(shape), blocksize=blocksize, double_quant=double_quant)
     for dtype in (torch.float32, torch.float16, torch.bfloat16):
-        ours = ops.dequantize(state.packed.to(DEVICE), state.absmax.to(DEVICE),
-                              None if state.absmax_scale is None else state.absmax_scale.to(DEVICE),
-                              None if state.offset is None else state.offset.to(DEVICE), shape, blocksize, dtype).cpu()
+        ours = ops.dequantize(
+            state.packed.to(DEVICE),
+            state.absmax.to(DEVICE),
+            None if state.absmax_scale is None else state.absmax_scale.to(DEVICE),
+            None if state.offset is None else state.offset.to(DEVICE),
+            shape,
+            blocksize,
+            dtype,
+        ).cpu()
         expected = dequantize_nf4(state, dtype)
         if dtype == torch.bfloat16 and ops.interpreting():
-            # the interpreter truncates float32 -> bfloat16 where GPUs round to nearest even: one unit in the last place
-            truncated = dequantize_nf4(state, torch.float32).view(torch.int32).bitwise_and(-65536).view(torch.float32)
+            # the interpreter truncates float32 -> bfloat16 where GPUs round to nearest even: one
+            # unit in the last place
+            truncated = (
+                dequantize_nf4(state, torch.float32)
+                .view(torch.int32)
+                .bitwise_and(-65536)
+                .view(torch.float32)
+            )
             expected = truncated.to(torch.bfloat16)
         assert torch.equal(ours, expected)
 
@@ -64,7 +83,13 @@ def operands(dtype, nf4: bool, bias: bool, lora: bool, rows=(3, 7), features=(70
         W = W.to(dtype)
         args = [W.to(DEVICE), None, None, None, None]
     b = torch.randn(out_features, device=DEVICE, dtype=dtype, requires_grad=True) if bias else None
-    A = (torch.randn(r, in_features, device=DEVICE, dtype=dtype) / in_features**0.5).requires_grad_() if lora else None
+    A = (
+        (
+            torch.randn(r, in_features, device=DEVICE, dtype=dtype) / in_features**0.5
+        ).requires_grad_()
+        if lora
+        else None
+    )
     B = torch.randn(out_features, r, device=DEVICE, dtype=dtype).requires_grad_() if lora else None
     return x, args, W.to(DEVICE), b, A, B
 
@@ -81,13 +106,19 @@ def test_fused_linear_output_and_gradients_match_eager(dtype, nf4, bias):
     assert xa.shape == (21, 5)  # the rank-r product kept for backward, rows flattened
     grad = torch.randn_like(y)
     wrt = [t for t in (x, b, A, B) if t is not None]
-    for ours, theirs in zip(torch.autograd.grad(y, wrt, grad), torch.autograd.grad(expected, wrt, grad)):
+    for ours, theirs in zip(
+        torch.autograd.grad(y, wrt, grad), torch.autograd.grad(expected, wrt, grad), strict=True
+    ):
         close(ours, theirs, dtype)
 
 
 def test_bare_nf4_linear_and_a_frozen_input():
-    x, weight_args, W, b, _, _ = operands(torch.float32, True, True, lora=False, rows=(2, 19), features=(130, 66))
-    y, xa = ops.triton_linear(x.detach(), *weight_args, b.detach(), None, None, 1.0, 0.0, 0, 66, 130, 64)
+    x, weight_args, W, b, _, _ = operands(
+        torch.float32, True, True, lora=False, rows=(2, 19), features=(130, 66)
+    )
+    y, xa = ops.triton_linear(
+        x.detach(), *weight_args, b.detach(), None, None, 1.0, 0.0, 0, 66, 130, 64
+    )
     close(y, F.linear(x, W, b))
     assert xa.numel() == 0 and not y.requires_grad
     y = ops.triton_linear(x, *weight_args, None, None, None, 1.0, 0.0, 0, 66, 130, 64)[0]
@@ -99,12 +130,19 @@ def test_dropout_is_one_mask_in_forward_and_backward():
     x, weight_args, W, b, A, B = operands(torch.float32, True, False, lora=True)
     p, seed = 0.3, 1234
     mask = ops.dropout_mask(21, 70, seed, p, DEVICE)
-    assert mask.unique().tolist() == [0.0, pytest.approx(1 / (1 - p))] and 0.2 < (mask == 0).float().mean() < 0.4
+    assert (
+        mask.unique().tolist() == [0.0, pytest.approx(1 / (1 - p))]
+        and 0.2 < (mask == 0).float().mean() < 0.4
+    )
     y, _ = ops.triton_linear(x, *weight_args, b, A, B, 2.0, p, seed, 45, 70, 64)
     expected = eager_linear(x, W, b, A, B, 2.0, mask)
     close(y, expected)
     grad = torch.randn_like(y)
-    for ours, theirs in zip(torch.autograd.grad(y, (x, A, B), grad), torch.autograd.grad(expected, (x, A, B), grad)):
+    for ours, theirs in zip(
+        torch.autograd.grad(y, (x, A, B), grad),
+        torch.autograd.grad(expected, (x, A, B), grad),
+        strict=True,
+    ):
         close(ours, theirs)
     assert not torch.equal(ops.dropout_mask(21, 70, seed + 1, p, DEVICE), mask)
 
@@ -121,11 +159,13 @@ def test_only_x_and_the_rank_r_product_are_saved():
         y, xa = ops.triton_linear(x, *weight_args, b.detach(), A, B, 1.0, 0.0, 0, 45, 70, 64)
     weights = [A, B, *weight_args]
     activations = [t for t in saved if t is not None and not any(t is w for w in weights)]
-    assert sorted(t.shape for t in activations) == sorted([x.shape, xa.shape])  # no dequantized weight, no dropped x
+    # no dequantized weight, no dropped x
+    assert sorted(t.shape for t in activations) == sorted([x.shape, xa.shape])
 
 
 def lowered_pair(model: str, pipeline: str):
-    """(eager, lowered) graphs of `pipeline` on a tiny model, LoRA B nonzero so the branch counts."""
+    """(eager, lowered) graphs of `pipeline` on a tiny model, LoRA B nonzero so the branch
+    counts."""
     eager = peftc.apply(captured(model), pipeline)
     with torch.no_grad():
         for name, p in eager.named_parameters():
@@ -138,11 +178,14 @@ def first_output(out):
     return out[0] if isinstance(out, tuple) else next(iter(out.values()))
 
 
-@pytest.mark.parametrize("model, pipeline, sites", [
-    ("tiny-llama", "nf4, freeze, lora(r=4, targets='all-linear')", 14),
-    ("tiny-gpt2", "freeze, lora(r=4, targets='all-linear')", 8),  # Conv1D: stored transposed
-    ("tiny-bert", "nf4, freeze, lora(r=4)", 13),  # LoRA on query/value, 9 bare NF4 linears
-])
+@pytest.mark.parametrize(
+    "model, pipeline, sites",
+    [
+        ("tiny-llama", "nf4, freeze, lora(r=4, targets='all-linear')", 14),
+        ("tiny-gpt2", "freeze, lora(r=4, targets='all-linear')", 8),  # Conv1D: stored transposed
+        ("tiny-bert", "nf4, freeze, lora(r=4)", 13),  # LoRA on query/value, 9 bare NF4 linears
+    ],
+)
 def test_lowered_graph_matches_eager_in_outputs_and_every_gradient(model, pipeline, sites):
     eager, lowered = lowered_pair(model, pipeline)
     assert len(peftc_meta(lowered)["lowered"]["sites"]) == sites
@@ -155,30 +198,50 @@ def test_lowered_graph_matches_eager_in_outputs_and_every_gradient(model, pipeli
     grad = torch.randn_like(expected)
     names = [n for n, p in eager.named_parameters() if p.requires_grad]
     assert names == [n for n, p in lowered.named_parameters() if p.requires_grad]
-    theirs = torch.autograd.grad(expected, [eager.get_parameter(n) for n in names], grad, allow_unused=True,
-                                 materialize_grads=True)
-    mine = torch.autograd.grad(ours, [lowered.get_parameter(n) for n in names], grad, allow_unused=True,
-                               materialize_grads=True)
-    for name, a, b in zip(names, mine, theirs):
+    theirs = torch.autograd.grad(
+        expected,
+        [eager.get_parameter(n) for n in names],
+        grad,
+        allow_unused=True,
+        materialize_grads=True,
+    )
+    mine = torch.autograd.grad(
+        ours,
+        [lowered.get_parameter(n) for n in names],
+        grad,
+        allow_unused=True,
+        materialize_grads=True,
+    )
+    for name, a, b in zip(names, mine, theirs, strict=True):
         assert b.abs().max() > 0 or "pooler" in name, name
         close(a, b)
 
 
 def test_several_adapters_and_what_is_left_alone():
-    two = "freeze, lora(adapter='attn', r=4, targets='*.q_proj|*.v_proj'), lora(adapter='mlp', r=2, targets='*.mlp.*')"
+    two = (
+        "freeze, lora(adapter='attn', r=4, targets='*.q_proj|*.v_proj'), lora(adapter='mlp', r=2, "
+        "targets='*.mlp.*')"
+    )
     eager, lowered = lowered_pair("tiny-llama", two + ", nf4(targets='*.k_proj|*.o_proj')")
     report = peftc_meta(lowered)["history"][-1]["report"]
     assert report.startswith("lowered 14 sites (10 LoRA, 4 bare NF4)"), report
     inputs = loaded("tiny-llama")
-    close(lowered(*inputs.args, **inputs.kwargs).logits, eager(*inputs.args, **inputs.kwargs).logits)
+    close(
+        lowered(*inputs.args, **inputs.kwargs).logits, eager(*inputs.args, **inputs.kwargs).logits
+    )
 
-    mixed = peftc.apply(captured("tiny-llama"), "freeze, lora(r=4, targets='*.q_proj'), lora(adapter='d', r=4, dora=true, "
-                                                "targets='*.v_proj'), lora(adapter='twice', r=2, targets='*.q_proj')")
+    mixed = peftc.apply(
+        captured("tiny-llama"),
+        "freeze, lora(r=4, targets='*.q_proj'), lora(adapter='d', r=4, dora=true, "
+        "targets='*.v_proj'), lora(adapter='twice', r=2, targets='*.q_proj')",
+    )
     report = peftc_meta(peftc.apply(mixed, "triton"))["history"][-1]["report"]
     assert "2 DoRA sites" in report and "2 sites with several adapters" in report, report
     untouched = peftc.apply(captured("tiny-llama"), "freeze, ia3")
-    assert "no LoRA linear site and no NF4 linear to lower; left: " in peftc_meta(
-        peftc.apply(untouched, "triton"))["history"][-1]["report"]
+    assert (
+        "no LoRA linear site and no NF4 linear to lower; left: "
+        in peftc_meta(peftc.apply(untouched, "triton"))["history"][-1]["report"]
+    )
 
 
 def test_lowering_is_last_and_says_how_to_run_without_a_gpu(monkeypatch):
@@ -197,13 +260,16 @@ def test_lowering_is_last_and_says_how_to_run_without_a_gpu(monkeypatch):
 
 
 def test_qlora_trains_end_to_end_like_eager_and_exports():
-    """Three AdamW steps in train mode: the lowered loss curve is eager's; the graph exports with the fused op."""
+    """Three AdamW steps in train mode: the lowered loss curve is eager's; the graph exports with
+    the fused op."""
     inputs = loaded("tiny-llama")
     ids = inputs.args[0]
     curves = {}
     for name, extra in (("eager", ""), ("triton", ", triton")):
         torch.manual_seed(0)
-        gm = peftc.apply(captured("tiny-llama"), f"nf4, freeze, lora(r=4, targets='all-linear'){extra}")
+        gm = peftc.apply(
+            captured("tiny-llama"), f"nf4, freeze, lora(r=4, targets='all-linear'){extra}"
+        )
         gm.train()
         optimizer = torch.optim.AdamW([p for p in gm.parameters() if p.requires_grad], lr=1e-2)
         curve = []
@@ -231,7 +297,10 @@ def test_compile_option_compiles_the_lowered_forward():
             return self.down(torch.relu(self.up(x)))
 
     torch.manual_seed(0)
-    gm = peftc.apply(peftc.capture(TwoLinears(), (torch.randn(2, 24),)), "nf4, freeze, lora(r=4, targets='up|down')")
+    gm = peftc.apply(
+        peftc.capture(TwoLinears(), (torch.randn(2, 24),)),
+        "nf4, freeze, lora(r=4, targets='up|down')",
+    )
     compiled = peftc.apply(gm, "triton(compile=true)")
     assert "torch.compile" in peftc_meta(compiled)["history"][-1]["report"]
     x = torch.randn(3, 24)

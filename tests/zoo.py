@@ -11,12 +11,13 @@ import copy
 import functools
 
 import torch
-from conftest import captured, loaded
 from torch import nn
 
 import peftc
 from peftc.tools.models import example_inputs, tiny_model
 from peftc.tools.parity import Parity, against_peft
+
+from conftest import captured, loaded
 
 
 class MLP(nn.Module):
