@@ -24,10 +24,9 @@ from peftc.technique import (
     AdapterOptions,
     Param,
     Technique,
+    dropout_option,
     kaiming_uniform,
-    option,
-    positive,
-    probability,
+    rank_option,
     register_technique,
 )
 
@@ -38,8 +37,8 @@ aten = torch.ops.aten
 
 @dataclass(frozen=True)
 class HiraOptions(AdapterOptions):  # targets, adapter and freeze_base come from AdapterOptions
-    r: int = option(32, doc="rank of A (r x in) and B (out x r)", check=positive, peft="r")
-    dropout: float = option(0.0, doc="dropout on the input", check=probability, peft="hira_dropout")
+    r: int = rank_option(32, "rank of A (r x in) and B (out x r)")  # peft's `r`
+    dropout: float = dropout_option("hira_dropout")  # peft's name of the field
 
 
 @register_technique

@@ -26,7 +26,7 @@ from peftc.technique.declaration import (
     Technique,
     kaiming_uniform,
 )
-from peftc.technique.options import AdapterOptions
+from peftc.technique.options import AdapterOptions, dropout_option, rank_option
 from peftc.technique.registry import technique, techniques
 
 __all__ = [
@@ -43,6 +43,8 @@ __all__ = [
     "technique",
     "techniques",
     "option",
+    "rank_option",
+    "dropout_option",
     "positive",
     "non_negative",
     "probability",

@@ -30,12 +30,16 @@ from peftc.ir.options import (
     identifier,
     option,
     pattern,
+    positive,
+    probability,
     spec_of,
     type_name,
 )
 
 __all__ = [
     "AdapterOptions",
+    "rank_option",
+    "dropout_option",
     "to_peft",
     "from_peft",
     "peft_task_type",
@@ -92,6 +96,16 @@ class AdapterOptions(Options):
     freeze_base: bool = option(
         True, doc="freeze every base parameter, as peft's get_peft_model does"
     )
+
+
+def rank_option(default: int, doc: str) -> Any:
+    """A positive rank, peft's `r` (pipelines also take `rank=`)."""
+    return option(default, doc=doc, check=positive, aliases=("rank",), peft="r")
+
+
+def dropout_option(peft: str, doc: str = "dropout on the branch's input") -> Any:
+    """A dropout probability in [0, 1), off by default, peft's field `peft`."""
+    return option(0.0, doc=doc, check=probability, peft=peft)
 
 
 def peft_task_type(gm: fx.GraphModule) -> str:

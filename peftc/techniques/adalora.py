@@ -38,9 +38,9 @@ from peftc.technique import (
     Context,
     Param,
     Technique,
+    dropout_option,
     option,
     positive,
-    probability,
     register_technique,
 )
 
@@ -59,9 +59,7 @@ class AdaloraOptions(AdapterOptions):
     alpha: float = option(
         8.0, doc="the update's scale numerator (0: the site's rank)", peft="lora_alpha"
     )
-    dropout: float = option(
-        0.0, doc="dropout on the branch's input", check=probability, peft="lora_dropout"
-    )
+    dropout: float = dropout_option("lora_dropout")
     init_weights: bool = option(
         True, doc="peft's init (E and B zero)", peft="init_lora_weights", decode=bool
     )

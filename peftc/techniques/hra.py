@@ -30,7 +30,7 @@ from peftc.technique import (
     Technique,
     kaiming_uniform,
     option,
-    positive,
+    rank_option,
     register_technique,
 )
 from peftc.techniques.boft import weight_shape
@@ -43,9 +43,7 @@ aten = torch.ops.aten
 
 @dataclass(frozen=True)
 class HraOptions(AdapterOptions):
-    r: int = option(
-        8, doc="number of Householder reflections", check=positive, aliases=("rank",), peft="r"
-    )
+    r: int = rank_option(8, "number of Householder reflections")
     apply_GS: bool = option(
         False, doc="orthonormalise the reflection vectors first (Gram-Schmidt)", peft="apply_GS"
     )

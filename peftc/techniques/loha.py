@@ -40,7 +40,7 @@ from peftc.technique import (
     Technique,
     kaiming_uniform,
     option,
-    positive,
+    rank_option,
     register_technique,
 )
 from peftc.techniques.lora import multihead_attention, refuse_convolution
@@ -53,13 +53,7 @@ _ROLES = ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b")
 
 @dataclass(frozen=True)
 class LohaOptions(AdapterOptions):
-    r: int = option(
-        8,
-        doc="rank of each of the two low-rank factors",
-        check=positive,
-        aliases=("rank",),
-        peft="r",
-    )
+    r: int = rank_option(8, "rank of each of the two low-rank factors")
     alpha: float = option(8.0, doc="the update's scale: s = alpha / r", peft="alpha")
     use_effective_conv2d: bool = option(
         False,

@@ -43,7 +43,7 @@ from peftc.technique import (
     Technique,
     kaiming_uniform,
     option,
-    positive,
+    rank_option,
     register_technique,
 )
 from peftc.techniques.loha import (
@@ -66,13 +66,7 @@ def _factor(value: int) -> str | None:
 
 @dataclass(frozen=True)
 class LokrOptions(AdapterOptions):
-    r: int = option(
-        8,
-        doc="rank of w2 (or of w1 and w2 with decompose_both) where it is factored",
-        check=positive,
-        aliases=("rank",),
-        peft="r",
-    )
+    r: int = rank_option(8, "rank of w2 (or of w1 and w2 with decompose_both) where it is factored")
     alpha: float = option(8.0, doc="the update's scale: s = alpha / r", peft="alpha")
     decompose_both: bool = option(
         False, doc="factor w1 into w1_a w1_b as well", peft="decompose_both"

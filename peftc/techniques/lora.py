@@ -50,10 +50,10 @@ from peftc.technique import (
     Param,
     Stage,
     Technique,
+    dropout_option,
     kaiming_uniform,
     option,
-    positive,
-    probability,
+    rank_option,
     register_technique,
 )
 
@@ -78,17 +78,13 @@ def _init_from_peft(value: Any) -> str:
 
 @dataclass(frozen=True)
 class LoraOptions(AdapterOptions):
-    r: int = option(
-        8, doc="rank of A (r x in) and B (out x r)", check=positive, aliases=("rank",), peft="r"
-    )
+    r: int = rank_option(8, "rank of A (r x in) and B (out x r)")
     alpha: float = option(
         8.0,
         doc="the update's scale: s = alpha / r (alpha / sqrt(r) with rslora)",
         peft="lora_alpha",
     )
-    dropout: float = option(
-        0.0, doc="dropout on the branch's input", check=probability, peft="lora_dropout"
-    )
+    dropout: float = dropout_option("lora_dropout")
     init: Literal["kaiming", "gaussian"] = option(
         "kaiming",
         doc="A's init: Kaiming-uniform as nn.Linear, or N(0, 1/r); B starts at zero",

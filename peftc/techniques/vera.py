@@ -33,9 +33,9 @@ from peftc.technique import (
     Context,
     Param,
     Technique,
+    dropout_option,
     option,
-    positive,
-    probability,
+    rank_option,
     register_technique,
 )
 
@@ -46,16 +46,8 @@ aten = torch.ops.aten
 
 @dataclass(frozen=True)
 class VeraOptions(AdapterOptions):
-    r: int = option(
-        256,
-        doc="rank of the shared frozen projections",
-        check=positive,
-        aliases=("rank",),
-        peft="r",
-    )
-    dropout: float = option(
-        0.0, doc="dropout on the branch's input", check=probability, peft="vera_dropout"
-    )
+    r: int = rank_option(256, "rank of the shared frozen projections")
+    dropout: float = dropout_option("vera_dropout")
     d_initial: float = option(0.1, doc="initial value of λ_d", peft="d_initial")
     projection_prng_key: int = option(
         0, doc="seed of the shared projections (peft's generator)", peft="projection_prng_key"
