@@ -6,7 +6,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from peftc.errors import ModelNotFoundError
 from peftc.tools.cli import main
+from peftc.tools.models import tiny_model
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -196,3 +198,8 @@ def test_messages_name_the_real_problem(tmp_path):
                 p.fill_(1.0)
     with pytest.raises(OptionError, match='merge\\(dtype="float32"\\)'):  # the model's own dtype
         peftc.apply(trained, "merge")
+
+
+def test_an_unknown_tiny_model_is_a_named_error():
+    with pytest.raises(ModelNotFoundError, match="no tiny model 'lama'. did you mean 'llama'?"):
+        tiny_model("lama")

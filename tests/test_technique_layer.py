@@ -277,6 +277,33 @@ def test_a_wrong_fold_is_caught_at_the_first_merge_and_changes_nothing():
     torch.testing.assert_close(merged(x), right(x))
 
 
+def test_a_wrong_fold_is_caught_while_the_update_is_still_zero():
+    """LoRA-like: B starts at zero, so at init any fold agrees with the rewrite on the real
+    tensors; the check moves the adapter's trainable tensors first."""
+
+    @peftc.register_technique(replace=True)
+    class DoubledDelta(Technique):
+        name, options, peft_type = "test_doubled_delta", ShiftOptions, None
+
+        def params(self, ctx):
+            site = ctx.site
+            A = Param("A", (2, site.in_features), init=peftc.technique.kaiming_uniform)
+            return [A, Param("B", (site.out_features, 2))]
+
+        def build(self, b, x):
+            down = b.call(aten.linear.default, x, b.param("A"), role="down")
+            return b.call(aten.linear.default, down, b.param("B"), role="up")
+
+        def delta(self, ctx):
+            return 2 * ctx.tensor("B") @ ctx.tensor("A")
+
+    model = nn.Sequential(nn.Linear(4, 5), nn.ReLU(), nn.Linear(5, 3))
+    x = torch.randn(6, 4)
+    gm = peftc.apply(peftc.capture(model, (x,)), "test_doubled_delta(targets='0')")
+    with pytest.raises(PassError, match="test_doubled_delta: its fold does not compute"):
+        peftc.apply(gm, "merge")
+
+
 @peftc.register_technique(replace=True)
 class _CheckedShift(_Shift):
     name = "test_bias_shift_checked"

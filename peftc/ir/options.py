@@ -205,16 +205,26 @@ def fits(value: Any, tp: Any) -> bool:
         return isinstance(value, (int, float)) and not isinstance(value, bool)
     if tp is int:
         return isinstance(value, int) and not isinstance(value, bool)
-    if origin in (tuple, list):
-        args = [a for a in typing.get_args(tp) if a is not Ellipsis]
-        return (
-            isinstance(value, (tuple, list)) and all(fits(v, args[0]) for v in value)
-            if args
-            else True
+    if origin in (tuple, list) or tp in (tuple, list):
+        return isinstance(value, (tuple, list)) and _members_fit(value, tp)
+    if origin is dict:
+        key, item = typing.get_args(tp) or (Any, Any)
+        return isinstance(value, dict) and all(
+            fits(k, key) and fits(v, item) for k, v in value.items()
         )
     if isinstance(tp, type):
         return isinstance(value, tp)
     return True
+
+
+def _members_fit(value: tuple | list, tp: Any) -> bool:
+    """`tuple[T, ...]` and `list[T]`: every member a T; `tuple[A, B]`: one member of each."""
+    args = typing.get_args(tp)
+    if not args:
+        return True
+    if typing.get_origin(tp) is list or (len(args) == 2 and args[1] is Ellipsis):
+        return all(fits(v, args[0]) for v in value)
+    return len(value) == len(args) and all(fits(v, a) for v, a in zip(value, args, strict=True))
 
 
 def coerce(value: Any, tp: Any) -> Any:
@@ -252,4 +262,6 @@ def type_name(tp: Any) -> str:
         return " or ".join(type_name(a) for a in typing.get_args(tp))
     if tp is type(None):
         return "None"
+    if origin in (tuple, list, dict):
+        return str(tp).replace("typing.", "")
     return getattr(tp, "__name__", str(tp).replace("typing.", ""))

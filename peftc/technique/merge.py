@@ -14,6 +14,7 @@
 
 from __future__ import annotations
 
+import copy
 from dataclasses import replace
 from typing import Any
 
@@ -184,13 +185,13 @@ def check_fold(gm: fx.GraphModule, record: Adapter) -> None:
         site = replace(site, node=as_captured(site.node, Resolver(gm.graph)))
     sandbox = _sandbox(gm, site, record) if site is not None else None
     if sandbox is not None:
-        _compare(gm, site, record, *sandbox)
+        _compare(site, record, *sandbox)
     checked.append(record.technique)
 
 
 def _sandbox(
     gm: fx.GraphModule, site: WeightSite, record: Adapter
-) -> tuple[fx.GraphModule, Any, torch.Tensor] | None:
+) -> tuple[fx.GraphModule, torch.Tensor] | None:
     """The site's op alone in a graph of its own, `record` composed on it, and a random input; None
     where the op reads other values than its input and stored tensors, or shapes or data are unknown
     (meta tensors)."""
@@ -226,12 +227,40 @@ def _sandbox(
     # what techniques read of the model (module types, its config)
     sandbox.meta["peftc"] = peftc_meta(gm)
     for qualname in record.param_names:
-        set_tensor(sandbox, qualname, get_tensor(gm, qualname), buffer=True)
+        _own_path(sandbox, qualname)
+        set_tensor(sandbox, qualname, _away_from_init(get_tensor(gm, qualname)), buffer=True)
     for qualname in record.module_names:
+        _own_path(sandbox, qualname)
         _attach(sandbox, qualname, gm.get_submodule(qualname))
     compose_op(sandbox, op, [(replace(site, node=op, input=x), record)], {})
     sandbox.recompile()
-    return sandbox, op, _random_input(site, val)
+    return sandbox, _random_input(site, val)
+
+
+def _own_path(root: nn.Module, qualname: str) -> None:
+    """Shallow copies of the modules on `qualname`'s path (a symbolic graph's `nn.Linear` holds the
+    adapter's tensors), so what the sandbox sets there leaves the graph's own modules alone."""
+    owner = root
+    for part in qualname.split(".")[:-1]:
+        child = owner._modules.get(part)
+        if child is None:
+            return
+        twin = copy.copy(child)
+        twin._parameters, twin._buffers = dict(child._parameters), dict(child._buffers)
+        twin._modules = dict(child._modules)
+        owner._modules[part] = twin
+        owner = twin
+
+
+def _away_from_init(tensor: torch.Tensor) -> torch.Tensor:
+    """A trainable tensor moved by noise: a factor that starts at zero (LoRA's B) would make any
+    fold agree with the rewrite."""
+    if not (
+        isinstance(tensor, nn.Parameter) and tensor.requires_grad and tensor.is_floating_point()
+    ):
+        return tensor
+    noise = torch.randn(tensor.shape, generator=torch.Generator().manual_seed(1))
+    return tensor.detach() + 0.1 * noise.to(tensor)
 
 
 def _attach(root: nn.Module, qualname: str, module: nn.Module) -> None:
@@ -259,11 +288,9 @@ def _example_size(size: torch.SymInt) -> int:
 
 
 def _compare(
-    gm: fx.GraphModule,
     site: WeightSite,
     record: Adapter,
     sandbox: fx.GraphModule,
-    op: fx.Node,
     x: torch.Tensor,
 ) -> None:
     modes = {m: m.training for m in sandbox.modules()}
@@ -271,9 +298,10 @@ def _compare(
     try:
         with torch.no_grad():
             expected = sandbox(x)
-            weight = format_of(site).read(gm, site).float()
-            bias = get_tensor(gm, site.bias).float() if site.bias else None
-            weight, bias = record.method().fold(context(gm, record, site), weight, bias)
+            # the sandbox holds the site's tensors (the adapter's moved) under the graph's names
+            weight = format_of(site).read(sandbox, site).float()
+            bias = get_tensor(sandbox, site.bias).float() if site.bias else None
+            weight, bias = record.method().fold(context(sandbox, record, site), weight, bias)
             target, args = site.functional(
                 x, weight.to(expected.dtype), None if bias is None else bias.to(expected.dtype)
             )

@@ -15,6 +15,7 @@ The mapping is derived from the options' fields (`peftc.ir.options.option`), nev
 from __future__ import annotations
 
 import json
+import typing
 from dataclasses import dataclass
 from typing import Any
 
@@ -190,8 +191,6 @@ def option_rows(options: type | None) -> list[tuple[str, str, str, str, str]]:
     """(option, type, default, peft's name, meaning) for each field of an options dataclass."""
     if options is None:
         return []
-    import typing
-
     hints = typing.get_type_hints(options)
     rows = []
     for f in fields_of(options):

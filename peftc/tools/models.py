@@ -142,15 +142,27 @@ def tiny_config(arch: str) -> Any:
     """A random-init-ready tiny transformers config for `arch` (a key of the tiny table)."""
     import transformers
 
-    config_name, _, sizes = _TINY[arch]
+    config_name, _, sizes = _TINY[_known_arch(arch)]
     return getattr(transformers, config_name)(vocab_size=TINY_VOCAB, **sizes)
 
 
 def tiny_model(arch: str, seed: int = 0) -> nn.Module:
+    """A random-init tiny transformers model of architecture `arch` (llama, gpt2, bert, ...), in
+    eval mode."""
     import transformers
 
     torch.manual_seed(seed)
-    return getattr(transformers, _TINY[arch][1])(tiny_config(arch)).eval()
+    return getattr(transformers, _TINY[_known_arch(arch)][1])(tiny_config(arch)).eval()
+
+
+def _known_arch(arch: str) -> str:
+    if arch not in _TINY:
+        hint = suggest(arch, _TINY)
+        raise ModelNotFoundError(
+            " ".join(p for p in (f"no tiny model {arch!r}.", hint) if p)
+            + f" The tiny architectures: {', '.join(_TINY)}"
+        )
+    return arch
 
 
 def example_ids(vocab_size: int, batch: int = 2, seq: int = 16, seed: int = 0) -> torch.Tensor:
