@@ -4,7 +4,7 @@ checkpoints both ways (`peftc.tools.parity.against_peft`). Conv layouts: tests/t
 import peft
 import pytest
 
-from zoo import check
+from zoo import adapted_paths, check
 
 CELLS = {
     "mlp": ("mlp", peft.LoHaConfig(r=4, alpha=8, target_modules=["lin0", "lin1"])),
@@ -18,4 +18,6 @@ CELLS = {
 
 @pytest.mark.parametrize("cell", CELLS)
 def test_matches_peft(cell, tmp_path):
-    check(*CELLS[cell], tmp_path)
+    parity = check(*CELLS[cell], tmp_path)
+    ours, peft_s = adapted_paths(parity)
+    assert ours == peft_s and parity.merged is not None and parity.reloaded is not None

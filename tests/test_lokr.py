@@ -6,7 +6,7 @@ import peft
 import pytest
 
 from conftest import requires_minilm
-from zoo import check
+from zoo import adapted_paths, check
 
 CELLS = {
     "mlp": ("mlp", peft.LoKrConfig(r=4, alpha=8, target_modules=["lin0", "lin1"])),
@@ -35,4 +35,8 @@ CELLS = {
 )
 def test_matches_peft(cell, tmp_path):
     name, config, *options = CELLS[cell]
-    check(name, config, tmp_path, **dict(*options))
+    options = dict(*options)
+    parity = check(name, config, tmp_path, **options)
+    ours, peft_s = adapted_paths(parity)
+    assert ours == peft_s and parity.reloaded is not None
+    assert (parity.merged is not None) == options.get("merge", True)

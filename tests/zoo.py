@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 import peftc
+from peftc.technique.adapters import adapters
 from peftc.tools.models import example_inputs, tiny_model
 from peftc.tools.parity import Parity, against_peft
 
@@ -178,3 +179,12 @@ def check(model, config, folder, **options) -> Parity:
         )
     module, args, kwargs = build(model)
     return against_peft(module, args, kwargs, config, folder, graph=graph(model), **options)
+
+
+def adapted_paths(parity: Parity) -> tuple[set[str], set[str]]:
+    """(the modules peftc's adapter acts on, those peft's does). peftc's sites inside a module peft
+    adapts whole (nn.MultiheadAttention's out_proj) count as that module."""
+    theirs = set(parity.peft.base_model.targeted_module_names)
+    paths = {path for record in adapters(parity.graph).values() for path, _ in record.sites}
+    ours = {p.rpartition(".")[0] if p.rpartition(".")[0] in theirs else p for p in paths}
+    return ours, theirs
