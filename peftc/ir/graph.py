@@ -29,6 +29,7 @@ __all__ = [
     "get_attr_path",
     "get_tensor",
     "set_tensor",
+    "set_module",
     "clone",
     "freeze_parameters",
     "peftc_meta",
@@ -92,14 +93,7 @@ def set_tensor(
     persistent: bool = True,
 ) -> None:
     """Register a parameter (or buffer) at `qualname`, creating empty parent modules as needed."""
-    owner_path, _, name = qualname.rpartition(".")
-    owner = gm
-    for part in owner_path.split(".") if owner_path else ():
-        child = owner._modules.get(part)
-        if child is None:
-            child = nn.Module()
-            owner.add_module(part, child)
-        owner = child
+    owner, name = _owner(gm, qualname)
     for registry in (owner._parameters, owner._buffers):
         registry.pop(name, None)
     if buffer:
@@ -108,6 +102,25 @@ def set_tensor(
         owner.register_parameter(name, value)
     else:
         setattr(owner, name, value)
+
+
+def set_module(gm: nn.Module, qualname: str, module: nn.Module) -> None:
+    """Register `module` at `qualname`, creating empty parent modules as needed."""
+    owner, name = _owner(gm, qualname)
+    owner.add_module(name, module)
+
+
+def _owner(gm: nn.Module, qualname: str) -> tuple[nn.Module, str]:
+    """The module holding `qualname` (made, with its parents, where missing) and its last name."""
+    owner_path, _, name = qualname.rpartition(".")
+    owner = gm
+    for part in owner_path.split(".") if owner_path else ():
+        child = owner._modules.get(part)
+        if child is None:
+            child = nn.Module()
+            owner.add_module(part, child)
+        owner = child
+    return owner, name
 
 
 def freeze_parameters(gm: nn.Module, keep: set[str] = frozenset()) -> list[str]:

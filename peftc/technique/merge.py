@@ -22,7 +22,7 @@ import torch
 from torch import fx, nn
 
 from peftc.errors import OptionError, PassError
-from peftc.ir.graph import get_tensor, peftc_meta, set_tensor
+from peftc.ir.graph import get_tensor, peftc_meta, set_module, set_tensor
 from peftc.ir.rewrites import Resolver, as_captured
 from peftc.sites.formats import format_of
 from peftc.sites.weight import WeightSite
@@ -219,7 +219,7 @@ def _sandbox(
     )
     op.meta["val"] = site.node.meta.get("val")
     if site.node.op == "call_module":
-        _attach(root, site.node.target, gm.get_submodule(site.node.target))
+        set_module(root, site.node.target, gm.get_submodule(site.node.target))
     graph.output(op)
     if outside:
         return None
@@ -231,7 +231,7 @@ def _sandbox(
         set_tensor(sandbox, qualname, _away_from_init(get_tensor(gm, qualname)), buffer=True)
     for qualname in record.module_names:
         _own_path(sandbox, qualname)
-        _attach(sandbox, qualname, gm.get_submodule(qualname))
+        set_module(sandbox, qualname, gm.get_submodule(qualname))
     compose_op(sandbox, op, [(replace(site, node=op, input=x), record)], {})
     sandbox.recompile()
     return sandbox, _random_input(site, val)
@@ -261,16 +261,6 @@ def _away_from_init(tensor: torch.Tensor) -> torch.Tensor:
         return tensor
     noise = torch.randn(tensor.shape, generator=torch.Generator().manual_seed(1))
     return tensor.detach() + 0.1 * noise.to(tensor)
-
-
-def _attach(root: nn.Module, qualname: str, module: nn.Module) -> None:
-    owner = root
-    *parents, leaf = qualname.split(".")
-    for part in parents:
-        if part not in owner._modules:
-            owner.add_module(part, nn.Module())
-        owner = owner._modules[part]
-    owner.add_module(leaf, module)
 
 
 def _random_input(site: WeightSite, val: torch.Tensor) -> torch.Tensor:
