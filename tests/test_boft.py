@@ -19,7 +19,7 @@ from peftc.errors import OptionError, PeftcError, TargetError
 from peftc.tools.parity import against_peft, close
 
 from conftest import captured
-from zoo import build, check
+from zoo import adapted_paths, build, check
 
 
 class FakeFbd:
@@ -103,7 +103,11 @@ def test_matches_peft(cell, tmp_path, monkeypatch):
     model, config, *options = CELLS[cell]
     if config.boft_n_butterfly_factor > 1:
         monkeypatch.setattr(boft_layer, "get_fbd_cuda", FakeFbd)
-    check(model, config, tmp_path, **dict(*options))
+    options = dict(*options)
+    parity = check(model, config, tmp_path, **options)
+    ours, peft_s = adapted_paths(parity)
+    assert ours == peft_s and parity.reloaded is not None
+    assert (parity.merged is not None) == options.get("merge", True)
 
 
 def test_nf4_matches_peft_on_bitsandbytes_linear4bit(tmp_path, monkeypatch):

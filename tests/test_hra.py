@@ -10,7 +10,7 @@ import peftc.techniques.hra
 from peftc.errors import OptionError, PeftcError, TargetError
 from peftc.tools.parity import perturb
 
-from zoo import check
+from zoo import adapted_paths, check
 
 
 class Small(torch.nn.Module):
@@ -52,7 +52,11 @@ CELLS = {
 @pytest.mark.parametrize("cell", CELLS)
 def test_matches_peft(cell, tmp_path):
     model, config, *options = CELLS[cell]
-    check(model, config, tmp_path, **dict(*options))
+    options = dict(*options)
+    parity = check(model, config, tmp_path, **options)
+    ours, peft_s = adapted_paths(parity)
+    assert ours == peft_s and parity.reloaded is not None
+    assert (parity.merged is not None) == options.get("merge", True)
 
 
 def test_even_r_starts_at_the_identity():

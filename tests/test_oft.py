@@ -15,7 +15,7 @@ from peftc.errors import OptionError, PeftcError, TargetError
 from peftc.tools.parity import against_peft, close, perturb
 
 from conftest import captured
-from zoo import build, check
+from zoo import adapted_paths, build, check
 
 warnings.filterwarnings("ignore", message=".*Adjusted.*")
 
@@ -85,7 +85,11 @@ CELLS = {
 @pytest.mark.parametrize("cell", CELLS)
 def test_matches_peft(cell, tmp_path):
     model, config, *options = CELLS[cell]
-    check(model, config, tmp_path, **dict(*options))
+    options = dict(*options)
+    parity = check(model, config, tmp_path, **options)
+    ours, peft_s = adapted_paths(parity)
+    assert ours == peft_s and parity.reloaded is not None
+    assert (parity.merged is not None) == options.get("merge", True)
 
 
 def test_merge_folds_the_rotation_and_refuses_patch_rotations(tmp_path):
