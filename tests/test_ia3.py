@@ -18,7 +18,6 @@ import peftc.techniques.ia3
 from peftc.errors import OptionError, TargetError
 from peftc.ir.pipeline import Pipeline
 from peftc.technique.adapters import adapters, set_active
-from peftc.technique.checkpoint import CheckpointError
 from peftc.tools.models import example_inputs, tiny_model
 from peftc.tools.parity import against_peft, close
 
@@ -233,11 +232,13 @@ def test_merge_unmerge_round_trip(name):
     "field, value",
     [("exclude_modules", ["layers.1.self_attn.k_proj"]), ("modules_to_save", ["lm_head"])],
 )
-def test_unimplemented_config_fields_are_refused(field, value, tmp_path):
-    model = tiny_model("llama")
-    peft.get_peft_model(model, peft.IA3Config(**{field: value})).save_pretrained(tmp_path)
-    with pytest.raises(CheckpointError, match=f"the config sets {field}="):
-        peftc.load_adapter(peftc.apply(captured("tiny-llama"), "freeze"), tmp_path)
+def test_exclude_modules_and_modules_to_save_match_peft(field, value, tmp_path):
+    parity = check("llama", peft.IA3Config(**{field: value}), tmp_path)
+    record = adapters(parity.graph)["default"]
+    sites = {path for path, kind in record.sites if kind != "module"}
+    assert sites == set(parity.peft.base_model.targeted_module_names)
+    assert ("model.layers.1.self_attn.k_proj" in sites) == (field != "exclude_modules")
+    assert record.saved_modules == (("lm_head",) if field == "modules_to_save" else ())
 
 
 class VProj(nn.Module):

@@ -8,9 +8,8 @@ from torch import nn
 
 import peftc
 import peftc.techniques.ln_tuning
-from peftc.errors import OptionError, TargetError
+from peftc.errors import NotMergeable, OptionError, TargetError
 from peftc.technique.adapters import adapters, set_active
-from peftc.technique.checkpoint import CheckpointError
 from peftc.tools.models import example_inputs, tiny_model
 from peftc.tools.parity import against_peft, close
 
@@ -115,15 +114,23 @@ def test_one_active_adapter_per_layer_norm():
         peftc.apply(peftc.apply(both, "merge"), "set_adapter(name='a')")
 
 
-def test_targets_that_are_not_norms_are_refused(tmp_path):
+def test_default_targets_and_refusals(tmp_path):
     tuned = peftc.apply(captured("tiny-llama"), "ln_tuning")  # peft's Llama targets are RMSNorms
     assert len(peftc.technique.adapters.adapters(tuned)["default"].sites) == 5
-    with pytest.raises(TargetError, match="matches no layer_norm or rms_norm site"):
-        peftc.apply(captured("tiny-gpt2"), "ln_tuning(targets='*.c_attn')")
+    with pytest.raises(TargetError, match="matches no module site"):
+        peftc.apply(captured("tiny-gpt2"), "ln_tuning(targets='*.nothing')")
     with pytest.raises(OptionError, match="no default targets"):  # as peft, which has no bert entry
         peftc.apply(captured("tiny-bert"), "ln_tuning")
-    peft.get_peft_model(
-        tiny_model("gpt2"), peft.LNTuningConfig(modules_to_save=["wte"])
-    ).save_pretrained(tmp_path)
-    with pytest.raises(CheckpointError, match="the config sets modules_to_save="):
-        peftc.load_adapter(captured("tiny-gpt2"), tmp_path)
+
+
+def test_a_target_that_is_no_norm_trains_a_copy_as_peft(tmp_path):
+    # peft copies whatever module it is pointed at: a linear, and GPT-2's wte beside its norms
+    parity = check("layernorm", peft.LNTuningConfig(target_modules=["lin0", "norm"]), tmp_path)
+    assert adapters(parity.graph)["default"].sites == (("norm", "layer_norm"), ("lin0", "module"))
+    # GPT-2's wte is tied to its lm_head: peft's copy replaces the embedding only, and merging it
+    # would change both, so it stays unmerged
+    config = peft.LNTuningConfig(target_modules=["ln_f"], modules_to_save=["wte"])
+    parity = check("gpt2", config, tmp_path / "gpt2", merge=False)
+    assert adapters(parity.graph)["default"].saved_modules == ("transformer.wte",)
+    with pytest.raises(NotMergeable, match="tied to"):
+        peftc.apply(parity.graph, "merge")

@@ -185,6 +185,11 @@ def adapted_paths(parity: Parity) -> tuple[set[str], set[str]]:
     """(the modules peftc's adapter acts on, those peft's does). peftc's sites inside a module peft
     adapts whole (nn.MultiheadAttention's out_proj) count as that module."""
     theirs = set(parity.peft.base_model.targeted_module_names)
-    paths = {path for record in adapters(parity.graph).values() for path, _ in record.sites}
+    paths = {
+        path
+        for record in adapters(parity.graph).values()
+        for path, kind in record.sites
+        if kind != "module"
+    }
     ours = {p.rpartition(".")[0] if p.rpartition(".")[0] in theirs else p for p in paths}
     return ours, theirs

@@ -38,6 +38,7 @@ from peftc.ir.targets import compile_pattern
 __all__ = [
     "Options",
     "SAME",
+    "OMIT",
     "Spec",
     "option",
     "spec_of",
@@ -64,6 +65,7 @@ class _Same:
 
 
 SAME = _Same()  # `peft_default`: peft assumes the field's own default
+OMIT = object()  # what an `encode` returns for a field adapter_config.json does not hold
 
 
 @dataclass(frozen=True)

@@ -41,6 +41,9 @@ def propagate_shapes(gm: fx.GraphModule, pass_name: str) -> bool:
     if mode is None:
         mode = torch._subclasses.FakeTensorMode(allow_non_fake_inputs=True)
     interpreter = _NodeTrackingProp(gm, mode)
+    # in eval mode: shapes are the same, and training's random draws would be data-dependent
+    was_training = gm.training
+    gm.eval()
     try:
         with mode:
             interpreter.propagate_dont_convert_inputs(*values)
@@ -50,6 +53,8 @@ def propagate_shapes(gm: fx.GraphModule, pass_name: str) -> bool:
             f"after pass {pass_name!r}, shape propagation failed{_where(node)}: "
             f"{type(e).__name__}: {e}".strip()
         ) from e
+    finally:
+        gm.train(was_training)
     return True
 
 

@@ -10,6 +10,7 @@ from torch import fx
 from peftc.errors import OptionError
 from peftc.ir.graph import peftc_meta
 from peftc.ir.targets import select
+from peftc.sites.modules import module_sites
 from peftc.sites.regions import (
     SUBLAYER_KINDS,
     SublayerSite,
@@ -28,6 +29,7 @@ _REGIONS = {
     "tokens": input_embeddings,
     "sdpa": attention_sites,
     "final_hidden": final_hidden_states,
+    "module": module_sites,
 }
 
 

@@ -43,6 +43,8 @@ from peftc.sites.selection import sites_of
 from peftc.sites.weight import WeightSite
 from peftc.technique import registry
 from peftc.technique.declaration import STAGES, Builder, Context, Param, Technique
+from peftc.technique.module_copy import MODULE_COPY
+from peftc.technique.scope import scope
 
 __all__ = [
     "Adapter",
@@ -85,6 +87,7 @@ class Adapter:
     merged: bool = False
     kept: dict[str, torch.Tensor] | None = None  # the tensors, while merged
     stages: dict[str, str] = field(default_factory=dict)  # site path -> stage
+    saved_modules: tuple[str, ...] = ()  # the module sites of `modules_to_save`
     # qualified tensor name -> the name without the adapter's
     keys: dict[str, str] = field(default_factory=dict)
 
@@ -96,8 +99,11 @@ class Adapter:
     def module_names(self) -> list[str]:
         return [q for names in self.modules.values() for q in names.values()]
 
-    def method(self) -> Technique:
-        return registry.technique(self.technique)
+    def method(self, kind: str | None = None, path: str | None = None) -> Technique:
+        """The technique acting at the site (`kind`, `path`): the adapter's own, or at the modules
+        it saves (`modules_to_save`) the core's module copy."""
+        saved = kind == "module" and path in self.saved_modules
+        return MODULE_COPY if saved else registry.technique(self.technique)
 
 
 def register_technique(cls: type[Technique] | None = None, *, replace: bool = False) -> Any:
@@ -152,18 +158,22 @@ def add_adapter(gm: fx.GraphModule, method: Technique, options: Any) -> PassResu
             f'{method.name}: an adapter named {options.adapter!r} exists; pass adapter="other" or '
             "delete it first"
         )
-    placed = method.select(gm, options)
+    saved = [path for r in adapters(gm).values() for path in r.saved_modules]
+    kept, copies = scope(gm, method.name, options, method.select(gm, options), saved)
+    placed = kept + [(site, site.path) for site in copies]
     sites = [site for site, _ in placed]
-    for site in sites:
-        _at_site(method, site, "cannot act on", lambda site=site: method.check(gm, site, options))
     record = Adapter(
         options.adapter,
         method.name,
         options,
         tuple((s.path, s.kind) for s in sites),
         {},
-        stages={s.path: method.stage_at(s, options) for s in sites},
+        saved_modules=tuple(s.path for s in copies),
     )
+    for site in sites:
+        handler = record.method(site.kind, site.path)
+        _at_site(handler, site, "cannot act on", lambda s=site, h=handler: h.check(gm, s, options))
+        record.stages[site.path] = handler.stage_at(site, options)
     check_nesting(gm, record.sites, extra=[record])  # before anything changes
     if options.freeze_base:
         freeze_parameters(gm, keep={q for r in adapters(gm).values() for q in r.param_names})
@@ -173,8 +183,11 @@ def add_adapter(gm: fx.GraphModule, method: Technique, options: Any) -> PassResu
     record.active = not serving
     adapters(gm)[options.adapter] = record
     rebuild(gm, record.sites)
-    method.after_insert(gm, sites, options)
-    report = method.describe(options, sites)
+    own = [s for s in sites if s.path not in record.saved_modules]
+    method.after_insert(gm, own, options)
+    report = method.describe(options, own)
+    if record.saved_modules:
+        report += f"; trains a copy of {', '.join(record.saved_modules)}"
     if serving:
         report += (
             "; inactive: this graph serves stacked adapters, apply 'multi_lora' again to serve it"
@@ -186,20 +199,22 @@ def _create_all(
     gm: fx.GraphModule, method: Technique, options: Any, record: Adapter, placed: list
 ) -> None:
     """The adapter's tensors (shared, then per site) and modules, into `record`."""
-    sites = [site for site, _ in placed]
+    sites = [site for site, _ in placed if site.path not in record.saved_modules]
     shared = method.shared_params(gm, sites, options) if sites else []
     if shared:
         record.names[SHARED] = _create(
             gm, "", shared, record, _dtype(gm, sites[0]), _device(gm, sites[0])
         )
     for site, prefix in placed:
-        ctx = context(gm, record, site)
-        params = _at_site(method, site, "cannot create its tensors at", partial(method.params, ctx))
+        ctx, handler = context(gm, record, site), record.method(site.kind, site.path)
+        params = _at_site(
+            handler, site, "cannot create its tensors at", partial(handler.params, ctx)
+        )
         record.names[site.path] = _create(
             gm, prefix, params, record, _dtype(gm, site), _device(gm, site)
         )
         modules = _at_site(
-            method, site, "cannot create its modules at", partial(method.modules, ctx)
+            handler, site, "cannot create its modules at", partial(handler.modules, ctx)
         )
         for attr, module in modules.items():
             qualname = qualify(prefix, attr, options.adapter)
@@ -208,7 +223,7 @@ def _create_all(
             # a module's tensors are the adapter's: trained, saved, never frozen with the base
             for name, _ in [*module.named_parameters(), *module.named_buffers()]:
                 record.names[site.path][f"{attr}.{name}"] = f"{qualname}.{name}"
-                record.keys[f"{qualname}.{name}"] = qualify(prefix, attr, name)
+                record.keys[f"{qualname}.{name}"] = handler.module_key(prefix, attr, name)
 
 
 def _at_site(method: Technique, site: Any, what: str, fn: Any) -> Any:
@@ -412,7 +427,7 @@ def compose_op(
         return Builder(
             gm,
             context(gm, record, site),
-            record.method(),
+            record.method(site.kind, site.path),
             base=base,
             x=x,
             before=before,
@@ -421,9 +436,8 @@ def compose_op(
         )
 
     def build(b: Builder, record: Adapter, value: Any) -> Any:
-        return _at_site(
-            record.method(), b.site, "cannot rewrite", lambda: record.method().build(b, value)
-        )
+        method = record.method(b.site.kind, b.site.path)
+        return _at_site(method, b.site, "cannot rewrite", lambda: method.build(b, value))
 
     _compose_before(
         gm, base, [p for p in pairs if _stage(*p) in ("input", "weight")], builder, build
@@ -540,7 +554,7 @@ def check_nesting(
     for path, kind in refs:
         at_site = [r for r in records if (path, kind) in r.sites]
         live = [r for r in at_site if not is_merged(r) and is_active(r)]
-        alone = [r for r in live if r.method().exclusive]
+        alone = [r for r in live if r.method(kind, path).exclusive]
         if len(alone) > 1:
             named = ", ".join(f"{r.name!r} ({r.technique})" for r in alone)
             raise OptionError(

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import fx
 
@@ -64,11 +65,12 @@ def save_adapter(gm: fx.GraphModule, directory: str | Path, adapter: str = "defa
             f"adapter {adapter!r} was merged with keep=false; its weights are gone"
         )
     method = record.method()
-    sites = _sites(gm, record)
+    sites = [s for s in _sites(gm, record) if s.path not in record.saved_modules]
     ctx = MergedContext(gm, sites[0], record) if record.merged else context(gm, record, sites[0])
-    saved = _saved(record)
+    saved, copies = _saved(record), _copies(record)
     tensors = {_key(record, q): t for q, t in adapter_tensors(gm, adapter).items() if q in saved}
-    tensors = method.to_checkpoint(ctx, tensors)
+    own = method.to_checkpoint(ctx, {k: t for k, t in tensors.items() if k not in copies})
+    tensors = {**own, **{k: t for k, t in tensors.items() if k in copies}}
     config = to_peft(method, record.options, sites) if method.peft_type else _peftc_config(record)
     with atomic_dir(directory) as tmp:
         save_file({k: v.detach().contiguous() for k, v in tensors.items()}, tmp / WEIGHTS)
@@ -207,6 +209,11 @@ def _saved(record: Adapter) -> set[str]:
     }
 
 
+def _copies(record: Adapter) -> set[str]:
+    """The checkpoint keys of the module copies the adapter trains (`modules_to_save`)."""
+    return {_key(record, q) for path in record.saved_modules for q in record.names[path].values()}
+
+
 def _peftc_config(record: Adapter) -> dict[str, Any]:
     """The config of a technique peft has no format for: its pass options and sites, as JSON."""
     options = {
@@ -264,7 +271,9 @@ def _peft_step(config: dict[str, Any], adapter: str, directory: Path) -> Step:
         raise CheckpointError(
             f"peft_type {config.get('peft_type')!r} is not supported; peftc loads {known}"
         )
-    options = from_peft(method, config, str(directory))
+    with safe_open(directory / WEIGHTS, "pt") as f:
+        shapes = {key: tuple(f.get_slice(key).get_shape()) for key in f.keys()}
+    options = from_peft(method, config, str(directory), shapes)
     try:
         return Step.make(method.name, {**options, "adapter": adapter})
     except PeftcError as e:

@@ -38,7 +38,7 @@ import torch
 from torch import fx, nn
 
 from peftc.errors import NotMergeable
-from peftc.ir.graph import get_tensor, tag
+from peftc.ir.graph import get_tensor, qualify, tag
 from peftc.ir.rewrites import captured_name, keep_original
 from peftc.sites.formats import format_of, read_weight
 from peftc.sites.selection import resolve_sites
@@ -251,6 +251,12 @@ class Builder:
             new.meta["peftc"]["partial"] = True
         return new
 
+    def retarget(self, node: fx.Node, target: str) -> None:
+        """Point a `get_attr` or `call_module` node at another tensor or module (a module copy); put
+        back when the core strips the site."""
+        keep_original(node, site=self.site.path, kind=self.site.kind)
+        node.target = target
+
     def rewrite(self, args: tuple, kwargs: dict[str, Any]) -> None:
         """Call the site's op with other arguments (attention's keys, values and mask); the captured
         call is kept and put back when the core strips the site."""
@@ -326,6 +332,10 @@ class Technique:
         """(W', b') such that the base op with them computes what this stage computed."""
         return weight + self.delta(ctx).to(weight.dtype), bias
 
+    def module_key(self, prefix: str, attr: str, name: str) -> str:
+        """The name (before `checkpoint_key`) of tensor `name` of module `attr` at `prefix`."""
+        return qualify(prefix, attr, name)
+
     def checkpoint_key(self, key: str) -> str:
         """peft's key for one tensor, given `base_model.model.<path>.<attr>[.<suffix>]` (the adapter
         name dropped; shared tensors: `base_model.<attr>`)."""
@@ -347,6 +357,14 @@ class Technique:
     def to_peft(self, options: Any, sites: list[Any]) -> dict[str, Any]:
         """`adapter_config.json` fields beyond those the options declare (read from the sites,
         say)."""
+        return {}
+
+    def from_shapes(
+        self, config: dict[str, Any], shapes: dict[str, tuple[int, ...]]
+    ) -> dict[str, Any]:
+        """Options the checkpoint's tensor shapes (by key) decide where its config does not (peft
+        computes BOFT without its butterfly when its CUDA extension is missing); pop each field
+        read."""
         return {}
 
     def from_peft(self, config: dict[str, Any]) -> dict[str, Any]:

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from torch import fx, nn
 
-from peftc.errors import OptionError, PassError
+from peftc.errors import NotMergeable, OptionError, PassError
 from peftc.ir.graph import get_tensor, peftc_meta, set_module, set_tensor
 from peftc.ir.rewrites import Resolver, as_captured
 from peftc.sites.formats import format_of
@@ -42,6 +42,7 @@ from peftc.technique.adapters import (
     strip,
 )
 from peftc.technique.declaration import Context
+from peftc.technique.module_copy import own_tensors
 
 __all__ = ["merge_adapters", "unmerge_adapters", "check_fold"]
 
@@ -69,6 +70,8 @@ class MergedContext(Context):
 def _refold(gm: fx.GraphModule, site: WeightSite, merged: list[Adapter], options: Any) -> float:
     """Set the site's weights to its original ones with `merged` folded in; returns dW's
     survival."""
+    if site.kind == "module":
+        return _recopy(gm, site, merged)
     fmt = format_of(site)
     bases = peftc_meta(gm).setdefault("merged_bases", {})
     if site.path not in bases:
@@ -96,6 +99,31 @@ def _refold(gm: fx.GraphModule, site: WeightSite, merged: list[Adapter], options
         if torch.equal(weight, original) and unchanged:
             return 1.0
         return fmt.write(gm, site, weight, None if unchanged else bias, options)
+
+
+def _recopy(gm: fx.GraphModule, site: Any, merged: list[Adapter]) -> float:
+    """A saved module's tensors: its original ones, or the merged adapter's copy (peft's
+    merge_and_unload puts the copy in the module's place). Tensors are replaced, never written in
+    place: other graphs may share them."""
+    bases = peftc_meta(gm).setdefault("merged_bases", {})
+    tensors = own_tensors(gm.get_submodule(site.path))
+    if site.path not in bases:
+        bases[site.path] = ("module", dict(tensors))
+    originals = bases[site.path][1]
+    values = dict(originals)
+    if merged:
+        record = merged[-1]
+        (attr,) = record.modules[site.path]
+        ctx = MergedContext(gm, site, record)
+        values = {name: ctx.tensor(f"{attr}.{name}").detach().clone() for name in tensors}
+    else:
+        del bases[site.path]
+    for name, value in values.items():
+        old = originals[name]
+        if isinstance(old, nn.Parameter):
+            value = nn.Parameter(value.to(old.dtype), requires_grad=old.requires_grad)
+        set_tensor(gm, f"{site.path}.{name}", value, buffer=not isinstance(value, nn.Parameter))
+    return 1.0
 
 
 def merge_adapters(
@@ -172,6 +200,18 @@ def unmerge_adapters(gm: fx.GraphModule, names: list[str]) -> list[str]:
 
 def check_fold(gm: fx.GraphModule, record: Adapter) -> None:
     """Check `record`'s technique's fold at one of its sites, the first time it merges on `gm`."""
+    for path in [path for path, kind in record.sites if kind == "module"]:
+        own = {id(t) for t in own_tensors(gm.get_submodule(path)).values()}
+        tied = [
+            name
+            for name, t in gm.named_parameters(remove_duplicate=False)
+            if id(t) in own and not name.startswith(path + ".")
+        ]
+        if tied:
+            raise NotMergeable(
+                f"{record.name!r} trains a copy of {path!r}, whose tensors are tied to "
+                f"{tied[0]!r}; merging would change both: keep it unmerged"
+            )
     checked = peftc_meta(gm).setdefault("folds_checked", [])
     if record.technique in checked:
         return

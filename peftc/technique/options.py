@@ -17,13 +17,14 @@ from __future__ import annotations
 import json
 import typing
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 from torch import fx
 
 from peftc.errors import CheckpointError, OptionError
 from peftc.ir.graph import peftc_meta
 from peftc.ir.options import (
+    OMIT,
     SAME,
     Options,
     default_of,
@@ -54,7 +55,6 @@ __all__ = [
 METADATA = (
     "peft_type",
     "peft_version",
-    "task_type",
     "base_model_name_or_path",
     "revision",
     "inference_mode",
@@ -96,6 +96,27 @@ class AdapterOptions(Options):
     )
     freeze_base: bool = option(
         True, doc="freeze every base parameter, as peft's get_peft_model does"
+    )
+    modules_to_save: tuple[str, ...] | str = option(
+        (),
+        doc="modules the adapter trains a copy of (a classifier head), named by the end of their "
+        "path as in peft; their sites are not adapted",
+        peft="modules_to_save",
+        encode=lambda v: ([v] if isinstance(v, str) else list(v)) or None,
+        decode=lambda v: tuple(v or ()),
+    )
+    exclude_modules: tuple[str, ...] | str | None = option(
+        None,
+        doc="sites left out: names matched as the whole path or its last parts, or a regex "
+        "matched against the whole path",
+        peft="exclude_modules",
+        encode=lambda v: OMIT,  # the adapted paths are written as target_modules
+    )
+    task_type: Literal["SEQ_CLS", "TOKEN_CLS", "QUESTION_ANS"] | str | None = option(
+        None,
+        doc="peft's task type; SEQ_CLS and TOKEN_CLS also save `classifier` / `score`, "
+        "QUESTION_ANS `qa_outputs` (modules_to_save)",
+        peft="task_type",
     )
 
 
@@ -142,17 +163,25 @@ def to_peft(technique: Any, options: Any, sites: list[Any]) -> dict[str, Any]:
             config["target_modules"] = sorted({s.path for s in sites})
         elif spec.peft is not None:
             value = getattr(options, f.name)
-            config[spec.peft] = spec.encode(value) if spec.encode else _json(value)
+            encoded = spec.encode(value) if spec.encode else _json(value)
+            if encoded is not OMIT:
+                config[spec.peft] = encoded
     config.update(technique.peft_fixed)
     config.update(technique.to_peft(options, sites))
     return config
 
 
-def from_peft(technique: Any, config: dict[str, Any], where: str) -> dict[str, Any]:
-    """Options of `technique` from a peft config (case 2); `where` names the file in errors."""
+def from_peft(
+    technique: Any,
+    config: dict[str, Any],
+    where: str,
+    shapes: dict[str, tuple[int, ...]] | None = None,
+) -> dict[str, Any]:
+    """Options of `technique` from a peft config (case 2) and its checkpoint's tensor shapes;
+    `where` names the file in errors."""
     fields = {k: v for k, v in config.items() if k not in METADATA}
     try:
-        options = technique.from_peft(fields)
+        options = {**technique.from_peft(fields), **technique.from_shapes(fields, shapes or {})}
         for f in fields_of(technique.options):
             spec = spec_of(f)
             if spec.peft is None or f.name in options:

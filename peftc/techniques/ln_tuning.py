@@ -7,8 +7,9 @@
    (the scale of an RMSNorm module) are rewritten to read `<path>.ln_tuning_layers.<adapter>.weight`
    (and `.bias` when the norm has one), peft's names for the tensors of its copied module; the
    original stays frozen.
-2. peft copies any module it is pointed at; peftc tunes norms only: a target that is a linear or
-   other layer is refused.
+2. A target that is no norm (a linear, a whole block) is a module site: peft trains a copy of any
+   module it is pointed at, `<path>.ln_tuning_layers.<adapter>`, and the graph reads the copy
+   (`peftc.technique.module_copy`).
 3. One adapter at a site is active at a time (peft raises otherwise). Merging copies W', b' into
    the base; unmerging restores the originals.
 """
@@ -22,7 +23,13 @@ import torch
 from torch import fx
 
 from peftc.ir.graph import get_tensor
+from peftc.ir.targets import compile_pattern
+from peftc.sites.selection import default_targets, sites_of
 from peftc.technique import AdapterOptions, Builder, Context, Param, Technique, register_technique
+from peftc.technique.module_copy import ModuleCopy
+
+# what LN tuning makes of a target that is no norm
+_COPY = ModuleCopy("ln_tuning_layers")
 
 __all__ = ["LnTuningOptions", "LnTuning"]
 
@@ -52,14 +59,38 @@ class LnTuning(Technique):
     name = "ln_tuning"
     options = LnTuningOptions
     peft_type = "LN_TUNING"
-    site_kinds = ("layer_norm", "rms_norm")
+    site_kinds = ("layer_norm", "rms_norm", "module")
     stage = "weight"
     default_targets = _TARGETS
     # each adapter replaces the weight: two active copies have no meaning (peft refuses them too)
     exclusive = True
 
+    def select(self, gm: fx.GraphModule, options: LnTuningOptions) -> list[tuple[Any, str]]:
+        """The norms the targets select, and as module sites the selected modules holding none."""
+        pattern = options.targets or default_targets(gm, self.name, _TARGETS)
+        matches = compile_pattern(pattern)
+        norms = [s for s in sites_of(gm, ("layer_norm", "rms_norm")) if matches(s.path)]
+        taken = {s.path for s in norms}
+        modules = [
+            s
+            for s in sites_of(gm, ("module",), pattern)
+            if not any(p == s.path or p.startswith(s.path + ".") for p in taken)
+        ]
+        chosen = norms + [
+            m for m in modules if not any(m.path.startswith(o.path + ".") for o in modules)
+        ]
+        return [(site, site.path) for site in chosen]
+
+    def stage_at(self, site: Any, options: LnTuningOptions) -> str:
+        return _COPY.stage if site.kind == "module" else self.stage
+
+    def modules(self, ctx: Context) -> dict[str, Any]:
+        return _COPY.modules(ctx) if ctx.site.kind == "module" else {}
+
     def params(self, ctx: Context) -> list[Param]:
         site = ctx.site
+        if site.kind == "module":
+            return []
         # copied as stored, dtype included, as peft's deepcopy
         weight = get_tensor(ctx.gm, site.weight)
         params = [
@@ -75,6 +106,8 @@ class LnTuning(Technique):
         return params
 
     def build(self, b: Builder, weight: fx.Node) -> fx.Node:
+        if b.site.kind == "module":
+            return _COPY.build(b, weight)
         if b.site.bias:
             b.bias = b.param("bias")
         return b.param("weight")
