@@ -74,6 +74,12 @@ CELLS = {
         oft(*SMALL, r=2, oft_block_size=0, use_cayley_neumann=False),
         ON_SMALL,
     ),
+    "mlp-coft": ("mlp", oft("lin0", r=2, oft_block_size=0, coft=True, eps=0.01)),
+    "small-coft-shared": (
+        small,
+        oft(*SMALL, r=0, oft_block_size=2, coft=True, eps=0.01, block_share=True),
+        ON_SMALL,
+    ),
     "small-neumann-7": (
         small,
         oft(*SMALL, oft_block_size=4, r=0, num_cayley_neumann_terms=7),
@@ -171,10 +177,6 @@ def test_oft_and_lora_on_one_site_compose_in_either_order():
 
 def test_refusals(tmp_path):
     args, kwargs = small_inputs()
-    config = peft.OFTConfig(oft_block_size=4, r=0, target_modules=["lin"], coft=True)
-    peft.get_peft_model(Small(), config).save_pretrained(tmp_path)
-    with pytest.raises(PeftcError, match=r"the config sets coft=True"):
-        peftc.load_adapter(peftc.capture(Small(), args, method="symbolic"), tmp_path)
     gm = peftc.capture(Small(), args, method="symbolic")
     with pytest.raises(OptionError, match="give exactly one of r"):
         peftc.apply(gm, "oft(r=2, block_size=4, targets='lin')")
@@ -187,3 +189,14 @@ def test_refusals(tmp_path):
         OptionError, match="'0' is a GPT-2 Conv1D, which peft's OFT does not support"
     ):
         peftc.apply(gpt2_style, "oft(block_size=2, targets='0')")
+
+
+def test_coft_projects_the_stored_weights_as_peft(tmp_path):
+    # every forward pass writes the projection into the parameter, outside autograd
+    config = oft("lin0", r=2, oft_block_size=0, coft=True, eps=0.01)
+    parity = check("mlp", config, tmp_path, train=True, scale=0.5)
+    ours = parity.graph.get_parameter("lin0.oft_R.default.weight")
+    theirs = parity.peft.base_model.model.lin0.oft_R["default"].weight
+    torch.testing.assert_close(ours, theirs)
+    bound = 0.01 / 2**0.5  # eps / sqrt(blocks), over the skew matrix's norm sqrt(2) |row|
+    assert torch.all(torch.linalg.vector_norm(ours, dim=1) * 2**0.5 <= bound * (1 + 1e-5))

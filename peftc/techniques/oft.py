@@ -15,14 +15,17 @@
    from (peft's unfold/fold): for k > 1 that is not a rotation of W, and peft's merge (which
    rotates W) computes something else, so such sites refuse to merge; 1 x 1 convolutions merge.
 4. Merging folds R into W: W' = (R W^T)^T (linear, 1x1 conv), E' = E R (embedding).
-The weights start at zero (R = I, `init_weights=false`: N(0, 0.1)). peft's `coft` (which rewrites
-the weights in place on every step), `bias` other than "none", GPT-2's Conv1D and dilated or
-non-square convolutions are refused. peft 0.21 never applies `module_dropout`, so neither does
-peftc.
+5. `coft` (constrained OFT) projects each block's Q into the ball of radius eps / sqrt(blocks)
+   before every forward pass and merge, writing the projection into the parameter outside
+   autograd, as peft does (so the optimiser's next step starts from it).
+The weights start at zero (R = I, `init_weights=false`: N(0, 0.1)). `bias` other than "none",
+GPT-2's Conv1D and dilated or non-square convolutions are refused. peft 0.21 never applies
+`module_dropout`, so neither does peftc.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -75,6 +78,10 @@ class OftOptions(AdapterOptions):
     init_weights: bool = option(
         True, doc="start at the identity rotation (false: random)", peft="init_weights"
     )
+    coft: bool = option(
+        False, doc="constrained OFT: keep each block within eps of the identity", peft="coft"
+    )
+    eps: float = option(6e-5, doc="COFT's radius (scaled by 1/sqrt(blocks))", peft="eps")
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -163,6 +170,16 @@ def _attr(site: Any) -> str:
     return "oft_embedding_R" if site.kind == "embedding" else "oft_R"
 
 
+def coft_project_(weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """peft's COFT projection of the (count, bs (bs - 1) / 2) block parameters, written into them
+    outside autograd; returns them. The skew matrix's Frobenius norm is sqrt(2) |row|."""
+    with torch.no_grad():
+        norm = torch.linalg.vector_norm(weight, dim=1, keepdim=True) * math.sqrt(2)
+        bound = eps / math.sqrt(weight.shape[0])
+        weight.copy_(torch.where(norm <= bound, weight, bound * (weight / norm)))
+    return weight
+
+
 def eager(op: Any, *args: Any, role: str, **kwargs: Any) -> Any:
     """`Builder.call`'s signature, computing at once: one function builds the graph and merges."""
     return op(*args, **kwargs)
@@ -219,17 +236,12 @@ class Oft(Technique):
     options = OftOptions
     peft_type = "OFT"
     peft_fixed = {
-        "coft": False,
-        "eps": 6e-5,
         "module_dropout": 0.0,
         "bias": "none",
         "fan_in_fan_out": False,
     }
-    # eps is read by coft only; peft 0.21 never calls module_dropout
-    peft_ignored = (
-        "eps",
-        "module_dropout",
-    )
+    # peft 0.21 never calls module_dropout
+    peft_ignored = ("module_dropout",)
     site_kinds = ("linear", "conv", "embedding")
 
     def stage_at(self, site: Any, options: OftOptions) -> Stage:
@@ -263,7 +275,10 @@ class Oft(Technique):
     def build(self, b: Builder, x: fx.Node) -> fx.Node:
         site, o = b.site, b.options
         r, bs = blocks(site, o)
-        R = cayley(b.call, b.param(_attr(site)), 1 if o.block_share else r, bs, o)
+        weight = b.param(_attr(site))
+        if o.coft:
+            weight = b.call(coft_project_, weight, o.eps, role="coft")
+        R = cayley(b.call, weight, 1 if o.block_share else r, bs, o)
         if o.block_share:
             R = b.call(aten.repeat.default, R, [r, 1, 1], role="shared_blocks")
         if site.kind != "conv":
@@ -308,7 +323,9 @@ class Oft(Technique):
     def _matrix(self, ctx: Context) -> torch.Tensor:
         r, bs = blocks(ctx.site, ctx.options)
         o = ctx.options
-        R = cayley(eager, ctx.tensor(_attr(ctx.site)).float(), 1 if o.block_share else r, bs, o)
+        weight = ctx.tensor(_attr(ctx.site)).float()
+        weight = coft_project_(weight.clone(), o.eps) if o.coft else weight
+        R = cayley(eager, weight, 1 if o.block_share else r, bs, o)
         return torch.block_diag(*(R.expand(r, bs, bs) if o.block_share else R))
 
     def fold(
