@@ -14,10 +14,10 @@
 4. Merging: W' = (W Rot^T) ⊙ s; the bias is unchanged.
 N = `n_butterfly_factor` is the real butterfly, what peft computes with its fbd CUDA extension.
 Without that extension (any CPU-only machine) peft silently uses N = 1 whatever the config says,
-so there only N = 1 matches peft (a checkpoint peft saved there with N > 1 in its config holds N = 1
-tensors and is refused with a wrong-shape error). `boft_R` starts at zero and `boft_s` at one
-(`init_weights=false`: N(0, 0.1) and N(1, 0.1)). GPT-2's Conv1D, grouped, dilated or non-square
-convolutions and `bias` other than "none" are refused.
+so there only N = 1 matches peft: a checkpoint peft saved there with N > 1 in its config holds
+N = 1 tensors, and loads as what it is, N = 1 (`from_shapes`). `boft_R` starts at zero and
+`boft_s` at one (`init_weights=false`: N(0, 0.1) and N(1, 0.1)). GPT-2's Conv1D, grouped,
+dilated or non-square convolutions and `bias` other than "none" are refused.
 """
 
 from __future__ import annotations
@@ -285,6 +285,16 @@ class Boft(Technique):
         return self._rotate(
             eager, weight, list(weight.shape), rot, s.T if site.kind == "conv" else s
         ), bias
+
+    def from_shapes(
+        self, config: dict[str, Any], shapes: dict[str, tuple[int, ...]]
+    ) -> dict[str, Any]:
+        factors = {shape[0] for key, shape in shapes.items() if key.endswith(".boft_R")}
+        if factors == {1} and config.get("boft_n_butterfly_factor", 1) > 1:
+            # saved by peft without its fbd CUDA extension, which then trains with factor 1
+            config.pop("boft_n_butterfly_factor")
+            return {"n_butterfly_factor": 1}
+        return {}
 
     def describe(self, options: BoftOptions, sites: list[Any]) -> str:
         return (
