@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from torch import fx
+from torch import fx, nn
 
 from peftc.errors import OptionError
 from peftc.ir.graph import get_tensor
@@ -38,6 +38,7 @@ from peftc.technique import (
     Context,
     Param,
     Technique,
+    dropout_option,
     kaiming_uniform,
     option,
     rank_option,
@@ -59,6 +60,12 @@ class LohaOptions(AdapterOptions):
         False,
         doc="peft's CP decomposition of convolution kernels larger than 1",
         peft="use_effective_conv2d",
+    )
+    rank_dropout: float = dropout_option(
+        "rank_dropout", "in training, drop each output row of the update (kept rows rescaled)"
+    )
+    module_dropout: float = dropout_option(
+        "module_dropout", "in training, drop the whole update for a step with this probability"
     )
 
     @property
@@ -124,9 +131,54 @@ def weight_shape(b: Builder) -> list[int]:
     return list(get_tensor(b.gm, b.site.weight).shape)
 
 
-# peft's LyCORIS fields (LoHa, LoKr): no rank or module dropout; a checkpoint brings its weights
-LYCORIS_FIXED = {"rank_dropout": 0.0, "module_dropout": 0.0, "init_weights": True}
+# peft's LyCORIS fields (LoHa, LoKr): a checkpoint brings its weights
+LYCORIS_FIXED = {"init_weights": True}
 LYCORIS_IGNORED = ("init_weights",)
+
+
+class LycorisDropout(nn.Module):
+    """peft's LyCORIS dropouts on an update's output `term`, in training only and in peft's order of
+    random draws: the whole update is dropped for the step with probability `module_p` (the adapter
+    then gets no gradient, as in peft, which skips it); else each output channel is dropped with
+    probability `rank_p`, the kept ones divided by their mean where `rescale` (peft drops rows of
+    dW; row o of dW makes channel o)."""
+
+    def __init__(self, module_p: float, rank_p: float, rescale: bool, channel_dim: int):
+        super().__init__()
+        self.module_p, self.rank_p, self.rescale, self.channel_dim = (
+            module_p,
+            rank_p,
+            rescale,
+            channel_dim,
+        )
+
+    def forward(self, term: torch.Tensor) -> torch.Tensor:
+        if not self.training:
+            return term
+        if not torch.rand(1) > self.module_p:
+            return torch.zeros_like(term)
+        if not self.rank_p:
+            return term
+        channels = term.shape[self.channel_dim]
+        drop = (torch.rand(channels) > self.rank_p).to(term.dtype)
+        if self.rescale:
+            drop /= drop.mean()
+        shape = [channels] + [1] * (term.dim() - self.channel_dim % term.dim() - 1)
+        return term * drop.to(term.device).view(shape)
+
+
+def lycoris_dropout(ctx: Context, rescale: bool) -> dict[str, nn.Module]:
+    """The dropout module of a LoHa or LoKr site, if its options drop anything."""
+    o = ctx.options
+    if not (o.rank_dropout or o.module_dropout):
+        return {}
+    channel_dim = 1 if ctx.site.kind == "conv" else -1
+    return {"dropout": LycorisDropout(o.module_dropout, o.rank_dropout, rescale, channel_dim)}
+
+
+def dropped(b: Builder, term: fx.Node) -> fx.Node:
+    """`term` through the site's LyCORIS dropout, where it has one."""
+    return b.module("dropout", term, role="dropout") if "dropout" in b.ctx.modules else term
 
 
 def conv_with(b: Builder, x: fx.Node, weight: fx.Node) -> fx.Node:
@@ -173,6 +225,9 @@ class Loha(Technique):
             for attr, shape in zip(_ROLES, shapes, strict=True)
         ]
 
+    def modules(self, ctx: Context) -> dict[str, nn.Module]:
+        return lycoris_dropout(ctx, rescale=True)
+
     def build(self, b: Builder, x: fx.Node) -> fx.Node:
         site, r = b.site, b.options.r
         w1a, w1b, w2a, w2b = (b.param(attr) for attr in _ROLES)
@@ -189,11 +244,16 @@ class Loha(Technique):
                 weight = b.call(
                     aten.mul.Tensor, hadamard, b.options.scaling, role="delta_weight_2d"
                 )
-            return conv_with(
-                b, x, b.call(aten.reshape.default, weight, weight_shape(b), role="delta_weight")
+            return dropped(
+                b,
+                conv_with(
+                    b,
+                    x,
+                    b.call(aten.reshape.default, weight, weight_shape(b), role="delta_weight"),
+                ),
             )
         if _factored(site, r):
-            return _factored_product(b, x, w1a, w1b, w2a, w2b)
+            return dropped(b, _factored_product(b, x, w1a, w1b, w2a, w2b))
         w1 = b.call(aten.mm.default, w1a, w1b, role="w1")
         w2 = b.call(aten.mm.default, w2a, w2b, role="w2")
         weight = b.call(
@@ -202,7 +262,7 @@ class Loha(Technique):
             b.options.scaling,
             role="delta_weight",
         )
-        return b.call(aten.linear.default, x, weight, role="delta_out")
+        return dropped(b, b.call(aten.linear.default, x, weight, role="delta_out"))
 
     def _cp_weight(
         self, b: Builder, w1a: fx.Node, w1b: fx.Node, w2a: fx.Node, w2b: fx.Node

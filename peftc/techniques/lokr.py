@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from torch import fx
+from torch import fx, nn
 
 from peftc.errors import OptionError
 from peftc.ir.graph import get_tensor
@@ -41,6 +41,7 @@ from peftc.technique import (
     Context,
     Param,
     Technique,
+    dropout_option,
     kaiming_uniform,
     option,
     rank_option,
@@ -50,7 +51,9 @@ from peftc.techniques.loha import (
     LYCORIS_FIXED,
     LYCORIS_IGNORED,
     conv_with,
+    dropped,
     effective,
+    lycoris_dropout,
     refuse_lycoris,
     weight_shape,
 )
@@ -81,6 +84,15 @@ class LokrOptions(AdapterOptions):
         False,
         doc="peft's CP decomposition of convolution kernels larger than 1",
         peft="use_effective_conv2d",
+    )
+    rank_dropout: float = dropout_option(
+        "rank_dropout", "in training, drop each output row of the update"
+    )
+    rank_dropout_scale: bool = option(
+        False, doc="divide the kept rows by their mean", peft="rank_dropout_scale"
+    )
+    module_dropout: float = dropout_option(
+        "module_dropout", "in training, drop the whole update for a step with this probability"
     )
 
     @property
@@ -177,6 +189,9 @@ class Lokr(Technique):
             for attr, shape in shapes.items()
         ]
 
+    def modules(self, ctx: Context) -> dict[str, nn.Module]:
+        return lycoris_dropout(ctx, rescale=ctx.options.rank_dropout_scale)
+
     def build(self, b: Builder, x: fx.Node) -> fx.Node:
         layout = _layout(b.site, b.options)
         p = {attr: b.param(attr) for attr in layout.shapes(b.options.r)}
@@ -209,20 +224,15 @@ class Lokr(Technique):
                 role="kron",
             )
             weight = b.call(aten.mul.Tensor, kron, b.options.scaling, role="delta_weight_kron")
-            return conv_with(
-                b, x, b.call(aten.reshape.default, weight, weight_shape(b), role="delta_weight")
+            return dropped(
+                b,
+                conv_with(
+                    b,
+                    x,
+                    b.call(aten.reshape.default, weight, weight_shape(b), role="delta_weight"),
+                ),
             )
-        w1 = p.get("lokr_w1") or b.call(aten.mm.default, p["lokr_w1_a"], p["lokr_w1_b"], role="w1")
-        w2 = p.get("lokr_w2") or b.call(aten.mm.default, p["lokr_w2_a"], p["lokr_w2_b"], role="w2")
-        # X: (N, c, d)
-        blocks = b.call(aten.reshape.default, x, [-1, layout.c, layout.d], role="x_blocks")
-        # (N, c, b)
-        xw2 = b.call(
-            aten.matmul.default, blocks, b.call(aten.t.default, w2, role="w2_t"), role="x_w2t"
-        )
-        y = b.call(aten.matmul.default, w1, xw2, role="w1_x_w2t")  # (N, a, b)
-        y = b.call(aten.reshape_as.default, y, b.base, role="delta_out")
-        return b.call(aten.mul.Tensor, y, b.options.scaling, role="scaled")
+        return dropped(b, _kron_product(b, x, p, layout))
 
     def delta(self, ctx: Context) -> torch.Tensor:
         names = _layout(ctx.site, ctx.options).shapes(ctx.options.r)
@@ -247,3 +257,16 @@ class Lokr(Technique):
 
     def describe(self, options: LokrOptions, sites: list[Any]) -> str:
         return f"LoKr r={options.r} on {len(sites)} sites, adapter {options.adapter!r}"
+
+
+def _kron_product(b: Builder, x: fx.Node, p: dict[str, fx.Node], layout: Any) -> fx.Node:
+    """s (W1 ⊗ W2) x at a linear site, never forming the Kronecker product."""
+    w1 = p.get("lokr_w1") or b.call(aten.mm.default, p["lokr_w1_a"], p["lokr_w1_b"], role="w1")
+    w2 = p.get("lokr_w2") or b.call(aten.mm.default, p["lokr_w2_a"], p["lokr_w2_b"], role="w2")
+    # X: (N, c, d)
+    blocks = b.call(aten.reshape.default, x, [-1, layout.c, layout.d], role="x_blocks")
+    # (N, c, b)
+    xw2 = b.call(aten.matmul.default, blocks, b.call(aten.t.default, w2, role="w2_t"), role="x_w2t")
+    y = b.call(aten.matmul.default, w1, xw2, role="w1_x_w2t")  # (N, a, b)
+    y = b.call(aten.reshape_as.default, y, b.base, role="delta_out")
+    return b.call(aten.mul.Tensor, y, b.options.scaling, role="scaled")
