@@ -230,9 +230,9 @@ def test_checkpoint_errors_list_the_problems(base, tmp_path):
         ("lora(adapter='my adapter')", OptionError, "adapter must be an identifier"),
         ("lora(targets='*.qproj')", TargetError, "model.layers.*.self_attn.q_proj"),
         (
-            "lora(dora=true, targets='model.embed_tokens')",
+            "lora(lora_bias=true, targets='model.embed_tokens')",
             OptionError,
-            "dora is not supported on embedding",
+            "peft does not support lora_bias with an embedding",
         ),
         ("lora, lora", OptionError, "an adapter named 'default' exists"),
         ("lokr(decompose_factor=0)", OptionError, "decompose_factor must be -1"),

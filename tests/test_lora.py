@@ -5,8 +5,11 @@ gradient, merge, checkpoints both ways (`peftc.tools.parity.against_peft`)."""
 import peft
 import pytest
 
+import peftc
+from peftc.errors import NotMergeable
+
 from conftest import requires_minilm
-from zoo import adapted_paths, check, with_pooler
+from zoo import adapted_paths, check, graph, with_pooler
 
 
 def lora(*targets, **fields):
@@ -28,7 +31,11 @@ CELLS = {
     "bert": ("bert", lora("query", "value", lora_dropout=0.1)),
     "opt": ("opt", lora("q_proj", "v_proj", "fc1", r=8, lora_alpha=16)),
     "minilm": ("minilm", lora("query", "value", r=8, lora_alpha=16), MINILM),
+    "lora_bias-mlp": ("mlp", lora("lin0", "lin1", lora_bias=True, lora_alpha=32)),
+    "lora_bias-conv2d": ("conv2d", lora("conv0", lora_bias=True)),
+    "lora_bias-bert": ("bert", lora("query", "value", lora_bias=True)),
     "dora-mlp": ("mlp", lora("lin0", "lin1", use_dora=True)),
+    "dora-embedding": ("embedding", lora("emb", "lin0", use_dora=True)),
     "dora-conv1d": ("conv1d", lora("conv0", use_dora=True)),
     "dora-llama": ("llama", lora("o_proj", "down_proj", use_dora=True)),
     "dora-llama-o_proj": ("llama", lora("o_proj", use_dora=True)),
@@ -51,3 +58,9 @@ def test_matches_peft(cell, tmp_path):
     ours, peft_s = adapted_paths(parity)
     assert ours == peft_s and parity.reloaded is not None
     assert (parity.merged is not None) == options.get("merge", True)
+
+
+def test_lora_bias_without_a_base_bias_refuses_to_merge_as_peft():
+    gm = peftc.apply(graph("llama"), "lora(targets='*.q_proj', lora_bias=true)")
+    with pytest.raises(NotMergeable, match="has no bias to merge lora_bias into"):
+        peftc.apply(gm, "merge")

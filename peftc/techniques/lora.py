@@ -10,7 +10,8 @@
 1. Linear sites (`aten.linear`, `nn.Linear`, NF4, and GPT-2 `Conv1D`, whose weight is stored
    transposed as peft's `fan_in_fan_out`) get the LoRA or DoRA branch; DoRA reads NF4 bases
    through their weight format, as peft dequantizes bitsandbytes weights.
-2. Embedding sites get the embedding branch (no dropout, as in peft).
+2. Embedding sites get the embedding branch (no dropout, as in peft); DoRA there scales each
+   embedding dimension by m / ||column of E + s (B A)^T|| (peft's DoraEmbeddingLayer).
 3. Convolution sites (1d/2d/3d) get peft's pair of convolutions: A with the base's kernel,
    stride and padding, B a 1x1 convolution with the base's groups (r divisible by groups;
    grouped convolutions do not merge, as in peft). DoRA there normalises W + s B A over all
@@ -21,7 +22,9 @@
    dropout, and out_proj's update counted twice (peft merges it, then merges it again; the
    gradient flows through one of them). out_proj's tensors are peft's
    `<mha>.base_layer.out_proj.lora_A.<adapter>.weight`.
-5. A is Kaiming-uniform (`init="kaiming"`) or N(0, 1/r) (`"gaussian"`), B is zero, so at
+5. `lora_bias` gives B a bias, scaled with the update; merging adds it to the base bias (a site
+   without one refuses to merge, as peft).
+6. A is Kaiming-uniform (`init="kaiming"`) or N(0, 1/r) (`"gaussian"`), B is zero, so at
    init the module computes what it computed before; for embeddings A is zero, B normal.
 Parameters sit where peft puts them: `<path>.lora_A.<adapter>.weight`,
 `<path>.lora_B.<adapter>.weight`, `<path>.lora_magnitude_vector.<adapter>.weight`,
@@ -97,6 +100,11 @@ class LoraOptions(AdapterOptions):
         False,
         doc="DoRA: a learned magnitude per output row over the normalised W + s B A",
         peft="use_dora",
+    )
+    lora_bias: bool = option(
+        False,
+        doc="give B a bias (scaled with the update; merging adds it to the base bias)",
+        peft="lora_bias",
     )
     bias: Literal["none", "all", "lora_only"] = option(
         "none",
@@ -221,11 +229,17 @@ class Lora(Technique):
         return "weight" if site.kind == "linear" and multihead_attention(site) else "add"
 
     def check(self, gm: fx.GraphModule, site: Any, options: LoraOptions) -> None:
-        if site.kind == "embedding" and options.dora:
+        if options.lora_bias and (options.dora or site.kind == "embedding"):
             raise OptionError(
-                f"lora: dora is not supported on embedding {site.path!r}; exclude it from targets"
+                f"lora: peft does not support lora_bias with {'dora' if options.dora else 'an'} "
+                f"{'' if options.dora else 'embedding '}at {site.path!r}; set lora_bias=false"
             )
         mha = multihead_attention(site) if site.kind == "linear" else None
+        if mha and options.lora_bias:
+            raise OptionError(
+                f"lora: lora_bias on nn.MultiheadAttention {mha[1]!r} is not implemented; set "
+                "lora_bias=false or exclude it"
+            )
         if mha and options.dora:
             raise OptionError(
                 f"lora: peft does not support dora on nn.MultiheadAttention {mha[1]!r}; exclude it "
@@ -253,10 +267,14 @@ class Lora(Technique):
     def params(self, ctx: Context) -> list[Param]:
         site, o = ctx.site, ctx.options
         if site.kind == "embedding":
-            return [
+            params = [
                 Param("lora_embedding_A", (o.r, site.num_embeddings)),
                 Param("lora_embedding_B", (site.embedding_dim, o.r), init=nn.init.normal_),
             ]
+            if o.dora:  # A is zero: the norm of each column of E (one per embedding dimension)
+                norm = torch.linalg.vector_norm(ctx.weight().float(), dim=0)
+                params.append(Param("lora_magnitude_vector", value=norm, suffix="weight"))
+            return params
         init = (
             kaiming_uniform if o.init == "kaiming" else (lambda t: nn.init.normal_(t, std=1 / o.r))
         )
@@ -273,6 +291,15 @@ class Lora(Technique):
                 Param("lora_A", (o.r, site.in_features), init=init, suffix="weight"),
                 Param("lora_B", (site.out_features, o.r), suffix="weight"),
             ]
+        if o.lora_bias:
+            params.append(
+                Param(
+                    "lora_B",
+                    (site.out_channels if site.kind == "conv" else site.out_features,),
+                    suffix="bias",
+                    key="lora_B_bias",
+                )
+            )
         # B is zero: the norm of W (conv: over all dims but the first, shaped (1, out, 1, ...))
         if o.dora:
             W = ctx.weight().float()
@@ -307,13 +334,15 @@ class Lora(Technique):
         if o.dropout > 0:
             x = b.module("lora_dropout", x, role="dropout")
         A, B = b.param("lora_A"), b.param("lora_B")
+        bias = b.param("lora_B_bias") if o.lora_bias else None
         if site.kind == "conv":
-            lora_out = _conv_product(b, x, A, B)
+            lora_out = _conv_product(b, x, A, B, bias)
         else:
             lora_out = b.call(
                 aten.linear.default,
                 b.call(aten.linear.default, x, A, role="lora_A_out"),
                 B,
+                bias,
                 role="lora_B_out",
             )
         if not o.dora:
@@ -354,6 +383,16 @@ class Lora(Technique):
             and multihead_attention(ctx.site)[0] == "out_proj"
         ):
             merged = merged + delta  # peft merges out_proj's update twice
+        if ctx.options.lora_bias:
+            if bias is None:
+                raise NotMergeable(
+                    f"lora: {ctx.site.path!r} has no bias to merge lora_bias into (peft cannot "
+                    "either); keep the adapter unmerged"
+                )
+            bias = bias + ctx.tensor("lora_B_bias").to(bias.dtype) * ctx.options.scaling
+        if ctx.options.dora and ctx.site.kind == "embedding":  # columns: one per dimension
+            norm = torch.linalg.vector_norm(merged, dim=0)
+            return merged * (ctx.tensor("lora_magnitude_vector") / norm), bias
         if ctx.options.dora:
             norm = torch.linalg.vector_norm(merged, dim=tuple(range(1, merged.dim())))
             merged = (ctx.tensor("lora_magnitude_vector").reshape(-1) / norm).view(
@@ -412,10 +451,49 @@ def _on_embedding(b: Builder, ids: fx.Node) -> fx.Node:
     after_a = b.call(aten.embedding.default, A, ids, b.site.padding_idx, role="lora_A_out")
     B = b.call(aten.t.default, b.param("lora_embedding_B"), role="lora_embedding_B_t")
     lora_out = b.call(aten.matmul.default, after_a, B, role="lora_B_out")
-    return b.call(aten.mul.Tensor, lora_out, b.options.scaling, role="scaled")
+    if not b.options.dora:
+        return b.call(aten.mul.Tensor, lora_out, b.options.scaling, role="scaled")
+    # peft's DoraEmbeddingLayer: the norm of each column of E + s (B A)^T, detached
+    lora_weight = b.call(
+        aten.t.default,
+        b.call(
+            aten.mm.default,
+            b.param("lora_embedding_B"),
+            b.param("lora_embedding_A"),
+            role="lora_weight",
+        ),
+        role="lora_weight_t",
+    )
+    combined = b.call(
+        aten.add.Tensor,
+        b.weight(),
+        b.call(aten.mul.Tensor, lora_weight, b.options.scaling, role="scaled_weight"),
+        role="combined",
+    )
+    norm = b.call(
+        aten.detach.default,
+        b.call(aten.linalg_vector_norm.default, combined, 2, [0], role="weight_norm"),
+        role="weight_norm_detached",
+    )
+    scale = b.call(aten.div.Tensor, b.param("lora_magnitude_vector"), norm, role="mag_norm_scale")
+    first = b.call(
+        aten.mul.Tensor,
+        b.call(aten.sub.Tensor, scale, 1, role="mag_minus_one"),
+        b.base,
+        role="rescaled_base",
+    )
+    second = b.call(
+        aten.mul.Tensor,
+        b.call(aten.mul.Tensor, scale, lora_out, role="rescaled_lora"),
+        b.options.scaling,
+        role="scaled",
+    )
+    return b.call(aten.add.Tensor, first, second, role="dora_out")
 
 
-def _conv_product(b: Builder, x: fx.Node, A: fx.Node, B: fx.Node) -> fx.Node:
+def _conv_product(
+    b: Builder, x: fx.Node, A: fx.Node, B: fx.Node, bias: fx.Node | None = None
+) -> fx.Node:
     """B(A(x)) as peft's conv LoRA: A has the site's kernel, stride and padding, B is 1x1."""
     site, d = b.site, b.site.dims
     conv = {1: aten.conv1d, 2: aten.conv2d, 3: aten.conv3d}[d]
@@ -428,7 +506,7 @@ def _conv_product(b: Builder, x: fx.Node, A: fx.Node, B: fx.Node) -> fx.Node:
             conv.default, x, A, None, list(site.stride), list(site.padding), role="lora_A_out"
         )
     return b.call(
-        conv.default, after_a, B, None, [1] * d, [0] * d, [1] * d, site.groups, role="lora_B_out"
+        conv.default, after_a, B, bias, [1] * d, [0] * d, [1] * d, site.groups, role="lora_B_out"
     )
 
 
