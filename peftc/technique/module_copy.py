@@ -15,26 +15,20 @@ from typing import Any
 import torch
 from torch import nn
 
+from peftc.ir.graph import qualify
 from peftc.technique.declaration import Builder, Context, Technique
 
-__all__ = ["ModuleCopy", "MODULE_COPY", "SAVED", "own_tensors", "saved_key"]
+__all__ = ["ModuleCopy", "MODULE_COPY", "SAVED", "own_tensors"]
 
 SAVED = "modules_to_save"
+# the containers of module copies inside a module (each ModuleCopy's `attr`)
+_COPIES: set[str] = set()
 
 
 def own_tensors(module: nn.Module) -> dict[str, torch.Tensor]:
     """`module`'s tensors as captured, without the module copies techniques keep inside it."""
     tensors = {**dict(module.named_parameters()), **dict(module.named_buffers())}
-    return {n: t for n, t in tensors.items() if n.split(".")[0] not in COPIES}
-
-
-# the containers of module copies inside a module
-COPIES = (SAVED, "ln_tuning_layers")
-
-
-def saved_key(path: str, name: str) -> str:
-    """peft's key for tensor `name` of the copy of `path`: the copy's wrapper dropped."""
-    return f"{path}.{name}" if path else name
+    return {n: t for n, t in tensors.items() if n.split(".")[0] not in _COPIES}
 
 
 class ModuleCopy(Technique):
@@ -48,23 +42,21 @@ class ModuleCopy(Technique):
 
     def __init__(self, attr: str = SAVED):
         self.attr = attr
+        _COPIES.add(attr)
 
     def modules(self, ctx: Context) -> dict[str, nn.Module]:
         module = ctx.gm.get_submodule(ctx.site.path)
-        copies = [module._modules.get(name) for name in dict.fromkeys((SAVED, self.attr))]
-        twin = copy.deepcopy(module, {id(m): None for m in copies if m is not None})
-        for name in (SAVED, self.attr):
+        copies = [module._modules[name] for name in _COPIES if name in module._modules]
+        twin = copy.deepcopy(module, {id(m): None for m in copies})
+        for name in _COPIES:
             twin._modules.pop(name, None)
         for p in twin.parameters():
             p.requires_grad_(p.is_floating_point())
         return {self.attr: twin}
 
     def module_key(self, prefix: str, attr: str, name: str) -> str:
-        return (
-            saved_key(prefix, name)
-            if self.attr == SAVED
-            else super().module_key(prefix, attr, name)
-        )
+        # peft saves modules_to_save copies under the module's own names
+        return qualify(prefix, name) if self.attr == SAVED else qualify(prefix, attr, name)
 
     def build(self, b: Builder, value: Any) -> Any:
         twin = b.ctx.modules[self.attr]

@@ -145,12 +145,8 @@ class LycorisDropout(nn.Module):
 
     def __init__(self, module_p: float, rank_p: float, rescale: bool, channel_dim: int):
         super().__init__()
-        self.module_p, self.rank_p, self.rescale, self.channel_dim = (
-            module_p,
-            rank_p,
-            rescale,
-            channel_dim,
-        )
+        self.module_p, self.rank_p = module_p, rank_p
+        self.rescale, self.channel_dim = rescale, channel_dim
 
     def forward(self, term: torch.Tensor) -> torch.Tensor:
         if not self.training:
@@ -229,6 +225,10 @@ class Loha(Technique):
         return lycoris_dropout(ctx, rescale=True)
 
     def build(self, b: Builder, x: fx.Node) -> fx.Node:
+        return dropped(b, self._update(b, x))
+
+    def _update(self, b: Builder, x: fx.Node) -> fx.Node:
+        """dW x, in peft's order of operations."""
         site, r = b.site, b.options.r
         w1a, w1b, w2a, w2b = (b.param(attr) for attr in _ROLES)
         if site.kind == "conv":
@@ -244,16 +244,11 @@ class Loha(Technique):
                 weight = b.call(
                     aten.mul.Tensor, hadamard, b.options.scaling, role="delta_weight_2d"
                 )
-            return dropped(
-                b,
-                conv_with(
-                    b,
-                    x,
-                    b.call(aten.reshape.default, weight, weight_shape(b), role="delta_weight"),
-                ),
+            return conv_with(
+                b, x, b.call(aten.reshape.default, weight, weight_shape(b), role="delta_weight")
             )
         if _factored(site, r):
-            return dropped(b, _factored_product(b, x, w1a, w1b, w2a, w2b))
+            return _factored_product(b, x, w1a, w1b, w2a, w2b)
         w1 = b.call(aten.mm.default, w1a, w1b, role="w1")
         w2 = b.call(aten.mm.default, w2a, w2b, role="w2")
         weight = b.call(
@@ -262,7 +257,7 @@ class Loha(Technique):
             b.options.scaling,
             role="delta_weight",
         )
-        return dropped(b, b.call(aten.linear.default, x, weight, role="delta_out"))
+        return b.call(aten.linear.default, x, weight, role="delta_out")
 
     def _cp_weight(
         self, b: Builder, w1a: fx.Node, w1b: fx.Node, w2a: fx.Node, w2b: fx.Node

@@ -193,6 +193,10 @@ class Lokr(Technique):
         return lycoris_dropout(ctx, rescale=ctx.options.rank_dropout_scale)
 
     def build(self, b: Builder, x: fx.Node) -> fx.Node:
+        return dropped(b, self._update(b, x))
+
+    def _update(self, b: Builder, x: fx.Node) -> fx.Node:
+        """dW x, in peft's order of operations."""
         layout = _layout(b.site, b.options)
         p = {attr: b.param(attr) for attr in layout.shapes(b.options.r)}
         if b.site.kind == "conv":  # peft's make_kron, then the base's convolution with it
@@ -224,15 +228,10 @@ class Lokr(Technique):
                 role="kron",
             )
             weight = b.call(aten.mul.Tensor, kron, b.options.scaling, role="delta_weight_kron")
-            return dropped(
-                b,
-                conv_with(
-                    b,
-                    x,
-                    b.call(aten.reshape.default, weight, weight_shape(b), role="delta_weight"),
-                ),
+            return conv_with(
+                b, x, b.call(aten.reshape.default, weight, weight_shape(b), role="delta_weight")
             )
-        return dropped(b, _kron_product(b, x, p, layout))
+        return _kron_product(b, x, p, layout)
 
     def delta(self, ctx: Context) -> torch.Tensor:
         names = _layout(ctx.site, ctx.options).shapes(ctx.options.r)
