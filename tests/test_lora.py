@@ -6,10 +6,14 @@ import peft
 import pytest
 
 import peftc
-from peftc.errors import NotMergeable
+from peftc.errors import NotMergeable, OptionError
 
 from conftest import requires_minilm
 from zoo import adapted_paths, check, graph, with_pooler
+
+
+def bd(**fields):
+    return peft.tuners.lora.config.BdLoraConfig(**fields)
 
 
 def lora(*targets, **fields):
@@ -41,6 +45,38 @@ CELLS = {
     "dora-llama-o_proj": ("llama", lora("o_proj", use_dora=True)),
     "dora-gpt2": ("gpt2", lora("c_proj", lora_alpha=16, fan_in_fan_out=True, use_dora=True)),
     "dora-minilm": ("minilm", lora("query", "key", "value", "dense", use_dora=True), MINILM),
+    "bdlora-mlp": (
+        "mlp",
+        lora(
+            "lin0",
+            "lin1",
+            use_bdlora=bd(nblocks=2, target_modules_bd_a=["lin0"], target_modules_bd_b=["lin1"]),
+        ),
+    ),
+    "bdlora-llama": (
+        "llama",
+        lora(
+            "q_proj",
+            "v_proj",
+            "o_proj",
+            "gate_proj",
+            "down_proj",
+            use_bdlora=bd(
+                nblocks=2,
+                target_modules_bd_a=["o_proj", "down_proj"],
+                target_modules_bd_b=["q_proj", "v_proj", "gate_proj"],
+            ),
+        ),
+    ),
+    "bdlora-mixed-opt": (
+        "opt",
+        lora(
+            "q_proj",
+            "v_proj",
+            "fc1",
+            use_bdlora=bd(nblocks=2, target_modules_bd_b=["_proj"], match_strict=False),
+        ),
+    ),
     "rslora-dora-bert": (
         "bert",
         lora("query", "value", lora_alpha=16, use_rslora=True, use_dora=True),
@@ -58,6 +94,25 @@ def test_matches_peft(cell, tmp_path):
     ours, peft_s = adapted_paths(parity)
     assert ours == peft_s and parity.reloaded is not None
     assert (parity.merged is not None) == options.get("merge", True)
+
+
+def test_bdlora_refuses_what_peft_cannot_build():
+    with pytest.raises(OptionError, match="matches neither bd_a nor bd_b"):
+        peftc.apply(graph("llama"), "lora(targets='*.q_proj|*.v_proj', bd_b='q_proj', bd_blocks=2)")
+    with pytest.raises(OptionError, match="not divisible by bd_blocks=3"):
+        peftc.apply(graph("llama"), "lora(targets='*.q_proj', r=4, bd_b='q_proj', bd_blocks=3)")
+    with pytest.raises(OptionError, match="bd_blocks=2 without bd_a or bd_b"):
+        peftc.apply(graph("llama"), "lora(targets='*.q_proj', bd_blocks=2)")
+    with pytest.raises(OptionError, match="fails on transformers' Conv1D"):
+        peftc.apply(graph("gpt2"), "lora(targets='*.c_attn', bd_b='c_attn')")
+    with pytest.raises(OptionError, match="does not combine BD-LoRA with dora"):
+        peftc.apply(graph("llama"), "lora(targets='*.q_proj', dora=true, bd_b='q_proj')")
+
+
+def test_bdlora_factor_is_block_diagonal():
+    gm = peftc.apply(graph("llama"), "lora(targets='*.q_proj', r=4, bd_b='q_proj', bd_blocks=2)")
+    B = dict(gm.named_parameters())["model.layers.0.self_attn.q_proj.lora_B.default.weight"]
+    assert B.shape[1] == 2  # peft stores the two (out/2, 2) blocks stacked: (out, r / blocks)
 
 
 def test_lora_bias_without_a_base_bias_refuses_to_merge_as_peft():

@@ -9,7 +9,10 @@ The mapping is derived from the options' fields (`peftc.ir.options.option`), nev
    field (decoded; absent fields take peft's default), `peft_fixed` fields at their value and
    `peft_ignored` ones are consumed; any other field that is not at a neutral value (None, false, 0,
    empty) is refused by name, so an option peftc does not implement is never ignored.
-3. `option_rows(options)`: the rows of the options table in docs/passes.md.
+3. A dotted peft name (`use_bdlora.nblocks`) is a key of a nested config (peft's sub-configs of a
+   variant): written as `None` while every field of the group is at its default, as peft writes an
+   unused variant; read from the nested dict, whose leftover keys are refused like any other.
+4. `option_rows(options)`: the rows of the options table in docs/passes.md.
 """
 
 from __future__ import annotations
@@ -157,6 +160,8 @@ def to_peft(technique: Any, options: Any, sites: list[Any]) -> dict[str, Any]:
         "base_model_name_or_path": name_or_path or None,
         "inference_mode": True,
     }
+    groups: dict[str, dict[str, Any]] = {}
+    used: set[str] = set()
     for f in fields_of(type(options)):
         spec = spec_of(f)
         if spec.peft == "target_modules":
@@ -164,8 +169,16 @@ def to_peft(technique: Any, options: Any, sites: list[Any]) -> dict[str, Any]:
         elif spec.peft is not None:
             value = getattr(options, f.name)
             encoded = spec.encode(value) if spec.encode else _json(value)
-            if encoded is not OMIT:
+            group, _, key = spec.peft.rpartition(".")
+            if encoded is OMIT:
+                continue
+            if group:
+                groups.setdefault(group, {})[key] = encoded
+                if value != default_of(f):
+                    used.add(group)
+            else:
                 config[spec.peft] = encoded
+    config.update({group: values if group in used else None for group, values in groups.items()})
     config.update(technique.peft_fixed)
     config.update(technique.to_peft(options, sites))
     return config
@@ -186,11 +199,15 @@ def from_peft(
             spec = spec_of(f)
             if spec.peft is None or f.name in options:
                 continue
-            if spec.peft in fields:
-                raw = fields.pop(spec.peft)
+            group, _, key = spec.peft.rpartition(".")
+            holder = fields.get(group) if group else fields
+            if isinstance(holder, dict) and key in holder:
+                raw = holder.pop(key)
                 options[f.name] = spec.decode(raw) if spec.decode else raw
             elif spec.peft_default is not SAME:
                 options[f.name] = spec.peft_default
+            if group and not fields.get(group, True):  # read whole, or written as None (unused)
+                fields.pop(group)
     except OptionError as e:
         raise CheckpointError(f"{where}: {e}") from None
     for key, value in technique.peft_fixed.items():

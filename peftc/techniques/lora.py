@@ -56,6 +56,7 @@ from peftc.technique import (
     dropout_option,
     kaiming_uniform,
     option,
+    positive,
     rank_option,
     register_technique,
 )
@@ -106,6 +107,32 @@ class LoraOptions(AdapterOptions):
         doc="give B a bias (scaled with the update; merging adds it to the base bias)",
         peft="lora_bias",
     )
+    bd_a: tuple[str, ...] | str = option(
+        (),
+        doc="BD-LoRA: sites whose A is block-diagonal (named by a part of their path, as peft "
+        "matches); for row-sharded layers (out and down projections)",
+        peft="use_bdlora.target_modules_bd_a",
+        encode=lambda v: _names(v) or None,
+        decode=lambda v: tuple(v or ()),
+    )
+    bd_b: tuple[str, ...] | str = option(
+        (),
+        doc="BD-LoRA: sites whose B is block-diagonal; for column-sharded layers (q, k, v, up)",
+        peft="use_bdlora.target_modules_bd_b",
+        encode=lambda v: _names(v) or None,
+        decode=lambda v: tuple(v or ()),
+    )
+    bd_blocks: int = option(
+        1,
+        doc="BD-LoRA: blocks on the diagonal (the tensor-parallel degree it serves at)",
+        check=positive,
+        peft="use_bdlora.nblocks",
+    )
+    bd_strict: bool = option(
+        True,
+        doc="BD-LoRA: every site must match bd_a or bd_b (false: the others get plain LoRA)",
+        peft="use_bdlora.match_strict",
+    )
     bias: Literal["none", "all", "lora_only"] = option(
         "none",
         doc="also train biases: of every linear (`all`) or of the adapted ones (`lora_only`)",
@@ -115,6 +142,30 @@ class LoraOptions(AdapterOptions):
     @property
     def scaling(self) -> float:
         return self.alpha / math.sqrt(self.r) if self.rslora else self.alpha / self.r
+
+    @property
+    def block_diagonal(self) -> bool:
+        return bool(_names(self.bd_a) or _names(self.bd_b))
+
+
+def _names(value: tuple[str, ...] | str) -> list[str]:
+    return [value] if isinstance(value, str) else list(value)
+
+
+def block_diagonal_factor(site: Any, options: LoraOptions) -> str | None:
+    """BD-LoRA's block-diagonal factor at `site` ("lora_A", "lora_B" or None), as peft matches
+    (`pattern in path`)."""
+    a = any(p in site.path for p in _names(options.bd_a))
+    b = any(p in site.path for p in _names(options.bd_b))
+    if a and b:
+        raise OptionError(
+            f"lora: {site.path!r} matches both bd_a and bd_b (BD-LoRA); one factor per site"
+        )
+    return "lora_A" if a else "lora_B" if b else None
+
+
+def _block_diag(W: torch.Tensor, blocks: int) -> torch.Tensor:
+    return torch.block_diag(*W.chunk(blocks, 0))
 
 
 def multihead_attention(site: Any) -> tuple[str, str] | None:
@@ -235,6 +286,13 @@ class Lora(Technique):
                 f"{'' if options.dora else 'embedding '}at {site.path!r}; set lora_bias=false"
             )
         mha = multihead_attention(site) if site.kind == "linear" else None
+        if options.block_diagonal:
+            _check_block_diagonal(site, options, mha)
+        elif options.bd_blocks != 1:
+            raise OptionError(
+                f"lora: bd_blocks={options.bd_blocks} without bd_a or bd_b; name the sites whose "
+                "A or B is block-diagonal (BD-LoRA)"
+            )
         if mha and options.lora_bias:
             raise OptionError(
                 f"lora: lora_bias on nn.MultiheadAttention {mha[1]!r} is not implemented; set "
@@ -287,10 +345,21 @@ class Lora(Technique):
                 Param("lora_B", (site.out_channels, o.r // site.groups, *ones), suffix="weight"),
             ]
         else:
+            factor = block_diagonal_factor(site, o) if o.block_diagonal else None
+            n = o.bd_blocks
             params = [
                 Param("lora_A", (o.r, site.in_features), init=init, suffix="weight"),
                 Param("lora_B", (site.out_features, o.r), suffix="weight"),
             ]
+            if factor == "lora_A":  # peft's BlockDiagonalLinear: the blocks stacked, Kaiming a=0
+                params[0] = Param(
+                    "lora_A",
+                    (o.r, site.in_features // n),
+                    init=nn.init.kaiming_uniform_,
+                    suffix="weight",
+                )
+            elif factor == "lora_B":
+                params[1] = Param("lora_B", (site.out_features, o.r // n), suffix="weight")
         if o.lora_bias:
             params.append(
                 Param(
@@ -334,6 +403,11 @@ class Lora(Technique):
         if o.dropout > 0:
             x = b.module("lora_dropout", x, role="dropout")
         A, B = b.param("lora_A"), b.param("lora_B")
+        factor = block_diagonal_factor(site, o) if o.block_diagonal else None
+        if factor == "lora_A":
+            A = _block_diagonal(b, A, factor)
+        elif factor == "lora_B":
+            B = _block_diagonal(b, B, factor)
         bias = b.param("lora_B_bias") if o.lora_bias else None
         if site.kind == "conv":
             lora_out = _conv_product(b, x, A, B, bias)
@@ -354,6 +428,11 @@ class Lora(Technique):
         if site.kind == "embedding":
             return ((ctx.tensor("lora_embedding_B") @ ctx.tensor("lora_embedding_A")) * s).T
         A, B = ctx.tensor("lora_A").float(), ctx.tensor("lora_B").float()
+        factor = block_diagonal_factor(site, ctx.options) if ctx.options.block_diagonal else None
+        if factor == "lora_A":
+            A = _block_diag(A, ctx.options.bd_blocks)
+        elif factor == "lora_B":
+            B = _block_diag(B, ctx.options.bd_blocks)
         if site.kind == "conv":
             if site.groups > 1:
                 raise NotMergeable(
@@ -428,6 +507,39 @@ class Lora(Technique):
     def describe(self, options: LoraOptions, sites: list[Any]) -> str:
         kind = "DoRA" if options.dora else "LoRA"
         return f"{kind} r={options.r} on {len(sites)} sites, adapter {options.adapter!r}"
+
+
+def _check_block_diagonal(site: Any, o: LoraOptions, mha: tuple[str, str] | None) -> None:
+    """What peft's BD-LoRA variant takes: linears only, alone, with dimensions the blocks divide."""
+    where = f"lora: BD-LoRA at {site.path!r}"
+    if site.kind != "linear" or mha:
+        raise OptionError(f"{where}: peft has BD-LoRA for linear layers only; exclude the site")
+    if getattr(site, "fan_in_fan_out", False):
+        raise OptionError(
+            f"{where}: peft's BD-LoRA fails on transformers' Conv1D (it reads out_features); "
+            "exclude the site"
+        )
+    if o.dora or o.lora_bias:
+        raise OptionError(
+            f"{where}: peft does not combine BD-LoRA with {'dora' if o.dora else 'lora_bias'}"
+        )
+    factor = block_diagonal_factor(site, o)
+    if factor is None and o.bd_strict:
+        raise OptionError(
+            f"{where}: the path matches neither bd_a nor bd_b; name it there, or set "
+            "bd_strict=false to give it plain LoRA"
+        )
+    dims = {"lora_A": (site.in_features, o.r), "lora_B": (o.r, site.out_features)}.get(factor, ())
+    if any(d % o.bd_blocks for d in dims):
+        raise OptionError(
+            f"{where}: {factor}'s dimensions {dims} are not divisible by bd_blocks={o.bd_blocks}"
+        )
+
+
+def _block_diagonal(b: Builder, W: fx.Node, attr: str) -> fx.Node:
+    """The stacked blocks of BD-LoRA's factor placed on the diagonal (zeros elsewhere)."""
+    blocks = b.call(aten.chunk.default, W, b.options.bd_blocks, 0, role=f"{attr}_blocks")
+    return b.call(aten.block_diag.default, blocks, role=f"{attr}_block_diagonal")
 
 
 def _on_weight(b: Builder, W: fx.Node) -> fx.Node:
