@@ -76,6 +76,10 @@ def capture(
         ),  # what passes cannot read from the graph (tokenizer, limits)
     }
     meta["module_types"] = _module_types(model)
+    # transformers' experts declared `is_transposed` store their weights (experts, in, out)
+    meta["transposed_experts"] = [
+        path for path, m in model.named_modules() if getattr(m, "is_transposed", False) is True
+    ]
     meta["history"] = []
     gm.train(model.training)
     # `x @ W.T (+ b)` becomes a linear site like nn.Linear

@@ -11,6 +11,7 @@ from peftc.errors import OptionError
 from peftc.ir.graph import peftc_meta
 from peftc.ir.targets import select
 from peftc.sites.modules import module_sites
+from peftc.sites.parameters import parameter_sites
 from peftc.sites.regions import (
     SUBLAYER_KINDS,
     SublayerSite,
@@ -30,6 +31,7 @@ _REGIONS = {
     "sdpa": attention_sites,
     "final_hidden": final_hidden_states,
     "module": module_sites,
+    "parameter": parameter_sites,
 }
 
 
@@ -54,16 +56,34 @@ def sites_of(gm: fx.GraphModule, kinds: tuple[str, ...], targets: str | None = N
 
 # peft's default target modules (TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING) by class
 DEFAULT_TARGETS = {
-    "llama": "*.q_proj|*.v_proj",
-    "mistral": "*.q_proj|*.v_proj",
-    "qwen2": "*.q_proj|*.v_proj",
-    "opt": "*.q_proj|*.v_proj",
+    "t5": "*.q|*.v",
+    "mt5": "*.q|*.v",
+    "bart": "*.q_proj|*.v_proj",
     "gpt2": "*.c_attn",
+    "bloom": "*.query_key_value",
+    "opt": "*.q_proj|*.v_proj",
+    "gptj": "*.q_proj|*.v_proj",
     "gpt_neox": "*.query_key_value",
-    "falcon": "*.query_key_value",
+    "gpt_neo": "*.q_proj|*.v_proj",
     "bert": "*.query|*.value",
     "roberta": "*.query|*.value",
-    "t5": "*.q|*.v",
+    "xlm-roberta": "*.query|*.value",
+    "electra": "*.query|*.value",
+    "deberta-v2": "*.query_proj|*.value_proj",
+    "layoutlm": "*.query|*.value",
+    "llama": "*.q_proj|*.v_proj",
+    "gpt_bigcode": "*.c_attn",
+    "falcon": "*.query_key_value",
+    "codegen": "*.qkv_proj",
+    "mistral": "*.q_proj|*.v_proj",
+    "mixtral": "*.q_proj|*.v_proj",
+    "stablelm": "*.q_proj|*.v_proj",
+    "phi": "*.q_proj|*.v_proj|*.fc1|*.fc2",
+    "gemma": "*.q_proj|*.v_proj",
+    "gemma2": "*.q_proj|*.v_proj",
+    "gemma3_text": "*.q_proj|*.v_proj",
+    "qwen2": "*.q_proj|*.v_proj",
+    "qwen3": "*.q_proj|*.v_proj",
 }
 
 

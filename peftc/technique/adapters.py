@@ -241,7 +241,7 @@ def _at_site(method: Technique, site: Any, what: str, fn: Any) -> Any:
 
 
 def _device(gm: fx.GraphModule, site: Any) -> torch.device:
-    if isinstance(site, WeightSite):
+    if hasattr(site, "storage"):  # a stored weight (weight and parameter sites)
         return get_tensor(gm, site.weight).device
     val = site.node.meta.get("val")
     return val.device if isinstance(val, torch.Tensor) else torch.device("cpu")
@@ -250,7 +250,7 @@ def _device(gm: fx.GraphModule, site: Any) -> torch.device:
 def _dtype(gm: fx.GraphModule, site: Any) -> torch.dtype:
     """The dtype adapter tensors at `site` take: the weight format's compute dtype, else the site's
     values'."""
-    if isinstance(site, WeightSite):
+    if hasattr(site, "storage"):
         return format_of(site).compute_dtype(gm, site)
     val = site.node.meta.get("val")
     return val.dtype if isinstance(val, torch.Tensor) and val.is_floating_point() else torch.float32

@@ -44,6 +44,7 @@ from torch import fx, nn
 from peftc.errors import OptionError
 from peftc.ir.graph import get_tensor, module_path, peftc_meta, set_tensor
 from peftc.ir.targets import compile_pattern
+from peftc.sites.selection import default_targets
 from peftc.sites.weight import linear_sites
 from peftc.technique import (
     AdapterOptions,
@@ -59,6 +60,13 @@ from peftc.technique import (
     positive,
     rank_option,
     register_technique,
+)
+from peftc.techniques.lora_parameters import (
+    check_parameter,
+    on_parameter,
+    parameter_delta,
+    parameter_params,
+    parameter_placements,
 )
 
 __all__ = ["LoraOptions", "Lora", "multihead_attention", "padding_mode", "refuse_convolution"]
@@ -106,6 +114,15 @@ class LoraOptions(AdapterOptions):
         False,
         doc="give B a bias (scaled with the update; merging adds it to the base bias)",
         peft="lora_bias",
+    )
+    target_parameters: tuple[str, ...] | str = option(
+        (),
+        doc="parameters to adapt wherever the graph reads them (the 3-D expert weights of MoE "
+        "layers), named by the end of their path as in peft; a 3-D (experts, ...) parameter gets "
+        "one A and B per expert",
+        peft="target_parameters",
+        encode=lambda v: _names(v) or None,
+        decode=lambda v: tuple(v or ()),
     )
     bd_a: tuple[str, ...] | str = option(
         (),
@@ -206,6 +223,14 @@ def refuse_convolution(name: str, site: Any) -> None:
         )
 
 
+def _has_default_targets(gm: fx.GraphModule) -> bool:
+    try:
+        default_targets(gm, "lora")
+    except OptionError:
+        return False
+    return True
+
+
 def _mha_modules(gm: fx.GraphModule) -> list[str]:
     types = peftc_meta(gm).get("module_types", {})
     return [path for path, kind in types.items() if kind.endswith(".MultiheadAttention")]
@@ -234,6 +259,23 @@ class Lora(Technique):
     site_kinds = ("linear", "conv", "embedding")
 
     def select(self, gm: fx.GraphModule, options: LoraOptions) -> list[tuple[Any, str]]:
+        names = _names(options.target_parameters)
+        if not names:
+            return self._select_modules(gm, options)
+        parameters = parameter_placements(gm, names)
+        if options.targets == "none" or (options.targets is None and not _has_default_targets(gm)):
+            return parameters
+        placed = self._select_modules(gm, options)
+        wrapped = {p for s, _ in placed for p in (s.path, s.path.rpartition(".")[0])}
+        clash = next((s.path for s, _ in parameters if s.module in wrapped), None)
+        if clash:
+            raise OptionError(
+                f"lora: {clash!r} belongs to a module targets also adapts; peft cannot wrap both, "
+                "leave it out of one"
+            )
+        return placed + parameters
+
+    def _select_modules(self, gm: fx.GraphModule, options: LoraOptions) -> list[tuple[Any, str]]:
         matches = (
             compile_pattern(options.targets)
             if options.targets and options.targets != "all-linear"
@@ -277,9 +319,13 @@ class Lora(Technique):
         return placed
 
     def stage_at(self, site: Any, options: LoraOptions) -> Stage:
+        if site.kind == "parameter":
+            return "output"
         return "weight" if site.kind == "linear" and multihead_attention(site) else "add"
 
     def check(self, gm: fx.GraphModule, site: Any, options: LoraOptions) -> None:
+        if site.kind == "parameter":
+            return check_parameter(site, options)
         if options.lora_bias and (options.dora or site.kind == "embedding"):
             raise OptionError(
                 f"lora: peft does not support lora_bias with {'dora' if options.dora else 'an'} "
@@ -336,6 +382,8 @@ class Lora(Technique):
         init = (
             kaiming_uniform if o.init == "kaiming" else (lambda t: nn.init.normal_(t, std=1 / o.r))
         )
+        if site.kind == "parameter":
+            return parameter_params(site, o, init)
         if site.kind == "conv":
             ones = (1,) * site.dims
             params = [
@@ -345,21 +393,7 @@ class Lora(Technique):
                 Param("lora_B", (site.out_channels, o.r // site.groups, *ones), suffix="weight"),
             ]
         else:
-            factor = block_diagonal_factor(site, o) if o.block_diagonal else None
-            n = o.bd_blocks
-            params = [
-                Param("lora_A", (o.r, site.in_features), init=init, suffix="weight"),
-                Param("lora_B", (site.out_features, o.r), suffix="weight"),
-            ]
-            if factor == "lora_A":  # peft's BlockDiagonalLinear: the blocks stacked, Kaiming a=0
-                params[0] = Param(
-                    "lora_A",
-                    (o.r, site.in_features // n),
-                    init=nn.init.kaiming_uniform_,
-                    suffix="weight",
-                )
-            elif factor == "lora_B":
-                params[1] = Param("lora_B", (site.out_features, o.r // n), suffix="weight")
+            params = _linear_params(site, o, init)
         if o.lora_bias:
             params.append(
                 Param(
@@ -400,6 +434,8 @@ class Lora(Technique):
             return _on_weight(b, x)
         if site.kind == "embedding":
             return _on_embedding(b, x)
+        if site.kind == "parameter":
+            return on_parameter(b, x)
         if o.dropout > 0:
             x = b.module("lora_dropout", x, role="dropout")
         A, B = b.param("lora_A"), b.param("lora_B")
@@ -427,6 +463,8 @@ class Lora(Technique):
         site, s = ctx.site, ctx.options.scaling
         if site.kind == "embedding":
             return ((ctx.tensor("lora_embedding_B") @ ctx.tensor("lora_embedding_A")) * s).T
+        if site.kind == "parameter":
+            return parameter_delta(ctx)
         A, B = ctx.tensor("lora_A").float(), ctx.tensor("lora_B").float()
         factor = block_diagonal_factor(site, ctx.options) if ctx.options.block_diagonal else None
         if factor == "lora_A":
@@ -482,11 +520,18 @@ class Lora(Technique):
     def checkpoint_key(self, key: str) -> str:
         return key.removesuffix(".weight") if key.endswith("lora_magnitude_vector.weight") else key
 
+    def from_peft(self, config: dict[str, Any]) -> dict[str, Any]:
+        if not config.get("target_parameters") or config.get("target_modules") not in (None, []):
+            return {}
+        # peft: None is the architecture's default (if any), [] no module
+        return {"targets": "none" if config.pop("target_modules") == [] else None}
+
     def to_peft(self, options: LoraOptions, sites: list[Any]) -> dict[str, Any]:
         adapted = [
             s
             for s in sites
-            if s.kind != "linear" or (multihead_attention(s) or ("",))[0] != "out_proj"
+            if s.kind not in ("linear", "parameter")
+            or (s.kind == "linear" and (multihead_attention(s) or ("",))[0] != "out_proj")
         ]
         return {
             "target_modules": sorted({s.path for s in adapted}),
@@ -507,6 +552,22 @@ class Lora(Technique):
     def describe(self, options: LoraOptions, sites: list[Any]) -> str:
         kind = "DoRA" if options.dora else "LoRA"
         return f"{kind} r={options.r} on {len(sites)} sites, adapter {options.adapter!r}"
+
+
+def _linear_params(site: Any, o: LoraOptions, init: Any) -> list[Param]:
+    """A (r, in) and B (out, r); BD-LoRA stores its block-diagonal factor's blocks stacked (peft's
+    BlockDiagonalLinear, Kaiming a=0 for A)."""
+    factor = block_diagonal_factor(site, o) if o.block_diagonal else None
+    n = o.bd_blocks
+    A = Param("lora_A", (o.r, site.in_features), init=init, suffix="weight")
+    B = Param("lora_B", (site.out_features, o.r), suffix="weight")
+    if factor == "lora_A":
+        A = Param(
+            "lora_A", (o.r, site.in_features // n), init=nn.init.kaiming_uniform_, suffix="weight"
+        )
+    elif factor == "lora_B":
+        B = Param("lora_B", (site.out_features, o.r // n), suffix="weight")
+    return [A, B]
 
 
 def _check_block_diagonal(site: Any, o: LoraOptions, mha: tuple[str, str] | None) -> None:

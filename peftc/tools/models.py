@@ -120,6 +120,20 @@ _TINY: dict[str, tuple[str, str, dict[str, Any]]] = {
             eos_token_id=2,
         ),
     ),
+    "mixtral": (
+        "MixtralConfig",
+        "MixtralForCausalLM",
+        dict(
+            hidden_size=32,
+            intermediate_size=16,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            num_local_experts=4,
+            num_experts_per_tok=2,
+            max_position_embeddings=128,
+        ),
+    ),
     "t5": (
         "T5Config",
         "T5ForConditionalGeneration",
