@@ -3,8 +3,9 @@
 
 The site is the `get_attr` node of a floating-point parameter; a technique's `output` stage replaces
 the value every reader sees, as peft's parametrization makes every read inside the forward see
-W + dW. `path` is the parameter's qualified name, `module` the module holding it. The weight is
-stored densely: merging folds into it through `peftc.sites.formats` like a linear's weight.
+W + dW. `path` is the parameter's qualified name as read, `module` the module holding it,
+`aliases` the names of the same tensor elsewhere (export reads tied weights under one name). The
+weight is stored densely: merging folds into it through `peftc.sites.formats` like a linear's.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ class ParameterSite:
     # out, in)
     transposed: bool = False
     reads: int = 1  # get_attr nodes reading it (export reads each parameter once)
+    aliases: tuple[str, ...] = ()  # its other names (tied weights: GPT-2's wte and lm_head)
     storage: ClassVar[str] = "dense"
     bias: ClassVar[None] = None
 
@@ -43,24 +45,32 @@ class ParameterSite:
 
 
 def parameter_sites(gm: fx.GraphModule) -> list[ParameterSite]:
-    """Every floating-point parameter the graph reads, at its first read."""
-    parameters = dict(gm.named_parameters())
-    transposed = set(peftc_meta(gm).get("transposed_experts", ()))
-    reads: dict[str, list[fx.Node]] = {}
+    """Every floating-point parameter the graph reads, at its first read; reads of one tensor under
+    several names (tied weights) are one site."""
+    names: dict[int, list[str]] = {}
+    tensors: dict[str, nn.Parameter] = {}
+    for name, tensor in gm.named_parameters(remove_duplicate=False):
+        names.setdefault(id(tensor), []).append(name)
+        tensors[name] = tensor
+    reads: dict[int, list[tuple[str, fx.Node]]] = {}
     for n in gm.graph.nodes:
-        if n.op != "get_attr" or "adapter" in n.meta.get("peftc", {}):
+        if n.op != "get_attr" or not n.users or "adapter" in n.meta.get("peftc", {}):
             continue
-        name = captured_target(n)
-        tensor = parameters.get(name)
-        if isinstance(tensor, nn.Parameter) and tensor.is_floating_point():
-            reads.setdefault(name, []).append(n)
-    return [
-        ParameterSite(
-            name,
-            nodes[0],
-            tuple(parameters[name].shape),
-            name.rpartition(".")[0] in transposed,
-            len(nodes),
+        tensor = tensors.get(captured_target(n))
+        if tensor is not None and tensor.is_floating_point():
+            reads.setdefault(id(tensor), []).append((captured_target(n), n))
+    transposed = set(peftc_meta(gm).get("transposed_experts", ()))
+    sites = []
+    for key, found in reads.items():
+        name, node = found[0]
+        sites.append(
+            ParameterSite(
+                name,
+                node,
+                tuple(tensors[name].shape),
+                name.rpartition(".")[0] in transposed,
+                len(found),
+                tuple(a for a in names[key] if a != name),
+            )
         )
-        for name, nodes in reads.items()
-    ]
+    return sites

@@ -115,6 +115,7 @@ def load_adapter(
     # peft also saves base embedding weights when it adapts embeddings; they are not adapter weights
     # (LoRA on nn.MultiheadAttention's out_proj lives under `.base_layer.`, so expected keys stay)
     found = {k: v for k, v in found.items() if k in expected or ".base_layer." not in k}
+    found = {k: v for k, v in found.items() if k not in _written_beyond(out, record, expected)}
     _check_keys(out, found, expected, config, directory)
     for key, qualname in expected.items():
         _replace_tensor(out, qualname, found[key])
@@ -182,6 +183,16 @@ def _check_keys(
             "  fix: load it into the model it was trained on, with the same targets and options"
         )
         raise CheckpointError("\n".join(lines))
+
+
+def _written_beyond(gm: fx.GraphModule, record: Adapter, expected: dict[str, str]) -> set[str]:
+    """Keys the technique's `to_checkpoint` writes besides its tensors' (peft's copies of a tied
+    tensor): a file may hold them, and loading reads the tensor under its own key."""
+    tensors = {key: get_tensor(gm, qualname) for key, qualname in expected.items()}
+    sites = [s for s in _sites(gm, record) if s.path not in record.saved_modules]
+    if not sites:
+        return set()
+    return set(record.method().to_checkpoint(context(gm, record, sites[0]), tensors)) - set(tensors)
 
 
 def _sites(gm: fx.GraphModule, record: Adapter) -> list[Any]:

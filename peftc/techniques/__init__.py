@@ -16,6 +16,7 @@ from peftc.techniques import (
     prompt,
     ptuning,
     side,
+    trainable_tokens,
     vera,
 )
 
@@ -35,5 +36,6 @@ __all__ = [
     "prompt",
     "ptuning",
     "side",
+    "trainable_tokens",
     "vera",
 ]

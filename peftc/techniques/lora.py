@@ -68,6 +68,14 @@ from peftc.techniques.lora_parameters import (
     parameter_params,
     parameter_placements,
 )
+from peftc.techniques.trainable_tokens import (
+    check_rows,
+    fold_rows,
+    replace_rows,
+    token_params,
+    token_placements,
+    token_rows,
+)
 
 __all__ = ["LoraOptions", "Lora", "multihead_attention", "padding_mode", "refuse_convolution"]
 
@@ -86,6 +94,36 @@ def _init_from_peft(value: Any) -> str:
         f"init_lora_weights={value!r} changes the base weights at init (PiSSA, OLoRA, LoftQ, ...), "
         "which peftc does not implement"
     )
+
+
+def _token_indices(value: tuple[Any, ...]) -> str | None:
+    ids = lambda v: isinstance(v, tuple) and all(isinstance(i, int) for i in v)  # noqa: E731
+    pairs = all(
+        isinstance(p, tuple) and len(p) == 2 and isinstance(p[0], str) and ids(p[1]) for p in value
+    )
+    return None if ids(value) or pairs else "token ids, or [module, [ids]] pairs"
+
+
+def _tokens_to_peft(value: tuple[Any, ...]) -> Any:
+    if not value:
+        return None
+    rows = token_map(value)
+    return list(rows[""]) if "" in rows else {name: list(ids) for name, ids in rows.items()}
+
+
+def _tokens_from_peft(value: Any) -> tuple[Any, ...]:
+    if isinstance(value, dict):
+        return tuple((name, tuple(ids)) for name, ids in value.items())
+    return tuple(value or ())
+
+
+def token_map(value: tuple[Any, ...]) -> dict[str, tuple[int, ...]]:
+    """LoRA's trainable_token_indices as {module name: ids}, '' for the input embeddings."""
+    if not value:
+        return {}
+    if all(isinstance(i, int) for i in value):
+        return {"": value}
+    return {name: tuple(ids) for name, ids in value}
 
 
 @dataclass(frozen=True)
@@ -123,6 +161,15 @@ class LoraOptions(AdapterOptions):
         peft="target_parameters",
         encode=lambda v: _names(v) or None,
         decode=lambda v: tuple(v or ()),
+    )
+    trainable_token_indices: tuple[Any, ...] = option(
+        (),
+        doc="token rows trained beside the branches (peft's trainable tokens): ids of the input "
+        "embeddings, or [module, [ids]] pairs (the module named by the end of its path)",
+        check=_token_indices,
+        peft="trainable_token_indices",
+        encode=_tokens_to_peft,
+        decode=_tokens_from_peft,
     )
     bd_a: tuple[str, ...] | str = option(
         (),
@@ -259,6 +306,19 @@ class Lora(Technique):
     site_kinds = ("linear", "conv", "embedding")
 
     def select(self, gm: fx.GraphModule, options: LoraOptions) -> list[tuple[Any, str]]:
+        rows = token_map(options.trainable_token_indices)
+        tokens = token_placements(gm, rows, ".token_adapter") if rows else []
+        placed = self._select_weights(gm, options)
+        taken = {s.path for s, _ in placed}
+        clash = next((s.path for s, _ in tokens if s.path in taken), None)
+        if clash:
+            raise OptionError(
+                f"lora: {clash!r} is both a target and holds trainable tokens; peft refuses "
+                "training it both ways, drop one"
+            )
+        return placed + tokens
+
+    def _select_weights(self, gm: fx.GraphModule, options: LoraOptions) -> list[tuple[Any, str]]:
         names = _names(options.target_parameters)
         if not names:
             return self._select_modules(gm, options)
@@ -325,7 +385,8 @@ class Lora(Technique):
 
     def check(self, gm: fx.GraphModule, site: Any, options: LoraOptions) -> None:
         if site.kind == "parameter":
-            return check_parameter(site, options)
+            rows = token_rows(gm, site, token_map(options.trainable_token_indices))
+            return check_rows(site, rows) if rows else check_parameter(site, options)
         if options.lora_bias and (options.dora or site.kind == "embedding"):
             raise OptionError(
                 f"lora: peft does not support lora_bias with {'dora' if options.dora else 'an'} "
@@ -383,7 +444,8 @@ class Lora(Technique):
             kaiming_uniform if o.init == "kaiming" else (lambda t: nn.init.normal_(t, std=1 / o.r))
         )
         if site.kind == "parameter":
-            return parameter_params(site, o, init)
+            rows = token_rows(ctx.gm, site, token_map(o.trainable_token_indices))
+            return token_params(ctx, rows, True) if rows else parameter_params(site, o, init)
         if site.kind == "conv":
             ones = (1,) * site.dims
             params = [
@@ -435,7 +497,8 @@ class Lora(Technique):
         if site.kind == "embedding":
             return _on_embedding(b, x)
         if site.kind == "parameter":
-            return on_parameter(b, x)
+            rows = token_rows(b.gm, site, token_map(o.trainable_token_indices))
+            return replace_rows(b, x) if rows else on_parameter(b, x)
         if o.dropout > 0:
             x = b.module("lora_dropout", x, role="dropout")
         A, B = b.param("lora_A"), b.param("lora_B")
@@ -493,6 +556,10 @@ class Lora(Technique):
     def fold(
         self, ctx: Context, weight: torch.Tensor, bias: torch.Tensor | None
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        if ctx.site.kind == "parameter" and token_rows(
+            ctx.gm, ctx.site, token_map(ctx.options.trainable_token_indices)
+        ):
+            return fold_rows(ctx, weight), bias
         delta = self.delta(ctx)
         merged = weight + delta
         if (
@@ -519,6 +586,9 @@ class Lora(Technique):
 
     def checkpoint_key(self, key: str) -> str:
         return key.removesuffix(".weight") if key.endswith("lora_magnitude_vector.weight") else key
+
+    def saved(self, options: LoraOptions, attr: str) -> bool:
+        return attr != "token_indices"  # the options hold them
 
     def from_peft(self, config: dict[str, Any]) -> dict[str, Any]:
         if not config.get("target_parameters") or config.get("target_modules") not in (None, []):
