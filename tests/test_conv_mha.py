@@ -197,12 +197,38 @@ def test_multihead_attention_refusals(tmp_path):
     with pytest.raises(OptionError, match=r"called whole .* capture the model with example inputs"):
         peftc.apply(peftc.capture(model), "lora(targets='mha')")
 
-    class Cross(Attention):
-        def forward(self, x):
-            return self.mha(self.pre(x), x, x)[0]
+    class OtherDims(Attention):
+        def __init__(self):
+            super().__init__(True)
+            self.mha = nn.MultiheadAttention(8, 2, kdim=6, vdim=6, batch_first=True)
 
-    with pytest.raises(OptionError, match="does not apply in_proj_weight as one linear"):
-        peftc.apply(peftc.capture(Cross(True), (x,)), "lora(targets='mha')")
+        def forward(self, x):
+            return self.mha(x, x[..., :6], x[..., :6])[0]
+
+    with pytest.raises(OptionError, match="kdim or vdim differ from embed_dim"):
+        peftc.apply(peftc.capture(OtherDims(), (x,)), "lora(targets='mha')")
+
+
+class Cross(Attention):
+    """Query apart from key and value: in_proj_weight split in two (peft adapts it as one)."""
+
+    def forward(self, x):
+        return self.mha(self.pre(x), x, x)[0]
+
+
+class Unbatched(Attention):
+    """One (length, dim) sequence: query, key and value are three views, in_proj_weight split in
+    three."""
+
+    def forward(self, x):
+        return self.mha(x[0], x[0], x[0])[0]
+
+
+@pytest.mark.parametrize("model", [Cross, Unbatched])
+def test_multihead_attention_with_split_projections_matches_peft(model, tmp_path):
+    torch.manual_seed(0)
+    module, x = model(True), attention_input(True)
+    against_peft(module, (x,), {}, MHA_CONFIG, tmp_path)
 
 
 def test_conv_refusals(tmp_path):

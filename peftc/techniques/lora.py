@@ -16,15 +16,19 @@
    stride and padding, B a 1x1 convolution with the base's groups (r divisible by groups;
    grouped convolutions do not merge, as in peft). DoRA there normalises W + s B A over all
    dimensions but the first, as peft's DoraConvNdVariant.
-4. `targets` naming an `nn.MultiheadAttention` (captured with example inputs, so it decomposes
-   into its in_proj and out_proj linears, query, key and value one tensor) adapts both
-   projections as peft does: by merging the update into the weights before the op, so no
-   dropout, and out_proj's update counted twice (peft merges it, then merges it again; the
-   gradient flows through one of them). out_proj's tensors are peft's
-   `<mha>.base_layer.out_proj.lora_A.<adapter>.weight`.
+4. `targets` naming an `nn.MultiheadAttention` (captured with example inputs, so it decomposes)
+   adapts both projections as peft does: by merging the update into the weights before the op, so
+   no dropout. in_proj_weight is a parameter site, whichever way the graph reads it (one linear for
+   self-attention, split for cross-attention or an unbatched input); out_proj's update is counted
+   twice (peft merges it, then merges it again; the gradient flows through one of them), and its
+   tensors are peft's `<mha>.base_layer.out_proj.lora_A.<adapter>.weight`. Separate query, key
+   and value weights (kdim, vdim) are refused, as peft refuses them.
 5. `lora_bias` gives B a bias, scaled with the update; merging adds it to the base bias (a site
    without one refuses to merge, as peft).
-6. A is Kaiming-uniform (`init="kaiming"`) or N(0, 1/r) (`"gaussian"`), B is zero, so at
+6. `target_parameters` adapts parameters wherever the graph reads them (MoE experts;
+   `peftc.techniques.lora_parameters`), `trainable_token_indices` trains token rows
+   (`peftc.techniques.trainable_tokens`), `bd_a`/`bd_b` make A or B block-diagonal (BD-LoRA).
+7. A is Kaiming-uniform (`init="kaiming"`) or N(0, 1/r) (`"gaussian"`), B is zero, so at
    init the module computes what it computed before; for embeddings A is zero, B normal.
 Parameters sit where peft puts them: `<path>.lora_A.<adapter>.weight`,
 `<path>.lora_B.<adapter>.weight`, `<path>.lora_magnitude_vector.<adapter>.weight`,
@@ -41,9 +45,10 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from peftc.errors import OptionError
+from peftc.errors import OptionError, TargetError
 from peftc.ir.graph import get_tensor, module_path, peftc_meta, set_tensor
 from peftc.ir.targets import compile_pattern
+from peftc.sites.parameters import parameter_sites
 from peftc.sites.selection import default_targets
 from peftc.sites.weight import linear_sites
 from peftc.technique import (
@@ -237,6 +242,9 @@ def multihead_attention(site: Any) -> tuple[str, str] | None:
     projections."""
     types = peftc_meta(site.node.graph.owning_module).get("module_types", {})
     is_mha = lambda path: types.get(path, "").endswith(".MultiheadAttention")  # noqa: E731
+    if site.kind == "parameter":
+        owner, _, leaf = site.path.rpartition(".")
+        return ("in_proj", owner) if leaf == "in_proj_weight" and is_mha(owner) else None
     if is_mha(site.path) and site.weight == f"{site.path}.in_proj_weight":
         return "in_proj", site.path
     parent, _, leaf = site.path.rpartition(".")
@@ -268,6 +276,17 @@ def refuse_convolution(name: str, site: Any) -> None:
             "zeros there, so its output differs from its merge and peftc does not reproduce it; "
             "use padding_mode='zeros' or exclude it from targets"
         )
+
+
+def _in_proj(gm: fx.GraphModule, path: str) -> Any:
+    name = f"{path}.in_proj_weight"
+    site = next((s for s in parameter_sites(gm) if name in (s.path, *s.aliases)), None)
+    if site is None:
+        raise OptionError(
+            f"lora: nn.MultiheadAttention {path!r} has separate query, key and value weights (kdim "
+            "or vdim differ from embed_dim), which peft's LoRA does not support; exclude it"
+        )
+    return site
 
 
 def _has_default_targets(gm: fx.GraphModule) -> bool:
@@ -341,7 +360,8 @@ class Lora(Technique):
             if options.targets and options.targets != "all-linear"
             else None
         )
-        # checked first: a whole MultiheadAttention is no site, so nothing would match
+        # a whole MultiheadAttention is no site: its in_proj_weight is a parameter site, read by
+        # one linear (self-attention) or split into query, key and value
         for path in _mha_modules(gm):
             if matches is None or not matches(path):
                 continue
@@ -351,14 +371,15 @@ class Lora(Technique):
                     "capture); capture the model with example inputs (peftc.capture(model, args)) "
                     "so it decomposes into its in_proj and out_proj"
                 )
-            if not any(s.weight == f"{path}.in_proj_weight" for s in linear_sites(gm)):
-                raise OptionError(
-                    f"lora: nn.MultiheadAttention {path!r} does not apply in_proj_weight as one "
-                    "linear (query, key and value differ, or separate projection weights); peftc "
-                    "adapts it only for self-attention with one tensor as query, key and value"
-                )
+        mhas = [path for path in _mha_modules(gm) if matches is not None and matches(path)]
+        try:
+            selected = super().select(gm, options)
+        except TargetError:
+            if not mhas:  # query, key and value apart: no linear applies in_proj_weight whole
+                raise
+            selected = []
         placed = []
-        for site, prefix in super().select(gm, options):
+        for site, prefix in selected:
             mha = multihead_attention(site)
             if mha and options.targets == "all-linear":
                 raise OptionError(
@@ -372,10 +393,12 @@ class Lora(Technique):
                     "whose forward never calls it, so peft's LoRA there has no effect; target "
                     f"{mha[1]!r} (both projections)"
                 )
-            placed.append((site, prefix))
-            if mha:
-                out_proj = next(s for s in linear_sites(gm) if s.path == f"{mha[1]}.out_proj")
-                placed.append((out_proj, f"{mha[1]}.base_layer.out_proj"))
+            if not mha:
+                placed.append((site, prefix))
+        for path in mhas:
+            placed.append((_in_proj(gm, path), path))
+            out_proj = next(s for s in linear_sites(gm) if s.path == f"{path}.out_proj")
+            placed.append((out_proj, f"{path}.base_layer.out_proj"))
         return placed
 
     def stage_at(self, site: Any, options: LoraOptions) -> Stage:
@@ -384,7 +407,7 @@ class Lora(Technique):
         return "weight" if site.kind == "linear" and multihead_attention(site) else "add"
 
     def check(self, gm: fx.GraphModule, site: Any, options: LoraOptions) -> None:
-        if site.kind == "parameter":
+        if site.kind == "parameter" and not multihead_attention(site):
             rows = token_rows(gm, site, token_map(options.trainable_token_indices))
             return check_rows(site, rows) if rows else check_parameter(site, options)
         if options.lora_bias and (options.dora or site.kind == "embedding"):
@@ -392,7 +415,7 @@ class Lora(Technique):
                 f"lora: peft does not support lora_bias with {'dora' if options.dora else 'an'} "
                 f"{'' if options.dora else 'embedding '}at {site.path!r}; set lora_bias=false"
             )
-        mha = multihead_attention(site) if site.kind == "linear" else None
+        mha = multihead_attention(site) if site.kind in ("linear", "parameter") else None
         if options.block_diagonal:
             _check_block_diagonal(site, options, mha)
         elif options.bd_blocks != 1:
@@ -484,8 +507,8 @@ class Lora(Technique):
         site, options = ctx.site, ctx.options
         if (
             options.dropout == 0
-            or site.kind == "embedding"
-            or self.stage_at(site, options) == "weight"
+            or site.kind in ("embedding", "parameter")
+            or multihead_attention(site)
         ):
             return {}
         return {"lora_dropout": nn.Dropout(options.dropout)}
@@ -597,14 +620,14 @@ class Lora(Technique):
         return {"targets": "none" if config.pop("target_modules") == [] else None}
 
     def to_peft(self, options: LoraOptions, sites: list[Any]) -> dict[str, Any]:
-        adapted = [
-            s
+        adapted = {
+            s.path if s.kind != "parameter" else multihead_attention(s)[1]
             for s in sites
-            if s.kind not in ("linear", "parameter")
-            or (s.kind == "linear" and (multihead_attention(s) or ("",))[0] != "out_proj")
-        ]
+            if (multihead_attention(s) or ("in_proj",))[0] == "in_proj"
+            and (s.kind != "parameter" or multihead_attention(s))
+        }
         return {
-            "target_modules": sorted({s.path for s in adapted}),
+            "target_modules": sorted(adapted),
             "fan_in_fan_out": any(getattr(s, "fan_in_fan_out", False) for s in sites),
         }
 
