@@ -1,11 +1,14 @@
 """`peftc demo`: the whole job on a real model, end to end, on the CPU.
 
     real all-MiniLM-L6-v2 + a 2-way head -> capture -> nf4, freeze, lora(...) -> train (AdamW)
-    -> evaluate -> merge -> export to ONNX -> evaluate in ONNX Runtime -> report
+    -> evaluate -> save the adapter -> merge -> export to ONNX -> evaluate in ONNX Runtime -> report
+
+The head trains as peft's `modules_to_save`, so the saved adapter (LoRA and head) loads with
+`peft.PeftModel.from_pretrained` over the same base model and head.
 
 Data: GLUE SST-2 (train.tsv, dev.tsv) from `--data`, else $PEFTC_SST2, else ../shared/data/sst2
 beside the repository; with none of them, a sentiment task generated here (the report says which).
-Writes report.md, report.json, loss.png, block.svg and model.onnx to the output folder.
+Writes report.md, report.json, loss.png, block.svg, model.onnx and adapter/ to the output folder.
 """
 
 from __future__ import annotations
@@ -29,6 +32,8 @@ from peftc._io import atomic_write
 from peftc.errors import PeftcError
 from peftc.ir.capture import capture
 from peftc.ir.pipeline import apply
+from peftc.technique.adapters import adapters
+from peftc.technique.checkpoint import save_adapter
 from peftc.tools.inspect import save_graph, summary
 
 __all__ = [
@@ -46,7 +51,8 @@ __all__ = [
 ]
 
 PIPELINE = (
-    'nf4(targets="encoder.*"), freeze, lora(r=8, alpha=16, dropout=0.1, targets="*.query|*.value")'
+    'nf4(targets="encoder.*"), freeze, '
+    'lora(r=8, alpha=16, dropout=0.1, targets="*.query|*.value", modules_to_save="head")'
 )
 # <repo>/../shared/data/sst2
 DEFAULT_DATA = Path(__file__).resolve().parents[3] / "shared" / "data" / "sst2"
@@ -185,8 +191,8 @@ class SentimentModel(nn.Module):
 
 
 def build(pipeline: str = PIPELINE, seed: int = 0) -> tuple[fx.GraphModule, fx.GraphModule, object]:
-    """(captured model, rewritten model, tokenizer): MiniLM + a fresh head, captured as one graph;
-    the head trains in full, next to whatever the pipeline made trainable."""
+    """(captured model, rewritten model, tokenizer): MiniLM + a fresh head (seeded), captured as
+    one graph and rewritten by `pipeline`."""
     from peftc.tools.models import load_model
 
     loaded = load_model("minilm")
@@ -198,10 +204,7 @@ def build(pipeline: str = PIPELINE, seed: int = 0) -> tuple[fx.GraphModule, fx.G
         return_tensors="pt",
     )
     captured = capture(model, (batch["input_ids"], batch["attention_mask"]))
-    rewritten = apply(captured, pipeline)
-    for p in rewritten.get_submodule("head").parameters():
-        p.requires_grad_(True)
-    return captured, rewritten, loaded.tokenizer
+    return captured, apply(captured, pipeline), loaded.tokenizer
 
 
 def _batches(
@@ -328,6 +331,7 @@ def run_demo(
     sizes = _sizes(captured, model)
     training = _Training(steps, batch_size, lr, max_length, seed, progress)
     trained = _train_and_score(model, tokenizer, chosen.train, dev, training, say)
+    saved = adapters(model) and save_adapter(model, out / "adapter")
     onnx, onnx_accuracy = _export_and_score(model, tokenizer, dev, out / "model.onnx", max_length)
     say(f"dev accuracy in ONNX Runtime: {onnx_accuracy:.4f}")
 
@@ -346,6 +350,7 @@ def run_demo(
         "step_seconds": trained.step_seconds,
         **onnx,
         "block_svg": block,
+        "adapter": "adapter" if saved else None,
         "seconds": time.perf_counter() - started,
     }
     _write_report(out, numbers, say)
@@ -424,7 +429,10 @@ def _write_report(out: Path, numbers: dict, say) -> None:
     atomic_write(out / "report.json", json.dumps(numbers, indent=2) + "\n")
     say("")
     say(report)
-    say(f"wrote {out.resolve()}/ (report.md, report.json, loss.png, block.svg, model.onnx)")
+    say(
+        f"wrote {out.resolve()}/ (report.md, report.json, loss.png, block.svg, model.onnx, "
+        "adapter/)"
+    )
 
 
 def _report(n: dict) -> str:
@@ -453,6 +461,12 @@ def _report(n: dict) -> str:
             "ONNX export",
             f"{n['onnx_bytes'] / mib:.1f} MiB, {n['onnx_4bit_weights']:,} weights at "
             f"{n['onnx_bits_per_4bit_weight']:.2f} bits (MatMulBnb4)",
+        ),
+        (
+            "adapter (HF peft format)",
+            f"{n['adapter']}/ (loads with peft.PeftModel.from_pretrained)"
+            if n["adapter"]
+            else "none (the pipeline adds no adapter)",
         ),
         ("wall time", f"{n['seconds']:.0f} s"),
     ]
