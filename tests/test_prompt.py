@@ -63,10 +63,11 @@ def peft_pair(arch, task_type, n=N):
     return gm, model
 
 
-@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "gemma"])
 def test_tuning_matches_peft_outputs_and_gradients(arch, tmp_path):
     """Another batch (3) and length (7) than the capture's; peft's last 7 positions are the
-    user's."""
+    user's. Gemma scales its embedding rows by sqrt(d) inside the embedding module: the prompt
+    joins after it, unscaled, as peft joins it to `inputs_embeds`."""
     ids = torch.randint(3, 256, (3, 7), generator=torch.Generator().manual_seed(1))
     mask = torch.ones_like(ids)
     mask[0, 5:] = 0  # a right-padded row

@@ -22,7 +22,11 @@ def rewrite(gm, name, **options):
 
 @pytest.mark.parametrize(
     "arch,encoder,task_type",
-    [("llama", "mlp", "CAUSAL_LM"), ("bert", "lstm", "FEATURE_EXTRACTION")],
+    [
+        ("llama", "mlp", "CAUSAL_LM"),
+        ("bert", "lstm", "FEATURE_EXTRACTION"),
+        ("gemma", "mlp", "CAUSAL_LM"),
+    ],
 )
 def test_ptuning_matches_peft_init_outputs_gradients_and_checkpoints(
     arch, encoder, task_type, tmp_path

@@ -140,7 +140,7 @@ def multi_lora(gm: fx.GraphModule, options: MultiLoraOptions) -> PassResult:
     peftc_meta(gm)[MODULE] = {"adapters": names, "sites": paths, "kernel": options.kernel}
     gm.graph.lint()
     gm.recompile()
-    ranks = sorted({r.options.r for r in records})
+    ranks = sorted({r.options_at(path).r for r in records for path, _ in r.sites})
     return PassResult(
         gm,
         modified=True,
@@ -193,16 +193,16 @@ def _serve_stacked(
 
 def _stack(gm: fx.GraphModule, site: LinearSite, records: list) -> tuple[Tensor, Tensor]:
     here = [(i, r) for i, r in enumerate(records) if (site.path, site.kind) in r.sites]
-    rank = max(r.options.r for _, r in here)
+    rank = max(r.options_at(site.path).r for _, r in here)
     first = get_tensor(gm, here[0][1].names[site.path]["lora_A"])
     A = first.new_zeros(len(records), rank, site.in_features)
     # B^T per adapter: (N * r, out) is a view
     B = first.new_zeros(len(records), rank, site.out_features)
     with torch.no_grad():
         for i, record in here:
-            names, r = record.names[site.path], record.options.r
-            A[i, :r] = get_tensor(gm, names["lora_A"])
-            B[i, :r] = get_tensor(gm, names["lora_B"]).t() * record.options.scaling
+            names, options = record.names[site.path], record.options_at(site.path)
+            A[i, : options.r] = get_tensor(gm, names["lora_A"])
+            B[i, : options.r] = get_tensor(gm, names["lora_B"]).t() * options.scaling
     return A, B
 
 

@@ -60,6 +60,7 @@ def nf4_state(gm: fx.GraphModule, node: fx.Node) -> NF4Weight:
 
 class NF4Format:
     name = "nf4"
+    adds_in_adapter_dtype = False  # peft's bitsandbytes layers cast the term to the output dtype
 
     def site(self, gm: fx.GraphModule, node: fx.Node) -> Any:
         x, packed, _, _, _, bias, out_features, in_features, _ = node.args

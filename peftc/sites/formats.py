@@ -7,7 +7,8 @@ The technique layer never asks which format a site has; it calls its `WeightForm
 3. `snapshot(gm, site)` / `restore(gm, site, state)`: what merge keeps to undo a fold exactly.
 4. `write(gm, site, weight, bias, options)`: store a folded weight; returns the fraction of the
    update that survived (1.0 for dense storage).
-5. `compute_dtype(gm, site)`: the dtype adapter weights at this site take.
+5. `compute_dtype(gm, site)`: the dtype the op computes in (adapter weights take it, or float32
+   over a half-precision base: `adds_in_adapter_dtype` says how peft adds their term there).
 6. `storage(gm, site)`: the names of the tensors that hold the weight (what FSDP2 shards).
 
 `dense` is built in; quantized formats register themselves (`peftc.quant.format` registers
@@ -36,6 +37,9 @@ __all__ = [
 
 class WeightFormat(Protocol):
     name: str
+    # over a half-precision base with a float32 adapter, whether peft adds the adapter's term in
+    # float32 and casts the sum (a dense layer) or casts the term first (bitsandbytes' 4-bit)
+    adds_in_adapter_dtype: bool
 
     def site(self, gm: fx.GraphModule, node: fx.Node) -> Any: ...
     def read(self, gm: fx.GraphModule, site: Any) -> torch.Tensor: ...
@@ -58,6 +62,7 @@ class DenseFormat:
     """A plain floating-point parameter (GPT-2's Conv1D stores it transposed)."""
 
     name = "dense"
+    adds_in_adapter_dtype = True
 
     def site(self, gm: fx.GraphModule, node: fx.Node) -> Any:
         return None

@@ -38,7 +38,8 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from peftc.ir.graph import module_path, peftc_meta
+from peftc.errors import PassError
+from peftc.ir.graph import get_tensor, module_path, peftc_meta
 from peftc.ir.rewrites import Resolver, as_captured, captured_name
 from peftc.ir.targets import select
 
@@ -55,6 +56,7 @@ __all__ = [
     "block_sites",
     "sublayer_sites",
     "input_embeddings",
+    "embedded_rows",
     "final_hidden_states",
     "position_ids",
 ]
@@ -516,14 +518,17 @@ def _post_norm(gm: fx.GraphModule, add: fx.Node, block: str) -> fx.Node | None:
 
 @dataclass(frozen=True)
 class InputEmbeddings:
-    """The token embedding lookup at `path`: `node` its output, `ids` the graph input it reads,
-    `stream` the value entering the first block it feeds (None without blocks)."""
+    """The token embedding at `path`: `lookup` the embedding op, `node` the embedding module's
+    output (after its own ops: Gemma scales the rows by sqrt(d)), what a model fed `inputs_embeds`
+    receives; `ids` the graph input it reads, `stream` the value entering the first block it feeds
+    (None without blocks)."""
 
     kind: ClassVar[str] = "tokens"
     path: str
     node: fx.Node
     ids: fx.Node
     stream: fx.Node | None
+    lookup: fx.Node
 
 
 @dataclass(frozen=True)
@@ -554,7 +559,7 @@ def input_embeddings(gm: fx.GraphModule, targets: str | None = None) -> list[Inp
             ids = resolve.nodes[captured_name(ids.args[0])]
         if isinstance(ids, fx.Node) and ids.op == "placeholder":
             stream = next((s for s in firsts if s is n or n in _ancestors(s)), None)
-            sites.append(InputEmbeddings(module_path(n), n, ids, stream))
+            sites.append(InputEmbeddings(module_path(n), _module_output(n), ids, stream, n))
     return _select(sites, targets, "input embedding")
 
 
@@ -591,6 +596,42 @@ def _stacks(gm: fx.GraphModule) -> dict[str, list[BlockSite]]:
     for block in block_sites(gm):
         stacks.setdefault(block.path.rpartition(".")[0], []).append(block)
     return stacks
+
+
+def _module_output(lookup: fx.Node) -> fx.Node:
+    """The last op of the lookup's module on its way out (a scale, a cast), or the lookup."""
+    node, path = lookup, module_path(lookup)
+    while len(node.users) == 1:
+        (user,) = node.users
+        if user.op != "call_function" or module_path(user) != path:
+            break
+        node = user
+    return node
+
+
+def embedded_rows(gm: fx.GraphModule, site: InputEmbeddings, rows: torch.Tensor) -> torch.Tensor:
+    """Rows of the embedding table as the embedding module outputs them: through the ops between
+    the lookup and `site.node` (their other operands are stored tensors and constants)."""
+    values: dict[fx.Node, Any] = {site.lookup: rows}
+
+    def value(n: Any) -> Any:
+        if not isinstance(n, fx.Node):
+            return n
+        if n not in values:
+            if n.op == "get_attr":
+                values[n] = get_tensor(gm, str(n.target))
+            elif n.op == "call_function":
+                args = fx.node.map_aggregate(n.args, value)
+                values[n] = n.target(*args, **fx.node.map_aggregate(n.kwargs, value))
+            else:
+                raise PassError(
+                    f"the embedding module {site.path!r} computes its rows from {n.op} {n.name!r}; "
+                    "peftc reads them only through stored tensors and constants"
+                )
+        return values[n]
+
+    with torch.no_grad():
+        return value(site.node)
 
 
 def _embedding_lookup(gm: fx.GraphModule, n: fx.Node) -> Any:

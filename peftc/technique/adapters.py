@@ -88,6 +88,8 @@ class Adapter:
     kept: dict[str, torch.Tensor] | None = None  # the tensors, while merged
     stages: dict[str, str] = field(default_factory=dict)  # site path -> stage
     saved_modules: tuple[str, ...] = ()  # the module sites of `modules_to_save`
+    # site path -> its own options, where they differ (peft's rank_pattern, alpha_pattern)
+    site_options: dict[str, Any] = field(default_factory=dict)
     # qualified tensor name -> the name without the adapter's
     keys: dict[str, str] = field(default_factory=dict)
 
@@ -98,6 +100,10 @@ class Adapter:
     @property
     def module_names(self) -> list[str]:
         return [q for names in self.modules.values() for q in names.values()]
+
+    def options_at(self, path: str) -> Any:
+        """The options at site `path` (`Technique.options_at`)."""
+        return self.site_options.get(path, self.options)
 
     def method(self, kind: str | None = None, path: str | None = None) -> Technique:
         """The technique acting at the site (`kind`, `path`): the adapter's own, or at the modules
@@ -142,8 +148,38 @@ def active_adapters(gm: fx.GraphModule) -> list[str]:
 def context(gm: fx.GraphModule, record: Adapter, site: Any) -> Context:
     """What `record`'s technique sees at `site` (its shared tensors too)."""
     names = {**record.names.get(SHARED, {}), **record.names.get(site.path, {})}
+    base = _dtype(gm, site)
+    options = record.options_at(site.path)
+    dtype = adapter_dtype(gm, site, record.method(site.kind, site.path), options)
     return Context(
-        gm, site, record.options, names, dict(record.modules.get(site.path, {})), record.sites
+        gm,
+        site,
+        options,
+        names,
+        dict(record.modules.get(site.path, {})),
+        record.sites,
+        dtype,
+        base,
+    )
+
+
+HALF = (torch.float16, torch.bfloat16)
+
+
+def adapter_dtype(gm: fx.GraphModule, site: Any, handler: Technique, options: Any) -> torch.dtype:
+    """The dtype of an adapter's tensors at `site`: the base's compute dtype, or float32 over a
+    float16/bfloat16 base where peft upcasts them (`autocast_adapter_dtype`, its default)."""
+    dtype = _dtype(gm, site)
+    if dtype not in HALF or not options.autocast_adapter_dtype or handler.half_precision == "base":
+        return dtype
+    if handler.half_precision == "float32":
+        return torch.float32
+    supported = sorted(n for n, t in registry.techniques().items() if t.half_precision == "float32")
+    raise OptionError(
+        f"{handler.name} on a {dtype} model: peft keeps the adapter's tensors in float32 there "
+        f"(get_peft_model's autocast_adapter_dtype=True), which peftc implements for "
+        f"{', '.join(supported)}; pass autocast_adapter_dtype=false to train it in {dtype}, as "
+        "get_peft_model(..., autocast_adapter_dtype=False)"
     )
 
 
@@ -172,8 +208,13 @@ def add_adapter(gm: fx.GraphModule, method: Technique, options: Any) -> PassResu
     )
     for site in sites:
         handler = record.method(site.kind, site.path)
-        _at_site(handler, site, "cannot act on", lambda s=site, h=handler: h.check(gm, s, options))
-        record.stages[site.path] = handler.stage_at(site, options)
+        here = handler.options_at(site, options)
+        if here != options:
+            record.site_options[site.path] = here
+        _at_site(handler, site, "cannot act on", partial(handler.check, gm, site, here))
+        adapter_dtype(gm, site, handler, here)
+        record.stages[site.path] = handler.stage_at(site, here)
+    method.check_options_at(gm, options, [s for s in sites if s.path not in record.saved_modules])
     check_nesting(gm, record.sites, extra=[record])  # before anything changes
     if options.freeze_base:
         freeze_parameters(gm, keep={q for r in adapters(gm).values() for q in r.param_names})
@@ -202,17 +243,14 @@ def _create_all(
     sites = [site for site, _ in placed if site.path not in record.saved_modules]
     shared = method.shared_params(gm, sites, options) if sites else []
     if shared:
-        record.names[SHARED] = _create(
-            gm, "", shared, record, _dtype(gm, sites[0]), _device(gm, sites[0])
-        )
+        dtype = adapter_dtype(gm, sites[0], method, options)
+        record.names[SHARED] = _create(gm, "", shared, record, dtype, _device(gm, sites[0]))
     for site, prefix in placed:
         ctx, handler = context(gm, record, site), record.method(site.kind, site.path)
         params = _at_site(
             handler, site, "cannot create its tensors at", partial(handler.params, ctx)
         )
-        record.names[site.path] = _create(
-            gm, prefix, params, record, _dtype(gm, site), _device(gm, site)
-        )
+        record.names[site.path] = _create(gm, prefix, params, record, ctx.dtype, _device(gm, site))
         modules = _at_site(
             handler, site, "cannot create its modules at", partial(handler.modules, ctx)
         )
@@ -442,19 +480,45 @@ def compose_op(
     _compose_before(
         gm, base, [p for p in pairs if _stage(*p) in ("input", "weight")], builder, build
     )
-    y, cursor, inside = base, base, []
+    y, cursor, inside, restore = base, base, [], None
     for site, record in [p for p in pairs if _stage(*p) in ("output", "add", "final")]:
         b = builder(site, record, None, cursor, getattr(site, "input", None))
         if _stage(site, record) == "add":
-            y = b.call(aten.add.Tensor, y, build(b, record, site.input), role="output")
+            y, upcast = _add(b, record, y, build)
+            restore = restore or upcast
         else:
+            if restore is not None:  # the additive terms are in: back to the op's dtype
+                y, restore = b.call(aten._to_copy.default, y, dtype=restore, role="output"), None
             y = build(b, record, y)
+        if restore is not None and site is pairs[-1][0] and record is pairs[-1][1]:
+            y = b.call(aten._to_copy.default, y, dtype=restore, role="output")
         cursor = b.cursor
         inside += b.nodes
     if y is not base:
         y.meta["peftc"]["exit"] = base.name
         members = set(inside)
         base.replace_all_uses_with(y, delete_user_cb=lambda user: user not in members)
+
+
+def _add(b: Builder, record: Adapter, y: fx.Node, build: Any) -> tuple[fx.Node, Any]:
+    """y + the term of an `add` stage; over a half-precision base with the adapter in float32, as
+    peft: the term from x cast to float32, added in float32 (the op's dtype returned, to cast the
+    sum back after the last term) or, where the format says so (bitsandbytes' 4-bit layers), cast
+    to the op's dtype first."""
+    x, ctx = b.site.input, b.ctx
+    if not ctx.upcast:
+        return b.call(aten.add.Tensor, y, build(b, record, x), role="output"), None
+    if b.site.kind != "embedding":  # token ids stay ids
+        x = b.as_adapter(x, "input_upcast")
+    term, base = build(b, record, x), _dtype(b.gm, b.site)
+    if not format_of(b.site).adds_in_adapter_dtype:
+        return b.call(
+            aten.add.Tensor,
+            y,
+            b.call(aten._to_copy.default, term, dtype=base, role="term_downcast"),
+            role="output",
+        ), None
+    return b.call(aten.add.Tensor, y, term, role="output"), base
 
 
 def _compose_before(

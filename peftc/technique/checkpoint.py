@@ -79,12 +79,19 @@ def save_adapter(gm: fx.GraphModule, directory: str | Path, adapter: str = "defa
 
 
 def load_adapter(
-    gm: fx.GraphModule, directory: str | Path, adapter: str = "default", *, verify: bool = True
+    gm: fx.GraphModule,
+    directory: str | Path,
+    adapter: str = "default",
+    *,
+    verify: bool = True,
+    autocast_adapter_dtype: bool = True,
 ) -> fx.GraphModule:
     """A copy of `gm` with the peft checkpoint in `directory` added as adapter `adapter`.
 
     `verify=False` skips the shape propagation after the rewrite (seconds on a large graph: a server
     loading many adapters); the checkpoint's tensors are checked either way.
+    `autocast_adapter_dtype` is peft's `PeftModel.from_pretrained` argument: over a float16/bfloat16
+    model the adapter's tensors stay float32 (false: the model's dtype).
 
     Raises `CheckpointError` naming every missing, unexpected or misshapen tensor and every
     config field peftc does not implement; `gm` is never changed.
@@ -100,11 +107,7 @@ def load_adapter(
             f"{directory} is not a peft adapter folder: it needs {CONFIG} and {WEIGHTS}"
         )
     config = json.loads((directory / CONFIG).read_text())
-    step = (
-        _peftc_step(config, adapter, directory)
-        if "peftc_technique" in config
-        else _peft_step(config, adapter, directory)
-    )
+    step = _step(config, adapter, directory, autocast_adapter_dtype)
     out = _run(gm, step, config, directory, verify)
     record = adapters(out)[adapter]
     if "peftc_technique" in config:
@@ -246,6 +249,16 @@ def _peftc_config(record: Adapter) -> dict[str, Any]:
             "keep its tensors with torch.save(gm.state_dict(), ...)"
         ) from None
     return config
+
+
+def _step(config: dict[str, Any], adapter: str, directory: Path, autocast: bool) -> Step:
+    """The pass adding the checkpoint's adapter: its technique with the file's options."""
+    step = (
+        _peftc_step(config, adapter, directory)
+        if "peftc_technique" in config
+        else _peft_step(config, adapter, directory)
+    )
+    return Step(step.name, dataclasses.replace(step.options, autocast_adapter_dtype=autocast))
 
 
 def _peftc_step(config: dict[str, Any], adapter: str, directory: Path) -> Step:

@@ -113,6 +113,14 @@ class Context:
     modules: dict[str, str] = field(default_factory=dict)  # attr -> qualified module name
     # every (path, kind) the adapter acts on, in graph order
     sites: tuple[tuple[str, str], ...] = ()
+    # the adapter's tensors' dtype here, and the op's: float32 over a float16/bfloat16 base, as
+    # peft's autocast_adapter_dtype keeps them (`upcast`: the input and base weight are cast to it)
+    dtype: torch.dtype = torch.float32
+    base_dtype: torch.dtype = torch.float32
+
+    @property
+    def upcast(self) -> bool:
+        return self.dtype != self.base_dtype
 
     @property
     def index(self) -> int:
@@ -233,7 +241,17 @@ class Builder:
         storage)."""
         if self._weight is None:
             self._weight = format_of(self.site).node(self, self.site)
+            if self.ctx.upcast:  # peft: weight.to(x.dtype)
+                self._weight = self.as_adapter(self._weight, "base_weight_upcast")
         return self._weight
+
+    def as_adapter(self, value: fx.Node, role: str) -> fx.Node:
+        """`value` in the dtype the adapter's tensors have when the graph runs (float32 over a
+        half-precision base; FSDP's mixed precision may cast them), as peft reads `lora_A.dtype`."""
+        tensors = [
+            a for a, q in self.ctx.names.items() if get_tensor(self.gm, q).is_floating_point()
+        ]
+        return self.call(torch.ops.aten.type_as.default, value, self.param(tensors[0]), role=role)
 
     def base_bias(self) -> fx.Node | None:
         return self.get(self.site.bias, "base_bias") if self.site.bias else None
@@ -287,6 +305,11 @@ class Technique:
     default_targets: ClassVar[dict[str, str] | None] = None
     # at most one active adapter of an exclusive technique per site
     exclusive: ClassVar[bool] = False
+    # on a float16/bfloat16 base, with autocast_adapter_dtype (peft's default): "float32": peft
+    # upcasts its tensors, and at `add` stages the core computes its term from x in float32 and
+    # adds it as peft does (the technique casts at other stages); "base": peft leaves them in the
+    # base dtype; None: how peft computes it there is not implemented, so it is refused there
+    half_precision: ClassVar[Literal["float32", "base"] | None] = None
 
     def stage_at(self, site: Any, options: Any) -> Stage:
         return self.stage
@@ -301,6 +324,14 @@ class Technique:
 
     def check(self, gm: fx.GraphModule, site: Any, options: Any) -> None:
         """Raise `OptionError` to refuse a site (e.g. an option it does not support there)."""
+
+    def options_at(self, site: Any, options: Any) -> Any:
+        """The options at one site: the adapter's, or their own (peft's rank_pattern and
+        alpha_pattern give a site its rank and alpha); `ctx.options` and `b.options` are these."""
+        return options
+
+    def check_options_at(self, gm: fx.GraphModule, options: Any, sites: list[Any]) -> None:
+        """Refuse per-site options that reach no site (a rank_pattern key matching nothing)."""
 
     def params(self, ctx: Context) -> list[Param]:
         return []

@@ -59,7 +59,16 @@ class MergedContext(Context):
 
     def __init__(self, gm: fx.GraphModule, site: Any, record: Adapter):
         base = context(gm, record, site)
-        super().__init__(gm, site, record.options, base.names, base.modules, base.sites)
+        super().__init__(
+            gm,
+            site,
+            base.options,
+            base.names,
+            base.modules,
+            base.sites,
+            base.dtype,
+            base.base_dtype,
+        )
         self.kept = record.kept or {}
 
     def tensor(self, attr: str) -> torch.Tensor:

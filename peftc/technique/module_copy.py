@@ -39,6 +39,7 @@ class ModuleCopy(Technique):
     site_kinds = ("module",)
     stage = "final"
     exclusive = True  # one copy of a module is read at a time
+    half_precision = "base"  # peft's copies keep the module's dtype
 
     def __init__(self, attr: str = SAVED):
         self.attr = attr

@@ -115,6 +115,11 @@ class AdapterOptions(Options):
         peft="exclude_modules",
         encode=lambda v: OMIT,  # the adapted paths are written as target_modules
     )
+    autocast_adapter_dtype: bool = option(
+        True,
+        doc="on a float16/bfloat16 model, keep the adapter's tensors in float32 and compute with "
+        "them as peft does (get_peft_model's autocast_adapter_dtype); false: the model's dtype",
+    )
     task_type: Literal["SEQ_CLS", "TOKEN_CLS", "QUESTION_ANS"] | str | None = option(
         None,
         doc="peft's task type; SEQ_CLS and TOKEN_CLS also save `classifier` / `score`, "

@@ -99,6 +99,7 @@ class Fourierft(Technique):
     sparse and trained."""
 
     name = "fourierft"
+    half_precision = "float32"
     options = FourierftOptions
     peft_type = "FOURIERFT"
     peft_fixed = {"bias": "none"}

@@ -57,6 +57,7 @@ class LnTuning(Technique):
     b')`."""
 
     name = "ln_tuning"
+    half_precision = "base"
     options = LnTuningOptions
     peft_type = "LN_TUNING"
     site_kinds = ("layer_norm", "rms_norm", "module")

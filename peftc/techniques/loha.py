@@ -193,6 +193,7 @@ class Loha(Technique):
     peft_type = "LOHA"
     peft_fixed, peft_ignored = LYCORIS_FIXED, LYCORIS_IGNORED
     site_kinds = ("linear", "conv")
+    half_precision = "float32"
 
     def check(self, gm: fx.GraphModule, site: Any, options: LohaOptions) -> None:
         refuse_lycoris("loha", site)

@@ -172,6 +172,7 @@ class Lokr(Technique):
     peft_type = "LOKR"
     peft_fixed, peft_ignored = LYCORIS_FIXED, LYCORIS_IGNORED
     site_kinds = ("linear", "conv")
+    half_precision = "float32"
 
     def check(self, gm: fx.GraphModule, site: Any, options: LokrOptions) -> None:
         refuse_lycoris("lokr", site)

@@ -48,6 +48,7 @@ from torch import fx, nn
 from peftc.errors import OptionError, TargetError
 from peftc.ir.graph import get_tensor, module_path, peftc_meta, set_tensor
 from peftc.ir.targets import compile_pattern
+from peftc.sites.formats import format_of
 from peftc.sites.parameters import parameter_sites
 from peftc.sites.selection import default_targets
 from peftc.sites.weight import linear_sites
@@ -289,6 +290,37 @@ def _in_proj(gm: fx.GraphModule, path: str) -> Any:
     return site
 
 
+def _check_multihead_attention(
+    gm: fx.GraphModule, site: Any, options: LoraOptions, path: str
+) -> None:
+    if options.autocast_adapter_dtype and _half(gm, site):
+        raise OptionError(
+            f"lora: nn.MultiheadAttention {path!r} on a half-precision model with a float32 "
+            "adapter (autocast_adapter_dtype) is not implemented; pass "
+            "autocast_adapter_dtype=false, or capture the model in float32"
+        )
+    if options.lora_bias:
+        raise OptionError(
+            f"lora: lora_bias on nn.MultiheadAttention {path!r} is not implemented; set "
+            "lora_bias=false or exclude it"
+        )
+    if options.dora:
+        raise OptionError(
+            f"lora: peft does not support dora on nn.MultiheadAttention {path!r}; exclude it "
+            "or set dora=false"
+        )
+    if options.bias != "none":
+        raise OptionError(
+            f"lora: bias={options.bias!r} with nn.MultiheadAttention {path!r} is not "
+            "implemented; "
+            'use bias="none" or exclude it from targets'
+        )
+
+
+def _half(gm: fx.GraphModule, site: Any) -> bool:
+    return format_of(site).compute_dtype(gm, site) in (torch.float16, torch.bfloat16)
+
+
 def _has_default_targets(gm: fx.GraphModule) -> bool:
     try:
         default_targets(gm, "lora")
@@ -323,6 +355,7 @@ class Lora(Technique):
         "qalora_group_size",
     )
     site_kinds = ("linear", "conv", "embedding")
+    half_precision = "float32"
 
     def select(self, gm: fx.GraphModule, options: LoraOptions) -> list[tuple[Any, str]]:
         rows = token_map(options.trainable_token_indices)
@@ -423,22 +456,8 @@ class Lora(Technique):
                 f"lora: bd_blocks={options.bd_blocks} without bd_a or bd_b; name the sites whose "
                 "A or B is block-diagonal (BD-LoRA)"
             )
-        if mha and options.lora_bias:
-            raise OptionError(
-                f"lora: lora_bias on nn.MultiheadAttention {mha[1]!r} is not implemented; set "
-                "lora_bias=false or exclude it"
-            )
-        if mha and options.dora:
-            raise OptionError(
-                f"lora: peft does not support dora on nn.MultiheadAttention {mha[1]!r}; exclude it "
-                "or set dora=false"
-            )
-        if mha and options.bias != "none":
-            raise OptionError(
-                f"lora: bias={options.bias!r} with nn.MultiheadAttention {mha[1]!r} is not "
-                "implemented; "
-                'use bias="none" or exclude it from targets'
-            )
+        if mha:
+            _check_multihead_attention(gm, site, options, mha[1])
         if site.kind == "conv":
             refuse_convolution("lora", site)
             if options.r % site.groups:

@@ -109,6 +109,8 @@ def on_parameter(b: Builder, W: fx.Node) -> fx.Node:
     if len(site.shape) == 2:
         delta = b.call(aten.mm.default, B, A, role="lora_weight")
         scaled = b.call(aten.mul.Tensor, delta, s, role="scaled_weight")
+        if b.ctx.upcast:  # peft: the delta in the parameter's dtype
+            scaled = _downcast(b, scaled, "scaled_weight")
         return b.call(aten.add.Tensor, W, scaled, role="adapted_parameter")
     experts, fan_in, fan_out = _experts_in_out(site)
     r = b.options.r
@@ -123,7 +125,13 @@ def on_parameter(b: Builder, W: fx.Node) -> fx.Node:
     if site.transposed:  # peft's factors for (E, in, out): A^T and B^T
         lhs = b.call(aten.transpose.int, A3, -2, -1, role="lora_A_experts_t")
         rhs = b.call(aten.transpose.int, B3, -2, -1, role="lora_B_experts_t")
+    if b.ctx.upcast:  # peft: the factors in the parameter's dtype
+        lhs, rhs = _downcast(b, lhs, "lhs"), _downcast(b, rhs, "rhs")
     return b.call(aten.baddbmm.default, W, lhs, rhs, alpha=s, role="adapted_parameter")
+
+
+def _downcast(b: Builder, value: fx.Node, role: str) -> fx.Node:
+    return b.call(aten._to_copy.default, value, dtype=b.ctx.base_dtype, role=f"{role}_downcast")
 
 
 def parameter_delta(ctx: Context) -> torch.Tensor:

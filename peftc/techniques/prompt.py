@@ -47,7 +47,7 @@ from torch import fx
 from peftc.errors import OptionError
 from peftc.ir.graph import get_attr_path, get_tensor, peftc_meta
 from peftc.ir.rewrites import Resolver, captured_name
-from peftc.sites.regions import InputEmbeddings, input_embeddings
+from peftc.sites.regions import InputEmbeddings, embedded_rows, input_embeddings
 from peftc.technique import (
     AdapterOptions,
     Builder,
@@ -219,7 +219,7 @@ class Prompt(Technique):
             return [
                 Param("prompt_ids", value=torch.tensor([ids]), trainable=False, dtype=torch.long)
             ]
-        weight = _init(ctx.gm, options, embedding_table(ctx.gm, ctx.site))
+        weight = _init(ctx.gm, options, ctx.site)
         return [
             Param(
                 "prompt_encoder",
@@ -250,7 +250,8 @@ class Prompt(Technique):
             return tensors
         # a fixed prompt is the same as tuned embeddings equal to its rows
         ids = ctx.tensor("prompt_ids")[0]
-        return {"prompt_embeddings": embedding_table(ctx.gm, ctx.site).detach()[ids].float()}
+        rows = embedding_table(ctx.gm, ctx.site).detach()[ids]
+        return {"prompt_embeddings": embedded_rows(ctx.gm, ctx.site, rows).float()}
 
     def saved(self, options: PromptOptions, attr: str) -> bool:
         return attr != "prompt_ids"
@@ -384,9 +385,9 @@ def _same(a: Any, b: Any) -> bool:
 
 def embedding_table(gm: fx.GraphModule, site: InputEmbeddings) -> torch.Tensor | None:
     """The word embedding table the token site looks up, if it is a stored weight."""
-    if site.node.op != "call_function" or site.node.target is not aten.embedding.default:
+    if site.lookup.op != "call_function" or site.lookup.target is not aten.embedding.default:
         return None
-    path = get_attr_path(site.node.args[0])
+    path = get_attr_path(site.lookup.args[0])
     return None if path is None else get_tensor(gm, path)
 
 
@@ -423,20 +424,22 @@ def _tokenize(gm: fx.GraphModule, options: PromptOptions, *, special_tokens: boo
     return [int(i) for i in ids]
 
 
-def _init(gm: fx.GraphModule, options: PromptOptions, table: torch.Tensor) -> torch.Tensor:
+def _init(gm: fx.GraphModule, options: PromptOptions, site: InputEmbeddings) -> torch.Tensor:
     """peft's `PromptEmbedding.__init__`: an `nn.Embedding(n, d)` (N(0, 1)), then overwritten for
-    vocab/text."""
+    vocab/text by what the word embedding module outputs for ids (Gemma's rows scaled)."""
+    table = embedding_table(gm, site)
     n, (vocab, dim) = options.n, table.shape
     weight = torch.empty(
         n, dim, device=table.device
     ).normal_()  # what nn.Embedding's init draws, RNG included
     if options.init == "vocab":
         rows = torch.randint(0, vocab, (n,), dtype=torch.long).to(table.device)
-        weight = table.detach()[rows].clone().float()
+        weight = embedded_rows(gm, site, table.detach()[rows]).clone().float()
     elif options.init == "text":
         ids = _tokenize(gm, options, special_tokens=True)
         ids = (ids * math.ceil(n / len(ids)))[:n]
-        weight = table.detach()[torch.tensor(ids, device=table.device)].clone().float()
+        rows = table.detach()[torch.tensor(ids, device=table.device)]
+        weight = embedded_rows(gm, site, rows).clone().float()
     return weight
 
 

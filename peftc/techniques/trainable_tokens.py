@@ -148,6 +148,8 @@ def token_params(ctx: Context, ids: tuple[int, ...], init: bool) -> list[Param]:
 
 def replace_rows(b: Builder, W: fx.Node) -> fx.Node:
     delta = b.param("trainable_tokens_delta")
+    if b.ctx.upcast:  # peft: delta.to(W)
+        delta = b.call(aten._to_copy.default, delta, dtype=b.ctx.base_dtype, role="delta_downcast")
     return b.call(
         aten.index_copy.default, W, 0, b.param("token_indices"), delta, role="trained_rows"
     )
@@ -168,6 +170,7 @@ class TrainableTokens(Technique):
     `W -> W.index_copy(0, ids, delta)`."""
 
     name = "trainable_tokens"
+    half_precision = "float32"
     options = TrainableTokensOptions
     peft_type = "TRAINABLE_TOKENS"
     site_kinds = ("parameter",)

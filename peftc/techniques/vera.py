@@ -84,6 +84,7 @@ class Vera(Technique):
     shared and frozen."""
 
     name = "vera"
+    half_precision = "float32"
     options = VeraOptions
     peft_type = "VERA"
     peft_fixed = {"bias": "none"}

@@ -192,7 +192,8 @@ class SentimentModel(nn.Module):
 
 def build(pipeline: str = PIPELINE, seed: int = 0) -> tuple[fx.GraphModule, fx.GraphModule, object]:
     """(captured model, rewritten model, tokenizer): MiniLM + a fresh head (seeded), captured as
-    one graph and rewritten by `pipeline`."""
+    one graph and rewritten by `pipeline`; the head trains in full, as a copy where an adapter
+    saves it (`modules_to_save="head"`), else in place."""
     from peftc.tools.models import load_model
 
     loaded = load_model("minilm")
@@ -204,7 +205,11 @@ def build(pipeline: str = PIPELINE, seed: int = 0) -> tuple[fx.GraphModule, fx.G
         return_tensors="pt",
     )
     captured = capture(model, (batch["input_ids"], batch["attention_mask"]))
-    return captured, apply(captured, pipeline), loaded.tokenizer
+    rewritten = apply(captured, pipeline)
+    if not any("head" in r.saved_modules for r in adapters(rewritten).values()):
+        for p in rewritten.get_submodule("head").parameters():
+            p.requires_grad_(True)
+    return captured, rewritten, loaded.tokenizer
 
 
 def _batches(
@@ -331,7 +336,6 @@ def run_demo(
     sizes = _sizes(captured, model)
     training = _Training(steps, batch_size, lr, max_length, seed, progress)
     trained = _train_and_score(model, tokenizer, chosen.train, dev, training, say)
-    saved = adapters(model) and save_adapter(model, out / "adapter")
     onnx, onnx_accuracy = _export_and_score(model, tokenizer, dev, out / "model.onnx", max_length)
     say(f"dev accuracy in ONNX Runtime: {onnx_accuracy:.4f}")
 
@@ -350,11 +354,16 @@ def run_demo(
         "step_seconds": trained.step_seconds,
         **onnx,
         "block_svg": block,
-        "adapter": "adapter" if saved else None,
+        "adapter": _save(model, out / "adapter"),
         "seconds": time.perf_counter() - started,
     }
     _write_report(out, numbers, say)
     return numbers
+
+
+def _save(model: fx.GraphModule, folder: Path) -> str | None:
+    """The adapter in peft's format (its folder's name), if the pipeline added one."""
+    return save_adapter(model, folder).name if adapters(model) else None
 
 
 class _Training(NamedTuple):

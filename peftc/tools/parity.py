@@ -103,6 +103,7 @@ def against_peft(
     train: bool = False,
     merge: bool = True,
     reload: bool = True,
+    autocast_adapter_dtype: bool = True,
 ) -> Parity:
     """Check the technique of peft's `config` on `model` (cases 1-4); raises AssertionError naming
     what differs.
@@ -113,14 +114,16 @@ def against_peft(
     bases); `scale`: the noise on the adapter's tensors; `tol` / `grad_tol`: relative tolerances of
     outputs and gradients; `view(output)`: the tensor compared and differentiated, where the first
     output is not all the adapter acts on; `train`: outputs and gradients in training mode, both
-    sides from one RNG state so that dropout draws the same masks (merge and reload in eval mode).
+    sides from one RNG state so that dropout draws the same masks (merge and reload in eval mode);
+    `autocast_adapter_dtype`: peft's argument, given to both sides (half-precision models).
     """
     folder = Path(folder)
     eager = {**kwargs, "use_cache": False} if "use_cache" in _parameters(model) else kwargs
-    theirs, checkpoint = _peft_model(model, config, folder, prepare, scale)
+    autocast = {"autocast_adapter_dtype": autocast_adapter_dtype}
+    theirs, checkpoint = _peft_model(model, config, folder, prepare, scale, autocast)
     if graph is None:
         graph = apply(capture(copy.deepcopy(model), args, kwargs), "freeze")
-    ours = load_adapter(graph, checkpoint)
+    ours = load_adapter(graph, checkpoint, **autocast)
     run = _runner(args, view, train, theirs, ours)
     expected, got = run(theirs, eager), run(ours, kwargs)
     output = close(got, expected, "outputs", tol)
@@ -131,7 +134,8 @@ def against_peft(
     with torch.no_grad():
         got = run(ours, kwargs) if train else got
         merged = _merge(ours, run, kwargs, got, tol) if merge else None
-        reloaded = _reload(ours, model, run, eager, got, folder, prepare, tol) if reload else None
+        again = (model, prepare, autocast)
+        reloaded = _reload(ours, again, run, eager, got, folder, tol) if reload else None
     return Parity(output, gradient, merged, reloaded, ours, theirs)
 
 
@@ -158,7 +162,7 @@ def _moves(baseline: torch.Tensor, got: torch.Tensor) -> None:
 
 
 def _peft_model(
-    model: nn.Module, config: Any, folder: Path, prepare: Any, scale: float
+    model: nn.Module, config: Any, folder: Path, prepare: Any, scale: float, autocast: dict
 ) -> tuple[nn.Module, Path]:
     """peft's model on a copy of `model` and the checkpoint it is in: `config`'s adapter with random
     non-zero weights, saved under `folder`, or the checkpoint `config` names."""
@@ -166,28 +170,30 @@ def _peft_model(
 
     base = prepare(copy.deepcopy(model)) if prepare else copy.deepcopy(model)
     if isinstance(config, (str, Path)):
-        return peft.PeftModel.from_pretrained(base, config, is_trainable=True), Path(config)
-    theirs = perturb(peft.get_peft_model(base, config), scale)
+        loaded = peft.PeftModel.from_pretrained(base, config, is_trainable=True, **autocast)
+        return loaded, Path(config)
+    theirs = perturb(peft.get_peft_model(base, config, **autocast), scale)
     theirs.save_pretrained(folder / "peft")
     return theirs, folder / "peft"
 
 
 def _reload(
     ours: fx.GraphModule,
-    model: nn.Module,
+    again: tuple[nn.Module, Any, dict],
     run: Any,
     kwargs: dict,
     got: torch.Tensor,
     folder: Path,
-    prepare: Any,
     tol: float,
 ) -> float:
-    """peftc's checkpoint, loaded by peft on a copy of `model`, computes `got`."""
+    """peftc's checkpoint, loaded by peft on a copy of `model` (prepared, with `autocast`:
+    `again`), computes `got`."""
     import peft
 
+    model, prepare, autocast = again
     save_adapter(ours, folder / "peftc")
     base = prepare(copy.deepcopy(model)) if prepare else copy.deepcopy(model)
-    again = peft.PeftModel.from_pretrained(base, folder / "peftc").eval()
+    again = peft.PeftModel.from_pretrained(base, folder / "peftc", **autocast).eval()
     return close(run(again, kwargs), got, "peft on peftc's checkpoint", tol)
 
 

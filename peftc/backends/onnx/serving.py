@@ -174,9 +174,9 @@ def _write_adapter(gm: fx.GraphModule, name: str, path: Path, slot_inputs: dict[
     import onnxruntime as ort
 
     record = adapters(gm)[name]
-    scaling = record.options.scaling
     parameters = {}
     for site, _ in record.sites:
+        scaling = record.options_at(site).scaling
         A = get_tensor(gm, qualify(site, "lora_A", name, "weight")).detach()
         B = get_tensor(gm, qualify(site, "lora_B", name, "weight")).detach() * scaling
         for part, value in (("lora_A", A), ("lora_B", B)):

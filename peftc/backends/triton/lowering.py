@@ -233,7 +233,8 @@ def _lower(gm: fx.GraphModule, site: LinearSite, record) -> None:
     graph, base = gm.graph, site.node
     nodes = [n for n in graph.nodes if n.meta.get("peftc", {}).get("site") == site.path]
     exit_node = next((n for n in nodes if n.meta["peftc"].get("exit") == base.name), base)
-    scale, dropout = (record.options.scaling, record.options.dropout) if record else (1.0, 0.0)
+    options = record.options_at(site.path) if record else None
+    scale, dropout = (options.scaling, options.dropout) if options else (1.0, 0.0)
     name = f"{MODULE}.{site.path.replace('.', '_')}"
     with graph.inserting_before(exit_node.next):  # in creation order, after the site
         if site.storage == "nf4":

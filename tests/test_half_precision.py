@@ -1,0 +1,89 @@
+"""Adapters over float16/bfloat16 models as peft builds them: with `autocast_adapter_dtype` (peft's
+default) the adapter's tensors stay float32, the term is computed from x cast to float32 and the
+sum cast back; without it, everything in the model's dtype. Outputs equal peft's exactly on a
+bfloat16 Llama and Mixtral; gradients agree within bfloat16's precision (the same ops, summed in
+another order); merging rounds into bfloat16 weights."""
+
+import functools
+
+import peft
+import pytest
+import torch
+
+import peftc
+from peftc.errors import OptionError
+from peftc.tools.models import example_inputs, tiny_model
+from peftc.tools.parity import against_peft
+
+BF16 = 1e-2  # bfloat16 keeps 8 bits of mantissa
+GRADIENTS = 3e-2  # a few bfloat16 steps of the largest gradient: sums rounded in another order
+
+
+@functools.cache
+def bf16(arch):
+    model = tiny_model(arch).to(torch.bfloat16)
+    args, kwargs = example_inputs(model, batch=3, seq=9, seed=2)
+    return model, args, kwargs, peftc.apply(peftc.capture(model, args, kwargs), "freeze")
+
+
+def lora(*targets, **fields):
+    return peft.LoraConfig(r=4, lora_alpha=8, target_modules=list(targets), **fields)
+
+
+CELLS = {
+    "lora": ("llama", lora("q_proj", "v_proj", "down_proj")),
+    "lora-embedding": ("llama", lora("embed_tokens", "q_proj")),
+    "dora": ("llama", lora("q_proj", "v_proj", use_dora=True)),
+    "lora-tokens": ("llama", lora("q_proj", trainable_token_indices=[44, 145])),
+    "lora-experts": (
+        "mixtral",
+        lora("q_proj", target_parameters=["experts.gate_up_proj", "experts.down_proj"]),
+    ),
+    "loha": ("llama", peft.LoHaConfig(r=4, alpha=8, target_modules=["q_proj", "v_proj"])),
+    "lokr": ("llama", peft.LoKrConfig(r=4, alpha=8, target_modules=["q_proj", "v_proj"])),
+    "vera": ("llama", peft.VeraConfig(r=4, target_modules=["q_proj", "v_proj"])),
+    "fourierft": (
+        "llama",
+        peft.FourierFTConfig(n_frequency=20, target_modules=["q_proj", "v_proj"]),
+    ),
+    "ln_tuning": ("llama", peft.LNTuningConfig(target_modules=["input_layernorm"])),
+    "tokens": ("llama", peft.TrainableTokensConfig(token_indices=[44, 145])),
+}
+
+
+# LoHa and LoKr in bfloat16 throughout: peft's custom backward rounds its products in another
+# order, several bfloat16 steps apart on the largest gradients; peftc does not reproduce that order
+MODEL_DTYPE = [c for c in CELLS if c not in ("loha", "lokr")]
+
+
+@pytest.mark.parametrize(
+    "cell, autocast",
+    [(c, True) for c in CELLS] + [(c, False) for c in MODEL_DTYPE],
+    ids=[f"{c}-autocast" for c in CELLS] + [f"{c}-model-dtype" for c in MODEL_DTYPE],
+)
+def test_matches_peft_on_bfloat16(cell, autocast, tmp_path):
+    arch, config = CELLS[cell]
+    model, args, kwargs, graph = bf16(arch)
+    parity = against_peft(
+        model,
+        args,
+        kwargs,
+        config,
+        tmp_path,
+        graph=graph,
+        tol=BF16,
+        autocast_adapter_dtype=autocast,
+    )
+    assert parity.output == 0.0 and parity.reloaded == 0.0
+    dtypes = {p.dtype for n, p in parity.graph.named_parameters() if p.requires_grad} | {
+        p.dtype for p in parity.peft.parameters() if p.requires_grad
+    }
+    assert dtypes == ({torch.float32} if autocast and cell != "ln_tuning" else {torch.bfloat16})
+
+
+def test_a_technique_without_peft_s_mixed_precision_is_refused_by_name():
+    graph = bf16("llama")[3]
+    with pytest.raises(OptionError, match="pass autocast_adapter_dtype=false"):
+        peftc.apply(graph, "ia3(targets='*.q_proj')")
+    adapted = peftc.apply(graph, "ia3(targets='*.q_proj', autocast_adapter_dtype=false)")
+    assert {p.dtype for p in adapted.parameters() if p.requires_grad} == {torch.bfloat16}
