@@ -11,6 +11,17 @@ from peftc.technique.adapters import disable
 from zoo import adapted_paths, build, check, graph
 
 CELLS = {
+    "rank-alpha-pattern-layers": (
+        "llama",
+        peft.LoHaConfig(
+            r=4,
+            alpha=8,
+            target_modules=["q_proj", "down_proj"],
+            rank_pattern={"down_proj": 2},
+            alpha_pattern={"q_proj": 16},
+            layers_to_transform=[0],
+        ),
+    ),
     "mlp": ("mlp", peft.LoHaConfig(r=4, alpha=8, target_modules=["lin0", "lin1"])),
     "conv2d": ("conv2d", peft.LoHaConfig(r=4, alpha=8, target_modules=["conv0", "conv1"])),
     "llama": ("llama", peft.LoHaConfig(r=4, alpha=8, target_modules=["q_proj", "down_proj"])),

@@ -9,6 +9,17 @@ from conftest import requires_minilm
 from zoo import adapted_paths, check
 
 CELLS = {
+    "rank-alpha-pattern-layers": (
+        "llama",
+        peft.LoKrConfig(
+            r=4,
+            alpha=8,
+            target_modules=["q_proj", "down_proj"],
+            rank_pattern={"down_proj": 2},
+            alpha_pattern={"q_proj": 16},
+            layers_to_transform=[0],
+        ),
+    ),
     "mlp": ("mlp", peft.LoKrConfig(r=4, alpha=8, target_modules=["lin0", "lin1"])),
     "conv1d": ("conv1d", peft.LoKrConfig(r=4, alpha=8, target_modules=["conv0"])),
     "llama": ("llama", peft.LoKrConfig(r=4, alpha=8, target_modules=["q_proj", "up_proj"])),

@@ -77,6 +77,25 @@ CELLS = {
             use_bdlora=bd(nblocks=2, target_modules_bd_b=["_proj"], match_strict=False),
         ),
     ),
+    "rank-alpha-pattern-llama": (
+        "llama",
+        lora(
+            "q_proj",
+            "v_proj",
+            "down_proj",
+            rank_pattern={"v_proj": 2, "layers.1.self_attn.q_proj": 8},
+            alpha_pattern={"down_proj": 32},
+        ),
+    ),
+    "rank-pattern-rslora-mha": (
+        "mha",
+        lora("mha", rank_pattern={"mha": 3}, alpha_pattern={"mha": 5}, use_rslora=True),
+    ),
+    "layers-to-transform-llama": ("llama", lora("q_proj", "v_proj", layers_to_transform=[1])),
+    "layers-pattern-gpt2": (
+        "gpt2",
+        lora("c_attn", fan_in_fan_out=True, layers_to_transform=0, layers_pattern="h"),
+    ),
     "rslora-dora-bert": (
         "bert",
         lora("query", "value", lora_alpha=16, use_rslora=True, use_dora=True),
@@ -94,6 +113,20 @@ def test_matches_peft(cell, tmp_path):
     ours, peft_s = adapted_paths(parity)
     assert ours == peft_s and parity.reloaded is not None
     assert (parity.merged is not None) == options.get("merge", True)
+
+
+def test_rank_pattern_gives_sites_their_rank_and_unmatched_keys_warn_as_in_peft():
+    gm = peftc.apply(
+        graph("llama"),
+        "lora(targets='*.q_proj|*.v_proj', r=4, rank_pattern=[['v_proj', 2], ['nowhere', 9]])",
+    )
+    shapes = {
+        n: p.shape[0] for n, p in gm.named_parameters() if n.endswith("lora_A.default.weight")
+    }
+    assert shapes["model.layers.0.self_attn.v_proj.lora_A.default.weight"] == 2
+    assert shapes["model.layers.0.self_attn.q_proj.lora_A.default.weight"] == 4
+    with pytest.warns(UserWarning, match=r"keys \['nowhere'\] match no site"):
+        peftc.apply(graph("llama"), "lora(targets='*.q_proj', rank_pattern=[['nowhere', 9]])")
 
 
 def test_bdlora_refuses_what_peft_cannot_build():

@@ -58,6 +58,10 @@ CELLS = {
     "mlp": ("mlp", oft("lin0", "lin1", oft_block_size=5)),
     "conv2d": ("conv2d", oft("conv1", oft_block_size=4)),
     "llama": ("llama", oft("q_proj", "v_proj", oft_block_size=16)),
+    "llama-layers": (
+        "llama",
+        oft("q_proj", oft_block_size=16, layers_to_transform=1, layers_pattern="layers"),
+    ),
     "llama-down_proj-embedding": (
         "llama",
         oft("q_proj", "v_proj", "down_proj", "embed_tokens", oft_block_size=16, r=0),

@@ -26,11 +26,12 @@ from peftc.technique.declaration import (
     Technique,
     kaiming_uniform,
 )
-from peftc.technique.options import AdapterOptions, dropout_option, rank_option
+from peftc.technique.options import AdapterOptions, PatternOptions, dropout_option, rank_option
 from peftc.technique.registry import technique, techniques
 
 __all__ = [
     "AdapterOptions",
+    "PatternOptions",
     "Builder",
     "Context",
     "NotMergeable",

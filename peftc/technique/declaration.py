@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal
@@ -42,6 +43,7 @@ from peftc.ir.graph import get_tensor, qualify, tag
 from peftc.ir.rewrites import captured_name, keep_original
 from peftc.sites.formats import format_of, read_weight
 from peftc.sites.selection import resolve_sites
+from peftc.technique.options import at_site, unmatched_patterns
 
 __all__ = [
     "Builder",
@@ -327,11 +329,24 @@ class Technique:
 
     def options_at(self, site: Any, options: Any) -> Any:
         """The options at one site: the adapter's, or their own (peft's rank_pattern and
-        alpha_pattern give a site its rank and alpha); `ctx.options` and `b.options` are these."""
-        return options
+        alpha_pattern give a site its rank and alpha, `PatternOptions`); `ctx.options` and
+        `b.options` are these."""
+        return at_site(options, self.peft_key(site))
+
+    def peft_key(self, site: Any) -> str:
+        """The module path peft matches patterns against at `site`."""
+        return site.path
 
     def check_options_at(self, gm: fx.GraphModule, options: Any, sites: list[Any]) -> None:
-        """Refuse per-site options that reach no site (a rank_pattern key matching nothing)."""
+        """Per-site options that reach no site: peft ignores such rank_pattern / alpha_pattern
+        keys with a warning, so does peftc."""
+        unmatched = unmatched_patterns(options, [self.peft_key(s) for s in sites])
+        if unmatched:
+            warnings.warn(
+                f"{self.name}: rank_pattern / alpha_pattern keys {unmatched} match no site and are "
+                "ignored, as peft ignores them",
+                stacklevel=2,
+            )
 
     def params(self, ctx: Context) -> list[Param]:
         return []

@@ -17,7 +17,9 @@ The mapping is derived from the options' fields (`peftc.ir.options.option`), nev
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import re
 import typing
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -43,6 +45,9 @@ from peftc.ir.options import (
 
 __all__ = [
     "AdapterOptions",
+    "PatternOptions",
+    "at_site",
+    "in_layers",
     "rank_option",
     "dropout_option",
     "to_peft",
@@ -120,12 +125,92 @@ class AdapterOptions(Options):
         doc="on a float16/bfloat16 model, keep the adapter's tensors in float32 and compute with "
         "them as peft does (get_peft_model's autocast_adapter_dtype); false: the model's dtype",
     )
+    layers_to_transform: tuple[int, ...] | int | None = option(
+        None,
+        doc="adapt only these layers: the first number in a site's path (after a "
+        "`layers_pattern` name), as peft",
+        peft="layers_to_transform",
+        encode=lambda v: OMIT if v is None else v if isinstance(v, int) else list(v),
+    )
+    layers_pattern: tuple[str, ...] | str | None = option(
+        None,
+        doc="the name before the layer number (`layers`, `h`) for layers_to_transform",
+        peft="layers_pattern",
+        encode=lambda v: OMIT if v is None else v if isinstance(v, str) else list(v),
+    )
     task_type: Literal["SEQ_CLS", "TOKEN_CLS", "QUESTION_ANS"] | str | None = option(
         None,
         doc="peft's task type; SEQ_CLS and TOKEN_CLS also save `classifier` / `score`, "
         "QUESTION_ANS `qa_outputs` (modules_to_save)",
         peft="task_type",
     )
+
+
+def _pairs(value: tuple) -> str | None:
+    ok = all(isinstance(p, tuple) and len(p) == 2 and isinstance(p[0], str) for p in value)
+    return None if ok else "[pattern, value] pairs (peft: a dict)"
+
+
+def _pattern(peft: str, what: str) -> Any:
+    return option(
+        (),
+        doc=f"[regex, {what}] pairs: a site whose path ends with the regex (the first that "
+        f"matches) takes that {what}, as peft's {peft}",
+        check=_pairs,
+        peft=peft,
+        encode=dict,
+        decode=lambda v: tuple((v or {}).items()),
+    )
+
+
+@dataclass(frozen=True)
+class PatternOptions(AdapterOptions):
+    """Options with peft's per-site rank and alpha (LoRA, LoHa, LoKr): `r` and `alpha` at a site
+    come from the first pattern its path matches (`at_site`)."""
+
+    rank_pattern: tuple[tuple[str, int], ...] = _pattern("rank_pattern", "rank")
+    alpha_pattern: tuple[tuple[str, float], ...] = _pattern("alpha_pattern", "alpha")
+
+
+def _matching(pairs: tuple, key: str) -> Any:
+    """peft's get_pattern_key: the value of the first pattern `key` ends with (after a dot)."""
+    return next((v for p, v in pairs if re.match(rf"(.*\.)?({p})$", key)), None)
+
+
+def at_site(options: Any, key: str) -> Any:
+    """`options` at the site peft names `key` (its module path): r and alpha from the patterns."""
+    if not isinstance(options, PatternOptions):
+        return options
+    r, alpha = _matching(options.rank_pattern, key), _matching(options.alpha_pattern, key)
+    changed = {k: v for k, v in (("r", r), ("alpha", alpha)) if v is not None}
+    return dataclasses.replace(options, **changed) if changed else options
+
+
+def unmatched_patterns(options: Any, keys: list[str]) -> list[str]:
+    """The rank_pattern / alpha_pattern keys that match none of `keys` (peft warns and ignores
+    them)."""
+    if not isinstance(options, PatternOptions):
+        return []
+    pairs = options.rank_pattern + options.alpha_pattern
+    return [p for p, _ in pairs if not any(_matching(((p, 1),), k) for k in keys)]
+
+
+def in_layers(options: Any, path: str) -> bool:
+    """peft's layers_to_transform / layers_pattern: whether `path` is in a chosen layer (the first
+    number after a `layers_pattern` name, else after any name)."""
+    chosen = options.layers_to_transform
+    if chosen is None or chosen == ():
+        return True
+    names = options.layers_pattern
+    names = [names] if isinstance(names, str) else list(names or ())
+    patterns = [rf"(?:^|.*?\.){n}\.(?P<idx>\d+)\." for n in names] or [
+        r".*?\.[^.]*\.(?P<idx>\d+)\."
+    ]
+    match = next((m for m in (re.match(p, path) for p in patterns) if m), None)
+    if match is None:
+        return False
+    index = int(match["idx"])
+    return index == chosen if isinstance(chosen, int) else index in chosen
 
 
 def rank_option(default: int, doc: str) -> Any:

@@ -9,7 +9,8 @@ and `exclude_modules`, with peft's matching rules.
 2. Technique sites inside a saved module are dropped, as peft never adapts a module it saves; so are
    sites inside a module another adapter saves.
 3. `exclude_modules` drops sites: a regex matched against the whole path, or names matched as the
-   whole path or its last parts.
+   whole path or its last parts; `layers_to_transform` keeps the sites of the chosen layers (the
+   first number in the path, after a `layers_pattern` name where given).
 Every site dropped leaves the selection non-empty or the pass is refused, naming why.
 """
 
@@ -22,6 +23,7 @@ from torch import fx
 
 from peftc.errors import OptionError
 from peftc.sites.modules import module_sites
+from peftc.technique.options import in_layers
 
 __all__ = ["scope", "TASK_HEADS"]
 
@@ -46,14 +48,15 @@ def scope(
         (site, prefix)
         for site, prefix in placed
         if not _excluded(site.path, options.exclude_modules)
+        and (site.kind == "parameter" or in_layers(options, site.path))
         and not any(re.match(rf"(^|.*\.){re.escape(m)}($|\..*)", site.path) for m in names)
         and not any(_within(site.path, other) for other in saved_elsewhere)
     ]
     if placed and not kept:
         raise OptionError(
-            f"{name}: every selected site is excluded (exclude_modules, modules_to_save, or a "
-            f"module another adapter saves): {', '.join(s.path for s, _ in placed[:4])}; check "
-            "targets"
+            f"{name}: every selected site is excluded (exclude_modules, layers_to_transform, "
+            f"modules_to_save, or a module another adapter saves): "
+            f"{', '.join(s.path for s, _ in placed[:4])}; check targets"
         )
     return kept, saved
 

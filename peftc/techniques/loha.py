@@ -33,10 +33,10 @@ from peftc.errors import OptionError
 from peftc.ir.graph import get_tensor
 from peftc.sites.weight import LinearSite
 from peftc.technique import (
-    AdapterOptions,
     Builder,
     Context,
     Param,
+    PatternOptions,
     Technique,
     dropout_option,
     kaiming_uniform,
@@ -53,7 +53,7 @@ _ROLES = ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b")
 
 
 @dataclass(frozen=True)
-class LohaOptions(AdapterOptions):
+class LohaOptions(PatternOptions):
     r: int = rank_option(8, "rank of each of the two low-rank factors")
     alpha: float = option(8.0, doc="the update's scale: s = alpha / r", peft="alpha")
     use_effective_conv2d: bool = option(

@@ -36,10 +36,10 @@ from torch import fx, nn
 from peftc.errors import OptionError
 from peftc.ir.graph import get_tensor
 from peftc.technique import (
-    AdapterOptions,
     Builder,
     Context,
     Param,
+    PatternOptions,
     Technique,
     dropout_option,
     kaiming_uniform,
@@ -68,7 +68,7 @@ def _factor(value: int) -> str | None:
 
 
 @dataclass(frozen=True)
-class LokrOptions(AdapterOptions):
+class LokrOptions(PatternOptions):
     r: int = rank_option(8, "rank of w2 (or of w1 and w2 with decompose_both) where it is factored")
     alpha: float = option(8.0, doc="the update's scale: s = alpha / r", peft="alpha")
     decompose_both: bool = option(

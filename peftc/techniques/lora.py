@@ -53,11 +53,11 @@ from peftc.sites.parameters import parameter_sites
 from peftc.sites.selection import default_targets
 from peftc.sites.weight import linear_sites
 from peftc.technique import (
-    AdapterOptions,
     Builder,
     Context,
     NotMergeable,
     Param,
+    PatternOptions,
     Stage,
     Technique,
     dropout_option,
@@ -133,7 +133,7 @@ def token_map(value: tuple[Any, ...]) -> dict[str, tuple[int, ...]]:
 
 
 @dataclass(frozen=True)
-class LoraOptions(AdapterOptions):
+class LoraOptions(PatternOptions):
     r: int = rank_option(8, "rank of A (r x in) and B (out x r)")
     alpha: float = option(
         8.0,
@@ -433,6 +433,10 @@ class Lora(Technique):
             out_proj = next(s for s in linear_sites(gm) if s.path == f"{path}.out_proj")
             placed.append((out_proj, f"{path}.base_layer.out_proj"))
         return placed
+
+    def peft_key(self, site: Any) -> str:
+        mha = multihead_attention(site) if site.kind in ("linear", "parameter") else None
+        return mha[1] if mha else site.path
 
     def stage_at(self, site: Any, options: LoraOptions) -> Stage:
         if site.kind == "parameter":
