@@ -2,14 +2,18 @@
 GPT-2's Conv1D, nn.MultiheadAttention) and on tiny transformers and the real MiniLM: outputs, every
 gradient, merge, checkpoints both ways (`peftc.tools.parity.against_peft`)."""
 
+import json
+
 import peft
 import pytest
+import torch
 
 import peftc
 from peftc.errors import NotMergeable, OptionError
+from peftc.tools.parity import close
 
 from conftest import requires_minilm
-from zoo import adapted_paths, check, graph, with_pooler
+from zoo import adapted_paths, build, check, graph, with_pooler
 
 
 def bd(**fields):
@@ -96,6 +100,9 @@ CELLS = {
         "gpt2",
         lora("c_attn", fan_in_fan_out=True, layers_to_transform=0, layers_pattern="h"),
     ),
+    "pissa-llama": ("llama", lora("q_proj", "v_proj", init_lora_weights="pissa")),
+    "olora-mlp": ("mlp", lora("lin0", "lin1", init_lora_weights="olora")),
+    "pissa-gpt2": ("gpt2", lora("c_attn", fan_in_fan_out=True, init_lora_weights="pissa")),
     "rslora-dora-bert": (
         "bert",
         lora("query", "value", lora_alpha=16, use_rslora=True, use_dora=True),
@@ -127,6 +134,32 @@ def test_rank_pattern_gives_sites_their_rank_and_unmatched_keys_warn_as_in_peft(
     assert shapes["model.layers.0.self_attn.q_proj.lora_A.default.weight"] == 4
     with pytest.warns(UserWarning, match=r"keys \['nowhere'\] match no site"):
         peftc.apply(graph("llama"), "lora(targets='*.q_proj', rank_pattern=[['nowhere', 9]])")
+
+
+@pytest.mark.parametrize("init", ["pissa", "olora"])
+def test_as_lora_is_peft_s_conversion_to_a_lora_on_the_original_base(init, tmp_path):
+    """After 'training' (A and B moved), the converted rank-2r LoRA on the untouched model computes
+    what the adapter computes on the residual base, in peft and in peftc."""
+    model, args, kwargs = build("llama")
+    gm = peftc.apply(graph("llama"), f"lora(targets='*.q_proj|*.v_proj', r=4, init={init!r})")
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for p in gm.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn_like(p) * 0.05)
+        expected = gm(*args, **kwargs)[0]
+    peftc.save_adapter(gm, tmp_path, as_lora=True)
+    config = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert (config["r"], config["lora_alpha"], config["init_lora_weights"]) == (8, 16.0, True)
+    theirs = peft.PeftModel.from_pretrained(model, tmp_path).eval()
+    with torch.no_grad():
+        close(theirs(*args, **kwargs, use_cache=False)[0], expected, "peft on the converted LoRA")
+        ours = peftc.load_adapter(graph("llama"), tmp_path)
+        close(ours(*args, **kwargs)[0], expected, "peftc on the converted LoRA")
+    with pytest.raises(OptionError, match="as_lora converts adapters initialised with pissa"):
+        peftc.save_adapter(
+            peftc.apply(graph("llama"), "lora(targets='*.q_proj')"), tmp_path, as_lora=True
+        )
 
 
 def test_bdlora_refuses_what_peft_cannot_build():

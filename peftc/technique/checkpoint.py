@@ -53,8 +53,14 @@ __all__ = ["CheckpointError", "save_adapter", "load_adapter"]
 CONFIG, WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
 
 
-def save_adapter(gm: fx.GraphModule, directory: str | Path, adapter: str = "default") -> Path:
-    """Write adapter `adapter` of `gm` as a peft checkpoint folder (replaced atomically)."""
+def save_adapter(
+    gm: fx.GraphModule, directory: str | Path, adapter: str = "default", *, as_lora: bool = False
+) -> Path:
+    """Write adapter `adapter` of `gm` as a peft checkpoint folder (replaced atomically).
+
+    `as_lora`: an adapter whose init rewrote the base (PiSSA, OLoRA) is written as the plain LoRA
+    on the original base it amounts to, as peft's `path_initial_model_for_weight_conversion`.
+    """
     record = adapters(gm).get(adapter)
     if record is None:
         raise CheckpointError(
@@ -68,10 +74,13 @@ def save_adapter(gm: fx.GraphModule, directory: str | Path, adapter: str = "defa
     sites = [s for s in _sites(gm, record) if s.path not in record.saved_modules]
     ctx = MergedContext(gm, sites[0], record) if record.merged else context(gm, record, sites[0])
     saved, copies = _saved(record), _copies(record)
-    tensors = {_key(record, q): t for q, t in adapter_tensors(gm, adapter).items() if q in saved}
+    tensors, options = adapter_tensors(gm, adapter), record.options
+    if as_lora:
+        tensors, options = method.as_lora(options, tensors)
+    tensors = {_key(record, q): t for q, t in tensors.items() if q in saved}
     own = method.to_checkpoint(ctx, {k: t for k, t in tensors.items() if k not in copies})
     tensors = {**own, **{k: t for k, t in tensors.items() if k in copies}}
-    config = to_peft(method, record.options, sites) if method.peft_type else _peftc_config(record)
+    config = to_peft(method, options, sites) if method.peft_type else _peftc_config(record)
     with atomic_dir(directory) as tmp:
         save_file({k: v.detach().contiguous() for k, v in tensors.items()}, tmp / WEIGHTS)
         (tmp / CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")

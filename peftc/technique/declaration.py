@@ -38,7 +38,7 @@ from typing import Any, ClassVar, Literal
 import torch
 from torch import fx, nn
 
-from peftc.errors import NotMergeable
+from peftc.errors import NotMergeable, OptionError
 from peftc.ir.graph import get_tensor, qualify, tag
 from peftc.ir.rewrites import captured_name, keep_original
 from peftc.sites.formats import format_of, read_weight
@@ -399,6 +399,14 @@ class Technique:
         """The tensors peft's checkpoint holds, from the adapter's own (by checkpoint key): the same
         by default; P-tuning and projected prefixes save their encoder's output, as peft does."""
         return tensors
+
+    def as_lora(self, options: Any, tensors: dict[str, torch.Tensor]) -> tuple[dict, Any]:
+        """(tensors by qualified name, options) of the adapter as a plain LoRA on the original base,
+        for an adapter whose init rewrote the base (PiSSA); `save_adapter(..., as_lora=True)`."""
+        raise OptionError(
+            f"{self.name}: as_lora converts LoRA adapters initialised with pissa or olora; save "
+            "this one as it is"
+        )
 
     def to_peft(self, options: Any, sites: list[Any]) -> dict[str, Any]:
         """`adapter_config.json` fields beyond those the options declare (read from the sites,

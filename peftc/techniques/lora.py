@@ -67,6 +67,7 @@ from peftc.technique import (
     rank_option,
     register_technique,
 )
+from peftc.techniques.lora_init import as_lora, check_init, initial_params, rewrite_base, rewrites
 from peftc.techniques.lora_parameters import (
     check_parameter,
     on_parameter,
@@ -90,16 +91,19 @@ aten = torch.ops.aten
 
 def _init_from_peft(value: Any) -> str:
     # False: B random too; loaded weights come from the file either way
-    if value in (
-        True,
-        False,
-        "gaussian",
-    ):
-        return "gaussian" if value == "gaussian" else "kaiming"
+    if value in (True, False):
+        return "kaiming"
+    if value == "gaussian" or (isinstance(value, str) and rewrites(value)):
+        return value
     raise OptionError(
-        f"init_lora_weights={value!r} changes the base weights at init (PiSSA, OLoRA, LoftQ, ...), "
-        "which peftc does not implement"
+        f"init_lora_weights={value!r} is not implemented (peftc has gaussian, pissa, "
+        "pissa_niter_K and olora; LoftQ, CorDA, EVA, orthogonal and LoRA-GA are not)"
     )
+
+
+def _init(value: str) -> str | None:
+    ok = value in ("kaiming", "gaussian") or rewrites(value)
+    return None if ok else "kaiming, gaussian, pissa, pissa_niter_<K> or olora"
 
 
 def _token_indices(value: tuple[Any, ...]) -> str | None:
@@ -141,9 +145,11 @@ class LoraOptions(PatternOptions):
         peft="lora_alpha",
     )
     dropout: float = dropout_option("lora_dropout")
-    init: Literal["kaiming", "gaussian"] = option(
+    init: str = option(
         "kaiming",
-        doc="A's init: Kaiming-uniform as nn.Linear, or N(0, 1/r); B starts at zero",
+        doc="A's init: Kaiming-uniform as nn.Linear, or N(0, 1/r), B zero; or pissa (SVD), "
+        "pissa_niter_<K> (randomised SVD), olora (QR): A and B from W, which becomes W - s B A",
+        check=_init,
         peft="init_lora_weights",
         encode=lambda v: True if v == "kaiming" else v,
         decode=_init_from_peft,
@@ -447,6 +453,8 @@ class Lora(Technique):
         if site.kind == "parameter" and not multihead_attention(site):
             rows = token_rows(gm, site, token_map(options.trainable_token_indices))
             return check_rows(site, rows) if rows else check_parameter(site, options)
+        if rewrites(options.init):
+            check_init(site, options)
         if options.lora_bias and (options.dora or site.kind == "embedding"):
             raise OptionError(
                 f"lora: peft does not support lora_bias with {'dora' if options.dora else 'an'} "
@@ -492,6 +500,8 @@ class Lora(Technique):
         if site.kind == "parameter":
             rows = token_rows(ctx.gm, site, token_map(o.trainable_token_indices))
             return token_params(ctx, rows, True) if rows else parameter_params(site, o, init)
+        if rewrites(o.init):
+            return initial_params(ctx)
         if site.kind == "conv":
             ones = (1,) * site.dims
             params = [
@@ -511,20 +521,7 @@ class Lora(Technique):
                     key="lora_B_bias",
                 )
             )
-        # B is zero: the norm of W (conv: over all dims but the first, shaped (1, out, 1, ...))
-        if o.dora:
-            W = ctx.weight().float()
-            norm = torch.linalg.vector_norm(
-                W, dim=tuple(range(1, W.dim())), keepdim=site.kind == "conv"
-            )
-            params.append(
-                Param(
-                    "lora_magnitude_vector",
-                    value=norm.transpose(1, 0) if site.kind == "conv" else norm,
-                    suffix="weight",
-                )
-            )
-        return params
+        return params + ([_magnitude(ctx)] if o.dora else [])
 
     def modules(self, ctx: Context) -> dict[str, nn.Module]:
         site, options = ctx.site, ctx.options
@@ -634,7 +631,11 @@ class Lora(Technique):
         return key.removesuffix(".weight") if key.endswith("lora_magnitude_vector.weight") else key
 
     def saved(self, options: LoraOptions, attr: str) -> bool:
-        return attr != "token_indices"  # the options hold them
+        # the options hold the ids; the initial factors are recomputed from the base
+        return attr not in ("token_indices", "lora_A_initial", "lora_B_initial")
+
+    def as_lora(self, options: LoraOptions, tensors: dict[str, torch.Tensor]) -> tuple[dict, Any]:
+        return as_lora(options, tensors)
 
     def from_peft(self, config: dict[str, Any]) -> dict[str, Any]:
         if not config.get("target_parameters") or config.get("target_modules") not in (None, []):
@@ -655,6 +656,9 @@ class Lora(Technique):
         }
 
     def after_insert(self, gm: fx.GraphModule, sites: list[Any], options: LoraOptions) -> None:
+        if rewrites(options.init):
+            for site in sites:
+                rewrite_base(gm, site, self.options_at(site, options))
         if options.bias == "none":
             return
         names = (
@@ -668,6 +672,16 @@ class Lora(Technique):
     def describe(self, options: LoraOptions, sites: list[Any]) -> str:
         kind = "DoRA" if options.dora else "LoRA"
         return f"{kind} r={options.r} on {len(sites)} sites, adapter {options.adapter!r}"
+
+
+def _magnitude(ctx: Context) -> Param:
+    """DoRA's magnitude: B is zero, so the norm of W (conv: over all dims but the first, shaped
+    (1, out, 1, ...))."""
+    W, conv = ctx.weight().float(), ctx.site.kind == "conv"
+    norm = torch.linalg.vector_norm(W, dim=tuple(range(1, W.dim())), keepdim=conv)
+    return Param(
+        "lora_magnitude_vector", value=norm.transpose(1, 0) if conv else norm, suffix="weight"
+    )
 
 
 def _linear_params(site: Any, o: LoraOptions, init: Any) -> list[Param]:

@@ -1,0 +1,121 @@
+"""LoRA initialisations that rewrite the base weight, as HF peft's `init_lora_weights`:
+
+    PiSSA:  W = U S V^T;  B0 = U_r sqrt(S_r / s),  A0 = sqrt(S_r / s) V_r^T  ("pissa"; the
+            randomised `svd_lowrank` with "pissa_niter_K")
+    OLoRA:  W = Q R;      B0 = Q_r,  A0 = R_r                                   ("olora")
+    then    W -> W_res = W - s B0 A0, so that at init W_res + s B0 A0 = W.
+
+1. The factors are computed from the site's weight in float32 when the adapter is added, and so
+   again when a checkpoint is loaded (peft recomputes them then too, before reading the trained
+   factors): the base keeps W_res while the adapter lives, as in peft (disabling the adapter
+   computes with W_res).
+2. The initial factors stay beside the adapter (`lora_A_initial`, `lora_B_initial`, not saved), so
+   `save_adapter(..., as_lora=True)` writes what peft's `path_initial_model_for_weight_conversion`
+   writes: a plain LoRA of rank 2r on the original W, `A' = [A; A0]`, `B' = [B, -B0]`, alpha doubled
+   (times sqrt(2) with rsLoRA) and patterns doubled.
+3. Dense linear weights only: peft refuses PiSSA on quantized weights (quantize W_res after init),
+   and neither method on embeddings, convolutions or with DoRA here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+from typing import Any
+
+import torch
+from torch import fx
+
+from peftc.errors import OptionError
+from peftc.ir.graph import get_tensor
+from peftc.sites.formats import format_of
+from peftc.technique import Param
+
+__all__ = ["REWRITES_BASE", "check_init", "initial_params", "rewrite_base", "as_lora", "rewrites"]
+
+REWRITES_BASE = re.compile(r"pissa(_niter_\d+)?|olora")
+
+
+def rewrites(init: str) -> bool:
+    """Whether `init` rewrites the base weight."""
+    return REWRITES_BASE.fullmatch(init) is not None
+
+
+def check_init(site: Any, options: Any) -> None:
+    where = f"lora: init={options.init!r} at {site.path!r}"
+    if site.kind != "linear" or getattr(site, "storage", "dense") != "dense":
+        raise OptionError(
+            f"{where}: it rewrites the base weight, which peft does for dense linear weights "
+            "only; initialise in float, then quantize the residual (nf4 after lora)"
+        )
+    if options.dora or options.block_diagonal or options.lora_bias:
+        raise OptionError(f"{where}: not combined with dora, BD-LoRA or lora_bias here")
+
+
+def _factors(W: torch.Tensor, r: int, scaling: float, init: str) -> tuple[torch.Tensor, ...]:
+    """(A0, B0) from W (out, in) in float32, as peft's pissa_init / olora_init."""
+    if init == "olora":
+        Q, R = torch.linalg.qr(W)
+        return R[:r].contiguous(), Q[:, :r].contiguous()
+    if init == "pissa":
+        V, S, Uh = torch.linalg.svd(W, full_matrices=False)
+        Vr, Sr, Uhr = V[:, :r], S[:r], Uh[:r]
+    else:
+        Vr, Sr, Ur = torch.svd_lowrank(W, r, niter=int(init.rpartition("_")[2]))
+        Uhr = Ur.t()
+    Sr = Sr / scaling
+    return torch.diag(torch.sqrt(Sr)) @ Uhr, Vr @ torch.diag(torch.sqrt(Sr))
+
+
+def initial_params(ctx: Any) -> list[Param]:
+    o = ctx.options
+    A0, B0 = _factors(ctx.weight().float(), o.r, o.scaling, o.init)
+    return [
+        Param("lora_A", value=A0, suffix="weight"),
+        Param("lora_B", value=B0, suffix="weight"),
+        Param("lora_A_initial", value=A0, trainable=False),
+        Param("lora_B_initial", value=B0, trainable=False),
+    ]
+
+
+def rewrite_base(gm: fx.GraphModule, site: Any, options: Any) -> None:
+    """W -> W - s B0 A0 (replaced, never written in place)."""
+    A0 = get_tensor(gm, f"{site.path}.lora_A_initial.{options.adapter}").float()
+    B0 = get_tensor(gm, f"{site.path}.lora_B_initial.{options.adapter}").float()
+    fmt = format_of(site)
+    fmt.write(gm, site, fmt.read(gm, site).float() - options.scaling * (B0 @ A0), None, None)
+
+
+def as_lora(options: Any, tensors: dict[str, torch.Tensor]) -> tuple[dict, Any]:
+    """The trained adapter as a plain LoRA on the original base (peft's conversion)."""
+    if not rewrites(options.init):
+        raise OptionError(
+            f"lora: as_lora converts adapters initialised with pissa or olora; this one "
+            f"(init={options.init!r}) is a plain LoRA already"
+        )
+    if options.rslora and (options.rank_pattern or options.alpha_pattern):
+        raise OptionError(
+            "lora: as_lora with rslora and rank_pattern / alpha_pattern is refused, as peft "
+            "refuses it (the doubled alpha of a pattern would not keep its scale)"
+        )
+    converted = {}
+    for name, value in tensors.items():
+        initial = name.replace(".lora_A.", ".lora_A_initial.").replace(
+            ".lora_B.", ".lora_B_initial."
+        )
+        if initial == name or not name.endswith(".weight"):
+            converted[name] = value
+        elif ".lora_A." in name:
+            converted[name] = torch.cat([value, tensors[initial.removesuffix(".weight")]], dim=0)
+        else:
+            converted[name] = torch.cat([value, -tensors[initial.removesuffix(".weight")]], dim=1)
+    double = math.sqrt(2) if options.rslora else 2
+    return converted, dataclasses.replace(
+        options,
+        init="kaiming",
+        r=2 * options.r,
+        alpha=options.alpha * double,
+        rank_pattern=tuple((k, 2 * v) for k, v in options.rank_pattern),
+        alpha_pattern=tuple((k, 2 * v) for k, v in options.alpha_pattern),
+    )
