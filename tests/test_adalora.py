@@ -1,5 +1,5 @@
 """AdaLoRA against HF peft: trained (pruned) checkpoints load, run and merge; outputs, gradients,
-checkpoints both ways."""
+checkpoints both ways; rank allocation step by step."""
 
 import copy
 import json
@@ -8,11 +8,15 @@ import peft
 import pytest
 import torch
 from safetensors.torch import load_file
+from torch import nn
+from transformers.modeling_outputs import CausalLMOutput
 
 import peftc
 import peftc.techniques.adalora
 from peftc.errors import OptionError, TargetError
+from peftc.technique.adapters import adapters
 from peftc.technique.checkpoint import CheckpointError
+from peftc.techniques.adalora_allocator import RankAllocator, orthogonal_regularization
 from peftc.tools.parity import against_peft, close
 
 from conftest import captured, fill_trainable, loaded
@@ -193,3 +197,77 @@ def test_text_round_trip():
     assert gm.get_parameter("a.lora_E.default").shape == (1, 1) and gm.get_parameter(
         "b.lora_E.default"
     ).shape == (2, 1)
+
+
+class Regressor(nn.Module):
+    """Two linears and a loss in the output, as a transformers model returns it (peft adds its
+    orthogonal regulariser to `outputs.loss`)."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin0, self.lin1 = nn.Linear(10, 16), nn.Linear(16, 4)
+
+    def forward(self, x, y):
+        out = self.lin1(torch.relu(self.lin0(x)))
+        return CausalLMOutput(loss=((out - y) ** 2).mean(), logits=out)
+
+
+def test_rank_allocation_is_peft_s_step_by_step(tmp_path):
+    """peft's update_and_allocate and peftc's RankAllocator on the same adapter, data and SGD:
+    losses (regulariser included), every factor and the masks agree at every step, and the pruned
+    adapter peftc saves loads in peft and computes the same."""
+    torch.manual_seed(0)
+    model = Regressor().eval()
+    x, y = torch.randn(6, 10), torch.randn(6, 4)
+    config = peft.AdaLoraConfig(
+        init_r=4,
+        target_r=2,
+        tinit=1,
+        tfinal=2,
+        deltaT=1,
+        total_step=8,
+        lora_alpha=4,
+        target_modules=["lin0", "lin1"],
+    )
+    theirs = peft.get_peft_model(copy.deepcopy(model), config)
+    theirs.save_pretrained(tmp_path / "init")
+    ours = peftc.load_adapter(peftc.capture(copy.deepcopy(model), (x, y)), tmp_path / "init")
+    allocator = RankAllocator(ours)
+    sides = [
+        (
+            theirs,
+            lambda: theirs.base_model(x, y).loss,  # AdaLoraModel.forward adds its regulariser
+            lambda s: theirs.base_model.update_and_allocate(s),
+        ),
+        (
+            ours,
+            lambda: ours(x, y).loss + 0.5 * orthogonal_regularization(ours),
+            allocator.update_and_allocate,
+        ),
+    ]
+    optimizers = [
+        torch.optim.SGD([p for p in m.parameters() if p.requires_grad], lr=0.1) for m, *_ in sides
+    ]
+    for step in range(1, 11):
+        losses = []
+        for (_, loss_of, allocate), optimizer in zip(sides, optimizers, strict=True):
+            loss = loss_of()
+            loss.backward()
+            optimizer.step()
+            allocate(step)
+            optimizer.zero_grad()
+            losses.append(loss.detach())
+        close(losses[1], losses[0], f"loss at step {step}")
+        for name, p in theirs.named_parameters():
+            if "lora_" in name:
+                mine = ours.get_parameter(name.removeprefix("base_model.model."))
+                close(mine, p, f"{name} at step {step}")
+        pattern = theirs.peft_config["default"].rank_pattern or {}
+        assert {k.removesuffix(".lora_E.default"): v for k, v in pattern.items()} == {
+            path: list(kept) for path, kept in adapters(ours)["default"].options.rank_pattern
+        }, step
+    assert sum(sum(kept) for kept in theirs.peft_config["default"].rank_pattern.values()) == 4
+    peftc.save_adapter(ours, tmp_path / "pruned")
+    again = peft.PeftModel.from_pretrained(copy.deepcopy(model), tmp_path / "pruned").eval()
+    with torch.no_grad():
+        close(ours.eval()(x, y).logits, again(x, y).logits, "peft on the pruned adapter")

@@ -13,11 +13,10 @@ peft.
    module computes what it did; `false` draws all three from N(0, 1).
 3. Linear sites (nn.Linear, NF4 as peft's SVDLinear4bit, GPT-2 Conv1D) and ungrouped Conv2d
    sites, as in peft. Merge adds `B (A ⊙ E) * alpha / (ranknum + 1e-5)` to W.
-peftc runs and merges a trained AdaLoRA adapter exactly, but does not train one the AdaLoRA way:
-it runs no RankAllocator (`update_and_allocate`, the budget schedule) and adds no orthogonal
-regularization to the loss. Their settings (`target_r`, `tinit`, `tfinal`, `deltaT`, `beta1`,
-`beta2`, `orth_reg_weight`, `total_step`) are only carried to `adapter_config.json`, where peft
-needs them to resume training; training here updates A, E and B at the fixed ranks.
+4. Training the AdaLoRA way (importance scores, the budget schedule, pruning, the orthogonal
+   regulariser) is `peftc.techniques.adalora_allocator`: `RankAllocator(gm)` and its
+   `update_and_allocate(step)` after each backward pass, as peft's; its mask becomes
+   `rank_pattern`, and saving writes the kept triplets only.
 Parameters: `<path>.lora_A.<adapter>`, `.lora_E.<adapter>`, `.lora_B.<adapter>` (saved as peft's
 `base_model.model.<path>.lora_A` ...), `<path>.ranknum.<adapter>` (not saved, as in peft).
 """
@@ -70,11 +69,9 @@ class AdaloraOptions(AdapterOptions):
         encode=lambda pairs: {f"{path}.lora_E": list(mask) for path, mask in pairs} or None,
         decode=_rank_pattern_from_peft,
     )
-    # peft's allocation schedule: written to adapter_config.json, never run by peftc
+    # the allocation schedule (`peftc.techniques.adalora_allocator.RankAllocator`)
     target_r: int = option(
-        8,
-        doc="the schedule's final average rank (peft's allocator; not run by peftc)",
-        peft="target_r",
+        8, doc="the schedule's final average rank per site (the RankAllocator)", peft="target_r"
     )
     tinit: int = option(0, doc="steps before pruning starts (schedule)", peft="tinit")
     tfinal: int = option(0, doc="steps after pruning ends (schedule)", peft="tfinal")
@@ -225,6 +222,22 @@ class Adalora(Technique):
     def saved(self, options: AdaloraOptions, attr: str) -> bool:
         return attr != "ranknum"  # peft recreates it as init_r
 
+    def to_checkpoint(
+        self, ctx: Context, tensors: dict[str, torch.Tensor]
+    ) -> dict[str, torch.Tensor]:
+        """The kept triplets only where the allocator masked full-rank factors (peft's
+        resize_state_dict_by_rank_pattern)."""
+        masks = {path: torch.tensor(kept) for path, kept in ctx.options.rank_pattern}
+        out = {}
+        for key, value in tensors.items():
+            path, _, attr = key.removeprefix("base_model.model.").rpartition(".")
+            mask = masks.get(path)
+            if mask is None or value.shape[attr == "lora_B"] != len(mask):
+                out[key] = value
+            else:
+                out[key] = value[:, mask] if attr == "lora_B" else value[mask]
+        return out
+
     def after_insert(self, gm: fx.GraphModule, sites: list[Any], options: AdaloraOptions) -> None:
         unknown = sorted(set(dict(options.rank_pattern)) - {s.path for s in sites})
         if unknown:
@@ -245,5 +258,5 @@ class Adalora(Technique):
         pruned = sum(options.rank_at(s.path) < options.init_r for s in sites)
         return (
             f"AdaLoRA init_r={options.init_r} on {len(sites)} sites ({pruned} pruned), adapter "
-            f"{options.adapter!r}; no rank allocation"
+            f"{options.adapter!r}; allocate ranks with peftc.techniques.adalora_allocator"
         )
