@@ -185,3 +185,48 @@ def test_lora_bias_without_a_base_bias_refuses_to_merge_as_peft():
     gm = peftc.apply(graph("llama"), "lora(targets='*.q_proj', lora_bias=true)")
     with pytest.raises(NotMergeable, match="has no bias to merge lora_bias into"):
         peftc.apply(gm, "merge")
+
+
+def peft_loftq_on_the_cpu(monkeypatch):
+    """peft's own loftq_init, whose compute device is hard-coded to CUDA, run on the CPU: its source
+    with that one string changed; bitsandbytes' CPU dequantize through the oracle's checked
+    decode (it is wrong on some CPUs)."""
+    import inspect
+
+    from peft.tuners.lora import layer
+    from peft.utils import loftq_utils
+
+    from bnb_oracle import F, dequantize
+
+    source = inspect.getsource(loftq_utils.loftq_init)
+    assert '"xpu" if is_xpu_available() else "cuda"' in source
+    namespace = dict(vars(loftq_utils))
+    exec(source.replace('"xpu" if is_xpu_available() else "cuda"', '"cpu"'), namespace)
+    monkeypatch.setattr(layer, "loftq_init", namespace["loftq_init"])
+    monkeypatch.setattr(F, "dequantize_4bit", dequantize)
+
+
+@pytest.mark.parametrize("iterations", [1, 2])
+def test_loftq_matches_peft(iterations, tmp_path, monkeypatch):
+    from bnb_oracle import needs_bnb
+
+    if needs_bnb.args[0]:
+        pytest.skip(needs_bnb.kwargs["reason"])
+    peft_loftq_on_the_cpu(monkeypatch)
+    config = lora(
+        "q_proj",
+        "v_proj",
+        init_lora_weights="loftq",
+        loftq_config=peft.LoftQConfig(loftq_bits=4, loftq_iter=iterations),
+    )
+    with torch.compiler.set_stance("force_eager"):
+        parity = check("llama", config, tmp_path)
+    assert parity.merged is not None and parity.reloaded is not None
+    # the base became NF4(W): peft's and peftc's agree exactly
+    base = "model.layers.0.self_attn.q_proj"
+    close(
+        parity.graph.get_parameter(f"{base}.weight"),
+        parity.peft.base_model.model.get_submodule(base).base_layer.weight,
+        "the LoftQ base",
+        tol=0,
+    )

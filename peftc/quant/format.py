@@ -62,6 +62,11 @@ class NF4Format:
     name = "nf4"
     adds_in_adapter_dtype = False  # peft's bitsandbytes layers cast the term to the output dtype
 
+    def round_trip(
+        self, weight: torch.Tensor, blocksize: int = 64, double_quant: bool = True
+    ) -> torch.Tensor:
+        return dequantize_nf4(quantize_nf4(weight, blocksize, double_quant))
+
     def site(self, gm: fx.GraphModule, node: fx.Node) -> Any:
         x, packed, _, _, _, bias, out_features, in_features, _ = node.args
         return LinearSite(

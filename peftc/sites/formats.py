@@ -10,6 +10,8 @@ The technique layer never asks which format a site has; it calls its `WeightForm
 5. `compute_dtype(gm, site)`: the dtype the op computes in (adapter weights take it, or float32
    over a half-precision base: `adds_in_adapter_dtype` says how peft adds their term there).
 6. `storage(gm, site)`: the names of the tensors that hold the weight (what FSDP2 shards).
+7. Quantized formats may offer `round_trip(weight, **options)`: the tensor stored and read back
+   (`round_trip(name, weight)` finds it by name: LoftQ's init quantizes through it).
 
 `dense` is built in; quantized formats register themselves (`peftc.quant.format` registers
 `nf4`) with the op that computes through them, so the site queries find those ops too.
@@ -30,6 +32,7 @@ __all__ = [
     "DenseFormat",
     "register_format",
     "format_of",
+    "round_trip",
     "format_of_node",
     "read_weight",
 ]
@@ -131,6 +134,14 @@ def register_format(fmt: WeightFormat, ops: tuple[Any, ...] = ()) -> WeightForma
     _FORMATS[fmt.name] = fmt
     _OPS.update({op: fmt.name for op in ops})
     return fmt
+
+
+def round_trip(name: str, weight: torch.Tensor, **options: Any) -> torch.Tensor:
+    """`weight` stored in format `name` and read back (what quantizing costs it; LoftQ's init)."""
+    fmt = _FORMATS.get(name)
+    if fmt is None or not hasattr(fmt, "round_trip"):
+        raise PassError(f"no registered weight format {name!r} quantizes a tensor (import peftc)")
+    return fmt.round_trip(weight, **options)
 
 
 def format_of(site: Any) -> WeightFormat:

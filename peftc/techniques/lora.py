@@ -97,13 +97,13 @@ def _init_from_peft(value: Any) -> str:
         return value
     raise OptionError(
         f"init_lora_weights={value!r} is not implemented (peftc has gaussian, pissa, "
-        "pissa_niter_K and olora; LoftQ, CorDA, EVA, orthogonal and LoRA-GA are not)"
+        "pissa_niter_K, olora and loftq; CorDA, EVA, orthogonal and LoRA-GA are not)"
     )
 
 
 def _init(value: str) -> str | None:
     ok = value in ("kaiming", "gaussian") or rewrites(value)
-    return None if ok else "kaiming, gaussian, pissa, pissa_niter_<K> or olora"
+    return None if ok else "kaiming, gaussian, pissa, pissa_niter_<K>, olora or loftq"
 
 
 def _token_indices(value: tuple[Any, ...]) -> str | None:
@@ -148,11 +148,23 @@ class LoraOptions(PatternOptions):
     init: str = option(
         "kaiming",
         doc="A's init: Kaiming-uniform as nn.Linear, or N(0, 1/r), B zero; or pissa (SVD), "
-        "pissa_niter_<K> (randomised SVD), olora (QR): A and B from W, which becomes W - s B A",
+        "pissa_niter_<K> (randomised SVD), olora (QR): A and B from W, which becomes W - s B A; "
+        "loftq: W becomes NF4(W) and B A its low-rank residual",
         check=_init,
         peft="init_lora_weights",
         encode=lambda v: True if v == "kaiming" else v,
         decode=_init_from_peft,
+    )
+    loftq_bits: int = option(
+        4,
+        doc="LoftQ (init=loftq): the bits of the quantized base (NF4)",
+        peft="loftq_config.loftq_bits",
+    )
+    loftq_iter: int = option(
+        1,
+        doc="LoftQ: alternations of quantizing and factoring the residual",
+        check=positive,
+        peft="loftq_config.loftq_iter",
     )
     rslora: bool = option(False, doc="rank-stabilised scale alpha / sqrt(r)", peft="use_rslora")
     dora: bool = option(
@@ -650,7 +662,9 @@ class Lora(Technique):
             if (multihead_attention(s) or ("in_proj",))[0] == "in_proj"
             and (s.kind != "parameter" or multihead_attention(s))
         }
+        loftq = {"loftq_bits": options.loftq_bits, "loftq_iter": options.loftq_iter}
         return {
+            **({"loftq_config": loftq} if options.init == "loftq" else {}),
             "target_modules": sorted(adapted),
             "fan_in_fan_out": any(getattr(s, "fan_in_fan_out", False) for s in sites),
         }

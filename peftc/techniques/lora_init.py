@@ -4,6 +4,8 @@
             randomised `svd_lowrank` with "pissa_niter_K")
     OLoRA:  W = Q R;      B0 = Q_r,  A0 = R_r                                   ("olora")
     then    W -> W_res = W - s B0 A0, so that at init W_res + s B0 A0 = W.
+    LoftQ:  repeat: Q = nf4(W - B0 A0) (blocks of 64, no double quantization); B0 A0 = the rank-r
+            SVD of W - Q; then W -> Q (dequantized), so that Q + B0 A0 ~ W    ("loftq")
 
 1. The factors are computed from the site's weight in float32 when the adapter is added, and so
    again when a checkpoint is loaded (peft recomputes them then too, before reading the trained
@@ -29,12 +31,20 @@ from torch import fx
 
 from peftc.errors import OptionError
 from peftc.ir.graph import get_tensor
-from peftc.sites.formats import format_of
+from peftc.sites.formats import format_of, round_trip
 from peftc.technique import Param
 
-__all__ = ["REWRITES_BASE", "check_init", "initial_params", "rewrite_base", "as_lora", "rewrites"]
+__all__ = [
+    "REWRITES_BASE",
+    "check_init",
+    "initial_params",
+    "rewrite_base",
+    "as_lora",
+    "rewrites",
+    "loftq",
+]
 
-REWRITES_BASE = re.compile(r"pissa(_niter_\d+)?|olora")
+REWRITES_BASE = re.compile(r"pissa(_niter_\d+)?|olora|loftq")
 
 
 def rewrites(init: str) -> bool:
@@ -51,10 +61,31 @@ def check_init(site: Any, options: Any) -> None:
         )
     if options.dora or options.block_diagonal or options.lora_bias:
         raise OptionError(f"{where}: not combined with dora, BD-LoRA or lora_bias here")
+    if options.init == "loftq" and options.loftq_bits != 4:
+        raise OptionError(f"{where}: loftq_bits={options.loftq_bits}; peftc quantizes to NF4 (4)")
 
 
-def _factors(W: torch.Tensor, r: int, scaling: float, init: str) -> tuple[torch.Tensor, ...]:
-    """(A0, B0) from W (out, in) in float32, as peft's pissa_init / olora_init."""
+def _low_rank(residual: torch.Tensor, r: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(R, L): peft's `_low_rank_decomposition`, L = U sqrt(S)_r, R = sqrt(S)_r V^T."""
+    U, S, Vh = torch.linalg.svd(residual, full_matrices=False)
+    return torch.sqrt(torch.diag(S)[:r, :]) @ Vh, U @ torch.sqrt(torch.diag(S)[:, :r])
+
+
+def loftq(W: torch.Tensor, r: int, iterations: int) -> tuple[torch.Tensor, ...]:
+    """(A0, B0, the dequantized base): peft's `loftq_init` with peftc's NF4 for bitsandbytes'."""
+    residual = W
+    for i in range(iterations):
+        quantized = round_trip("nf4", residual, blocksize=64, double_quant=False)
+        A, B = _low_rank(W - quantized, r)
+        if i + 1 < iterations:
+            residual = W - B @ A
+    return A, B, quantized
+
+
+def _factors(W: torch.Tensor, r: int, scaling: float, init: str, iterations: int) -> tuple:
+    """(A0, B0) from W (out, in) in float32, as peft's pissa_init / olora_init / loftq_init."""
+    if init == "loftq":
+        return loftq(W, r, iterations)[:2]
     if init == "olora":
         Q, R = torch.linalg.qr(W)
         return R[:r].contiguous(), Q[:, :r].contiguous()
@@ -70,7 +101,7 @@ def _factors(W: torch.Tensor, r: int, scaling: float, init: str) -> tuple[torch.
 
 def initial_params(ctx: Any) -> list[Param]:
     o = ctx.options
-    A0, B0 = _factors(ctx.weight().float(), o.r, o.scaling, o.init)
+    A0, B0 = _factors(ctx.weight().float(), o.r, o.scaling, o.init, o.loftq_iter)
     return [
         Param("lora_A", value=A0, suffix="weight"),
         Param("lora_B", value=B0, suffix="weight"),
@@ -80,19 +111,23 @@ def initial_params(ctx: Any) -> list[Param]:
 
 
 def rewrite_base(gm: fx.GraphModule, site: Any, options: Any) -> None:
-    """W -> W - s B0 A0 (replaced, never written in place)."""
+    """W -> W - s B0 A0, or LoftQ's quantized W (replaced, never written in place)."""
+    fmt = format_of(site)
+    W = fmt.read(gm, site).float()
+    if options.init == "loftq":
+        fmt.write(gm, site, loftq(W, options.r, options.loftq_iter)[2], None, None)
+        return
     A0 = get_tensor(gm, f"{site.path}.lora_A_initial.{options.adapter}").float()
     B0 = get_tensor(gm, f"{site.path}.lora_B_initial.{options.adapter}").float()
-    fmt = format_of(site)
-    fmt.write(gm, site, fmt.read(gm, site).float() - options.scaling * (B0 @ A0), None, None)
+    fmt.write(gm, site, W - options.scaling * (B0 @ A0), None, None)
 
 
 def as_lora(options: Any, tensors: dict[str, torch.Tensor]) -> tuple[dict, Any]:
     """The trained adapter as a plain LoRA on the original base (peft's conversion)."""
-    if not rewrites(options.init):
+    if not rewrites(options.init) or options.init == "loftq":
         raise OptionError(
-            f"lora: as_lora converts adapters initialised with pissa or olora; this one "
-            f"(init={options.init!r}) is a plain LoRA already"
+            f"lora: as_lora converts adapters initialised with pissa or olora, as peft; this "
+            f"one has init={options.init!r}"
         )
     if options.rslora and (options.rank_pattern or options.alpha_pattern):
         raise OptionError(
