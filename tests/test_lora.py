@@ -10,6 +10,7 @@ import torch
 
 import peftc
 from peftc.errors import NotMergeable, OptionError
+from peftc.techniques.lora_kasa import kasa_loss
 from peftc.tools.parity import close
 
 from conftest import requires_minilm
@@ -103,6 +104,10 @@ CELLS = {
     "pissa-llama": ("llama", lora("q_proj", "v_proj", init_lora_weights="pissa")),
     "olora-mlp": ("mlp", lora("lin0", "lin1", init_lora_weights="olora")),
     "pissa-gpt2": ("gpt2", lora("c_attn", fan_in_fan_out=True, init_lora_weights="pissa")),
+    "kasa-llama": (
+        "llama",
+        lora("q_proj", "down_proj", kasa_config=peft.tuners.lora.config.KasaConfig(beta=0.1)),
+    ),
     "rslora-dora-bert": (
         "bert",
         lora("query", "value", lora_alpha=16, use_rslora=True, use_dora=True),
@@ -230,3 +235,11 @@ def test_loftq_matches_peft(iterations, tmp_path, monkeypatch):
         "the LoftQ base",
         tol=0,
     )
+
+
+def test_kasa_loss_is_peft_s(tmp_path):
+    config = lora("q_proj", "v_proj", kasa_config=peft.tuners.lora.config.KasaConfig(gamma=0.01))
+    parity = check("llama", config, tmp_path)
+    close(kasa_loss(parity.graph), parity.peft.base_model._get_kasa_loss(), "kasa_loss")
+    with pytest.raises(OptionError, match="must be below min"):
+        peftc.apply(graph("llama"), "lora(targets='*.q_proj', r=64, kasa=true)")

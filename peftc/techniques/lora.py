@@ -68,6 +68,7 @@ from peftc.technique import (
     register_technique,
 )
 from peftc.techniques.lora_init import as_lora, check_init, initial_params, rewrite_base, rewrites
+from peftc.techniques.lora_kasa import check_kasa, truncate_base
 from peftc.techniques.lora_parameters import (
     check_parameter,
     on_parameter,
@@ -165,6 +166,19 @@ class LoraOptions(PatternOptions):
         doc="LoftQ: alternations of quantizing and factoring the residual",
         check=positive,
         peft="loftq_config.loftq_iter",
+    )
+    kasa: bool = option(
+        False,
+        doc="KaSA: truncate W's r smallest singular components and train singular values "
+        "`lora_diag` between A and B (peft's kasa_config)",
+    )
+    kasa_beta: float = option(
+        1e-4, doc="KaSA: weight of sum(lora_diag^2) in kasa_loss", peft="kasa_config.beta"
+    )
+    kasa_gamma: float = option(
+        1e-3,
+        doc="KaSA: weight of the orthogonality of A and B in kasa_loss",
+        peft="kasa_config.gamma",
     )
     rslora: bool = option(False, doc="rank-stabilised scale alpha / sqrt(r)", peft="use_rslora")
     dora: bool = option(
@@ -467,6 +481,8 @@ class Lora(Technique):
             return check_rows(site, rows) if rows else check_parameter(site, options)
         if rewrites(options.init):
             check_init(site, options)
+        if options.kasa:
+            check_kasa(site, options)
         if options.lora_bias and (options.dora or site.kind == "embedding"):
             raise OptionError(
                 f"lora: peft does not support lora_bias with {'dora' if options.dora else 'an'} "
@@ -524,6 +540,8 @@ class Lora(Technique):
             ]
         else:
             params = _linear_params(site, o, init)
+            if o.kasa:  # peft draws the singular values from N(0, 1)
+                params.append(Param("lora_diag", (o.r,), init=nn.init.normal_))
         if o.lora_bias:
             params.append(
                 Param(
@@ -566,13 +584,10 @@ class Lora(Technique):
         if site.kind == "conv":
             lora_out = _conv_product(b, x, A, B, bias)
         else:
-            lora_out = b.call(
-                aten.linear.default,
-                b.call(aten.linear.default, x, A, role="lora_A_out"),
-                B,
-                bias,
-                role="lora_B_out",
-            )
+            after_a = b.call(aten.linear.default, x, A, role="lora_A_out")
+            if o.kasa:
+                after_a = b.call(aten.mul.Tensor, after_a, b.param("lora_diag"), role="kasa_diag")
+            lora_out = b.call(aten.linear.default, after_a, B, bias, role="lora_B_out")
         if not o.dora:
             return b.call(aten.mul.Tensor, lora_out, o.scaling, role="scaled")
         return _dora(b, x, A, B, lora_out)
@@ -584,6 +599,8 @@ class Lora(Technique):
         if site.kind == "parameter":
             return parameter_delta(ctx)
         A, B = ctx.tensor("lora_A").float(), ctx.tensor("lora_B").float()
+        if ctx.options.kasa:
+            B = B * ctx.tensor("lora_diag").float()
         factor = block_diagonal_factor(site, ctx.options) if ctx.options.block_diagonal else None
         if factor == "lora_A":
             A = _block_diag(A, ctx.options.bd_blocks)
@@ -650,10 +667,11 @@ class Lora(Technique):
         return as_lora(options, tensors)
 
     def from_peft(self, config: dict[str, Any]) -> dict[str, Any]:
+        kasa = {"kasa": True} if isinstance(config.get("kasa_config"), dict) else {}
         if not config.get("target_parameters") or config.get("target_modules") not in (None, []):
-            return {}
+            return kasa
         # peft: None is the architecture's default (if any), [] no module
-        return {"targets": "none" if config.pop("target_modules") == [] else None}
+        return {**kasa, "targets": "none" if config.pop("target_modules") == [] else None}
 
     def to_peft(self, options: LoraOptions, sites: list[Any]) -> dict[str, Any]:
         adapted = {
@@ -663,16 +681,20 @@ class Lora(Technique):
             and (s.kind != "parameter" or multihead_attention(s))
         }
         loftq = {"loftq_bits": options.loftq_bits, "loftq_iter": options.loftq_iter}
+        kasa = {"beta": options.kasa_beta, "gamma": options.kasa_gamma}
         return {
             **({"loftq_config": loftq} if options.init == "loftq" else {}),
+            **({"kasa_config": kasa} if options.kasa else {}),
             "target_modules": sorted(adapted),
             "fan_in_fan_out": any(getattr(s, "fan_in_fan_out", False) for s in sites),
         }
 
     def after_insert(self, gm: fx.GraphModule, sites: list[Any], options: LoraOptions) -> None:
-        if rewrites(options.init):
-            for site in sites:
+        for site in sites:
+            if rewrites(options.init):
                 rewrite_base(gm, site, self.options_at(site, options))
+            if options.kasa:
+                truncate_base(gm, site, self.options_at(site, options).r)
         if options.bias == "none":
             return
         names = (
