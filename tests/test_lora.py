@@ -104,6 +104,7 @@ CELLS = {
     "pissa-llama": ("llama", lora("q_proj", "v_proj", init_lora_weights="pissa")),
     "olora-mlp": ("mlp", lora("lin0", "lin1", init_lora_weights="olora")),
     "pissa-gpt2": ("gpt2", lora("c_attn", fan_in_fan_out=True, init_lora_weights="pissa")),
+    "mica-llama": ("llama", lora("q_proj", "v_proj", "embed_tokens", init_lora_weights="mica")),
     "kasa-llama": (
         "llama",
         lora("q_proj", "down_proj", kasa_config=peft.tuners.lora.config.KasaConfig(beta=0.1)),

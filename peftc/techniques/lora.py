@@ -67,7 +67,14 @@ from peftc.technique import (
     rank_option,
     register_technique,
 )
-from peftc.techniques.lora_init import as_lora, check_init, initial_params, rewrite_base, rewrites
+from peftc.techniques.lora_init import (
+    as_lora,
+    check_init,
+    initial_params,
+    mica_params,
+    rewrite_base,
+    rewrites,
+)
 from peftc.techniques.lora_kasa import check_kasa, truncate_base
 from peftc.techniques.lora_parameters import (
     check_parameter,
@@ -94,17 +101,17 @@ def _init_from_peft(value: Any) -> str:
     # False: B random too; loaded weights come from the file either way
     if value in (True, False):
         return "kaiming"
-    if value == "gaussian" or (isinstance(value, str) and rewrites(value)):
+    if value in ("gaussian", "mica") or (isinstance(value, str) and rewrites(value)):
         return value
     raise OptionError(
         f"init_lora_weights={value!r} is not implemented (peftc has gaussian, pissa, "
-        "pissa_niter_K, olora and loftq; CorDA, EVA, orthogonal and LoRA-GA are not)"
+        "pissa_niter_K, olora, loftq and mica; CorDA, EVA, orthogonal and LoRA-GA are not)"
     )
 
 
 def _init(value: str) -> str | None:
-    ok = value in ("kaiming", "gaussian") or rewrites(value)
-    return None if ok else "kaiming, gaussian, pissa, pissa_niter_<K>, olora or loftq"
+    ok = value in ("kaiming", "gaussian", "mica") or rewrites(value)
+    return None if ok else "kaiming, gaussian, pissa, pissa_niter_<K>, olora, loftq or mica"
 
 
 def _token_indices(value: tuple[Any, ...]) -> str | None:
@@ -150,7 +157,8 @@ class LoraOptions(PatternOptions):
         "kaiming",
         doc="A's init: Kaiming-uniform as nn.Linear, or N(0, 1/r), B zero; or pissa (SVD), "
         "pissa_niter_<K> (randomised SVD), olora (QR): A and B from W, which becomes W - s B A; "
-        "loftq: W becomes NF4(W) and B A its low-rank residual",
+        "loftq: W becomes NF4(W) and B A its low-rank residual; mica: B frozen on W's minor "
+        "singular vectors, A zero",
         check=_init,
         peft="init_lora_weights",
         encode=lambda v: True if v == "kaiming" else v,
@@ -513,6 +521,8 @@ class Lora(Technique):
 
     def params(self, ctx: Context) -> list[Param]:
         site, o = ctx.site, ctx.options
+        if o.init == "mica":
+            return mica_params(ctx)
         if site.kind == "embedding":
             params = [
                 Param("lora_embedding_A", (o.r, site.num_embeddings)),

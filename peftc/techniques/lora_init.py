@@ -17,6 +17,8 @@
    (times sqrt(2) with rsLoRA) and patterns doubled.
 3. Dense linear weights only: peft refuses PiSSA on quantized weights (quantize W_res after init),
    and neither method on embeddings, convolutions or with DoRA here.
+4. MiCA ("mica") leaves the base alone: B the left singular vectors of W's r smallest singular
+   values, frozen, and A zero (`mica_params`), on linear and embedding sites.
 """
 
 from __future__ import annotations
@@ -42,6 +44,7 @@ __all__ = [
     "as_lora",
     "rewrites",
     "loftq",
+    "mica_params",
 ]
 
 REWRITES_BASE = re.compile(r"pissa(_niter_\d+)?|olora|loftq")
@@ -107,6 +110,32 @@ def initial_params(ctx: Any) -> list[Param]:
         Param("lora_B", value=B0, suffix="weight"),
         Param("lora_A_initial", value=A0, trainable=False),
         Param("lora_B_initial", value=B0, trainable=False),
+    ]
+
+
+def mica_params(ctx: Any) -> list[Param]:
+    """MiCA (peft's mica_init): B the left singular vectors of W's r smallest singular values,
+    frozen; A zero, trained. The base is unchanged (B A = 0 at init)."""
+    site, o = ctx.site, ctx.options
+    M = ctx.weight().float()
+    M = M.T if site.kind == "embedding" else M  # the embedding's (dim, num_embeddings) projection
+    if site.kind not in ("linear", "embedding") or o.dora or o.block_diagonal or o.kasa:
+        raise OptionError(
+            f"lora: init='mica' at {site.path!r}: peft has MiCA alone on linear and embedding "
+            "layers"
+        )
+    if o.r > min(M.shape):
+        raise OptionError(f"lora: init='mica' needs r <= {min(M.shape)} at {site.path!r}")
+    B = torch.linalg.svd(M, full_matrices=False)[0][:, -o.r :].contiguous()
+    A = torch.zeros(o.r, M.shape[1])
+    if site.kind == "embedding":
+        return [
+            Param("lora_embedding_A", value=A),
+            Param("lora_embedding_B", value=B, trainable=False),
+        ]
+    return [
+        Param("lora_A", value=A, suffix="weight"),
+        Param("lora_B", value=B, suffix="weight", trainable=False),
     ]
 
 
