@@ -11,7 +11,7 @@ import torch
 import peftc
 from peftc.errors import NotMergeable, OptionError
 from peftc.techniques.lora_kasa import kasa_loss
-from peftc.tools.parity import close
+from peftc.tools.parity import against_peft, close
 
 from conftest import requires_minilm
 from zoo import adapted_paths, build, check, graph, with_pooler
@@ -244,3 +244,36 @@ def test_kasa_loss_is_peft_s(tmp_path):
     close(kasa_loss(parity.graph), parity.peft.base_model._get_kasa_loss(), "kasa_loss")
     with pytest.raises(OptionError, match="must be below min"):
         peftc.apply(graph("llama"), "lora(targets='*.q_proj', r=64, kasa=true)")
+
+
+@pytest.mark.parametrize("method", ["ipm", "kpm"])
+def test_corda_matches_peft_from_the_same_calibration(method, tmp_path):
+    """peft's preprocess_corda and peftc's calibrate on the same samples (one per batch, as peft
+    hooks them), then the same adapter: outputs, gradients, merge, checkpoints both ways."""
+    from peft.tuners.lora.corda import preprocess_corda
+
+    from peftc.techniques.lora_corda import calibrate
+
+    samples = [
+        torch.randint(3, 256, (1, 12), generator=torch.Generator().manual_seed(i)) for i in range(4)
+    ]
+    config = lora(
+        "q_proj",
+        "down_proj",
+        init_lora_weights="corda",
+        corda_config=peft.tuners.lora.config.CordaConfig(corda_method=method),
+    )
+
+    def prepare(model):
+        preprocess_corda(model, config, run_model=lambda: [model(s) for s in samples])
+        return model
+
+    model, args, kwargs = build("llama")
+    calibrated = peftc.apply(graph("llama"), "freeze")
+    batches = [(s, torch.ones_like(s)) for s in samples]  # the graph's inputs: ids, mask
+    counts = calibrate(calibrated, batches, "*.q_proj|*.down_proj")
+    assert set(counts.values()) == {4}
+    parity = against_peft(model, args, kwargs, config, tmp_path, graph=calibrated, prepare=prepare)
+    assert parity.merged is not None and parity.reloaded is not None
+    with pytest.raises(OptionError, match="run peftc.techniques.lora_corda.calibrate"):
+        peftc.apply(graph("llama"), "lora(targets='*.q_proj', init='corda')")

@@ -304,7 +304,12 @@ def from_peft(
         if fields.get(key, value) == value:
             fields.pop(key, None)
     for key in technique.peft_ignored:
-        fields.pop(key, None)
+        group, _, name = key.rpartition(".")
+        holder = fields.get(group) if group else fields
+        if isinstance(holder, dict):
+            holder.pop(name, None)
+        if group and fields.get(group) == {}:
+            fields.pop(group)
     refused = {k: v for k, v in fields.items() if not neutral(v)}
     if refused:
         named = ", ".join(f"{k}={v!r}" for k, v in refused.items())

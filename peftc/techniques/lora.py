@@ -105,13 +105,13 @@ def _init_from_peft(value: Any) -> str:
         return value
     raise OptionError(
         f"init_lora_weights={value!r} is not implemented (peftc has gaussian, pissa, "
-        "pissa_niter_K, olora, loftq and mica; CorDA, EVA, orthogonal and LoRA-GA are not)"
+        "pissa_niter_K, olora, corda, loftq and mica; EVA, orthogonal and LoRA-GA are not)"
     )
 
 
 def _init(value: str) -> str | None:
     ok = value in ("kaiming", "gaussian", "mica") or rewrites(value)
-    return None if ok else "kaiming, gaussian, pissa, pissa_niter_<K>, olora, loftq or mica"
+    return None if ok else "kaiming, gaussian, pissa, pissa_niter_<K>, olora, corda, loftq or mica"
 
 
 def _token_indices(value: tuple[Any, ...]) -> str | None:
@@ -157,12 +157,19 @@ class LoraOptions(PatternOptions):
         "kaiming",
         doc="A's init: Kaiming-uniform as nn.Linear, or N(0, 1/r), B zero; or pissa (SVD), "
         "pissa_niter_<K> (randomised SVD), olora (QR): A and B from W, which becomes W - s B A; "
+        "corda: the same from W C (calibrate first); "
         "loftq: W becomes NF4(W) and B A its low-rank residual; mica: B frozen on W's minor "
         "singular vectors, A zero",
         check=_init,
         peft="init_lora_weights",
         encode=lambda v: True if v == "kaiming" else v,
         decode=_init_from_peft,
+    )
+    corda_method: Literal["ipm", "kpm"] = option(
+        "ipm",
+        doc="CorDA (init=corda): the r largest components of W C (ipm, instruction-previewed) or "
+        "the r smallest (kpm, knowledge-preserved)",
+        peft="corda_config.corda_method",
     )
     loftq_bits: int = option(
         4,
@@ -389,10 +396,14 @@ class Lora(Technique):
     name = "lora"
     options = LoraOptions
     peft_type = "LORA"
-    # the layout is read from the graph; QA-LoRA is refused
+    # the layout is read from the graph; QA-LoRA is refused; CorDA's calibration settings were
+    # used when its covariance was computed
     peft_ignored = (
         "fan_in_fan_out",
         "qalora_group_size",
+        "corda_config.verbose",
+        "corda_config.prune_temporary_fields",
+        "corda_config.use_float16_for_covariance",
     )
     site_kinds = ("linear", "conv", "embedding")
     half_precision = "float32"
@@ -691,9 +702,11 @@ class Lora(Technique):
             and (s.kind != "parameter" or multihead_attention(s))
         }
         loftq = {"loftq_bits": options.loftq_bits, "loftq_iter": options.loftq_iter}
+        corda = {"corda_method": options.corda_method}
         kasa = {"beta": options.kasa_beta, "gamma": options.kasa_gamma}
         return {
             **({"loftq_config": loftq} if options.init == "loftq" else {}),
+            **({"corda_config": corda} if options.init == "corda" else {}),
             **({"kasa_config": kasa} if options.kasa else {}),
             "target_modules": sorted(adapted),
             "fan_in_fan_out": any(getattr(s, "fan_in_fan_out", False) for s in sites),

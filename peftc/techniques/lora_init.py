@@ -4,6 +4,8 @@
             randomised `svd_lowrank` with "pissa_niter_K")
     OLoRA:  W = Q R;      B0 = Q_r,  A0 = R_r                                   ("olora")
     then    W -> W_res = W - s B0 A0, so that at init W_res + s B0 A0 = W.
+    CorDA:  from the SVD of W C, C the inputs' covariance (`peftc.techniques.lora_corda`), then as
+            PiSSA                                                           ("corda")
     LoftQ:  repeat: Q = nf4(W - B0 A0) (blocks of 64, no double quantization); B0 A0 = the rank-r
             SVD of W - Q; then W -> Q (dequantized), so that Q + B0 A0 ~ W    ("loftq")
 
@@ -35,6 +37,7 @@ from peftc.errors import OptionError
 from peftc.ir.graph import get_tensor
 from peftc.sites.formats import format_of, round_trip
 from peftc.technique import Param
+from peftc.techniques.lora_corda import corda_factors
 
 __all__ = [
     "REWRITES_BASE",
@@ -47,7 +50,7 @@ __all__ = [
     "mica_params",
 ]
 
-REWRITES_BASE = re.compile(r"pissa(_niter_\d+)?|olora|loftq")
+REWRITES_BASE = re.compile(r"pissa(_niter_\d+)?|olora|loftq|corda")
 
 
 def rewrites(init: str) -> bool:
@@ -103,8 +106,11 @@ def _factors(W: torch.Tensor, r: int, scaling: float, init: str, iterations: int
 
 
 def initial_params(ctx: Any) -> list[Param]:
-    o = ctx.options
-    A0, B0 = _factors(ctx.weight().float(), o.r, o.scaling, o.init, o.loftq_iter)
+    o, W = ctx.options, ctx.weight().float()
+    if o.init == "corda":
+        A0, B0 = corda_factors(ctx.gm, ctx.site, W, o)
+    else:
+        A0, B0 = _factors(W, o.r, o.scaling, o.init, o.loftq_iter)
     return [
         Param("lora_A", value=A0, suffix="weight"),
         Param("lora_B", value=B0, suffix="weight"),
@@ -155,8 +161,8 @@ def as_lora(options: Any, tensors: dict[str, torch.Tensor]) -> tuple[dict, Any]:
     """The trained adapter as a plain LoRA on the original base (peft's conversion)."""
     if not rewrites(options.init) or options.init == "loftq":
         raise OptionError(
-            f"lora: as_lora converts adapters initialised with pissa or olora, as peft; this "
-            f"one has init={options.init!r}"
+            "lora: as_lora converts adapters initialised with pissa, olora or corda, as peft; "
+            f"this one has init={options.init!r}"
         )
     if options.rslora and (options.rank_pattern or options.alpha_pattern):
         raise OptionError(
