@@ -4,6 +4,7 @@ sum cast back; without it, everything in the model's dtype. Outputs equal peft's
 bfloat16 Llama and Mixtral; gradients agree within bfloat16's precision (the same ops, summed in
 another order); merging rounds into bfloat16 weights."""
 
+import copy
 import functools
 
 import peft
@@ -72,6 +73,7 @@ def test_matches_peft_on_bfloat16(cell, autocast, tmp_path):
         tmp_path,
         graph=graph,
         tol=BF16,
+        grad_tol=GRADIENTS,
         autocast_adapter_dtype=autocast,
     )
     assert parity.output == 0.0 and parity.reloaded == 0.0
@@ -87,3 +89,18 @@ def test_a_technique_without_peft_s_mixed_precision_is_refused_by_name():
         peftc.apply(graph, "ia3(targets='*.q_proj')")
     adapted = peftc.apply(graph, "ia3(targets='*.q_proj', autocast_adapter_dtype=false)")
     assert {p.dtype for p in adapted.parameters() if p.requires_grad} == {torch.bfloat16}
+
+
+def test_prompt_methods_keep_float32_prompts_as_peft():
+    """peft's prompt encoders are float32 whatever the model's dtype (autocast_adapter_dtype does
+    not apply to prompt learning), cast where the prompt joins a bfloat16 model."""
+    model, args, kwargs, graph = bf16("llama")
+    for text, config in (
+        ("prompt(n=4)", peft.PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4)),
+        ("prefix(n=4)", peft.PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4)),
+    ):
+        adapted = peftc.apply(graph, text)
+        theirs = peft.get_peft_model(copy.deepcopy(model), config)
+        ours = {n: p.dtype for n, p in adapted.named_parameters() if p.requires_grad}
+        assert ours == {n: p.dtype for n, p in theirs.named_parameters() if p.requires_grad}
+        assert adapted(*args, **kwargs)[0].dtype == torch.bfloat16

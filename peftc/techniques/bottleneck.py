@@ -167,6 +167,8 @@ class Bottleneck(Technique):
     """
 
     name = "adapter"
+    # no peft counterpart: its tensors take the model's dtype
+    half_precision = "base"
     options = BottleneckOptions
     peft_type = None
     site_kinds = ("attention", "feed_forward")

@@ -122,6 +122,8 @@ class Prefix(Technique):
     """
 
     name = "prefix"
+    # its tensors are float32 whatever the model's dtype, as peft's (cast where they are read)
+    half_precision = "base"
     options = PrefixOptions
     peft_type = "PREFIX_TUNING"
     peft_fixed = {"num_transformer_submodules": 1}
@@ -156,7 +158,6 @@ class Prefix(Technique):
         generator = (
             torch.Generator().manual_seed(options.seed) if options.seed is not None else None
         )
-        dtype = next((p.dtype for p in gm.parameters() if p.is_floating_point()), torch.float32)
 
         def param(
             suffix: str, shape: tuple[int, ...], key: str, zero: bool = False, fan_in: int = 0
@@ -169,7 +170,8 @@ class Prefix(Technique):
                 )
             else:
                 value = torch.randn(shape, generator=generator)
-            return Param("prompt_encoder", value=value, suffix=suffix, key=key, dtype=dtype)
+            # float32 whatever the model's dtype, as peft's PrefixEncoder (cast where it is read)
+            return Param("prompt_encoder", value=value, suffix=suffix, key=key, dtype=torch.float32)
 
         zero = options.init == "zero"
         if not options.prefix_projection:

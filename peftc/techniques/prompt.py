@@ -164,6 +164,8 @@ class Prompt(Technique):
     """
 
     name = "prompt"
+    # the prompt's dtype is its own (peft's encoders are float32), cast where it joins the model
+    half_precision = "base"
     options = PromptOptions
     peft_type = "PROMPT_TUNING"
     # peft saves P-tuning's encoder output: a constant prompt

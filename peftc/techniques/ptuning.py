@@ -117,6 +117,8 @@ class Ptuning(Technique):
     """
 
     name = "ptuning"
+    # the prompt's dtype is its own (peft's encoders are float32), cast where it joins the model
+    half_precision = "base"
     options = PtuningOptions
     peft_type = "P_TUNING"
     peft_loads = ()  # its checkpoints hold the encoder's output, which loads as prompt(n=...)

@@ -150,6 +150,8 @@ class Side(Technique):
     """
 
     name = "side"
+    # no peft counterpart: its tensors take the model's dtype
+    half_precision = "base"
     options = SideOptions
     site_kinds = ("final_hidden",)
     stage = "output"
