@@ -277,3 +277,16 @@ def test_corda_matches_peft_from_the_same_calibration(method, tmp_path):
     assert parity.merged is not None and parity.reloaded is not None
     with pytest.raises(OptionError, match="run peftc.techniques.lora_corda.calibrate"):
         peftc.apply(graph("llama"), "lora(targets='*.q_proj', init='corda')")
+
+
+@pytest.mark.parametrize("init_type", ["random", "batch_average", "batch_average_once"])
+def test_velora_gradients_in_training_are_peft_s(init_type, tmp_path):
+    """In training mode A's gradient comes from the compressed activations (and the projection from
+    the batch): peft's VeloraFunction and peftc's agree on outputs and every gradient."""
+    velora = peft.tuners.lora.config.VeloraConfig(num_groups=4, init_type=init_type, scale=0.5)
+    config = lora("q_proj", "down_proj", lora_dropout=0.1, velora_config=velora)
+    parity = check("llama", config, tmp_path, train=True)
+    assert parity.merged is not None and parity.reloaded is not None
+    embed = "model.layers.0.self_attn.q_proj.lora_velora_embed.default"
+    theirs = parity.peft.base_model.model.model.layers[0].self_attn.q_proj.lora_velora_embed
+    close(parity.graph.get_buffer(embed), theirs["default"], "the projection after a step")

@@ -83,6 +83,7 @@ from peftc.techniques.lora_parameters import (
     parameter_params,
     parameter_placements,
 )
+from peftc.techniques.lora_velora import VeloraA, check_velora, velora_params
 from peftc.techniques.trainable_tokens import (
     check_rows,
     fold_rows,
@@ -181,6 +182,23 @@ class LoraOptions(PatternOptions):
         doc="LoftQ: alternations of quantizing and factoring the residual",
         check=positive,
         peft="loftq_config.loftq_iter",
+    )
+    velora: bool = option(
+        False,
+        doc="VeLoRA: A's gradient from activations compressed to one number per sub-token "
+        "(peft's velora_config)",
+    )
+    velora_groups: int = option(
+        64, doc="VeLoRA: sub-tokens per token", check=positive, peft="velora_config.num_groups"
+    )
+    velora_scale: float = option(
+        1.0, doc="VeLoRA: the reconstruction's scale", peft="velora_config.scale"
+    )
+    velora_init: Literal["batch_average", "batch_average_once", "random"] = option(
+        "batch_average",
+        doc="VeLoRA: the projection: the training batch's mean sub-token (every step or once), "
+        "or random",
+        peft="velora_config.init_type",
     )
     kasa: bool = option(
         False,
@@ -502,6 +520,8 @@ class Lora(Technique):
             check_init(site, options)
         if options.kasa:
             check_kasa(site, options)
+        if options.velora:
+            check_velora(site, options)
         if options.lora_bias and (options.dora or site.kind == "embedding"):
             raise OptionError(
                 f"lora: peft does not support lora_bias with {'dora' if options.dora else 'an'} "
@@ -563,6 +583,8 @@ class Lora(Technique):
             params = _linear_params(site, o, init)
             if o.kasa:  # peft draws the singular values from N(0, 1)
                 params.append(Param("lora_diag", (o.r,), init=nn.init.normal_))
+            if o.velora:
+                params.append(velora_params(site, o))
         if o.lora_bias:
             params.append(
                 Param(
@@ -575,14 +597,12 @@ class Lora(Technique):
         return params + ([_magnitude(ctx)] if o.dora else [])
 
     def modules(self, ctx: Context) -> dict[str, nn.Module]:
-        site, options = ctx.site, ctx.options
-        if (
-            options.dropout == 0
-            or site.kind in ("embedding", "parameter")
-            or multihead_attention(site)
-        ):
+        site, o = ctx.site, ctx.options
+        if site.kind in ("embedding", "parameter") or multihead_attention(site):
             return {}
-        return {"lora_dropout": nn.Dropout(options.dropout)}
+        velora = {"lora_velora": VeloraA(o.velora_groups, o.velora_scale, o.velora_init)}
+        dropout = {"lora_dropout": nn.Dropout(o.dropout)} if o.dropout > 0 else {}
+        return {**dropout, **(velora if o.velora else {})}
 
     def build(self, b: Builder, x: fx.Node) -> fx.Node:
         site, o = b.site, b.options
@@ -605,7 +625,11 @@ class Lora(Technique):
         if site.kind == "conv":
             lora_out = _conv_product(b, x, A, B, bias)
         else:
-            after_a = b.call(aten.linear.default, x, A, role="lora_A_out")
+            after_a = (
+                b.module("lora_velora", x, A, b.param("lora_velora_embed"), role="lora_A_out")
+                if o.velora
+                else b.call(aten.linear.default, x, A, role="lora_A_out")
+            )
             if o.kasa:
                 after_a = b.call(aten.mul.Tensor, after_a, b.param("lora_diag"), role="kasa_diag")
             lora_out = b.call(aten.linear.default, after_a, B, bias, role="lora_B_out")
@@ -688,7 +712,11 @@ class Lora(Technique):
         return as_lora(options, tensors)
 
     def from_peft(self, config: dict[str, Any]) -> dict[str, Any]:
-        kasa = {"kasa": True} if isinstance(config.get("kasa_config"), dict) else {}
+        kasa = {
+            name: True
+            for name in ("kasa", "velora")
+            if isinstance(config.get(f"{name}_config"), dict)
+        }
         if not config.get("target_parameters") or config.get("target_modules") not in (None, []):
             return kasa
         # peft: None is the architecture's default (if any), [] no module
@@ -704,10 +732,16 @@ class Lora(Technique):
         loftq = {"loftq_bits": options.loftq_bits, "loftq_iter": options.loftq_iter}
         corda = {"corda_method": options.corda_method}
         kasa = {"beta": options.kasa_beta, "gamma": options.kasa_gamma}
+        velora = {
+            "num_groups": options.velora_groups,
+            "scale": options.velora_scale,
+            "init_type": options.velora_init,
+        }
         return {
             **({"loftq_config": loftq} if options.init == "loftq" else {}),
             **({"corda_config": corda} if options.init == "corda" else {}),
             **({"kasa_config": kasa} if options.kasa else {}),
+            **({"velora_config": velora} if options.velora else {}),
             "target_modules": sorted(adapted),
             "fan_in_fan_out": any(getattr(s, "fan_in_fan_out", False) for s in sites),
         }
