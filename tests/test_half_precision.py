@@ -48,6 +48,10 @@ CELLS = {
         peft.FourierFTConfig(n_frequency=20, target_modules=["q_proj", "v_proj"]),
     ),
     "ln_tuning": ("llama", peft.LNTuningConfig(target_modules=["input_layernorm"])),
+    "ia3": (
+        "llama",
+        peft.IA3Config(target_modules=["q_proj", "down_proj"], feedforward_modules=["down_proj"]),
+    ),
     "tokens": ("llama", peft.TrainableTokensConfig(token_indices=[44, 145])),
 }
 
@@ -86,8 +90,8 @@ def test_matches_peft_on_bfloat16(cell, autocast, tmp_path):
 def test_a_technique_without_peft_s_mixed_precision_is_refused_by_name():
     graph = bf16("llama")[3]
     with pytest.raises(OptionError, match="pass autocast_adapter_dtype=false"):
-        peftc.apply(graph, "ia3(targets='*.q_proj')")
-    adapted = peftc.apply(graph, "ia3(targets='*.q_proj', autocast_adapter_dtype=false)")
+        peftc.apply(graph, "hra(targets='*.q_proj')")
+    adapted = peftc.apply(graph, "hra(targets='*.q_proj', autocast_adapter_dtype=false)")
     assert {p.dtype for p in adapted.parameters() if p.requires_grad} == {torch.bfloat16}
 
 

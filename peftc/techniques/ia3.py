@@ -125,6 +125,7 @@ class Ia3(Technique):
     """
 
     name = "ia3"
+    half_precision = "float32"
     options = Ia3Options
     peft_type = "IA3"
     peft_fixed = {"init_ia3_weights": True}
@@ -166,7 +167,11 @@ class Ia3(Technique):
         # peft flattens the vector and broadcasts it over the last dimension
         if b.site.kind == "linear":
             scale = b.call(aten.reshape.default, scale, [-1], role="ia3_l_flat")
-        return b.call(aten.mul.Tensor, value, scale, role="scaled")
+        scaled = b.call(aten.mul.Tensor, value, scale, role="scaled")
+        if not b.ctx.upcast:
+            return scaled
+        # peft: the product in the adapter's float32, rounded back to the model's dtype
+        return b.call(aten._to_copy.default, scaled, dtype=b.ctx.base_dtype, role="scaled_downcast")
 
     def fold(
         self, ctx: Context, weight: torch.Tensor, bias: torch.Tensor | None
