@@ -17,6 +17,8 @@ from peftc.tools.models import example_inputs, tiny_model
 from peftc.tools.parity import against_peft
 
 BF16 = 1e-2  # bfloat16 keeps 8 bits of mantissa
+# elsewhere (LoHa, LoKr, HRA) float32 sums in another order may round one bfloat16 step apart
+EXACT = ("lora", "dora", "ia3", "tokens", "vera", "fourierft", "ln_tuning")
 GRADIENTS = 3e-2  # a few bfloat16 steps of the largest gradient: sums rounded in another order
 
 
@@ -48,6 +50,7 @@ CELLS = {
         peft.FourierFTConfig(n_frequency=20, target_modules=["q_proj", "v_proj"]),
     ),
     "ln_tuning": ("llama", peft.LNTuningConfig(target_modules=["input_layernorm"])),
+    "hra": ("llama", peft.HRAConfig(r=4, target_modules=["q_proj", "v_proj"])),
     "ia3": (
         "llama",
         peft.IA3Config(target_modules=["q_proj", "down_proj"], feedforward_modules=["down_proj"]),
@@ -80,7 +83,8 @@ def test_matches_peft_on_bfloat16(cell, autocast, tmp_path):
         grad_tol=GRADIENTS,
         autocast_adapter_dtype=autocast,
     )
-    assert parity.output == 0.0 and parity.reloaded == 0.0
+    if cell.startswith(EXACT):  # the same ops in the same order as peft's, rounded once
+        assert parity.output == 0.0 and parity.reloaded == 0.0
     dtypes = {p.dtype for n, p in parity.graph.named_parameters() if p.requires_grad} | {
         p.dtype for p in parity.peft.parameters() if p.requires_grad
     }
@@ -90,8 +94,10 @@ def test_matches_peft_on_bfloat16(cell, autocast, tmp_path):
 def test_a_technique_without_peft_s_mixed_precision_is_refused_by_name():
     graph = bf16("llama")[3]
     with pytest.raises(OptionError, match="pass autocast_adapter_dtype=false"):
-        peftc.apply(graph, "hra(targets='*.q_proj')")
-    adapted = peftc.apply(graph, "hra(targets='*.q_proj', autocast_adapter_dtype=false)")
+        peftc.apply(graph, "oft(targets='*.q_proj', block_size=16)")
+    adapted = peftc.apply(
+        graph, "oft(targets='*.q_proj', block_size=16, autocast_adapter_dtype=false)"
+    )
     assert {p.dtype for p in adapted.parameters() if p.requires_grad} == {torch.bfloat16}
 
 

@@ -103,10 +103,12 @@ class DenseFormat:
         return 1.0
 
     def compute_dtype(self, gm: fx.GraphModule, site: Any) -> torch.dtype:
+        # the stored weight's: an adapter may run the op in another dtype (peft's float32 HRA)
+        weight = get_tensor(gm, site.weight)
+        if weight.is_floating_point():
+            return weight.dtype
         val = site.node.meta.get("val")
-        if isinstance(val, torch.Tensor) and val.is_floating_point():
-            return val.dtype
-        return get_tensor(gm, site.weight).dtype
+        return val.dtype if isinstance(val, torch.Tensor) else torch.float32
 
     def storage(self, gm: fx.GraphModule, site: Any) -> list[str]:
         return [site.weight]

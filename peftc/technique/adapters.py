@@ -477,10 +477,13 @@ def compose_op(
         method = record.method(b.site.kind, b.site.path)
         return _at_site(method, b.site, "cannot rewrite", lambda: method.build(b, value))
 
-    _compose_before(
-        gm, base, [p for p in pairs if _stage(*p) in ("input", "weight")], builder, build
-    )
+    before = [p for p in pairs if _stage(*p) in ("input", "weight")]
+    op_dtype = _compose_before(gm, base, before, builder, build)
     y, cursor, inside, restore = base, base, [], None
+    if op_dtype is not None:  # the op ran in the adapter's float32: back to its dtype
+        b = builder(*before[-1], None, cursor, getattr(before[-1][0], "input", None))
+        y = b.call(aten._to_copy.default, y, dtype=op_dtype, role="output_downcast")
+        cursor, inside = b.cursor, inside + b.nodes
     for site, record in [p for p in pairs if _stage(*p) in ("output", "add", "final")]:
         b = builder(site, record, None, cursor, getattr(site, "input", None))
         if _stage(site, record) == "add":
@@ -523,14 +526,15 @@ def _add(b: Builder, record: Adapter, y: fx.Node, build: Any) -> tuple[fx.Node, 
 
 def _compose_before(
     gm: fx.GraphModule, base: fx.Node, pairs: list[tuple[Any, Adapter]], builder: Any, build: Any
-) -> None:
+) -> torch.dtype | None:
     """The `input` and `weight` stages: nodes before the op, which then reads the new input and
-    weight."""
+    weight. Where a weight stage's adapter is float32 over a half-precision op, the op computes in
+    float32 as peft's (x and the bias cast too): returns the dtype to cast its result back to."""
     if not pairs:
-        return
+        return None
     site = pairs[0][0]
     x = getattr(site, "input", None)
-    weight = bias = None
+    weight = bias = upcast = None
     for site, record in pairs:
         b = builder(site, record, base, base, x)
         if _stage(site, record) == "input":
@@ -540,19 +544,24 @@ def _compose_before(
             b._weight = weight
             weight = build(b, record, b.weight())
             bias = b.bias or bias
+            upcast = b if b.ctx.upcast else upcast
     if not isinstance(site, WeightSite):
-        return
+        return None
     index = list(base.args).index(site.input)
     keep_original(base, site=site.path, kind=site.kind)
     if weight is None:
         args = list(base.args)
         args[index] = x
         base.args = tuple(args)
-        return
+        return None
     if bias is None and site.bias:
         bias = builder(*pairs[-1], base, base, x).base_bias()
+    if upcast is not None:
+        x = upcast.as_adapter(x, "input_upcast")
+        bias = upcast.as_adapter(bias, "bias_upcast") if bias is not None else None
     target, args = site.functional(x, weight, bias)
     base.op, base.target, base.args, base.kwargs = "call_function", target, args, {}
+    return upcast.ctx.base_dtype if upcast is not None else None
 
 
 def _check_alone(gm: fx.GraphModule, base: fx.Node, pairs: list[tuple[Any, Adapter]]) -> None:

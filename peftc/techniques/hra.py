@@ -121,6 +121,7 @@ class Hra(Technique):
     Householder reflections on the input side, `W -> W H`."""
 
     name = "hra"
+    half_precision = "float32"  # peft computes the whole op in float32 then
     options = HraOptions
     peft_type = "HRA"
     peft_fixed = {"bias": "none"}
