@@ -18,7 +18,7 @@ from peftc.tools.parity import against_peft
 
 BF16 = 1e-2  # bfloat16 keeps 8 bits of mantissa
 # elsewhere (LoHa, LoKr, HRA) float32 sums in another order may round one bfloat16 step apart
-EXACT = ("lora", "dora", "ia3", "tokens", "vera", "fourierft", "ln_tuning")
+EXACT = ("lora", "dora", "ia3", "tokens", "vera", "fourierft", "ln_tuning", "oft")
 GRADIENTS = 3e-2  # a few bfloat16 steps of the largest gradient: sums rounded in another order
 
 
@@ -51,6 +51,10 @@ CELLS = {
     ),
     "ln_tuning": ("llama", peft.LNTuningConfig(target_modules=["input_layernorm"])),
     "hra": ("llama", peft.HRAConfig(r=4, target_modules=["q_proj", "v_proj"])),
+    "oft": (
+        "llama",
+        peft.OFTConfig(r=0, oft_block_size=16, target_modules=["q_proj", "v_proj"], coft=True),
+    ),
     "ia3": (
         "llama",
         peft.IA3Config(target_modules=["q_proj", "down_proj"], feedforward_modules=["down_proj"]),
@@ -94,9 +98,9 @@ def test_matches_peft_on_bfloat16(cell, autocast, tmp_path):
 def test_a_technique_without_peft_s_mixed_precision_is_refused_by_name():
     graph = bf16("llama")[3]
     with pytest.raises(OptionError, match="pass autocast_adapter_dtype=false"):
-        peftc.apply(graph, "oft(targets='*.q_proj', block_size=16)")
+        peftc.apply(graph, "adalora(targets='*.q_proj', total_step=10)")
     adapted = peftc.apply(
-        graph, "oft(targets='*.q_proj', block_size=16, autocast_adapter_dtype=false)"
+        graph, "adalora(targets='*.q_proj', total_step=10, autocast_adapter_dtype=false)"
     )
     assert {p.dtype for p in adapted.parameters() if p.requires_grad} == {torch.bfloat16}
 

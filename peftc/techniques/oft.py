@@ -233,6 +233,7 @@ class Oft(Technique):
     embeddings) by a block-diagonal orthogonal matrix, `y = W x + b -> y = W (x R) + b`."""
 
     name = "oft"
+    half_precision = "float32"
     options = OftOptions
     peft_type = "OFT"
     peft_fixed = {
@@ -273,6 +274,13 @@ class Oft(Technique):
         ]
 
     def build(self, b: Builder, x: fx.Node) -> fx.Node:
+        if not b.ctx.upcast:
+            return self._rotated(b, x)
+        # peft rotates x in the float32 of its blocks, then casts it back for the base layer
+        rotated = self._rotated(b, b.as_adapter(x, "input_upcast"))
+        return b.call(aten._to_copy.default, rotated, dtype=b.ctx.base_dtype, role="downcast")
+
+    def _rotated(self, b: Builder, x: fx.Node) -> fx.Node:
         site, o = b.site, b.options
         r, bs = blocks(site, o)
         weight = b.param(_attr(site))
