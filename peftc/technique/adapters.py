@@ -19,6 +19,10 @@ How techniques compose at one op (docs/concepts.md):
    adapter whose nodes are shared across its sites (`Builder.once`).
 3. Merging (`peftc.technique.merge`) folds merged adapters from the site's original weights; a
    merged adapter must lie inside every active unmerged one at the site.
+4. Over a float16/bfloat16 op an adapter's tensors are float32 where its technique says peft keeps
+   them so (`half_precision`, `autocast_adapter_dtype`): an `add` term is computed from x cast to
+   their dtype at run time and the sum cast back after the last term (cast first on formats whose
+   peft layers do: bitsandbytes' 4-bit), and an op whose weight stage is float32 runs in float32.
 
 Every node a technique adds carries `meta["peftc"] = {"pass", "role", "adapter", "site", "kind"}`.
 The record lives in `gm.meta["peftc"]["adapters"]` as `Adapter` objects.
