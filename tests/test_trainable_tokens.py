@@ -62,6 +62,8 @@ def test_refusals_name_the_problem():
         peftc.apply(graph("llama"), "trainable_tokens(token_indices=[1, 999])")
     with pytest.raises(OptionError, match="distinct token ids"):
         peftc.apply(graph("llama"), "trainable_tokens(token_indices=[1, 1])")
+    with pytest.raises(OptionError, match="distinct and not negative"):
+        peftc.apply(graph("llama"), "lora(targets='*.q_proj', trainable_token_indices=[3, -1])")
     with pytest.raises(OptionError, match="both a target and holds trainable tokens"):
         peftc.apply(
             graph("llama"),

@@ -130,6 +130,10 @@ def token_rows(gm: fx.GraphModule, site: ParameterSite, rows: dict[str, tuple[in
 def check_rows(site: ParameterSite, ids: tuple[int, ...]) -> None:
     if len(site.shape) != 2:
         raise OptionError(f"trainable tokens: {site.path!r} is not a 2-D weight")
+    if min(ids) < 0 or len(set(ids)) != len(ids):
+        raise OptionError(
+            f"trainable tokens: token ids must be distinct and not negative, got {list(ids)}"
+        )
     if max(ids) >= site.shape[0]:
         raise OptionError(
             f"trainable tokens: token id {max(ids)} is past the {site.shape[0]} rows of "
