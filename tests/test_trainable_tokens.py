@@ -45,7 +45,7 @@ def test_matches_peft(cell, tmp_path):
     assert parity.merged is not None and parity.reloaded is not None
 
 
-def test_tied_head_reads_the_trained_rows(tmp_path):
+def test_tied_checkpoint_holds_the_delta_under_both_modules_as_peft(tmp_path):
     gm = peftc.apply(graph("gpt2"), "trainable_tokens(token_indices=[1, 5])")
     peftc.save_adapter(gm, tmp_path)
     from safetensors.torch import load_file

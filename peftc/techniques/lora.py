@@ -386,6 +386,11 @@ def _half(gm: fx.GraphModule, site: Any) -> bool:
     return format_of(site).compute_dtype(gm, site) in (torch.float16, torch.bfloat16)
 
 
+def _holds_rows(ctx: Context) -> bool:
+    """Whether the site's tensors are trainable token rows (once created: build and fold)."""
+    return "trainable_tokens_delta" in ctx.names
+
+
 def _has_default_targets(gm: fx.GraphModule) -> bool:
     try:
         default_targets(gm, "lora")
@@ -611,8 +616,7 @@ class Lora(Technique):
         if site.kind == "embedding":
             return _on_embedding(b, x)
         if site.kind == "parameter":
-            rows = token_rows(b.gm, site, token_map(o.trainable_token_indices))
-            return replace_rows(b, x) if rows else on_parameter(b, x)
+            return replace_rows(b, x) if _holds_rows(b.ctx) else on_parameter(b, x)
         if o.dropout > 0:
             x = b.module("lora_dropout", x, role="dropout")
         A, B = b.param("lora_A"), b.param("lora_B")
@@ -673,9 +677,7 @@ class Lora(Technique):
     def fold(
         self, ctx: Context, weight: torch.Tensor, bias: torch.Tensor | None
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        if ctx.site.kind == "parameter" and token_rows(
-            ctx.gm, ctx.site, token_map(ctx.options.trainable_token_indices)
-        ):
+        if _holds_rows(ctx):
             return fold_rows(ctx, weight), bias
         delta = self.delta(ctx)
         merged = weight + delta
@@ -712,15 +714,15 @@ class Lora(Technique):
         return as_lora(options, tensors)
 
     def from_peft(self, config: dict[str, Any]) -> dict[str, Any]:
-        kasa = {
+        variants = {
             name: True
             for name in ("kasa", "velora")
             if isinstance(config.get(f"{name}_config"), dict)
         }
         if not config.get("target_parameters") or config.get("target_modules") not in (None, []):
-            return kasa
+            return variants
         # peft: None is the architecture's default (if any), [] no module
-        return {**kasa, "targets": "none" if config.pop("target_modules") == [] else None}
+        return {**variants, "targets": "none" if config.pop("target_modules") == [] else None}
 
     def to_peft(self, options: LoraOptions, sites: list[Any]) -> dict[str, Any]:
         adapted = {
