@@ -10,8 +10,10 @@ import torch
 
 import peftc
 from peftc.errors import NotMergeable, OptionError
+from peftc.technique.adapters import adapters
 from peftc.techniques.lora_kasa import kasa_loss
-from peftc.tools.parity import against_peft, close
+from peftc.techniques.lora_monteclora import monteclora_loss
+from peftc.tools.parity import against_peft, close, first_output, perturb
 
 from conftest import requires_minilm
 from zoo import adapted_paths, build, check, graph, with_pooler
@@ -290,3 +292,77 @@ def test_velora_gradients_in_training_are_peft_s(init_type, tmp_path):
     embed = "model.layers.0.self_attn.q_proj.lora_velora_embed.default"
     theirs = parity.peft.base_model.model.model.layers[0].self_attn.q_proj.lora_velora_embed
     close(parity.graph.get_buffer(embed), theirs["default"], "the projection after a step")
+
+
+def test_monteclora_is_lora_in_eval_mode(tmp_path):
+    monte = peft.tuners.lora.config.MontecloraConfig(num_samples=3, use_entropy=True)
+    parity = check("gpt2", lora("c_attn", fan_in_fan_out=True, monteclora_config=monte), tmp_path)
+    assert parity.merged is not None and parity.reloaded is not None
+    assert (
+        float(monteclora_loss(parity.graph)) == 0.0 == parity.peft.base_model._get_monteclora_loss()
+    )
+    with pytest.raises(OptionError, match="MonteCLoRA for linear layers only"):
+        peftc.apply(graph("llama"), "lora(targets='*.embed_tokens', monteclora=true)")
+    with pytest.raises(OptionError, match="does not combine MonteCLoRA"):
+        peftc.apply(graph("llama"), "lora(targets='*.q_proj', monteclora=true, dora=true)")
+
+
+def test_monteclora_training_step_is_peft_s_from_the_same_draws(tmp_path):
+    """peftc draws each step's noise where peft pre-draws a buffer: given peft's draws, the
+    perturbed outputs (noise large enough to move them), monteclora_loss, every gradient (the
+    priors' too) and the saved draw agree."""
+    monte = peft.tuners.lora.config.MontecloraConfig(
+        num_samples=3, use_entropy=True, buffer_size=2, sample_scaler=0.3
+    )
+    config = lora("q_proj", "down_proj", lora_dropout=0.1, monteclora_config=monte)
+    model, args, kwargs = build("llama")
+    theirs = perturb(peft.get_peft_model(model, config))
+    theirs.save_pretrained(tmp_path / "peft")
+    ours = peftc.load_adapter(graph("llama"), tmp_path / "peft")
+    _draw_as(theirs, ours)
+    theirs.train(), ours.train()
+    weights = None
+    for step in range(2):  # the second step from the first's saved draw
+        state = torch.get_rng_state()
+        expected = first_output(theirs(*args, **kwargs, use_cache=False))
+        torch.set_rng_state(state)
+        got = first_output(ours(*args, **kwargs))
+        close(got, expected, f"outputs at step {step}")
+        with torch.no_grad():
+            plain = first_output(ours.eval()(*args, **kwargs))
+        assert (plain - got).abs().max() > 1e-3, "the perturbation moves the outputs"
+        ours.train()
+        weights = torch.randn(expected.shape, generator=torch.Generator().manual_seed(step))
+        loss_theirs = (expected * weights).sum() + theirs.base_model._get_monteclora_loss()
+        loss_ours = (got * weights).sum() + monteclora_loss(ours)
+        close(loss_ours, loss_theirs, f"loss at step {step}")
+        theirs.zero_grad(), ours.zero_grad()
+        loss_theirs.backward(), loss_ours.backward()
+        grads = {
+            n.removeprefix("base_model.model."): p.grad
+            for n, p in theirs.named_parameters()
+            if p.requires_grad
+        }
+        for name, p in ours.named_parameters():
+            if p.requires_grad:
+                close(p.grad, grads[name], f"gradient of {name} at step {step}")
+    peftc.save_adapter(ours, tmp_path / "peftc")
+    reloaded = peft.PeftModel.from_pretrained(build("llama")[0], tmp_path / "peftc")
+    sampler = "model.layers.1.mlp.down_proj.lora_monteclora_sampler.default"
+    for name in ("gaussian_var_prior", "expert_weights"):
+        saved = reloaded.base_model.model.get_submodule(sampler).get_buffer(name)
+        close(saved, theirs.base_model.model.get_submodule(sampler).get_buffer(name), name)
+
+
+def _draw_as(theirs, ours) -> None:
+    """peftc's MonteCLoRA modules take peft's pre-drawn noise, in peft's order."""
+    for record in adapters(ours).values():
+        for path, _ in record.sites:
+            wrapper = theirs.base_model.model.get_submodule(path)
+            buffer = iter(wrapper.lora_monteclora_sampler["default"].sampler.buffer)
+
+            def draw(*_, buffer=buffer):
+                z = next(buffer)
+                return z["z_mvn"], z["z_wishart"], z["z_dirichlet"]
+
+            ours.get_submodule(record.modules[path]["lora_monteclora"]).draw = draw

@@ -27,7 +27,9 @@
    without one refuses to merge, as peft).
 6. `target_parameters` adapts parameters wherever the graph reads them (MoE experts;
    `peftc.techniques.lora_parameters`), `trainable_token_indices` trains token rows
-   (`peftc.techniques.trainable_tokens`), `bd_a`/`bd_b` make A or B block-diagonal (BD-LoRA).
+   (`peftc.techniques.trainable_tokens`), `bd_a`/`bd_b` make A or B block-diagonal (BD-LoRA);
+   `kasa`, `velora` and `monteclora` are peft's variants of those names (`lora_kasa`,
+   `lora_velora`, `lora_monteclora`).
 7. A is Kaiming-uniform (`init="kaiming"`) or N(0, 1/r) (`"gaussian"`), B is zero, so at
    init the module computes what it computed before; for embeddings A is zero, B normal.
 Parameters sit where peft puts them: `<path>.lora_A.<adapter>.weight`,
@@ -76,6 +78,7 @@ from peftc.techniques.lora_init import (
     rewrites,
 )
 from peftc.techniques.lora_kasa import check_kasa, truncate_base
+from peftc.techniques.lora_monteclora import MontecloraA, check_monteclora, monteclora_params
 from peftc.techniques.lora_parameters import (
     check_parameter,
     on_parameter,
@@ -212,6 +215,36 @@ class LoraOptions(PatternOptions):
         1e-3,
         doc="KaSA: weight of the orthogonality of A and B in kasa_loss",
         peft="kasa_config.gamma",
+    )
+    monteclora: bool = option(
+        False,
+        doc="MonteCLoRA: in training, A averaged over Monte Carlo perturbations drawn from learned "
+        "priors (peft's monteclora_config; add monteclora_loss to the task loss)",
+    )
+    monteclora_samples: int = option(
+        8,
+        doc="MonteCLoRA: perturbations averaged per step",
+        check=positive,
+        peft="monteclora_config.num_samples",
+    )
+    monteclora_entropy: bool = option(
+        False,
+        doc="MonteCLoRA: add the squared sum of the sample weights to monteclora_loss",
+        peft="monteclora_config.use_entropy",
+    )
+    monteclora_prior: float = option(
+        0.1,
+        doc="MonteCLoRA: concentration of the Dirichlet prior over the sample weights",
+        check=positive,
+        peft="monteclora_config.dirichlet_prior",
+    )
+    monteclora_scale: float = option(
+        1e-4, doc="MonteCLoRA: scale of the perturbations", peft="monteclora_config.sample_scaler"
+    )
+    monteclora_kl_weight: float = option(
+        1e-5,
+        doc="MonteCLoRA: weight of the KL terms in monteclora_loss",
+        peft="monteclora_config.kl_loss_weight",
     )
     rslora: bool = option(False, doc="rank-stabilised scale alpha / sqrt(r)", peft="use_rslora")
     dora: bool = option(
@@ -420,13 +453,14 @@ class Lora(Technique):
     options = LoraOptions
     peft_type = "LORA"
     # the layout is read from the graph; QA-LoRA is refused; CorDA's calibration settings were
-    # used when its covariance was computed
+    # used when its covariance was computed; MonteCLoRA draws each step's noise when it runs
     peft_ignored = (
         "fan_in_fan_out",
         "qalora_group_size",
         "corda_config.verbose",
         "corda_config.prune_temporary_fields",
         "corda_config.use_float16_for_covariance",
+        "monteclora_config.buffer_size",
     )
     site_kinds = ("linear", "conv", "embedding")
     half_precision = "float32"
@@ -527,6 +561,8 @@ class Lora(Technique):
             check_kasa(site, options)
         if options.velora:
             check_velora(site, options)
+        if options.monteclora:
+            check_monteclora(site, options)
         if options.lora_bias and (options.dora or site.kind == "embedding"):
             raise OptionError(
                 f"lora: peft does not support lora_bias with {'dora' if options.dora else 'an'} "
@@ -590,6 +626,8 @@ class Lora(Technique):
                 params.append(Param("lora_diag", (o.r,), init=nn.init.normal_))
             if o.velora:
                 params.append(velora_params(site, o))
+            if o.monteclora:
+                params.extend(monteclora_params(o.r, o))
         if o.lora_bias:
             params.append(
                 Param(
@@ -605,9 +643,18 @@ class Lora(Technique):
         site, o = ctx.site, ctx.options
         if site.kind in ("embedding", "parameter") or multihead_attention(site):
             return {}
-        velora = {"lora_velora": VeloraA(o.velora_groups, o.velora_scale, o.velora_init)}
         dropout = {"lora_dropout": nn.Dropout(o.dropout)} if o.dropout > 0 else {}
-        return {**dropout, **(velora if o.velora else {})}
+        if o.velora:
+            return {
+                **dropout,
+                "lora_velora": VeloraA(o.velora_groups, o.velora_scale, o.velora_init),
+            }
+        if o.monteclora:
+            return {
+                **dropout,
+                "lora_monteclora": MontecloraA(o.monteclora_samples, o.monteclora_scale),
+            }
+        return dropout
 
     def build(self, b: Builder, x: fx.Node) -> fx.Node:
         site, o = b.site, b.options
@@ -629,11 +676,7 @@ class Lora(Technique):
         if site.kind == "conv":
             lora_out = _conv_product(b, x, A, B, bias)
         else:
-            after_a = (
-                b.module("lora_velora", x, A, b.param("lora_velora_embed"), role="lora_A_out")
-                if o.velora
-                else b.call(aten.linear.default, x, A, role="lora_A_out")
-            )
+            after_a = _after_a(b, x, A)
             if o.kasa:
                 after_a = b.call(aten.mul.Tensor, after_a, b.param("lora_diag"), role="kasa_diag")
             lora_out = b.call(aten.linear.default, after_a, B, bias, role="lora_B_out")
@@ -716,7 +759,7 @@ class Lora(Technique):
     def from_peft(self, config: dict[str, Any]) -> dict[str, Any]:
         variants = {
             name: True
-            for name in ("kasa", "velora")
+            for name in ("kasa", "velora", "monteclora")
             if isinstance(config.get(f"{name}_config"), dict)
         }
         if not config.get("target_parameters") or config.get("target_modules") not in (None, []):
@@ -739,7 +782,15 @@ class Lora(Technique):
             "scale": options.velora_scale,
             "init_type": options.velora_init,
         }
+        monteclora = {
+            "num_samples": options.monteclora_samples,
+            "use_entropy": options.monteclora_entropy,
+            "dirichlet_prior": options.monteclora_prior,
+            "sample_scaler": options.monteclora_scale,
+            "kl_loss_weight": options.monteclora_kl_weight,
+        }
         return {
+            **({"monteclora_config": monteclora} if options.monteclora else {}),
             **({"loftq_config": loftq} if options.init == "loftq" else {}),
             **({"corda_config": corda} if options.init == "corda" else {}),
             **({"kasa_config": kasa} if options.kasa else {}),
@@ -767,6 +818,17 @@ class Lora(Technique):
     def describe(self, options: LoraOptions, sites: list[Any]) -> str:
         kind = "DoRA" if options.dora else "LoRA"
         return f"{kind} r={options.r} on {len(sites)} sites, adapter {options.adapter!r}"
+
+
+def _after_a(b: Builder, x: fx.Node, A: fx.Node) -> fx.Node:
+    """A x, through VeLoRA's or MonteCLoRA's module where the adapter has one."""
+    if b.options.velora:
+        return b.module("lora_velora", x, A, b.param("lora_velora_embed"), role="lora_A_out")
+    if b.options.monteclora:
+        sampler = ("std_prior", "expert_weights_prior", "gaussian_var_prior", "expert_weights")
+        tensors = [b.param(f"monteclora_{name}") for name in sampler]
+        return b.module("lora_monteclora", x, A, *tensors, role="lora_A_out")
+    return b.call(aten.linear.default, x, A, role="lora_A_out")
 
 
 def _magnitude(ctx: Context) -> Param:
