@@ -31,7 +31,8 @@
    `kasa`, `velora` and `monteclora` are peft's variants of those names (`lora_kasa`,
    `lora_velora`, `lora_monteclora`).
 7. A is Kaiming-uniform (`init="kaiming"`) or N(0, 1/r) (`"gaussian"`), B is zero, so at
-   init the module computes what it computed before; for embeddings A is zero, B normal.
+   init the module computes what it computed before; for embeddings A is zero, B normal. The
+   inits from the base or from data are `lora_init`'s and `lora_eva`'s.
 Parameters sit where peft puts them: `<path>.lora_A.<adapter>.weight`,
 `<path>.lora_B.<adapter>.weight`, `<path>.lora_magnitude_vector.<adapter>.weight`,
 `<path>.lora_embedding_A.<adapter>`.
@@ -105,17 +106,21 @@ def _init_from_peft(value: Any) -> str:
     # False: B random too; loaded weights come from the file either way
     if value in (True, False):
         return "kaiming"
-    if value in ("gaussian", "mica") or (isinstance(value, str) and rewrites(value)):
+    if value in ("gaussian", "mica", "eva") or (isinstance(value, str) and rewrites(value)):
         return value
     raise OptionError(
         f"init_lora_weights={value!r} is not implemented (peftc has gaussian, pissa, "
-        "pissa_niter_K, olora, corda, loftq and mica; EVA, orthogonal and LoRA-GA are not)"
+        "pissa_niter_K, olora, corda, loftq, eva and mica; orthogonal and LoRA-GA are not)"
     )
 
 
 def _init(value: str) -> str | None:
-    ok = value in ("kaiming", "gaussian", "mica") or rewrites(value)
-    return None if ok else "kaiming, gaussian, pissa, pissa_niter_<K>, olora, corda, loftq or mica"
+    ok = value in ("kaiming", "gaussian", "mica", "eva") or rewrites(value)
+    return (
+        None
+        if ok
+        else "kaiming, gaussian, pissa, pissa_niter_<K>, olora, corda, loftq, eva or mica"
+    )
 
 
 def _token_indices(value: tuple[Any, ...]) -> str | None:
@@ -163,7 +168,8 @@ class LoraOptions(PatternOptions):
         "pissa_niter_<K> (randomised SVD), olora (QR): A and B from W, which becomes W - s B A; "
         "corda: the same from W C (calibrate first); "
         "loftq: W becomes NF4(W) and B A its low-rank residual; mica: B frozen on W's minor "
-        "singular vectors, A zero",
+        "singular vectors, A zero; eva: A the principal components of the inputs, ranks "
+        "redistributed (lora_eva.initialize on calibration data)",
         check=_init,
         peft="init_lora_weights",
         encode=lambda v: True if v == "kaiming" else v,
@@ -174,6 +180,35 @@ class LoraOptions(PatternOptions):
         doc="CorDA (init=corda): the r largest components of W C (ipm, instruction-previewed) or "
         "the r smallest (kpm, knowledge-preserved)",
         peft="corda_config.corda_method",
+    )
+    eva_rho: float = option(
+        2.0,
+        doc="EVA (init=eva): a site's rank may grow to round(r * eva_rho) (1: no redistribution)",
+        check=lambda v: None if v >= 1 else "1 or more",
+        peft="eva_config.rho",
+    )
+    eva_tau: float = option(
+        0.99,
+        doc="EVA: the cosine between steps at which a component has converged",
+        peft="eva_config.tau",
+    )
+    eva_label_mask: bool = option(
+        True,
+        doc="EVA: leave out the tokens whose label is eva_label_mask_value",
+        peft="eva_config.use_label_mask",
+    )
+    eva_label_mask_value: int = option(
+        -100, doc="EVA: the label of ignored tokens", peft="eva_config.label_mask_value"
+    )
+    eva_whiten: bool = option(
+        False,
+        doc="EVA: divide each component by the square root of its singular value",
+        peft="eva_config.whiten",
+    )
+    eva_adjust_scaling: bool = option(
+        True,
+        doc="EVA: scale a site's alpha with its new rank (alpha * rank / r)",
+        peft="eva_config.adjust_scaling_factors",
     )
     loftq_bits: int = option(
         4,
@@ -605,7 +640,7 @@ class Lora(Technique):
                 params.append(Param("lora_magnitude_vector", value=norm, suffix="weight"))
             return params
         init = (
-            kaiming_uniform if o.init == "kaiming" else (lambda t: nn.init.normal_(t, std=1 / o.r))
+            (lambda t: nn.init.normal_(t, std=1 / o.r)) if o.init == "gaussian" else kaiming_uniform
         )
         if site.kind == "parameter":
             rows = token_rows(ctx.gm, site, token_map(o.trainable_token_indices))
@@ -789,7 +824,16 @@ class Lora(Technique):
             "sample_scaler": options.monteclora_scale,
             "kl_loss_weight": options.monteclora_kl_weight,
         }
+        eva = {
+            "rho": options.eva_rho,
+            "tau": options.eva_tau,
+            "use_label_mask": options.eva_label_mask,
+            "label_mask_value": options.eva_label_mask_value,
+            "whiten": options.eva_whiten,
+            "adjust_scaling_factors": options.eva_adjust_scaling,
+        }
         return {
+            **({"eva_config": eva} if options.init == "eva" else {}),
             **({"monteclora_config": monteclora} if options.monteclora else {}),
             **({"loftq_config": loftq} if options.init == "loftq" else {}),
             **({"corda_config": corda} if options.init == "corda" else {}),
