@@ -128,6 +128,9 @@ class Adalora(Technique):
     # use_qalora, refused when set; the layout is read from the graph
     peft_ignored = ("r", "use_rslora", "alpha_pattern", "qalora_group_size", "fan_in_fan_out")
     site_kinds = ("linear", "conv")
+    # over a half-precision model peft's casts also make the frozen ranknum trainable (its
+    # ParameterDict re-wraps the cast copy); here it stays frozen, as peft keeps it in float32
+    half_precision = "float32"
 
     def check(self, gm: fx.GraphModule, site: Any, options: AdaloraOptions) -> None:
         if site.kind == "conv" and (site.dims != 2 or site.groups != 1):

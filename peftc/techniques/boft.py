@@ -12,6 +12,11 @@
 3. `dropout` is peft's multiplicative block dropout: in training, int(p D) random blocks of one
    random factor become I (the same random draws as peft, so the same seed gives the same steps).
 4. Merging: W' = (W Rot^T) ⊙ s; the bias is unchanged.
+5. Over a float16/bfloat16 base (with `autocast_adapter_dtype`, peft's default) the tensors are
+   float32 and the computation is peft's: the blocks cast to the base's dtype before their
+   products; a linear's x rotated in that dtype, the op as captured, then ((y - b) s + b) in
+   float32 cast back (the `output` stage, rewriting the op's input); a convolution's weight rotated
+   in that dtype, scaled in float32, and the op in float32.
 N = `n_butterfly_factor` is the real butterfly, what peft computes with its fbd CUDA extension.
 Without that extension (any CPU-only machine) peft silently uses N = 1 whatever the config says,
 so there only N = 1 matches peft: a checkpoint peft saved there with N > 1 in its config holds
@@ -30,11 +35,13 @@ import torch
 from torch import fx, nn
 
 from peftc.errors import OptionError
+from peftc.sites.formats import format_of
 from peftc.technique import (
     AdapterOptions,
     Builder,
     Context,
     Param,
+    Stage,
     Technique,
     non_negative,
     option,
@@ -143,13 +150,18 @@ def shape(site: Any, o: BoftOptions) -> tuple[int, int, int]:
     return f + 1, D, b
 
 
-def butterfly(call: Any, R: Any, N: int, D: int, b: int, dropout: Any = None) -> Any:
+def butterfly(
+    call: Any, R: Any, N: int, D: int, b: int, dropout: Any = None, dtype: Any = None
+) -> Any:
     """Rot (n x n) from `boft_R` (N, D, b, b), in peft's order of operations (`call`: see
-    `peftc.techniques.oft.cayley`)."""
+    `peftc.techniques.oft.cayley`); the blocks cast to `dtype` before their products, as peft
+    casts them to the input's."""
     n = D * b
     Q = _cayley_blocks(call, R, N, D, b)
     if dropout is not None:
         Q = dropout(Q)
+    if dtype is not None:
+        Q = call(aten._to_copy.default, Q, dtype=dtype, role="blocks_downcast")
     # block diagonals, diag_embed over the block index: Bd[i, (d, j), (e, k)] = Q[i, d, j, k] [d=e]
     spread = call(  # (N, b, b, D, D)
         aten.diag_embed.default,
@@ -217,7 +229,11 @@ class Boft(Technique):
     peft_type = "BOFT"
     peft_fixed = {"bias": "none", "fan_in_fan_out": False}
     site_kinds = ("linear", "conv")
-    stage = "weight"
+    half_precision = "float32"
+
+    def stage_at(self, site: Any, options: BoftOptions) -> Stage:
+        # over a half-precision base peft rotates a linear's x, and scales its output in float32
+        return "output" if site.kind == "linear" and _upcast(site, options) else "weight"
 
     def check(self, gm: fx.GraphModule, site: Any, options: BoftOptions) -> None:
         check_weight_rotation_site("boft", site)
@@ -248,14 +264,24 @@ class Boft(Technique):
             else {}
         )
 
-    def build(self, b: Builder, W: fx.Node) -> fx.Node:
+    def build(self, b: Builder, value: fx.Node) -> fx.Node:
         site, o = b.site, b.options
         N, D, bs = shape(site, o)
         dropout = (lambda Q: b.module("boft_dropout", Q, role="dropout")) if o.dropout > 0 else None
-        rot = butterfly(b.call, b.param("boft_R"), N, D, bs, dropout)
+        # over a half-precision base, peft's rotation is a product in the base's dtype
+        dtype = b.ctx.base_dtype if b.ctx.upcast else None
+        if self.stage_at(site, o) == "output":
+            with b.at(b.base.prev):
+                rot = butterfly(b.call, b.param("boft_R"), N, D, bs, dropout, dtype)
+                rotated = b.call(aten.matmul.default, b.x, rot, role="x_rotated")
+            b.rewrite((rotated, *b.base.args[1:]), b.base.kwargs)
+            return _scaled_output(b, value)
+        rot = butterfly(b.call, b.param("boft_R"), N, D, bs, dropout, dtype)
         s = b.param("boft_s")
         if site.kind == "conv":
             s = b.call(aten.t.default, s, role="scale_column")
+        # peft rotates the stored weight, in its dtype, then scales it in float32
+        W = format_of(site).node(b, site) if b.ctx.upcast else value
         return self._rotate(b.call, W, weight_shape(site), rot, s)
 
     @staticmethod
@@ -301,3 +327,21 @@ class Boft(Technique):
             f"BOFT with {options.n_butterfly_factor} butterfly factor(s) on {len(sites)} sites, "
             f"adapter {options.adapter!r}"
         )
+
+
+def _upcast(site: Any, options: BoftOptions) -> bool:
+    gm = site.node.graph.owning_module
+    half = format_of(site).compute_dtype(gm, site) in (torch.float16, torch.bfloat16)
+    return half and options.autocast_adapter_dtype
+
+
+def _scaled_output(b: Builder, y: fx.Node) -> fx.Node:
+    """peft's output over a half-precision base: ((y - bias) * s + bias) in float32, cast back."""
+    bias = b.base_bias()
+    if bias is not None:
+        y = b.call(aten.sub.Tensor, y, bias, role="unbiased")
+    s = b.call(aten.squeeze.dim, b.param("boft_s"), -1, role="scale_row")
+    y = b.call(aten.mul.Tensor, y, s, role="scaled")
+    if bias is not None:
+        y = b.call(aten.add.Tensor, y, bias, role="rebiased")
+    return b.call(aten._to_copy.default, y, dtype=b.ctx.base_dtype, role="output_downcast")

@@ -77,12 +77,15 @@ def first_output(out: Any) -> torch.Tensor:
     return out[0]
 
 
-def perturb(module: nn.Module, scale: float = 0.1, seed: int = 1) -> nn.Module:
-    """Move every trainable tensor away from its init by random noise of `scale`."""
+def perturb(
+    module: nn.Module, scale: float = 0.1, seed: int = 1, keep: tuple[str, ...] = ()
+) -> nn.Module:
+    """Move every trainable tensor away from its init by random noise of `scale` (but those with
+    an attr in `keep`)."""
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        for p in module.parameters():
-            if p.requires_grad:
+        for name, p in module.named_parameters():
+            if p.requires_grad and not set(name.split(".")) & set(keep):
                 p.add_(torch.randn(p.shape, generator=generator).to(p) * scale)
     return module
 
@@ -104,6 +107,7 @@ def against_peft(
     merge: bool = True,
     reload: bool = True,
     autocast_adapter_dtype: bool = True,
+    peft_wrongly_trains: tuple[str, ...] = (),
 ) -> Parity:
     """Check the technique of peft's `config` on `model` (cases 1-4); raises AssertionError naming
     what differs.
@@ -115,12 +119,16 @@ def against_peft(
     outputs and gradients; `view(output)`: the tensor compared and differentiated, where the first
     output is not all the adapter acts on; `train`: outputs and gradients in training mode, both
     sides from one RNG state so that dropout draws the same masks (merge and reload in eval mode);
-    `autocast_adapter_dtype`: peft's argument, given to both sides (half-precision models).
+    `autocast_adapter_dtype`: peft's argument, given to both sides (half-precision models);
+    `peft_wrongly_trains`: attrs of tensors peft makes trainable by mistake (AdaLoRA's `ranknum`
+    after its float32 upcast), frozen in peftc and left out of the comparison.
     """
     folder = Path(folder)
     eager = {**kwargs, "use_cache": False} if "use_cache" in _parameters(model) else kwargs
     autocast = {"autocast_adapter_dtype": autocast_adapter_dtype}
-    theirs, checkpoint = _peft_model(model, config, folder, prepare, scale, autocast)
+    theirs, checkpoint = _peft_model(
+        model, config, folder, prepare, (scale, peft_wrongly_trains), autocast
+    )
     if graph is None:
         graph = apply(capture(copy.deepcopy(model), args, kwargs), "freeze")
     ours = load_adapter(graph, checkpoint, **autocast)
@@ -128,7 +136,14 @@ def against_peft(
     expected, got = run(theirs, eager), run(ours, kwargs)
     output = close(got, expected, "outputs", tol)
     _moves(run(disable(clone(ours)), kwargs), got)
-    gradient = _gradients(theirs, ours, expected, got, grad_tol if grad_tol is not None else tol)
+    gradient = _gradients(
+        theirs,
+        ours,
+        expected,
+        got,
+        grad_tol if grad_tol is not None else tol,
+        peft_wrongly_trains,
+    )
     theirs.eval()
     ours.eval()
     with torch.no_grad():
@@ -162,17 +177,24 @@ def _moves(baseline: torch.Tensor, got: torch.Tensor) -> None:
 
 
 def _peft_model(
-    model: nn.Module, config: Any, folder: Path, prepare: Any, scale: float, autocast: dict
+    model: nn.Module,
+    config: Any,
+    folder: Path,
+    prepare: Any,
+    noise: tuple[float, tuple[str, ...]],
+    autocast: dict,
 ) -> tuple[nn.Module, Path]:
     """peft's model on a copy of `model` and the checkpoint it is in: `config`'s adapter with random
-    non-zero weights, saved under `folder`, or the checkpoint `config` names."""
+    non-zero weights (`noise`: their scale, and attrs left alone), saved under `folder`, or the
+    checkpoint `config` names."""
     import peft
 
     base = prepare(copy.deepcopy(model)) if prepare else copy.deepcopy(model)
     if isinstance(config, (str, Path)):
         loaded = peft.PeftModel.from_pretrained(base, config, is_trainable=True, **autocast)
         return loaded, Path(config)
-    theirs = perturb(peft.get_peft_model(base, config, **autocast), scale)
+    scale, keep = noise
+    theirs = perturb(peft.get_peft_model(base, config, **autocast), scale, keep=keep)
     theirs.save_pretrained(folder / "peft")
     return theirs, folder / "peft"
 
@@ -202,7 +224,12 @@ def _parameters(model: nn.Module) -> set[str]:
 
 
 def _gradients(
-    theirs: nn.Module, ours: fx.GraphModule, expected: torch.Tensor, got: torch.Tensor, tol: float
+    theirs: nn.Module,
+    ours: fx.GraphModule,
+    expected: torch.Tensor,
+    got: torch.Tensor,
+    tol: float,
+    wrongly_trained: tuple[str, ...] = (),
 ) -> float:
     """Every trainable adapter tensor's gradient, by peft's name without `base_model.model.`, of the
     outputs' sum under fixed random weights (a post-LN output's mean square hardly moves)."""
@@ -212,7 +239,7 @@ def _gradients(
     peft_grads = {
         n.removeprefix("base_model.model."): p
         for n, p in theirs.named_parameters()
-        if p.requires_grad
+        if p.requires_grad and not set(n.split(".")) & set(wrongly_trained)
     }
     our_grads = {n: p for n, p in ours.named_parameters() if p.requires_grad}
     if set(our_grads) != set(peft_grads) or not our_grads:
