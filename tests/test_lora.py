@@ -2,14 +2,17 @@
 GPT-2's Conv1D, nn.MultiheadAttention) and on tiny transformers and the real MiniLM: outputs, every
 gradient, merge, checkpoints both ways (`peftc.tools.parity.against_peft`)."""
 
+import copy
 import json
 
 import peft
 import pytest
 import torch
+from torch import nn
 
 import peftc
 from peftc.errors import NotMergeable, OptionError
+from peftc.ir.graph import get_tensor
 from peftc.technique.adapters import adapters
 from peftc.techniques.lora_kasa import kasa_loss
 from peftc.techniques.lora_monteclora import monteclora_loss
@@ -168,6 +171,30 @@ def test_as_lora_is_peft_s_conversion_to_a_lora_on_the_original_base(init, tmp_p
         peftc.save_adapter(
             peftc.apply(graph("llama"), "lora(targets='*.q_proj')"), tmp_path, as_lora=True
         )
+
+
+def test_pissa_niter_is_peft_s_from_the_same_random_state():
+    """pissa_niter_K factors W by a randomised SVD. From the same RNG state (peft first draws the
+    init of its lora_A and lora_B layers), A, B and the residual base are peft's. The residual is
+    random, and recomputed on every load (peft's too): the pass says so."""
+    model = nn.Sequential(nn.Linear(32, 24), nn.Tanh(), nn.Linear(24, 8))
+    x = torch.randn(5, 32)
+    captured = peftc.capture(copy.deepcopy(model), (x,))
+    config = peft.LoraConfig(
+        r=4, lora_alpha=8, target_modules=["0"], init_lora_weights="pissa_niter_2"
+    )
+    torch.manual_seed(7)
+    theirs = peft.get_peft_model(copy.deepcopy(model), config)
+    torch.manual_seed(7)
+    nn.Linear(32, 4, bias=False), nn.Linear(4, 24, bias=False)  # what peft drew first
+    with pytest.warns(UserWarning, match="random projection"):
+        ours = peftc.apply(captured, "lora(targets='0', r=4, init='pissa_niter_2')")
+    layer = theirs.base_model.model[0]
+    close(ours.get_parameter("0.lora_A.default.weight"), layer.lora_A["default"].weight, "A")
+    close(ours.get_parameter("0.lora_B.default.weight"), layer.lora_B["default"].weight, "B")
+    close(get_tensor(ours, "0.weight"), layer.base_layer.weight, "the residual base")
+    with torch.no_grad():
+        close(ours(x), theirs(x), "outputs")
 
 
 def test_bdlora_refuses_what_peft_cannot_build():

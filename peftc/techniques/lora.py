@@ -41,6 +41,7 @@ Parameters sit where peft puts them: `<path>.lora_A.<adapter>.weight`,
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -844,6 +845,13 @@ class Lora(Technique):
         }
 
     def after_insert(self, gm: fx.GraphModule, sites: list[Any], options: LoraOptions) -> None:
+        if options.init.startswith("pissa_niter_"):
+            warnings.warn(
+                f"lora: init={options.init!r} factors each weight by a random projection, so the "
+                "residual base differs from run to run (peft's too, on every load): seed torch "
+                "as in training to rebuild it, or save with as_lora=True",
+                stacklevel=2,
+            )
         for site in sites:
             if rewrites(options.init):
                 rewrite_base(gm, site, self.options_at(site, options))
