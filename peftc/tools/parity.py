@@ -119,16 +119,17 @@ def against_peft(
     outputs and gradients; `view(output)`: the tensor compared and differentiated, where the first
     output is not all the adapter acts on; `train`: outputs and gradients in training mode, both
     sides from one RNG state so that dropout draws the same masks (merge and reload in eval mode);
-    `autocast_adapter_dtype`: peft's argument, given to both sides (half-precision models);
-    `peft_wrongly_trains`: attrs of tensors peft makes trainable by mistake (AdaLoRA's `ranknum`
-    after its float32 upcast), frozen in peftc and left out of the comparison.
+    `autocast_adapter_dtype`: peft's argument, given to both sides; `peft_wrongly_trains`: attrs
+    of tensors peft makes trainable by mistake (AdaLoRA's `ranknum` over half precision), frozen in
+    peftc and left out.
     """
+    # long: the signature lists 16 options one per line and the docstring says what each does;
+    # the body is the four cases in order (22 lines)
     folder = Path(folder)
     eager = {**kwargs, "use_cache": False} if "use_cache" in _parameters(model) else kwargs
     autocast = {"autocast_adapter_dtype": autocast_adapter_dtype}
-    theirs, checkpoint = _peft_model(
-        model, config, folder, prepare, (scale, peft_wrongly_trains), autocast
-    )
+    noise = (scale, peft_wrongly_trains)
+    theirs, checkpoint = _peft_model(model, config, folder, prepare, noise, autocast)
     if graph is None:
         graph = apply(capture(copy.deepcopy(model), args, kwargs), "freeze")
     ours = load_adapter(graph, checkpoint, **autocast)
@@ -136,14 +137,8 @@ def against_peft(
     expected, got = run(theirs, eager), run(ours, kwargs)
     output = close(got, expected, "outputs", tol)
     _moves(run(disable(clone(ours)), kwargs), got)
-    gradient = _gradients(
-        theirs,
-        ours,
-        expected,
-        got,
-        grad_tol if grad_tol is not None else tol,
-        peft_wrongly_trains,
-    )
+    grad_tol = grad_tol if grad_tol is not None else tol
+    gradient = _gradients(theirs, ours, expected, got, grad_tol, peft_wrongly_trains)
     theirs.eval()
     ours.eval()
     with torch.no_grad():
