@@ -113,6 +113,45 @@ def test_captured_in_train_mode_matches_eager_with_the_same_seed():
     torch.testing.assert_close(gm(*args, **kwargs).logits, expected)
 
 
+def test_captured_in_train_mode_computes_eager_s_eval_in_eval_mode():
+    """Attention's dropout_p, baked by export as the training-mode number, follows the mode."""
+    model = tiny_model("gpt2").train()
+    args, kwargs = example_inputs(model)
+    gm = peftc.capture(model, args, kwargs).eval()
+    with torch.no_grad():
+        expected = model.eval()(*args, **kwargs, use_cache=False).logits
+        torch.testing.assert_close(gm(*args, **kwargs).logits, expected)
+
+
+def test_flags_that_land_in_forward_kwargs_are_accepted():
+    model = tiny_model("llama")
+    args, kwargs = example_inputs(model)
+    gm = peftc.capture(model, args, {**kwargs, "output_attentions": False})
+    expected = model(*args, **kwargs, use_cache=False).logits
+    torch.testing.assert_close(gm(*args, **kwargs).logits, expected)
+
+
+class _ExportBranch(nn.Module):
+    """Takes another branch under torch.export than in eager mode (as models with export-only
+    code paths do)."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(4, 4)
+
+    def forward(self, x):
+        return self.lin(x) * (2.0 if torch.compiler.is_exporting() else 1.0)
+
+
+def test_a_graph_that_computes_something_else_is_refused():
+    x = torch.randn(3, 4)
+    with pytest.raises(CaptureError, match="computes another output .* max \\|difference\\|"):
+        peftc.capture(_ExportBranch(), (x,))
+    model = _ExportBranch()
+    gm = peftc.capture(model, (x,), verify=False)
+    torch.testing.assert_close(gm(x), 2 * model(x))
+
+
 def test_gradients_flow_like_eager():
     model = tiny_model("llama")
     args, kwargs = example_inputs(model)

@@ -14,6 +14,7 @@ The model itself is never modified; the captured module shares its weight tensor
 
 from __future__ import annotations
 
+import functools
 import inspect
 import linecache
 import time
@@ -44,6 +45,7 @@ def capture(
     *,
     method: Method = "auto",
     dynamic: bool = True,
+    verify: bool = True,
 ) -> fx.GraphModule:
     """Capture `model` called as `model(*args, **kwargs)` and return a GraphModule.
 
@@ -51,7 +53,10 @@ def capture(
     dimensions 0 and 1 of every input tensor (batch, sequence) stay symbolic, so the
     result runs on other batch sizes and lengths; give examples whose batch and length
     are at least 2 and differ, or they get specialised. `use_cache=False` is passed to
-    models whose forward takes `use_cache` unless you pass it yourself.
+    models whose forward takes `use_cache` unless you pass it yourself. With `verify=True` (the
+    default) the graph and the model run once on the examples (in the model's mode, from one
+    seed), and any output that differs is a `CaptureError` naming it: a graph that computes
+    something else is never handed back.
     """
     if not isinstance(model, nn.Module):
         raise CaptureError(
@@ -66,14 +71,25 @@ def capture(
         gm = _export(model, args, kwargs, dynamic)
     else:
         gm = _symbolic(model, args, kwargs)
+    _record(gm, model, method, time.perf_counter() - start)
+    gm.train(model.training)
+    # `x @ W.T (+ b)` becomes a linear site like nn.Linear
+    peftc_meta(gm)["capture"]["canonicalized"] = canonicalize(gm)
+    mark_propagated(gm)
+    if verify and (args or kwargs):
+        _check_against_eager(model, gm, args, _call_kwargs(model, kwargs, method))
+    return gm
+
+
+def _record(gm: fx.GraphModule, model: nn.Module, method: str, seconds: float) -> None:
+    """What passes read about the model beside the graph."""
     meta = peftc_meta(gm)
     meta["capture"] = {
         "method": method,
-        "seconds": time.perf_counter() - start,
+        "seconds": seconds,
         "class": _qualname(type(model)),
-        "config": _config_summary(
-            model
-        ),  # what passes cannot read from the graph (tokenizer, limits)
+        # what passes cannot read from the graph (tokenizer, limits)
+        "config": _config_summary(model),
     }
     meta["module_types"] = _module_types(model)
     # transformers' experts declared `is_transposed` store their weights (experts, in, out)
@@ -81,11 +97,63 @@ def capture(
         path for path, m in model.named_modules() if getattr(m, "is_transposed", False) is True
     ]
     meta["history"] = []
-    gm.train(model.training)
-    # `x @ W.T (+ b)` becomes a linear site like nn.Linear
-    meta["capture"]["canonicalized"] = canonicalize(gm)
-    mark_propagated(gm)
-    return gm
+
+
+def _call_kwargs(model: nn.Module, kwargs: dict, method: str) -> dict:
+    """The keywords a capture calls `model` with: `use_cache=False` added for export."""
+    signature = inspect.signature(model.forward)
+    if method == "export" and "use_cache" in signature.parameters and "use_cache" not in kwargs:
+        return {**kwargs, "use_cache": False}
+    return dict(kwargs)
+
+
+@torch.no_grad()
+def _check_against_eager(model: nn.Module, gm: fx.GraphModule, args: tuple, kwargs: dict) -> None:
+    """Run both on the examples in the model's mode, from one seed (the RNG left as it was); raise
+    on the first output that differs beyond float rounding."""
+    if any(p.device.type == "meta" for p in model.parameters()):
+        return
+    inputs = peftc_meta(gm).get("example_inputs") or _symbolic_inputs(model, gm, args, kwargs)
+    with torch.random.fork_rng():  # one seed for both: in training mode they draw the same masks
+        torch.manual_seed(0)
+        expected = pytree.tree_flatten_with_path(model(*args, **kwargs))[0]
+        torch.manual_seed(0)
+        got = pytree.tree_flatten(gm(*inputs.values()))[0]
+    expected = [(p, v) for p, v in expected if isinstance(v, torch.Tensor)]
+    got = [v for v in got if isinstance(v, torch.Tensor)]
+    for (path, want), have in zip(expected, got, strict=False):
+        problem = _differs(have, want)
+        if problem:
+            raise CaptureError(
+                f"the captured graph of {type(model).__name__} computes another output "
+                f"{pytree.keystr(path) or '(the output)'} than the model on the example inputs: "
+                f"{problem}. torch.export traced something else than eager runs (often a branch "
+                "on a config flag or a custom op); capture(..., verify=False) returns the graph "
+                "anyway, for inspection"
+            )
+
+
+def _symbolic_inputs(model: nn.Module, gm: fx.GraphModule, args: tuple, kwargs: dict) -> dict:
+    bound = inspect.signature(model.forward).bind(*args, **kwargs)
+    bound.apply_defaults()
+    names = [str(n.target) for n in gm.graph.nodes if n.op == "placeholder"]
+    return {name: bound.arguments[name] for name in names}
+
+
+def _differs(got: torch.Tensor, expected: torch.Tensor) -> str | None:
+    if got.shape != expected.shape:
+        return f"shape {tuple(got.shape)}, the model's {tuple(expected.shape)}"
+    if not expected.is_floating_point():
+        return None if torch.equal(got, expected) else "other values"
+    # float32 sums in another order move outputs by ~1e-6 of their scale; half precision by more
+    tol = 1e-2 if expected.dtype in (torch.float16, torch.bfloat16) else 1e-3
+    nan = expected.isnan()
+    if not torch.equal(got.isnan(), nan):
+        return "NaN where the model has a number, or the reverse"
+    got, expected = got.float().masked_fill(nan, 0), expected.float().masked_fill(nan, 0)
+    diff = torch.where(got == expected, 0.0, got - expected).abs().max().item()
+    bound = tol * max(1.0, expected.abs().max().item())
+    return f"max |difference| {diff:.3g} > {bound:.3g}" if diff > bound else None
 
 
 def _method(method: str, has_inputs: bool) -> str:
@@ -126,25 +194,32 @@ def export_program(
 
 
 def _export(model: nn.Module, args: tuple, kwargs: dict, dynamic: bool) -> fx.GraphModule:
-    args, kwargs = _standalone((args, kwargs))
+    args, kwargs = _standalone((args, _call_kwargs(model, kwargs, "export")))
     signature = inspect.signature(model.forward)
-    if "use_cache" in signature.parameters and "use_cache" not in kwargs:
-        kwargs["use_cache"] = False
     try:
         bound = signature.bind(*args, **kwargs)
     except TypeError as e:
         raise CaptureError(
             f"example inputs do not fit {type(model).__name__}.forward{signature}: {e}"
         ) from e
-    dynamic_shapes = (
-        {name: _dynamic_spec(value) for name, value in bound.arguments.items()} if dynamic else None
-    )
+    dynamic_shapes = _dynamic_shapes(bound) if dynamic else None
+    # flags (`use_cache=False`, `output_attentions=False`) are bound into the call, so that those
+    # landing in `**kwargs` need no dynamic-shape entry (torch.export cannot match one there)
+    flags = {k: v for k, v in kwargs.items() if not _has_tensor(v)}
+    tensors = {k: v for k, v in kwargs.items() if k not in flags}
+    own_forward = vars(model).get("forward")
+    model.forward = functools.partial(model.forward, **flags)
     try:
         exported = torch.export.export(
-            model, args, kwargs, dynamic_shapes=dynamic_shapes, strict=False
+            model, args, tensors, dynamic_shapes=dynamic_shapes, strict=False
         )
     except Exception as e:
         raise CaptureError(_failure_message(model, e, "torch.export")) from e
+    finally:
+        if own_forward is None:
+            del model.forward
+        else:
+            model.forward = own_forward
     try:
         unlifted = exported.module(check_guards=False)
     except TypeError:  # torch < 2.9 has no check_guards
@@ -157,6 +232,7 @@ def _export(model: nn.Module, args: tuple, kwargs: dict, dynamic: bool) -> fx.Gr
     _keep_every_tensor(gm, unlifted, set(model.state_dict()))
     _mark_module_paths(gm, _module_types(model))
     _dropout_as_modules(gm)
+    _attention_dropout_as_modules(gm)
     _drop_constant_inputs(gm)
     _warn_static_dims(gm, dynamic)
     gm.recompile()
@@ -203,6 +279,17 @@ def _standalone(value: Any) -> Any:
     )
 
 
+def _dynamic_shapes(bound: inspect.BoundArguments) -> dict:
+    """Specs by argument name, for the arguments that hold tensors (the flags are bound)."""
+    return {
+        name: _dynamic_spec(value) for name, value in bound.arguments.items() if _has_tensor(value)
+    }
+
+
+def _has_tensor(value: Any) -> bool:
+    return any(isinstance(leaf, torch.Tensor) for leaf in pytree.tree_leaves(value))
+
+
 def _dynamic_spec(value: Any) -> Any:
     def spec(x: Any) -> Any:
         if isinstance(x, torch.Tensor) and x.dim() > 0:
@@ -235,6 +322,40 @@ def _dropout_as_modules(gm: fx.GraphModule) -> None:
         module_call.meta.update(node.meta)
         node.replace_all_uses_with(module_call)
         gm.graph.erase_node(node)
+
+
+class TrainingOnly(nn.Module):
+    """A probability that holds in training mode only: attention's `dropout_p`, which export bakes
+    in as the number it had when captured."""
+
+    def __init__(self, p: float) -> None:
+        super().__init__()
+        self.p = p
+
+    def forward(self) -> float:
+        return self.p if self.training else 0.0
+
+
+def _attention_dropout_as_modules(gm: fx.GraphModule) -> None:
+    """`aten.scaled_dot_product_attention(..., dropout_p)` captured in training mode keeps its p in
+    eval mode too; make p follow the mode, as the model's `dropout if self.training else 0.0`."""
+    sdpa = torch.ops.aten.scaled_dot_product_attention.default
+    for node in gm.graph.find_nodes(op="call_function", target=sdpa):
+        p = node.args[4] if len(node.args) > 4 else node.kwargs.get("dropout_p", 0.0)
+        if not isinstance(p, float) or p == 0.0:
+            continue
+        target = f"{node.meta['module_path']}.attention_dropout_p".lstrip(".")
+        if not _has_submodule(gm, target):
+            gm.add_submodule(target, TrainingOnly(p))
+        with gm.graph.inserting_before(node):
+            p_node = gm.graph.call_module(target, ())
+        p_node.meta.update(
+            {k: node.meta[k] for k in ("module_path", "module_type") if k in node.meta}
+        )
+        if len(node.args) > 4:
+            node.update_arg(4, p_node)
+        else:
+            node.update_kwarg("dropout_p", p_node)
 
 
 def _has_submodule(gm: nn.Module, path: str) -> bool:
