@@ -96,7 +96,25 @@ def _record(gm: fx.GraphModule, model: nn.Module, method: str, seconds: float) -
     meta["transposed_experts"] = [
         path for path, m in model.named_modules() if getattr(m, "is_transposed", False) is True
     ]
+    # what peft's all-linear reads: the nn.Linear / Conv1D modules, and the model's own head
+    meta["linear_modules"] = [path for path, m in model.named_modules() if _is_linear(m)]
+    meta["output_embeddings"] = _output_embeddings(model)
     meta["history"] = []
+
+
+def _is_linear(module: nn.Module) -> bool:
+    return isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D"
+
+
+def _output_embeddings(model: nn.Module) -> str | None:
+    """The path of the module `model.get_output_embeddings()` returns (a transformers model's LM
+    head), if any."""
+    get = getattr(model, "get_output_embeddings", None)
+    try:
+        head = get() if callable(get) else None
+    except (AttributeError, NotImplementedError):
+        return None
+    return next((path for path, m in model.named_modules() if m is head), None)
 
 
 def _call_kwargs(model: nn.Module, kwargs: dict, method: str) -> dict:

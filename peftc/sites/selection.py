@@ -113,10 +113,13 @@ def resolve_sites(
 ) -> list[WeightSite | SublayerSite]:
     """The sites of `kinds` that `targets` selects for pass `name` (None: `table`'s default for the
     architecture, peft's LoRA table by default); an empty selection is an error."""
-    if targets == "all-linear":
+    if targets == "all-linear":  # peft's: nn.Linear and Conv1D modules but the model's head
         head = lm_head(gm)
+        modules = peftc_meta(gm).get("linear_modules")
         sites = [
-            s for s in weight_sites(gm, kinds=("linear",)) if head is None or s.path != head.path
+            s
+            for s in weight_sites(gm, kinds=("linear",))
+            if (head is None or s.path != head.path) and (modules is None or s.path in modules)
         ]
         if not sites:
             raise OptionError(

@@ -12,7 +12,7 @@ techniques rewrite), recognised by what the computation is; capture first canoni
 4. Layer-norm sites: `aten.layer_norm`, `F.layer_norm`, `call_module(nn.LayerNorm)` with a weight.
 5. RMSNorm sites: the scale `W * h` of an RMSNorm module (Llama, Mistral, Qwen2, T5 compute their
    norms from elementwise ops; the site is the one op that reads the weight).
-6. The LM head: the last linear site that projects onto the vocabulary.
+6. The LM head: the linear site of the module `get_output_embeddings()` returned at capture.
 A site rewritten by techniques (its input or weight replaced) is still found, as captured.
 Region sites (`peftc.sites.regions`): attention, blocks, the input embeddings, the final hidden
 state.
@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from peftc.ir.graph import get_attr_path, get_tensor, module_path, module_type
+from peftc.ir.graph import get_attr_path, get_tensor, module_path, module_type, peftc_meta
 from peftc.ir.rewrites import Resolver, as_captured
 from peftc.ir.targets import select
 from peftc.sites.formats import format_of_node
@@ -228,14 +228,10 @@ def rms_norm_sites(gm: fx.GraphModule, targets: str | None = None) -> list[RMSNo
 
 
 def lm_head(gm: fx.GraphModule) -> LinearSite | None:
-    """The last linear site that projects onto the vocabulary (the largest embedding table), if
-    any."""
-    embeddings = embedding_sites(gm)
-    if not embeddings:
-        return None
-    vocab = max(s.num_embeddings for s in embeddings)
-    heads = [s for s in linear_sites(gm) if s.out_features == vocab]
-    return heads[-1] if heads else None
+    """The linear site of the module the model's `get_output_embeddings()` returned at capture (a
+    transformers model's LM head), if any."""
+    path = peftc_meta(gm).get("output_embeddings")
+    return next((s for s in linear_sites(gm) if s.path == path), None) if path else None
 
 
 def _select(sites: list, targets: str | None, what: str) -> list:

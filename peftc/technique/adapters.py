@@ -198,6 +198,7 @@ def add_adapter(gm: fx.GraphModule, method: Technique, options: Any) -> PassResu
             f'{method.name}: an adapter named {options.adapter!r} exists; pass adapter="other" or '
             "delete it first"
         )
+    options = method.resolve_options(gm, options)
     saved = [path for r in adapters(gm).values() for path in r.saved_modules]
     kept, copies = scope(gm, method.name, options, method.select(gm, options), saved)
     placed = kept + [(site, site.path) for site in copies]

@@ -316,6 +316,11 @@ class Technique:
     def stage_at(self, site: Any, options: Any) -> Stage:
         return self.stage
 
+    def resolve_options(self, gm: fx.GraphModule, options: Any) -> Any:
+        """The options as they apply to this graph, kept in the adapter's record and checkpoint (by
+        default as given; LoRA spells peft's all-linear out on mixture-of-experts families)."""
+        return options
+
     def select(self, gm: fx.GraphModule, options: Any) -> list[tuple[Any, str]]:
         """The sites an adapter acts on, each with the module path its tensors are named under: by
         default the sites `options.targets` selects, each at its own path. Override to adapt more

@@ -80,6 +80,7 @@ from peftc.techniques.lora_init import (
     rewrites,
 )
 from peftc.techniques.lora_kasa import check_kasa, truncate_base
+from peftc.techniques.lora_moe import all_linear
 from peftc.techniques.lora_monteclora import MontecloraA, check_monteclora, monteclora_params
 from peftc.techniques.lora_parameters import (
     check_parameter,
@@ -500,6 +501,9 @@ class Lora(Technique):
     )
     site_kinds = ("linear", "conv", "embedding")
     half_precision = "float32"
+
+    def resolve_options(self, gm: fx.GraphModule, options: LoraOptions) -> LoraOptions:
+        return all_linear(gm, options) if options.targets == "all-linear" else options
 
     def select(self, gm: fx.GraphModule, options: LoraOptions) -> list[tuple[Any, str]]:
         rows = token_map(options.trainable_token_indices)
