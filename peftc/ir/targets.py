@@ -14,7 +14,13 @@ from collections.abc import Callable, Iterable, Sequence
 
 from peftc.errors import TargetError
 
-__all__ = ["compile_pattern", "select"]
+__all__ = ["compile_pattern", "names_pattern", "select"]
+
+
+def names_pattern(names: Iterable[str]) -> str:
+    """peft's list of target names (each matched as the whole path or a suffix after a dot) as a
+    pattern."""
+    return "|".join(f"{name}|*.{name}" for name in names)
 
 
 def compile_pattern(pattern: str) -> Callable[[str], bool]:

@@ -3,13 +3,14 @@ architecture."""
 
 from __future__ import annotations
 
+import importlib
 from typing import Any
 
 from torch import fx
 
 from peftc.errors import OptionError
 from peftc.ir.graph import peftc_meta
-from peftc.ir.targets import select
+from peftc.ir.targets import names_pattern, select
 from peftc.sites.modules import module_sites
 from peftc.sites.parameters import parameter_sites
 from peftc.sites.regions import (
@@ -22,7 +23,7 @@ from peftc.sites.regions import (
 )
 from peftc.sites.weight import WeightSite, lm_head, weight_sites
 
-__all__ = ["sites_of", "resolve_sites", "default_targets", "DEFAULT_TARGETS"]
+__all__ = ["sites_of", "resolve_sites", "default_targets", "family_entry", "peft_table"]
 
 
 # site kind -> the query finding the sites of that kind (weight kinds: `weight_sites`)
@@ -54,54 +55,39 @@ def sites_of(gm: fx.GraphModule, kinds: tuple[str, ...], targets: str | None = N
     return sorted((s for s in found if s.path in chosen), key=lambda s: order[s.node])
 
 
-# peft's default target modules (TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING) by class
-DEFAULT_TARGETS = {
-    "t5": "*.q|*.v",
-    "mt5": "*.q|*.v",
-    "bart": "*.q_proj|*.v_proj",
-    "gpt2": "*.c_attn",
-    "bloom": "*.query_key_value",
-    "opt": "*.q_proj|*.v_proj",
-    "gptj": "*.q_proj|*.v_proj",
-    "gpt_neox": "*.query_key_value",
-    "gpt_neo": "*.q_proj|*.v_proj",
-    "bert": "*.query|*.value",
-    "roberta": "*.query|*.value",
-    "xlm-roberta": "*.query|*.value",
-    "electra": "*.query|*.value",
-    "deberta-v2": "*.query_proj|*.value_proj",
-    "layoutlm": "*.query|*.value",
-    "llama": "*.q_proj|*.v_proj",
-    "gpt_bigcode": "*.c_attn",
-    "falcon": "*.query_key_value",
-    "codegen": "*.qkv_proj",
-    "mistral": "*.q_proj|*.v_proj",
-    "mixtral": "*.q_proj|*.v_proj",
-    "stablelm": "*.q_proj|*.v_proj",
-    "phi": "*.q_proj|*.v_proj|*.fc1|*.fc2",
-    "gemma": "*.q_proj|*.v_proj",
-    "gemma2": "*.q_proj|*.v_proj",
-    "gemma3_text": "*.q_proj|*.v_proj",
-    "qwen2": "*.q_proj|*.v_proj",
-    "qwen3": "*.q_proj|*.v_proj",
-}
+def peft_table(name: str, pass_name: str) -> dict[str, list[str]]:
+    """peft's per-family table `TRANSFORMERS_MODELS_TO_<name>_MODULES_MAPPING` (`LORA_TARGET`,
+    `IA3_FEEDFORWARD`, ...), read from the installed peft."""
+    try:
+        constants = importlib.import_module("peft.utils.constants")
+    except ImportError:
+        raise OptionError(
+            f"{pass_name}: the default targets are peft's per-family table, and peft is not "
+            "installed: pip install 'peftc[hf]', or pass targets=\"...\""
+        ) from None
+    return getattr(constants, f"TRANSFORMERS_MODELS_TO_{name}_MODULES_MAPPING", None) or {}
 
 
-def default_targets(gm: fx.GraphModule, pass_name: str, table: dict[str, str] | None = None) -> str:
-    """peft's default targets for the captured architecture: the config's model_type (also of a
-    transformer inside the user's wrapper), else the captured class's module."""
+def family_entry(gm: fx.GraphModule, table: dict[str, Any]) -> Any:
+    """The entry of a per-family `table` for the captured architecture: its config's model_type
+    (also of a transformer inside the user's wrapper), else the captured class's module; None."""
     capture = peftc_meta(gm).get("capture", {})
     model_class, model_type = capture.get("class", ""), capture.get("config", {}).get("model_type")
-    table = table or DEFAULT_TARGETS
     if model_type in table:
         return table[model_type]
-    for family, pattern in table.items():
-        if f".models.{family}." in model_class:
-            return pattern
-    raise OptionError(
-        f'{pass_name}: no default targets for {model_class or "this model"}; pass targets="..." '
-        "(a glob such as '*.q_proj|*.v_proj', a 're:' regex, or 'all-linear')"
-    )
+    return next((v for k, v in table.items() if f".models.{k}." in model_class), None)
+
+
+def default_targets(gm: fx.GraphModule, pass_name: str, table: str = "LORA_TARGET") -> str:
+    """peft's default targets (its `table`) for the captured architecture, as a pattern."""
+    names = family_entry(gm, peft_table(table, pass_name))
+    if not names:
+        model_class = peftc_meta(gm).get("capture", {}).get("class") or "this model"
+        raise OptionError(
+            f'{pass_name}: peft has no default targets for {model_class}; pass targets="..." '
+            "(a glob such as '*.q_proj|*.v_proj', a 're:' regex, or 'all-linear')"
+        )
+    return names_pattern(names)
 
 
 def resolve_sites(
@@ -109,10 +95,10 @@ def resolve_sites(
     targets: str | None,
     name: str,
     kinds: tuple[str, ...] = ("linear",),
-    table: dict[str, str] | None = None,
+    table: str = "LORA_TARGET",
 ) -> list[WeightSite | SublayerSite]:
-    """The sites of `kinds` that `targets` selects for pass `name` (None: `table`'s default for the
-    architecture, peft's LoRA table by default); an empty selection is an error."""
+    """The sites of `kinds` that `targets` selects for pass `name` (None: the architecture's entry
+    in peft's `table`); an empty selection is an error."""
     if targets == "all-linear":  # peft's: nn.Linear and Conv1D modules but the model's head
         head = lm_head(gm)
         modules = peftc_meta(gm).get("linear_modules")

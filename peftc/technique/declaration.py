@@ -303,8 +303,9 @@ class Technique:
     preserves_outputs: ClassVar[bool] = True
     # False: not a weight update; `merge` leaves it in the graph and says so
     mergeable: ClassVar[bool] = True
-    # model family -> pattern; None: LoRA's table
-    default_targets: ClassVar[dict[str, str] | None] = None
+    # peft's per-family table of default targets (`TRANSFORMERS_MODELS_TO_<it>_MODULES_MAPPING`);
+    # None: the one of its peft type (LoRA's without one)
+    default_targets: ClassVar[str | None] = None
     # at most one active adapter of an exclusive technique per site
     exclusive: ClassVar[bool] = False
     # on a float16/bfloat16 base, with autocast_adapter_dtype (peft's default): "float32": peft
@@ -316,6 +317,13 @@ class Technique:
     def stage_at(self, site: Any, options: Any) -> Stage:
         return self.stage
 
+    @property
+    def targets_table(self) -> str:
+        """The name of peft's table of this technique's default targets."""
+        if self.default_targets:
+            return self.default_targets
+        return f"{(self.peft_type or 'LORA').replace('_', '')}_TARGET"
+
     def resolve_options(self, gm: fx.GraphModule, options: Any) -> Any:
         """The options as they apply to this graph, kept in the adapter's record and checkpoint (by
         default as given; LoRA spells peft's all-linear out on mixture-of-experts families)."""
@@ -326,7 +334,7 @@ class Technique:
         default the sites `options.targets` selects, each at its own path. Override to adapt more
         than the selected sites (peft's LoRA on nn.MultiheadAttention also adapts its out_proj,
         under `<mha>.base_layer.out_proj`)."""
-        sites = resolve_sites(gm, options.targets, self.name, self.site_kinds, self.default_targets)
+        sites = resolve_sites(gm, options.targets, self.name, self.site_kinds, self.targets_table)
         return [(site, site.path) for site in sites]
 
     def check(self, gm: fx.GraphModule, site: Any, options: Any) -> None:

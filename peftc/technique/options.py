@@ -42,6 +42,7 @@ from peftc.ir.options import (
     spec_of,
     type_name,
 )
+from peftc.ir.targets import names_pattern
 
 __all__ = [
     "AdapterOptions",
@@ -81,7 +82,7 @@ def targets_from_peft(target_modules: Any) -> str:
             "target_modules must name the adapted modules (a list of names or a regex), got "
             f"{target_modules!r}"
         )
-    return "|".join(f"{t}|*.{t}" for t in target_modules)
+    return names_pattern(target_modules)
 
 
 @dataclass(frozen=True)

@@ -29,7 +29,7 @@ import torch
 from torch import fx, nn
 
 from peftc.errors import OptionError
-from peftc.sites.selection import default_targets
+from peftc.sites.selection import family_entry, peft_table
 from peftc.technique import (
     AdapterOptions,
     Builder,
@@ -44,34 +44,6 @@ from peftc.technique import (
 __all__ = ["Ia3Options", "Ia3"]
 
 aten = torch.ops.aten
-
-# peft's TRANSFORMERS_MODELS_TO_IA3_TARGET_MODULES_MAPPING, as globs (an entry matches the whole
-# path or a suffix after a dot)
-_TARGETS = {
-    "llama": "*.k_proj|*.v_proj|*.down_proj",
-    "mistral": "*.k_proj|*.v_proj|*.down_proj",
-    "qwen2": "*.q_proj|*.v_proj|*.down_proj",
-    "opt": "*.q_proj|*.k_proj|*.fc2",
-    "gpt2": "*.c_attn|*.mlp.c_proj",
-    "gpt_neox": "*.query_key_value|*.dense_4h_to_h",
-    "falcon": "*.query_key_value|*.dense_4h_to_h",
-    "bert": "*.key|*.value|*.output.dense",
-    "roberta": "*.key|*.value|*.output.dense",
-    "t5": "*.k|*.v|*.wo",
-}
-# peft's TRANSFORMERS_MODELS_TO_IA3_FEEDFORWARD_MODULES_MAPPING (suffixes, matched with endswith)
-_FEEDFORWARD = {
-    "llama": ("down_proj",),
-    "mistral": ("down_proj",),
-    "qwen2": ("down_proj",),
-    "opt": ("fc2",),
-    "gpt2": ("mlp.c_proj",),
-    "gpt_neox": ("dense_4h_to_h",),
-    "falcon": ("dense_4h_to_h",),
-    "bert": ("output.dense",),
-    "roberta": ("output.dense",),
-    "t5": ("wo",),
-}
 
 
 def _regex(value: Any) -> str | None:
@@ -98,14 +70,14 @@ class Ia3Options(AdapterOptions):
 def _feedforward_modules(gm: fx.GraphModule, options: Ia3Options) -> tuple[str, ...] | str:
     if options.feedforward_modules is not None:
         return options.feedforward_modules
-    try:
-        return default_targets(gm, "ia3", _FEEDFORWARD)  # type: ignore[arg-type]
-    except OptionError:
+    entry = family_entry(gm, peft_table("IA3_FEEDFORWARD", "ia3"))
+    if entry is None:
         raise OptionError(
             "ia3: no default feedforward_modules for this model (as in peft); pass "
             "feedforward_modules="
             '["suffix", ...] (layers whose input is scaled), a regex, or [] for none'
-        ) from None
+        )
+    return tuple(entry)
 
 
 def is_feedforward(gm: fx.GraphModule, path: str, options: Ia3Options) -> bool:
@@ -135,7 +107,6 @@ class Ia3(Technique):
         "fan_in_fan_out",
     )
     site_kinds = ("linear", "conv")
-    default_targets = _TARGETS
 
     def stage_at(self, site: Any, options: Ia3Options) -> Stage:
         return (

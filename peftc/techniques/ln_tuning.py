@@ -33,18 +33,6 @@ _COPY = ModuleCopy("ln_tuning_layers")
 
 __all__ = ["LnTuningOptions", "LnTuning"]
 
-# peft's TRANSFORMERS_MODELS_TO_LNTUNING_TARGET_MODULES_MAPPING (bert, roberta, opt, gpt_neox have
-# no entry there
-# either).
-_TARGETS = {
-    "llama": "*.input_layernorm|*.post_attention_layernorm|*.norm",
-    "mistral": "*.input_layernorm|*.post_attention_layernorm|*.norm",
-    "qwen2": "*.post_attention_layernorm",
-    "gpt2": "*.ln_1|*.ln_2|*.ln_f",
-    "falcon": "*.input_layernorm|*.post_attention_layernorm|*.ln_f",
-    "t5": "*.layer_norm|*.final_layer_norm",
-}
-
 
 @dataclass(frozen=True)
 class LnTuningOptions(AdapterOptions):
@@ -62,13 +50,12 @@ class LnTuning(Technique):
     peft_type = "LN_TUNING"
     site_kinds = ("layer_norm", "rms_norm", "module")
     stage = "weight"
-    default_targets = _TARGETS
     # each adapter replaces the weight: two active copies have no meaning (peft refuses them too)
     exclusive = True
 
     def select(self, gm: fx.GraphModule, options: LnTuningOptions) -> list[tuple[Any, str]]:
         """The norms the targets select, and as module sites the selected modules holding none."""
-        pattern = options.targets or default_targets(gm, self.name, _TARGETS)
+        pattern = options.targets or default_targets(gm, self.name, self.targets_table)
         matches = compile_pattern(pattern)
         norms = [s for s in sites_of(gm, ("layer_norm", "rms_norm")) if matches(s.path)]
         taken = {s.path for s in norms}
