@@ -152,6 +152,23 @@ def test_a_graph_that_computes_something_else_is_refused():
     torch.testing.assert_close(gm(x), 2 * model(x))
 
 
+def test_a_length_the_model_fixes_is_said_and_guarded():
+    """Mamba's scan fixes the sequence length under torch.export: capture says so, and the graph
+    refuses another length naming the input and dim (not an error deep inside the scan)."""
+    model = tiny_model("mamba")
+    args, kwargs = example_inputs(model, seq=16)
+    with pytest.warns(
+        UserWarning, match="torch.export fixed these input dims .*'input_ids': {1: 16}"
+    ):
+        gm = peftc.capture(model, args, kwargs)
+    torch.testing.assert_close(gm(*args, **kwargs).logits, model(*args, **kwargs).logits)
+    other, other_kwargs = example_inputs(model, seq=12)
+    with pytest.raises(
+        AssertionError, match="input '(input_ids|attention_mask)' must have size 16 in dim 1"
+    ):
+        gm(*other, **other_kwargs)
+
+
 def test_gradients_flow_like_eager():
     model = tiny_model("llama")
     args, kwargs = example_inputs(model)

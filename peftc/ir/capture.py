@@ -17,6 +17,7 @@ from __future__ import annotations
 import functools
 import inspect
 import linecache
+import operator
 import time
 import traceback
 import warnings
@@ -25,6 +26,7 @@ from typing import Any, Literal
 import torch
 import torch.utils._pytree as pytree
 from torch import fx, nn
+from torch.fx.experimental.symbolic_shapes import is_concrete_int
 from torch.fx.graph import _PyTreeCodeGen, _PyTreeInfo
 from torch.fx.passes.fake_tensor_prop import FakeTensorProp
 
@@ -252,7 +254,7 @@ def _export(model: nn.Module, args: tuple, kwargs: dict, dynamic: bool) -> fx.Gr
     _dropout_as_modules(gm)
     _attention_dropout_as_modules(gm)
     _drop_constant_inputs(gm)
-    _warn_static_dims(gm, dynamic)
+    _static_dims(gm, dynamic)
     gm.recompile()
     peftc_meta(gm)["example_inputs"] = _example_inputs(gm, bound)
     return gm
@@ -401,20 +403,50 @@ def _drop_constant_inputs(gm: fx.GraphModule) -> None:
     codegen.pytree_info = _PyTreeInfo(names, in_spec, codegen.pytree_info.out_spec)
 
 
-def _warn_static_dims(gm: fx.GraphModule, dynamic: bool) -> None:
+def _static_dims(gm: fx.GraphModule, dynamic: bool) -> None:
+    """Dims 0 and 1 that export fixed although asked to keep them symbolic are guarded in the
+    graph, so that another size fails naming the dim instead of deep inside (a scan's length);
+    warned where they are a batch or a sequence (size 1; dim 0; dim 1 of token ids or of a
+    (batch, sequence, hidden) input), not where they are features or channels."""
     if not dynamic:
         return
-    for node in gm.graph.nodes:
+    static, surprising = {}, {}
+    for node in gm.graph.find_nodes(op="placeholder"):
         val = node.meta.get("val")
-        if node.op == "placeholder" and isinstance(val, torch.Tensor):
-            ones = [d for d in range(min(val.dim(), 2)) if val.shape[d] == 1]
-            if ones:
-                warnings.warn(
-                    f"input {node.target!r} has size 1 in dim(s) {ones}: torch.export specialises "
-                    "such dims, so the captured graph only accepts size 1 there; capture with a "
-                    "batch and length of at least 2",
-                    stacklevel=4,
-                )
+        if not isinstance(val, torch.Tensor):
+            continue
+        dims = range(min(val.dim(), 2))
+        fixed = {d: int(val.shape[d]) for d in dims if is_concrete_int(val.shape[d])}
+        if fixed:
+            static[str(node.target)] = fixed
+            _guard_sizes(gm, node, fixed)
+        sequence = not val.is_floating_point() or val.dim() == 3
+        warn = {d: n for d, n in fixed.items() if n == 1 or d == 0 or sequence}
+        if warn:
+            surprising[str(node.target)] = warn
+    if surprising:
+        warnings.warn(
+            f"torch.export fixed these input dims (input: {{dim: size}}): {surprising}; the graph "
+            "accepts only those sizes there (size 1 is always fixed; otherwise the model's code "
+            "specialises the dim). Capture with the sizes you will run, at least 2",
+            stacklevel=4,
+        )
+    peftc_meta(gm)["static_dims"] = static
+
+
+def _guard_sizes(gm: fx.GraphModule, x: fx.Node, fixed: dict[int, int]) -> None:
+    last = next(n for n in reversed(gm.graph.nodes) if n.op == "placeholder")
+    with gm.graph.inserting_before(last.next):
+        for d, size in fixed.items():
+            message = (
+                f"input {x.target!r} must have size {size} in dim {d}: torch.export fixed it at "
+                "capture; capture again with the size you run"
+            )
+            actual = gm.graph.call_function(torch.ops.aten.sym_size.int, (x, d))
+            same = gm.graph.call_function(operator.eq, (actual, size))
+            check = gm.graph.call_function(torch._assert, (same, message))
+            for node, val in ((actual, size), (same, True), (check, None)):
+                node.meta.update(val=val, module_path="", module_type="")
 
 
 def _example_inputs(gm: fx.GraphModule, bound: inspect.BoundArguments) -> dict[str, Any]:

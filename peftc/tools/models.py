@@ -178,6 +178,11 @@ _TINY: dict[str, tuple[str, str, dict[str, Any]]] = {
             eos_token_id=1,
         ),
     ),
+    "mamba": (
+        "MambaConfig",
+        "MambaForCausalLM",
+        dict(hidden_size=32, state_size=4, num_hidden_layers=2, expand=2, conv_kernel=4),
+    ),
     "t5": (
         "T5Config",
         "T5ForConditionalGeneration",
