@@ -58,3 +58,15 @@ def test_all_linear_on_experts_without_peft_s_tables_is_refused(monkeypatch):
     monkeypatch.setitem(sys.modules, "peft.utils.transformers_weight_conversion", None)
     with pytest.raises(OptionError, match="install peft to read them"):
         peftc.apply(graph, "lora(targets='all-linear')")
+
+
+def test_nf4_says_it_leaves_the_expert_stacks_in_float():
+    """nf4 quantizes linear weights; the experts' 3-D stacks stay float, and the pass says so."""
+    model = tiny_model("mixtral")
+    graph = peftc.capture(model, *example_inputs(model))
+    with pytest.warns(
+        UserWarning, match="4 mixture-of-experts weight stacks .* stay in their float"
+    ):
+        quantized = peftc.apply(graph, "nf4")
+    history = peftc.ir.graph.peftc_meta(quantized)["history"]
+    assert "stay in their float dtype" in str(history[-1])

@@ -14,6 +14,7 @@
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -85,14 +86,30 @@ def nf4(gm: fx.GraphModule, options: Nf4Options) -> PassResult:
         replaced[site.node] = _swap_linear(
             gm, site, names, replaced.get(site.input, site.input), options
         )
-    return PassResult(
-        gm,
-        modified=bool(sites),
-        sites=tuple(s.path for s in sites),
-        report="NF4 blocksize "
-        f"{options.blocksize}{' double-quant' if options.double_quant else ''} on {len(buffers)} "
-        "linears",
+    report = (
+        f"NF4 blocksize {options.blocksize}{' double-quant' if options.double_quant else ''} on "
+        f"{len(buffers)} linears"
     )
+    experts = _expert_parameters(gm)
+    if experts:
+        left = sum(n for n in experts.values())
+        note = (
+            f"{len(experts)} mixture-of-experts weight stacks ({left:,} parameters, e.g. "
+            f"{next(iter(experts))}) stay in their float dtype: nf4 quantizes linear weights only"
+        )
+        warnings.warn(f"nf4: {note}", stacklevel=2)
+        report += f"; {note}"
+    return PassResult(gm, modified=bool(sites), sites=tuple(s.path for s in sites), report=report)
+
+
+def _expert_parameters(gm: fx.GraphModule) -> dict[str, int]:
+    """The 3-D weight stacks of experts modules (transformers 5's fused MoE experts), by name."""
+    types = peftc_meta(gm).get("module_types", {})
+    return {
+        name: p.numel()
+        for name, p in gm.named_parameters()
+        if p.dim() == 3 and types.get(name.rpartition(".")[0], "").endswith("Experts")
+    }
 
 
 def _swap_linear(
