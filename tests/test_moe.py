@@ -67,6 +67,5 @@ def test_nf4_says_it_leaves_the_expert_stacks_in_float():
     with pytest.warns(
         UserWarning, match="4 mixture-of-experts weight stacks .* stay in their float"
     ):
-        quantized = peftc.apply(graph, "nf4")
-    history = peftc.ir.graph.peftc_meta(quantized)["history"]
-    assert "stay in their float dtype" in str(history[-1])
+        result = peftc.Pipeline.parse("nf4").run(graph)
+    assert "stay in their float dtype" in result.results[0].report
