@@ -312,3 +312,33 @@ def test_pass_text_round_trip():
         "c2.hada_t1.default",
         "c2.hada_t2.default",
     }
+
+
+class StringPadding(nn.Module):
+    """Convolutions with padding="valid" (SigLIP's patch embedding) and "same"."""
+
+    def __init__(self):
+        super().__init__()
+        self.valid = nn.Conv2d(3, 8, 2, stride=2, padding="valid")
+        self.same = nn.Conv2d(8, 8, 3, padding="same")
+        self.head = nn.Linear(8 * 16, 4)
+
+    def forward(self, x):
+        return self.head(torch.relu(self.same(self.valid(x))).flatten(1))
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        peft.LoraConfig(r=2, target_modules=["valid", "same"]),
+        peft.LoraConfig(r=2, target_modules=["valid", "same"], use_dora=True),
+        peft.LoHaConfig(r=2, target_modules=["valid", "same"]),
+        peft.IA3Config(target_modules=["valid", "same"], feedforward_modules=[]),
+    ],
+    ids=["lora", "dora", "loha", "ia3"],
+)
+def test_string_padding_convolutions_are_sites(config, tmp_path):
+    torch.manual_seed(0)
+    model = StringPadding().eval()
+    parity = against_peft(model, (torch.randn(2, 3, 8, 8),), {}, config, tmp_path)
+    assert parity.merged is not None and parity.reloaded is not None

@@ -7,7 +7,8 @@ techniques rewrite), recognised by what the computation is; capture first canoni
 1. Linear sites: `aten.linear`, `F.linear`, `call_module(nn.Linear)`, GPT-2's `Conv1D`
    (`addmm(bias, x, W)` with W stored as (in, out)), and ops of registered weight formats
    (`peftc::nf4_linear`, `storage="nf4"`, whose `weight` names the packed buffer).
-2. Convolution sites: `aten.conv1d/2d/3d`, `F.conv*d`, `call_module(nn.Conv*d)` (zero padding).
+2. Convolution sites: `aten.conv1d/2d/3d` (numeric or "valid"/"same" padding), `F.conv*d`,
+   `call_module(nn.Conv*d)` (zero padding).
 3. Embedding sites: `aten.embedding`, `F.embedding`, `call_module(nn.Embedding)`.
 4. Layer-norm sites: `aten.layer_norm`, `F.layer_norm`, `call_module(nn.LayerNorm)` with a weight.
 5. RMSNorm sites: the scale `W * h` of an RMSNorm module (Llama, Mistral, Qwen2, T5 compute their
@@ -66,6 +67,10 @@ _CONV_FNS = {
     torch.ops.aten.conv1d.default: 1,
     torch.ops.aten.conv2d.default: 2,
     torch.ops.aten.conv3d.default: 3,
+    # padding="valid" / "same" (SigLIP's patch embedding)
+    torch.ops.aten.conv1d.padding: 1,
+    torch.ops.aten.conv2d.padding: 2,
+    torch.ops.aten.conv3d.padding: 3,
     F.conv1d: 1,
     F.conv2d: 2,
     F.conv3d: 3,
