@@ -16,6 +16,7 @@ from peftc.ir.graph import get_tensor
 from peftc.technique.adapters import adapters
 from peftc.techniques.lora_kasa import kasa_loss
 from peftc.techniques.lora_monteclora import monteclora_loss
+from peftc.tools.models import example_inputs, tiny_model
 from peftc.tools.parity import against_peft, close, first_output, perturb
 
 from conftest import requires_minilm
@@ -393,3 +394,14 @@ def _draw_as(theirs, ours) -> None:
                 return z["z_mvn"], z["z_wishart"], z["z_dirichlet"]
 
             ours.get_submodule(record.modules[path]["lora_monteclora"]).draw = draw
+
+
+def test_lora_on_mamba_s_fused_weights_is_refused_as_peft_refuses_it():
+    model = tiny_model("mamba")
+    args, kwargs = example_inputs(model)
+    with pytest.warns(UserWarning, match="fixed these input dims"):
+        gm = peftc.capture(model, args, kwargs)
+    with pytest.raises(OptionError, match="'backbone.layers.0.mixer.out_proj' is incompatible"):
+        peftc.apply(gm, "lora(targets='all-linear')")
+    adapted = peftc.apply(gm, "lora(targets='*.in_proj|*.x_proj')")
+    assert adapted(*args, **kwargs).logits.shape == (2, 16, 256)

@@ -42,6 +42,7 @@ from peftc.technique import (
     positive,
     register_technique,
 )
+from peftc.techniques.lora import refuse_on_mamba
 
 __all__ = ["AdaloraOptions", "Adalora"]
 
@@ -133,6 +134,7 @@ class Adalora(Technique):
     half_precision = "float32"
 
     def check(self, gm: fx.GraphModule, site: Any, options: AdaloraOptions) -> None:
+        refuse_on_mamba(gm, site, "adalora")
         if site.kind == "conv" and (site.dims != 2 or site.groups != 1):
             raise OptionError(
                 f"adalora: {site.path!r} is a {site.dims}-d convolution with groups={site.groups}; "

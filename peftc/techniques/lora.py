@@ -99,7 +99,14 @@ from peftc.techniques.trainable_tokens import (
     token_rows,
 )
 
-__all__ = ["LoraOptions", "Lora", "multihead_attention", "padding_mode", "refuse_convolution"]
+__all__ = [
+    "LoraOptions",
+    "Lora",
+    "multihead_attention",
+    "padding_mode",
+    "refuse_convolution",
+    "refuse_on_mamba",
+]
 
 aten = torch.ops.aten
 
@@ -402,6 +409,23 @@ def padding_mode(site: Any) -> str:
     return "zeros"
 
 
+# peft's `_check_lora_target_modules_mamba`: Mamba's fused kernels read these weights directly
+_MAMBA_TYPES = {"falcon_h1", "mamba", "mamba2", "falcon_mamba", "nemotron_h"}
+_MAMBA_FUSED = {"out_proj", "conv1d"}
+
+
+def refuse_on_mamba(gm: fx.GraphModule, site: Any, name: str) -> None:
+    """What peft refuses for LoRA-like adapters on Mamba-like models: out_proj and conv1d, which
+    the fused kernels apply without calling the module."""
+    model_type = peftc_meta(gm).get("capture", {}).get("config", {}).get("model_type")
+    if model_type in _MAMBA_TYPES and site.path.rpartition(".")[2] in _MAMBA_FUSED:
+        raise OptionError(
+            f"{name}: {site.path!r} is incompatible with {model_type} models: their fused "
+            "kernels read its weight without calling the module (peft refuses it too); "
+            "leave out_proj and conv1d out of targets"
+        )
+
+
 def refuse_convolution(name: str, site: Any) -> None:
     """What peft's adapter convolutions cannot reproduce: they pad with zeros whatever the base's
     padding mode."""
@@ -595,6 +619,7 @@ class Lora(Technique):
         if site.kind == "parameter" and not multihead_attention(site):
             rows = token_rows(gm, site, token_map(options.trainable_token_indices))
             return check_rows(site, rows) if rows else check_parameter(site, options)
+        refuse_on_mamba(gm, site, "lora")
         if rewrites(options.init):
             check_init(site, options)
         if options.kasa:
