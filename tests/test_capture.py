@@ -293,3 +293,49 @@ def test_capture_records_the_config_of_a_wrapped_transformer():
     assert _config_summary(Head(inner)) == _config_summary(inner)
     # two transformers: no one config
     assert _config_summary(Head(inner, loaded("tiny-gpt2").model)) == {}
+
+
+def test_paligemma_s_graph_which_export_gets_wrong_is_refused():
+    """torch.export itself traces tiny PaliGemma into a graph whose logits differ from eager (an
+    upstream problem, transformers 5.25): capture refuses it by name instead of handing it back."""
+    from transformers import (
+        GemmaConfig,
+        PaliGemmaConfig,
+        PaliGemmaForConditionalGeneration,
+        SiglipVisionConfig,
+    )
+
+    text = GemmaConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=1,
+        head_dim=8,
+        vocab_size=300,
+        max_position_embeddings=128,
+    )
+    vision = SiglipVisionConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        image_size=16,
+        patch_size=8,
+        projection_dim=32,
+    )
+    config = PaliGemmaConfig(
+        text_config=text.to_dict(),
+        vision_config=vision.to_dict(),
+        image_token_index=299,
+        projection_dim=32,
+        hidden_size=32,
+        vocab_size=300,
+    )
+    torch.manual_seed(0)
+    model = PaliGemmaForConditionalGeneration(config).eval()
+    ids = torch.cat([torch.full((2, 4), 299), torch.randint(3, 200, (2, 8))], 1)
+    inputs = {"input_ids": ids, "pixel_values": torch.randn(2, 3, 16, 16)}
+    inputs["attention_mask"] = torch.ones_like(ids)
+    with pytest.raises(CaptureError, match=r"computes another output \['logits'\]"):
+        peftc.capture(model, (), inputs)
