@@ -74,6 +74,23 @@ CELLS = {
 MODEL_DTYPE = [c for c in CELLS if c not in ("loha", "lokr", "boft")]
 
 
+def bf16_parity(arch, config, autocast, folder, **options):
+    """`against_peft` on the bfloat16 `arch`, within bfloat16's tolerances."""
+    model, args, kwargs, graph = bf16(arch)
+    return against_peft(
+        model,
+        args,
+        kwargs,
+        config,
+        folder,
+        graph=graph,
+        tol=BF16,
+        grad_tol=GRADIENTS,
+        autocast_adapter_dtype=autocast,
+        **options,
+    )
+
+
 @pytest.mark.parametrize(
     "cell, autocast",
     [(c, True) for c in CELLS] + [(c, False) for c in MODEL_DTYPE],
@@ -81,22 +98,10 @@ MODEL_DTYPE = [c for c in CELLS if c not in ("loha", "lokr", "boft")]
 )
 def test_matches_peft_on_bfloat16(cell, autocast, tmp_path):
     arch, config = CELLS[cell]
-    model, args, kwargs, graph = bf16(arch)
     torch.manual_seed(0)  # peft draws the adapter from the global RNG
-    parity = against_peft(
-        model,
-        args,
-        kwargs,
-        config,
-        tmp_path,
-        graph=graph,
-        tol=BF16,
-        grad_tol=GRADIENTS,
-        autocast_adapter_dtype=autocast,
-        # merged into bfloat16 experts, some draws (3 in 10) flip a router's top-k choice, which
-        # moves outputs by ~0.3; test_target_parameters checks that merge in float32
-        merge=cell != "lora-experts",
-    )
+    # merged into bfloat16 experts, some draws (3 in 10) flip a router's top-k choice, which moves
+    # outputs by ~0.3; test_target_parameters checks that merge in float32
+    parity = bf16_parity(arch, config, autocast, tmp_path, merge=cell != "lora-experts")
     if cell.startswith(EXACT):  # the same ops in the same order as peft's, rounded once
         assert parity.output == 0.0 and parity.reloaded == 0.0
     dtypes = {p.dtype for n, p in parity.graph.named_parameters() if p.requires_grad} | {
@@ -110,20 +115,8 @@ def test_adalora_matches_peft_on_bfloat16_but_keeps_ranknum_frozen(autocast, tmp
     """Over a bfloat16 model peft re-wraps AdaLoRA's frozen `ranknum` (its rank, a constant) as a
     trainable parameter when it casts the adapter (to float32, or to the base's dtype), so an
     optimizer would move it there; peftc keeps it frozen and equals peft on everything else."""
-    model, args, kwargs, graph = bf16("llama")
     config = peft.AdaLoraConfig(target_modules=["q_proj", "v_proj"], total_step=10, init_r=4)
-    parity = against_peft(
-        model,
-        args,
-        kwargs,
-        config,
-        tmp_path,
-        graph=graph,
-        tol=BF16,
-        grad_tol=GRADIENTS,
-        autocast_adapter_dtype=autocast,
-        peft_wrongly_trains=("ranknum",),
-    )
+    parity = bf16_parity("llama", config, autocast, tmp_path, peft_wrongly_trains=("ranknum",))
     assert parity.output == 0.0 and parity.reloaded == 0.0
     theirs = {n for n, p in parity.peft.named_parameters() if p.requires_grad and "ranknum" in n}
     assert theirs, "peft trains ranknum over a bfloat16 model"

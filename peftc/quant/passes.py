@@ -92,9 +92,9 @@ def nf4(gm: fx.GraphModule, options: Nf4Options) -> PassResult:
     )
     experts = _expert_parameters(gm)
     if experts:
-        left = sum(n for n in experts.values())
         note = (
-            f"{len(experts)} mixture-of-experts weight stacks ({left:,} parameters, e.g. "
+            f"{len(experts)} mixture-of-experts weight stacks ({sum(experts.values()):,} "
+            "parameters, e.g. "
             f"{next(iter(experts))}) stay in their float dtype: nf4 quantizes linear weights only"
         )
         warnings.warn(f"nf4: {note}", stacklevel=2)

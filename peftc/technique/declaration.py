@@ -303,9 +303,6 @@ class Technique:
     preserves_outputs: ClassVar[bool] = True
     # False: not a weight update; `merge` leaves it in the graph and says so
     mergeable: ClassVar[bool] = True
-    # peft's per-family table of default targets (`TRANSFORMERS_MODELS_TO_<it>_MODULES_MAPPING`);
-    # None: the one of its peft type (LoRA's without one)
-    default_targets: ClassVar[str | None] = None
     # at most one active adapter of an exclusive technique per site
     exclusive: ClassVar[bool] = False
     # on a float16/bfloat16 base, with autocast_adapter_dtype (peft's default): "float32": peft
@@ -319,9 +316,8 @@ class Technique:
 
     @property
     def targets_table(self) -> str:
-        """The name of peft's table of this technique's default targets."""
-        if self.default_targets:
-            return self.default_targets
+        """peft's per-family table of this technique's default targets
+        (`TRANSFORMERS_MODELS_TO_<it>_MODULES_MAPPING`): its peft type's, LoRA's without one."""
         return f"{(self.peft_type or 'LORA').replace('_', '')}_TARGET"
 
     def resolve_options(self, gm: fx.GraphModule, options: Any) -> Any:

@@ -151,7 +151,7 @@ def initialize(
         groups, budget, limits = _groups(gm, record, method)
         ranks = _fit(gm, groups, batches, budget, limits, options, max_steps)
     finally:
-        set_active(gm, [a for a in active if a != adapter] + [adapter])
+        set_active(gm, active)
     components = {
         path: _components(group, ranks[path], options.eva_whiten)
         for group in groups
@@ -166,14 +166,14 @@ def _groups(gm: fx.GraphModule, record: Any, method: Any) -> tuple[list[_Group],
     the rank budget; each site's component count round(rho r)."""
     options = record.options
     sites = current_sites(gm, [(p, k) for p, k in record.sites if k == "linear"])
-    order = list(peftc_meta(gm).get("module_types", {}))
+    order = {path: i for i, path in enumerate(peftc_meta(gm).get("module_types", {}))}
     rank = {s.path: method.options_at(s, options).r for s in sites.values()}
     rho = options.eva_rho
     if rho > 1000:  # peft's cap on a very large rho
         rho = min(rho, max(max(p.shape) for p in gm.parameters() if p.dim()) // options.r)
     limits = {path: round(r * rho) for path, r in rank.items()}
     by_node: dict[fx.Node, list[Any]] = {}
-    for site in sorted(sites.values(), key=lambda s: order.index(s.path) if s.path in order else 0):
+    for site in sorted(sites.values(), key=lambda s: order.get(s.path, 0)):
         if limits[site.path] > site.in_features:
             raise OptionError(
                 f"eva: {site.path!r} has {site.in_features} input features, fewer than the "
