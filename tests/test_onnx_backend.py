@@ -70,6 +70,8 @@ MERGED = [
     ("tiny-llama", "lora(r=4, alpha=8, targets='all-linear')"),
     ("tiny-gpt2", "ia3(targets='*.c_attn|*.c_fc', feedforward_modules=['c_fc'])"),
     ("tiny-bert", "lokr(r=4, targets='*.query|*.value|*.dense')"),
+    # experts as target_parameters, computed by transformers' grouped matmul
+    ("tiny-mixtral", "lora(r=4, targets='all-linear')"),
     pytest.param(
         "minilm", "lora(r=8, dora=true, targets='*.query|*.value')", marks=requires_minilm
     ),

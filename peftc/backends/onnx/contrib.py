@@ -7,6 +7,10 @@
   `quant="int4"` targets: the NF4 weight is decoded to a dense MatMul and requantized by ONNX
   Runtime's own `MatMulNBitsQuantizer`.
 
+It also translates transformers' grouped matmul of mixture-of-experts layers (rows sorted by
+expert): one MatMul per expert on its slice of rows, concatenated, as transformers' CPU fallback
+computes it, so no expert multiplies a row it was not routed.
+
 onnx ships no schemas for contrib ops; registering them lets onnxscript build the nodes and
 `onnx.checker` check them.
 """
@@ -24,7 +28,13 @@ import onnxscript
 from onnx.defs import OpSchema
 from onnxscript import opset18 as op
 
-__all__ = ["register_schemas", "nf4_linear_to_matmulbnb4", "requantize_int4", "quiet"]
+__all__ = [
+    "register_schemas",
+    "nf4_linear_to_matmulbnb4",
+    "grouped_mm_to_onnx",
+    "requantize_int4",
+    "quiet",
+]
 
 NF4 = 1  # MatMulBnb4's quant_type
 
@@ -109,6 +119,22 @@ def nf4_linear_to_matmulbnb4(
         x, packed, absmax, K=in_features, N=out_features, block_size=blocksize, quant_type=NF4
     )
     return y if bias is None else op.Add(y, bias)
+
+
+def grouped_mm_to_onnx(input, weight, offs):
+    """Translation of `transformers::grouped_mm_fallback(input (S, in), weight (E, in, out),
+    offs (E,))`: rows offs[e-1]:offs[e] of `input` belong to expert e (E is static)."""
+    experts = weight.shape[0]
+    ends = op.Cast(offs, to=onnx.TensorProto.INT64)
+    starts = op.Concat(op.Constant(value_ints=[0]), op.Slice(ends, [0], [experts - 1]), axis=0)
+    pieces = [
+        op.MatMul(
+            op.Slice(input, op.Slice(starts, [e], [e + 1]), op.Slice(ends, [e], [e + 1]), [0]),
+            op.Gather(weight, op.Constant(value_int=e), axis=0),
+        )
+        for e in range(experts)
+    ]
+    return op.Concat(*pieces, axis=0)
 
 
 def requantize_int4(

@@ -29,6 +29,7 @@ from torch import fx
 
 from peftc._io import atomic_write
 from peftc.backends.onnx.contrib import (
+    grouped_mm_to_onnx,
     nf4_linear_to_matmulbnb4,
     quiet,
     register_schemas,
@@ -52,7 +53,10 @@ __all__ = ["export", "OnnxExport", "onnx_model", "linear_weight_bytes"]
 
 aten = torch.ops.aten
 NF4_LINEAR = torch.ops.peftc.nf4_linear.default
+NF4_EXPERTS = torch.ops.peftc.nf4_dequantize_experts.default
 TRANSLATIONS = {NF4_LINEAR: nf4_linear_to_matmulbnb4}
+# ops of other libraries, translated when that library has registered them
+_LIBRARY_TRANSLATIONS = {("transformers", "grouped_mm_fallback"): grouped_mm_to_onnx}
 _DTYPES = {"float32": torch.float32, "float16": torch.float16}
 _QUANT = ("nf4", "int4")
 
@@ -154,7 +158,7 @@ def onnx_model(
     try:
         with quiet():
             onnx_program = torch.onnx.export(
-                program, dynamo=True, optimize=False, custom_translation_table=TRANSLATIONS
+                program, dynamo=True, optimize=False, custom_translation_table=translations()
             )
     except Exception as e:
         raise ExportError(_conversion_message(gm, e)) from e
@@ -268,16 +272,33 @@ def _positional(gm: fx.GraphModule, args: tuple | None, kwargs: dict[str, Any] |
     return args + tuple(kwargs[n] for n in names[len(args) :])
 
 
+def translations() -> dict:
+    """`TRANSLATIONS` and those of `_LIBRARY_TRANSLATIONS` whose op is registered."""
+    table = dict(TRANSLATIONS)
+    for (namespace, name), translation in _LIBRARY_TRANSLATIONS.items():
+        packet = getattr(getattr(torch.ops, namespace), name, None)
+        if packet is not None:
+            table.setdefault(packet.default, translation)
+    return table
+
+
 def _check_translatable(gm: fx.GraphModule) -> None:
     """Ops outside aten/prims need a translation; name the first one without, and where it sits."""
+    table = translations()
     for node in gm.graph.nodes:
         target = node.target
         if node.op != "call_function" or not isinstance(target, torch._ops.OpOverload):
             continue
-        if target.namespace in ("aten", "prims") or target in TRANSLATIONS:
+        if target.namespace in ("aten", "prims") or target in table:
             continue
         where = node.meta.get("module_path") or "the top-level module"
         inserted_by = node.meta.get("peftc", {}).get("pass")
+        if target is NF4_EXPERTS:
+            raise ExportError(
+                f"node {node.name!r} decodes the NF4 expert stack {node.args[0].target!r} in "
+                f'{where}, which no ONNX Runtime op computes: merge(dtype="float32") first (the '
+                "file then holds the experts in float), or quantize with nf4(experts=false)"
+            )
         hint = (
             f"it belongs to a {inserted_by} branch: merge it first (on NF4 weights: "
             'merge(dtype="float16")), or '
