@@ -29,7 +29,14 @@ from peftc.quant.nf4 import NF4Weight, dequantize_nf4, quantize_nf4
 from peftc.sites.formats import register_format
 from peftc.sites.weight import LinearSite
 
-__all__ = ["NF4Format", "nf4_state", "fold_into_nf4", "DTYPES"]
+__all__ = [
+    "NF4Format",
+    "NF4ExpertsFormat",
+    "nf4_state",
+    "fold_into_nf4",
+    "DTYPES",
+    "EXPERT_SUFFIXES",
+]
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -160,9 +167,9 @@ def fold_into_nf4(
     """
     state = nf4_state(gm, site.node)
     requantized = quantize_nf4(merged, state.blocksize, state.double_quant)
-    delta = merged - base
-    kept = dequantize_nf4(requantized, torch.float32) - base
-    survived = float((kept * delta).sum() / (delta * delta).sum().clamp_min(1e-30))
+    survived = _survival(
+        site, merged, base, dequantize_nf4(requantized, torch.float32), requantize or dtype
+    )
     if requantize:
         for node, field in zip(
             site.node.args[1:5], ("packed", "absmax", "absmax_scale", "offset"), strict=True
@@ -170,17 +177,30 @@ def fold_into_nf4(
             if node is not None:
                 set_tensor(gm, get_attr_path(node), getattr(requantized, field), buffer=True)
         return survived
-    if dtype is None:
-        ratio = float(delta.norm() / base.norm().clamp_min(1e-30))
-        raise OptionError(
-            f"merge: {site.path!r} is NF4; this update has ||dW||/||W|| = {ratio:.1e} and "
-            "requantizing would keep "
-            f'{survived:.1%} of it. Choose merge(dtype="{_dtype_name(state.dtype)}") for a dense '
-            f"merged weight{' (recommended here)' if survived < 0.9 else ''} or "
-            "merge(requantize=true) to stay 4-bit"
-        )
     _to_dense(gm, site, merged.to(DTYPES[dtype]))
     return 1.0
+
+
+def _survival(
+    site, merged: torch.Tensor, base: torch.Tensor, requantized: torch.Tensor, chosen: Any
+) -> float:
+    """The fraction of dW = merged - base that `requantized` keeps; without a `chosen` way to
+    store the merged weight, an error stating it and recommending one."""
+    delta = merged - base
+    kept = requantized - base
+    survived = float((kept * delta).sum() / (delta * delta).sum().clamp_min(1e-30))
+    if chosen:
+        return survived
+    ratio = float(delta.norm() / base.norm().clamp_min(1e-30))
+    val = site.node.meta.get("val")
+    model_dtype = _dtype_name(val.dtype) if isinstance(val, torch.Tensor) else "float32"
+    raise OptionError(
+        f"merge: {site.path!r} is NF4; this update has ||dW||/||W|| = {ratio:.1e} and "
+        "requantizing would keep "
+        f'{survived:.1%} of it. Choose merge(dtype="{model_dtype}") for a dense '
+        f"merged weight{' (recommended here)' if survived < 0.9 else ''} or "
+        "merge(requantize=true) to stay 4-bit"
+    )
 
 
 def _to_dense(gm: fx.GraphModule, site, weight: torch.Tensor) -> None:
@@ -214,10 +234,113 @@ def _to_dense(gm: fx.GraphModule, site, weight: torch.Tensor) -> None:
         node.meta.update(module_path=site.path, module_type=site.node.meta.get("module_type", ""))
     site.node.replace_all_uses_with(out)
     graph.erase_node(site.node)
+    _drop_storage(gm, buffers, site.path)
+
+
+NF4_EXPERTS = torch.ops.peftc.nf4_dequantize_experts.default
+# NF4Weight field -> suffix of the buffer holding it, after the stack's name
+EXPERT_SUFFIXES = {
+    "packed": "_nf4",
+    "absmax": "_absmax",
+    "absmax_scale": "_absmax_scale",
+    "offset": "_absmax_offset",
+}
+
+
+class NF4ExpertsFormat:
+    """A mixture-of-experts weight stack (E, a, b) stored NF4 one expert slice at a time (each
+    slice's bytes are bitsandbytes' for that slice), decoded by `peftc::nf4_dequantize_experts`
+    where the experts' matmul reads it. Its site is a parameter site named as the float stack
+    was."""
+
+    name = "nf4_experts"
+    adds_in_adapter_dtype = False
+
+    def site(self, gm: fx.GraphModule, node: fx.Node) -> Any:
+        from peftc.sites.parameters import ParameterSite
+
+        path = get_attr_path(node.args[0]).removesuffix(EXPERT_SUFFIXES["packed"])
+        transposed = path.rpartition(".")[0] in peftc_meta(gm).get("transposed_experts", ())
+        return ParameterSite(path, node, tuple(node.args[4]), transposed, storage=self.name)
+
+    def _tensors(self, gm: fx.GraphModule, site: Any) -> list[torch.Tensor | None]:
+        return [None if a is None else get_tensor(gm, get_attr_path(a)) for a in site.node.args[:4]]
+
+    def read(self, gm: fx.GraphModule, site: Any) -> torch.Tensor:
+        _, _, _, _, shape, blocksize, _ = site.node.args
+        return NF4_EXPERTS(*self._tensors(gm, site), shape, blocksize, torch.float32)
+
+    def node(self, builder: Any, site: Any) -> fx.Node:
+        return builder.call(NF4_EXPERTS, *site.node.args, role="base_weight")
+
+    def snapshot(self, gm: fx.GraphModule, site: Any) -> Any:
+        return {name: get_tensor(gm, name) for name in self.storage(gm, site)}
+
+    def restore(self, gm: fx.GraphModule, site: Any, state: Any) -> None:
+        if site.storage != self.name:
+            raise OptionError(
+                f"{site.path!r} was merged into a dense weight (merge(dtype=...)); that cannot be "
+                "undone"
+            )
+        for name, tensor in state.items():
+            set_tensor(gm, name, tensor, buffer=True)
+
+    def write(
+        self,
+        gm: fx.GraphModule,
+        site: Any,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None,
+        options: Any,
+    ) -> float:
+        requantize = getattr(options, "requantize", False)
+        dtype = getattr(options, "dtype", None)
+        _, _, scale, _, shape, blocksize, _ = site.node.args
+        slices = [quantize_nf4(w, blocksize, scale is not None) for w in weight]
+        requantized = torch.stack([dequantize_nf4(s, torch.float32) for s in slices])
+        survived = _survival(site, weight, self.read(gm, site), requantized, requantize or dtype)
+        if requantize:
+            for node, field in zip(site.node.args[:4], EXPERT_SUFFIXES, strict=True):
+                if node is not None:
+                    stacked = torch.stack([getattr(s, field) for s in slices])
+                    set_tensor(gm, get_attr_path(node), stacked, buffer=True)
+            return survived
+        _experts_to_dense(gm, site, weight.to(DTYPES[dtype]))
+        return 1.0
+
+    def compute_dtype(self, gm: fx.GraphModule, site: Any) -> torch.dtype:
+        return site.node.meta["val"].dtype
+
+    def storage(self, gm: fx.GraphModule, site: Any) -> list[str]:
+        return [get_attr_path(a) for a in site.node.args[:4] if a is not None]
+
+
+register_format(NF4ExpertsFormat(), ops=(NF4_EXPERTS,))
+
+
+def _experts_to_dense(gm: fx.GraphModule, site: Any, weight: torch.Tensor) -> None:
+    """The stack becomes a frozen parameter under its float name again, read in the op's dtype."""
+    graph = gm.graph
+    buffers = [a for a in site.node.args[:4] if a is not None]
+    set_tensor(gm, site.path, torch.nn.Parameter(weight, requires_grad=False))
+    with graph.inserting_before(site.node):
+        value = graph.get_attr(site.path)
+        if weight.dtype != site.node.meta["val"].dtype:
+            value = graph.call_function(
+                torch.ops.aten._to_copy.default, (value,), {"dtype": site.node.meta["val"].dtype}
+            )
+            tag(value, pass_name="merge", role="cast", path=site.path)
+    site.node.replace_all_uses_with(value)
+    graph.erase_node(site.node)
+    _drop_storage(gm, buffers, site.path)
+
+
+def _drop_storage(gm: fx.GraphModule, buffers: list[fx.Node], path: str) -> None:
+    """Remove the quantized buffers no node reads any more."""
     for node in buffers:
         if not node.users:
             qualname = get_attr_path(node)
-            graph.erase_node(node)
+            gm.graph.erase_node(node)
             owner, _, attr = qualname.rpartition(".")
             gm.get_submodule(owner)._buffers.pop(attr, None)
-    peftc_meta(gm).get("quantized", {}).pop(site.path, None)
+    peftc_meta(gm).get("quantized", {}).pop(path, None)

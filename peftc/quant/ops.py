@@ -3,7 +3,9 @@
     y = x @ dequantize_nf4(W).T + b
 
 and `peftc::nf4_dequantize`, the weight itself, for the techniques that read it in the graph
-(DoRA's weight norm on an NF4 base, as peft does on bitsandbytes weights).
+(DoRA's weight norm on an NF4 base, as peft does on bitsandbytes weights), and
+`peftc::nf4_dequantize_experts`, a mixture-of-experts weight stack (E, a, b) quantized one expert
+slice at a time, as the experts' grouped matmul reads it.
 
 No standard op dequantizes NF4, so this is a `torch.library.custom_op` with a reference
 implementation, a fake (meta) implementation for shape propagation and export, and autograd:
@@ -25,7 +27,7 @@ from torch import Tensor
 
 from peftc.quant.nf4 import NF4Weight, decode_nf4, dequantize_absmax, dequantize_nf4
 
-__all__ = ["nf4_linear", "nf4_dequantize"]
+__all__ = ["nf4_linear", "nf4_dequantize", "nf4_dequantize_experts", "expert_states"]
 
 _TILE_VALUES = 1 << 20  # weight values decoded per matmul
 
@@ -159,3 +161,52 @@ def nf4_dequantize(
 @nf4_dequantize.register_fake
 def _(packed, absmax, absmax_scale, offset, out_features, in_features, blocksize, dtype):
     return packed.new_empty((out_features, in_features), dtype=dtype)
+
+
+def expert_states(
+    packed: Tensor,
+    absmax: Tensor,
+    absmax_scale: Tensor | None,
+    offset: Tensor | None,
+    shape: list[int],
+    blocksize: int,
+    dtype: torch.dtype,
+) -> list[NF4Weight]:
+    """The NF4Weight of each expert slice of a stack stored as `nf4_dequantize_experts` reads it:
+    each statistic has a leading expert dimension."""
+    return [
+        NF4Weight(
+            packed[e],
+            absmax[e],
+            torch.Size(shape[1:]),
+            dtype,
+            blocksize,
+            absmax_scale is not None,
+            None if absmax_scale is None else absmax_scale[e],
+            None if offset is None else offset[e],
+        )
+        for e in range(shape[0])
+    ]
+
+
+@torch.library.custom_op("peftc::nf4_dequantize_experts", mutates_args=())
+def nf4_dequantize_experts(
+    packed: Tensor,
+    absmax: Tensor,
+    absmax_scale: Tensor | None,
+    offset: Tensor | None,
+    shape: list[int],
+    blocksize: int,
+    dtype: torch.dtype,
+) -> Tensor:
+    """The (E, a, b) stack in `dtype`; it is frozen, so no autograd is needed."""
+    out = torch.empty(shape, dtype=dtype, device=packed.device)
+    states = expert_states(packed, absmax, absmax_scale, offset, shape, blocksize, dtype)
+    for e, state in enumerate(states):
+        decode_nf4(state.packed, dequantize_absmax(state), blocksize, 0, out[e].view(-1))
+    return out
+
+
+@nf4_dequantize_experts.register_fake
+def _(packed, absmax, absmax_scale, offset, shape, blocksize, dtype):
+    return packed.new_empty(shape, dtype=dtype)

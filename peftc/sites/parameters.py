@@ -4,8 +4,10 @@
 The site is the `get_attr` node of a floating-point parameter; a technique's `output` stage replaces
 the value every reader sees, as peft's parametrization makes every read inside the forward see
 W + dW. `path` is the parameter's qualified name as read, `module` the module holding it,
-`aliases` the names of the same tensor elsewhere (export reads tied weights under one name). The
-weight is stored densely: merging folds into it through `peftc.sites.formats` like a linear's.
+`aliases` the names of the same tensor elsewhere (export reads tied weights under one name).
+Merging folds into the weight through `peftc.sites.formats` like a linear's. A quantized weight
+stack is a site too: the node of the op that decodes it (a registered format's op, e.g.
+`peftc::nf4_dequantize_experts`), with `storage` naming the format.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from typing import ClassVar
 from torch import fx, nn
 
 from peftc.ir.graph import peftc_meta
+from peftc.sites.formats import format_of_node
 from peftc.sites.modules import captured_target
 
 __all__ = ["ParameterSite", "parameter_sites"]
@@ -32,7 +35,7 @@ class ParameterSite:
     transposed: bool = False
     reads: int = 1  # get_attr nodes reading it (export reads each parameter once)
     aliases: tuple[str, ...] = ()  # its other names (tied weights: GPT-2's wte and lm_head)
-    storage: ClassVar[str] = "dense"
+    storage: str = "dense"
     bias: ClassVar[None] = None
 
     @property
@@ -45,8 +48,8 @@ class ParameterSite:
 
 
 def parameter_sites(gm: fx.GraphModule) -> list[ParameterSite]:
-    """Every floating-point parameter the graph reads, at its first read; reads of one tensor under
-    several names (tied weights) are one site."""
+    """Every floating-point parameter the graph reads, at its first read, and every quantized stack
+    it decodes; reads of one tensor under several names (tied weights) are one site."""
     names: dict[int, list[str]] = {}
     tensors: dict[str, nn.Parameter] = {}
     for name, tensor in gm.named_parameters(remove_duplicate=False):
@@ -60,7 +63,12 @@ def parameter_sites(gm: fx.GraphModule) -> list[ParameterSite]:
         if tensor is not None and tensor.is_floating_point():
             reads.setdefault(id(tensor), []).append((captured_target(n), n))
     transposed = set(peftc_meta(gm).get("transposed_experts", ()))
-    sites = []
+    sites = [
+        site
+        for n in gm.graph.nodes
+        if (fmt := format_of_node(n)) is not None
+        and isinstance(site := fmt.site(gm, n), ParameterSite)
+    ]
     for key, found in reads.items():
         name, node = found[0]
         sites.append(
@@ -73,4 +81,5 @@ def parameter_sites(gm: fx.GraphModule) -> list[ParameterSite]:
                 tuple(a for a in names[key] if a != name),
             )
         )
-    return sites
+    order = {n: i for i, n in enumerate(gm.graph.nodes)}
+    return sorted(sites, key=lambda s: order[s.node])

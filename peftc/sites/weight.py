@@ -442,9 +442,11 @@ def _module_site(gm: fx.GraphModule, n: fx.Node) -> WeightSite | None:
 
 
 def _registered_site(gm: fx.GraphModule, n: fx.Node) -> WeightSite | None:
-    """Sites of ops a weight format registered (e.g. `peftc::nf4_linear`)."""
+    """Sites of ops a weight format registered (e.g. `peftc::nf4_linear`; a decoded parameter
+    stack is a parameter site, not a weight site)."""
     fmt = format_of_node(n)
-    return fmt.site(gm, n) if fmt is not None else None
+    site = fmt.site(gm, n) if fmt is not None else None
+    return site if site is not None and site.kind != "parameter" else None
 
 
 def _owner(weight: str, n: fx.Node) -> str:

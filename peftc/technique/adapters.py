@@ -285,7 +285,7 @@ def _at_site(method: Technique, site: Any, what: str, fn: Any) -> Any:
 
 def _device(gm: fx.GraphModule, site: Any) -> torch.device:
     if hasattr(site, "storage"):  # a stored weight (weight and parameter sites)
-        return get_tensor(gm, site.weight).device
+        return get_tensor(gm, format_of(site).storage(gm, site)[0]).device
     val = site.node.meta.get("val")
     return val.device if isinstance(val, torch.Tensor) else torch.device("cpu")
 

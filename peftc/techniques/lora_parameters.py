@@ -21,6 +21,7 @@ import torch
 from torch import fx
 
 from peftc.errors import OptionError
+from peftc.ir.graph import peftc_meta
 from peftc.sites.parameters import ParameterSite, parameter_sites
 from peftc.technique import Builder, Context, Param, kaiming_uniform
 
@@ -53,7 +54,10 @@ def parameter_placements(gm: fx.GraphModule, names: list[str]) -> list[tuple[Par
                 f"lora: {found[0].path!r} belongs to the model itself, which peft cannot wrap; "
                 "target parameters of submodules"
             )
-        order = [n for n, _ in gm.get_submodule(module).named_parameters(recurse=False)]
+        # as the module registered them (a quantized stack left the module's parameters)
+        order = peftc_meta(gm).get("parameter_order", {}).get(module) or [
+            n for n, _ in gm.get_submodule(module).named_parameters(recurse=False)
+        ]
         found.sort(key=lambda s: order.index(s.path.rpartition(".")[2]))
         for depth, site in enumerate(reversed(found)):
             placed.append((site, module + ".base_layer" * depth))
