@@ -172,3 +172,52 @@ def test_onnx_runs_an_unmerged_expert_adapter_as_eager_does(tmp_path):
     with torch.no_grad():
         expected = ours(ids, attention_mask=mask)["logits"]
     close(torch.from_numpy(got), expected, "ONNX Runtime vs eager")
+
+
+@pytest.mark.parametrize("base", ["freeze", "nf4, freeze"])
+def test_multi_lora_serves_expert_adapters_row_by_row(tmp_path, base):
+    """Two peft adapters with experts and router as target_parameters (ranks 4 and 8, 2r on the
+    fused gate_up): each row of a mixed batch equals peft's model with that row's adapter set, and
+    a base row the base model."""
+    model = tiny_model("qwen2moe")
+    args, kwargs = example_inputs(model)
+    peft_model = peft.get_peft_model(
+        copy.deepcopy(model), peft.LoraConfig(r=4, target_modules="all-linear"), adapter_name="a"
+    )
+    peft_model.add_adapter("b", peft.LoraConfig(r=8, lora_alpha=4, target_modules="all-linear"))
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_" in name:
+                p.add_(torch.randn(p.shape, generator=generator) * 0.1)
+    peft_model.save_pretrained(tmp_path)  # each adapter in tmp_path/<name>
+    graph = peftc.apply(peftc.capture(copy.deepcopy(model), args, kwargs), base)
+    for name in ("a", "b"):
+        graph = peftc.load_adapter(graph, tmp_path / name, adapter=name)
+    served = peftc.apply(graph, "multi_lora")
+    ids = torch.randint(
+        3, model.config.vocab_size, (3, 9), generator=torch.Generator().manual_seed(1)
+    )
+    mask = torch.ones_like(ids)
+    names = ["b", None, "a"]
+    with torch.no_grad():
+        got = served(ids, attention_mask=mask, adapter_ids=peftc.adapter_ids(served, names))
+        single = peftc.apply(graph, "disable_adapters") if base == "freeze" else None
+        for row, name in enumerate(names):
+            if name is None:
+                if single is None:
+                    continue  # the NF4 base is not peft's float model
+                expected = single(ids[row : row + 1], attention_mask=mask[:1])["logits"][0]
+                with peft_model.disable_adapter():
+                    close(
+                        expected,
+                        peft_model(input_ids=ids[row : row + 1], use_cache=False).logits[0],
+                        "the base",
+                    )
+            elif base == "freeze":
+                peft_model.set_adapter(name)
+                expected = peft_model(input_ids=ids[row : row + 1], use_cache=False).logits[0]
+            else:
+                one = peftc.apply(graph, f"set_adapter(name='{name}')")
+                expected = one(ids[row : row + 1], attention_mask=mask[:1])["logits"][0]
+            close(got["logits"][row], expected, f"row {row} ({name or 'base'})")

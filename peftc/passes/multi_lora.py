@@ -17,7 +17,10 @@
    adapters' ranks (each token's other adapters masked to zero); beyond, tokens grouped by adapter,
    two matmuls per adapter present. `kernel="triton"`: the Triton shrink/expand kernel over tokens
    sorted by adapter.
-Only LoRA on linear sites (no DoRA, nothing merged) is served; other techniques are refused by name.
+5. LoRA on parameters (`target_parameters`: routers, mixture-of-experts weight stacks) is served
+   too: `peftc.passes.multi_lora_parameters`.
+Only LoRA on linear sites and such parameters (no DoRA, nothing merged) is served; other
+techniques are refused by name.
 """
 
 from __future__ import annotations
@@ -33,7 +36,9 @@ from peftc.errors import OptionError, PassError
 from peftc.ir.graph import add_input, get_tensor, peftc_meta, set_tensor, tag
 from peftc.ir.options import Options, option
 from peftc.ir.registry import PassResult, register_pass
+from peftc.passes.multi_lora_parameters import serve_parameter
 from peftc.sites import LinearSite, weight_sites
+from peftc.sites.parameters import parameter_sites
 from peftc.technique.adapters import adapters, set_active
 
 __all__ = [
@@ -43,6 +48,7 @@ __all__ = [
     "adapter_ids",
     "register_kernel",
     "token_ids",
+    "expert_row_ids",
 ]
 
 MODULE = "multi_lora"
@@ -83,6 +89,23 @@ def token_ids(ids: Tensor, tokens: int) -> Tensor:
             "id per row of the batch"
         )
     return ids.reshape(-1).repeat_interleave(tokens // ids.numel())
+
+
+@torch.library.custom_op("peftc::expert_row_ids", mutates_args=())
+def expert_row_ids(ids: Tensor, tokens: Tensor, token_index: Tensor, offs: Tensor) -> Tensor:
+    """For each row of an experts' sorted input: `adapter * E + expert`, or -1 for the base.
+
+    ids: one adapter id per batch row; tokens: the (tokens, hidden) input the sorted rows were
+    gathered from; token_index: the token each sorted row is; offs: rows per expert, cumulative."""
+    adapter = token_ids(ids, tokens.shape[0])[token_index]
+    rows = torch.arange(token_index.shape[0], device=offs.device)
+    expert = torch.searchsorted(offs.to(torch.long), rows, right=True)
+    return torch.where(adapter >= 0, adapter * offs.shape[0] + expert, -1)
+
+
+@expert_row_ids.register_fake
+def _(ids, tokens, token_index, offs):
+    return token_index.new_empty(token_index.shape, dtype=torch.long)
 
 
 # kernel name -> (gm -> the op computing multi_lora_delta); a backend registers its own
@@ -128,15 +151,28 @@ def multi_lora(gm: fx.GraphModule, options: MultiLoraOptions) -> PassResult:
     set_active(gm, [])  # the branches go; the stacks replace them
     names = [r.name for r in records]
     by_path = {s.path: s for s in weight_sites(gm)}
-    paths = list(dict.fromkeys(path for r in records for path, _ in r.sites))
-    wrong = [p for p in paths if not isinstance(by_path.get(p), LinearSite)]
+    parameters = {s.path: s for s in parameter_sites(gm)}
+    refs = list(dict.fromkeys(ref for r in records for ref in r.sites))
+    wrong = [
+        path
+        for path, kind in refs
+        if not (kind == "parameter" and path in parameters)
+        and not isinstance(by_path.get(path), LinearSite)
+    ]
     if wrong:
         raise PassError(
-            f"multi_lora serves LoRA on linear sites; {', '.join(wrong[:4])} are not linear"
+            "multi_lora serves LoRA on linear sites and on parameters read by a linear or an "
+            f"experts' grouped matmul; {', '.join(wrong[:4])} are neither"
         )
     ids = _ids_input(gm)
-    for path in paths:
-        _serve_stacked(gm, by_path[path], records, ids, target)
+    for path, kind in refs:
+        if kind == "parameter":
+            for matmul, x, rows, A, B in serve_parameter(gm, parameters[path], records, ids):
+                _add_delta(gm, path, matmul, x, ids if rows is None else rows, (A, B), target)
+        else:
+            site = by_path[path]
+            _add_delta(gm, path, site.node, site.input, ids, _stack(gm, site, records), target)
+    paths = [path for path, _ in refs]
     peftc_meta(gm)[MODULE] = {"adapters": names, "sites": paths, "kernel": options.kernel}
     gm.graph.lint()
     gm.recompile()
@@ -170,25 +206,30 @@ def _check_servable(records: list) -> None:
         )
 
 
-def _serve_stacked(
-    gm: fx.GraphModule, site: LinearSite, records: list, ids: fx.Node, kernel: Any
+def _add_delta(
+    gm: fx.GraphModule,
+    path: str,
+    out: fx.Node,
+    x: fx.Node,
+    ids: fx.Node,
+    stacks: tuple[Tensor, Tensor],
+    kernel: Any,
 ) -> None:
-    """`y = W x + b` -> `y + kernel(x, adapter_ids, A, B)` with every adapter's A and B stacked."""
-    graph, path = gm.graph, site.path
-    A, B = _stack(gm, site, records)
+    """`out` -> `out + kernel(x, ids, A, B)` with every adapter's A and B stacked."""
+    graph = gm.graph
     prefix = f"{MODULE}.{path.replace('.', '_')}"
-    set_tensor(gm, f"{prefix}.lora_A", A, buffer=True)
-    set_tensor(gm, f"{prefix}.lora_B", B, buffer=True)
+    set_tensor(gm, f"{prefix}.lora_A", stacks[0], buffer=True)
+    set_tensor(gm, f"{prefix}.lora_B", stacks[1], buffer=True)
 
     def tagged(node: fx.Node, role: str) -> fx.Node:
         return tag(node, pass_name="multi_lora", role=role, path=path)
 
-    with graph.inserting_before(site.node.next):
+    with graph.inserting_before(out.next):
         a = tagged(graph.get_attr(f"{prefix}.lora_A"), "lora_A")
         b = tagged(graph.get_attr(f"{prefix}.lora_B"), "lora_B")
-        delta = tagged(graph.call_function(kernel, (site.input, ids, a, b)), "delta")
-        out = tagged(graph.call_function(torch.ops.aten.add.Tensor, (site.node, delta)), "output")
-    site.node.replace_all_uses_with(out, delete_user_cb=lambda user: user is not out)
+        delta = tagged(graph.call_function(kernel, (x, ids, a, b)), "delta")
+        added = tagged(graph.call_function(torch.ops.aten.add.Tensor, (out, delta)), "output")
+    out.replace_all_uses_with(added, delete_user_cb=lambda user: user is not added)
 
 
 def _stack(gm: fx.GraphModule, site: LinearSite, records: list) -> tuple[Tensor, Tensor]:
