@@ -13,8 +13,10 @@ The technique layer never asks which format a site has; it calls its `WeightForm
 7. Quantized formats may offer `round_trip(weight, **options)`: the tensor stored and read back
    (`round_trip(name, weight)` finds it by name: LoftQ's init quantizes through it).
 
-`dense` is built in; quantized formats register themselves (`peftc.quant.format` registers
-`nf4`) with the op that computes through them, so the site queries find those ops too.
+`dense` and `weight_norm` (a convolution's weight computed as g * v / ||v||: wav2vec2's and
+HuBERT's positional convolution) are built in; quantized formats register themselves
+(`peftc.quant.format` registers `nf4`) with the op that computes through them, so the site queries
+find those ops too.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ __all__ = [
     "round_trip",
     "format_of_node",
     "read_weight",
+    "weight_norm_of",
 ]
 
 
@@ -127,7 +130,52 @@ def _replace(gm: fx.GraphModule, qualname: str, value: torch.Tensor) -> None:
     )
 
 
-_FORMATS: dict[str, WeightFormat] = {"dense": DenseFormat()}
+class WeightNormFormat(DenseFormat):
+    """A weight stored as direction v and magnitude g (`nn.utils.parametrizations.weight_norm`,
+    read through `aten._weight_norm(v, g, dim)`); `site.weight` names v. A folded weight W' is
+    stored as v = W', g = ||W'|| (over every dim but `dim`), which computes W' again exactly."""
+
+    name = "weight_norm"
+
+    def read(self, gm: fx.GraphModule, site: Any) -> torch.Tensor:
+        magnitude, dim = weight_norm_of(gm, site.weight)
+        return torch._weight_norm(get_tensor(gm, site.weight), get_tensor(gm, magnitude), dim)
+
+    def node(self, builder: Any, site: Any) -> fx.Node:
+        magnitude, dim = weight_norm_of(builder.gm, site.weight)
+        v, g = builder.get(site.weight, "base_v"), builder.get(magnitude, "base_g")
+        return builder.call(torch.ops.aten._weight_norm.default, v, g, dim, role="base_weight")
+
+    def snapshot(self, gm: fx.GraphModule, site: Any) -> Any:
+        magnitude, _ = weight_norm_of(gm, site.weight)
+        return {**super().snapshot(gm, site), magnitude: get_tensor(gm, magnitude)}
+
+    def write(
+        self,
+        gm: fx.GraphModule,
+        site: Any,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None,
+        options: Any,
+    ) -> float:
+        magnitude, dim = weight_norm_of(gm, site.weight)
+        _replace(gm, magnitude, torch.norm_except_dim(weight, 2, dim))
+        return super().write(gm, site, weight, bias, options)
+
+    def storage(self, gm: fx.GraphModule, site: Any) -> list[str]:
+        return [site.weight, weight_norm_of(gm, site.weight)[0]]
+
+
+def weight_norm_of(gm: fx.GraphModule, direction: str) -> tuple[str, int]:
+    """The magnitude g and the dim of the `_weight_norm` that reads direction `direction`."""
+    for node in gm.graph.find_nodes(op="call_function", target=torch.ops.aten._weight_norm.default):
+        v, g, dim = node.args
+        if getattr(v, "target", None) == direction and getattr(g, "op", None) == "get_attr":
+            return str(g.target), dim
+    raise PassError(f"no weight norm in the graph reads {direction!r}")
+
+
+_FORMATS: dict[str, WeightFormat] = {"dense": DenseFormat(), "weight_norm": WeightNormFormat()}
 _OPS: dict[Any, str] = {}
 
 

@@ -312,18 +312,22 @@ def _hf_conv1d_site(gm: fx.GraphModule, n: fx.Node) -> LinearSite | None:
 
 
 def _conv_fn_site(gm: fx.GraphModule, n: fx.Node) -> ConvSite | None:
-    weight = get_attr_path(n.args[1])
+    weight, storage = get_attr_path(n.args[1]), "dense"
+    if weight is None and getattr(n.args[1], "target", None) is aten._weight_norm.default:
+        # a weight-normed convolution: its site holds direction v (and magnitude g)
+        weight, storage = get_attr_path(n.args[1].args[0]), "weight_norm"
     if weight is None:
         return None
     dims = _CONV_FNS[n.target]
     W = get_tensor(gm, weight)
     groups = _arg(n, 6, "groups", 1)
     return ConvSite(
-        path=_owner(weight, n),
+        path=_owner(weight, n) if storage == "dense" else module_path(n),
         node=n,
         input=n.args[0],
         weight=weight,
         bias=get_attr_path(_arg(n, 2, "bias")),
+        storage=storage,
         op=f"conv{dims}d",
         dims=dims,
         in_channels=W.shape[1] * groups,

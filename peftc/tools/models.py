@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import importlib
+import math
 import os
 import sys
 from collections.abc import Callable
@@ -183,6 +184,21 @@ _TINY: dict[str, tuple[str, str, dict[str, Any]]] = {
         "MambaForCausalLM",
         dict(hidden_size=32, state_size=4, num_hidden_layers=2, expand=2, conv_kernel=4),
     ),
+    "wav2vec2": (
+        "Wav2Vec2Config",
+        "Wav2Vec2ForCTC",
+        dict(
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            intermediate_size=37,
+            conv_dim=(16, 16),
+            conv_stride=(5, 2),
+            conv_kernel=(10, 3),
+            num_conv_pos_embeddings=8,
+            num_conv_pos_embedding_groups=4,  # grouped and weight-normed, as the real one
+        ),
+    ),
     "t5": (
         "T5Config",
         "T5ForConditionalGeneration",
@@ -236,8 +252,13 @@ def example_ids(vocab_size: int, batch: int = 2, seq: int = 16, seed: int = 0) -
 def example_inputs(
     model: nn.Module, batch: int = 2, seq: int = 16, seed: int = 0
 ) -> tuple[tuple, dict[str, Any]]:
-    """Random token ids (and an all-ones attention mask, decoder ids for seq2seq) for a HF model."""
+    """Random token ids (and an all-ones attention mask, decoder ids for seq2seq) for a HF model;
+    for a speech model, `seq` frames of random audio."""
     config = model.config
+    if getattr(model, "main_input_name", "") == "input_values":
+        samples = seq * math.prod(config.conv_stride)
+        audio = torch.randn(batch, samples, generator=torch.Generator().manual_seed(seed))
+        return (audio,), {}
     ids = example_ids(config.vocab_size, batch, seq, seed)
     kwargs: dict[str, Any] = {"attention_mask": torch.ones_like(ids)}
     if getattr(config, "is_encoder_decoder", False):
