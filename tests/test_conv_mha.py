@@ -352,7 +352,7 @@ def _wav2vec2(groups):
     config = tiny_config("wav2vec2")
     config.num_conv_pos_embedding_groups = groups
     torch.manual_seed(0)
-    model = transformers.Wav2Vec2Model(config).eval()
+    model = transformers.Wav2Vec2ForCTC(config).eval()  # peft saves it without token embeddings
     return model, *example_inputs(model)
 
 

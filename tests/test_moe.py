@@ -20,7 +20,7 @@ from peftc.tools.parity import against_peft, close, perturb
 from bnb_oracle import needs_bnb, quantize
 
 
-@pytest.mark.parametrize("arch", ["mixtral", "qwen2moe", "olmoe"])
+@pytest.mark.parametrize("arch", ["mixtral", "qwen2moe", "olmoe", "qwen3moe", "deepseekv3"])
 def test_all_linear_is_peft_s_all_linear(arch, tmp_path):
     """The same adapter tensors (names and shapes) as peft's all-linear; peft loads peftc's and
     computes the same; peft's loads in peftc (outputs, gradients, merge, reload)."""

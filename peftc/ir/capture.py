@@ -120,9 +120,18 @@ def _output_embeddings(model: nn.Module) -> str | None:
 
 
 def _call_kwargs(model: nn.Module, kwargs: dict, method: str) -> dict:
-    """The keywords a capture calls `model` with: `use_cache=False` added for export."""
-    signature = inspect.signature(model.forward)
-    if method == "export" and "use_cache" in signature.parameters and "use_cache" not in kwargs:
+    """The keywords a capture calls `model` with: `use_cache=False` added for export (to a
+    multimodal transformers model too, which passes it on to its language model in `**kwargs`)."""
+    parameters = inspect.signature(model.forward).parameters
+    text_config = getattr(getattr(model, "config", None), "get_text_config", lambda: None)()
+    passes_on = any(p.kind is p.VAR_KEYWORD for p in parameters.values()) and hasattr(
+        text_config, "use_cache"
+    )
+    if (
+        method == "export"
+        and ("use_cache" in parameters or passes_on)
+        and "use_cache" not in kwargs
+    ):
         return {**kwargs, "use_cache": False}
     return dict(kwargs)
 

@@ -71,6 +71,8 @@ def _matmuls(site: ParameterSite) -> list[tuple[fx.Node, fx.Node]]:
     while frontier:
         value = frontier.pop()
         for user in value.users:
+            if user.target is aten._assert_tensor_metadata.default:
+                continue  # a check of dtype and device; it computes nothing
             if user.target in _LAYOUT and user.args[0] is value:
                 frontier.append(user)
             elif _reads_weight(user, value, len(site.shape)):

@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import copy
 import importlib
 import math
 import os
@@ -179,6 +180,110 @@ _TINY: dict[str, tuple[str, str, dict[str, Any]]] = {
             eos_token_id=1,
         ),
     ),
+    "qwen3moe": (
+        "Qwen3MoeConfig",
+        "Qwen3MoeForCausalLM",
+        dict(
+            hidden_size=32,
+            intermediate_size=32,
+            moe_intermediate_size=16,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=8,
+            num_experts=4,
+            num_experts_per_tok=2,
+            max_position_embeddings=128,
+        ),
+    ),
+    "deepseekv3": (
+        "DeepseekV3Config",
+        "DeepseekV3ForCausalLM",
+        dict(
+            hidden_size=32,
+            intermediate_size=48,
+            moe_intermediate_size=16,
+            num_hidden_layers=2,
+            first_k_dense_replace=1,  # one dense layer, one MoE layer, as the real one mixes them
+            num_attention_heads=4,
+            num_key_value_heads=4,
+            n_routed_experts=4,
+            n_shared_experts=1,
+            num_experts_per_tok=2,
+            n_group=1,
+            topk_group=1,
+            q_lora_rank=16,
+            kv_lora_rank=16,
+            qk_rope_head_dim=8,
+            qk_nope_head_dim=8,
+            v_head_dim=8,
+            max_position_embeddings=128,
+        ),
+    ),
+    "phi3": (
+        "Phi3Config",
+        "Phi3ForCausalLM",
+        dict(
+            hidden_size=64,
+            intermediate_size=96,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            pad_token_id=0,
+        ),
+    ),
+    "bart": (
+        "BartConfig",
+        "BartForConditionalGeneration",
+        dict(
+            d_model=32,
+            encoder_layers=2,
+            decoder_layers=2,
+            encoder_attention_heads=4,
+            decoder_attention_heads=4,
+            encoder_ffn_dim=48,
+            decoder_ffn_dim=48,
+            max_position_embeddings=64,
+        ),
+    ),
+    "vit": (
+        "ViTConfig",
+        "ViTForImageClassification",
+        dict(
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            intermediate_size=48,
+            image_size=16,
+            patch_size=4,
+            num_labels=3,
+        ),
+    ),
+    "llava": (
+        "LlavaConfig",
+        "LlavaForConditionalGeneration",
+        dict(
+            vision_config=dict(
+                model_type="clip_vision_model",
+                hidden_size=32,
+                intermediate_size=48,
+                num_hidden_layers=2,
+                num_attention_heads=4,
+                image_size=16,
+                patch_size=4,
+            ),
+            text_config=dict(
+                model_type="llama",
+                hidden_size=32,
+                intermediate_size=48,
+                num_hidden_layers=2,
+                num_attention_heads=4,
+                num_key_value_heads=2,
+            ),
+            image_token_index=255,
+            vision_feature_layer=-1,
+        ),
+    ),
     "mamba": (
         "MambaConfig",
         "MambaForCausalLM",
@@ -197,6 +302,48 @@ _TINY: dict[str, tuple[str, str, dict[str, Any]]] = {
             conv_kernel=(10, 3),
             num_conv_pos_embeddings=8,
             num_conv_pos_embedding_groups=4,  # grouped and weight-normed, as the real one
+        ),
+    ),
+    "falconmamba": (
+        "FalconMambaConfig",
+        "FalconMambaForCausalLM",
+        dict(hidden_size=32, state_size=4, num_hidden_layers=2, expand=2, conv_kernel=4),
+    ),
+    "jamba": (  # attention and Mamba layers, every other one mixture-of-experts
+        "JambaConfig",
+        "JambaForCausalLM",
+        dict(
+            hidden_size=32,
+            intermediate_size=48,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            num_experts=4,
+            num_experts_per_tok=2,
+            expert_layer_period=2,
+            expert_layer_offset=1,
+            attn_layer_period=2,
+            attn_layer_offset=0,
+            mamba_d_state=4,
+            mamba_d_conv=4,
+            mamba_expand=2,
+            use_mamba_kernels=False,
+        ),
+    ),
+    "recurrentgemma": (
+        "RecurrentGemmaConfig",
+        "RecurrentGemmaForCausalLM",
+        dict(
+            hidden_size=32,
+            intermediate_size=48,
+            num_hidden_layers=3,
+            num_attention_heads=4,
+            num_key_value_heads=1,
+            head_dim=8,
+            lru_width=32,
+            attention_window_size=8,
+            conv1d_width=4,
+            block_types=["recurrent", "recurrent", "attention"],
         ),
     ),
     "t5": (
@@ -222,6 +369,10 @@ def tiny_config(arch: str) -> Any:
     import transformers
 
     config_name, _, sizes = _TINY[_known_arch(arch)]
+    sizes = copy.deepcopy(sizes)
+    if "text_config" in sizes:  # a multimodal model: the vocabulary is its language model's
+        sizes["text_config"]["vocab_size"] = TINY_VOCAB
+        return getattr(transformers, config_name)(**sizes)
     return getattr(transformers, config_name)(vocab_size=TINY_VOCAB, **sizes)
 
 
@@ -255,10 +406,15 @@ def example_inputs(
     """Random token ids (and an all-ones attention mask, decoder ids for seq2seq) for a HF model;
     for a speech model, `seq` frames of random audio."""
     config = model.config
+    generator = torch.Generator().manual_seed(seed)
     if getattr(model, "main_input_name", "") == "input_values":
         samples = seq * math.prod(config.conv_stride)
-        audio = torch.randn(batch, samples, generator=torch.Generator().manual_seed(seed))
-        return (audio,), {}
+        return (torch.randn(batch, samples, generator=generator),), {}
+    if getattr(model, "main_input_name", "") == "pixel_values":
+        size = config.image_size
+        return (torch.randn(batch, config.num_channels, size, size, generator=generator),), {}
+    if hasattr(config, "vision_config"):
+        return _image_and_text(config, batch, seq, seed)
     ids = example_ids(config.vocab_size, batch, seq, seed)
     kwargs: dict[str, Any] = {"attention_mask": torch.ones_like(ids)}
     if getattr(config, "is_encoder_decoder", False):
@@ -266,6 +422,23 @@ def example_inputs(
             config.vocab_size, batch, max(seq // 2, 2), seed + 1
         )
     return (ids,), kwargs
+
+
+def _image_and_text(config: Any, batch: int, seq: int, seed: int) -> tuple[tuple, dict[str, Any]]:
+    """Llava-style inputs: an image's placeholder tokens after the first token, then `seq` text
+    tokens, and the images."""
+    vision = config.vision_config
+    patches = (vision.image_size // vision.patch_size) ** 2
+    ids = example_ids(config.text_config.vocab_size - 1, batch, seq + patches, seed)
+    ids[:, 1 : 1 + patches] = config.image_token_index
+    pixels = torch.randn(
+        batch,
+        3,
+        vision.image_size,
+        vision.image_size,
+        generator=torch.Generator().manual_seed(seed),
+    )
+    return (ids,), {"attention_mask": torch.ones_like(ids), "pixel_values": pixels}
 
 
 def minilm_path() -> Path:

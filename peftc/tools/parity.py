@@ -190,8 +190,17 @@ def _peft_model(
         return loaded, Path(config)
     scale, keep = noise
     theirs = perturb(peft.get_peft_model(base, config, **autocast), scale, keep=keep)
-    theirs.save_pretrained(folder / "peft")
+    # peft's default asks a model without token embeddings (wav2vec2) for them, which raises
+    embeddings = {} if _has_token_embeddings(base) else {"save_embedding_layers": False}
+    theirs.save_pretrained(folder / "peft", **embeddings)
     return theirs, folder / "peft"
+
+
+def _has_token_embeddings(model: nn.Module) -> bool:
+    try:
+        return model.get_input_embeddings() is not None
+    except (AttributeError, NotImplementedError):
+        return False
 
 
 def _reload(

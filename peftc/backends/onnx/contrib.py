@@ -32,6 +32,7 @@ __all__ = [
     "register_schemas",
     "nf4_linear_to_matmulbnb4",
     "grouped_mm_to_onnx",
+    "is_all_true",
     "requantize_int4",
     "quiet",
 ]
@@ -135,6 +136,12 @@ def grouped_mm_to_onnx(input, weight, offs):
         for e in range(experts)
     ]
     return op.Concat(*pieces, axis=0)
+
+
+def is_all_true(x):
+    """Translation of `aten._is_all_true` (a 0-dim bool: every element of `x` is true)."""
+    as_int = op.Cast(x, to=onnx.TensorProto.INT64)
+    return op.Cast(op.ReduceMin(as_int, keepdims=0), to=onnx.TensorProto.BOOL)
 
 
 def requantize_int4(

@@ -30,6 +30,7 @@ from torch import fx
 from peftc._io import atomic_write
 from peftc.backends.onnx.contrib import (
     grouped_mm_to_onnx,
+    is_all_true,
     nf4_linear_to_matmulbnb4,
     quiet,
     register_schemas,
@@ -54,7 +55,11 @@ __all__ = ["export", "OnnxExport", "onnx_model", "linear_weight_bytes"]
 aten = torch.ops.aten
 NF4_LINEAR = torch.ops.peftc.nf4_linear.default
 NF4_EXPERTS = torch.ops.peftc.nf4_dequantize_experts.default
-TRANSLATIONS = {NF4_LINEAR: nf4_linear_to_matmulbnb4}
+TRANSLATIONS = {
+    NF4_LINEAR: nf4_linear_to_matmulbnb4,
+    # torch.onnx has none; transformers' checks (Llava's image tokens) call it
+    aten._is_all_true.default: is_all_true,
+}
 # ops of other libraries, translated when that library has registered them
 _LIBRARY_TRANSLATIONS = {("transformers", "grouped_mm_fallback"): grouped_mm_to_onnx}
 _DTYPES = {"float32": torch.float32, "float16": torch.float16}
@@ -162,8 +167,11 @@ def onnx_model(
             )
     except Exception as e:
         raise ExportError(_conversion_message(gm, e)) from e
+    named = set()
     for value, name in zip(onnx_program.model.graph.outputs, _output_names(program), strict=True):
-        value.name = name
+        if id(value) not in named:  # one tensor returned twice keeps its first name
+            value.name = name
+            named.add(id(value))
     model = onnx_program.model_proto
     _name_dims(model, [str(n.target) for n in gm.graph.nodes if n.op == "placeholder"])
     return model, int4_weights
@@ -191,7 +199,10 @@ def _output_names(program: torch.export.ExportedProgram) -> list[str]:
     spec = program.call_spec.out_spec
     tree = pytree.tree_unflatten(list(range(spec.num_leaves)), spec)
     names = []
-    for path, _ in pytree.tree_flatten_with_path(tree)[0]:
+    computed = program.graph_signature.user_outputs  # None: a constant, not an ONNX output
+    for (path, _), value in zip(pytree.tree_flatten_with_path(tree)[0], computed, strict=True):
+        if value is None:
+            continue
         parts = [
             str(getattr(key, "key", getattr(key, "idx", getattr(key, "name", key)))) for key in path
         ]
