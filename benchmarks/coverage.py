@@ -47,6 +47,15 @@ from peftc.tools.parity import against_peft, first_output, perturb
 _SSM = ["in_proj", "x_proj", "q_proj", "v_proj"]
 TARGETS = {"mamba": _SSM, "falconmamba": _SSM, "jamba": _SSM}
 
+NOTES = [
+    '"fixed by export" lists the input dims the model\'s own code fixes (Mamba-like recurrences '
+    "unrolled over the length, Llava's loop over its images; an image's channel count): the "
+    "graph refuses another size there with an error naming the input and the dim. On Mamba-like "
+    "families the LoRA columns use in_proj, x_proj (and q_proj, v_proj on Jamba), as peft "
+    "refuses all-linear there (the fused out_proj and conv1d); `dt_proj`'s weight is read with "
+    "`@`, so peft's adapter there never runs and peftc refuses its keys by name.",
+]
+
 STEPS = ("capture", "shapes", "lora", "merge", "qlora", "onnx", "compile", "serve")
 
 
@@ -209,7 +218,7 @@ def table(rows):
     for name, row in rows.items():
         cells = [row[s].replace("|", "/") for s in STEPS]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines + ["", *NOTES]) + "\n"
 
 
 def main():
