@@ -339,3 +339,32 @@ def test_paligemma_s_graph_which_export_gets_wrong_is_refused():
     inputs["attention_mask"] = torch.ones_like(ids)
     with pytest.raises(CaptureError, match=r"computes another output \['logits'\]"):
         peftc.capture(model, (), inputs)
+
+
+def test_modules_keep_their_own_mode():
+    """A wrapper in training mode around an encoder in eval mode (the demo's classifier, fresh):
+    the graph's dropout under the encoder stays off, as in the model, so capture's own check
+    passes and the graph computes what the model does."""
+
+    class Wrapper(torch.nn.Module):
+        def __init__(self, encoder):
+            super().__init__()
+            self.encoder, self.dropout = encoder, torch.nn.Dropout(0.5)
+
+        def forward(self, input_ids, attention_mask):
+            states = self.encoder(input_ids, attention_mask=attention_mask).last_hidden_state
+            return self.dropout(states[:, 0])
+
+    model = Wrapper(tiny_model("bert"))  # the encoder in eval mode, the wrapper training
+    args, kwargs = example_inputs(model.encoder)
+    graph = peftc.capture(model, args, kwargs)
+    modes = {p: m.training for p, m in graph.named_modules() if isinstance(m, torch.nn.Dropout)}
+    assert modes["dropout"] and not any(v for p, v in modes.items() if p.startswith("encoder"))
+
+
+def test_a_graph_captured_in_training_mode_takes_adapters():
+    """Attention's dropout p becomes a module called without input; sites skip it."""
+    model = tiny_model("bert").train()
+    graph = peftc.capture(model, *example_inputs(model))
+    adapted = peftc.apply(graph, "freeze, lora(r=4, targets='*.query|*.value')")
+    assert sum(p.numel() for p in adapted.parameters() if p.requires_grad) > 0

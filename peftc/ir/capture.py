@@ -31,6 +31,7 @@ from torch.fx.graph import _PyTreeCodeGen, _PyTreeInfo
 from torch.fx.passes.fake_tensor_prop import FakeTensorProp
 
 from peftc.errors import CaptureError
+from peftc.ir.attention import use_causal_kernel
 from peftc.ir.canonical import canonicalize
 from peftc.ir.graph import clone, peftc_meta, set_tensor
 from peftc.ir.verify import mark_propagated
@@ -74,13 +75,24 @@ def capture(
     else:
         gm = _symbolic(model, args, kwargs)
     _record(gm, model, method, time.perf_counter() - start)
-    gm.train(model.training)
+    _follow_modes(gm, model)
     # `x @ W.T (+ b)` becomes a linear site like nn.Linear
     peftc_meta(gm)["capture"]["canonicalized"] = canonicalize(gm)
     mark_propagated(gm)
     if verify and (args or kwargs):
         _check_against_eager(model, gm, args, _call_kwargs(model, kwargs, method))
     return gm
+
+
+def _follow_modes(gm: fx.GraphModule, model: nn.Module) -> None:
+    """The graph's mode is the model's, and each module the graph keeps (dropout, leaf modules)
+    is in the mode of the model's module at its path: a model in training mode may hold an
+    encoder in eval mode."""
+    gm.train(model.training)
+    modes = {path: m.training for path, m in model.named_modules()}
+    for path, module in gm.named_modules():
+        if path in modes:
+            module.training = modes[path]
 
 
 def _record(gm: fx.GraphModule, model: nn.Module, method: str, seconds: float) -> None:
@@ -260,6 +272,7 @@ def _export(model: nn.Module, args: tuple, kwargs: dict, dynamic: bool) -> fx.Gr
     _mark_module_paths(gm, _module_types(model))
     _dropout_as_modules(gm)
     _attention_dropout_as_modules(gm)
+    use_causal_kernel(gm)  # a causal mask runs the causal kernel, as transformers' eager run
     _drop_constant_inputs(gm)
     _static_dims(gm, dynamic)
     gm.recompile()

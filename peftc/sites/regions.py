@@ -39,6 +39,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from peftc.errors import PassError
+from peftc.ir.attention import causal_sdpa
 from peftc.ir.graph import get_tensor, module_path, peftc_meta
 from peftc.ir.rewrites import Resolver, as_captured, captured_name
 from peftc.ir.targets import select
@@ -62,7 +63,11 @@ __all__ = [
 ]
 
 aten = torch.ops.aten
-_SDPA_FNS = {aten.scaled_dot_product_attention.default, F.scaled_dot_product_attention}
+_SDPA_FNS = {
+    aten.scaled_dot_product_attention.default,
+    F.scaled_dot_product_attention,
+    causal_sdpa,  # what capture turns aten's into (peftc.ir.attention)
+}
 _SDPA_PARAMS = (
     "query",
     "key",

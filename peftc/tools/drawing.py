@@ -60,6 +60,7 @@ _PLUMBING = {
 }
 _NAMES = {
     "scaled_dot_product_attention": "attention",
+    "causal_sdpa": "attention",
     "nf4_linear": "NF4 linear",
     "native_layer_norm": "layer norm",
     "layer_norm": "layer norm",

@@ -19,6 +19,7 @@ parameter-sized temporary. Allocator caching and fragmentation are not modelled.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import weakref
 from dataclasses import dataclass, field
@@ -33,6 +34,7 @@ from torch.nn.utils.stateless import _reparametrize_module
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from peftc.errors import OptionError
+from peftc.ir.attention import traced_masks_are_causal
 from peftc.ir.graph import peftc_meta
 
 __all__ = ["MemoryPlan", "plan"]
@@ -204,7 +206,10 @@ def _run_step(model: _FakeModel, example: dict[str, torch.Tensor]) -> tuple[int,
         return t
 
     live = _LiveBytes(weights)
-    with fake:
+    # unpadded inputs: the real run takes the causal attention kernel, so does the plan
+    unpadded = all(bool(v.all()) for name, v in example.items() if "mask" in name)
+    causal = traced_masks_are_causal() if unpadded else contextlib.nullcontext()
+    with fake, causal:
         fake_inputs = {k: _fake(fake, v, model.device, False) for k, v in example.items()}
         # the fake weights stay in place through backward too, where checkpointed blocks run again
         # (functional_call's own context, which it leaves when the forward returns)
