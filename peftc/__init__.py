@@ -12,6 +12,7 @@ imports every layer, which registers the built-in passes, techniques and weight 
 
 from peftc import errors, passes, quant, techniques
 from peftc._version import __version__
+from peftc.backends.compile import compile
 
 # registers the `triton` pass
 from peftc.backends.triton import lowering as _triton_lowering  # noqa: F401
@@ -43,6 +44,7 @@ from peftc.tools.plan import MemoryPlan, plan
 __all__ = [
     "__version__",
     "capture",
+    "compile",
     "export_program",
     "apply",
     "Pipeline",
