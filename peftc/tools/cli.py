@@ -117,6 +117,12 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
     demo.add_argument(
         "--seed", type=int, default=0, help="seed of the head, adapters and data order (default 0)"
     )
+    demo.add_argument(
+        "--compile",
+        action="store_true",
+        help="train through torch.compile (peftc.compile); on 2 CPU cores it is slower than eager "
+        "for this model (docs/performance.md)",
+    )
     demo.set_defaults(run=_demo)
 
 
@@ -332,6 +338,7 @@ def _demo(args: argparse.Namespace) -> int:
         lr=args.lr,
         dev_size=args.dev_size,
         seed=args.seed,
+        compile=args.compile,
     )
     return 0
 

@@ -29,6 +29,7 @@ from torch import fx, nn
 from torch.nn import functional as F
 
 from peftc._io import atomic_write
+from peftc.backends.compile import compile as compile_graph
 from peftc.errors import PeftcError
 from peftc.ir.capture import capture
 from peftc.ir.pipeline import apply
@@ -235,8 +236,10 @@ def train(
     max_length: int = 64,
     seed: int = 0,
     progress: bool = True,
+    compile: bool = False,
 ) -> list[float]:
-    """AdamW on the trainable parameters over shuffled batches; the loss of every step."""
+    """AdamW on the trainable parameters over shuffled batches; the loss of every step. `compile`:
+    run the steps through `peftc.compile` (its first step compiles, timed apart)."""
     from tqdm.auto import tqdm
 
     sentences, labels = data
@@ -247,19 +250,23 @@ def train(
     model.train()
     losses: list[float] = []
     position, order = len(sentences), torch.arange(0)
+    runner = compile_graph(model) if compile else model
     bar = tqdm(range(steps), desc="train", unit="step", disable=not progress, file=sys.stdout)
-    for _ in bar:
+    for step in bar:
+        if compile and step == 0:
+            bar.set_description("compile")
         if position + batch_size > len(sentences):  # a new epoch
             order, position = torch.randperm(len(sentences), generator=generator), 0
         index = order[position : position + batch_size].tolist()
         position += batch_size
         loss = F.cross_entropy(
-            model(*_batches(tokenizer, sentences, index, max_length)), targets[index]
+            runner(*_batches(tokenizer, sentences, index, max_length)), targets[index]
         )
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
         losses.append(loss.item())
+        bar.set_description("train")
         bar.set_postfix(loss=f"{sum(losses[-10:]) / len(losses[-10:]):.3f}")
     return losses
 
@@ -321,8 +328,11 @@ def run_demo(
     dev_size: int | None = None,
     seed: int = 0,
     progress: bool = True,
+    compile: bool = False,
 ) -> dict:
-    """Run the demo; write the report and figures to `out`; return the report's numbers."""
+    """Run the demo; write the report and figures to `out`; return the report's numbers.
+    `compile`: train through `peftc.compile` (slower than eager for this model on 2 CPU cores,
+    docs/performance.md, so off by default)."""
     started = time.perf_counter()
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -334,7 +344,7 @@ def run_demo(
 
     captured, model, tokenizer = build(pipeline, seed)
     sizes = _sizes(captured, model)
-    training = _Training(steps, batch_size, lr, max_length, seed, progress)
+    training = _Training(steps, batch_size, lr, max_length, seed, progress, compile)
     trained = _train_and_score(model, tokenizer, chosen.train, dev, training, say)
     onnx, onnx_accuracy = _export_and_score(model, tokenizer, dev, out / "model.onnx", max_length)
     say(f"dev accuracy in ONNX Runtime: {onnx_accuracy:.4f}")
@@ -345,6 +355,7 @@ def run_demo(
         "data": chosen.name,
         "pipeline": pipeline,
         "steps": steps,
+        "compiled": compile,
         "batch_size": batch_size,
         "dev_sentences": len(dev[0]),
         "accuracy_before": trained.before,
@@ -375,6 +386,7 @@ class _Training(NamedTuple):
     max_length: int
     seed: int
     progress: bool
+    compile: bool = False
 
 
 class _Trained(NamedTuple):
