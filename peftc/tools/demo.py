@@ -331,8 +331,7 @@ def run_demo(
     compile: bool = False,
 ) -> dict:
     """Run the demo; write the report and figures to `out`; return the report's numbers.
-    `compile`: train through `peftc.compile` (on 2 CPU cores ~10 % faster a step after a compile
-    of 5-40 s, which 150 steps do not repay: off by default; docs/performance.md)."""
+    `compile`: train through `peftc.compile` (off by default, docs/performance.md says why)."""
     started = time.perf_counter()
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -341,22 +340,19 @@ def run_demo(
     say = print if progress else (lambda *a, **k: None)
     say(f"data: {chosen.name} ({len(chosen.train[0])} train, {len(dev[0])} dev sentences)")
     say(f"pipeline: {pipeline}")
-
     captured, model, tokenizer = build(pipeline, seed)
     sizes = _sizes(captured, model)
     training = _Training(steps, batch_size, lr, max_length, seed, progress, compile)
     trained = _train_and_score(model, tokenizer, chosen.train, dev, training, say)
     onnx, onnx_accuracy = _export_and_score(model, tokenizer, dev, out / "model.onnx", max_length)
     say(f"dev accuracy in ONNX Runtime: {onnx_accuracy:.4f}")
-
     _loss_plot(trained.losses, out / "loss.png")
-    block = _block_svg(model, out / "block.svg")
     numbers = {
         "data": chosen.name,
         "pipeline": pipeline,
         "steps": steps,
-        "compiled": compile,
         "batch_size": batch_size,
+        "compiled": compile,
         "dev_sentences": len(dev[0]),
         "accuracy_before": trained.before,
         "accuracy_after": trained.after,
@@ -364,7 +360,7 @@ def run_demo(
         **sizes,
         "step_seconds": trained.step_seconds,
         **onnx,
-        "block_svg": block,
+        "block_svg": _block_svg(model, out / "block.svg"),
         "adapter": _save(model, out / "adapter"),
         "seconds": time.perf_counter() - started,
     }
