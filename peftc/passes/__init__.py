@@ -1,9 +1,9 @@
 """Structural passes: `identity`, `dce`, `freeze`, `merge` and adapter switching, `multi_lora`,
-`outline`/`inline`.
+`outline`/`inline`, `fused_loss`.
 
 Importing this package registers them (`peftc/__init__.py` does).
 """
 
-from peftc.passes import generic, merge, multi_lora, outline
+from peftc.passes import fused_loss, generic, merge, multi_lora, outline
 
-__all__ = ["generic", "merge", "multi_lora", "outline"]
+__all__ = ["fused_loss", "generic", "merge", "multi_lora", "outline"]
