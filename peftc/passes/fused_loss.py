@@ -4,12 +4,13 @@ op, so the full log-probabilities never exist (and, with `logits=false`, the log
     loss = cross_entropy(view(linear(h, W, b).float(), [-1, V]), labels)
       ->  loss = peftc::linear_cross_entropy(h.reshape(-1, H), W, b, labels, ...)
 
-1. The op computes the logits of `chunk` rows at a time (float32), keeps each row's log-sum-exp
-   and adds up `lse - logit[label]` over rows whose label is not `ignore_index`; its backward
-   computes each chunk's logits again, `softmax - onehot`, and from them the gradients of h, W and
-   b (those that require one). Memory: one chunk of logits instead of the log-probabilities that
-   `cross_entropy` saves for backward (tokens x vocabulary floats; 4 GB at 8k tokens and a 128k
-   vocabulary).
+1. The op computes the logits of `chunk` rows at a time (float32) and adds up
+   `logsumexp - logit[label]` over rows whose label is not `ignore_index`; while a chunk's logits
+   exist it also turns them into `softmax - onehot` and from that into the gradients of h, W and
+   b that autograd will ask for (grad mode on, and each requiring one), as Liger's fused linear
+   cross-entropy does; backward only scales them. Memory: one chunk of logits instead of the
+   log-probabilities that `cross_entropy` saves for backward (tokens x vocabulary floats; 4 GB at
+   8k tokens and a 128k vocabulary).
 2. `logits=false` also drops the logits output (the output structure keeps the field, as None),
    so the LM head's full product is not computed at all; trainers that read only the loss lose
    nothing.
@@ -19,7 +20,6 @@ op, so the full log-probabilities never exist (and, with `logits=false`, the log
 
 from __future__ import annotations
 
-import operator
 from dataclasses import dataclass
 
 import torch
@@ -30,7 +30,7 @@ from peftc.ir.graph import tag
 from peftc.ir.options import Options, option
 from peftc.ir.registry import PassResult, register_pass
 
-__all__ = ["FusedLossOptions", "fused_loss", "linear_cross_entropy"]
+__all__ = ["FusedLossOptions", "fused_loss", "linear_cross_entropy", "fused_linear_cross_entropy"]
 
 aten = torch.ops.aten
 _MEAN, _SUM = 1, 2  # aten's reduction codes
@@ -50,95 +50,87 @@ def linear_cross_entropy(
     ignore_index: int,
     reduction: int,
     chunk: int,
-) -> tuple[Tensor, Tensor]:
-    """(loss, each row's log-sum-exp) of `cross_entropy(hidden @ weight.T + bias, target)`,
-    `chunk` rows at a time."""
-    lse = hidden.new_empty(hidden.shape[0], dtype=torch.float32)
+    hidden_grad: bool,
+    head_grad: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The loss of `cross_entropy(hidden @ weight.T + bias, target)`, `chunk` rows at a time, and
+    while each chunk's logits exist, the loss's gradients: of hidden (if `hidden_grad`), of weight
+    and bias (if `head_grad`); those not computed are empty."""
+    rows_total = hidden.shape[0]
     total = hidden.new_zeros((), dtype=torch.float32)
-    for start in range(0, hidden.shape[0], chunk):
-        logits = _chunk_logits(hidden[start : start + chunk], weight, bias)
-        rows = target[start : start + chunk]
-        lse[start : start + chunk] = torch.logsumexp(logits, dim=-1)
+    grad_hidden = torch.empty_like(hidden) if hidden_grad else hidden.new_empty(0)
+    grad_weight = weight.new_zeros(weight.shape if head_grad else 0, dtype=torch.float32)
+    grad_bias = weight.new_zeros(weight.shape[0] if head_grad and bias is not None else 0)
+    for start in range(0, rows_total, chunk):
+        h, rows = hidden[start : start + chunk], target[start : start + chunk]
+        logits = _chunk_logits(h, weight, bias)
+        lse = torch.logsumexp(logits, dim=-1)
         valid = rows != ignore_index
         picked = logits.gather(1, rows.clamp(min=0).unsqueeze(1)).squeeze(1)
-        total += ((lse[start : start + chunk] - picked) * valid).sum()
-    if reduction == _MEAN:
-        total = total / (target != ignore_index).sum()
-    return total, lse
-
-
-@linear_cross_entropy.register_fake
-def _(hidden, weight, bias, target, ignore_index, reduction, chunk):
-    return hidden.new_empty((), dtype=torch.float32), hidden.new_empty(
-        hidden.shape[0], dtype=torch.float32
-    )
-
-
-@torch.library.custom_op("peftc::linear_cross_entropy_backward", mutates_args=())
-def linear_cross_entropy_backward(
-    grad: Tensor,
-    hidden: Tensor,
-    weight: Tensor,
-    bias: Tensor | None,
-    target: Tensor,
-    lse: Tensor,
-    ignore_index: int,
-    reduction: int,
-    chunk: int,
-    weight_grad: bool,
-) -> tuple[Tensor, Tensor, Tensor]:
-    """Gradients of hidden, weight and bias; those not wanted (a frozen head, no bias) are empty,
-    so a frozen head's (vocabulary x hidden) gradient is never allocated."""
-    scale = grad / (target != ignore_index).sum() if reduction == _MEAN else grad
-    grad_hidden = torch.empty_like(hidden)
-    grad_weight = weight.new_zeros(weight.shape if weight_grad else 0, dtype=torch.float32)
-    grad_bias = weight.new_zeros(weight.shape[0] if weight_grad and bias is not None else 0)
-    for start in range(0, hidden.shape[0], chunk):
-        rows, h = target[start : start + chunk], hidden[start : start + chunk]
-        probs = torch.exp(_chunk_logits(h, weight, bias) - lse[start : start + chunk, None])
-        valid = rows != ignore_index
+        total += ((lse - picked) * valid).sum()
+        if not (hidden_grad or head_grad):
+            continue
+        probs = logits.sub_(lse.unsqueeze(1)).exp_()  # softmax, in the logits' memory
         probs[torch.arange(len(rows), device=rows.device), rows.clamp(min=0)] -= 1.0
-        probs *= (valid * scale).unsqueeze(1)
-        grad_hidden[start : start + chunk] = (probs @ weight.float()).to(hidden.dtype)
-        if weight_grad:
+        probs *= valid.unsqueeze(1)
+        if hidden_grad:
+            grad_hidden[start : start + chunk] = (probs @ weight.float()).to(hidden.dtype)
+        if head_grad:
             grad_weight += probs.t() @ h.float()
             if bias is not None:
                 grad_bias += probs.sum(0)
-    return grad_hidden, grad_weight.to(weight.dtype), grad_bias
+    if reduction == _MEAN:
+        count = (target != ignore_index).sum()
+        total, grad_hidden, grad_weight, grad_bias = (
+            t / count for t in (total, grad_hidden, grad_weight, grad_bias)
+        )
+    return total, grad_hidden, grad_weight.to(weight.dtype), grad_bias
 
 
-@linear_cross_entropy_backward.register_fake
-def _(grad, hidden, weight, bias, target, lse, ignore_index, reduction, chunk, weight_grad):
-    bias_size = weight.shape[0] if weight_grad and bias is not None else 0
-    grad_weight = torch.empty_like(weight) if weight_grad else weight.new_empty(0)
-    return torch.empty_like(hidden), grad_weight, weight.new_empty(bias_size)
+@linear_cross_entropy.register_fake
+def _(hidden, weight, bias, target, ignore_index, reduction, chunk, hidden_grad, head_grad):
+    grad_hidden = torch.empty_like(hidden) if hidden_grad else hidden.new_empty(0)
+    grad_weight = torch.empty_like(weight) if head_grad else weight.new_empty(0)
+    bias_size = weight.shape[0] if head_grad and bias is not None else 0
+    loss = hidden.new_empty((), dtype=torch.float32)
+    return loss, grad_hidden, grad_weight, weight.new_empty(bias_size, dtype=torch.float32)
 
 
 def _setup_context(ctx, inputs, output):
-    hidden, weight, bias, target, ignore_index, reduction, chunk = inputs
-    ctx.save_for_backward(hidden, weight, bias, target, output[1])
-    ctx.options = (ignore_index, reduction, chunk)
+    ctx.save_for_backward(*output[1:])
+    ctx.has_bias = inputs[2] is not None
 
 
-def _backward(ctx, grad, _grad_lse):
-    hidden, weight, bias, target, lse = ctx.saved_tensors
-    head = ctx.needs_input_grad[1] or (bias is not None and ctx.needs_input_grad[2])
-    grads = linear_cross_entropy_backward(
-        grad, hidden, weight, bias, target, lse, *ctx.options, head
-    )
+def _backward(ctx, grad, *_):
+    grads = (g * grad if g.numel() else None for g in ctx.saved_tensors)
     grad_hidden, grad_weight, grad_bias = grads
+    needs = ctx.needs_input_grad
     return (
-        grad_hidden if ctx.needs_input_grad[0] else None,
-        grad_weight if ctx.needs_input_grad[1] else None,
-        grad_bias if bias is not None and ctx.needs_input_grad[2] else None,
-        None,
-        None,
-        None,
-        None,
+        grad_hidden if needs[0] else None,
+        grad_weight if needs[1] else None,
+        grad_bias if ctx.has_bias and needs[2] else None,
+        *[None] * 6,
     )
 
 
 linear_cross_entropy.register_autograd(_backward, setup_context=_setup_context)
+
+
+def fused_linear_cross_entropy(
+    hidden: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    target: Tensor,
+    ignore_index: int,
+    reduction: int,
+    chunk: int,
+) -> Tensor:
+    """The loss; the gradients are computed with it where autograd will ask for them."""
+    grad = torch.is_grad_enabled()
+    head = grad and (weight.requires_grad or (bias is not None and bias.requires_grad))
+    flags = (grad and hidden.requires_grad, head)
+    args = (hidden, weight, bias, target, ignore_index, reduction, chunk, *flags)
+    return torch.ops.peftc.linear_cross_entropy.default(*args)[0]
 
 
 @dataclass(frozen=True)
@@ -198,12 +190,11 @@ def _fuse(gm: fx.GraphModule, ce: fx.Node, head: fx.Node, options: FusedLossOpti
     with graph.inserting_before(ce):
         width = hidden.meta["val"].shape[-1]
         flat = graph.call_function(aten.reshape.default, (hidden, [-1, width]))
-        fused = graph.call_function(
-            torch.ops.peftc.linear_cross_entropy.default,
+        loss = graph.call_function(
+            fused_linear_cross_entropy,
             (flat, lm_weight, bias, target, ignore_index, reduction, options.chunk),
         )
-        loss = graph.call_function(operator.getitem, (fused, 0))
-    for node, role in ((flat, "hidden"), (fused, "fused"), (loss, "loss")):
+    for node, role in ((flat, "hidden"), (loss, "loss")):
         tag(node, pass_name="fused_loss", role=role, path=head.meta.get("module_path", ""))
     ce.replace_all_uses_with(loss)
     graph.erase_node(ce)
