@@ -167,11 +167,14 @@ def multi_lora(gm: fx.GraphModule, options: MultiLoraOptions) -> PassResult:
     ids = _ids_input(gm)
     for path, kind in refs:
         if kind == "parameter":
-            for matmul, x, rows, A, B in serve_parameter(gm, parameters[path], records, ids):
-                _add_delta(gm, path, matmul, x, ids if rows is None else rows, (A, B), target)
+            site = parameters[path]
+            stacks = _stack(gm, (path, kind), records, *site.experts_in_out)
+            for matmul, x, rows in serve_parameter(gm, site, ids):
+                _add_delta(gm, path, matmul, x, ids if rows is None else rows, stacks, target)
         else:
             site = by_path[path]
-            _add_delta(gm, path, site.node, site.input, ids, _stack(gm, site, records), target)
+            stacks = _stack(gm, (path, kind), records, 1, site.in_features, site.out_features)
+            _add_delta(gm, path, site.node, site.input, ids, stacks, target)
     paths = [path for path, _ in refs]
     peftc_meta(gm)[MODULE] = {"adapters": names, "sites": paths, "kernel": options.kernel}
     gm.graph.lint()
@@ -232,18 +235,25 @@ def _add_delta(
     out.replace_all_uses_with(added, delete_user_cb=lambda user: user is not added)
 
 
-def _stack(gm: fx.GraphModule, site: LinearSite, records: list) -> tuple[Tensor, Tensor]:
-    here = [(i, r) for i, r in enumerate(records) if (site.path, site.kind) in r.sites]
-    rank = max(r.options_at(site.path).r for _, r in here)
-    first = get_tensor(gm, here[0][1].names[site.path]["lora_A"])
-    A = first.new_zeros(len(records), rank, site.in_features)
-    # B^T per adapter: (N * r, out) is a view
-    B = first.new_zeros(len(records), rank, site.out_features)
+def _stack(
+    gm: fx.GraphModule, ref: tuple[str, str], records: list, experts: int, fan_in: int, fan_out: int
+) -> tuple[Tensor, Tensor]:
+    """A (N * E, r_max, in) and scaled B^T (N * E, r_max, out): pair `adapter * E + expert` (E = 1
+    at a linear site). An adapter's A is (r * E, in) with expert e's rows at `A.view(E, r, in)[e]`
+    and B (out, r * E) with its columns at `B.view(out, r, E)[..., e]`, as peft lays them out."""
+    path = ref[0]
+    here = [(i, r) for i, r in enumerate(records) if ref in r.sites]
+    rank = max(r.options_at(path).r for _, r in here)
+    first = get_tensor(gm, here[0][1].names[path]["lora_A"])
+    A = first.new_zeros(len(records) * experts, rank, fan_in)
+    B = first.new_zeros(len(records) * experts, rank, fan_out)
     with torch.no_grad():
         for i, record in here:
-            names, options = record.names[site.path], record.options_at(site.path)
-            A[i, : options.r] = get_tensor(gm, names["lora_A"])
-            B[i, : options.r] = get_tensor(gm, names["lora_B"]).t() * options.scaling
+            names, options = record.names[path], record.options_at(path)
+            r, rows = options.r, slice(i * experts, (i + 1) * experts)
+            A[rows, :r] = get_tensor(gm, names["lora_A"]).view(experts, r, fan_in)
+            b = get_tensor(gm, names["lora_B"]).view(fan_out, r, experts).permute(2, 1, 0)
+            B[rows, :r] = b * options.scaling
     return A, B
 
 

@@ -18,10 +18,10 @@ of mixture-of-experts layers and routers.
 from __future__ import annotations
 
 import torch
-from torch import Tensor, fx
+from torch import fx
 
 from peftc.errors import PassError
-from peftc.ir.graph import get_tensor, tag
+from peftc.ir.graph import tag
 from peftc.sites.parameters import ParameterSite
 
 __all__ = ["serve_parameter"]
@@ -33,18 +33,18 @@ _LINEAR = aten.linear.default
 
 
 def serve_parameter(
-    gm: fx.GraphModule, site: ParameterSite, records: list, ids: fx.Node
-) -> list[tuple[fx.Node, fx.Node, fx.Node | None, Tensor, Tensor]]:
+    gm: fx.GraphModule, site: ParameterSite, ids: fx.Node
+) -> list[tuple[fx.Node, fx.Node, fx.Node | None]]:
     """Where `site`'s adapters are served: (matmul node, its input, row ids or None for
-    per-batch-row ids, A stack, B stack) for each read of the parameter."""
+    per-batch-row ids) for each read of the parameter; the stacks are one LoRA pair per adapter
+    and expert (`site.experts_in_out`)."""
     served = []
     for matmul, weight in _matmuls(site):
         x = matmul.args[0]
         if matmul.target is _LINEAR:
-            served.append((matmul, x, None, *_stack(gm, site, records, 1)))
+            served.append((matmul, x, None))
             continue
-        experts, fan_in, fan_out = weight.meta["val"].shape
-        if (experts, fan_in, fan_out) != _experts_in_out(site):
+        if tuple(weight.meta["val"].shape) != site.experts_in_out:
             raise PassError(
                 f"multi_lora: the grouped matmul {matmul.name!r} reads {site.path!r} as "
                 f"{tuple(weight.meta['val'].shape)}, not (experts, in, out) as its adapters "
@@ -56,13 +56,8 @@ def serve_parameter(
                 torch.ops.peftc.expert_row_ids.default, (ids, source, token_index, matmul.args[2])
             )
         tag(rows, pass_name="multi_lora", role="expert_rows", path=site.path)
-        served.append((matmul, x, rows, *_stack(gm, site, records, experts)))
+        served.append((matmul, x, rows))
     return served
-
-
-def _experts_in_out(site: ParameterSite) -> tuple[int, int, int]:
-    experts, first, second = site.shape
-    return (experts, first, second) if site.transposed else (experts, second, first)
 
 
 def _matmuls(site: ParameterSite) -> list[tuple[fx.Node, fx.Node]]:
@@ -86,8 +81,13 @@ def _matmuls(site: ParameterSite) -> list[tuple[fx.Node, fx.Node]]:
     return found
 
 
+def _grouped_mm(node: fx.Node) -> bool:
+    """transformers' grouped matmul of experts (rows sorted by expert)."""
+    return "grouped_mm" in str(node.target)
+
+
 def _reads_weight(node: fx.Node, value: fx.Node, dims: int) -> bool:
-    grouped = "grouped_mm" in str(node.target) and dims == 3
+    grouped = _grouped_mm(node) and dims == 3
     return (node.target is _LINEAR and dims == 2 or grouped) and node.args[1] is value
 
 
@@ -103,7 +103,7 @@ def _gathered_rows(matmul: fx.Node) -> tuple[fx.Node, fx.Node]:
         seen.add(node)
         if node.target is aten.index.Tensor and len(node.args[1]) == 1:
             return node.args[0], node.args[1][0]
-        if "grouped_mm" in str(node.target):
+        if _grouped_mm(node):
             frontier.append(node.args[0])
             continue
         frontier += [a for a in node.all_input_nodes if _rows(a) == rows]
@@ -119,24 +119,3 @@ def _rows(node: fx.Node) -> int | None:
     if isinstance(val, (list, tuple)) and val:
         val = val[0]
     return val.shape[0] if isinstance(val, torch.Tensor) and val.dim() else None
-
-
-def _stack(
-    gm: fx.GraphModule, site: ParameterSite, records: list, experts: int
-) -> tuple[Tensor, Tensor]:
-    """A (N * E, r_max, in) and scaled B^T (N * E, r_max, out): pair `adapter * E + expert`."""
-    here = [(i, r) for i, r in enumerate(records) if (site.path, site.kind) in r.sites]
-    rank = max(r.options_at(site.path).r for _, r in here)
-    _, fan_in, fan_out = _experts_in_out(site) if experts > 1 else (1, *site.shape[::-1])
-    first = get_tensor(gm, here[0][1].names[site.path]["lora_A"])
-    A = first.new_zeros(len(records) * experts, rank, fan_in)
-    B = first.new_zeros(len(records) * experts, rank, fan_out)
-    with torch.no_grad():
-        for i, record in here:
-            names, options = record.names[site.path], record.options_at(site.path)
-            r = options.r
-            a = get_tensor(gm, names["lora_A"]).view(experts, r, fan_in)
-            b = get_tensor(gm, names["lora_B"]).view(fan_out, r, experts).permute(2, 1, 0)
-            A[i * experts : (i + 1) * experts, :r] = a
-            B[i * experts : (i + 1) * experts, :r] = b * options.scaling
-    return A, B

@@ -46,6 +46,14 @@ class ParameterSite:
     def module(self) -> str:
         return self.path.rpartition(".")[0]
 
+    @property
+    def experts_in_out(self) -> tuple[int, int, int]:
+        """(experts, fan_in, fan_out): a 2-D parameter (out, in) is one expert."""
+        if len(self.shape) == 2:
+            return 1, self.shape[1], self.shape[0]
+        experts, first, second = self.shape
+        return (experts, first, second) if self.transposed else (experts, second, first)
+
 
 def parameter_sites(gm: fx.GraphModule) -> list[ParameterSite]:
     """Every floating-point parameter the graph reads, at its first read, and every quantized stack

@@ -89,15 +89,8 @@ def check_parameter(site: ParameterSite, options: Any) -> None:
         )
 
 
-def _experts_in_out(site: ParameterSite) -> tuple[int, int, int]:
-    if len(site.shape) == 2:
-        return 1, site.shape[1], site.shape[0]
-    experts, first, second = site.shape
-    return (experts, first, second) if site.transposed else (experts, second, first)
-
-
 def parameter_params(site: ParameterSite, options: Any, init: Any) -> list[Param]:
-    experts, fan_in, fan_out = _experts_in_out(site)
+    experts, fan_in, fan_out = site.experts_in_out
     return [
         Param(
             "lora_A", (options.r * experts, fan_in), init=init or kaiming_uniform, suffix="weight"
@@ -116,7 +109,7 @@ def on_parameter(b: Builder, W: fx.Node) -> fx.Node:
         if b.ctx.upcast:  # peft: the delta in the parameter's dtype
             scaled = _downcast(b, scaled, "scaled_weight")
         return b.call(aten.add.Tensor, W, scaled, role="adapted_parameter")
-    experts, fan_in, fan_out = _experts_in_out(site)
+    experts, fan_in, fan_out = site.experts_in_out
     r = b.options.r
     A3 = b.call(aten.view.default, A, [experts, r, fan_in], role="lora_A_experts")
     B3 = b.call(
@@ -143,6 +136,6 @@ def parameter_delta(ctx: Context) -> torch.Tensor:
     A, B = ctx.tensor("lora_A").float(), ctx.tensor("lora_B").float()
     if len(site.shape) == 2:
         return (B @ A) * s
-    experts, fan_in, fan_out = _experts_in_out(site)
+    experts, fan_in, fan_out = site.experts_in_out
     delta = torch.einsum("ore,eri->eoi", B.view(fan_out, r, experts), A.view(experts, r, fan_in))
     return (delta.transpose(-2, -1) if site.transposed else delta) * s
