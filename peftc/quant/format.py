@@ -39,6 +39,14 @@ __all__ = [
 ]
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+# NF4Weight field -> suffix of the buffer holding it (after a stack's name; the fields are the op's
+# storage arguments, in order)
+EXPERT_SUFFIXES = {
+    "packed": "_nf4",
+    "absmax": "_absmax",
+    "absmax_scale": "_absmax_scale",
+    "offset": "_absmax_offset",
+}
 
 
 def _dtype_name(dtype: torch.dtype) -> str:
@@ -108,13 +116,7 @@ class NF4Format:
         return {name: get_tensor(gm, name) for name in names}
 
     def restore(self, gm: fx.GraphModule, site: Any, state: Any) -> None:
-        if site.storage != "nf4":
-            raise OptionError(
-                f"{site.path!r} was merged into a dense weight (merge(dtype=...)); that cannot be "
-                "undone"
-            )
-        for name, tensor in state.items():
-            set_tensor(gm, name, tensor, buffer=not isinstance(tensor, torch.nn.Parameter))
+        _restore_quantized(gm, site, state, self.name)
 
     def write(
         self,
@@ -150,6 +152,17 @@ class NF4Format:
 register_format(NF4Format(), ops=(torch.ops.peftc.nf4_linear.default,))
 
 
+def _restore_quantized(gm: fx.GraphModule, site: Any, state: dict, storage: str) -> None:
+    """Put a snapshot of quantized storage back, unless the site was merged into a dense weight."""
+    if site.storage != storage:
+        raise OptionError(
+            f"{site.path!r} was merged into a dense weight (merge(dtype=...)); that cannot be "
+            "undone"
+        )
+    for name, tensor in state.items():
+        set_tensor(gm, name, tensor, buffer=not isinstance(tensor, torch.nn.Parameter))
+
+
 def fold_into_nf4(
     gm: fx.GraphModule,
     site,
@@ -165,31 +178,27 @@ def fold_into_nf4(
     bitsandbytes weights); `dtype`: swap the site for a dense `linear` with the merged weight in
     that dtype. Returns the fraction of dW that survives requantization (1.0 for dense).
     """
+    if dtype is not None and not requantize:
+        _to_dense(gm, site, merged.to(DTYPES[dtype]))
+        return 1.0
     state = nf4_state(gm, site.node)
     requantized = quantize_nf4(merged, state.blocksize, state.double_quant)
-    survived = _survival(
-        site, merged, base, dequantize_nf4(requantized, torch.float32), requantize or dtype
-    )
-    if requantize:
-        for node, field in zip(
-            site.node.args[1:5], ("packed", "absmax", "absmax_scale", "offset"), strict=True
-        ):
-            if node is not None:
-                set_tensor(gm, get_attr_path(node), getattr(requantized, field), buffer=True)
-        return survived
-    _to_dense(gm, site, merged.to(DTYPES[dtype]))
-    return 1.0
+    survived = _survival(site, merged, base, dequantize_nf4(requantized, torch.float32), requantize)
+    for node, field in zip(site.node.args[1:5], EXPERT_SUFFIXES, strict=True):
+        if node is not None:
+            set_tensor(gm, get_attr_path(node), getattr(requantized, field), buffer=True)
+    return survived
 
 
 def _survival(
-    site, merged: torch.Tensor, base: torch.Tensor, requantized: torch.Tensor, chosen: Any
+    site, merged: torch.Tensor, base: torch.Tensor, requantized: torch.Tensor, requantize: bool
 ) -> float:
-    """The fraction of dW = merged - base that `requantized` keeps; without a `chosen` way to
-    store the merged weight, an error stating it and recommending one."""
+    """The fraction of dW = merged - base that `requantized` keeps; without `requantize` (and no
+    dtype, the other choice), an error stating it and recommending one."""
     delta = merged - base
     kept = requantized - base
     survived = float((kept * delta).sum() / (delta * delta).sum().clamp_min(1e-30))
-    if chosen:
+    if requantize:
         return survived
     ratio = float(delta.norm() / base.norm().clamp_min(1e-30))
     val = site.node.meta.get("val")
@@ -238,13 +247,6 @@ def _to_dense(gm: fx.GraphModule, site, weight: torch.Tensor) -> None:
 
 
 NF4_EXPERTS = torch.ops.peftc.nf4_dequantize_experts.default
-# NF4Weight field -> suffix of the buffer holding it, after the stack's name
-EXPERT_SUFFIXES = {
-    "packed": "_nf4",
-    "absmax": "_absmax",
-    "absmax_scale": "_absmax_scale",
-    "offset": "_absmax_offset",
-}
 
 
 class NF4ExpertsFormat:
@@ -277,13 +279,7 @@ class NF4ExpertsFormat:
         return {name: get_tensor(gm, name) for name in self.storage(gm, site)}
 
     def restore(self, gm: fx.GraphModule, site: Any, state: Any) -> None:
-        if site.storage != self.name:
-            raise OptionError(
-                f"{site.path!r} was merged into a dense weight (merge(dtype=...)); that cannot be "
-                "undone"
-            )
-        for name, tensor in state.items():
-            set_tensor(gm, name, tensor, buffer=True)
+        _restore_quantized(gm, site, state, self.name)
 
     def write(
         self,
@@ -295,18 +291,18 @@ class NF4ExpertsFormat:
     ) -> float:
         requantize = getattr(options, "requantize", False)
         dtype = getattr(options, "dtype", None)
-        _, _, scale, _, shape, blocksize, _ = site.node.args
+        if dtype is not None and not requantize:
+            _experts_to_dense(gm, site, weight.to(DTYPES[dtype]))
+            return 1.0
+        _, _, scale, _, _, blocksize, _ = site.node.args
         slices = [quantize_nf4(w, blocksize, scale is not None) for w in weight]
         requantized = torch.stack([dequantize_nf4(s, torch.float32) for s in slices])
-        survived = _survival(site, weight, self.read(gm, site), requantized, requantize or dtype)
-        if requantize:
-            for node, field in zip(site.node.args[:4], EXPERT_SUFFIXES, strict=True):
-                if node is not None:
-                    stacked = torch.stack([getattr(s, field) for s in slices])
-                    set_tensor(gm, get_attr_path(node), stacked, buffer=True)
-            return survived
-        _experts_to_dense(gm, site, weight.to(DTYPES[dtype]))
-        return 1.0
+        survived = _survival(site, weight, self.read(gm, site), requantized, requantize)
+        for node, field in zip(site.node.args[:4], EXPERT_SUFFIXES, strict=True):
+            if node is not None:
+                stacked = torch.stack([getattr(s, field) for s in slices])
+                set_tensor(gm, get_attr_path(node), stacked, buffer=True)
+        return survived
 
     def compute_dtype(self, gm: fx.GraphModule, site: Any) -> torch.dtype:
         return site.node.meta["val"].dtype
