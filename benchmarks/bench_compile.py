@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import statistics
 import sys
 import time
 from collections.abc import Callable
@@ -35,7 +34,7 @@ from torch.profiler._memory_profiler import MemoryProfileTimeline
 
 import peftc
 
-from common import begin, print_table, write_json
+from common import begin, compare, print_table, write_json
 
 TECHNIQUES = {
     # name: (peftc pipeline, peft's config: its kind)
@@ -124,12 +123,8 @@ def variants(model, ids, mask, name):
         eager = {"use_cache": False} if hasattr(model, "config") else {}
         out["peft eager"] = (pm, eager)
         out["peft compiled"] = (torch.compile(pm), eager)
-    trainable = {
-        label: [p for p in (m.graph_module if label == "peftc compiled" else m).parameters()]
-        for label, (m, _) in out.items()
-    }
     return {
-        label: (m, [p for p in trainable[label] if p.requires_grad], extra)
+        label: (m, [p for p in m.parameters() if p.requires_grad], extra)
         for label, (m, extra) in out.items()
     }
 
@@ -150,22 +145,10 @@ def measure(model, ids, mask, name, repeat, warmup):
             fn()  # compiles the compiled paths
             compile_s[label] = time.perf_counter() - start
             fns[label] = fn
-        samples = {label: [] for label in fns}
-        for fn in fns.values():
-            for _ in range(warmup):
-                fn()
-        for _ in range(repeat):
-            for label, fn in fns.items():
-                start = time.perf_counter()
-                fn()
-                samples[label].append(time.perf_counter() - start)
+        medians = compare(fns, repeat, warmup)
         peaks = {label: peak_bytes(fn) for label, fn in fns.items()} if mode == "train" else {}
         for label in fns:
-            results[(mode, label)] = (
-                statistics.median(samples[label]),
-                compile_s[label],
-                peaks.get(label),
-            )
+            results[(mode, label)] = (medians[label], compile_s[label], peaks.get(label))
     return results
 
 

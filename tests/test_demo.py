@@ -108,11 +108,14 @@ def test_data_choice(tmp_path, monkeypatch):
 def test_compiled_training_gives_the_eager_losses(monkeypatch):
     """`--compile` trains through peftc.compile (here its aot_eager backend: the same graph
     without generated code, seconds instead of a minute): the same losses, dropout included."""
-    import functools
-
     from peftc.backends.compile import compile as compile_graph
 
-    aot_eager = functools.partial(compile_graph, backend="aot_eager")
+    made = []
+
+    def aot_eager(gm):
+        made.append(compile_graph(gm, backend="aot_eager"))
+        return made[-1]
+
     monkeypatch.setattr(demo, "compile_graph", aot_eager)
     data = demo.generated_task(64, 8, seed=0).train
     losses = {}
@@ -121,4 +124,5 @@ def test_compiled_training_gives_the_eager_losses(monkeypatch):
         losses[compiled] = demo.train(
             model, tokenizer, data, steps=2, batch_size=4, progress=False, compile=compiled
         )
+    assert len(made) == 1 and made[0].compiles == 1  # the steps ran compiled
     assert losses[True] == pytest.approx(losses[False], rel=1e-5)

@@ -401,10 +401,10 @@ def _rms_norm_site(gm: fx.GraphModule, n: fx.Node) -> RMSNormSite | None:
 
 
 def _module_site(gm: fx.GraphModule, n: fx.Node) -> WeightSite | None:
-    path = str(n.target)
-    module = gm.get_submodule(path)
     if not n.args:  # a module called without input (attention's train-only dropout p)
         return None
+    path = str(n.target)
+    module = gm.get_submodule(path)
     bias = f"{path}.bias" if getattr(module, "bias", None) is not None else None
     common = dict(path=path, node=n, input=n.args[0], weight=f"{path}.weight", bias=bias)
     if type(module) is nn.Linear:
