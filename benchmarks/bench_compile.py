@@ -67,6 +67,8 @@ def peft_config(kind: str):
 
 
 def loss_of(output, ids):
+    if getattr(output, "loss", None) is not None:  # captured with labels: the graph's own loss
+        return output.loss
     logits = output["logits"] if isinstance(output, dict) or hasattr(output, "keys") else output
     if logits.dim() == 2:  # a classifier
         return F.cross_entropy(logits, ids[:, 0] % logits.shape[-1])
@@ -90,12 +92,21 @@ def infer(module, ids, mask, extra) -> Callable[[], None]:
     def run() -> None:
         with torch.no_grad():
             module(ids, attention_mask=mask, **extra)
+        if ids.is_cuda:  # time the work, not its launch
+            torch.cuda.synchronize()
 
     return run
 
 
-def peak_bytes(fn: Callable[[], object]) -> int:
-    """The most bytes alive above the start of one call (PyTorch profiler's memory timeline)."""
+def peak_bytes(fn: Callable[[], object], device: torch.device) -> int:
+    """The most bytes alive above the start of one call (PyTorch profiler's memory timeline; on
+    CUDA, the allocator's peak)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        start = torch.cuda.memory_allocated()
+        fn()
+        return torch.cuda.max_memory_allocated() - start
     with profile(
         activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=True, with_stack=True
     ) as prof:
@@ -118,6 +129,8 @@ def variants(model, ids, mask, name):
         pm = peft.get_peft_model(copy.deepcopy(model), peft_config(kind)) if kind else None
     gm.train()
     out = {"peftc eager": (gm, {}), "peftc compiled": (peftc.compile(gm), {})}
+    if name != "minilm":
+        out[FUSED] = (peftc.compile(fused_twin(model, gm, ids, mask, pipeline)), {"labels": ids})
     if pm is not None:
         pm.train()
         eager = {"use_cache": False} if hasattr(model, "config") else {}
@@ -129,12 +142,25 @@ def variants(model, ids, mask, name):
     }
 
 
+FUSED = "peftc compiled, fused_loss(logits=false)"  # a training step only: it has no logits
+
+
+def fused_twin(model, gm, ids, mask, pipeline):
+    """`gm` captured with labels, its LM head and loss fused, with `gm`'s adapter weights."""
+    captured = peftc.capture(model, (ids,), {"attention_mask": mask, "labels": ids})
+    twin = peftc.apply(captured, f"{pipeline}, fused_loss(logits=false)")
+    twin.load_state_dict(gm.state_dict())
+    return twin.train()
+
+
 def measure(model, ids, mask, name, repeat, warmup):
     paths = variants(model, ids, mask, name)
     results = {}
     for mode in ("train", "infer"):
         fns, compile_s = {}, {}
         for label, (module, params, extra) in paths.items():
+            if label == FUSED and mode == "infer":
+                continue
             module.train(mode == "train")
             fn = (
                 train_step(module, params, ids, mask, extra)
@@ -146,7 +172,11 @@ def measure(model, ids, mask, name, repeat, warmup):
             compile_s[label] = time.perf_counter() - start
             fns[label] = fn
         medians = compare(fns, repeat, warmup)
-        peaks = {label: peak_bytes(fn) for label, fn in fns.items()} if mode == "train" else {}
+        peaks = (
+            {label: peak_bytes(fn, ids.device) for label, fn in fns.items()}
+            if mode == "train"
+            else {}
+        )
         for label in fns:
             results[(mode, label)] = (medians[label], compile_s[label], peaks.get(label))
     return results
@@ -185,6 +215,7 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--only", action="append", choices=list(TECHNIQUES))
+    parser.add_argument("--device", default="cpu", help="cpu (default) or cuda")
     args, command, start = begin(parser, argv, "benchmarks/bench_compile.py")
     small = size(256, 688, layers=2, heads=8, vocab=8000, tokens=(4, 64))
     shape = small if args.quick else LLAMA_20M
@@ -193,13 +224,13 @@ def main(argv=None):
     table, data = [], {}
     for name in chosen:
         if name == "minilm":
-            model = minilm_classifier()
-            ids, mask = batch(model.encoder.config.vocab_size, 8, 128)
+            model = minilm_classifier().to(args.device)
+            ids, mask = batch(model.encoder.config.vocab_size, 8, 128, args.device)
             results = measure(model, ids, mask, name, repeat, warmup)
             label = "MiniLM classifier LoRA (8 x 128)"
         else:
-            model = llama(**shape["model"])
-            ids, mask = batch(shape["model"]["vocab"], *shape["batch"])
+            model = llama(**shape["model"], device=args.device)
+            ids, mask = batch(shape["model"]["vocab"], *shape["batch"], device=args.device)
             results = measure(model, ids, mask, name, repeat, warmup)
             label = f"Llama {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M {name}"
         rows = rows_for(label, results)

@@ -50,7 +50,7 @@ def finetune(args: argparse.Namespace) -> dict:
     before = evaluate(model, tokenizer, dev)
     print(f"dev accuracy before: {before:.4f}  ({len(dev[0])} sentences)")
     started = time.perf_counter()
-    losses = train(
+    losses, _ = train(
         model,
         tokenizer,
         data.train,

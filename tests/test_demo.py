@@ -108,6 +108,20 @@ def test_data_choice(tmp_path, monkeypatch):
 def test_compiled_training_gives_the_eager_losses(monkeypatch):
     """`--compile` trains through peftc.compile (here its aot_eager backend: the same graph
     without generated code, seconds instead of a minute): the same losses, dropout included."""
+    made = _aot_eager_compiles(monkeypatch)
+    data = demo.generated_task(64, 8, seed=0).train
+    runs = {}
+    for mode in ("off", "on"):
+        _, model, tokenizer = demo.build()
+        runs[mode] = demo.train(
+            model, tokenizer, data, steps=2, batch_size=4, progress=False, compile=mode
+        )
+    assert len(made) == 1 and made[0].compiles == 1  # the steps ran compiled
+    assert (runs["off"].compiled_from, runs["on"].compiled_from) == (None, 0)
+    assert runs["on"].losses == pytest.approx(runs["off"].losses, rel=1e-5)
+
+
+def _aot_eager_compiles(monkeypatch) -> list:
     from peftc.backends.compile import compile as compile_graph
 
     made = []
@@ -117,12 +131,24 @@ def test_compiled_training_gives_the_eager_losses(monkeypatch):
         return made[-1]
 
     monkeypatch.setattr(demo, "compile_graph", aot_eager)
+    return made
+
+
+@requires_minilm
+def test_auto_compiles_when_the_steps_left_repay_it(monkeypatch):
+    """With "auto" the second step is timed and the run compiles from the third when the steps
+    left save more than a compile costs; a short run stays eager. The losses are eager's."""
+    made = _aot_eager_compiles(monkeypatch)
     data = demo.generated_task(64, 8, seed=0).train
-    losses = {}
-    for compiled in (False, True):
+    _, model, tokenizer = demo.build()
+    eager = demo.train(model, tokenizer, data, steps=4, batch_size=4, progress=False, compile="off")
+    runs = {}
+    for seconds in (1e9, 1e-9):  # a compile that never pays, one that always does
+        monkeypatch.setattr(demo, "_COMPILE_SECONDS", seconds)
         _, model, tokenizer = demo.build()
-        losses[compiled] = demo.train(
-            model, tokenizer, data, steps=2, batch_size=4, progress=False, compile=compiled
-        )
-    assert len(made) == 1 and made[0].compiles == 1  # the steps ran compiled
-    assert losses[True] == pytest.approx(losses[False], rel=1e-5)
+        runs[seconds] = demo.train(model, tokenizer, data, steps=4, batch_size=4, progress=False)
+    assert (runs[1e9].compiled_from, runs[1e-9].compiled_from) == (None, 2)
+    assert len(made) == 1 and made[0].compiles == 1
+    assert runs[1e-9].losses == pytest.approx(eager.losses, rel=1e-5)
+    with pytest.raises(PeftcError, match="compile='yes': choose one of auto, on, off"):
+        demo.train(model, tokenizer, data, steps=1, progress=False, compile="yes")

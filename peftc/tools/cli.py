@@ -119,9 +119,13 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
     )
     demo.add_argument(
         "--compile",
-        action="store_true",
-        help="train through torch.compile (peftc.compile): on 2 CPU cores ~10%% faster a step "
-        "after a compile of 5-40 s, so off by default (docs/performance.md)",
+        choices=("auto", "on", "off"),
+        nargs="?",
+        const="on",
+        default="auto",
+        help="train through torch.compile (peftc.compile): on 2 CPU cores 3-10%% faster a step "
+        "after a compile of 5-20 s, so 'auto' (the default) compiles after timing a step, when "
+        "the steps left repay it (docs/performance.md); --compile alone means on",
     )
     demo.set_defaults(run=_demo)
 

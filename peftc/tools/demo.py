@@ -236,10 +236,11 @@ def train(
     max_length: int = 64,
     seed: int = 0,
     progress: bool = True,
-    compile: bool = False,
-) -> list[float]:
-    """AdamW on the trainable parameters over shuffled batches; the loss of every step. `compile`:
-    run the steps through `peftc.compile` (its first step compiles, timed apart)."""
+    compile: str = "auto",
+) -> Run:
+    """AdamW on the trainable parameters over shuffled batches: the loss of every step. `compile`:
+    run the steps through `peftc.compile` from the first ("on"), never ("off"), or from the step
+    where the rest of the run repays the compile ("auto", `_Steps`)."""
     from tqdm.auto import tqdm
 
     sentences, labels = data
@@ -250,25 +251,60 @@ def train(
     model.train()
     losses: list[float] = []
     position, order = len(sentences), torch.arange(0)
-    runner = compile_graph(model) if compile else model
+    runner = _Steps(model, compile, steps)
     bar = tqdm(range(steps), desc="train", unit="step", disable=not progress, file=sys.stdout)
     for step in bar:
-        if compile and step == 0:
-            bar.set_description("compile")
+        bar.set_description(runner.phase(step))
         if position + batch_size > len(sentences):  # a new epoch
             order, position = torch.randperm(len(sentences), generator=generator), 0
         index = order[position : position + batch_size].tolist()
         position += batch_size
         loss = F.cross_entropy(
-            runner(*_batches(tokenizer, sentences, index, max_length)), targets[index]
+            runner.module(*_batches(tokenizer, sentences, index, max_length)), targets[index]
         )
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
         losses.append(loss.item())
+        runner.done(step)
         bar.set_description("train")
         bar.set_postfix(loss=f"{sum(losses[-10:]) / len(losses[-10:]):.3f}")
-    return losses
+    return Run(losses, runner.compiled_at)
+
+
+class Run(NamedTuple):
+    losses: list[float]
+    compiled_from: int | None  # the first step run compiled, None if none was
+
+
+COMPILE_CHOICES = ("auto", "on", "off")
+# Measured on 2 CPU cores (docs/performance.md): Inductor saves 3-10 % of a training step after
+# a compile of 5-20 s; "auto" takes the cautious ends of both.
+_COMPILE_GAIN, _COMPILE_SECONDS = 0.03, 20.0
+
+
+class _Steps:
+    """The module the training steps run: the graph, or `peftc.compile` of it. "auto" times the
+    second eager step (the first warms up) and compiles when the steps left repay the compile."""
+
+    def __init__(self, model: nn.Module, compile: str, steps: int):
+        if compile not in COMPILE_CHOICES:
+            raise PeftcError(f"compile={compile!r}: choose one of {', '.join(COMPILE_CHOICES)}")
+        self.model, self.mode, self.steps = model, compile, steps
+        self.module = compile_graph(model) if compile == "on" else model
+        self.compiled_at = 0 if compile == "on" else None
+        self.started = 0.0
+
+    def phase(self, step: int) -> str:
+        self.started = time.perf_counter()
+        return "compile" if step == self.compiled_at else "train"
+
+    def done(self, step: int) -> None:
+        if self.mode != "auto" or step != 1:
+            return
+        saved = (time.perf_counter() - self.started) * (self.steps - 2) * _COMPILE_GAIN
+        if saved > _COMPILE_SECONDS:
+            self.module, self.compiled_at = compile_graph(self.model), step + 1
 
 
 def _ordered_batches(sentences: list[str], batch_size: int):
@@ -328,10 +364,10 @@ def run_demo(
     dev_size: int | None = None,
     seed: int = 0,
     progress: bool = True,
-    compile: bool = False,
+    compile: str = "auto",
 ) -> dict:
     """Run the demo; write the report and figures to `out`; return the report's numbers.
-    `compile`: train through `peftc.compile` (off by default, docs/performance.md says why)."""
+    `compile`: train through `peftc.compile` ("on"), not ("off"), or when it pays ("auto")."""
     started = time.perf_counter()
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -352,7 +388,7 @@ def run_demo(
         "pipeline": pipeline,
         "steps": steps,
         "batch_size": batch_size,
-        "compiled": compile,
+        "compiled_from_step": trained.compiled_from,
         "dev_sentences": len(dev[0]),
         "accuracy_before": trained.before,
         "accuracy_after": trained.after,
@@ -382,7 +418,7 @@ class _Training(NamedTuple):
     max_length: int
     seed: int
     progress: bool
-    compile: bool = False
+    compile: str = "auto"
 
 
 class _Trained(NamedTuple):
@@ -390,6 +426,7 @@ class _Trained(NamedTuple):
     after: float
     losses: list[float]
     step_seconds: float
+    compiled_from: int | None
 
 
 def _sizes(captured: fx.GraphModule, model: fx.GraphModule) -> dict:
@@ -416,11 +453,11 @@ def _train_and_score(
     before = evaluate(model, tokenizer, dev, max_length=training.max_length)
     say(f"dev accuracy before training: {before:.4f}")
     started = time.perf_counter()
-    losses = train(model, tokenizer, data, **training._asdict())
+    run = train(model, tokenizer, data, **training._asdict())
     step_seconds = (time.perf_counter() - started) / max(training.steps, 1)
     after = evaluate(model, tokenizer, dev, max_length=training.max_length)
     say(f"dev accuracy after training:  {after:.4f}")
-    return _Trained(before, after, losses, step_seconds)
+    return _Trained(before, after, run.losses, step_seconds, run.compiled_from)
 
 
 def _export_and_score(
@@ -452,6 +489,10 @@ def _write_report(out: Path, numbers: dict, say) -> None:
     )
 
 
+def _compiled(step: int | None) -> str:
+    return "eager" if step is None else f"compiled from step {step}"
+
+
 def _report(n: dict) -> str:
     mib = 2**20
     rows = [
@@ -472,7 +513,8 @@ def _report(n: dict) -> str:
         ("bits per quantized weight", f"{n['quantized_bits_per_weight']:.3f}"),
         (
             "train step",
-            f"{1000 * n['step_seconds']:.0f} ms ({n['steps']} steps of {n['batch_size']})",
+            f"{1000 * n['step_seconds']:.0f} ms ({n['steps']} steps of {n['batch_size']}, "
+            f"{_compiled(n['compiled_from_step'])})",
         ),
         (
             "ONNX export",
