@@ -9,6 +9,7 @@ also saves the adapter in peft's format and checks that merging it works.
 
     torchrun --standalone --nproc_per_node=2 examples/fsdp_qlora.py --out runs
     torchrun --standalone --nproc_per_node=2 examples/fsdp_qlora.py --out runs --bf16
+    torchrun --standalone --nproc_per_node=2 examples/fsdp_qlora.py --out runs --compile
     python examples/fsdp_qlora.py --out runs   # one process on the combined batches (the reference)
 """
 
@@ -131,6 +132,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--bf16", action="store_true", help="FSDP2 mixed precision: bf16 compute, fp32 gradients"
     )
+    parser.add_argument(
+        "--compile",
+        nargs="?",
+        const="inductor",
+        choices=["inductor", "aot_eager"],
+        help="train through peftc.compile: each sharded block compiled whole (default Inductor)",
+    )
     parser.add_argument("--out", type=Path, required=True, help="folder for the per-rank results")
     args = parser.parse_args(argv)
     from safetensors.torch import save
@@ -168,7 +176,9 @@ def main(argv: list[str] | None = None) -> int:
         (f"fsdp{world}" if world > 1 else "single")
         + ("-bf16" if args.bf16 else "")
         + ("-ckpt" if args.checkpoint else "")
+        + ("-compiled" if args.compile else "")
     )
+    runner = peftc.compile(gm, backend=args.compile) if args.compile else gm
     optimizer = torch.optim.SGD([p for p in gm.parameters() if p.requires_grad], lr=args.lr)
     shard = GLOBAL_BATCH // world
     peak = resident = 0
@@ -180,7 +190,7 @@ def main(argv: list[str] | None = None) -> int:
 
         def train_step(ids: torch.Tensor = ids, first: bool = step == 0) -> float:
             # mean over equal shards: the gradient average is the global one
-            loss = lm_loss(gm(ids).logits, ids)
+            loss = lm_loss(runner(ids).logits, ids)
             optimizer.zero_grad()
             loss.backward()
             if first:  # the first gradients, to compare across precisions
@@ -201,6 +211,7 @@ def main(argv: list[str] | None = None) -> int:
         "resident_bytes": resident,
         "measured_peak": resident + peak,
         "planned_peak": planned.peak if planned else None,
+        "compiles": getattr(runner, "compiles", 0),
     }
     atomic_write(
         args.out / f"{mode}.rank{rank}.safetensors",

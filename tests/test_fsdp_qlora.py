@@ -1,6 +1,7 @@
 """examples/fsdp_qlora.py under torch.distributed.run (2 processes, gloo, CPU): NF4 storage sharded
 by FSDP2, blocks gathered one at a time; the same LoRA weights as one process on the combined
-batches; the adapter loads in peft; bf16 mixed precision within a stated tolerance of fp32."""
+batches, eager and compiled; the adapter loads in peft; bf16 mixed precision within a stated
+tolerance of fp32."""
 
 from __future__ import annotations
 
@@ -50,6 +51,7 @@ def runs(tmp_path_factory):
     _run(out, processes=1)
     _run(out, "--plan")
     _run(out, "--bf16")
+    _run(out, "--compile")
     return out
 
 
@@ -67,6 +69,18 @@ def test_nf4_storage_is_sharded_and_training_matches_one_process(runs):
         assert sorted(state) == sorted(single)
         for name, expected in single.items():
             torch.testing.assert_close(state[name], expected, atol=1e-6, rtol=0)
+
+
+def test_compiled_blocks_train_as_one_process(runs):
+    """peftc.compile of a sharded graph: each of the 4 blocks compiled whole by Inductor, once,
+    FSDP2 gathering between them; the trained weights are the eager single process's."""
+    single = load_file(runs / "single.rank0.safetensors")
+    for rank in range(2):
+        assert json.loads((runs / f"fsdp2-compiled.rank{rank}.json").read_text())["compiles"] == 4
+        state = load_file(runs / f"fsdp2-compiled.rank{rank}.safetensors")
+        assert sorted(state) == sorted(single)
+        for name, expected in single.items():
+            torch.testing.assert_close(state[name], expected, atol=1e-5, rtol=0)
 
 
 def test_planned_per_rank_peak_matches_the_measured_one(runs):

@@ -14,7 +14,11 @@
    dynamic before the first call, so one compiled graph serves every batch size and length; dims
    export fixed (`meta["static_dims"]`) stay static. `compiles` counts the graphs compiled (train
    and eval mode are one each).
-4. Parameters are the graph module's: the optimizer, `train()`/`eval()` and
+4. A graph sharded by FSDP2 (`peftc.distributed.shard`: `fully_shard` on each outlined block and
+   the root) compiles block by block, each block whole, as torchtitan compiles FSDP2 models: the
+   root runs eagerly, so FSDP2 gathers each block's weights between compiled blocks. `compiles`
+   counts every block's graphs; a block sees a second shape once before its dims turn dynamic.
+5. Parameters are the graph module's: the optimizer, `train()`/`eval()` and
    `peftc.save_adapter(fast.graph_module, ...)` act on the same tensors and modules;
    `state_dict()` and `load_state_dict()` use the graph module's keys (no wrapper prefix).
 """
@@ -57,7 +61,11 @@ class Compiled(nn.Module):
             self.compiles += 1
             return inner(graph, example_inputs, **patches)
 
-        self._compiled = torch.compile(gm, backend=counted, fullgraph=True, dynamic=None)
+        if _sharded(gm):
+            self._compile_blocks(gm, counted)
+            self._compiled = gm
+        else:
+            self._compiled = torch.compile(gm, backend=counted, fullgraph=True, dynamic=None)
         self._static = peftc_meta(gm).get("static_dims", {})
         self._names = [str(n.target) for n in gm.graph.find_nodes(op="placeholder")]
 
@@ -80,6 +88,13 @@ class Compiled(nn.Module):
     def load_state_dict(self, state_dict: Any, strict: bool = True, assign: bool = False) -> Any:
         return self.graph_module.load_state_dict(state_dict, strict=strict, assign=assign)
 
+    @staticmethod
+    def _compile_blocks(gm: fx.GraphModule, backend: Any) -> None:
+        from peftc.passes.outline import blocks
+
+        for path in blocks(gm):
+            gm.get_submodule(path).compile(backend=backend, fullgraph=True, dynamic=None)
+
     def _mark_dynamic(self, name: str, value: Any) -> None:
         if not isinstance(value, torch.Tensor):
             return
@@ -87,6 +102,14 @@ class Compiled(nn.Module):
         for dim in range(min(value.dim(), 2)):
             if dim not in fixed:
                 torch._dynamo.maybe_mark_dynamic(value, dim)
+
+
+def _sharded(gm: nn.Module) -> bool:
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # a torch without FSDP2
+        return False
+    return isinstance(gm, FSDPModule)
 
 
 def compile(
