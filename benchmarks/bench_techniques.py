@@ -74,8 +74,15 @@ def main(argv: list[str] | None = None) -> dict:
         before = evaluate(model, tokenizer, dev)
         started = time.perf_counter()
         losses = train(
-            model, tokenizer, data.train, args.steps, args.batch_size, lr, progress=False
-        )
+            model,
+            tokenizer,
+            data.train,
+            args.steps,
+            args.batch_size,
+            lr,
+            progress=False,
+            compile="off",  # every method timed eager
+        ).losses
         step_ms = 1000 * (time.perf_counter() - started) / args.steps
         rows[name] = {
             "pipeline": pipeline,

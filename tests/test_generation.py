@@ -165,3 +165,36 @@ def test_what_is_refused():
             ),
             [[1, 2]],
         )
+
+
+def test_bad_adapter_ids_and_token_ids_are_refused_by_name():
+    """A short adapter_ids used to broadcast over every row, an id out of range to run the base,
+    a token outside the vocabulary or past the positions to raise a bare IndexError."""
+    gm = captured("tiny-gpt2")
+    served = peftc.apply(gm, "lora(adapter='a'), lora(adapter='b'), multi_lora")
+    ids = torch.tensor([[5, 6, 7]] * 3)
+    for given, message in (
+        ([0], r"adapter_ids has shape \(1,\) for a batch of 3 rows"),
+        ([0, 0, 0, 0], r"shape \(4,\) for a batch of 3 rows"),
+        ([0, 99, -1], "adapter id 99 is out of range: 2 adapters are stacked"),
+        ([0, -5, -1], "adapter id -5 is out of range"),
+    ):
+        with pytest.raises(OptionError, match=message):
+            served(ids, attention_mask=torch.ones_like(ids), adapter_ids=torch.tensor(given))
+    vocab = gm.meta["peftc"]["capture"]["config"]["vocab_size"]
+    with pytest.raises(OptionError, match=f"token id {vocab} is outside the vocabulary"):
+        peftc.generate(gm, [[1, vocab]])
+    with pytest.raises(OptionError, match="100 tokens plus 40 new ones exceed the model's 128"):
+        peftc.generate(gm, [list(range(100))], max_new_tokens=40)
+    with pytest.raises(OptionError, match="give a non-empty list of token ids"):
+        peftc.generate(gm, [[1, -2]])
+
+
+def test_a_graph_captured_without_a_mask_generates_the_same():
+    model = loaded("tiny-gpt2").model
+    bare = peftc.capture(model, (torch.tensor([[5, 6, 7, 8], [1, 2, 3, 4]]),))
+    assert not any(n.target == "attention_mask" for n in bare.graph.find_nodes(op="placeholder"))
+    masked = captured("tiny-gpt2")
+    assert peftc.generate(bare, PROMPTS, max_new_tokens=6) == peftc.generate(
+        masked, PROMPTS, max_new_tokens=6
+    )

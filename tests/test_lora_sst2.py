@@ -58,7 +58,7 @@ def test_short_lora_finetune_lowers_the_loss_and_trains_only_lora_and_head():
         lr=2e-3,
         seed=0,
         progress=False,
-    )
+    ).losses
 
     first, last = sum(losses[:5]) / 5, sum(losses[-5:]) / 5
     assert last < first - 0.08, f"loss did not fall: first 5 steps {first:.3f}, last 5 {last:.3f}"

@@ -91,6 +91,30 @@ def token_ids(ids: Tensor, tokens: int) -> Tensor:
     return ids.reshape(-1).repeat_interleave(tokens // ids.numel())
 
 
+@torch.library.custom_op("peftc::checked_adapter_ids", mutates_args=())
+def checked_adapter_ids(ids: Tensor, batch_of: Tensor, adapters: int) -> Tensor:
+    """`ids`, refused unless one per row of `batch_of` (the graph's first input), each from -1
+    (the base) to `adapters` - 1: a short list would otherwise broadcast over the rows, and an id
+    out of range would silently pick no adapter."""
+    if ids.dim() != 1 or ids.numel() != batch_of.shape[0]:
+        raise OptionError(
+            f"adapter_ids has shape {tuple(ids.shape)} for a batch of {batch_of.shape[0]} rows: "
+            "give one id per row (-1 for the base), e.g. peftc.adapter_ids(gm, names)"
+        )
+    if ids.numel() and (int(ids.min()) < -1 or int(ids.max()) >= adapters):
+        bad = ids[(ids < -1) | (ids >= adapters)][0]
+        raise OptionError(
+            f"adapter id {int(bad)} is out of range: {adapters} adapters are stacked (ids 0.."
+            f"{adapters - 1}, -1 for the base)"
+        )
+    return ids.clone()
+
+
+@checked_adapter_ids.register_fake
+def _(ids, batch_of, adapters):
+    return torch.empty_like(ids)
+
+
 @torch.library.custom_op("peftc::expert_row_ids", mutates_args=())
 def expert_row_ids(ids: Tensor, tokens: Tensor, token_index: Tensor, offs: Tensor) -> Tensor:
     """For each row of an experts' sorted input: `adapter * E + expert`, or -1 for the base.
@@ -164,7 +188,7 @@ def multi_lora(gm: fx.GraphModule, options: MultiLoraOptions) -> PassResult:
             "multi_lora serves LoRA on linear sites and on parameters read by a linear or an "
             f"experts' grouped matmul; {', '.join(wrong[:4])} are neither"
         )
-    ids = _ids_input(gm)
+    ids = _checked(gm, _ids_input(gm), len(names))
     for path, kind in refs:
         if kind == "parameter":
             site = parameters[path]
@@ -263,6 +287,16 @@ def _ids_input(gm: fx.GraphModule) -> fx.Node:
     return (
         found if found is not None else add_input(gm.graph, IDS, pass_name="multi_lora", role="ids")
     )
+
+
+def _checked(gm: fx.GraphModule, ids: fx.Node, adapters: int) -> fx.Node:
+    """`peftc::checked_adapter_ids` of the input, right after the graph's inputs."""
+    inputs = list(gm.graph.find_nodes(op="placeholder"))
+    with gm.graph.inserting_after(inputs[-1]):
+        node = gm.graph.call_function(
+            torch.ops.peftc.checked_adapter_ids.default, (ids, inputs[0], adapters)
+        )
+    return tag(node, pass_name="multi_lora", role="checked_ids", path="")
 
 
 def _unstack(gm: fx.GraphModule) -> None:

@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import io
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -216,7 +217,9 @@ def _add_plan(sub: argparse._SubParsersAction, model_help: str) -> None:
 
 def _add_serve(sub: argparse._SubParsersAction, model_help: str) -> None:
     serve = sub.add_parser(
-        "serve", help="serve many LoRA adapters over one causal LM: OpenAI-style /v1/completions"
+        "serve",
+        help="serve many adapters over one causal LM: OpenAI's /v1/completions and "
+        "/v1/chat/completions, continuously batched",
     )
     serve.add_argument("model", help=model_help)
     serve.add_argument(
@@ -227,13 +230,31 @@ def _add_serve(sub: argparse._SubParsersAction, model_help: str) -> None:
         help="peft or peftc adapter folders; the name is the folder's unless given as NAME=DIR",
     )
     serve.add_argument("--passes", default="", help='base pipeline before the adapters, e.g. "nf4"')
-    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default: local)")
     serve.add_argument("--port", type=int, default=8000)
     serve.add_argument(
-        "--max-batch", type=int, default=32, help="requests decoded together (default 32)"
+        "--max-batch", type=int, default=32, help="requests in flight together (default 32)"
     )
     serve.add_argument(
-        "--max-wait-ms", type=float, default=10.0, help="how long a request waits for company"
+        "--api-key",
+        default=os.environ.get("PEFTC_API_KEY"),
+        help="require Authorization: Bearer KEY (default: $PEFTC_API_KEY; none: no key)",
+    )
+    serve.add_argument(
+        "--allow-host",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="a Host name answered besides localhost (repeatable; '*' answers any)",
+    )
+    serve.add_argument(
+        "--tokenizer", help="a folder with the tokenizer, where the model's folder has none"
+    )
+    serve.add_argument("--chat-template", help="a Jinja chat template file (else the tokenizer's)")
+    serve.add_argument(
+        "--allow-adapter-loading",
+        action="store_true",
+        help="answer POST /v1/load_lora_adapter and /v1/unload_lora_adapter",
     )
     serve.set_defaults(run=_serve)
 
@@ -304,7 +325,8 @@ def _plan(args: argparse.Namespace) -> int:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from peftc.tools.serve import CompletionServer
+    from peftc.tools.models import load_tokenizer
+    from peftc.tools.server import ServerSettings, serve
 
     loaded, gm = _captured(args)
     for spec in args.adapters:
@@ -312,21 +334,28 @@ def _serve(args: argparse.Namespace) -> int:
         # multi_lora verifies
         gm = load_adapter(gm, folder, adapter=name or Path(folder).name, verify=False)
     gm = apply(gm, "multi_lora")
-    server = CompletionServer(
-        gm,
+    tokenizer = load_tokenizer(args.tokenizer) if args.tokenizer else loaded.tokenizer
+    settings = ServerSettings(
         base_name=loaded.name,
-        tokenizer=loaded.tokenizer,
+        api_key=args.api_key,
+        allowed_hosts=(*ServerSettings.allowed_hosts, *args.allow_host),
+        allow_adapter_loading=args.allow_adapter_loading,
+        chat_template=Path(args.chat_template).read_text() if args.chat_template else None,
+    )
+    names = peftc_meta(gm)["multi_lora"]["adapters"]
+    print(
+        f"serving {loaded.name} with adapters {', '.join(names)} at "
+        f"http://{args.host}:{args.port}/v1 ({'API key required' if args.api_key else 'no key'})",
+        flush=True,
+    )
+    serve(
+        gm,
+        tokenizer=tokenizer,
+        settings=settings,
         host=args.host,
         port=args.port,
         max_batch=args.max_batch,
-        max_wait=args.max_wait_ms / 1000,
     )
-    print(
-        f"serving {loaded.name} with adapters {', '.join(server.adapters)} at "
-        f"{server.url}/v1/completions",
-        flush=True,
-    )
-    server.serve_forever()
     return 0
 
 

@@ -20,6 +20,7 @@ tokens enter at the prefill only (the step graph is the graph without the prompt
 from __future__ import annotations
 
 import copy
+import numbers
 import warnings
 import weakref
 from collections.abc import Sequence
@@ -35,7 +36,7 @@ from peftc.sites.regions import attention_as_called, attention_call, attention_s
 from peftc.technique.adapters import active_adapters, adapters, set_active
 from peftc.techniques.prefix import extend_mask
 
-__all__ = ["generate", "decode_graphs"]
+__all__ = ["generate", "decode_graphs", "check_prompts", "limits", "forward_step", "empty_caches"]
 
 aten = torch.ops.aten
 _PASS = "kv_cache"
@@ -195,7 +196,7 @@ def generate(
         raise OptionError(f"generate: max_new_tokens must be at least 1, got {max_new_tokens}")
     if do_sample and (temperature <= 0 or (top_k is not None and top_k < 1)):
         raise OptionError("generate: sampling needs temperature > 0 and top_k >= 1 (or None)")
-    prompts = _token_lists(input_ids)
+    prompts = check_prompts(gm, _token_lists(input_ids), max_new_tokens)
     served = "multi_lora" in peftc_meta(gm)
     ids = _adapter_ids(gm, adapter_ids, len(prompts), served)
     prefill, step = decode_graphs(gm)
@@ -222,13 +223,47 @@ def generate(
 
 
 def _token_lists(input_ids: Tensor | Sequence[Sequence[int]]) -> list[list[int]]:
-    prompts = [
-        list(map(int, p))
-        for p in (input_ids.tolist() if isinstance(input_ids, Tensor) else input_ids)
-    ]
-    if not prompts or any(not p for p in prompts):
+    given = input_ids.tolist() if isinstance(input_ids, Tensor) else input_ids
+    prompts = [list(p) for p in given]
+    if not prompts:
         raise OptionError("generate: give at least one prompt, each at least one token long")
     return prompts
+
+
+def limits(gm: fx.GraphModule) -> tuple[int | None, int | None]:
+    """(vocabulary size, positions) of the captured model's config; None where it has none."""
+    config = peftc_meta(gm).get("capture", {}).get("config", {})
+    positions = next(
+        (config[k] for k in ("max_position_embeddings", "n_positions", "n_ctx") if k in config),
+        None,
+    )
+    return config.get("vocab_size"), positions
+
+
+def check_prompts(
+    gm: fx.GraphModule, prompts: Sequence[Sequence[int]], max_new_tokens: int
+) -> list[list[int]]:
+    """The prompts as lists of ints, each refused by name if empty, not token ids, outside the
+    vocabulary, or longer with `max_new_tokens` than the model's positions."""
+    vocab, positions = limits(gm)
+    checked = []
+    for i, prompt in enumerate(prompts):
+        if not prompt or not all(
+            isinstance(t, numbers.Integral) and not isinstance(t, bool) and t >= 0 for t in prompt
+        ):
+            raise OptionError(f"prompt {i}: give a non-empty list of token ids (ints >= 0)")
+        prompt = [int(t) for t in prompt]
+        if vocab is not None and max(prompt) >= vocab:
+            raise OptionError(
+                f"prompt {i}: token id {max(prompt)} is outside the vocabulary (ids 0..{vocab - 1})"
+            )
+        if positions is not None and len(prompt) + max_new_tokens > positions:
+            raise OptionError(
+                f"prompt {i}: {len(prompt)} tokens plus {max_new_tokens} new ones exceed the "
+                f"model's {positions} positions; shorten the prompt or ask for fewer tokens"
+            )
+        checked.append(prompt)
+    return checked
 
 
 class _Sampling(NamedTuple):
@@ -266,6 +301,32 @@ def _adapter_ids(gm: fx.GraphModule, given: Any, rows: int, served: bool) -> Ten
     return given.reshape(-1)
 
 
+def empty_caches(graph: fx.GraphModule, batch: int, like: Tensor) -> list[Tensor]:
+    """The caches of `batch` rows before any token: (batch, heads, 0, head_dim) each."""
+    return [
+        like.new_zeros((batch, heads, 0, dim), dtype=dtype)
+        for heads, dim, dtype in graph.meta["peftc_cache_layout"]
+        for _ in ("key", "value")
+    ]
+
+
+def forward_step(
+    graph: fx.GraphModule, tokens: Tensor, caches: list[Tensor], extra: dict
+) -> tuple[Tensor, list[Tensor]]:
+    """One forward of a decode graph on `tokens` after `caches`: the float32 logits of each row's
+    last token, and the caches extended by `tokens`."""
+    inputs = {f"past_{i // 2}_{'key' if i % 2 == 0 else 'value'}": c for i, c in enumerate(caches)}
+    if _takes(graph, "attention_mask"):
+        inputs["attention_mask"] = torch.ones_like(tokens)
+    output, caches = graph(tokens, **extra, **inputs)
+    logits = output.logits if hasattr(output, "logits") else output[0]
+    return logits[:, -1].float(), list(caches)
+
+
+def _takes(graph: fx.GraphModule, name: str) -> bool:
+    return any(n.target == name for n in graph.graph.find_nodes(op="placeholder"))
+
+
 def _decode(
     prefill: fx.GraphModule,
     step_graph: fx.GraphModule,
@@ -274,26 +335,14 @@ def _decode(
     sampling: _Sampling,
 ) -> list[list[int]]:
     batch = tokens.shape[0]
-    caches = [
-        tokens.new_zeros((batch, heads, 0, dim), dtype=dtype)
-        for heads, dim, dtype in prefill.meta["peftc_cache_layout"]
-        for _ in ("key", "value")
-    ]
+    caches = empty_caches(prefill, batch, tokens)
     decode = prefill
     out: list[list[int]] = [[] for _ in range(batch)]
     done = torch.zeros(batch, dtype=torch.bool, device=tokens.device)
     step = tokens
     eos = sampling.eos
     for _ in range(sampling.max_new_tokens):
-        output, caches = decode(
-            step,
-            attention_mask=torch.ones_like(step),
-            **extra,
-            **{
-                f"past_{i // 2}_{'key' if i % 2 == 0 else 'value'}": c for i, c in enumerate(caches)
-            },
-        )
-        logits = (output.logits if hasattr(output, "logits") else output[0])[:, -1].float()
+        logits, caches = forward_step(decode, step, caches, extra)
         chosen = _choose(logits, sampling)
         if eos is not None:
             chosen = torch.where(done, torch.full_like(chosen, eos), chosen)

@@ -385,6 +385,41 @@ def tiny_model(arch: str, seed: int = 0) -> nn.Module:
     return getattr(transformers, _TINY[_known_arch(arch)][1])(tiny_config(arch)).eval()
 
 
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
+_CORPUS = (
+    "The quick brown fox jumps over the lazy dog. SELECT name FROM users WHERE id = 1;\n"
+    "To be, or not to be, that is the question. Hello! How are you today? Fine, thanks.\n"
+)
+
+
+def save_tiny_chat_model(folder: str | Path, arch: str = "gpt2", seed: int = 0) -> Path:
+    """Write a Hugging Face folder a server can load whole: a random-init tiny causal LM, a
+    byte-level BPE tokenizer (`tokenizer.json`, any text encodes) and a chat template."""
+    from tokenizers import ByteLevelBPETokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    folder = Path(folder)
+    bpe = ByteLevelBPETokenizer()
+    bpe.train_from_iterator([_CORPUS] * 4, vocab_size=320, special_tokens=["<|endoftext|>"])
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=bpe, bos_token="<|endoftext|>", eos_token="<|endoftext|>"
+    )
+    tokenizer.chat_template = CHAT_TEMPLATE
+    config = tiny_config(arch)
+    config.vocab_size = len(tokenizer)
+    config.bos_token_id = config.eos_token_id = tokenizer.eos_token_id
+    import transformers
+
+    torch.manual_seed(seed)
+    model = getattr(transformers, _TINY[_known_arch(arch)][1])(config).eval()
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
 def _known_arch(arch: str) -> str:
     if arch not in _TINY:
         hint = suggest(arch, _TINY)
@@ -520,7 +555,18 @@ def _load_folder(path: Path) -> LoadedModel:
     model_class = getattr(transformers, architecture, transformers.AutoModel)
     model = model_class.from_pretrained(path).eval()
     args, kwargs = example_inputs(model)
-    return LoadedModel(str(path), model, args, kwargs)
+    return LoadedModel(path.name, model, args, kwargs, tokenizer=load_tokenizer(path))
+
+
+def load_tokenizer(path: str | Path) -> Any:
+    """The tokenizer saved in a model folder (`tokenizer.json` or `tokenizer_config.json`), or
+    None where it holds none."""
+    path = Path(path)
+    if not any((path / f).exists() for f in ("tokenizer.json", "tokenizer_config.json")):
+        return None
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(path)
 
 
 def _load_factory(spec: str) -> LoadedModel:
