@@ -13,6 +13,7 @@ import torch
 import peftc
 from peftc.errors import OptionError, PassError
 from peftc.tools.generation import decode_graphs
+from peftc.tools.parity import perturb
 
 from conftest import captured, loaded
 
@@ -198,3 +199,35 @@ def test_a_graph_captured_without_a_mask_generates_the_same():
     assert peftc.generate(bare, PROMPTS, max_new_tokens=6) == peftc.generate(
         masked, PROMPTS, max_new_tokens=6
     )
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_a_ragged_step_equals_each_row_stepped_alone(arch):
+    """Rows of different lengths, left-padded into one step, each with its own adapter: every
+    row's logits are its own step's."""
+    import torch.nn.functional as F
+
+    from peftc.tools.generation import empty_caches, forward_step, ragged_step_graph
+
+    gm = perturb(peftc.apply(captured(f"tiny-{arch}"), "lora(adapter='a'), lora(adapter='b')"))
+    gm = peftc.apply(gm, "multi_lora")
+    prefill, step = decode_graphs(gm)
+    ids = torch.tensor([0, 1, -1])
+    caches, last, expected = [], [], []
+    for row, prompt in enumerate([[5, 6, 7], [1, 2, 3, 4, 5, 6, 7, 8], [9, 10]]):
+        tokens, picked = torch.tensor([prompt]), {"adapter_ids": ids[row : row + 1]}
+        logits, cache = forward_step(prefill, tokens, empty_caches(prefill, 1, tokens), picked)
+        token = logits.argmax(-1)[:, None]
+        expected.append(forward_step(step, token, cache, picked)[0])
+        caches.append(cache)
+        last.append(token)
+    lengths = torch.tensor([c[0].shape[2] for c in caches])
+    longest = int(lengths.max())
+    padded = [
+        torch.cat([F.pad(c[k], (0, 0, longest - c[k].shape[2], 0)) for c in caches])
+        for k in range(len(caches[0]))
+    ]
+    mask = torch.arange(longest)[None] >= (longest - lengths)[:, None]
+    extra = {"adapter_ids": ids, "past_mask": mask, "past_lengths": lengths}
+    logits, _ = forward_step(ragged_step_graph(gm), torch.cat(last), padded, extra)
+    torch.testing.assert_close(logits, torch.cat(expected), atol=1e-5, rtol=0)

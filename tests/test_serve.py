@@ -164,6 +164,61 @@ def test_requests_with_different_limits_share_a_batch(served, server):
     assert crowd[2] == by_itself and sampled(42) == by_itself
 
 
+def test_a_crowd_of_mixed_requests_gets_what_each_gets_alone(served, server):
+    """60 requests from 20 clients over three adapters and the base, prompts of 2-40 tokens,
+    greedy and seeded: every answer equals its request served alone; nothing fails."""
+    import random
+
+    gm, tokenizer, _ = served
+    url, _ = server
+    rng = random.Random(0)
+    bodies = []
+    for i in range(60):
+        body = {
+            "model": rng.choice(("tiny-chat", *ADAPTERS)),
+            "prompt": [rng.randrange(1, 300) for _ in range(rng.randint(2, 40))],
+            "max_tokens": rng.randint(1, 16),
+            "temperature": 0,
+        }
+        if i % 2:
+            body.update(temperature=0.8, top_k=50, seed=i)
+        bodies.append(body)
+    answers = [None] * len(bodies)
+    pending = iter(range(len(bodies)))
+    lock = threading.Lock()
+
+    def client():
+        while (i := next_of(pending, lock)) is not None:
+            answers[i] = call(url, "POST", "/v1/completions", bodies[i])
+
+    threads = [threading.Thread(target=client) for _ in range(20)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for body, (status, answer) in zip(bodies, answers, strict=True):
+        assert status == 200, answer
+        adapter = None if body["model"] == "tiny-chat" else body["model"]
+        sampled = body["temperature"] > 0
+        expected = peftc.generate(
+            gm,
+            [body["prompt"]],
+            adapter_ids=[adapter],
+            max_new_tokens=body["max_tokens"],
+            do_sample=sampled,
+            temperature=body["temperature"] or 1.0,
+            top_k=body.get("top_k"),
+            seed=body.get("seed"),
+            eos_token_id=tokenizer.eos_token_id,
+        )[0]
+        assert answer["choices"][0]["token_ids"] == expected, body
+
+
+def next_of(pending, lock):
+    with lock:
+        return next(pending, None)
+
+
 def call(url, method, path, body=None, headers=None, raw_headers=None):
     where = urlparse(url)
     connection = http.client.HTTPConnection(where.hostname, where.port, timeout=30)

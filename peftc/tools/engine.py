@@ -6,11 +6,13 @@
 
 At every token boundary the engine runs the control calls waiting for one (adapters loaded or
 unloaded), admits waiting requests up to `max_batch` in flight, runs their prompts (grouped by
-length) and then one decode step for every request in flight, grouped by sequence length. Rows of a
-group hold caches of equal length, so no row is padded and each computes what it computes alone, up
-to the summation order a batch's size picks in the matmuls (float32: ~1e-6 of a logit). A request
-leaves at its own limit (`max_tokens`, a stop token or stop string, a cancel) and its slot goes to
-the next: no request waits for a neighbour to finish, and none of its limits depend on one. Each
+length), then one decode step for every request in flight together: the caches, of any lengths, are
+left-padded to the longest and `generation.ragged_step_graph` masks each row's padding and numbers
+its positions from its own length, so each row computes what it computes alone (up to the summation
+order a batch's size picks in the matmuls, ~1e-6 of a float32 logit). Where a graph cannot take
+ragged rows (a float attention mask), rows of equal lengths step together instead. A request leaves
+at its own limit (`max_tokens`, a stop token or stop string, a cancel) and its slot goes to the
+next: no request waits for a neighbour to finish, and none of its limits depend on one. Each
 request samples from its own generator (seeded by its `seed`), so it draws what it draws alone.
 """
 
@@ -24,11 +26,18 @@ from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, fx
 
 from peftc.errors import OptionError, PassError
 from peftc.ir.graph import peftc_meta
-from peftc.tools.generation import check_prompts, decode_graphs, empty_caches, forward_step
+from peftc.tools.generation import (
+    check_prompts,
+    decode_graphs,
+    empty_caches,
+    forward_step,
+    ragged_step_graph,
+)
 
 __all__ = ["Engine", "Sampling", "Request", "Event"]
 
@@ -226,21 +235,41 @@ class Engine:
             tokens = torch.tensor([r.prompt for r in group], device=self._device())
             self._forward(prefill, group, tokens, empty_caches(prefill, len(group), tokens))
         self.running += admitted
-        for group in _by_length(decoding, lambda r: r._caches[0].shape[2]):
+        ragged = self._ragged()
+        groups = [decoding] if ragged else _by_length(decoding, lambda r: r._caches[0].shape[2])
+        for group in filter(None, groups):
             tokens = torch.tensor([[r.tokens[-1]] for r in group], device=self._device())
-            caches = [torch.cat(c) for c in zip(*(r._caches for r in group), strict=True)]
-            self._forward(step, group, tokens, caches)
+            if ragged is not None:
+                self._forward(ragged, group, tokens, *_left_padded(group))
+            else:
+                caches = [torch.cat(c) for c in zip(*(r._caches for r in group), strict=True)]
+                self._forward(step, group, tokens, caches)
+
+    def _ragged(self) -> fx.GraphModule | None:
+        """One step graph for rows of any lengths, where the graph allows it (else None: rows
+        of equal lengths step together)."""
+        try:
+            return ragged_step_graph(self.gm)
+        except PassError:
+            return None
 
     def _forward(
-        self, graph: fx.GraphModule, group: list[Request], tokens: Tensor, caches: list[Tensor]
+        self,
+        graph: fx.GraphModule,
+        group: list[Request],
+        tokens: Tensor,
+        caches: list[Tensor],
+        ragged: dict | None = None,
     ) -> None:
         from peftc.passes.multi_lora import adapter_ids
 
-        ids = adapter_ids(self.gm, [r.adapter for r in group])
+        inputs = {"adapter_ids": adapter_ids(self.gm, [r.adapter for r in group]), **(ragged or {})}
         with torch.no_grad():
-            logits, caches = forward_step(graph, tokens, caches, {"adapter_ids": ids})
+            logits, caches = forward_step(graph, tokens, caches, inputs)
         for row, request in enumerate(group):
-            request._caches = [c[row : row + 1] for c in caches]
+            # a row's own columns: the padding in front dropped
+            start = caches[0].shape[2] - request._caches[0].shape[2] - 1 if ragged else 0
+            request._caches = [c[row : row + 1, :, start:] for c in caches]
             self._emit(request, _choose(logits[row], request.sampling, request._generator))
 
     def _emit(self, request: Request, token: int) -> None:
@@ -285,6 +314,19 @@ def _notify(request: Request, event: Event) -> None:
             request.on_event(event)
         except Exception:  # a listener that went away must not stop the batch
             request.cancel()
+
+
+def _left_padded(group: list[Request]) -> tuple[list[Tensor], dict]:
+    """The rows' caches left-padded to the longest, and the ragged step's extra inputs."""
+    lengths = [r._caches[0].shape[2] for r in group]
+    longest = max(lengths)
+    caches = [
+        torch.cat([F.pad(c, (0, 0, longest - n, 0)) for c, n in zip(layer, lengths, strict=True)])
+        for layer in zip(*(r._caches for r in group), strict=True)
+    ]
+    counts = torch.tensor(lengths, device=caches[0].device)
+    mask = torch.arange(longest, device=counts.device)[None] >= (longest - counts)[:, None]
+    return caches, {"past_mask": mask, "past_lengths": counts}
 
 
 def _by_length(requests: list[Request], length: Callable[[Request], int]) -> list[list[Request]]:

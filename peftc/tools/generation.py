@@ -74,7 +74,24 @@ def _without_prompt(gm: fx.GraphModule) -> fx.GraphModule:
     return set_active(step, [name for name in active_adapters(gm) if name not in prompts])
 
 
-def _with_cache(gm: fx.GraphModule) -> fx.GraphModule:
+def ragged_step_graph(gm: fx.GraphModule) -> fx.GraphModule:
+    """The step graph for rows whose caches differ in length: caches left-padded to the longest,
+    and two more inputs, `past_mask` (rows x columns, True where a column holds a token of that
+    row) and `past_lengths` (tokens before each row's new one, for its positions). One new token
+    per row; padded columns get no attention weight, so each row computes what it computes alone.
+    Cached like `decode_graphs`; raises `PassError` where a mask is not boolean."""
+    cached = _RAGGED.get(gm)
+    if cached is not None and cached[0] == len(gm.graph.nodes):
+        return cached[1]
+    step = _with_cache(_without_prompt(gm) if _prompts(gm) else gm, ragged=True)
+    _RAGGED[gm] = (len(gm.graph.nodes), step)
+    return step
+
+
+_RAGGED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _with_cache(gm: fx.GraphModule, ragged: bool = False) -> fx.GraphModule:
     decode = fx.GraphModule(gm, _copy_graph(gm.graph))
     decode.meta.update(gm.meta)
     graph = decode.graph
@@ -91,8 +108,16 @@ def _with_cache(gm: fx.GraphModule) -> fx.GraphModule:
             add_input(graph, f"past_{i}_{kind}", pass_name=_PASS, role="past")
             for kind in ("key", "value")
         ]
+    if ragged:
+        past += [
+            add_input(graph, name, pass_name=_PASS, role=name)
+            for name in ("past_mask", "past_lengths")
+        ]
     with graph.inserting_before(past[-1].next):
-        length = _caller(graph, "")(aten.sym_size.int, past[0], 2, role="past_length")
+        if ragged:  # each row's own count: a column
+            length = _caller(graph, "")(aten.unsqueeze.default, past[-1], 1, role="past_column")
+        else:
+            length = _caller(graph, "")(aten.sym_size.int, past[0], 2, role="past_length")
     masks: dict[fx.Node, fx.Node] = {}
     for i, site in enumerate(sites):
         val = site.key.meta.get("val")
@@ -101,10 +126,28 @@ def _with_cache(gm: fx.GraphModule) -> fx.GraphModule:
             call = _caller(graph, site.path)
             key, cached_key = _with_past(site.key, past[2 * i], call, "key")
             value, cached_value = _with_past(site.value, past[2 * i + 1], call, "value")
-            mask = extend_mask(site, length, masks, call)  # the past's columns visible in front
+            if ragged:
+                mask = _ragged_mask(site, past[-2], masks, call)
+            else:  # the past's columns visible in front
+                mask = extend_mask(site, length, masks, call)
         joined += [cached_key, cached_value]
         site.node.args, site.node.kwargs = attention_call(site, key, value, mask)
-    for source in position_ids(decode):
+    _shift_positions(decode, length)
+    _return_caches(graph, joined)
+    graph.lint()
+    decode.recompile()
+    decode.meta["peftc_cache_layout"] = layout
+    return decode
+
+
+def _shift_positions(decode: fx.GraphModule, length: fx.Node) -> None:
+    """Position sources shifted by the past's length (a column of per-row lengths when ragged:
+    then at the sources' first (1, L) form, so the batch dimension is the rows')."""
+    graph = decode.graph
+    sources = position_ids(decode)
+    if length.meta.get("peftc", {}).get("role") == "past_column":
+        sources = [_as_row(source) for source in sources]
+    for source in sources:
         with graph.inserting_after(source):
             shifted = graph.call_function(aten.add.Tensor, (source, length))
         source.replace_all_uses_with(
@@ -116,11 +159,61 @@ def _with_cache(gm: fx.GraphModule) -> fx.GraphModule:
             role="positions_shifted",
             path=source.meta.get("module_path", ""),
         )
-    _return_caches(graph, joined)
-    graph.lint()
-    decode.recompile()
-    decode.meta["peftc_cache_layout"] = layout
-    return decode
+
+
+def _as_row(source: fx.Node) -> fx.Node:
+    """`source` if it is (1, L), else the `unsqueeze(., 0)` its single-user chain of
+    same-shape ops leads to (a cache position made a row of position ids)."""
+    val = source.meta.get("val")
+    if isinstance(val, torch.Tensor) and val.dim() == 2:
+        return source
+    node = source
+    for _ in range(8):
+        if len(node.users) != 1:
+            break
+        (user,) = node.users
+        if user.target == aten.unsqueeze.default and user.args[1] == 0:
+            return user
+        shape = getattr(user.meta.get("val"), "shape", None)
+        if shape is None or val is None or tuple(shape) != tuple(val.shape):
+            break
+        node = user
+    raise PassError(
+        f"ragged decoding: the position numbers at {source.name} are not a (1, length) row"
+    )
+
+
+def _ragged_mask(site, past_mask: fx.Node, masks: dict, call) -> fx.Node:
+    """(rows, heads, 1, past + 1): each row's valid past columns, then its new token."""
+    if site.mask is not None and site.mask in masks:
+        return masks[site.mask]
+    past = call(
+        aten.unsqueeze.default,
+        call(aten.unsqueeze.default, past_mask, 1, role="past_mask_3d"),
+        1,
+        role="past_mask_4d",
+    )
+    if site.mask is None:
+        new = call(
+            aten.ones_like.default,
+            call(aten.slice.Tensor, past, 3, 0, 1, role="new_column"),
+            role="new_visible",
+        )
+    else:
+        val = site.mask.meta.get("val")
+        if not isinstance(val, torch.Tensor) or val.dtype != torch.bool:
+            raise PassError(
+                "ragged decoding needs boolean attention masks; this graph's are "
+                f"{getattr(val, 'dtype', 'unknown')}"
+            )
+        rows = call(aten.sym_size.int, past_mask, 0, role="rows")
+        new = call(aten.expand.default, site.mask, [rows, -1, -1, -1], role="new_mask")
+        heads = call(aten.sym_size.int, site.mask, 1, role="mask_heads")
+        past = call(aten.expand.default, past, [-1, heads, -1, -1], role="past_mask_heads")
+    joined = call(aten.cat.default, [past, new], 3, role="ragged_mask")
+    if site.mask is not None:
+        masks[site.mask] = joined
+    return joined
 
 
 def _copy_graph(graph: fx.Graph) -> fx.Graph:
