@@ -15,7 +15,8 @@ from peftc.backends.triton import ops
 from peftc.errors import OptionError, PassError
 from peftc.ir.graph import peftc_meta
 from peftc.passes.multi_lora import multi_lora_delta
-from peftc.tools.parity import close
+from peftc.tools.models import example_inputs
+from peftc.tools.parity import close, perturb
 
 from conftest import captured, loaded
 
@@ -136,19 +137,43 @@ def test_triton_shrink_expand_equals_the_reference(in_features):
 
 
 def test_what_is_refused():
-    with pytest.raises(PassError, match="no LoRA adapter"):
+    with pytest.raises(PassError, match="no adapter"):
         peftc.apply(captured("tiny-llama"), "multi_lora")
-    with pytest.raises(
-        PassError, match=r"LoRA adapters only; this graph also has d \(lora, DoRA\)"
-    ):
-        peftc.apply(
-            captured("tiny-llama"), "lora(adapter='a'), lora(adapter='d', dora=true), multi_lora"
-        )
-    with pytest.raises(PassError, match=r"default \(ia3\)"):
-        peftc.apply(captured("tiny-llama"), "ia3, multi_lora")
+    with pytest.raises(PassError, match=r"p \(prefix\) change the model in other ways"):
+        peftc.apply(captured("tiny-llama"), "lora(adapter='a'), prefix(adapter='p'), multi_lora")
     served = peftc.apply(captured("tiny-llama"), "lora(adapter='a'), multi_lora")
     inputs = loaded("tiny-llama")
     with pytest.raises(OptionError, match="one id per row"):
         served(*inputs.args, **inputs.kwargs, adapter_ids=torch.tensor([0, 0, 0]))
     with pytest.raises(PassError, match="apply 'multi_lora' first"):
         peftc.adapter_ids(captured("tiny-llama"), ["a"])
+
+
+TECHNIQUES = {
+    "lora": "lora(adapter='lora', r=4, targets='all-linear')",
+    "dora": "lora(adapter='dora', r=4, dora=true, targets='*.q_proj|*.v_proj')",
+    "loha": "loha(adapter='loha', r=4, targets='*.q_proj|*.v_proj')",
+    "lokr": "lokr(adapter='lokr', r=4, targets='*.q_proj|*.v_proj')",
+    "ia3": "ia3(adapter='ia3', targets='*.k_proj|*.v_proj|*.down_proj', "
+    "feedforward_modules=['down_proj'])",
+    "vera": "vera(adapter='vera', r=4, targets='*.q_proj|*.v_proj')",
+    "oft": "oft(adapter='oft', block_size=16, targets='*.q_proj')",
+}
+
+
+def test_one_batch_serves_an_adapter_of_every_weight_technique():
+    """DoRA (which vLLM cannot serve), LoHa, LoKr, IA3, VeRA and OFT beside LoRA in one mixed
+    batch: each row equals its adapter's own graph (each checked against peft in its technique's
+    tests), the base row the base."""
+    full = captured("tiny-llama")
+    for pipeline in TECHNIQUES.values():
+        full = peftc.apply(full, pipeline)
+    full = perturb(full)
+    served = peftc.apply(full, "multi_lora")
+    (ids,), kwargs = example_inputs(loaded("tiny-llama").model, batch=len(TECHNIQUES) + 1)
+    names = [None, *TECHNIQUES]
+    logits = served(ids, **kwargs, adapter_ids=peftc.adapter_ids(served, names)).logits
+    for row, name in enumerate(names):
+        alone = peftc.apply(full, f"set_adapter(name='{name}')" if name else "disable_adapters")
+        expected = alone(ids[row : row + 1], attention_mask=kwargs["attention_mask"][row : row + 1])
+        close(logits[row : row + 1], expected.logits, f"row of {name}", tol=1e-5)

@@ -19,8 +19,12 @@
    sorted by adapter.
 5. LoRA on parameters (`target_parameters`: routers, mixture-of-experts weight stacks) is served
    too: `peftc.passes.multi_lora_parameters`.
-Only LoRA on linear sites and such parameters (no DoRA, nothing merged) is served; other
-techniques are refused by name.
+6. Every other technique that folds into a linear site's weight (DoRA, LoHa, LoKr, IA3, VeRA, OFT,
+   ...: what `merge` can fold) is served from its folded update, stacked dense: `D_stack` (N, out,
+   in) = W' - W and the bias's, and `peftc::multi_dense_delta(x, ids, D_stack, b_stack)` adds row
+   i's own. Exact for any such technique, at the memory of one weight per adapter and site (LoRA's
+   stacks stay low-rank). Techniques that do not fold (prompt and prefix tuning, adapter blocks,
+   side networks), merged adapters, and those on other sites are refused by name.
 """
 
 from __future__ import annotations
@@ -91,6 +95,25 @@ def token_ids(ids: Tensor, tokens: int) -> Tensor:
     return ids.reshape(-1).repeat_interleave(tokens // ids.numel())
 
 
+@torch.library.custom_op("peftc::multi_dense_delta", mutates_args=())
+def multi_dense_delta(x: Tensor, ids: Tensor, delta: Tensor, bias: Tensor) -> Tensor:
+    """Row i of the batch gets x_i D[ids[i]]^T + b[ids[i]] (D: N x out x in, b: N x out); 0 where
+    ids[i] = -1. Tokens are grouped by adapter: one matmul per adapter present."""
+    x2 = x.reshape(-1, x.shape[-1])
+    tokens = token_ids(ids, x2.shape[0])
+    out = x2.new_zeros(x2.shape[0], delta.shape[1])
+    for adapter in tokens.unique().tolist():
+        if adapter >= 0:
+            rows = (tokens == adapter).nonzero().squeeze(1)
+            out[rows] = torch.addmm(bias[adapter], x2[rows], delta[adapter].t())
+    return out.view(*x.shape[:-1], delta.shape[1])
+
+
+@multi_dense_delta.register_fake
+def _(x, ids, delta, bias):
+    return x.new_empty(*x.shape[:-1], delta.shape[1])
+
+
 @torch.library.custom_op("peftc::checked_adapter_ids", mutates_args=())
 def checked_adapter_ids(ids: Tensor, batch_of: Tensor, adapters: int) -> Tensor:
     """`ids`, refused unless one per row of `batch_of` (the graph's first input), each from -1
@@ -131,6 +154,8 @@ def expert_row_ids(ids: Tensor, tokens: Tensor, token_index: Tensor, offs: Tenso
 def _(ids, tokens, token_index, offs):
     return token_index.new_empty(token_index.shape, dtype=torch.long)
 
+
+_DENSE = torch.ops.peftc.multi_dense_delta.default
 
 # kernel name -> (gm -> the op computing multi_lora_delta); a backend registers its own
 # (peftc.backends.triton)
@@ -183,10 +208,17 @@ def multi_lora(gm: fx.GraphModule, options: MultiLoraOptions) -> PassResult:
         if not (kind == "parameter" and path in parameters)
         and not isinstance(by_path.get(path), LinearSite)
     ]
+    wrong += [
+        f"{r.name} ({r.technique}) at {path}"
+        for r in records
+        if not _low_rank(r)
+        for path, kind in r.sites
+        if kind == "parameter"
+    ]
     if wrong:
         raise PassError(
-            "multi_lora serves LoRA on linear sites and on parameters read by a linear or an "
-            f"experts' grouped matmul; {', '.join(wrong[:4])} are neither"
+            "multi_lora serves adapters on linear sites, and LoRA on parameters read by a linear "
+            f"or an experts' grouped matmul; {', '.join(wrong[:4])} are neither"
         )
     ids = _checked(gm, _ids_input(gm), len(names))
     for path, kind in refs:
@@ -197,40 +229,86 @@ def multi_lora(gm: fx.GraphModule, options: MultiLoraOptions) -> PassResult:
                 _add_delta(gm, path, matmul, x, ids if rows is None else rows, stacks, target)
         else:
             site = by_path[path]
-            stacks = _stack(gm, (path, kind), records, 1, site.in_features, site.out_features)
-            _add_delta(gm, path, site.node, site.input, ids, stacks, target)
+            if any(_low_rank(r) and (path, kind) in r.sites for r in records):
+                stacks = _stack(gm, (path, kind), records, 1, site.in_features, site.out_features)
+                _add_delta(gm, path, site.node, site.input, ids, stacks, target)
+            if any(not _low_rank(r) and (path, kind) in r.sites for r in records):
+                dense = _dense_stack(gm, site, (path, kind), records)
+                _add_delta(gm, path, site.node, site.input, ids, dense, _DENSE, "dense")
     paths = [path for path, _ in refs]
     peftc_meta(gm)[MODULE] = {"adapters": names, "sites": paths, "kernel": options.kernel}
     gm.graph.lint()
     gm.recompile()
-    ranks = sorted({r.options_at(path).r for r in records for path, _ in r.sites})
+    ranks = sorted({r.options_at(p).r for r in records if _low_rank(r) for p, _ in r.sites})
+    dense = [r.name for r in records if not _low_rank(r)]
     return PassResult(
         gm,
         modified=True,
         sites=tuple(paths),
-        report=f"{len(names)} adapters ({', '.join(names[:6])}{' ...' if len(names) > 6 else ''}; "
-        f"ranks {', '.join(map(str, ranks))}) stacked at {len(paths)} sites; input '{IDS}' picks "
-        "one per row",
+        report=f"{len(names)} adapters ({', '.join(names[:6])}{' ...' if len(names) > 6 else ''}"
+        + (f"; LoRA ranks {', '.join(map(str, ranks))}" if ranks else "")
+        + (f"; {', '.join(dense)} as dense weight updates" if dense else "")
+        + f") stacked at {len(paths)} sites; input '{IDS}' picks one per row",
     )
 
 
+def _low_rank(record) -> bool:
+    return record.technique == "lora" and not record.options.dora
+
+
 def _check_servable(records: list) -> None:
-    others = [
-        f"{r.name} ({r.technique}{', DoRA' if r.technique == 'lora' and r.options.dora else ''}"
-        f"{', merged' if r.merged else ''})"
-        for r in records
-        if r.technique != "lora" or r.options.dora or r.merged
-    ]
-    if others:
+    merged = [r.name for r in records if r.merged]
+    if merged:
         raise PassError(
-            "multi_lora serves unmerged LoRA adapters only; this graph also has "
-            f"{', '.join(others)}: delete or unmerge them first"
+            f"multi_lora serves unmerged adapters; {', '.join(merged)} are merged: unmerge or "
+            "delete them first"
+        )
+    unfoldable = [
+        f"{r.name} ({r.technique})"
+        for r in records
+        if not _low_rank(r) and not _folds(r.method())
+    ]
+    if unfoldable:
+        raise PassError(
+            f"multi_lora batches adapters per row by their weight update; {', '.join(unfoldable)} "
+            "change the model in other ways (tokens, blocks, side networks) and cannot be "
+            "batched per row: delete them from the serving graph"
         )
     if not records:
         raise PassError(
-            "multi_lora: this graph has no LoRA adapter; add or load some first "
+            "multi_lora: this graph has no adapter; add or load some first "
             "(peftc.load_adapter(gm, folder, adapter='name'))"
         )
+
+
+def _folds(method) -> bool:
+    """Whether the technique folds into its site's weight (overrides `fold` or `delta`)."""
+    from peftc.technique.declaration import Technique
+
+    kind = type(method)
+    return kind.fold is not Technique.fold or kind.delta is not Technique.delta
+
+
+def _dense_stack(
+    gm: fx.GraphModule, site: LinearSite, ref: tuple[str, str], records: list
+) -> tuple[Tensor, Tensor]:
+    """(N, out, in) weight updates and (N, out) bias updates: each folding adapter's W' - W at
+    the site, zeros for the others (LoRA's are in the low-rank stacks)."""
+    from peftc.sites.formats import format_of
+    from peftc.technique.adapters import context
+
+    with torch.no_grad():
+        weight = format_of(site).read(gm, site).float()
+        bias = get_tensor(gm, site.bias).float() if site.bias else weight.new_zeros(len(weight))
+        deltas = weight.new_zeros(len(records), *weight.shape)
+        biases = weight.new_zeros(len(records), weight.shape[0])
+        for i, record in enumerate(records):
+            if not _low_rank(record) and ref in record.sites:
+                folded, new_bias = record.method().fold(context(gm, record, site), weight, bias)
+                deltas[i] = folded - weight
+                biases[i] = (bias if new_bias is None else new_bias) - bias
+    dtype = get_tensor(gm, site.bias).dtype if site.bias else deltas.dtype
+    return deltas.to(dtype), biases.to(dtype)
 
 
 def _add_delta(
@@ -241,19 +319,21 @@ def _add_delta(
     ids: fx.Node,
     stacks: tuple[Tensor, Tensor],
     kernel: Any,
+    kind: str = "lora",
 ) -> None:
-    """`out` -> `out + kernel(x, ids, A, B)` with every adapter's A and B stacked."""
+    """`out` -> `out + kernel(x, ids, *stacks)`: every adapter's low-rank A and B, or (`dense`)
+    every adapter's weight and bias updates."""
     graph = gm.graph
     prefix = f"{MODULE}.{path.replace('.', '_')}"
-    set_tensor(gm, f"{prefix}.lora_A", stacks[0], buffer=True)
-    set_tensor(gm, f"{prefix}.lora_B", stacks[1], buffer=True)
+    names = ("lora_A", "lora_B") if kind == "lora" else ("dense_weight", "dense_bias")
+    for name, stack in zip(names, stacks, strict=True):
+        set_tensor(gm, f"{prefix}.{name}", stack, buffer=True)
 
     def tagged(node: fx.Node, role: str) -> fx.Node:
         return tag(node, pass_name="multi_lora", role=role, path=path)
 
     with graph.inserting_before(out.next):
-        a = tagged(graph.get_attr(f"{prefix}.lora_A"), "lora_A")
-        b = tagged(graph.get_attr(f"{prefix}.lora_B"), "lora_B")
+        a, b = (tagged(graph.get_attr(f"{prefix}.{name}"), name) for name in names)
         delta = tagged(graph.call_function(kernel, (x, ids, a, b)), "delta")
         added = tagged(graph.call_function(torch.ops.aten.add.Tensor, (out, delta)), "output")
     out.replace_all_uses_with(added, delete_user_cb=lambda user: user is not added)
@@ -266,7 +346,7 @@ def _stack(
     at a linear site). An adapter's A is (r * E, in) with expert e's rows at `A.view(E, r, in)[e]`
     and B (out, r * E) with its columns at `B.view(out, r, E)[..., e]`, as peft lays them out."""
     path = ref[0]
-    here = [(i, r) for i, r in enumerate(records) if ref in r.sites]
+    here = [(i, r) for i, r in enumerate(records) if ref in r.sites and _low_rank(r)]
     rank = max(r.options_at(path).r for _, r in here)
     first = get_tensor(gm, here[0][1].names[path]["lora_A"])
     A = first.new_zeros(len(records) * experts, rank, fan_in)
