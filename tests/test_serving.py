@@ -141,6 +141,10 @@ def test_what_is_refused():
         peftc.apply(captured("tiny-llama"), "multi_lora")
     with pytest.raises(PassError, match=r"p \(prefix\) change the model in other ways"):
         peftc.apply(captured("tiny-llama"), "lora(adapter='a'), prefix(adapter='p'), multi_lora")
+    with pytest.raises(PassError, match=r"t \(trainable_tokens\) at model.embed_tokens"):
+        peftc.apply(
+            captured("tiny-llama"), "trainable_tokens(adapter='t', token_indices=[1]), multi_lora"
+        )
     served = peftc.apply(captured("tiny-llama"), "lora(adapter='a'), multi_lora")
     inputs = loaded("tiny-llama")
     with pytest.raises(OptionError, match="one id per row"):
@@ -150,7 +154,7 @@ def test_what_is_refused():
 
 
 TECHNIQUES = {
-    "lora": "lora(adapter='lora', r=4, targets='all-linear')",
+    "lora": "lora(adapter='lora', r=4, targets='all-linear', modules_to_save=['lm_head'])",
     "dora": "lora(adapter='dora', r=4, dora=true, targets='*.q_proj|*.v_proj')",
     "loha": "loha(adapter='loha', r=4, targets='*.q_proj|*.v_proj')",
     "lokr": "lokr(adapter='lokr', r=4, targets='*.q_proj|*.v_proj')",
@@ -162,9 +166,10 @@ TECHNIQUES = {
 
 
 def test_one_batch_serves_an_adapter_of_every_weight_technique():
-    """DoRA (which vLLM cannot serve), LoHa, LoKr, IA3, VeRA and OFT beside LoRA in one mixed
-    batch: each row equals its adapter's own graph (each checked against peft in its technique's
-    tests), the base row the base."""
+    """DoRA (which vLLM cannot serve), LoHa, LoKr, IA3, VeRA and OFT beside a LoRA that trains its
+    own LM head (modules_to_save, which vLLM refuses) in one mixed batch: each row equals its
+    adapter's own graph (each checked against peft in its technique's tests), the base row the
+    base."""
     full = captured("tiny-llama")
     for pipeline in TECHNIQUES.values():
         full = peftc.apply(full, pipeline)

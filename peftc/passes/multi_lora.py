@@ -229,10 +229,11 @@ def multi_lora(gm: fx.GraphModule, options: MultiLoraOptions) -> PassResult:
                 _add_delta(gm, path, matmul, x, ids if rows is None else rows, stacks, target)
         else:
             site = by_path[path]
-            if any(_low_rank(r) and (path, kind) in r.sites for r in records):
+            here = [r for r in records if (path, kind) in r.sites]
+            if kind != "module" and any(_low_rank(r) for r in here):
                 stacks = _stack(gm, (path, kind), records, 1, site.in_features, site.out_features)
                 _add_delta(gm, path, site.node, site.input, ids, stacks, target)
-            if any(not _low_rank(r) and (path, kind) in r.sites for r in records):
+            if kind == "module" or not all(_low_rank(r) for r in here):
                 dense = _dense_stack(gm, site, (path, kind), records)
                 _add_delta(gm, path, site.node, site.input, ids, dense, _DENSE, "dense")
     paths = [path for path, _ in refs]
@@ -264,9 +265,7 @@ def _check_servable(records: list) -> None:
             "delete them first"
         )
     unfoldable = [
-        f"{r.name} ({r.technique})"
-        for r in records
-        if not _low_rank(r) and not _folds(r.method())
+        f"{r.name} ({r.technique})" for r in records if not _low_rank(r) and not _folds(r.method())
     ]
     if unfoldable:
         raise PassError(
@@ -293,7 +292,8 @@ def _dense_stack(
     gm: fx.GraphModule, site: LinearSite, ref: tuple[str, str], records: list
 ) -> tuple[Tensor, Tensor]:
     """(N, out, in) weight updates and (N, out) bias updates: each folding adapter's W' - W at
-    the site, zeros for the others (LoRA's are in the low-rank stacks)."""
+    the site (an adapter's copy of the module minus the module, for modules_to_save), zeros for
+    the others (LoRA's are in the low-rank stacks)."""
     from peftc.sites.formats import format_of
     from peftc.technique.adapters import context
 
@@ -303,10 +303,17 @@ def _dense_stack(
         deltas = weight.new_zeros(len(records), *weight.shape)
         biases = weight.new_zeros(len(records), weight.shape[0])
         for i, record in enumerate(records):
-            if not _low_rank(record) and ref in record.sites:
-                folded, new_bias = record.method().fold(context(gm, record, site), weight, bias)
-                deltas[i] = folded - weight
-                biases[i] = (bias if new_bias is None else new_bias) - bias
+            if ref not in record.sites or (_low_rank(record) and ref[1] != "module"):
+                continue
+            ctx = context(gm, record, site)
+            if ref[1] == "module":  # the adapter's own copy of the module (modules_to_save)
+                (attr,) = record.modules[site.path]
+                folded = ctx.tensor(f"{attr}.weight").float()
+                new_bias = ctx.tensor(f"{attr}.bias").float() if site.bias else None
+            else:
+                folded, new_bias = record.method().fold(ctx, weight, bias)
+            deltas[i] = folded - weight
+            biases[i] = (bias if new_bias is None else new_bias) - bias
     dtype = get_tensor(gm, site.bias).dtype if site.bias else deltas.dtype
     return deltas.to(dtype), biases.to(dtype)
 
