@@ -71,7 +71,9 @@ def test_apply_writes_a_reloadable_program(tmp_path, capsys):
 
 
 def test_factory_models(capsys):
-    assert main(["show", "examples.tiny_factory:make", "--max-rows", "3"]) == 0
+    assert (
+        main(["show", "examples.tiny_factory:make", "--max-rows", "3", "--trust-local-code"]) == 0
+    )
     assert "captured by export" in capsys.readouterr().out
 
 
@@ -103,7 +105,7 @@ def test_unwritable_outputs_and_bad_numbers_get_one_line_not_a_traceback(tmp_pat
         main(["apply", "tiny-llama", "--passes", "freeze", "--out", str(tmp_path / "afile" / "x")])
         == 2
     )
-    assert "cannot write" in capsys.readouterr().err
+    assert "cannot use" in capsys.readouterr().err
     for steps in ("0", "-5"):
         with pytest.raises(SystemExit):
             main(["demo", "--steps", steps])
@@ -168,7 +170,9 @@ def test_a_factory_beside_the_user_is_found(tmp_path, monkeypatch, capsys):
     )
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(sys, "path", [p for p in sys.path if p not in ("", str(tmp_path))])
-    assert main(["show", "mymodels_here:make", "--max-rows", "2"]) == 0
+    assert main(["show", "mymodels_here:make", "--max-rows", "2"]) == 2  # importing runs it
+    assert "pass --trust-local-code" in capsys.readouterr().err
+    assert main(["show", "mymodels_here:make", "--max-rows", "2", "--trust-local-code"]) == 0
     assert "Sequential" in capsys.readouterr().out
 
 

@@ -37,6 +37,7 @@ def adapted(gm, name: str, seed: int):
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
     """A GPT-2 with 128 positions, a byte-level tokenizer and a chat template, three adapters."""
+    torch.manual_seed(0)  # the adapters' A matrices
     folder = save_tiny_chat_model(tmp_path_factory.mktemp("model") / "tiny-chat")
     loaded = load_model(str(folder))
     gm = peftc.capture(loaded.model, loaded.args, loaded.kwargs)
@@ -268,7 +269,7 @@ def test_bad_requests_get_clear_4xx_and_the_server_stays_up(server, body, header
     got, payload = call(url, "POST", "/v1/completions", body, headers, raw_headers=sizes)
     assert (got, payload["error"]["code"]) == (status, code) and payload["error"]["message"]
     ok, answer = call(url, "POST", "/v1/completions", GOOD)
-    assert ok == 200 and len(answer["choices"][0]["token_ids"]) == 2
+    assert ok == 200 and 1 <= len(answer["choices"][0]["token_ids"]) <= 2  # eos may stop it
 
 
 @pytest.mark.parametrize("length", [b"abc", b"-1"])

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import ast
 import json
+import math
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, replace
@@ -108,9 +109,16 @@ class Pipeline:
         if not text.strip():
             return cls(())
         source = text.strip()
+        if len(source) > MAX_PIPELINE_CHARS:
+            raise OptionError(
+                f"pipeline text is {len(source):,} characters; at most {MAX_PIPELINE_CHARS:,} are "
+                "read (a pipeline is a few passes)"
+            )
         try:
             # Parenthesised so that passes may sit on indented lines; line numbers shift by one.
             tree = ast.parse(f"(\n{source}\n)", mode="eval")
+        except (RecursionError, MemoryError):
+            raise OptionError("pipeline text is nested too deeply to read") from None
         except SyntaxError as wrapped:
             line, column, msg = _syntax_error_position(source, wrapped)
             raise PipelineSyntaxError(
@@ -349,6 +357,8 @@ def _parse_step(node: ast.expr, source: str) -> Step:
     for kw in keywords:
         if kw.arg is None:
             raise fail("'**' is not allowed in pipeline text", kw.value, "spell each option out")
+        if kw.arg in given:
+            raise fail(f"option {kw.arg!r} is given twice", kw, "keep one of them")
         given[kw.arg] = _literal(kw.value, fail)
     try:
         return Step.make(name, given)
@@ -364,13 +374,21 @@ def _literal(node: ast.expr, fail: Any) -> Any:
     if isinstance(node, (ast.List, ast.Tuple)):
         return [_literal(e, fail) for e in node.elts]
     try:
-        return ast.literal_eval(node)
-    except ValueError:
+        value = ast.literal_eval(node)
+    except (ValueError, TypeError, SyntaxError, RecursionError, MemoryError):
         raise fail(
             "option values must be literals",
             node,
             'use numbers, "strings", true/false, none or [lists]',
         ) from None
+    if isinstance(value, (float, complex)) and not (
+        isinstance(value, float) and math.isfinite(value)
+    ):
+        raise fail(f"{value!r} is not a finite number", node, "give a finite real number")
+    return value
+
+
+MAX_PIPELINE_CHARS = 10_000
 
 
 def _format_value(value: Any) -> str:

@@ -199,9 +199,37 @@ def multi_lora(gm: fx.GraphModule, options: MultiLoraOptions) -> PassResult:
     _unstack(gm)
     set_active(gm, [])  # the branches go; the stacks replace them
     names = [r.name for r in records]
+    refs = list(dict.fromkeys(ref for r in records for ref in r.sites))
     by_path = {s.path: s for s in weight_sites(gm)}
     parameters = {s.path: s for s in parameter_sites(gm)}
-    refs = list(dict.fromkeys(ref for r in records for ref in r.sites))
+    _check_sites(records, refs, by_path, parameters)
+    ids = _checked(gm, _ids_input(gm), len(names))
+    for path, kind in refs:
+        if kind == "parameter":
+            site = parameters[path]
+            stacks = _stack(gm, (path, kind), records, *site.experts_in_out)
+            for matmul, x, rows in serve_parameter(gm, site, ids):
+                _add_delta(gm, path, matmul, x, ids if rows is None else rows, stacks, target)
+        else:
+            _serve_linear(gm, by_path[path], kind, records, ids, target)
+    paths = [path for path, _ in refs]
+    peftc_meta(gm)[MODULE] = {"adapters": names, "sites": paths, "kernel": options.kernel}
+    gm.graph.lint()
+    gm.recompile()
+    ranks = sorted({r.options_at(p).r for r in records if _low_rank(r) for p, _ in r.sites})
+    dense = [r.name for r in records if not _low_rank(r)]
+    return PassResult(
+        gm,
+        modified=True,
+        sites=tuple(paths),
+        report=f"{len(names)} adapters ({', '.join(names[:6])}{' ...' if len(names) > 6 else ''}"
+        + (f"; LoRA ranks {', '.join(map(str, ranks))}" if ranks else "")
+        + (f"; {', '.join(dense)} as dense weight updates" if dense else "")
+        + f") stacked at {len(paths)} sites; input '{IDS}' picks one per row",
+    )
+
+
+def _check_sites(records: list, refs: list, by_path: dict, parameters: dict) -> None:
     wrong = [
         path
         for path, kind in refs
@@ -220,37 +248,21 @@ def multi_lora(gm: fx.GraphModule, options: MultiLoraOptions) -> PassResult:
             "multi_lora serves adapters on linear sites, and LoRA on parameters read by a linear "
             f"or an experts' grouped matmul; {', '.join(wrong[:4])} are neither"
         )
-    ids = _checked(gm, _ids_input(gm), len(names))
-    for path, kind in refs:
-        if kind == "parameter":
-            site = parameters[path]
-            stacks = _stack(gm, (path, kind), records, *site.experts_in_out)
-            for matmul, x, rows in serve_parameter(gm, site, ids):
-                _add_delta(gm, path, matmul, x, ids if rows is None else rows, stacks, target)
-        else:
-            site = by_path[path]
-            here = [r for r in records if (path, kind) in r.sites]
-            if kind != "module" and any(_low_rank(r) for r in here):
-                stacks = _stack(gm, (path, kind), records, 1, site.in_features, site.out_features)
-                _add_delta(gm, path, site.node, site.input, ids, stacks, target)
-            if kind == "module" or not all(_low_rank(r) for r in here):
-                dense = _dense_stack(gm, site, (path, kind), records)
-                _add_delta(gm, path, site.node, site.input, ids, dense, _DENSE, "dense")
-    paths = [path for path, _ in refs]
-    peftc_meta(gm)[MODULE] = {"adapters": names, "sites": paths, "kernel": options.kernel}
-    gm.graph.lint()
-    gm.recompile()
-    ranks = sorted({r.options_at(p).r for r in records if _low_rank(r) for p, _ in r.sites})
-    dense = [r.name for r in records if not _low_rank(r)]
-    return PassResult(
-        gm,
-        modified=True,
-        sites=tuple(paths),
-        report=f"{len(names)} adapters ({', '.join(names[:6])}{' ...' if len(names) > 6 else ''}"
-        + (f"; LoRA ranks {', '.join(map(str, ranks))}" if ranks else "")
-        + (f"; {', '.join(dense)} as dense weight updates" if dense else "")
-        + f") stacked at {len(paths)} sites; input '{IDS}' picks one per row",
-    )
+
+
+def _serve_linear(
+    gm: fx.GraphModule, site: LinearSite, kind: str, records: list, ids: fx.Node, kernel: Any
+) -> None:
+    """LoRA's low-rank stacks at a linear site, and the dense updates of the other techniques
+    (and of module copies) there."""
+    ref = (site.path, kind)
+    here = [r for r in records if ref in r.sites]
+    if kind != "module" and any(_low_rank(r) for r in here):
+        stacks = _stack(gm, ref, records, 1, site.in_features, site.out_features)
+        _add_delta(gm, site.path, site.node, site.input, ids, stacks, kernel)
+    if kind == "module" or not all(_low_rank(r) for r in here):
+        dense = _dense_stack(gm, site, ref, records)
+        _add_delta(gm, site.path, site.node, site.input, ids, dense, _DENSE, "dense")
 
 
 def _low_rank(record) -> bool:

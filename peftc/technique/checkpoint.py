@@ -27,7 +27,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import fx
 
@@ -45,6 +44,7 @@ from peftc.technique.adapters import (
     context,
     current_sites,
 )
+from peftc.technique.files import check_finite, read_config, read_header
 from peftc.technique.merge import MergedContext
 from peftc.technique.options import from_peft, to_peft
 
@@ -115,15 +115,18 @@ def load_adapter(
         raise CheckpointError(
             f"{directory} is not a peft adapter folder: it needs {CONFIG} and {WEIGHTS}"
         )
-    config = json.loads((directory / CONFIG).read_text())
-    step = _step(config, adapter, directory, autocast_adapter_dtype)
+    config, step = _read(directory, adapter, autocast_adapter_dtype)
     out = _run(gm, step, config, directory, verify)
     record = adapters(out)[adapter]
     if "peftc_technique" in config:
         _check_sites(record, config, directory)
     saved = _saved(record)
     expected = {_key(record, q): q for q in adapter_tensors(out, adapter) if q in saved}
-    found = load_file(directory / WEIGHTS)
+    try:
+        found = load_file(directory / WEIGHTS)
+    except Exception as e:  # safetensors' own checks, beyond the header's
+        raise CheckpointError(f"{directory / WEIGHTS} cannot be read: {e}") from None
+    check_finite(directory / WEIGHTS, found)
     # peft also saves base embedding weights when it adapts embeddings; they are not adapter weights
     # (LoRA on nn.MultiheadAttention's out_proj lives under `.base_layer.`, so expected keys stay)
     found = {k: v for k, v in found.items() if k in expected or ".base_layer." not in k}
@@ -133,6 +136,21 @@ def load_adapter(
         _replace_tensor(out, qualname, found[key])
     out.recompile()
     return out
+
+
+def _read(directory: Path, adapter: str, autocast: bool) -> tuple[dict[str, Any], Step]:
+    """The folder's config and the pass it asks for, both validated (`peftc.technique.files`)
+    before any tensor is allocated."""
+    config = read_config(directory / CONFIG)
+    shapes = {key: shape for key, (_, shape) in read_header(directory / WEIGHTS).items()}
+    _check_rank(config, shapes, directory)
+    try:
+        return config, _step(config, adapter, directory, autocast, shapes)
+    except (TypeError, ValueError, KeyError, AttributeError, IndexError) as e:
+        raise CheckpointError(
+            f"{directory / CONFIG}: a field has the wrong type or value ({type(e).__name__}: {e}); "
+            "re-save the adapter with peft or peftc"
+        ) from None
 
 
 def _replace_tensor(gm: fx.GraphModule, qualname: str, value: torch.Tensor) -> None:
@@ -260,12 +278,18 @@ def _peftc_config(record: Adapter) -> dict[str, Any]:
     return config
 
 
-def _step(config: dict[str, Any], adapter: str, directory: Path, autocast: bool) -> Step:
+def _step(
+    config: dict[str, Any],
+    adapter: str,
+    directory: Path,
+    autocast: bool,
+    shapes: dict[str, tuple[int, ...]],
+) -> Step:
     """The pass adding the checkpoint's adapter: its technique with the file's options."""
     step = (
         _peftc_step(config, adapter, directory)
         if "peftc_technique" in config
-        else _peft_step(config, adapter, directory)
+        else _peft_step(config, adapter, directory, shapes)
     )
     return Step(step.name, dataclasses.replace(step.options, autocast_adapter_dtype=autocast))
 
@@ -297,15 +321,38 @@ def _check_sites(record: Adapter, config: dict[str, Any], directory: Path) -> No
     )
 
 
-def _peft_step(config: dict[str, Any], adapter: str, directory: Path) -> Step:
+# peft types whose `r` sizes a tensor before anything is read: (key part, the dim that is r)
+_RANKED = {"LORA": ("lora_A", 0), "LOHA": ("hada_w1_a", 1)}
+
+
+def _check_rank(
+    config: dict[str, Any], shapes: dict[str, tuple[int, ...]], directory: Path
+) -> None:
+    """A config whose `r` the file's tensors do not have is refused before the adapter is built
+    (a config saying r=10**6 over a rank-8 file would allocate gigabytes first)."""
+    marker = _RANKED.get(config.get("peft_type") or "")
+    r = config.get("r")
+    if marker is None or config.get("rank_pattern") or not isinstance(r, int) or r < 1:
+        return
+    part, dim = marker
+    ranks = sorted({s[dim] for k, s in shapes.items() if part in k and len(s) > dim})
+    wrong = [rank for rank in ranks if rank < r or rank % r]
+    if wrong:
+        raise CheckpointError(
+            f"{directory / CONFIG} says r={r}, and the file's {part} tensors have rank "
+            f"{', '.join(map(str, ranks[:4]))}; the config does not belong to these weights"
+        )
+
+
+def _peft_step(
+    config: dict[str, Any], adapter: str, directory: Path, shapes: dict[str, tuple[int, ...]]
+) -> Step:
     method = registry.for_peft_type(config.get("peft_type", ""))
     if method is None:
         known = ", ".join(sorted(registry.peft_types()))
         raise CheckpointError(
             f"peft_type {config.get('peft_type')!r} is not supported; peftc loads {known}"
         )
-    with safe_open(directory / WEIGHTS, "pt") as f:
-        shapes = {key: tuple(f.get_slice(key).get_shape()) for key in f.keys()}
     options = from_peft(method, config, str(directory), shapes)
     try:
         return Step.make(method.name, {**options, "adapter": adapter})

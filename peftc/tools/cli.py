@@ -46,16 +46,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return args.run(args)
-    except PeftcError as e:
-        print(f"peftc: error: {e}", file=sys.stderr)
+    except KeyboardInterrupt:
+        print("peftc: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:
+        if args.debug:
+            raise
+        print(f"peftc: error: {_message(e)}", file=sys.stderr)
         return 2
-    except OSError as e:  # an output path that cannot be written: say which, no traceback
+
+
+def _message(e: Exception) -> str:
+    """One message for any failure; a traceback only with --debug."""
+    if isinstance(e, PeftcError):
+        return str(e)
+    if isinstance(e, OSError):  # a path that cannot be read or written: say which
         where = f" {e.filename}" if e.filename else ""
-        print(
-            f"peftc: error: cannot write{where}: {e.strerror or e}; choose a writable path",
-            file=sys.stderr,
-        )
-        return 2
+        return f"cannot use{where}: {e.strerror or e}; check the path"
+    return f"{type(e).__name__}: {e} (an unexpected failure: rerun with --debug for the traceback)"
 
 
 def _positive(text: str) -> int:
@@ -72,7 +80,8 @@ def _parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(required=True, metavar="COMMAND")
     model_help = (
         f"built-in ({', '.join(BUILTIN_MODELS)}), a Hugging Face model folder, or "
-        "package.module:factory (found from the current folder too; the factory returns a model, "
+        "package.module:factory (from the current folder only with --trust-local-code; the factory "
+        "returns a model, "
         "(model, args) or (model, args, kwargs), args being example inputs)"
     )
     _add_demo(sub)
@@ -82,6 +91,15 @@ def _parser() -> argparse.ArgumentParser:
     _add_plan(sub, model_help)
     _add_serve(sub, model_help)
     _add_passes(sub)
+    for command in sub.choices.values():
+        command.add_argument("--debug", action="store_true", help="show the traceback of a failure")
+        if any(a.dest == "model" for a in command._actions):
+            command.add_argument(
+                "--trust-local-code",
+                action="store_true",
+                help="let a package.module:factory model be imported from the current folder "
+                "(importing runs its code)",
+            )
     return parser
 
 
@@ -268,7 +286,7 @@ def _add_passes(sub: argparse._SubParsersAction) -> None:
 
 
 def _show(args: argparse.Namespace) -> int:
-    loaded = load_model(args.model)
+    loaded = load_model(args.model, trust_local_code=args.trust_local_code)
     gm = capture(loaded.model, loaded.args, loaded.kwargs)
     print(show(gm, args.targets, max_rows=args.max_rows))
     return 0
@@ -280,7 +298,7 @@ def _apply(args: argparse.Namespace) -> int:
             '--passes is empty; give a pipeline, e.g. --passes "freeze, lora(r=8)" (peftc passes '
             "lists them)"
         )
-    loaded = load_model(args.model)
+    loaded = load_model(args.model, trust_local_code=args.trust_local_code)
     gm = capture(loaded.model, loaded.args, loaded.kwargs)
     result = Pipeline.parse(args.passes).run(
         gm, verify=not args.no_verify, check_numerics=args.check_numerics
@@ -303,7 +321,7 @@ def _apply(args: argparse.Namespace) -> int:
 
 def _captured(args: argparse.Namespace) -> tuple[LoadedModel, torch.fx.GraphModule]:
     """The model `args.model`, captured and rewritten by `args.passes` (none when empty)."""
-    loaded = load_model(args.model)
+    loaded = load_model(args.model, trust_local_code=args.trust_local_code)
     gm = capture(loaded.model, loaded.args, loaded.kwargs)
     return loaded, apply(gm, args.passes) if args.passes.strip() else gm
 

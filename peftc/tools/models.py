@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import importlib
+import importlib.machinery
 import math
 import os
 import sys
@@ -526,20 +527,46 @@ BUILTIN_MODELS: dict[str, Callable[[], LoadedModel]] = {
 BUILTIN_MODELS["minilm"] = _load_minilm
 
 
-def load_model(spec: str) -> LoadedModel:
-    """Resolve a built-in name, a local Hugging Face folder or `package.module:factory`."""
+def load_model(spec: str, *, trust_local_code: bool = False) -> LoadedModel:
+    """Resolve a built-in name, a local Hugging Face folder or `package.module:factory`. A factory's
+    module is imported from the current folder only with `trust_local_code` (importing runs it)."""
     if spec in BUILTIN_MODELS:
         return BUILTIN_MODELS[spec]()
     if Path(spec).is_dir():
         return _load_folder(Path(spec))
     if ":" in spec:
-        return _load_factory(spec)
+        return _load_factory(spec, trust_local_code)
     hint = suggest(spec, BUILTIN_MODELS)
     raise ModelNotFoundError(
         " ".join(p for p in (f"no model {spec!r}.", hint) if p)
         + f" Give a built-in name ({', '.join(BUILTIN_MODELS)}), a local Hugging Face model "
         "folder, or package.module:factory"
     )
+
+
+def _import(module_name: str, trust_local_code: bool) -> Any:
+    """The module, found on the import path without the current folder unless trusted."""
+    if trust_local_code:
+        if os.getcwd() not in sys.path:
+            sys.path.insert(0, os.getcwd())
+        return importlib.import_module(module_name)
+    if module_name in sys.modules:
+        return sys.modules[module_name]
+    here = Path.cwd().resolve()
+    saved = sys.path[:]
+    sys.path[:] = [p for p in saved if Path(p or ".").resolve() != here]
+    try:
+        return importlib.import_module(module_name)
+    except ImportError:
+        top = module_name.partition(".")[0]
+        if importlib.machinery.PathFinder.find_spec(top, [str(here)]) is not None:
+            raise ModelNotFoundError(
+                f"module {module_name!r} is found only in the current folder, and importing it "
+                "runs its code; pass --trust-local-code (trust_local_code=True) to import it"
+            ) from None
+        raise
+    finally:
+        sys.path[:] = saved
 
 
 def _load_folder(path: Path) -> LoadedModel:
@@ -569,18 +596,20 @@ def load_tokenizer(path: str | Path) -> Any:
     return AutoTokenizer.from_pretrained(path)
 
 
-def _load_factory(spec: str) -> LoadedModel:
+def _load_factory(spec: str, trust_local_code: bool) -> LoadedModel:
     module_name, _, attr = spec.partition(":")
-    # a module beside the user, as `python -m` finds it
-    if os.getcwd() not in sys.path and "" not in sys.path:
-        sys.path.insert(0, os.getcwd())
     try:
-        factory = getattr(importlib.import_module(module_name), attr)
+        factory = getattr(_import(module_name, trust_local_code), attr)
     except (ImportError, AttributeError) as e:
         raise ModelNotFoundError(
             f"cannot load factory {spec!r}: {e}; check that the module is importable"
         ) from e
-    made = factory()
+    try:
+        made = factory()
+    except Exception as e:  # the user's code: name it and its failure, no traceback
+        raise ModelNotFoundError(
+            f"calling the factory {spec!r} failed: {type(e).__name__}: {e}"
+        ) from e
     if isinstance(made, nn.Module):
         return LoadedModel(spec, made)
     if isinstance(made, tuple) and made and isinstance(made[0], nn.Module) and len(made) in (2, 3):

@@ -319,15 +319,36 @@ def _inputs(
     if not example:
         raise OptionError("plan: this graph records no example inputs; pass inputs={name: tensor}")
     out = {}
+    fixed = _fixed_sizes(gm)
     for name, value in example.items():
         if not isinstance(value, torch.Tensor) or value.dim() < 2:
             raise OptionError(
                 f"plan: input {name!r} is not a (batch, sequence, ...) tensor; pass inputs={{...}}"
             )
         shape = (batch, seq, *value.shape[2:])
+        wrong = {d: n for d, n in fixed.get(name, {}).items() if shape[d] != n}
+        if wrong:
+            raise OptionError(
+                f"plan: the graph was captured with input {name!r} fixed at "
+                f"{' x '.join(str(n) for n in value.shape[:2])}, and cannot run at {batch} x "
+                f"{seq}; capture it with dynamic shapes (peftc.capture(..., dynamic=True), "
+                "example inputs of at least 2 x 2) or plan at the captured size"
+            )
         fill = 1 if "mask" in name else 0
         out[name] = torch.full(shape, fill, dtype=value.dtype, device=device)
     return out
+
+
+def _fixed_sizes(gm: fx.GraphModule) -> dict[str, dict[int, int]]:
+    """{input: {dim: size}} of dims 0 and 1 the graph only runs at (concrete in its inputs)."""
+    fixed = {}
+    for node in gm.graph.find_nodes(op="placeholder"):
+        val = node.meta.get("val")
+        if isinstance(val, torch.Tensor):
+            fixed[str(node.target)] = {
+                d: val.shape[d] for d in range(min(val.dim(), 2)) if isinstance(val.shape[d], int)
+            }
+    return fixed
 
 
 def _loss(gm: fx.GraphModule, outputs: Any) -> torch.Tensor:

@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,7 +23,7 @@ import onnx
 import torch
 from torch import fx
 
-from peftc._io import atomic_write
+from peftc._io import atomic_path, atomic_write
 from peftc.backends.onnx.contrib import requantize_int4
 from peftc.backends.onnx.exporter import OnnxExport, finish, onnx_model, writable_path, write
 from peftc.errors import ExportError
@@ -189,14 +188,8 @@ def _write_adapter(gm: fx.GraphModule, name: str, path: Path, slot_inputs: dict[
     adapter.set_adapter_version(1)
     adapter.set_model_version(1)
     adapter.set_parameters(parameters)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        adapter.export_adapter(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_path(path) as tmp:
+        adapter.export_adapter(str(tmp))
     return path
 
 
