@@ -41,7 +41,7 @@ class HiraOptions(AdapterOptions):  # targets, adapter and freeze_base come from
     dropout: float = dropout_option("hira_dropout")  # peft's name of the field
 
 
-@register_technique
+@register_technique(replace=True)  # in place of peftc's built-in HiRA (conv, embedding too)
 class Hira(Technique):
     """HiRA: `y = W x + b + (W ⊙ B A) dropout(x)`, a high-rank update shaped by W itself."""
 

@@ -28,6 +28,7 @@ from conftest import captured
 
 ROOT = Path(__file__).resolve().parents[1]
 FIXTURES = [HealthCheck.function_scoped_fixture]
+BOUND_S = 5.0  # each case takes well under a second; the margin is for a loaded machine
 CONFIG, WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
 
 
@@ -114,7 +115,7 @@ def test_corrupt_weights_are_refused_by_name(saved, tmp_path, case):
     started = time.perf_counter()
     with pytest.raises(CheckpointError, match=WEIGHTS):
         peftc.load_adapter(captured("tiny-llama"), folder)
-    assert time.perf_counter() - started < 1.0
+    assert time.perf_counter() - started < BOUND_S
 
 
 @pytest.mark.parametrize("case", list(BAD_CONFIGS))
@@ -123,7 +124,7 @@ def test_bad_configs_are_refused_by_name(saved, tmp_path, case):
     started = time.perf_counter()
     with pytest.raises(PeftcError, match=str(folder)):
         peftc.load_adapter(captured("tiny-llama"), folder)
-    assert time.perf_counter() - started < 1.0
+    assert time.perf_counter() - started < BOUND_S
 
 
 def test_non_finite_weights_and_special_files_are_refused(saved, tmp_path):

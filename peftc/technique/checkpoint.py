@@ -44,7 +44,7 @@ from peftc.technique.adapters import (
     context,
     current_sites,
 )
-from peftc.technique.files import check_finite, read_config, read_header
+from peftc.technique.files import check_finite, check_integers, read_config, read_header
 from peftc.technique.merge import MergedContext
 from peftc.technique.options import from_peft, to_peft
 
@@ -127,6 +127,7 @@ def load_adapter(
     except Exception as e:  # safetensors' own checks, beyond the header's
         raise CheckpointError(f"{directory / WEIGHTS} cannot be read: {e}") from None
     check_finite(directory / WEIGHTS, found)
+    check_integers(directory / WEIGHTS, found, {k: get_tensor(out, q) for k, q in expected.items()})
     # peft also saves base embedding weights when it adapts embeddings; they are not adapter weights
     # (LoRA on nn.MultiheadAttention's out_proj lives under `.base_layer.`, so expected keys stay)
     found = {k: v for k, v in found.items() if k in expected or ".base_layer." not in k}

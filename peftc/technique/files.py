@@ -4,7 +4,8 @@ allocated, every failure a `CheckpointError` naming the file and what was expect
 - `adapter_config.json`: a regular file of at most 1 MiB, UTF-8, one JSON object; NaN, Infinity
   and numbers that overflow to them are refused (peft's `json` would load them as floats).
 - `adapter_model.safetensors`: the 8-byte header length is checked against the file's size before
-  the header is read; every entry must name a floating-point dtype, a shape of non-negative ints
+  the header is read; every entry must name a floating-point dtype (an integer one only where the
+  model holds an integer buffer under that key), a shape of non-negative ints
   and data offsets inside the file whose length is exactly the shape's bytes. Only then are the
   tensors loaded, and every one must be finite.
 """
@@ -20,11 +21,13 @@ import torch
 
 from peftc.errors import CheckpointError
 
-__all__ = ["read_config", "read_header", "check_finite", "MAX_CONFIG_BYTES"]
+__all__ = ["read_config", "read_header", "check_finite", "check_integers", "MAX_CONFIG_BYTES"]
 
 MAX_CONFIG_BYTES = 1 << 20
 MAX_HEADER_BYTES = 100 << 20
 FLOAT_DTYPES = {"F16": 2, "BF16": 2, "F32": 4, "F64": 8}
+# integer tensors load only where the model holds an integer buffer (SHiRA's positions)
+INT_DTYPES = {"I8": 1, "U8": 1, "I16": 2, "I32": 4, "I64": 8}
 
 
 def read_config(path: Path) -> dict[str, Any]:
@@ -81,9 +84,22 @@ def read_header(path: Path) -> dict[str, tuple[str, tuple[int, ...]]]:
     }
 
 
+def check_integers(path: Path, found: dict[str, torch.Tensor], model: dict[str, torch.Tensor]):
+    """Refuse integer tensors where the model's tensor of that key is floating point: an int64
+    weight would be cast silently."""
+    for key, tensor in found.items():
+        if not tensor.is_floating_point() and key in model and model[key].is_floating_point():
+            raise CheckpointError(
+                f"{path}: tensor {key!r} is {tensor.dtype}; it is a floating-point weight in "
+                "the model, so the file is not this adapter or was written wrongly"
+            )
+
+
 def check_finite(path: Path, tensors: dict[str, torch.Tensor]) -> None:
     """Refuse tensors holding NaN or infinity, by name (a model with them computes NaN)."""
-    bad = sorted(k for k, t in tensors.items() if not bool(torch.isfinite(t).all()))
+    bad = sorted(
+        k for k, t in tensors.items() if t.is_floating_point() and not bool(torch.isfinite(t).all())
+    )
     if bad:
         raise CheckpointError(
             f"{path}: {len(bad)} tensors hold NaN or infinity ({', '.join(bad[:4])}"
@@ -98,7 +114,7 @@ def _entry(path: Path, name: str, info: Any, data_size: int) -> tuple[str, tuple
     dtype, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
     if not isinstance(dtype, str):
         raise CheckpointError(f"{where} has no dtype")
-    if dtype not in FLOAT_DTYPES:
+    if dtype not in FLOAT_DTYPES and dtype not in INT_DTYPES:
         raise CheckpointError(
             f"{where} is {dtype}; adapter weights are floating point "
             f"({', '.join(FLOAT_DTYPES)}), so the file is not an adapter or was written wrongly"
@@ -114,7 +130,7 @@ def _entry(path: Path, name: str, info: Any, data_size: int) -> tuple[str, tuple
         raise CheckpointError(
             f"{where} has data offsets {offsets!r} outside the file's {data_size:,} data bytes"
         )
-    expected = math.prod(shape) * FLOAT_DTYPES[dtype]
+    expected = math.prod(shape) * {**FLOAT_DTYPES, **INT_DTYPES}[dtype]
     if offsets[1] - offsets[0] != expected:
         raise CheckpointError(
             f"{where}: shape {shape} in {dtype} is {expected:,} bytes, its offsets span "

@@ -455,6 +455,7 @@ def pass_reference_markdown(passes: dict[str, PassInfo]) -> str:
         "",
     ]
     methods = techniques()
+    lines += _methods_table(methods)
     for info in passes.values():
         lines += [f"## `{info.name}`", "", info.doc or "(no description)", ""]
         if info.preserves_outputs:
@@ -485,6 +486,36 @@ def pass_reference_markdown(passes: dict[str, PassInfo]) -> str:
             ]
             lines.append("")
     return "\n".join(lines)
+
+
+def _methods_table(methods: dict) -> list[str]:
+    """One row per technique, from its declaration: what it adapts, and what it composes with."""
+    from peftc.technique.declaration import Technique
+
+    lines = [
+        "## Methods",
+        "",
+        "What each technique supports, read from its declaration. Merge: it folds into the base "
+        "weight (`merge`), else merging refuses it by name. `multi_lora`: LoRA is served from "
+        "low-rank stacks, every other technique that merges from its folded update (dense), the "
+        "rest are refused by name. A merged graph exports to ONNX and runs on an NF4 base like "
+        "any graph; the Triton backend lowers LoRA sites only and leaves other sites as they are "
+        "(its report names them).",
+        "",
+        "| technique | peft type | sites | stage | merge | `multi_lora` |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
+    for name, method in sorted(methods.items()):
+        kind = type(method)
+        merges = kind.fold is not Technique.fold or kind.delta is not Technique.delta
+        dense = merges and "linear" in method.site_kinds
+        serving = "low-rank" if name == "lora" else "dense, linear sites" if dense else "refused"
+        lines.append(
+            f"| `{name}` | {method.peft_type or '(peftc format)'} | "
+            f"{', '.join(method.site_kinds)} | {method.stage} | {'yes' if merges else 'no'} | "
+            f"{serving} |"
+        )
+    return [*lines, ""]
 
 
 def _fields(info: PassInfo) -> list[dataclasses.Field]:
