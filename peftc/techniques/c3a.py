@@ -47,24 +47,13 @@ from peftc.technique import (
     positive,
     register_technique,
 )
+from peftc.techniques.fourierft import positive_pairs
 from peftc.techniques.lora import multihead_attention
 from peftc.techniques.oft import eager
 
 __all__ = ["C3aOptions", "C3a"]
 
 aten = torch.ops.aten
-
-
-def _pairs(value: Any) -> str | None:
-    ok = all(
-        isinstance(p, tuple)
-        and len(p) == 2
-        and isinstance(p[0], str)
-        and isinstance(p[1], int)
-        and p[1] > 0
-        for p in value
-    )
-    return None if ok else '[name, block_size] pairs with a positive size, e.g. [["v_proj", 32]]'
 
 
 @dataclass(frozen=True)
@@ -78,7 +67,7 @@ class C3aOptions(AdapterOptions):
     block_size_pattern: tuple[tuple[str, int], ...] = option(
         (),
         doc="[name, block_size] pairs: block_size for the sites whose path ends in name",
-        check=_pairs,
+        check=positive_pairs('[["v_proj", 32]]'),
         peft="block_size_pattern",
         encode=dict,
         decode=lambda d: tuple((d or {}).items()),

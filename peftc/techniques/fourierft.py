@@ -44,16 +44,21 @@ __all__ = ["FourierftOptions", "Fourierft", "frequency_indices"]
 aten = torch.ops.aten
 
 
-def _pairs(value: Any) -> str | None:
-    ok = all(
-        isinstance(p, tuple)
-        and len(p) == 2
-        and isinstance(p[0], str)
-        and isinstance(p[1], int)
-        and p[1] > 0
-        for p in value
-    )
-    return None if ok else '[name, n] pairs with a positive n, e.g. [["q_proj", 500]]'
+def positive_pairs(example: str) -> Any:
+    """A check for `[[name, n], ...]` options (per-site sizes): the refusal shows `example`."""
+
+    def check(value: Any) -> str | None:
+        ok = all(
+            isinstance(p, tuple)
+            and len(p) == 2
+            and isinstance(p[0], str)
+            and isinstance(p[1], int)
+            and p[1] > 0
+            for p in value
+        )
+        return None if ok else f"[name, n] pairs with a positive n, e.g. {example}"
+
+    return check
 
 
 @dataclass(frozen=True)
@@ -71,7 +76,7 @@ class FourierftOptions(AdapterOptions):
     n_frequency_pattern: tuple[Any, ...] = option(
         (),
         doc="[name, n] pairs: n_frequency for the sites whose path ends in name",
-        check=_pairs,
+        check=positive_pairs('[["q_proj", 500]]'),
         peft="n_frequency_pattern",
         encode=dict,
         decode=lambda d: [[k, v] for k, v in (d or {}).items()],
