@@ -131,6 +131,7 @@ def load_adapter(
     # peft also saves base embedding weights when it adapts embeddings; they are not adapter weights
     # (LoRA on nn.MultiheadAttention's out_proj lives under `.base_layer.`, so expected keys stay)
     found = {k: v for k, v in found.items() if k in expected or ".base_layer." not in k}
+    found = _from_checkpoint(out, record, found)
     found = {k: v for k, v in found.items() if k not in _written_beyond(out, record, expected)}
     _check_keys(out, found, expected, config, directory)
     for key, qualname in expected.items():
@@ -214,6 +215,16 @@ def _check_keys(
             "  fix: load it into the model it was trained on, with the same targets and options"
         )
         raise CheckpointError("\n".join(lines))
+
+
+def _from_checkpoint(
+    gm: fx.GraphModule, record: Adapter, found: dict[str, torch.Tensor]
+) -> dict[str, torch.Tensor]:
+    """The technique's own tensors from the file's (`Technique.from_checkpoint`)."""
+    sites = [s for s in _sites(gm, record) if s.path not in record.saved_modules]
+    if not sites:
+        return found
+    return record.method().from_checkpoint(context(gm, record, sites[0]), found)
 
 
 def _written_beyond(gm: fx.GraphModule, record: Adapter, expected: dict[str, str]) -> set[str]:

@@ -409,6 +409,13 @@ class Technique:
         by default; P-tuning and projected prefixes save their encoder's output, as peft does."""
         return tensors
 
+    def from_checkpoint(
+        self, ctx: Context, tensors: dict[str, torch.Tensor]
+    ) -> dict[str, torch.Tensor]:
+        """The adapter's own tensors (by checkpoint key) from what peft's file holds: the inverse of
+        `to_checkpoint` where peft saves one tensor for several, or a compressed form of one."""
+        return tensors
+
     def as_lora(self, options: Any, tensors: dict[str, torch.Tensor]) -> tuple[dict, Any]:
         """(tensors by qualified name, options) of the adapter as a plain LoRA on the original base,
         for an adapter whose init rewrote the base (PiSSA); `save_adapter(..., as_lora=True)`."""
