@@ -122,12 +122,7 @@ def load_adapter(
         _check_sites(record, config, directory)
     saved = _saved(record)
     expected = {_key(record, q): q for q in adapter_tensors(out, adapter) if q in saved}
-    try:
-        found = load_file(directory / WEIGHTS)
-    except Exception as e:  # safetensors' own checks, beyond the header's
-        raise CheckpointError(f"{directory / WEIGHTS} cannot be read: {e}") from None
-    check_finite(directory / WEIGHTS, found)
-    check_integers(directory / WEIGHTS, found, {k: get_tensor(out, q) for k, q in expected.items()})
+    found = _load_weights(directory / WEIGHTS, {k: get_tensor(out, q) for k, q in expected.items()})
     # peft also saves base embedding weights when it adapts embeddings; they are not adapter weights
     # (LoRA on nn.MultiheadAttention's out_proj lives under `.base_layer.`, so expected keys stay)
     found = {k: v for k, v in found.items() if k in expected or ".base_layer." not in k}
@@ -215,6 +210,17 @@ def _check_keys(
             "  fix: load it into the model it was trained on, with the same targets and options"
         )
         raise CheckpointError("\n".join(lines))
+
+
+def _load_weights(path: Path, model: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The file's tensors, each finite and floating point where the model's is."""
+    try:
+        found = load_file(path)
+    except Exception as e:  # safetensors' own checks, beyond the header's
+        raise CheckpointError(f"{path} cannot be read: {e}") from None
+    check_finite(path, found)
+    check_integers(path, found, model)
+    return found
 
 
 def _from_checkpoint(

@@ -52,7 +52,15 @@ from peftc.technique import (
 )
 from peftc.technique.options import peft_task_type
 
-__all__ = ["PrefixOptions", "Prefix", "extend_mask"]
+__all__ = [
+    "PrefixOptions",
+    "Prefix",
+    "extend_mask",
+    "join_prefix",
+    "kv_shape",
+    "node_caller",
+    "shift_positions",
+]
 
 aten = torch.ops.aten
 
@@ -99,7 +107,7 @@ class PrefixOptions(AdapterOptions):
             )
 
 
-def _shape(sites: list[AttentionSite]) -> tuple[int, int]:
+def kv_shape(sites: list[AttentionSite]) -> tuple[int, int]:
     shapes = {(s.num_kv_heads, s.head_dim) for s in sites}
     if len(shapes) != 1 or None in next(iter(shapes)):
         raise PassError(
@@ -146,13 +154,13 @@ class Prefix(Technique):
                 "prefix: the graph has no attention sites (scaled_dot_product_attention); capture "
                 "the model with attn_implementation='sdpa' to use prefix tuning"
             )
-        _shape(sites)
+        kv_shape(sites)
         return [(site, site.path) for site in sites]
 
     def shared_params(
         self, gm: fx.GraphModule, sites: list[AttentionSite], options: PrefixOptions
     ) -> list[Param]:
-        kv_heads, head_dim = _shape(sites)
+        kv_heads, head_dim = kv_shape(sites)
         token_dim, n = kv_heads * head_dim, options.n
         width = 2 * len(sites) * token_dim
         generator = (
@@ -188,10 +196,10 @@ class Prefix(Technique):
     def build(self, b: Builder, sdpa: fx.Node) -> fx.Node:
         site: AttentionSite = b.site
         n, layers = b.options.n, len(b.ctx.sites)
-        kv = b.once("kv", lambda: _kv(b, n, layers, *_shape([site])))
-        b.once("positions", lambda: _shift_positions(b, n))
-        mask = extend_mask(site, n, b.once("masks", dict), _caller(b))
-        b.rewrite(*attention_call(site, *_join(b, site, kv, b.ctx.index), mask))
+        kv = b.once("kv", lambda: _kv(b, n, layers, *kv_shape([site])))
+        b.once("positions", lambda: shift_positions(b, n))
+        mask = extend_mask(site, n, b.once("masks", dict), node_caller(b))
+        b.rewrite(*attention_call(site, *join_prefix(b, site, kv, b.ctx.index), mask))
         return sdpa
 
     def checkpoint_key(self, key: str) -> str:
@@ -208,7 +216,7 @@ class Prefix(Technique):
         return {"prompt_embeddings": torch.nn.functional.linear(hidden, t["w2"], t["b2"])}
 
     def to_peft(self, options: PrefixOptions, sites: list[AttentionSite]) -> dict[str, Any]:
-        kv_heads, head_dim = _shape(sites)
+        kv_heads, head_dim = kv_shape(sites)
         return {
             "task_type": peft_task_type(sites[0].node.graph.owning_module),
             "token_dim": kv_heads * head_dim,
@@ -224,7 +232,7 @@ class Prefix(Technique):
         )
 
 
-def _caller(b: Builder) -> Any:
+def node_caller(b: Builder) -> Any:
     def call(target: Any, *args: Any, role: str, **kwargs: Any) -> fx.Node:
         return b.call(target, *args, role=role, **kwargs)
 
@@ -254,9 +262,9 @@ def _kv(b: Builder, n: int, layers: int, kv_heads: int, head_dim: int) -> fx.Nod
     return b.call(aten.permute.default, view, [1, 2, 0, 3], role="prefix_kv")
 
 
-def _join(b: Builder, site: AttentionSite, kv: fx.Node, i: int) -> list[fx.Node]:
+def join_prefix(b: Builder, site: AttentionSite, kv: fx.Node, i: int) -> list[fx.Node]:
     """The site's key and value with the prefix's in front (case 3)."""
-    kv_heads = _shape([site])[0]
+    kv_heads = kv_shape([site])[0]
     key_val = site.key.meta.get("val")
     heads = key_val.shape[-3] if isinstance(key_val, torch.Tensor) else kv_heads
     rep = int(heads) // kv_heads  # 1 without GQA or with enable_gqa=True
@@ -319,7 +327,7 @@ def _pad(mask: fx.Node, n: int, call: Any) -> fx.Node:
     return call(aten.constant_pad_nd.default, mask, [n, 0], 0.0, role="mask_with_prefix")
 
 
-def _shift_positions(b: Builder, n: int) -> list[fx.Node]:
+def shift_positions(b: Builder, n: int) -> list[fx.Node]:
     """Every position-id source shifted by n (case 5), its users rerouted."""
     shifted = []
     for source in position_ids(b.gm):
