@@ -10,11 +10,7 @@ from conftest import captured, loaded
 
 
 def test_show_lists_nodes_with_paths_and_shapes():
-    # a capture of its own: prefix tuning applied to the shared capture specializes the batch and
-    # length in the fake shapes the copies share with it (noted in the open issues)
-    model = loaded("tiny-llama")
-    graph = peftc.capture(model.model, model.args, model.kwargs)
-    text = peftc.show(graph, "model.layers.0.self_attn.q_proj")
+    text = peftc.show(captured("tiny-llama"), "model.layers.0.self_attn.q_proj")
     assert (
         "captured by export from transformers.models.llama.modeling_llama.LlamaForCausalLM" in text
     )
@@ -25,13 +21,13 @@ def test_show_lists_nodes_with_paths_and_shapes():
         and "[batch, sequence, 64] float32" in line
     )
     placeholders = [
-        row for row in peftc.show(graph).splitlines() if " placeholder " in row
+        row for row in peftc.show(captured("tiny-llama")).splitlines() if " placeholder " in row
     ]
     # one batch, one length
     assert len(placeholders) == 2 and all("[batch, sequence] int64" in row for row in placeholders)
     assert "model.layers.1" not in text.split("parameters:")[0]
     assert "... 1 more nodes" in peftc.show(
-        graph, "model.layers.0.self_attn.q_proj", max_rows=1
+        captured("tiny-llama"), "model.layers.0.self_attn.q_proj", max_rows=1
     )
 
 

@@ -317,14 +317,17 @@ def extend_mask(site: AttentionSite, n: int, masks: dict, call: Any) -> fx.Node 
     )
 
 
-def _pad(mask: fx.Node, n: int, call: Any) -> fx.Node:
+def _pad(mask: fx.Node, n: Any, call: Any) -> fx.Node:
+    """`mask` with n visible columns in front (ones, or zeros in an additive mask), joined by cat:
+    constant_pad_nd would specialize the symbolic batch and length in fake propagation."""
     val = mask.meta.get("val")
-    if isinstance(val, torch.Tensor) and val.dtype == torch.bool:
-        # constant_pad_nd has no bool kernel on every backend: pad as uint8, back to bool
-        as_int = call(aten._to_copy.default, mask, role="mask_u8", dtype=torch.uint8)
-        padded = call(aten.constant_pad_nd.default, as_int, [n, 0], 1, role="mask_padded")
-        return call(aten._to_copy.default, padded, role="mask_with_prefix", dtype=torch.bool)
-    return call(aten.constant_pad_nd.default, mask, [n, 0], 0.0, role="mask_with_prefix")
+    rank = val.dim() if isinstance(val, torch.Tensor) else 4
+    additive = isinstance(val, torch.Tensor) and val.dtype != torch.bool
+    first = call(aten.slice.Tensor, mask, -1, 0, 1, role="mask_column")
+    fill = aten.zeros_like.default if additive else aten.ones_like.default
+    visible = call(fill, first, role="visible_column")
+    columns = call(aten.expand.default, visible, [-1] * (rank - 1) + [n], role="visible_columns")
+    return call(aten.cat.default, [columns, mask], -1, role="mask_with_prefix")
 
 
 def shift_positions(b: Builder, n: int) -> list[fx.Node]:
