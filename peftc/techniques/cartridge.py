@@ -24,7 +24,7 @@ import torch
 from torch import fx
 
 from peftc.errors import OptionError
-from peftc.sites.regions import AttentionSite, attention_call
+from peftc.sites.regions import AttentionSite
 from peftc.technique import (
     AdapterOptions,
     Builder,
@@ -39,11 +39,7 @@ from peftc.technique import (
 from peftc.technique.options import peft_task_type
 from peftc.techniques.prefix import (
     Prefix,
-    extend_mask,
-    join_prefix,
     kv_shape,
-    node_caller,
-    shift_positions,
 )
 
 __all__ = ["CartridgeOptions", "Cartridge"]
@@ -111,14 +107,12 @@ class Cartridge(Prefix):
             )
         return params
 
-    def build(self, b: Builder, sdpa: fx.Node) -> fx.Node:
-        site: AttentionSite = b.site
-        n, layers = b.options.n, len(b.ctx.sites)
-        kv = b.once("kv", lambda: _kv(b, n, layers, *kv_shape([site])))
-        b.once("positions", lambda: shift_positions(b, n))
-        mask = extend_mask(site, n, b.once("masks", dict), node_caller(b))
-        b.rewrite(*attention_call(site, *join_prefix(b, site, kv, b.ctx.index), mask))
-        return sdpa
+    def rows(self, b: Builder) -> fx.Node:
+        """The frozen rows, then the trained ones, as prefix tuning's flat keys and values."""
+        flat = b.param("embedding")
+        if b.options.num_frozen_tokens:
+            flat = b.call(aten.cat.default, [b.param("frozen"), flat], 0, role="cartridge_flat")
+        return flat
 
     def checkpoint_key(self, key: str) -> str:
         return key
@@ -153,14 +147,3 @@ class Cartridge(Prefix):
             "num_attention_heads": kv_heads,
             "num_layers": len(sites),
         }
-
-
-def _kv(b: Builder, n: int, layers: int, kv_heads: int, head_dim: int) -> fx.Node:
-    """(2L, kv_heads, n, head_dim): the joined rows viewed as prefix tuning's (its case 2)."""
-    flat = b.param("embedding")
-    if b.options.num_frozen_tokens:
-        flat = b.call(aten.cat.default, [b.param("frozen"), flat], 0, role="cartridge_flat")
-    view = b.call(
-        aten.reshape.default, flat, [n, 2 * layers, kv_heads, head_dim], role="prefix_view"
-    )
-    return b.call(aten.permute.default, view, [1, 2, 0, 3], role="prefix_kv")

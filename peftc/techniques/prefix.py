@@ -52,15 +52,7 @@ from peftc.technique import (
 )
 from peftc.technique.options import peft_task_type
 
-__all__ = [
-    "PrefixOptions",
-    "Prefix",
-    "extend_mask",
-    "join_prefix",
-    "kv_shape",
-    "node_caller",
-    "shift_positions",
-]
+__all__ = ["PrefixOptions", "Prefix", "extend_mask", "kv_shape"]
 
 aten = torch.ops.aten
 
@@ -196,11 +188,29 @@ class Prefix(Technique):
     def build(self, b: Builder, sdpa: fx.Node) -> fx.Node:
         site: AttentionSite = b.site
         n, layers = b.options.n, len(b.ctx.sites)
-        kv = b.once("kv", lambda: _kv(b, n, layers, *kv_shape([site])))
+        kv = b.once("kv", lambda: _kv(b, self.rows(b), n, layers, *kv_shape([site])))
         b.once("positions", lambda: shift_positions(b, n))
         mask = extend_mask(site, n, b.once("masks", dict), node_caller(b))
         b.rewrite(*attention_call(site, *join_prefix(b, site, kv, b.ctx.index), mask))
         return sdpa
+
+    def rows(self, b: Builder) -> fx.Node:
+        """The (n, 2 * layers * kv_heads * head_dim) keys and values, flat: the embedding, or its
+        projection (case 2)."""
+        if not b.options.prefix_projection:
+            return b.param("embedding")
+        hidden = b.call(
+            aten.tanh.default,
+            b.call(
+                aten.linear.default,
+                b.param("embedding"),
+                b.param("w0"),
+                b.param("b0"),
+                role="transform_0",
+            ),
+            role="tanh",
+        )
+        return b.call(aten.linear.default, hidden, b.param("w2"), b.param("b2"), role="prefix_flat")
 
     def checkpoint_key(self, key: str) -> str:
         return "prompt_embeddings" if key.endswith("prompt_encoder.embedding.weight") else key
@@ -239,23 +249,8 @@ def node_caller(b: Builder) -> Any:
     return call
 
 
-def _kv(b: Builder, n: int, layers: int, kv_heads: int, head_dim: int) -> fx.Node:
+def _kv(b: Builder, flat: fx.Node, n: int, layers: int, kv_heads: int, head_dim: int) -> fx.Node:
     """(2L, kv_heads, n, head_dim): entry 2i keys, 2i + 1 values of site i (case 2)."""
-    if b.options.prefix_projection:
-        hidden = b.call(
-            aten.tanh.default,
-            b.call(
-                aten.linear.default,
-                b.param("embedding"),
-                b.param("w0"),
-                b.param("b0"),
-                role="transform_0",
-            ),
-            role="tanh",
-        )
-        flat = b.call(aten.linear.default, hidden, b.param("w2"), b.param("b2"), role="prefix_flat")
-    else:
-        flat = b.param("embedding")
     view = b.call(
         aten.reshape.default, flat, [n, 2 * layers, kv_heads, head_dim], role="prefix_view"
     )

@@ -118,9 +118,7 @@ class Engine:
         max_batch: int = 32,
         eos_token_id: int | None = None,
     ):
-        if "multi_lora" not in peftc_meta(gm):
-            raise PassError("serving needs a graph with stacked adapters; apply 'multi_lora' first")
-        self.gm, self.tokenizer = gm, tokenizer
+        self.gm, self.tokenizer = _served(gm), tokenizer
         self.max_batch, self.eos_token_id = max_batch, eos_token_id
         self.waiting: queue.Queue[Request] = queue.Queue()
         self.controls: queue.Queue[tuple[Callable[[], Any], Future]] = queue.Queue()
@@ -178,9 +176,7 @@ class Engine:
     def swap(self, gm: fx.GraphModule) -> None:
         """Serve `gm` from now on (call it through `call`): requests in flight go on, each row's
         adapter found by name in the new graph."""
-        if "multi_lora" not in peftc_meta(gm):
-            raise PassError("serving needs a graph with stacked adapters; apply 'multi_lora' first")
-        self.gm = gm
+        self.gm = _served(gm)
 
     def in_use(self, adapter: str) -> bool:
         """Whether a request waiting or in flight uses `adapter` (call it through `call`)."""
@@ -306,6 +302,12 @@ class Engine:
 
     def _device(self) -> torch.device:
         return next((t.device for t in self.gm.buffers()), torch.device("cpu"))
+
+
+def _served(gm: fx.GraphModule) -> fx.GraphModule:
+    if "multi_lora" not in peftc_meta(gm):
+        raise PassError("serving needs a graph with stacked adapters; apply 'multi_lora' first")
+    return gm
 
 
 def _notify(request: Request, event: Event) -> None:

@@ -36,7 +36,20 @@ from peftc.sites.regions import attention_as_called, attention_call, attention_s
 from peftc.technique.adapters import active_adapters, adapters, set_active
 from peftc.techniques.prefix import extend_mask
 
-__all__ = ["generate", "decode_graphs", "check_prompts", "limits", "forward_step", "empty_caches"]
+__all__ = [
+    "generate",
+    "decode_graphs",
+    "check_prompts",
+    "limits",
+    "forward_step",
+    "empty_caches",
+    "ContextLengthError",
+]
+
+
+class ContextLengthError(OptionError):
+    """A prompt and its new tokens need more positions than the model has."""
+
 
 aten = torch.ops.aten
 _PASS = "kv_cache"
@@ -185,7 +198,7 @@ def _as_row(source: fx.Node) -> fx.Node:
 
 def _ragged_mask(site, past_mask: fx.Node, masks: dict, call) -> fx.Node:
     """(rows, heads, 1, past + 1): each row's valid past columns, then its new token."""
-    if site.mask is not None and site.mask in masks:
+    if site.mask in masks:  # None too: the new token alone, the same at every site
         return masks[site.mask]
     past = call(
         aten.unsqueeze.default,
@@ -210,10 +223,8 @@ def _ragged_mask(site, past_mask: fx.Node, masks: dict, call) -> fx.Node:
         new = call(aten.expand.default, site.mask, [rows, -1, -1, -1], role="new_mask")
         heads = call(aten.sym_size.int, site.mask, 1, role="mask_heads")
         past = call(aten.expand.default, past, [-1, heads, -1, -1], role="past_mask_heads")
-    joined = call(aten.cat.default, [past, new], 3, role="ragged_mask")
-    if site.mask is not None:
-        masks[site.mask] = joined
-    return joined
+    masks[site.mask] = call(aten.cat.default, [past, new], 3, role="ragged_mask")
+    return masks[site.mask]
 
 
 def _copy_graph(graph: fx.Graph) -> fx.Graph:
@@ -351,7 +362,7 @@ def check_prompts(
                 f"prompt {i}: token id {max(prompt)} is outside the vocabulary (ids 0..{vocab - 1})"
             )
         if positions is not None and len(prompt) + max_new_tokens > positions:
-            raise OptionError(
+            raise ContextLengthError(
                 f"prompt {i}: {len(prompt)} tokens plus {max_new_tokens} new ones exceed the "
                 f"model's {positions} positions; shorten the prompt or ask for fewer tokens"
             )

@@ -36,7 +36,7 @@ from torch import fx
 
 from peftc.errors import OptionError, PeftcError
 from peftc.tools.engine import Engine, Event, Sampling
-from peftc.tools.generation import limits
+from peftc.tools.generation import ContextLengthError, limits
 
 __all__ = ["ServerSettings", "create_app", "serve", "BackgroundServer", "ApiError"]
 
@@ -212,10 +212,10 @@ class _Service:
     def submit(self, prompt: list[int], sampling: Sampling, adapter: str | None, on_event):
         try:
             return self.engine.submit(prompt, sampling, adapter, on_event)
+        except ContextLengthError as e:
+            raise ApiError(400, str(e), "context_length_exceeded", param="prompt") from None
         except OptionError as e:
-            limit = self.positions is not None and "positions" in str(e)
-            code = "context_length_exceeded" if limit else "invalid_prompt"
-            raise ApiError(400, str(e), code, param="prompt") from None
+            raise ApiError(400, str(e), "invalid_prompt", param="prompt") from None
 
     async def events(
         self, prompt: list[int], sampling: Sampling, adapter: str | None
