@@ -131,6 +131,24 @@ def test_flags_that_land_in_forward_kwargs_are_accepted():
     torch.testing.assert_close(gm(*args, **kwargs).logits, expected)
 
 
+class _Upper(nn.Module):
+    """A forward whose inputs have upper-case names (peft's custom test models take `X`)."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(10, 4)
+
+    def forward(self, X, Mask):
+        return self.lin(X.float()) * Mask
+
+
+def test_inputs_keep_the_model_s_names_which_export_lowercases():
+    model, x, mask = _Upper(), torch.arange(30).view(3, 10), torch.rand(3, 4)
+    gm = peftc.capture(model, (x, mask))
+    assert [n.target for n in gm.graph.find_nodes(op="placeholder")] == ["X", "Mask"]
+    torch.testing.assert_close(gm(X=x[:2], Mask=mask[:2]), model(x[:2], mask[:2]))
+
+
 class _ExportBranch(nn.Module):
     """Takes another branch under torch.export than in eager mode (as models with export-only
     code paths do)."""

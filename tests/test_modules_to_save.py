@@ -32,6 +32,8 @@ CONFIGS = {
     "fourierft": peft.FourierFTConfig(
         n_frequency=10, target_modules=["lin0"], modules_to_save=["lin1"]
     ),
+    # saves its named tensors only (`Technique.saved`): the copy's weights are saved all the same
+    "waveft": peft.WaveFTConfig(n_frequency=8, target_modules=["lin0"], modules_to_save=["lin1"]),
 }
 
 

@@ -134,6 +134,27 @@ def test_merge_folds_the_rotation_and_refuses_patch_rotations(tmp_path):
         peftc.apply(conv, "merge")
 
 
+class OnePatch(torch.nn.Module):
+    """A 3x3 convolution over 3x3 images (peft's custom-model matrix has it): one patch each."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv = torch.nn.Conv2d(5, 10, 3)
+
+    def forward(self, img):
+        return self.conv(img).flatten(1)
+
+
+def test_merges_where_the_convolution_sees_one_patch(tmp_path):
+    """Over 3x3 inputs the rotated patch folds back as it was: peft's merge is exact there, and
+    peftc merges it where the graph shows that size (Small's 6x6 inputs are refused above)."""
+    img = torch.randn(4, 5, 3, 3, generator=torch.Generator().manual_seed(1))
+    config = oft("conv", r=5, oft_block_size=0)
+    parity = check(lambda: (OnePatch(), (img,), {}), config, tmp_path, scale=0.3)
+    assert parity.merged is not None
+
+
 def test_nf4_matches_peft_on_bitsandbytes_linear4bit(tmp_path, monkeypatch):
     pytest.importorskip("bitsandbytes")
     from bnb_oracle import linear4bit_model

@@ -106,6 +106,8 @@ def _record(gm: fx.GraphModule, model: nn.Module, method: str, seconds: float) -
         "config": _config_summary(model),
     }
     meta["module_types"] = _module_types(model)
+    # each transformers model's config, by path: what a technique builds a like module from
+    meta["configs"] = _configs(model)
     # transformers' experts declared `is_transposed` store their weights (experts, in, out)
     meta["transposed_experts"] = [
         path for path, m in model.named_modules() if getattr(m, "is_transposed", False) is True
@@ -273,6 +275,7 @@ def _export(model: nn.Module, args: tuple, kwargs: dict, dynamic: bool) -> fx.Gr
     _dropout_as_modules(gm)
     _attention_dropout_as_modules(gm)
     use_causal_kernel(gm)  # a causal mask runs the causal kernel, as transformers' eager run
+    _signature_names(gm, bound)
     _drop_constant_inputs(gm)
     _static_dims(gm, dynamic)
     gm.recompile()
@@ -404,6 +407,22 @@ def _has_submodule(gm: nn.Module, path: str) -> bool:
         return True
     except AttributeError:
         return False
+
+
+def _signature_names(gm: fx.GraphModule, bound: inspect.BoundArguments) -> None:
+    """Export lowercases the names of the inputs (`forward(self, X)` becomes `forward(self, x)`);
+    give them back the model's own, so that the graph is called with the model's keywords."""
+    own = {name.lower(): name for name in bound.arguments}
+    renamed = {}
+    for node in gm.graph.find_nodes(op="placeholder"):
+        name = own.get(str(node.target))
+        if name and str(node.target) not in bound.arguments:
+            renamed[str(node.target)] = node.target = node.name = name
+    codegen = gm.graph._codegen
+    if renamed and isinstance(codegen, _PyTreeCodeGen):
+        info = codegen.pytree_info
+        names = [renamed.get(n, n) for n in info.orig_args]
+        codegen.pytree_info = _PyTreeInfo(names, info.in_spec, info.out_spec)
 
 
 def _drop_constant_inputs(gm: fx.GraphModule) -> None:
@@ -555,6 +574,18 @@ def _config_summary(model: nn.Module) -> dict[str, Any]:
     config = model.get_submodule(outermost[0]).config if len(outermost) == 1 else None
     values = {key: getattr(config, key, None) for key in _CONFIG_KEYS}
     return {k: v for k, v in values.items() if isinstance(v, (str, int)) and v != ""}
+
+
+def _configs(model: nn.Module) -> dict[str, dict[str, Any]]:
+    """`config.to_dict()` of each transformers model in `model` (a module whose class declares a
+    `config_class`), with the attention implementation it runs."""
+    configs = {}
+    for path, m in model.named_modules():
+        config = getattr(m, "config", None)
+        if hasattr(type(m), "config_class") and callable(getattr(config, "to_dict", None)):
+            attention = getattr(config, "_attn_implementation", None)
+            configs[path] = {**config.to_dict(), "attn_implementation": attention}
+    return configs
 
 
 def _module_types(model: nn.Module) -> dict[str, str]:

@@ -258,13 +258,13 @@ def _key(record: Adapter, qualname: str) -> str:
 
 def _saved(record: Adapter) -> set[str]:
     """The qualified names of the adapter's tensors that peft's checkpoint holds
-    (`Technique.saved`)."""
+    (`Technique.saved`, and every tensor of the module copies it trains)."""
     method = record.method()
     return {
         q
-        for names in record.names.values()
+        for path, names in record.names.items()
         for attr, q in names.items()
-        if method.saved(record.options, attr)
+        if path in record.saved_modules or method.saved(record.options, attr)
     }
 
 

@@ -31,6 +31,7 @@ from typing import Any
 
 import torch
 from torch import fx, nn
+from torch.fx.experimental.symbolic_shapes import is_concrete_int
 
 from peftc.errors import OptionError
 from peftc.technique import (
@@ -227,6 +228,18 @@ def cayley(call: Any, weight: Any, count: int, bs: int, o: OftOptions) -> Any:
     return R
 
 
+def _one_patch(site: Any) -> bool:
+    """Whether the convolution's input is one patch (its spatial size is the kernel's, its output
+    1 x 1): the rotated patch then folds back unchanged, and rotating the weight is exact."""
+    source, out = site.node.args[0].meta.get("val"), site.node.meta.get("val")
+    if source is None or out is None:
+        return False
+    spatial = [*source.shape[2:], *out.shape[2:]]
+    if not all(is_concrete_int(d) for d in spatial):
+        return False
+    return list(source.shape[2:]) == list(site.kernel_size) and all(d == 1 for d in out.shape[2:])
+
+
 @register_technique
 class Oft(Technique):
     """Insert OFT: rotate the input of the selected linear and 2-d convolution sites (the output of
@@ -347,7 +360,7 @@ class Oft(Technique):
                 f"oft: {site.path!r} is a grouped convolution, which peft cannot merge either; "
                 "keep it unmerged"
             )
-        if site.kind == "conv" and site.kernel_size[0] > 1:
+        if site.kind == "conv" and site.kernel_size[0] > 1 and not _one_patch(site):
             raise NotMergeable(
                 f"oft: {site.path!r} has a {site.kernel_size} kernel: peft's OFT rotates input "
                 "patches there, which no rotation of the weight reproduces (peft's own merge "

@@ -21,7 +21,9 @@ the weight update, as in HF peft 0.21.
    it names without filters (db11 and up, ...) cannot build: both refused by name.
 5. `n_frequency_pattern` sets n per site: peft's `get_pattern_key`, the first key k with
    `re.match(rf"(.*\\.)?({k})$", path)`. `init_weights=true` (peft's default) starts S at zero,
-   false at N(0, 0.01^2). `proportional_parameters` and `bias` other than "none" are refused.
+   false at N(0, 0.01^2). `proportional_parameters` spreads n_frequency x sites over the sites in
+   proportion to their sizes (peft's rounding, at least 1 each), written out as the pattern;
+   `bias` other than "none" is refused.
 Linear sites: nn.Linear and GPT-2's Conv1D (peft adapts both); nn.MultiheadAttention's
 projections are refused, as peft does not adapt them.
 """
@@ -85,6 +87,12 @@ class WaveftOptions(AdapterOptions):
         peft="n_frequency_pattern",
         encode=dict,
         decode=lambda d: [[k, v] for k, v in (d or {}).items()],
+    )
+
+    proportional_parameters: bool = option(
+        False,
+        doc="share n_frequency x sites among the sites in proportion to out x in",
+        peft="proportional_parameters",
     )
 
     def n_at(self, path: str) -> int:
@@ -185,6 +193,16 @@ class Waveft(Technique):
     peft_type = "WAVEFT"
     peft_fixed = {"bias": "none"}
     peft_ignored = ("fan_in_fan_out",)  # the layout is read from the graph
+
+    def resolve_options(self, gm: fx.GraphModule, options: WaveftOptions) -> WaveftOptions:
+        if not options.proportional_parameters:
+            return options
+        sites = [site for site, _ in self.select(gm, options)]
+        sizes = {self.peft_key(s): s.out_features * s.in_features for s in sites}
+        budget, total = options.n_frequency * len(sizes), sum(sizes.values())
+        # peft's allocation; it then takes precedence over any pattern
+        shares = [(re.escape(k), max(1, round(v / total * budget))) for k, v in sizes.items()]
+        return dataclasses.replace(options, n_frequency_pattern=tuple(shares))
 
     def options_at(self, site: Any, options: WaveftOptions) -> WaveftOptions:
         return dataclasses.replace(options, n_frequency=options.n_at(self.peft_key(site)))
