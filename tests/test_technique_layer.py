@@ -336,3 +336,21 @@ def test_a_technique_without_check_fails_with_its_name_and_site():
         match=r"test_square_only.*adapter 'default'.*linear site '0'",
     ):
         peftc.apply(gm, "test_square_only(targets='0')")
+
+
+def test_targets_take_peft_s_list_of_names_with_peft_s_meaning():
+    """`targets=["q_proj", "v_proj"]` (or peft's spelling `target_modules=`) selects the modules
+    peft's list does: each name as the whole path or its end after a dot; a bare name as a glob
+    is refused with that spelling suggested."""
+    gm = captured("tiny-llama")
+    listed = peftc.apply(gm, "lora(targets=['q_proj', 'v_proj'])")
+    spelled = peftc.apply(gm, "lora(target_modules=['q_proj', 'v_proj'])")
+    config = peft.LoraConfig(target_modules=["q_proj", "v_proj"])
+    theirs = peft.get_peft_model(copy.deepcopy(loaded("tiny-llama").model), config)
+    expected = set(theirs.base_model.targeted_module_names)
+    for ours in (listed, spelled):
+        assert {path for path, _ in adapters(ours)["default"].sites} == expected
+    with pytest.raises(TargetError, match=r"Did you mean peft's list \['q_proj', 'v_proj'\]"):
+        peftc.apply(gm, "lora(targets='q_proj|v_proj')")
+    with pytest.raises(OptionError, match="target_modules must name the adapted modules"):
+        peftc.apply(gm, "lora(targets=[1, 2])")

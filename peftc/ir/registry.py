@@ -160,13 +160,8 @@ def make_options(info: PassInfo, given: dict[str, Any]) -> Any:
                 f"pass {info.name!r}: option {name!r} is given twice (as {name} and {key})"
             )
         spec = spec_of(fields[name])
-        if (
-            key == spec.peft
-            and key != name
-            and spec.decode is not None
-            and not fits(value, hints[name])
-        ):
-            # peft's spelling with peft's kind of value (target_modules=[...])
+        if spec.peft and spec.decode is not None and not fits(value, hints[name]):
+            # peft's kind of value under either spelling (targets=[...], target_modules=[...])
             value = spec.decode(value)
         if not fits(value, hints[name]):
             raise OptionError(

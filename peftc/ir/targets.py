@@ -60,11 +60,15 @@ def _no_match_message(pattern: str, paths: Sequence[str], what: str) -> str:
     if not paths:
         return f"target {pattern!r} matches nothing: the graph has no {what}s at all"
     near = _near_paths(pattern, paths)
+    names = [g.strip() for g in pattern.split("|")]
+    bare = not pattern.startswith("re:") and all(re.fullmatch(r"[\w-]+", g) for g in names)
+    hint = f" Did you mean peft's list {names!r} (a name matches as a path's end)?" if bare else ""
     return (
         f"target {pattern!r} matches no {what} (of {len(paths)}). Near {what} paths: "
         + ", ".join(near)
         + ". Globs match whole dotted paths, so start with '*.' to match at any depth, "
         "separate alternatives with '|', or prefix a regex with 're:'."
+        + hint
     )
 
 

@@ -77,7 +77,11 @@ def targets_from_peft(target_modules: Any) -> str:
     pattern."""
     if isinstance(target_modules, str):
         return f"re:{target_modules}"
-    if not target_modules or not isinstance(target_modules, (list, tuple)):
+    if (
+        not target_modules
+        or not isinstance(target_modules, (list, tuple))
+        or not all(isinstance(name, str) for name in target_modules)
+    ):
         raise OptionError(
             "target_modules must name the adapted modules (a list of names or a regex), got "
             f"{target_modules!r}"
@@ -91,7 +95,8 @@ class AdapterOptions(Options):
 
     targets: str | None = option(
         None,
-        doc="module paths to adapt: globs separated by `|`, a `re:` regex, or `all-linear`; None: "
+        doc="module paths to adapt: globs separated by `|`, a `re:` regex, `all-linear`, or a list "
+        "of names as peft's target_modules (each the whole path or its end after a dot); None: "
         "peft's default for the architecture",
         check=pattern,
         peft="target_modules",
