@@ -132,6 +132,20 @@ def test_console_script_is_installed():
     assert "show" in done.stdout and "apply" in done.stdout and "passes" in done.stdout
 
 
+def test_a_reader_that_stops_early_ends_the_output_quietly():
+    """`peftc passes --markdown | head -1` (more than a pipe holds): the closed pipe is no error
+    to report."""
+    cli = subprocess.Popen(
+        [sys.executable, "-m", "peftc", "passes", "--markdown"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    cli.stdout.readline()
+    cli.stdout.close()  # as `head` does after its line
+    assert cli.wait(timeout=120) == 141
+    assert cli.stderr.read() == b""
+
+
 def test_custom_pass_example_runs():
     done = subprocess.run(
         [sys.executable, str(ROOT / "examples" / "custom_pass.py")],

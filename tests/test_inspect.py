@@ -5,6 +5,7 @@ import pytest
 import torch
 
 import peftc
+import peftc.tools.inspect
 
 from conftest import captured, loaded
 
@@ -29,6 +30,16 @@ def test_show_lists_nodes_with_paths_and_shapes():
     assert "... 1 more nodes" in peftc.show(
         captured("tiny-llama"), "model.layers.0.self_attn.q_proj", max_rows=1
     )
+
+
+def test_show_leaves_export_s_bookkeeping_out_unless_asked():
+    gm = captured("tiny-llama")
+    short, full = peftc.show(gm), peftc.show(gm, bookkeeping=True)
+    asserts = [n for n in gm.graph.nodes if "assert" in str(n.target)]
+    assert asserts and not any(f"{n.name} " in short for n in asserts)
+    assert all(f"{n.name} " in full for n in asserts)
+    hidden = sum(peftc.tools.inspect.is_bookkeeping(n) for n in gm.graph.nodes)
+    assert f"({hidden} bookkeeping nodes not shown" in short and "not shown" not in full
 
 
 def test_summary_counts_match_the_model():

@@ -221,7 +221,10 @@ def test_summary_reports_bits_per_quantized_weight(double_quant, limit):
     gm = peftc.capture(model, (torch.randn(2, 1024),))
     stats = peftc.summary(peftc.apply(gm, f"nf4(double_quant={str(double_quant).lower()})"))
     assert stats.quantized_weights == 1024 * 1024 + 1024 * 512
-    assert stats.total == 1024 + 512  # the biases stay parameters
+    # counted as frozen parameters, as transformers counts them; the biases stay float32 and
+    # trainable (nothing froze them)
+    assert stats.total == 1024 * 1024 + 1024 * 512 + 1024 + 512
+    assert (stats.frozen, stats.trainable) == (stats.quantized_weights, 1024 + 512)
     assert 4.0 < stats.quantized_bits_per_weight <= limit
     assert f"{stats.quantized_bits_per_weight:.3f} bits each" in str(stats)
 

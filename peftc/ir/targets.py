@@ -67,8 +67,7 @@ def _no_match_message(pattern: str, paths: Sequence[str], what: str) -> str:
         f"target {pattern!r} matches no {what} (of {len(paths)}). Near {what} paths: "
         + ", ".join(near)
         + ". Globs match whole dotted paths, so start with '*.' to match at any depth, "
-        "separate alternatives with '|', or prefix a regex with 're:'."
-        + hint
+        "separate alternatives with '|', or prefix a regex with 're:'." + hint
     )
 
 

@@ -49,6 +49,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("peftc: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # the reader stopped early (`peftc passes | head`): end quietly
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
     except Exception as e:
         if args.debug:
             raise
@@ -154,6 +157,9 @@ def _add_show(sub: argparse._SubParsersAction, model_help: str) -> None:
     show.add_argument("model", help=model_help)
     show.add_argument("--targets", help="only nodes under module paths matching this pattern")
     show.add_argument("--max-rows", type=int, default=None, help="print at most this many nodes")
+    show.add_argument(
+        "--all", action="store_true", help="also the bookkeeping nodes (shape asserts, sizes)"
+    )
     show.set_defaults(run=_show)
 
 
@@ -288,7 +294,7 @@ def _add_passes(sub: argparse._SubParsersAction) -> None:
 def _show(args: argparse.Namespace) -> int:
     loaded = load_model(args.model, trust_local_code=args.trust_local_code)
     gm = capture(loaded.model, loaded.args, loaded.kwargs)
-    print(show(gm, args.targets, max_rows=args.max_rows))
+    print(show(gm, args.targets, max_rows=args.max_rows, bookkeeping=args.all))
     return 0
 
 

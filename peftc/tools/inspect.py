@@ -16,9 +16,16 @@ from peftc.tools.drawing import save_graph, to_dot
 __all__ = ["show", "summary", "Summary", "diff", "GraphDiff", "to_networkx", "to_dot", "save_graph"]
 
 
-def show(gm: fx.GraphModule, targets: str | None = None, *, max_rows: int | None = None) -> str:
+def show(
+    gm: fx.GraphModule,
+    targets: str | None = None,
+    *,
+    max_rows: int | None = None,
+    bookkeeping: bool = False,
+) -> str:
     """A table of the graph's nodes (optionally only those under module paths matching
-    `targets`), followed by the parameter summary and the passes that ran."""
+    `targets`), followed by the parameter summary and the passes that ran. Export's bookkeeping
+    (shape asserts and size arithmetic) is left out and counted unless `bookkeeping`."""
     # a pattern that matches no module path is an error naming near paths, as everywhere
     if targets:
         select(
@@ -29,8 +36,12 @@ def show(gm: fx.GraphModule, targets: str | None = None, *, max_rows: int | None
     matches = compile_pattern(targets) if targets else None
     rows = [("node", "op", "target", "module", "shape", "peftc")]
     dims = input_dim_names(gm)
+    hidden = 0
     for n in gm.graph.nodes:
         if matches and not matches(module_path(n)):
+            continue
+        if not bookkeeping and is_bookkeeping(n):
+            hidden += 1
             continue
         tag = n.meta.get("peftc")
         rows.append(
@@ -51,6 +62,8 @@ def show(gm: fx.GraphModule, targets: str | None = None, *, max_rows: int | None
     ]
     if len(shown) < len(rows):
         lines.append(f"... {len(rows) - len(shown)} more nodes")
+    if hidden:
+        lines.append(f"({hidden} bookkeeping nodes not shown: shape asserts, size arithmetic)")
     lines += ["", str(summary(gm))]
     history = peftc_meta(gm).get("history") or []
     if history:
@@ -58,9 +71,24 @@ def show(gm: fx.GraphModule, targets: str | None = None, *, max_rows: int | None
     return "\n".join(lines)
 
 
+def is_bookkeeping(node: fx.Node) -> bool:
+    """A node that computes no tensor of the model: export's asserts on shapes and dtypes, and the
+    integer arithmetic on sizes."""
+    if node.op != "call_function":
+        return False
+    if "assert" in getattr(node.target, "__name__", str(node.target)):
+        return True
+    val = node.meta.get("val")
+    return isinstance(val, (torch.SymInt, torch.SymBool, int, bool)) and not isinstance(
+        val, torch.Tensor
+    )
+
+
 @dataclass(frozen=True)
 class Summary:
-    """Parameter counts and storage. `bits_per_weight` is storage bits over logical weights."""
+    """Parameter counts and storage. Weights stored quantized (as buffers) count as frozen
+    parameters, as transformers counts a 4-bit model's; `bits_per_weight` is storage bits over
+    them all."""
 
     total: int
     trainable: int
@@ -68,7 +96,7 @@ class Summary:
     parameter_bytes: int
     buffer_bytes: int
     by_dtype: dict[str, int]
-    quantized_weights: int = 0  # logical weights stored quantized (buffers, not parameters)
+    quantized_weights: int = 0  # of `total`: weights stored quantized (buffers, not parameters)
     quantized_bytes: int = 0  # their storage, statistics included
 
     @property
@@ -78,8 +106,8 @@ class Summary:
     @property
     def bits_per_weight(self) -> float:
         """Over every weight, parameters and quantized buffers together."""
-        weights = self.total + self.quantized_weights
-        return 8 * (self.parameter_bytes + self.quantized_bytes) / weights if weights else 0.0
+        stored = self.parameter_bytes + self.quantized_bytes
+        return 8 * stored / self.total if self.total else 0.0
 
     @property
     def quantized_bits_per_weight(self) -> float:
@@ -99,7 +127,7 @@ class Summary:
         )
         if self.quantized_weights:
             text += (
-                f"\nquantized: {self.quantized_weights:,} weights in "
+                f"\nquantized: {self.quantized_weights:,} of the frozen weights in "
                 f"{_bytes(self.quantized_bytes)}, {self.quantized_bits_per_weight:.3f} bits each"
             )
         return text
@@ -115,14 +143,15 @@ def summary(gm: torch.nn.Module) -> Summary:
     quantized_bytes = sum(
         b.numel() * b.element_size() for name, b in gm.named_buffers() if name.startswith(prefixes)
     )
+    quantized_weights = sum(quantized.values())
     return Summary(
-        total=sum(p.numel() for p in params),
+        total=sum(p.numel() for p in params) + quantized_weights,
         trainable=sum(p.numel() for p in params if p.requires_grad),
-        frozen=sum(p.numel() for p in params if not p.requires_grad),
+        frozen=sum(p.numel() for p in params if not p.requires_grad) + quantized_weights,
         parameter_bytes=sum(p.numel() * p.element_size() for p in params),
         buffer_bytes=sum(b.numel() * b.element_size() for b in gm.buffers()),
         by_dtype=dict(by_dtype),
-        quantized_weights=sum(quantized.values()),
+        quantized_weights=quantized_weights,
         quantized_bytes=quantized_bytes if quantized else 0,
     )
 
