@@ -336,3 +336,18 @@ def test_adapter_loading_is_off_unless_asked(served):
         assert status == 403 and "--allow-adapter-loading" in body["error"]["message"]
         client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
         assert client.completions.create(model="alpha", prompt=[1, 2], max_tokens=1).choices
+
+
+def test_a_model_that_cannot_generate_is_refused_by_name(tmp_path, capsys):
+    """A BERT classifier folder: `peftc serve` stops before serving, naming the model."""
+    from transformers import BertConfig, BertForSequenceClassification
+
+    from peftc.tools.cli import main
+
+    config = BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2)
+    BertForSequenceClassification(config).save_pretrained(tmp_path / "bert")
+    capsys.readouterr()
+    assert main(["serve", str(tmp_path / "bert"), "--adapters", str(tmp_path)]) == 2
+    error = capsys.readouterr().err
+    assert "BertForSequenceClassification is no causal language model" in error
+    assert len(error) < 400

@@ -104,6 +104,8 @@ def _record(gm: fx.GraphModule, model: nn.Module, method: str, seconds: float) -
         "class": _qualname(type(model)),
         # what passes cannot read from the graph (tokenizer, limits)
         "config": _config_summary(model),
+        # a transformers model that generates text token by token (None: not a transformers model)
+        "causal_lm": _causal_lm(model),
     }
     meta["module_types"] = _module_types(model)
     # each transformers model's config, by path: what a technique builds a like module from
@@ -116,6 +118,13 @@ def _record(gm: fx.GraphModule, model: nn.Module, method: str, seconds: float) -
     meta["linear_modules"] = [path for path, m in model.named_modules() if _is_linear(m)]
     meta["output_embeddings"] = _output_embeddings(model)
     meta["history"] = []
+
+
+def _causal_lm(model: nn.Module) -> bool | None:
+    can_generate = getattr(model, "can_generate", None)
+    if not callable(can_generate) or not hasattr(model, "config"):
+        return None
+    return bool(can_generate()) and not getattr(model.config, "is_encoder_decoder", False)
 
 
 def _is_linear(module: nn.Module) -> bool:

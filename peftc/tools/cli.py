@@ -349,10 +349,12 @@ def _plan(args: argparse.Namespace) -> int:
 
 
 def _serve(args: argparse.Namespace) -> int:
+    from peftc.tools.engine import check_generates
     from peftc.tools.models import load_tokenizer
     from peftc.tools.server import ServerSettings, serve
 
     loaded, gm = _captured(args)
+    check_generates(gm)
     for spec in args.adapters:
         name, _, folder = spec.rpartition("=")
         # multi_lora verifies

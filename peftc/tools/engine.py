@@ -39,7 +39,7 @@ from peftc.tools.generation import (
     ragged_step_graph,
 )
 
-__all__ = ["Engine", "Sampling", "Request", "Event"]
+__all__ = ["Engine", "Sampling", "Request", "Event", "check_generates"]
 
 
 @dataclass(frozen=True)
@@ -304,7 +304,20 @@ class Engine:
         return next((t.device for t in self.gm.buffers()), torch.device("cpu"))
 
 
+def check_generates(gm: fx.GraphModule) -> None:
+    """Refuse, by name, a graph captured from a transformers model that cannot generate text (a
+    classifier, an encoder, an encoder-decoder)."""
+    capture = peftc_meta(gm).get("capture", {})
+    if capture.get("causal_lm") is False:
+        raise PassError(
+            f"serving generates text, and {capture.get('class', 'this model')} is no causal "
+            "language model (it cannot generate); serve a ...ForCausalLM model, or run this one "
+            "as a graph or an ONNX export"
+        )
+
+
 def _served(gm: fx.GraphModule) -> fx.GraphModule:
+    check_generates(gm)
     if "multi_lora" not in peftc_meta(gm):
         raise PassError("serving needs a graph with stacked adapters; apply 'multi_lora' first")
     return gm
