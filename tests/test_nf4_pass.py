@@ -284,3 +284,52 @@ def test_qdora_initial_magnitude_is_the_dequantized_norm(quantized):
         program.module()(*lm.args, lm.kwargs["attention_mask"]).logits,
         qdora(*lm.args, **lm.kwargs).logits,
     )
+
+
+def _transformers_4bit_modules(model) -> set[str]:
+    """The linears transformers turns into bitsandbytes' Linear4bit when it loads `model` in 4 bits
+    (its own module selection, run on a copy)."""
+    import bitsandbytes
+    from transformers import BitsAndBytesConfig
+    from transformers.integrations.bitsandbytes import replace_with_bnb_linear
+    from transformers.quantizers.base import get_keys_to_not_convert
+
+    model = copy.deepcopy(model)
+    replace_with_bnb_linear(
+        model,
+        modules_to_not_convert=get_keys_to_not_convert(model),
+        quantization_config=BitsAndBytesConfig(load_in_4bit=True),
+    )
+    return {p for p, m in model.named_modules() if isinstance(m, bitsandbytes.nn.Linear4bit)}
+
+
+@pytest.mark.parametrize("head", ["ForCausalLM", "ForSequenceClassification"])
+def test_default_targets_keep_what_transformers_keeps_in_full_precision(head):
+    """nf4 alone quantizes the linears transformers quantizes in 4 bits: not the LM head, not a
+    classifier's `score`."""
+    import transformers
+
+    from peftc.tools.models import example_inputs, tiny_config
+
+    config = tiny_config("llama")
+    config.pad_token_id = 0
+    model = getattr(transformers, f"Llama{head}")(config).eval()
+    gm = peftc.capture(model, *example_inputs(model))
+    quantized = set(peftc.apply(gm, "nf4").meta["peftc"]["quantized"])
+    assert quantized == _transformers_4bit_modules(model)
+    assert not {"lm_head", "score"} & quantized
+
+
+def test_a_classifier_ending_in_a_bias_stays_full_precision_too():
+    """transformers names BERT's last module by its bias, which keeps nothing; the classifier is
+    meant, and nf4 keeps it (an explicit `targets` quantizes what it names)."""
+    import transformers
+
+    from peftc.tools.models import example_inputs, tiny_config
+
+    model = transformers.BertForSequenceClassification(tiny_config("bert")).eval()
+    gm = peftc.capture(model, *example_inputs(model))
+    quantized = set(peftc.apply(gm, "nf4").meta["peftc"]["quantized"])
+    assert quantized == _transformers_4bit_modules(model) - {"classifier"}
+    named = peftc.apply(gm, "nf4(targets='classifier')").meta["peftc"]["quantized"]
+    assert set(named) == {"classifier"}

@@ -117,7 +117,23 @@ def _record(gm: fx.GraphModule, model: nn.Module, method: str, seconds: float) -
     # what peft's all-linear reads: the nn.Linear / Conv1D modules, and the model's own head
     meta["linear_modules"] = [path for path, m in model.named_modules() if _is_linear(m)]
     meta["output_embeddings"] = _output_embeddings(model)
+    meta["full_precision"] = _full_precision(model)
     meta["history"] = []
+
+
+def _full_precision(model: nn.Module) -> list[str]:
+    """The modules transformers keeps unquantized when it loads the model in 4 bits (its head, its
+    last module, tied weights): `get_keys_to_not_convert`; none for other models. Its key for the
+    last module names its last parameter, a bias too (BERT's classifier), which would keep
+    nothing: the module is meant."""
+    try:
+        from transformers import PreTrainedModel
+        from transformers.quantizers.base import get_keys_to_not_convert
+    except ImportError:
+        return []
+    if not isinstance(model, PreTrainedModel):
+        return []
+    return sorted({key.removesuffix(".bias") for key in get_keys_to_not_convert(model)})
 
 
 def _causal_lm(model: nn.Module) -> bool | None:

@@ -60,7 +60,8 @@ class Nf4Options(Options):
     targets: str | None = option(
         None,
         doc="linear sites (and expert stacks, by parameter name) to quantize (None: every linear "
-        "but the LM head, and every expert stack)",
+        "but those transformers keeps in full precision: the LM or task head, tied weights; and "
+        "every expert stack)",
         check=pattern,
     )
     experts: bool = option(
@@ -108,6 +109,9 @@ def nf4(gm: fx.GraphModule, options: Nf4Options) -> PassResult:
 
 def _linear_sites(gm: fx.GraphModule, options: Nf4Options) -> list:
     sites = resolve_sites(gm, options.targets or "all-linear", "nf4")
+    if options.targets is None:  # as transformers loads a model in 4 bits
+        kept = tuple(peftc_meta(gm).get("full_precision", ()))
+        sites = [s for s in sites if not any(_within(s.path, k) for k in kept)]
     already = [s.path for s in sites if s.storage == "nf4"]
     if already:
         raise OptionError(
@@ -123,6 +127,11 @@ def _linear_sites(gm: fx.GraphModule, options: Nf4Options) -> list:
             "adapters; quantize the base first (nf4, freeze, lora(...)), or narrow nf4's targets"
         )
     return sites
+
+
+def _within(path: str, module: str) -> bool:
+    """transformers' match of a module to keep: the path, a module inside it, or a path's end."""
+    return path == module or path.startswith(module + ".") or path.endswith("." + module)
 
 
 def _expert_parameters(gm: fx.GraphModule) -> dict[str, int]:
