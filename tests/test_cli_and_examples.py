@@ -221,3 +221,32 @@ def test_messages_name_the_real_problem(tmp_path):
 def test_an_unknown_tiny_model_is_a_named_error():
     with pytest.raises(ModelNotFoundError, match="no tiny model 'lama'. did you mean 'llama'?"):
         tiny_model("lama")
+
+
+def test_the_cli_starts_from_a_trained_adapter(tmp_path, capsys):
+    """A LoRA adapter peft trained and saved, loaded by the pipeline's `load_adapter` step,
+    merged and exported: ONNX Runtime's logits are peft's."""
+    import copy
+
+    import onnxruntime
+    import peft
+
+    from peftc.tools.models import example_inputs, load_model
+    from peftc.tools.parity import close, perturb
+
+    model = load_model("tiny-llama").model
+    theirs = peft.get_peft_model(copy.deepcopy(model), peft.LoraConfig(target_modules=["q_proj"]))
+    perturb(theirs, 0.3).eval().save_pretrained(tmp_path / "adapter")
+    out = tmp_path / "merged.onnx"
+    steps = f"load_adapter(path='{tmp_path / 'adapter'}'), merge"
+    assert main(["export", "tiny-llama", "--passes", steps, "--onnx", str(out), "--merged"]) == 0
+    (ids, *_), kwargs = example_inputs(model, batch=2, seq=7, seed=4)
+    session = onnxruntime.InferenceSession(str(out))
+    names = [i.name for i in session.get_inputs()]
+    feeds = {"input_ids": ids, "attention_mask": kwargs.get("attention_mask")}
+    got = session.run(None, {n: feeds[n].numpy() for n in names})[0]
+    with torch.no_grad():
+        expected = theirs(input_ids=ids, attention_mask=feeds["attention_mask"]).logits
+    close(torch.from_numpy(got), expected, "ONNX Runtime against peft", tol=1e-4)
+    assert main(["apply", "tiny-llama", "--passes", steps]) == 0
+    assert "loaded lora adapter 'default'" in capsys.readouterr().out
