@@ -34,26 +34,10 @@ def show(
             what="module",
         )
     matches = compile_pattern(targets) if targets else None
-    rows = [("node", "op", "target", "module", "shape", "peftc")]
-    dims = input_dim_names(gm)
-    hidden = 0
-    for n in gm.graph.nodes:
-        if matches and not matches(module_path(n)):
-            continue
-        if not bookkeeping and is_bookkeeping(n):
-            hidden += 1
-            continue
-        tag = n.meta.get("peftc")
-        rows.append(
-            (
-                n.name,
-                n.op,
-                _target_name(n),
-                module_path(n),
-                _shape(n, dims),
-                f"{tag['pass']}:{tag['role']}" if tag else "",
-            )
-        )
+    nodes = [n for n in gm.graph.nodes if not matches or matches(module_path(n))]
+    kept = [n for n in nodes if bookkeeping or not is_bookkeeping(n)]
+    hidden = len(nodes) - len(kept)
+    rows = [("node", "op", "target", "module", "shape", "peftc"), *_rows(kept, gm)]
     shown = rows if max_rows is None else rows[: max_rows + 1]
     widths = [min(max(len(r[i]) for r in shown), 48) for i in range(len(rows[0]))]
     lines = [_header(gm, len(gm.graph.nodes))]
@@ -69,6 +53,16 @@ def show(
     if history:
         lines += ["", "passes: " + ", ".join(h["pass"] for h in history)]
     return "\n".join(lines)
+
+
+def _rows(nodes: list[fx.Node], gm: fx.GraphModule) -> list[tuple[str, ...]]:
+    dims = input_dim_names(gm)
+    rows = []
+    for n in nodes:
+        tag = n.meta.get("peftc")
+        role = f"{tag['pass']}:{tag['role']}" if tag else ""
+        rows.append((n.name, n.op, _target_name(n), module_path(n), _shape(n, dims), role))
+    return rows
 
 
 def is_bookkeeping(node: fx.Node) -> bool:
