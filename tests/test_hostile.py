@@ -243,7 +243,7 @@ def test_killed_saves_leave_old_or_new_and_nothing_else(tmp_path):
         process.send_signal(signal.SIGKILL)
         process.wait()
         if destination.exists():
-            assert sorted(p.name for p in destination.iterdir()) == [CONFIG, WEIGHTS]
+            assert sorted(p.name for p in destination.iterdir()) == ["README.md", CONFIG, WEIGHTS]
             peftc.load_adapter(base, destination)  # whole, old or new
     peftc.save_adapter(peftc.apply(base, "lora(r=8, targets='*')"), destination)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter", "save.py"]

@@ -354,3 +354,14 @@ def test_targets_take_peft_s_list_of_names_with_peft_s_meaning():
         peftc.apply(gm, "lora(targets='q_proj|v_proj')")
     with pytest.raises(OptionError, match="target_modules must name the adapted modules"):
         peftc.apply(gm, "lora(targets=[1, 2])")
+
+
+def test_a_saved_adapter_has_a_model_card_as_peft_writes(tmp_path):
+    """README.md beside the adapter, with peft's library tag; a card the folder already had is
+    kept as it was."""
+    gm = peftc.apply(captured("tiny-llama"), "lora(targets=['q_proj'])")
+    card = (peftc.save_adapter(gm, tmp_path / "a") / "README.md").read_text()
+    assert card.startswith("---\nlibrary_name: peft\ntags:\n- peftc\n- lora\n---\n")
+    assert "PeftModel.from_pretrained(base_model, folder)" in card
+    (tmp_path / "a" / "README.md").write_text("my notes\n")
+    assert (peftc.save_adapter(gm, tmp_path / "a") / "README.md").read_text() == "my notes\n"

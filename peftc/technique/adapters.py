@@ -152,6 +152,7 @@ def active_adapters(gm: fx.GraphModule) -> list[str]:
 def context(gm: fx.GraphModule, record: Adapter, site: Any) -> Context:
     """What `record`'s technique sees at `site` (its shared tensors too)."""
     names = {**record.names.get(SHARED, {}), **record.names.get(site.path, {})}
+    modules = {**record.modules.get(SHARED, {}), **record.modules.get(site.path, {})}
     base = _dtype(gm, site)
     options = record.options_at(site.path)
     dtype = adapter_dtype(gm, site, record.method(site.kind, site.path), options)
@@ -160,7 +161,7 @@ def context(gm: fx.GraphModule, record: Adapter, site: Any) -> Context:
         site,
         options,
         names,
-        dict(record.modules.get(site.path, {})),
+        modules,
         record.sites,
         dtype,
         base,
@@ -244,12 +245,15 @@ def add_adapter(gm: fx.GraphModule, method: Technique, options: Any) -> PassResu
 def _create_all(
     gm: fx.GraphModule, method: Technique, options: Any, record: Adapter, placed: list
 ) -> None:
-    """The adapter's tensors (shared, then per site) and modules, into `record`."""
+    """The adapter's tensors and modules (shared, then per site), into `record`."""
     sites = [site for site, _ in placed if site.path not in record.saved_modules]
     shared = method.shared_params(gm, sites, options) if sites else []
     if shared:
         dtype = adapter_dtype(gm, sites[0], method, options)
         record.names[SHARED] = _create(gm, "", shared, record, dtype, _device(gm, sites[0]))
+    modules = method.shared_modules(gm, sites, options) if sites else {}
+    if modules:
+        _add_modules(gm, ("", SHARED), modules, record, method, _device(gm, sites[0]))
     for site, prefix in placed:
         ctx, handler = context(gm, record, site), record.method(site.kind, site.path)
         params = _at_site(
@@ -259,14 +263,28 @@ def _create_all(
         modules = _at_site(
             handler, site, "cannot create its modules at", partial(handler.modules, ctx)
         )
-        for attr, module in modules.items():
-            qualname = qualify(prefix, attr, options.adapter)
-            gm.add_submodule(qualname, module.to(_device(gm, site)))
-            record.modules.setdefault(site.path, {})[attr] = qualname
-            # a module's tensors are the adapter's: trained, saved, never frozen with the base
-            for name, _ in [*module.named_parameters(), *module.named_buffers()]:
-                record.names[site.path][f"{attr}.{name}"] = f"{qualname}.{name}"
-                record.keys[f"{qualname}.{name}"] = handler.module_key(prefix, attr, name)
+        _add_modules(gm, (prefix, site.path), modules, record, handler, _device(gm, site))
+
+
+def _add_modules(
+    gm: fx.GraphModule,
+    where: tuple[str, str],
+    modules: dict[str, nn.Module],
+    record: Adapter,
+    handler: Technique,
+    device: torch.device,
+) -> None:
+    """Register `modules` at `<prefix>.<attr>.<adapter>` for the record's key (a site path, or
+    SHARED); `where` is (prefix, key)."""
+    prefix, key = where
+    for attr, module in modules.items():
+        qualname = qualify(prefix, attr, record.name)
+        gm.add_submodule(qualname, module.to(device))
+        record.modules.setdefault(key, {})[attr] = qualname
+        # a module's tensors are the adapter's: trained, saved, never frozen with the base
+        for name, _ in [*module.named_parameters(), *module.named_buffers()]:
+            record.names.setdefault(key, {})[f"{attr}.{name}"] = f"{qualname}.{name}"
+            record.keys[f"{qualname}.{name}"] = handler.module_key(prefix, attr, name)
 
 
 def _at_site(method: Technique, site: Any, what: str, fn: Any) -> Any:
@@ -687,8 +705,10 @@ def delete(gm: fx.GraphModule, name: str) -> fx.GraphModule:
         raise OptionError(
             f"adapter {name!r} is merged into the base weights; unmerge it before deleting it"
         )
-    del adapters(gm)[name]
+    # stripped while still recorded, so that the nodes it shares across its sites go too
+    record.active = False
     rebuild(gm, record.sites)
+    del adapters(gm)[name]
     for qualname in record.param_names + record.module_names:
         pop(gm, qualname)
     gm.recompile()

@@ -51,6 +51,7 @@ from peftc.technique.options import from_peft, to_peft
 __all__ = ["CheckpointError", "save_adapter", "load_adapter"]
 
 CONFIG, WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
+CARD = "README.md"
 
 
 def save_adapter(
@@ -75,6 +76,7 @@ def save_adapter(
     ctx = MergedContext(gm, sites[0], record) if record.merged else context(gm, record, sites[0])
     saved, copies = _saved(record), _copies(record)
     tensors, options = adapter_tensors(gm, adapter), record.options
+    every = {_key(record, q): t for q, t in tensors.items()}
     if as_lora:
         tensors, options = method.as_lora(options, tensors)
     tensors = {_key(record, q): t for q, t in tensors.items() if q in saved}
@@ -84,7 +86,31 @@ def save_adapter(
     with atomic_dir(directory) as tmp:
         save_file({k: v.detach().contiguous() for k, v in tensors.items()}, tmp / WEIGHTS)
         (tmp / CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        (tmp / CARD).write_text(_card(gm, record, Path(directory)))
+        method.to_folder(options, every, tmp)
     return Path(directory)
+
+
+def _card(gm: fx.GraphModule, record: Adapter, directory: Path) -> str:
+    """The model card peft writes beside an adapter (`README.md`); the folder's own card, if it
+    had one, is kept as it was."""
+    if (directory / CARD).is_file():
+        return (directory / CARD).read_text()
+    base = peftc_meta(gm).get("capture", {}).get("config", {}).get("name_or_path")
+    front = ["---", *([f"base_model: {base}"] if base else []), "library_name: peft"]
+    front += ["tags:", "- peftc", f"- {record.technique}", "---", ""]
+    return "\n".join(
+        [
+            *front,
+            f"# {record.technique} adapter {record.options.adapter!r}",
+            "",
+            f"Written by peftc {__version__} in peft's format, for "
+            f"{base or 'the model it was trained on'}. Load it with peft, "
+            "`PeftModel.from_pretrained(base_model, folder)`, or with peftc, "
+            "`peftc.load_adapter(graph, folder)`.",
+            "",
+        ]
+    )
 
 
 def load_adapter(
@@ -371,7 +397,7 @@ def _peft_step(
         raise CheckpointError(
             f"peft_type {config.get('peft_type')!r} is not supported; peftc loads {known}"
         )
-    options = from_peft(method, config, str(directory), shapes)
+    options = from_peft(method, method.from_folder(config, directory), str(directory), shapes)
     try:
         return Step.make(method.name, {**options, "adapter": adapter})
     except PeftcError as e:

@@ -33,6 +33,7 @@ import math
 import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, ClassVar, Literal
 
 import torch
@@ -232,11 +233,19 @@ class Builder:
     def call(self, target: Any, *args: Any, role: str, **kwargs: Any) -> fx.Node:
         return self._place(lambda: self.gm.graph.call_function(target, args, kwargs), role)
 
-    def module(self, attr: str, *args: Any, role: str) -> fx.Node:
+    def module(self, attr: str, *args: Any, role: str, **kwargs: Any) -> fx.Node:
         """Call the technique's module `attr` (e.g. its dropout), registered at
-        `<path>.<attr>.<adapter>`."""
+        `<path>.<attr>.<adapter>`, with `args` and keyword arguments `kwargs`."""
         qualname = self.ctx.modules[attr]
-        return self._place(lambda: self.gm.graph.call_module(qualname, args), role)
+        return self._place(lambda: self.gm.graph.call_module(qualname, args, kwargs), role)
+
+    def node(
+        self, op: str, target: Any, args: tuple, kwargs: dict[str, Any], *, role: str
+    ) -> fx.Node:
+        """A node of any kind (`call_function`, `call_module` of a module the graph calls,
+        `get_attr`): for a technique that runs part of the captured forward again."""
+        graph = self.gm.graph
+        return self._place(lambda: graph.create_node(op, target, args, kwargs), role)
 
     def weight(self) -> fx.Node:
         """The base weight as a graph value in the op's layout (dequantized for quantized
@@ -369,6 +378,13 @@ class Technique:
         adapter's."""
         return {}
 
+    def shared_modules(
+        self, gm: fx.GraphModule, sites: list[Any], options: Any
+    ) -> dict[str, nn.Module]:
+        """Submodules one adapter shares across its sites, at `<attr>.<adapter>` (every site's
+        `ctx.modules` has them); their tensors are saved as `base_model.<attr>.<name>`."""
+        return {}
+
     def build(self, b: Builder, value: Any) -> Any:
         """The rewrite. `value` is x (`input`, `add`; the op at `sdpa` sites), W (`weight`) or the
         result so far (`output`, `final`); return its replacement (for `add`: the term added to
@@ -436,6 +452,16 @@ class Technique:
         computes BOFT without its butterfly when its CUDA extension is missing); pop each field
         read."""
         return {}
+
+    def from_folder(self, config: dict[str, Any], folder: Path) -> dict[str, Any]:
+        """The config of the checkpoint in `folder` as the options read it: `config` itself, or
+        pointed at what `to_folder` wrote there."""
+        return config
+
+    def to_folder(self, options: Any, tensors: dict[str, torch.Tensor], folder: Path) -> None:
+        """Write what the checkpoint holds beside `adapter_model.safetensors` (checkpoints of
+        its own that an adapter loads from files); `tensors`: every tensor of the adapter by
+        checkpoint key, those `saved` leaves out of that file too."""
 
     def from_peft(self, config: dict[str, Any]) -> dict[str, Any]:
         """Options from `adapter_config.json` fields the options do not declare one to one; pop each

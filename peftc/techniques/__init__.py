@@ -37,6 +37,7 @@ from peftc.techniques import (
     pvera,
     randlora,
     road,
+    shadow,
     shira,
     side,
     supertuning,
@@ -46,6 +47,7 @@ from peftc.techniques import (
     vblora,
     vera,
     waveft,
+    xlora,
 )
 
 __all__ = [
@@ -85,6 +87,7 @@ __all__ = [
     "pvera",
     "randlora",
     "road",
+    "shadow",
     "shira",
     "side",
     "supertuning",
@@ -94,4 +97,5 @@ __all__ = [
     "vblora",
     "vera",
     "waveft",
+    "xlora",
 ]
