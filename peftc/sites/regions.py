@@ -102,7 +102,8 @@ _ID_VIEWS = {
 
 
 def _base_nodes(gm: fx.GraphModule) -> list[fx.Node]:
-    return [n for n in gm.graph.nodes if "peftc" not in n.meta]
+    # what a pass inserted untagged is base computation too (`pipeline` tags it `base`)
+    return [n for n in gm.graph.nodes if n.meta.get("peftc", {}).get("base", "peftc" not in n.meta)]
 
 
 def _select(sites: list, targets: str | None, what: str) -> list:
@@ -667,9 +668,10 @@ _INT_FLOW_LIMIT = 12  # ops between the numbering and its embedding lookup or ro
 
 
 def position_ids(gm: fx.GraphModule) -> list[fx.Node]:
-    """Sources of position numbers (case 5): integer `arange`s, buffers holding `arange(k)` and
-    `position_ids` inputs whose values reach a position embedding lookup (as its indices) or a
-    `cos`/`sin` (rotary angles). Masks built from aranges reach neither and are left out."""
+    """Sources of position numbers (case 5): integer `arange`s, buffers holding `arange(k)`,
+    running counts of the attention mask (OPT numbers `cumsum(mask) * mask - 1`) and `position_ids`
+    inputs whose values reach a position embedding lookup (as its indices) or a `cos`/`sin`
+    (rotary angles). Masks built from aranges reach neither and are left out."""
     sources = []
     for n in _base_nodes(gm):
         val = _val(n)
@@ -678,7 +680,7 @@ def position_ids(gm: fx.GraphModule) -> list[fx.Node]:
         if n.op == "placeholder" and "position" in n.name:
             sources.append(n)
         elif _is(
-            n, {aten.arange.default, aten.arange.start, torch.arange, "arange"}
+            n, {aten.arange.default, aten.arange.start, torch.arange, "arange", aten.cumsum.default}
         ) and _numbers_positions(gm, n):
             sources.append(n)
         elif n.op == "get_attr" and _is_arange_buffer(gm, n) and _numbers_positions(gm, n):

@@ -27,6 +27,7 @@ import torch
 from torch import fx, nn
 
 from peftc.errors import OptionError
+from peftc.ir.graph import peftc_meta
 from peftc.technique import (
     AdapterOptions,
     Builder,
@@ -124,7 +125,9 @@ class Vblora(Technique):
     ) -> list[Param]:
         bound = options.init_vector_bank_bound
         # at peft's in-memory name: its layers share the bank, so it is named under the first one
-        first = sites[0].path
+        # the model defines (OPT defines k_proj, v_proj, q_proj, and calls q_proj first)
+        order = {path: i for i, path in enumerate(peftc_meta(gm).get("module_types", {}))}
+        first = min((s.path for s in sites), key=lambda p: order.get(p, len(order)))
         return [
             Param(
                 f"{first}.{BANK}" if first else BANK,
