@@ -39,6 +39,7 @@ from peftc.technique.checkpoint import load_adapter, save_adapter
 from peftc.tools import distributed
 from peftc.tools.generation import generate
 from peftc.tools.inspect import diff, save_graph, show, summary, to_dot, to_networkx
+from peftc.tools.merged import save_merged
 from peftc.tools.plan import MemoryPlan, plan
 
 __all__ = [
@@ -56,6 +57,7 @@ __all__ = [
     "register_technique",
     "save_adapter",
     "load_adapter",
+    "save_merged",
     "show",
     "summary",
     "diff",

@@ -152,3 +152,46 @@ def test_auto_compiles_when_the_steps_left_repay_it(monkeypatch):
     assert runs[1e-9].losses == pytest.approx(eager.losses, rel=1e-5)
     with pytest.raises(PeftcError, match="compile='yes': choose one of auto, on, off"):
         demo.train(model, tokenizer, data, steps=1, progress=False, compile="yes")
+
+
+@requires_minilm
+def test_ctrl_c_keeps_the_adapter_so_far_and_the_loss_curve(tmp_path, monkeypatch, capsys):
+    """Ctrl-C at the third step: the two finished steps' adapter (loadable) and loss curve are
+    kept, and the interruption says where they are; the CLI prints it as one line."""
+    from peftc.tools.cli import main
+
+    steps = []
+    real = demo.F.cross_entropy
+
+    def interrupted_at_third(*args, **kwargs):
+        steps.append(1)
+        if len(steps) == 3:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(demo.F, "cross_entropy", interrupted_at_third)
+    out = tmp_path / "demo"
+    argv = ["demo", "--out", str(out), "--data", "generated", "--steps", "5", "--dev-size", "8"]
+    assert main(argv) == 130
+    error = capsys.readouterr().err.splitlines()[-1]
+    assert error == (
+        f"peftc: interrupted after 2 of 5 training steps; the adapter so far and the loss curve "
+        f"are in {out}"
+    )
+    assert {"adapter", "loss.png"} <= {p.name for p in out.iterdir()}
+    import peftc
+
+    built, _, _ = demo.build()
+    assert peftc.load_adapter(built, out / "adapter")
+
+
+def test_ctrl_c_before_anything_leaves_no_empty_folder(tmp_path, monkeypatch, capsys):
+    from peftc.tools.cli import main
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(demo, "load_data", interrupted)
+    assert main(["demo", "--out", str(tmp_path / "demo")]) == 130
+    assert not (tmp_path / "demo").exists()
+    assert capsys.readouterr().err == "peftc: interrupted\n"

@@ -46,8 +46,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return args.run(args)
-    except KeyboardInterrupt:
-        print("peftc: interrupted", file=sys.stderr)
+    except KeyboardInterrupt as e:
+        print(f"peftc: interrupted {e}".rstrip(), file=sys.stderr)
         return 130
     except BrokenPipeError:  # the reader stopped early (`peftc passes | head`): end quietly
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
@@ -193,7 +193,14 @@ def _add_export(sub: argparse._SubParsersAction, model_help: str) -> None:
         default="",
         help='pipeline text, e.g. "nf4, freeze, lora(r=8), merge(dtype="float32")"',
     )
-    export.add_argument("--onnx", type=Path, required=True, help="the .onnx file to write")
+    export.add_argument("--onnx", type=Path, help="the .onnx file to write")
+    export.add_argument(
+        "--transformers",
+        type=Path,
+        metavar="DIR",
+        help="write the merged model as a transformers folder (AutoModel*.from_pretrained loads "
+        "it; dense weights, the tokenizer beside them)",
+    )
     export.add_argument("--dtype", choices=["float32", "float16"], default="float32")
     export.add_argument(
         "--quant",
@@ -388,24 +395,40 @@ def _serve(args: argparse.Namespace) -> int:
 def _demo(args: argparse.Namespace) -> int:
     from peftc.tools.demo import PIPELINE, run_demo
 
-    run_demo(
-        args.out,
-        data=args.data,
-        pipeline=args.pipeline or PIPELINE,
-        steps=args.steps,
-        batch_size=args.batch_size,
-        lr=args.lr,
-        dev_size=args.dev_size,
-        seed=args.seed,
-        compile=args.compile,
-    )
+    out = Path(args.out)
+    created = not out.exists()
+    try:
+        run_demo(
+            out,
+            data=args.data,
+            pipeline=args.pipeline or PIPELINE,
+            steps=args.steps,
+            batch_size=args.batch_size,
+            lr=args.lr,
+            dev_size=args.dev_size,
+            seed=args.seed,
+            compile=args.compile,
+        )
+    except KeyboardInterrupt:  # an empty folder of ours is no result to leave behind
+        if created and out.is_dir() and not any(out.iterdir()):
+            out.rmdir()
+        raise
     return 0
 
 
 def _export(args: argparse.Namespace) -> int:
     from peftc.backends import onnx as peftc_onnx
 
-    _, gm = _captured(args)
+    if not args.onnx and not args.transformers:
+        raise PeftcError("export needs --onnx FILE, --transformers DIR, or both")
+    loaded, gm = _captured(args)
+    if args.transformers:
+        from peftc.tools.merged import save_merged
+
+        save_merged(gm, args.transformers, tokenizer=loaded.tokenizer)
+        print(f"wrote {args.transformers} (transformers, merged)")
+    if not args.onnx:
+        return 0
     if args.quant is not None and not any(
         n.target == torch.ops.peftc.nf4_linear.default for n in gm.graph.nodes
     ):

@@ -253,23 +253,35 @@ def train(
     position, order = len(sentences), torch.arange(0)
     runner = _Steps(model, compile, steps)
     bar = tqdm(range(steps), desc="train", unit="step", disable=not progress, file=sys.stdout)
-    for step in bar:
-        bar.set_description(runner.phase(step))
-        if position + batch_size > len(sentences):  # a new epoch
-            order, position = torch.randperm(len(sentences), generator=generator), 0
-        index = order[position : position + batch_size].tolist()
-        position += batch_size
-        loss = F.cross_entropy(
-            runner.module(*_batches(tokenizer, sentences, index, max_length)), targets[index]
-        )
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        losses.append(loss.item())
-        runner.done(step)
-        bar.set_description("train")
-        bar.set_postfix(loss=f"{sum(losses[-10:]) / len(losses[-10:]):.3f}")
+    try:
+        for step in bar:
+            bar.set_description(runner.phase(step))
+            if position + batch_size > len(sentences):  # a new epoch
+                order, position = torch.randperm(len(sentences), generator=generator), 0
+            index = order[position : position + batch_size].tolist()
+            position += batch_size
+            loss = F.cross_entropy(
+                runner.module(*_batches(tokenizer, sentences, index, max_length)), targets[index]
+            )
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            losses.append(loss.item())
+            runner.done(step)
+            bar.set_description("train")
+            bar.set_postfix(loss=f"{sum(losses[-10:]) / len(losses[-10:]):.3f}")
+    except KeyboardInterrupt:  # keep what the finished steps did
+        bar.close()
+        raise Interrupted(losses) from None
     return Run(losses, runner.compiled_at)
+
+
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C during training: the losses of the steps that finished."""
+
+    def __init__(self, losses: list[float], note: str = ""):
+        super().__init__(note or f"after {len(losses)} training steps")
+        self.losses = losses
 
 
 class Run(NamedTuple):
@@ -379,7 +391,7 @@ def run_demo(
     captured, model, tokenizer = build(pipeline, seed)
     sizes = _sizes(captured, model)
     training = _Training(steps, batch_size, lr, max_length, seed, progress, compile)
-    trained = _train_and_score(model, tokenizer, chosen.train, dev, training, say)
+    trained = _train_or_keep(model, tokenizer, chosen.train, dev, training, say, out)
     onnx, onnx_accuracy = _export_and_score(model, tokenizer, dev, out / "model.onnx", max_length)
     say(f"dev accuracy in ONNX Runtime: {onnx_accuracy:.4f}")
     _loss_plot(trained.losses, out / "loss.png")
@@ -402,6 +414,25 @@ def run_demo(
     }
     _write_report(out, numbers, say)
     return numbers
+
+
+def _train_or_keep(model, tokenizer, data, dev, training, say, out: Path) -> _Trained:
+    """`_train_and_score`; on Ctrl-C the adapter so far and the loss curve are kept in `out`."""
+    try:
+        return _train_and_score(model, tokenizer, data, dev, training, say)
+    except Interrupted as stop:
+        raise _kept(model, stop.losses, out, training.steps) from None
+
+
+def _kept(model: fx.GraphModule, losses: list[float], out: Path, steps: int) -> Interrupted:
+    """What an interrupted run keeps: the adapter as trained so far and the loss curve."""
+    if losses:
+        _save(model, out / "adapter")
+        _loss_plot(losses, out / "loss.png")
+        where = f"; the adapter so far and the loss curve are in {out}"
+    else:
+        where = ""
+    return Interrupted(losses, f"after {len(losses)} of {steps} training steps{where}")
 
 
 def _save(model: fx.GraphModule, folder: Path) -> str | None:
