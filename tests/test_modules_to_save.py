@@ -145,6 +145,21 @@ def test_seq_cls_task_type_saves_the_head_as_peft(arch, tmp_path):
     torch.testing.assert_close(again(*args, **kwargs).logits, parity.graph(*args, **kwargs).logits)
 
 
+def test_prompt_tuning_saves_the_head_under_peft_s_prompt_learning_names(tmp_path):
+    """peft's prompt-learning checkpoints name the head `base_model.classifier.*` (its model is
+    `base_model` itself): both ways."""
+    model, args, kwargs = _classifier("bert")
+    config = peft.PromptTuningConfig(task_type="SEQ_CLS", num_virtual_tokens=4)
+    parity = against_peft(model, args, kwargs, config, tmp_path, merge=False)
+    assert adapters(parity.graph)["default"].saved_modules == ("classifier",)
+    keys = set(load_file(tmp_path / "peftc" / "adapter_model.safetensors"))
+    assert keys == {
+        "prompt_embeddings",
+        "base_model.classifier.weight",
+        "base_model.classifier.bias",
+    }
+
+
 def test_a_pipeline_names_the_head(tmp_path):
     model, args, kwargs = _classifier("bert")
     gm = peftc.apply(

@@ -277,9 +277,14 @@ def _sites(gm: fx.GraphModule, record: Adapter) -> list[Any]:
 def _key(record: Adapter, qualname: str) -> str:
     """peft's naming: `<path>.lora_A.<adapter>.weight -> base_model.model.<path>.lora_A.weight`;
     tensors the adapter shares across its sites: `base_model.<attr>`."""
+    method = record.method()
+    if any(qualname in record.names[path].values() for path in record.saved_modules):
+        # a module copy keeps its module's names, under peft's prefix for the method
+        prefix = "base_model." if method.prompt_learning else "base_model.model."
+        return prefix + record.keys[qualname]
     shared = qualname in record.names.get(SHARED, {}).values()
     prefix = "base_model." if shared else "base_model.model."
-    return record.method().checkpoint_key(prefix + record.keys[qualname])
+    return method.checkpoint_key(prefix + record.keys[qualname])
 
 
 def _saved(record: Adapter) -> set[str]:

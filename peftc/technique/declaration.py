@@ -319,6 +319,9 @@ class Technique:
     # adds it as peft does (the technique casts at other stages); "base": peft leaves them in the
     # base dtype; None: how peft computes it there is not implemented, so it is refused there
     half_precision: ClassVar[Literal["float32", "base"] | None] = None
+    # one of peft's prompt-learning methods, whose checkpoints name module copies (a classifier
+    # head) `base_model.<path>` rather than `base_model.model.<path>`
+    prompt_learning: ClassVar[bool] = False
 
     def stage_at(self, site: Any, options: Any) -> Stage:
         return self.stage

@@ -108,6 +108,7 @@ class Cpt(Technique):
     2. Inputs, virtual ids and outputs as `prompt(n=...)`; the checkpoint holds E + project(delta).
     """
 
+    prompt_learning = True
     name = "cpt"
     # the prompt's dtype is its own (peft's CPT embeddings are float32), cast where it joins
     half_precision = "base"

@@ -98,6 +98,7 @@ class MultitaskPrompt(Technique):
     """Multitask prompt tuning: a shared prompt times per-task low-rank factors, chosen per row by
     the graph's `task_ids` input, in front of every input."""
 
+    prompt_learning = True
     name = "multitask_prompt"
     # the prompt's dtype is its own (peft's encoders are float32), cast where it joins the model
     half_precision = "base"

@@ -121,6 +121,7 @@ class Prefix(Technique):
        numbers them.
     """
 
+    prompt_learning = True
     name = "prefix"
     # its tensors are float32 whatever the model's dtype, as peft's (cast where they are read)
     half_precision = "base"

@@ -163,6 +163,7 @@ class Prompt(Technique):
        positions.
     """
 
+    prompt_learning = True
     name = "prompt"
     # the prompt's dtype is its own (peft's encoders are float32), cast where it joins the model
     half_precision = "base"

@@ -116,6 +116,7 @@ class Ptuning(Technique):
        output, as peft's.
     """
 
+    prompt_learning = True
     name = "ptuning"
     # the prompt's dtype is its own (peft's encoders are float32), cast where it joins the model
     half_precision = "base"

@@ -244,7 +244,8 @@ def _gradients(
     (expected.float() * weights).sum().backward()
     (got.float() * weights).sum().backward()
     peft_grads = {
-        n.removeprefix("base_model.model."): p
+        # prompt-learning methods keep the model itself at `base_model`
+        n.removeprefix("base_model.model.").removeprefix("base_model."): p
         for n, p in theirs.named_parameters()
         if p.requires_grad and not set(n.split(".")) & set(wrongly_trained)
     }
