@@ -67,6 +67,7 @@ __all__ = [
     "plan",
     "MemoryPlan",
     "generate",
+    "PeftcModel",
     "adapter_ids",
     "distributed",
     "weight_sites",
@@ -87,3 +88,13 @@ __all__ = [
     "quant",
     "techniques",
 ]
+
+
+def __getattr__(name: str):
+    # PeftcModel is a transformers PreTrainedModel: transformers (the `hf` extra) is imported only
+    # when it is asked for
+    if name == "PeftcModel":
+        from peftc.tools.hf import PeftcModel
+
+        return PeftcModel
+    raise AttributeError(f"module 'peftc' has no attribute {name!r}")

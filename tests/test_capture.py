@@ -386,3 +386,16 @@ def test_a_graph_captured_in_training_mode_takes_adapters():
     graph = peftc.capture(model, *example_inputs(model))
     adapted = peftc.apply(graph, "freeze, lora(r=4, targets='*.query|*.value')")
     assert sum(p.numel() for p in adapted.parameters() if p.requires_grad) > 0
+
+
+def test_one_tensor_given_as_two_inputs_stays_two_inputs():
+    """`labels=input_ids` (the same tensor object): the graph reads each input as its own; later
+    calls with other labels still embed the token ids."""
+    model = tiny_model("llama")
+    (ids,), kwargs = example_inputs(model)
+    gm = peftc.capture(model, (ids,), {**kwargs, "labels": ids})
+    other = torch.randint(3, 200, ids.shape, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        got = gm(other, **kwargs, labels=ids).logits
+        expected = model(other, **kwargs, labels=ids, use_cache=False).logits
+    torch.testing.assert_close(got, expected)

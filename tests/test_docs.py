@@ -21,6 +21,7 @@ DOCUMENTS = [
     "docs/writing-a-pass.md",
     "docs/writing-a-technique.md",
     "docs/distributed.md",
+    "docs/trainer.md",
 ]
 
 

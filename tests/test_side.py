@@ -112,6 +112,7 @@ def test_merge_leaves_it_and_checkpoints_round_trip(tmp_path):
     assert not merged.results[0].modified and "default (side) stays" in merged.results[0].report
     folder = peftc.save_adapter(gm, tmp_path / "side")
     assert sorted(p.name for p in folder.iterdir()) == [
+        "README.md",
         "adapter_config.json",
         "adapter_model.safetensors",
     ]

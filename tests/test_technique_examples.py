@@ -129,6 +129,7 @@ def test_prompt_tuning_example_learns_saves_in_peft_format_and_exports(tmp_path)
     assert result["reloaded_gap"] < 1e-5
     assert result["prompt_in_onnx"] and abs(result["onnx_accuracy"] - result["after"]) <= 1 / 128
     assert sorted(p.name for p in result["checkpoint"].iterdir()) == [
+        "README.md",
         "adapter_config.json",
         "adapter_model.safetensors",
     ]

@@ -341,10 +341,18 @@ def _standalone(value: Any) -> Any:
     """Tensor views (`ids[:2, :7]`) as copies. torch.export fakifies a view with its base and keeps
     guards on the base (`input_ids._base.size()[1] != ...`); the program's guard function then fails
     on the base-less fake inputs of every later trace (torch.onnx: `'NoneType' has no attribute
-    'size'`)."""
-    return pytree.tree_map(
-        lambda x: x.clone() if isinstance(x, torch.Tensor) and x._base is not None else x, value
-    )
+    'size'`). A tensor given twice (`labels=input_ids`) is copied too: export would read one input
+    for both, and the graph would use the labels as token ids."""
+    seen: set[int] = set()
+
+    def own(x: Any) -> Any:
+        if not isinstance(x, torch.Tensor):
+            return x
+        again = id(x) in seen
+        seen.add(id(x))
+        return x.clone() if again or x._base is not None else x
+
+    return pytree.tree_map(own, value)
 
 
 def _dynamic_shapes(bound: inspect.BoundArguments) -> dict:
