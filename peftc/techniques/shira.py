@@ -127,7 +127,10 @@ class Shira(Technique):
 
     def build(self, b: Builder, x: fx.Node) -> fx.Node:
         site, values = b.site, b.param("shira_weight")
-        indices = b.param("shira_indices")
+        # int64 for the scatter: ONNX's ScatterND takes no int32 indices (peft stores int32)
+        indices = b.call(
+            aten._to_copy.default, b.param("shira_indices"), dtype=torch.long, role="indices"
+        )
         rows = b.call(aten.select.int, indices, 0, 0, role="rows")
         cols = b.call(aten.select.int, indices, 0, 1, role="cols")
         zeros = b.call(
