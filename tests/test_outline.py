@@ -8,10 +8,12 @@ import torch
 import torch.distributed as dist
 
 import peftc
-from peftc.errors import PassError
+from peftc.errors import CheckpointError, PassError
 from peftc.ir.graph import get_tensor
 from peftc.passes.outline import blocks
 from peftc.tools.models import tiny_model
+
+from conftest import captured
 
 ARCHS = ["llama", "gpt2", "bert", "t5", "gptneox", "opt", "qwen2"]
 
@@ -206,3 +208,13 @@ def test_plan_per_rank_shards_weights_and_gathers_the_root_and_two_blocks():
     assert "per rank of 2" in str(two) and "gathered" in str(two)
     with pytest.raises(peftc.errors.OptionError, match="world_size"):
         peftc.plan(gm, world_size=0)
+
+
+def test_saving_an_outlined_adapter_names_the_way_out(tmp_path):
+    gm = peftc.apply(captured("tiny-llama"), "lora(targets=['q_proj']), outline")
+    with pytest.raises(CheckpointError, match="outlined into blocks.*inline"):
+        peftc.save_adapter(gm, tmp_path / "a")
+    assert not (tmp_path / "a").exists()
+    assert peftc.load_adapter(
+        captured("tiny-llama"), peftc.save_adapter(peftc.apply(gm, "inline"), tmp_path / "b")
+    )

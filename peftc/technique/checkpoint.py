@@ -73,6 +73,11 @@ def save_adapter(
         )
     method = record.method()
     sites = [s for s in _sites(gm, record) if s.path not in record.saved_modules]
+    if not sites:
+        raise CheckpointError(
+            f"the sites of adapter {adapter!r} are not among this graph's own nodes (outlined into "
+            "blocks?); save it from the graph before `outline`, or from `inline` of this one"
+        )
     ctx = MergedContext(gm, sites[0], record) if record.merged else context(gm, record, sites[0])
     saved, copies = _saved(record), _copies(record)
     tensors, options = adapter_tensors(gm, adapter), record.options
