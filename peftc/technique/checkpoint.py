@@ -96,12 +96,17 @@ def save_adapter(
     return Path(directory)
 
 
+def _base_model(gm: fx.GraphModule) -> str | None:
+    """The name or path of the transformers model `gm` was captured from, if capture knew it."""
+    return peftc_meta(gm).get("capture", {}).get("config", {}).get("name_or_path")
+
+
 def _card(gm: fx.GraphModule, record: Adapter, directory: Path) -> str:
     """The model card peft writes beside an adapter (`README.md`); the folder's own card, if it
     had one, is kept as it was."""
     if (directory / CARD).is_file():
         return (directory / CARD).read_text()
-    base = peftc_meta(gm).get("capture", {}).get("config", {}).get("name_or_path")
+    base = _base_model(gm)
     front = ["---", *([f"base_model: {base}"] if base else []), "library_name: peft"]
     front += ["tags:", "- peftc", f"- {record.technique}", "---", ""]
     return "\n".join(
@@ -200,7 +205,7 @@ def _run(
         return Pipeline([step]).run(gm, verify=verify).graph_module
     except PeftcError as e:
         saved_for = config.get("base_model_name_or_path")
-        ours = peftc_meta(gm).get("capture", {}).get("config", {}).get("name_or_path")
+        ours = _base_model(gm)
         if not saved_for or saved_for == ours:
             raise
         raise CheckpointError(

@@ -72,10 +72,7 @@ def is_bookkeeping(node: fx.Node) -> bool:
         return False
     if "assert" in getattr(node.target, "__name__", str(node.target)):
         return True
-    val = node.meta.get("val")
-    return isinstance(val, (torch.SymInt, torch.SymBool, int, bool)) and not isinstance(
-        val, torch.Tensor
-    )
+    return isinstance(node.meta.get("val"), (torch.SymInt, torch.SymBool, int, bool))
 
 
 @dataclass(frozen=True)

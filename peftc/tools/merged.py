@@ -42,14 +42,13 @@ def save_merged(
     """Write `gm`, its adapters merged, as a transformers folder (and `tokenizer` beside it);
     checked against `gm`'s outputs before it is written."""
     capture = peftc_meta(gm).get("capture", {})
-    config = peftc_meta(gm).get("configs", {}).get("")
-    if not config:
+    if not peftc_meta(gm).get("configs", {}).get(""):
         raise CheckpointError(
             f"save_merged writes a transformers folder, and this graph was captured from "
             f"{capture.get('class', 'a model')}, no transformers model; save its state_dict"
         )
     merged = _merged(gm)
-    model = _rebuilt(capture["class"], config, _dense_state(merged), dtype)
+    model = _rebuilt(gm, capture["class"], _dense_state(merged), dtype)
     with atomic_dir(folder) as tmp:
         model.save_pretrained(tmp)
         if tokenizer is not None:
@@ -95,11 +94,12 @@ def _dense_state(gm: fx.GraphModule) -> dict[str, torch.Tensor]:
     return state
 
 
-def _rebuilt(qualname: str, config: dict, state: dict, dtype: torch.dtype | None):
+def _rebuilt(gm: fx.GraphModule, qualname: str, state: dict, dtype: torch.dtype | None):
+    from peftc.tools.hf import captured_config  # imports transformers
+
     module, _, name = qualname.rpartition(".")
     cls = getattr(importlib.import_module(module), name)
-    settings = {k: v for k, v in config.items() if k != "attn_implementation"}
-    model = cls(cls.config_class.from_dict(settings))  # its own init fills non-persistent buffers
+    model = cls(captured_config(gm))  # its own init fills non-persistent buffers
     missing, _ = model.load_state_dict(state, strict=False)
     tied = set(getattr(model, "all_tied_weights_keys", {}) or {})
     missing = [k for k in missing if k not in tied]
