@@ -5,11 +5,11 @@ Full finetuning, LoRA, QLoRA, QST, bottleneck adapters (Houlsby, Pfeiffer, paral
 methods: the lecture's adapter table in miniature.
 
 Each method's pipeline runs over the same captured classifier (MiniLM + a fresh linear head on its
-mean-pooled token states, `peftc.tools.demo.build`); the pipeline's parameters and the head train
-with AdamW for the same steps, batch and data order; each method gets its usual learning rate
-(prompts and prefixes are trained with larger steps than LoRA). Reported per method: trainable
-parameters, dev accuracy before and after, ms per training step and its ratio to LoRA's in the same
-run.
+mean-pooled token states, `peftc.tools.demo.build_mean_pooled`); the pipeline's parameters and the
+head train with AdamW for the same steps, batch and data order; each method gets its usual
+learning rate (prompts and prefixes are trained with larger steps than LoRA). Reported per method:
+trainable parameters, dev accuracy before and after, ms per training step and its ratio to LoRA's in
+the same run.
 
     python benchmarks/bench_techniques.py      # 150 steps of 32, full dev set, ~35 min on 2 cores
     python benchmarks/bench_techniques.py --steps 30 --dev-size 200 --only prompt
@@ -24,7 +24,7 @@ import time
 from statistics import mean
 
 import peftc
-from peftc.tools.demo import build, evaluate, load_data, train
+from peftc.tools.demo import build_mean_pooled, evaluate, load_data, train
 
 from common import begin, print_table, write_json
 
@@ -68,7 +68,7 @@ def main(argv: list[str] | None = None) -> dict:
     rows = {}
     for name in args.only or METHODS:
         pipeline, lr = METHODS[name]
-        captured, model, tokenizer = build(pipeline)
+        captured, model, tokenizer = build_mean_pooled(pipeline)
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
         base = peftc.summary(captured).total
         before = evaluate(model, tokenizer, dev)

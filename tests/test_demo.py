@@ -16,29 +16,30 @@ from conftest import requires_minilm
 
 
 def peft_accuracy(adapter, dev):
-    """The demo's adapter loaded by peft over the same base and head: MiniLM with the NF4 round trip
-    of the encoder's linear weights (what peftc trained on) and the head seeded as `demo.build`."""
-    from peft import PeftModel
+    """The demo's adapter as a peft user loads it: `AutoPeftModelForSequenceClassification` builds
+    the base from the adapter's `base_model_name_or_path`; its linear weights then take their NF4
+    round trip (what peftc trained on; bitsandbytes' bytes, tests/test_nf4_reference.py), all but
+    the head, which transformers keeps in full precision."""
+    from peft import AutoPeftModelForSequenceClassification
+    from transformers import AutoTokenizer
 
     from peftc.quant.nf4 import dequantize_nf4, quantize_nf4
-    from peftc.tools.models import load_model
 
-    loaded = load_model("minilm")
-    torch.manual_seed(0)
-    base = demo.SentimentModel(loaded.model, loaded.model.config.hidden_size).eval()
-    for module in base.encoder.encoder.modules():
-        if isinstance(module, torch.nn.Linear):
+    model = AutoPeftModelForSequenceClassification.from_pretrained(adapter).eval()
+    assert model.peft_config["default"].task_type == "SEQ_CLS"
+    for name, module in model.get_base_model().named_modules():
+        if isinstance(module, torch.nn.Linear) and not ("lora_" in name or "classifier" in name):
             module.weight.data = dequantize_nf4(quantize_nf4(module.weight.data))
-    model = PeftModel.from_pretrained(base, adapter)
-    assert set(model.peft_config["default"].modules_to_save) == {"head"}
+    tokenizer = AutoTokenizer.from_pretrained(model.peft_config["default"].base_model_name_or_path)
     # peft's logits are those of peftc's merged model in ONNX Runtime
-    ids, mask = demo._batches(loaded.tokenizer, dev[0], list(range(8)), 64)
+    ids, mask = demo._batches(tokenizer, dev[0], list(range(8)), 64)
     session = ort.InferenceSession(str(adapter.parent / "model.onnx"))
     names = [i.name for i in session.get_inputs()]
     (onnx_logits,) = session.run(None, dict(zip(names, (ids.numpy(), mask.numpy()), strict=True)))
     with torch.no_grad():
-        close(model(ids, mask), torch.from_numpy(onnx_logits), "peft vs peftc's ONNX", tol=1e-4)
-    return demo.evaluate(model, loaded.tokenizer, dev)
+        peft_logits = model(input_ids=ids, attention_mask=mask).logits
+        close(peft_logits, torch.from_numpy(onnx_logits), "peft vs peftc's ONNX", tol=1e-4)
+    return demo.evaluate(model, tokenizer, dev)
 
 
 @requires_minilm

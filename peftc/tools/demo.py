@@ -1,10 +1,11 @@
 """`peftc demo`: the whole job on a real model, end to end, on the CPU.
 
-    real all-MiniLM-L6-v2 + a 2-way head -> capture -> nf4, freeze, lora(...) -> train (AdamW)
-    -> evaluate -> save the adapter -> merge -> export to ONNX -> evaluate in ONNX Runtime -> report
+    real all-MiniLM-L6-v2 as transformers' AutoModelForSequenceClassification (a fresh 2-way
+    head) -> capture -> nf4, freeze, lora(..., task_type='SEQ_CLS') -> train (AdamW) -> evaluate
+    -> save the adapter -> merge -> export to ONNX -> evaluate in ONNX Runtime -> report
 
-The head trains as peft's `modules_to_save`, so the saved adapter (LoRA and head) loads with
-`peft.PeftModel.from_pretrained` over the same base model and head.
+The head trains as peft's `modules_to_save` (a SEQ_CLS adapter saves `classifier` by itself), so the
+saved adapter (LoRA and head) loads with `peft.AutoPeftModelForSequenceClassification`.
 
 Data: GLUE SST-2 (train.tsv, dev.tsv) from `--data`, else $PEFTC_SST2, else ../shared/data/sst2
 beside the repository; with none of them, a sentiment task generated here (the report says which).
@@ -45,6 +46,9 @@ __all__ = [
     "generated_task",
     "SentimentModel",
     "build",
+    "build_mean_pooled",
+    "classifier",
+    "logits",
     "train",
     "evaluate",
     "run_demo",
@@ -52,8 +56,7 @@ __all__ = [
 ]
 
 PIPELINE = (
-    'nf4(targets="encoder.*"), freeze, '
-    'lora(r=8, alpha=16, dropout=0.1, targets="*.query|*.value", modules_to_save="head")'
+    "nf4, freeze, lora(r=8, alpha=16, dropout=0.1, targets=['query', 'value'], task_type='SEQ_CLS')"
 )
 # <repo>/../shared/data/sst2
 DEFAULT_DATA = Path(__file__).resolve().parents[3] / "shared" / "data" / "sst2"
@@ -177,7 +180,8 @@ def load_data(path: str | Path | None = None) -> DemoData:
 
 
 class SentimentModel(nn.Module):
-    """An encoder plus a linear head on its mask-aware mean-pooled token states."""
+    """An encoder plus a linear head on its mask-aware mean-pooled token states (the prompt and
+    prefix examples' classifier: a virtual token never stands in for the sentence)."""
 
     def __init__(self, encoder: nn.Module, hidden_size: int, num_labels: int = 2) -> None:
         super().__init__()
@@ -191,26 +195,73 @@ class SentimentModel(nn.Module):
         return self.head((states * weights).sum(1) / weights.sum(1).clamp(min=1))
 
 
+def classifier(seed: int = 0) -> tuple[nn.Module, object]:
+    """(MiniLM as `AutoModelForSequenceClassification` with a fresh 2-way head seeded by `seed`,
+    its tokenizer): the demo's model, as peft's `AutoPeftModelForSequenceClassification` rebuilds
+    it from the adapter's `base_model_name_or_path`."""
+    from transformers import AutoModelForSequenceClassification
+    from transformers.utils import logging as hf_logging
+
+    from peftc.tools.models import load_model, minilm_path
+
+    tokenizer = load_model("minilm").tokenizer
+    torch.manual_seed(seed)
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # its report that the head is new: we know, it is the point
+    try:
+        model = AutoModelForSequenceClassification.from_pretrained(minilm_path(), num_labels=2)
+    finally:
+        hf_logging.set_verbosity(verbosity)
+    return model.eval(), tokenizer
+
+
 def build(pipeline: str = PIPELINE, seed: int = 0) -> tuple[fx.GraphModule, fx.GraphModule, object]:
-    """(captured model, rewritten model, tokenizer): MiniLM + a fresh head (seeded), captured as
-    one graph and rewritten by `pipeline`; the head trains in full, as a copy where an adapter
-    saves it (`modules_to_save="head"`), else in place."""
+    """(captured model, rewritten model, tokenizer): the demo's `classifier`, captured as one graph
+    and rewritten by `pipeline`; its head trains in full, as a copy where an adapter saves it
+    (`task_type='SEQ_CLS'`), else in place."""
+    model, tokenizer = classifier(seed)
+    ids, mask = _example(tokenizer)
+    return (
+        *_rewritten(capture(model, (ids,), {"attention_mask": mask}), pipeline, "classifier"),
+        tokenizer,
+    )
+
+
+def build_mean_pooled(
+    pipeline: str, seed: int = 0
+) -> tuple[fx.GraphModule, fx.GraphModule, object]:
+    """`build` for `SentimentModel` over MiniLM (its head `head`)."""
     from peftc.tools.models import load_model
 
     loaded = load_model("minilm")
     torch.manual_seed(seed)
     model = SentimentModel(loaded.model, loaded.model.config.hidden_size).eval()
-    batch = loaded.tokenizer(
+    captured = capture(model, _example(loaded.tokenizer))
+    return (*_rewritten(captured, pipeline, "head"), loaded.tokenizer)
+
+
+def _example(tokenizer) -> tuple[torch.Tensor, torch.Tensor]:
+    batch = tokenizer(
         ["peftc captures the whole classifier.", "a second, longer example sentence to pad"],
         padding=True,
         return_tensors="pt",
     )
-    captured = capture(model, (batch["input_ids"], batch["attention_mask"]))
+    return batch["input_ids"], batch["attention_mask"]
+
+
+def _rewritten(
+    captured: fx.GraphModule, pipeline: str, head: str
+) -> tuple[fx.GraphModule, fx.GraphModule]:
     rewritten = apply(captured, pipeline)
-    if not any("head" in r.saved_modules for r in adapters(rewritten).values()):
-        for p in rewritten.get_submodule("head").parameters():
+    if not any(head in r.saved_modules for r in adapters(rewritten).values()):
+        for p in rewritten.get_submodule(head).parameters():
             p.requires_grad_(True)
-    return captured, rewritten, loaded.tokenizer
+    return captured, rewritten
+
+
+def logits(output) -> torch.Tensor:
+    """The logits of a classifier's output: a transformers output's `logits`, or the tensor."""
+    return output.logits if hasattr(output, "logits") else output
 
 
 def _batches(
@@ -261,7 +312,8 @@ def train(
             index = order[position : position + batch_size].tolist()
             position += batch_size
             loss = F.cross_entropy(
-                runner.module(*_batches(tokenizer, sentences, index, max_length)), targets[index]
+                logits(runner.module(*_batches(tokenizer, sentences, index, max_length))),
+                targets[index],
             )
             optimizer.zero_grad()
             loss.backward()
@@ -339,7 +391,7 @@ def evaluate(
     model.eval()
     correct = 0
     for index in _ordered_batches(sentences, batch_size):
-        predicted = model(*_batches(tokenizer, sentences, index, max_length)).argmax(-1)
+        predicted = logits(model(*_batches(tokenizer, sentences, index, max_length))).argmax(-1)
         correct += sum(int(p) == labels[i] for p, i in zip(predicted, index, strict=True))
     return correct / len(sentences)
 
@@ -409,7 +461,7 @@ def run_demo(
         "step_seconds": trained.step_seconds,
         **onnx,
         "block_svg": _block_svg(model, out / "block.svg"),
-        "adapter": _save(model, out / "adapter"),
+        **_save(model, out / "adapter"),
         "seconds": time.perf_counter() - started,
     }
     _write_report(out, numbers, say)
@@ -435,9 +487,14 @@ def _kept(model: fx.GraphModule, losses: list[float], out: Path, steps: int) -> 
     return Interrupted(losses, f"after {len(losses)} of {steps} training steps{where}")
 
 
-def _save(model: fx.GraphModule, folder: Path) -> str | None:
-    """The adapter in peft's format (its folder's name), if the pipeline added one."""
-    return save_adapter(model, folder).name if adapters(model) else None
+def _save(model: fx.GraphModule, folder: Path) -> dict:
+    """The adapter in peft's format, if the pipeline added one: the report's folder name, and
+    whether the head is saved with it."""
+    records = adapters(model).values()
+    return {
+        "adapter": save_adapter(model, folder).name if records else None,
+        "adapter_saves_head": any("classifier" in r.saved_modules for r in records),
+    }
 
 
 class _Training(NamedTuple):
@@ -520,6 +577,14 @@ def _write_report(out: Path, numbers: dict, say) -> None:
     )
 
 
+def _adapter_row(folder: str | None, saves_head: bool) -> str:
+    if folder is None:
+        return "none (the pipeline adds no adapter)"
+    if saves_head:
+        return f"{folder}/ with the head (loads with peft.AutoPeftModelForSequenceClassification)"
+    return f"{folder}/ without the head, trained in place (save it: task_type='SEQ_CLS')"
+
+
 def _compiled(step: int | None) -> str:
     return "eager" if step is None else f"compiled from step {step}"
 
@@ -552,12 +617,7 @@ def _report(n: dict) -> str:
             f"{n['onnx_bytes'] / mib:.1f} MiB, {n['onnx_4bit_weights']:,} weights at "
             f"{n['onnx_bits_per_4bit_weight']:.2f} bits (MatMulBnb4)",
         ),
-        (
-            "adapter (HF peft format)",
-            f"{n['adapter']}/ (loads with peft.PeftModel.from_pretrained)"
-            if n["adapter"]
-            else "none (the pipeline adds no adapter)",
-        ),
+        ("adapter (HF peft format)", _adapter_row(n["adapter"], n["adapter_saves_head"])),
         ("wall time", f"{n['seconds']:.0f} s"),
     ]
     width = max(len(k) for k, _ in rows)
@@ -601,7 +661,7 @@ def _loss_plot(losses: list[float], path: Path) -> None:
 def _block_svg(gm: fx.GraphModule, path: Path) -> str:
     """One rewritten encoder layer, drawn by Graphviz when installed, else by peftc's layered
     layout."""
-    layer = "encoder.encoder.layer.0"
+    layer = "bert.encoder.layer.0"
     save_graph(gm, path, targets=f"{layer}|{layer}.*", title=f"{layer} after the pipeline")
     drawer = (
         "Graphviz" if shutil.which("dot") else "peftc's layered layout (Graphviz not installed)"
