@@ -373,3 +373,72 @@ def test_save_pretrained_writes_each_adapter_as_peft(tmp_path):
     assert (tmp_path / "adapter_model.safetensors").exists()
     assert (tmp_path / "other" / "adapter_model.safetensors").exists()
     assert json.loads((tmp_path / "other" / "adapter_config.json").read_text())["r"] == 2
+
+
+def trainable(model: peftc.PeftcModel) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def test_trainer_resumes_from_a_checkpoint_as_if_never_stopped(tmp_path):
+    """4 steps in one run, against 2 steps, a fresh model, and `resume_from_checkpoint` for the
+    other 2 (optimizer, scheduler and data order from the checkpoint): the same adapter."""
+    args = dict(max_steps=4, per_device_train_batch_size=4, learning_rate=5e-2, save_steps=2)
+    whole = llama()
+    transformers.Trainer(
+        model=whole,
+        args=transformers.TrainingArguments(tmp_path / "whole", **args, **FAST),
+        train_dataset=token_data(),
+    ).train()
+    assert {p.name for p in (tmp_path / "whole" / "checkpoint-2").iterdir()} >= {
+        "adapter_model.safetensors",
+        "model.safetensors",
+    }
+    resumed = llama()
+    trainer = transformers.Trainer(
+        model=resumed,
+        args=transformers.TrainingArguments(tmp_path / "resumed", **args, **FAST),
+        train_dataset=token_data(),
+    )
+    trainer.train(resume_from_checkpoint=str(tmp_path / "whole" / "checkpoint-2"))
+    assert trainer.state.global_step == 4
+    expected = trainable(whole)
+    assert expected.keys() == trainable(resumed).keys()
+    for name, tensor in trainable(resumed).items():
+        close(tensor, expected[name], name, tol=1e-6)
+
+
+def test_trainer_loads_the_best_checkpoint_at_the_end(tmp_path):
+    """`load_best_model_at_end` with the highest eval loss as best (so not the last step's): the
+    model ends as the first checkpoint's adapter, which peft loads from that folder too."""
+    model = llama()
+    args = transformers.TrainingArguments(
+        tmp_path,
+        max_steps=4,
+        per_device_train_batch_size=4,
+        learning_rate=5e-2,
+        save_steps=2,
+        eval_strategy="steps",
+        eval_steps=2,
+        load_best_model_at_end=True,
+        metric_for_best_model="loss",
+        greater_is_better=True,
+        **FAST,
+    )
+    trainer = transformers.Trainer(
+        model=model, args=args, train_dataset=token_data(), eval_dataset=token_data(4)
+    )
+    trainer.train()
+    assert trainer.state.best_model_checkpoint == str(tmp_path / "checkpoint-2")
+    ids = torch.randint(3, 256, (2, 10), generator=torch.Generator().manual_seed(2))
+    logits_match(model, reloaded(tiny_model("llama"), tmp_path / "checkpoint-2"), ids)
+    saved = load_file(tmp_path / "checkpoint-4" / "model.safetensors")
+    assert any((saved[n] - t).abs().max() > 1e-4 for n, t in trainable(model).items())
+
+
+def test_a_partial_state_of_another_pipeline_is_refused(tmp_path):
+    model = llama()
+    state = trainable(model)
+    state.pop(next(iter(state)))
+    with pytest.raises(PeftcError, match="lacks trainable tensors .*another pipeline"):
+        model.load_state_dict(state)
+    assert model.load_state_dict(state, strict=False).missing_keys != []

@@ -18,7 +18,11 @@
    captured with labels (`fused_loss`) computes its loss itself and needs them.
 4. `save_pretrained` writes every adapter with `peftc.save_adapter` (`default` in the folder,
    others in subfolders, as peft) and a model card as peft writes one; other files there (Trainer's
-   checkpoints) stay.
+   checkpoints) stay. In a Trainer checkpoint (`checkpoint-N`) it also writes `model.safetensors`,
+   the trainable tensors alone under this model's names: Trainer loads adapters back only into a
+   peft `PeftModel`, and into any other model from that file (`resume_from_checkpoint`,
+   `load_best_model_at_end`); `load_state_dict` takes such a partial state without calling the
+   frozen tensors missing.
 5. `generate` decodes with peftc's key/value cache and returns what transformers' `generate`
    returns: the prompts, then the new tokens, rows that stopped padded.
 6. Gradient (activation) checkpointing outlines the graph's blocks with `outline(checkpoint=true)`
@@ -36,17 +40,21 @@ import os
 import re
 import tempfile
 import types
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
 import transformers
+from safetensors.torch import save_file
 from torch import Tensor, fx, nn
 from transformers import GenerationConfig, PretrainedConfig, PreTrainedModel
 from transformers.loss.loss_utils import LOSS_MAPPING
 from transformers.modeling_outputs import BaseModelOutput
-from transformers.utils import ModelOutput
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+from transformers.utils import SAFE_WEIGHTS_NAME, ModelOutput
 
+from peftc._io import atomic_path
 from peftc._version import __version__
 from peftc.errors import CaptureError, OptionError, PeftcError
 from peftc.ir.graph import get_tensor, peftc_meta
@@ -238,6 +246,27 @@ class PeftcModel(PreTrainedModel):
         for name in names:
             _save_into(graph, folder if name == "default" else folder / name, name)
         _write_model_card(self, folder, names[0])
+        if folder.name.startswith(f"{PREFIX_CHECKPOINT_DIR}-"):
+            with atomic_path(folder / SAFE_WEIGHTS_NAME) as tmp:
+                trainable = {n: p.detach() for n, p in self.named_parameters() if p.requires_grad}
+                save_file(trainable, tmp, metadata={"format": "pt"})
+
+    def load_state_dict(
+        self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False
+    ) -> Any:
+        """nn.Module's; a state of trainable tensors alone (a Trainer checkpoint's
+        `model.safetensors`) loads without listing the frozen tensors as missing."""
+        trainable = {n for n, p in self.named_parameters() if p.requires_grad}
+        if not state_dict or not set(state_dict) <= trainable:
+            return super().load_state_dict(state_dict, strict, assign)
+        loaded = super().load_state_dict(state_dict, strict=False, assign=assign)
+        missing = [k for k in loaded.missing_keys if k in trainable]
+        if strict and missing:
+            raise PeftcError(
+                f"the checkpoint lacks trainable tensors {', '.join(missing[:4])}: it was saved "
+                "from another pipeline; load it into a graph rewritten as the saved one was"
+            )
+        return type(loaded)(missing, [])
 
     @torch.no_grad()
     def generate(
