@@ -2,6 +2,7 @@
 what `AutoModel*.from_pretrained` loads computes what peft's `merge_and_unload` computes."""
 
 import copy
+import json
 
 import peft
 import pytest
@@ -13,6 +14,8 @@ from peftc.errors import CheckpointError
 from peftc.tools.cli import main
 from peftc.tools.models import example_inputs, load_model, save_tiny_chat_model
 from peftc.tools.parity import close, perturb
+
+from bnb_oracle import F, bnb, dequantize, needs_bnb
 
 
 def peft_merged(model, config, folder):
@@ -66,3 +69,40 @@ def test_what_a_folder_cannot_hold_is_refused(tmp_path):
     plain = peftc.capture(torch.nn.Linear(4, 4), (torch.randn(2, 4),))
     with pytest.raises(CheckpointError, match="no transformers model"):
         peftc.save_merged(plain, tmp_path / "out")
+
+
+@needs_bnb
+def test_an_nf4_base_stays_4bit_as_a_bitsandbytes_checkpoint(tmp_path, monkeypatch):
+    """`--keep-nf4`: transformers loads the folder with bitsandbytes' Linear4bit holding the bytes
+    of peftc's requantizing merge, and computes what that merged graph computes (bitsandbytes
+    decoding through tests/bnb_oracle.py, as its CPU decode is wrong on some CPUs; and not
+    through its bfloat16 kernel for CPUs with AVX512-BF16, which rounds the activations)."""
+    loaded = load_model("tiny-llama")
+    gm = peftc.capture(loaded.model, loaded.args, loaded.kwargs)
+    trained = perturb(peftc.apply(gm, "nf4, freeze, lora(targets=['q_proj', 'down_proj'])"), 0.3)
+    peftc.save_adapter(trained, tmp_path / "adapter")
+    steps = f"nf4, load_adapter(path='{tmp_path / 'adapter'}')"
+    argv = ["export", "tiny-llama", "--passes", steps, "--transformers", str(tmp_path / "out")]
+    assert main([*argv, "--keep-nf4"]) == 0
+    config = json.loads((tmp_path / "out" / "config.json").read_text())["quantization_config"]
+    assert config["quant_method"] == "bitsandbytes" and config["bnb_4bit_quant_type"] == "nf4"
+    monkeypatch.setattr(F, "dequantize_4bit", dequantize)
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+    merged = peftc.apply(trained, "merge(requantize=true)").eval()
+    layer = reloaded.model.layers[1]
+    assert isinstance(layer.mlp.down_proj, bnb.nn.Linear4bit)
+    assert isinstance(reloaded.lm_head, torch.nn.Linear)  # the head stays dense, as the graph's
+    packed = merged.get_buffer("model.layers.1.mlp.down_proj.weight_nf4")
+    assert torch.equal(layer.mlp.down_proj.weight.data.reshape(-1), packed.reshape(-1))
+    for module in reloaded.modules():  # not its CPU repacking for a bfloat16 kernel
+        if isinstance(module, bnb.nn.Linear4bit):
+            module.support_avx512bf16_for_cpu = False
+    with torch.no_grad():
+        close(
+            reloaded(*loaded.args, **loaded.kwargs).logits,
+            merged(*loaded.args, **loaded.kwargs).logits,
+            "bitsandbytes 4-bit folder",
+            tol=1e-4,
+        )
+    with pytest.raises(CheckpointError, match="has none: apply nf4 first"):
+        peftc.save_merged(gm, tmp_path / "dense", nf4=True)

@@ -201,6 +201,12 @@ def _add_export(sub: argparse._SubParsersAction, model_help: str) -> None:
         help="write the merged model as a transformers folder (AutoModel*.from_pretrained loads "
         "it; dense weights, the tokenizer beside them)",
     )
+    export.add_argument(
+        "--keep-nf4",
+        action="store_true",
+        help="with --transformers: NF4 weights stay 4-bit, as a bitsandbytes checkpoint "
+        "(from_pretrained loads it 4-bit; the merge requantizes them)",
+    )
     export.add_argument("--dtype", choices=["float32", "float16"], default="float32")
     export.add_argument(
         "--quant",
@@ -421,12 +427,15 @@ def _export(args: argparse.Namespace) -> int:
 
     if not args.onnx and not args.transformers:
         raise PeftcError("export needs --onnx FILE, --transformers DIR, or both")
+    if args.keep_nf4 and not args.transformers:
+        raise PeftcError("--keep-nf4 writes the transformers folder 4-bit: give --transformers DIR")
     loaded, gm = _captured(args)
     if args.transformers:
         from peftc.tools.merged import save_merged
 
-        save_merged(gm, args.transformers, tokenizer=loaded.tokenizer)
-        print(f"wrote {args.transformers} (transformers, merged)")
+        save_merged(gm, args.transformers, tokenizer=loaded.tokenizer, nf4=args.keep_nf4)
+        kind = "NF4 as bitsandbytes 4-bit" if args.keep_nf4 else "dense"
+        print(f"wrote {args.transformers} (transformers, merged, {kind})")
     if not args.onnx:
         return 0
     if args.quant is not None and not any(
