@@ -98,6 +98,37 @@ def test_merged_export_matches_eager(tmp_path, model, adapter):
     }
     assert_outputs_close(run_onnx(result.path, inputs), eager(merged, inputs), atol=1e-4)
     assert_outputs_close(run_onnx(result.path, inputs), eager(trained, inputs), atol=1e-4)
+    # ONNX Runtime's fused attention kernel, one per layer, with the padding mask
+    assert result.fused_attention == result.attention > 0
+    assert "MultiHeadAttention" in str(result)
+
+
+@pytest.mark.parametrize(
+    "model, fused",
+    [
+        ("tiny-opt", 2),
+        ("tiny-gemma", 2),
+        ("tiny-bart", 6),  # encoder, decoder and cross attention
+        ("tiny-vit", 2),
+        ("tiny-deepseekv3", 0),  # MLA: values of another head size than the keys
+    ],
+)
+def test_attention_runs_fused_where_onnx_runtime_can(tmp_path, model, fused):
+    """SDPA as com.microsoft::MultiHeadAttention on families beyond the merged exports' (causal,
+    GQA, cross attention, no mask); where the op cannot compute it, torch.onnx's decomposition,
+    counted. Outputs as eager's either way."""
+    gm = captured(model)
+    result = peftc_onnx.export(gm, tmp_path / "model.onnx")
+    assert (result.fused_attention, result.attention) == (fused, max(fused, 2))
+    nodes = [n.op_type for n in onnx.load(str(result.path)).graph.node]
+    assert nodes.count("MultiHeadAttention") == fused
+    example = peftc.ir.graph.peftc_meta(gm)["example_inputs"]
+    inputs = (
+        feeds(gm)
+        if all(v.dtype == torch.long or "mask" in k for k, v in example.items())
+        else example
+    )
+    assert_outputs_close(run_onnx(result.path, inputs), eager(gm, inputs), atol=1e-4)
 
 
 @requires_minilm
@@ -317,6 +348,12 @@ def test_cli_export(tmp_path, quantized):
     assert main(["export", "tiny-llama", "--passes", "nf4", "--onnx", str(out)]) == 0
     inputs = feeds(quantized)
     assert_outputs_close(run_onnx(out, inputs), eager(quantized, inputs), atol=1e-4)
+    # ONNX's own ops only, for runtimes without Microsoft's contrib attention
+    argv = ["export", "tiny-llama", "--onnx", str(out), "--attention", "standard"]
+    assert main(argv) == 0
+    nodes = {n.op_type for n in onnx.load(str(out)).graph.node}
+    assert "MultiHeadAttention" not in nodes and "Softmax" in nodes
+    assert_outputs_close(run_onnx(out, inputs), eager(captured("tiny-llama"), inputs), atol=1e-4)
 
 
 # --- bad input ------------------------------------------------------------------------------
@@ -377,7 +414,11 @@ def test_inputs_by_position_and_name():
 
 @pytest.mark.parametrize(
     "option, message",
-    [({"dtype": "bf16"}, "dtype must be one of"), ({"quant": "int8"}, "quant must be one of")],
+    [
+        ({"dtype": "bf16"}, "dtype must be one of"),
+        ({"quant": "int8"}, "quant must be one of"),
+        ({"attention": "flash"}, "attention must be one of fused, standard"),
+    ],
 )
 def test_bad_options(tmp_path, option, message):
     with pytest.raises(ExportError, match=message):

@@ -216,6 +216,13 @@ def _add_export(sub: argparse._SubParsersAction, model_help: str) -> None:
         "MatMulNBits (int4)",
     )
     export.add_argument(
+        "--attention",
+        choices=["fused", "standard"],
+        default="fused",
+        help="attention as ONNX Runtime's fused MultiHeadAttention (fused, the default) or as "
+        "ONNX's own ops, for runtimes without Microsoft's contrib ops (standard)",
+    )
+    export.add_argument(
         "--merged", action="store_true", help="fail if an unmerged adapter branch is left"
     )
     export.add_argument(
@@ -450,7 +457,15 @@ def _export(args: argparse.Namespace) -> int:
     if args.adapters:
         print(peftc_onnx.export_adapters(gm, args.onnx, quant=quant))
     else:
-        print(peftc_onnx.export(gm, args.onnx, dtype=args.dtype, quant=quant, merged=args.merged))
+        exported = peftc_onnx.export(
+            gm,
+            args.onnx,
+            dtype=args.dtype,
+            quant=quant,
+            merged=args.merged,
+            attention=args.attention,
+        )
+        print(exported)
     return 0
 
 

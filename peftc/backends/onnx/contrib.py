@@ -7,6 +7,14 @@
   `quant="int4"` targets: the NF4 weight is decoded to a dense MatMul and requantized by ONNX
   Runtime's own `MatMulNBitsQuantizer`.
 
+Attention lowers to `com.microsoft::MultiHeadAttention`, ONNX Runtime's fused attention kernel
+(on CPU and CUDA): `aten.scaled_dot_product_attention`'s [B, N, S, H] query is laid out as the
+[B, S, N*H] the op takes (key and value stay [B, N, L, H], a layout it reads), a boolean mask
+becomes an additive bias of float32's lowest value, grouped key/value heads are repeated, and
+`is_causal` is its `unidirectional`. Where that cannot hold (heads not static, a causal query
+shorter than its keys, whose alignment differs between the two, values of another head size than
+the keys, as in MLA, dropout) the attention is torch.onnx's own decomposition.
+
 It also translates transformers' grouped matmul of mixture-of-experts layers (rows sorted by
 expert): one MatMul per expert on its slice of rows, concatenated, as transformers' CPU fallback
 computes it, so no expert multiplies a row it was not routed.
@@ -27,10 +35,14 @@ import onnx
 import onnxscript
 from onnx.defs import OpSchema
 from onnxscript import opset18 as op
+from onnxscript.function_libs.torch_lib.ops.nn import (
+    aten_scaled_dot_product_attention as torch_lib_sdpa,
+)
 
 __all__ = [
     "register_schemas",
     "nf4_linear_to_matmulbnb4",
+    "sdpa_to_multihead_attention",
     "grouped_mm_to_onnx",
     "is_all_true",
     "requantize_int4",
@@ -86,6 +98,31 @@ def register_schemas() -> None:
         )
     )
 
+    _register(
+        OpSchema(
+            "MultiHeadAttention",
+            "com.microsoft",
+            1,
+            doc="softmax(scale * Q K^T + attention_bias) V over num_heads heads; query [B, S, D], "
+            "key and value [B, L, D] or [B, N, L, H].",
+            inputs=[
+                _param("query", "T"),
+                *(
+                    _param(name, "T", optional)
+                    for name in ("key", "value", "bias", "key_padding_mask")
+                ),
+                _param("attention_bias", "T", optional),
+            ],
+            outputs=[_param("output", "T")],
+            type_constraints=[("T", _FLOATS, "")],
+            attributes=[
+                _attr("num_heads"),
+                _attr("unidirectional", required=False),
+                OpSchema.Attribute("scale", OpSchema.AttrType.FLOAT, "", required=False),
+            ],
+        )
+    )
+
 
 def _register(schema: OpSchema) -> None:
     if not onnx.defs.has(schema.name, schema.domain):
@@ -120,6 +157,80 @@ def nf4_linear_to_matmulbnb4(
         x, packed, absmax, K=in_features, N=out_features, block_size=blocksize, quant_type=NF4
     )
     return y if bias is None else op.Add(y, bias)
+
+
+def sdpa_to_multihead_attention(
+    query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False
+):
+    """Translation of `aten.scaled_dot_product_attention` (see the module docstring)."""
+    if not _fusable(query, key, value, attn_mask, is_causal, dropout_p):
+        return torch_lib_sdpa(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
+    heads, kv_heads = query.shape[1], key.shape[1]
+    if kv_heads != heads:
+        key, value = (_repeat_heads(t, heads // kv_heads) for t in (key, value))
+    bias = None if attn_mask is None else _attention_bias(attn_mask, query, key)
+    msft = onnxscript.values.Opset("com.microsoft", 1)
+    flat_query = op.Reshape(
+        op.Transpose(query, perm=[0, 2, 1, 3]), op.Constant(value_ints=[0, 0, -1])
+    )
+    scaled = {} if scale is None else {"scale": float(scale)}
+    out = msft.MultiHeadAttention(
+        flat_query,
+        key,
+        value,
+        None,
+        None,
+        bias,
+        num_heads=heads,
+        unidirectional=int(bool(is_causal)),
+        **scaled,
+    )
+    heads_apart = op.Reshape(out, op.Constant(value_ints=[0, 0, heads, -1]))
+    return op.Transpose(heads_apart, perm=[0, 2, 1, 3])
+
+
+def _fusable(query, key, value, attn_mask, is_causal, dropout_p) -> bool:
+    shapes = (query.shape, key.shape, value.shape, () if attn_mask is None else attn_mask.shape)
+    if any(shape is None for shape in shapes) or dropout_p:
+        return False
+    heads = (query.shape[1], query.shape[3], key.shape[1], value.shape[3])
+    static = all(isinstance(d, int) for d in heads)
+    # torch aligns a causal mask top-left, ONNX Runtime bottom-right: equal when S == L
+    causal_aligned = not is_causal or query.shape[2] == key.shape[2]
+    # [B, N, L, H] key and value must have one head size (MLA's differ)
+    return static and causal_aligned and value.shape[3] == query.shape[3]
+
+
+def _repeat_heads(t, times: int):
+    """[B, n, L, H] -> [B, n * times, L, H], each head `times` over (SDPA's `enable_gqa`)."""
+    spread = op.Expand(
+        op.Unsqueeze(t, op.Constant(value_ints=[2])),
+        op.Concat(
+            op.Shape(t, start=0, end=2),
+            op.Constant(value_ints=[times]),
+            op.Shape(t, start=2),
+            axis=0,
+        ),
+    )
+    return op.Reshape(spread, op.Constant(value_ints=[0, -1, 0, 0]))
+
+
+def _attention_bias(mask, query, key):
+    """SDPA's mask as MultiHeadAttention's [B or 1, N or 1, S, L] additive float bias."""
+    rank = len(mask.shape)
+    if mask.dtype == onnx.TensorProto.BOOL:
+        lowest = float(np.finfo(np.float32).min)
+        mask = op.Where(mask, op.Constant(value_float=0.0), op.Constant(value_float=lowest))
+        mask = op.CastLike(mask, query)
+    for _ in range(4 - rank):
+        mask = op.Unsqueeze(mask, op.Constant(value_ints=[0]))
+    size = op.Concat(
+        op.Shape(mask, start=0, end=2),
+        op.Shape(query, start=2, end=3),
+        op.Shape(key, start=2, end=3),
+        axis=0,
+    )
+    return op.Expand(mask, size)
 
 
 def grouped_mm_to_onnx(input, weight, offs):

@@ -35,8 +35,10 @@ from peftc.backends.onnx.contrib import (
     quiet,
     register_schemas,
     requantize_int4,
+    sdpa_to_multihead_attention,
 )
 from peftc.errors import CaptureError, ExportError
+from peftc.ir.attention import causal_sdpa
 from peftc.ir.capture import export_program
 from peftc.ir.graph import (
     clone,
@@ -57,6 +59,7 @@ NF4_LINEAR = torch.ops.peftc.nf4_linear.default
 NF4_EXPERTS = torch.ops.peftc.nf4_dequantize_experts.default
 TRANSLATIONS = {
     NF4_LINEAR: nf4_linear_to_matmulbnb4,
+    aten.scaled_dot_product_attention.default: sdpa_to_multihead_attention,
     # torch.onnx has none; transformers' checks (Llava's image tokens) call it
     aten._is_all_true.default: is_all_true,
 }
@@ -64,6 +67,7 @@ TRANSLATIONS = {
 _LIBRARY_TRANSLATIONS = {("transformers", "grouped_mm_fallback"): grouped_mm_to_onnx}
 _DTYPES = {"float32": torch.float32, "float16": torch.float16}
 _QUANT = ("nf4", "int4")
+_ATTENTION = ("fused", "standard")
 
 
 @dataclass
@@ -78,6 +82,8 @@ class OnnxExport:
     quant: str
     quantized_weights: int = 0  # 4-bit weights (count of values)
     quantized_bits_per_weight: float = 0.0  # of those weights in the file, statistics included
+    attention: int = 0  # attention ops in the graph
+    fused_attention: int = 0  # of those, run as com.microsoft::MultiHeadAttention
     seconds: float = 0.0
     notes: list[str] = field(default_factory=list)
 
@@ -87,6 +93,11 @@ class OnnxExport:
             f"  inputs:  {', '.join(self.inputs)}",
             f"  outputs: {', '.join(self.outputs)}",
         ]
+        if self.attention:
+            lines.append(
+                f"  attention: {self.fused_attention} of {self.attention} fused "
+                "(com.microsoft::MultiHeadAttention)"
+            )
         if self.quantized_weights:
             lines.append(
                 f"  {self.quant} weights: {self.quantized_weights:,} at "
@@ -106,6 +117,7 @@ def export(
     quant: str = "nf4",
     merged: bool = False,
     int4_block_size: int = 32,
+    attention: str = "fused",
 ) -> OnnxExport:
     """Export `gm` (called as `gm(*args, **kwargs)`; default: its example inputs) to `path`.
 
@@ -115,6 +127,8 @@ def export(
     or
         "int4" (requantized to MatMulNBits with `int4_block_size`; adds error, see `notes`).
     merged: require that no unmerged adapter branch is left (a deployment check).
+    attention: "fused" (ONNX Runtime's MultiHeadAttention where it computes the op) or "standard"
+    (ONNX's own ops, for runtimes without Microsoft's contrib ops).
     """
     start = time.perf_counter()
     path = writable_path(path)
@@ -122,7 +136,11 @@ def export(
         raise ExportError(f"dtype must be one of {', '.join(_DTYPES)}, got {dtype!r}")
     if quant not in _QUANT:
         raise ExportError(f"quant must be one of {', '.join(_QUANT)}, got {quant!r}")
-    model, int4_weights = onnx_model(gm, args, kwargs, dynamic=dynamic, merged=merged, quant=quant)
+    if attention not in _ATTENTION:
+        raise ExportError(f"attention must be one of {', '.join(_ATTENTION)}, got {attention!r}")
+    model, int4_weights = onnx_model(
+        gm, args, kwargs, dynamic=dynamic, merged=merged, quant=quant, attention=attention
+    )
     notes = []
     if int4_weights:
         model, error = requantize_int4(model, int4_weights, int4_block_size)
@@ -133,7 +151,23 @@ def export(
         )
     model = finish(model, dtype)
     return write(
-        model, path, dtype=dtype, quant=quant, seconds=time.perf_counter() - start, notes=notes
+        model,
+        path,
+        dtype=dtype,
+        quant=quant,
+        seconds=time.perf_counter() - start,
+        notes=notes,
+        attention=attention_count(gm),
+        fused_attention=sum(n.op_type == "MultiHeadAttention" for n in model.graph.node),
+    )
+
+
+def attention_count(gm: fx.GraphModule) -> int:
+    """The graph's attention ops (aten's SDPA, or peftc's causal form of it)."""
+    return sum(
+        n.op == "call_function"
+        and n.target in (aten.scaled_dot_product_attention.default, causal_sdpa)
+        for n in gm.graph.nodes
     )
 
 
@@ -145,6 +179,7 @@ def onnx_model(
     dynamic: bool = True,
     merged: bool = False,
     quant: str = "nf4",
+    attention: str = "fused",
 ) -> tuple[onnx.ModelProto, set[str]]:
     """The unoptimized float32 ONNX model of `gm`, and the names of the dense weights that stand in
     for NF4 weights when `quant="int4"` ([K, N] initializers, to requantize)."""
@@ -163,7 +198,10 @@ def onnx_model(
     try:
         with quiet():
             onnx_program = torch.onnx.export(
-                program, dynamo=True, optimize=False, custom_translation_table=translations()
+                program,
+                dynamo=True,
+                optimize=False,
+                custom_translation_table=translations(attention == "fused"),
             )
     except Exception as e:
         raise ExportError(_conversion_message(gm, e)) from e
@@ -283,9 +321,12 @@ def _positional(gm: fx.GraphModule, args: tuple | None, kwargs: dict[str, Any] |
     return args + tuple(kwargs[n] for n in names[len(args) :])
 
 
-def translations() -> dict:
-    """`TRANSLATIONS` and those of `_LIBRARY_TRANSLATIONS` whose op is registered."""
+def translations(fused_attention: bool = True) -> dict:
+    """`TRANSLATIONS` (less attention's, unless fused) and those of `_LIBRARY_TRANSLATIONS` whose
+    op is registered."""
     table = dict(TRANSLATIONS)
+    if not fused_attention:
+        del table[aten.scaled_dot_product_attention.default]
     for (namespace, name), translation in _LIBRARY_TRANSLATIONS.items():
         packet = getattr(getattr(torch.ops, namespace), name, None)
         if packet is not None:
