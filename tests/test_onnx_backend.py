@@ -416,7 +416,7 @@ def test_inputs_by_position_and_name():
     "option, message",
     [
         ({"dtype": "bf16"}, "dtype must be one of"),
-        ({"quant": "int8"}, "quant must be one of"),
+        ({"quant": "int2"}, "quant must be one of"),
         ({"attention": "flash"}, "attention must be one of fused, standard"),
     ],
 )
@@ -464,3 +464,38 @@ def test_adapters_that_cannot_be_served(tmp_path, pipeline, message):
             peftc.apply(captured("tiny-llama"), pipeline), tmp_path / "base.onnx"
         )
     assert not list(tmp_path.iterdir())
+
+
+def test_int8_quantizes_every_linear_but_the_head(tmp_path):
+    """Dynamic int8 (ONNX Runtime's quantizer) on the dense tiny Llama: its 14 linears, not the LM
+    head transformers keeps in full precision; outputs near eager's."""
+    gm = captured("tiny-llama")
+    result = peftc_onnx.export(gm, tmp_path / "int8.onnx", quant="int8")
+    assert "14 linear weights int8" in result.notes[0]
+    nodes = [n.op_type for n in onnx.load(str(result.path)).graph.node]
+    assert nodes.count("DynamicQuantizeMatMul") + nodes.count("MatMulInteger") == 14
+    inputs = feeds(gm)
+    (got,), (expected,) = run_onnx(result.path, inputs), eager(gm, inputs)
+    assert 0 < np.abs(got - expected).max() < 0.05 * np.abs(expected).max()
+    with pytest.raises(ExportError, match="requantizes the graph's NF4 weights, and it has none"):
+        peftc_onnx.export(gm, tmp_path / "int4.onnx", quant="int4")
+
+
+def test_export_fastest_writes_the_fastest_candidate_that_keeps_accuracy(tmp_path, quantized):
+    """An accuracy that drops for integer kernels (MatMulNBits, int8): the file written is the
+    faster of float and nf4, as measured, and the notes list all five candidates."""
+
+    def accuracy(path):
+        nodes = {n.op_type for n in onnx.load(str(path)).graph.node}
+        return 0.5 if nodes & {"MatMulNBits", "DynamicQuantizeMatMul", "MatMulInteger"} else 0.9
+
+    result = peftc_onnx.export_fastest(quantized, tmp_path / "model.onnx", accuracy=accuracy)
+    measured = {c.name: c for c in result.candidates}
+    assert list(measured) == ["float", "nf4", "int4 b128", "int4 b32", "int8"]
+    assert result.quant == min(("float", "nf4"), key=lambda n: measured[n].seconds)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.onnx"]
+    assert "chosen by export_fastest" in result.notes[-1] and "int8:" in result.notes[-1]
+    inputs = feeds(quantized)
+    assert_outputs_close(run_onnx(result.path, inputs), eager(quantized, inputs), atol=1e-4)
+    with pytest.raises(ExportError, match="chooses quant itself"):
+        peftc_onnx.export_fastest(quantized, tmp_path / "x.onnx", accuracy=accuracy, quant="nf4")

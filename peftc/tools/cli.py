@@ -210,10 +210,11 @@ def _add_export(sub: argparse._SubParsersAction, model_help: str) -> None:
     export.add_argument("--dtype", choices=["float32", "float16"], default="float32")
     export.add_argument(
         "--quant",
-        choices=["nf4", "int4"],
+        choices=["nf4", "int4", "int8"],
         default=None,
         help="NF4 weights (from an nf4 pass) as MatMulBnb4 (nf4, the default) or requantized to "
-        "MatMulNBits (int4)",
+        "MatMulNBits (int4); or every linear but the heads int8, activations quantized at run "
+        "time (int8)",
     )
     export.add_argument(
         "--attention",
@@ -445,7 +446,7 @@ def _export(args: argparse.Namespace) -> int:
         print(f"wrote {args.transformers} (transformers, merged, {kind})")
     if not args.onnx:
         return 0
-    if args.quant is not None and not any(
+    if args.quant in ("nf4", "int4") and not any(
         n.target == torch.ops.peftc.nf4_linear.default for n in gm.graph.nodes
     ):
         raise PeftcError(

@@ -46,6 +46,7 @@ __all__ = [
     "grouped_mm_to_onnx",
     "is_all_true",
     "requantize_int4",
+    "quantize_int8",
     "quiet",
 ]
 
@@ -55,72 +56,74 @@ _FLOATS = ["tensor(float)", "tensor(float16)", "tensor(bfloat16)"]
 
 
 def register_schemas() -> None:
-    _register(
-        OpSchema(
-            "MatMulBnb4",
-            "com.microsoft",
-            1,
-            doc="Y = A @ dequantize_bnb4(B).T; B: bitsandbytes' packed 4-bit codes of the [N, K] "
-            "weight.",
-            inputs=[_param("A", "T1"), _param("B", "T2"), _param("absmax", "T1")],
-            outputs=[_param("Y", "T1")],
-            type_constraints=[("T1", _FLOATS, ""), ("T2", ["tensor(uint8)"], "")],
-            attributes=[_attr(name) for name in ("K", "N", "block_size", "quant_type")],
-        )
-    )
-    optional = OpSchema.FormalParameterOption.Optional
-    _register(
-        OpSchema(
-            "MatMulNBits",
-            "com.microsoft",
-            1,
-            doc="Y = A @ dequantize(B).T + bias; B: [N, K/block_size, block_size*bits/8] blockwise "
-            "codes.",
-            inputs=[
-                _param("A", "T1"),
-                _param("B", "T2"),
-                _param("scales", "T1"),
-                _param("zero_points", "T3", optional),
-                _param("g_idx", "T4", optional),
-                _param("bias", "T1", optional),
-            ],
-            outputs=[_param("Y", "T1")],
-            type_constraints=[
-                ("T1", _FLOATS, ""),
-                ("T2", ["tensor(uint8)", "tensor(int32)"], ""),
-                ("T3", ["tensor(uint8)", "tensor(int32)", *_FLOATS], ""),
-                ("T4", ["tensor(int32)"], ""),
-            ],
-            attributes=[
-                *(_attr(name) for name in ("K", "N", "bits", "block_size")),
-                _attr("accuracy_level", required=False),
-            ],
-        )
+    for schema in (_matmul_bnb4(), _matmul_nbits(), _multihead_attention()):
+        _register(schema)
+
+
+def _matmul_bnb4() -> OpSchema:
+    return OpSchema(
+        "MatMulBnb4",
+        "com.microsoft",
+        1,
+        doc="Y = A @ dequantize_bnb4(B).T; B: bitsandbytes' packed 4-bit codes of the [N, K] "
+        "weight.",
+        inputs=[_param("A", "T1"), _param("B", "T2"), _param("absmax", "T1")],
+        outputs=[_param("Y", "T1")],
+        type_constraints=[("T1", _FLOATS, ""), ("T2", ["tensor(uint8)"], "")],
+        attributes=[_attr(name) for name in ("K", "N", "block_size", "quant_type")],
     )
 
-    _register(
-        OpSchema(
-            "MultiHeadAttention",
-            "com.microsoft",
-            1,
-            doc="softmax(scale * Q K^T + attention_bias) V over num_heads heads; query [B, S, D], "
-            "key and value [B, L, D] or [B, N, L, H].",
-            inputs=[
-                _param("query", "T"),
-                *(
-                    _param(name, "T", optional)
-                    for name in ("key", "value", "bias", "key_padding_mask")
-                ),
-                _param("attention_bias", "T", optional),
-            ],
-            outputs=[_param("output", "T")],
-            type_constraints=[("T", _FLOATS, "")],
-            attributes=[
-                _attr("num_heads"),
-                _attr("unidirectional", required=False),
-                OpSchema.Attribute("scale", OpSchema.AttrType.FLOAT, "", required=False),
-            ],
-        )
+
+def _matmul_nbits() -> OpSchema:
+    optional = OpSchema.FormalParameterOption.Optional
+    return OpSchema(
+        "MatMulNBits",
+        "com.microsoft",
+        1,
+        doc="Y = A @ dequantize(B).T + bias; B: [N, K/block_size, block_size*bits/8] blockwise "
+        "codes.",
+        inputs=[
+            _param("A", "T1"),
+            _param("B", "T2"),
+            _param("scales", "T1"),
+            _param("zero_points", "T3", optional),
+            _param("g_idx", "T4", optional),
+            _param("bias", "T1", optional),
+        ],
+        outputs=[_param("Y", "T1")],
+        type_constraints=[
+            ("T1", _FLOATS, ""),
+            ("T2", ["tensor(uint8)", "tensor(int32)"], ""),
+            ("T3", ["tensor(uint8)", "tensor(int32)", *_FLOATS], ""),
+            ("T4", ["tensor(int32)"], ""),
+        ],
+        attributes=[
+            *(_attr(name) for name in ("K", "N", "bits", "block_size")),
+            _attr("accuracy_level", required=False),
+        ],
+    )
+
+
+def _multihead_attention() -> OpSchema:
+    optional = OpSchema.FormalParameterOption.Optional
+    return OpSchema(
+        "MultiHeadAttention",
+        "com.microsoft",
+        1,
+        doc="softmax(scale * Q K^T + attention_bias) V over num_heads heads; query [B, S, D], "
+        "key and value [B, L, D] or [B, N, L, H].",
+        inputs=[
+            _param("query", "T"),
+            *(_param(name, "T", optional) for name in ("key", "value", "bias", "key_padding_mask")),
+            _param("attention_bias", "T", optional),
+        ],
+        outputs=[_param("output", "T")],
+        type_constraints=[("T", _FLOATS, "")],
+        attributes=[
+            _attr("num_heads"),
+            _attr("unidirectional", required=False),
+            OpSchema.Attribute("scale", OpSchema.AttrType.FLOAT, "", required=False),
+        ],
     )
 
 
@@ -256,10 +259,11 @@ def is_all_true(x):
 
 
 def requantize_int4(
-    model: onnx.ModelProto, weight_names: set[str], block_size: int
+    model: onnx.ModelProto, weight_names: set[str], block_size: int, accuracy_level: int = 0
 ) -> tuple[onnx.ModelProto, float]:
     """Replace each MatMul whose weight input is one of `weight_names` ([K, N] initializers) by
-    ONNX Runtime's MatMulNBits (4 bits, asymmetric, float activations: accuracy_level 0).
+    ONNX Runtime's MatMulNBits (4 bits, asymmetric; `accuracy_level` 0: float activations, 4:
+    activations quantized to int8 per block, int8 dot products).
 
     Returns the model and the error requantization adds: ||W_int4 - W|| / ||W|| over all weights."""
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
@@ -279,7 +283,7 @@ def requantize_int4(
         bits=4,
         block_size=block_size,
         is_symmetric=False,
-        accuracy_level=0,
+        accuracy_level=accuracy_level,
         nodes_to_include=nodes,
     )
     with quiet():
@@ -296,6 +300,50 @@ def requantize_int4(
         error += float((deviation.astype(np.float64) ** 2).sum())
         total += float((weight.astype(np.float64) ** 2).sum())
     return model, (error / total) ** 0.5 if total else 0.0
+
+
+def quantize_int8(
+    model: onnx.ModelProto, keep: tuple[str, ...] = ()
+) -> tuple[onnx.ModelProto, int]:
+    """ONNX Runtime's dynamic int8 quantization of every linear (MatMul or Gemm on a weight
+    initializer) but those whose weight is under a path in `keep` (heads): weights int8 per
+    output channel, activations quantized at run time. The model and how many it quantized."""
+    import tempfile
+    from pathlib import Path
+
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    weights = {i.name for i in model.graph.initializer if len(i.dims) == 2}
+    linears = [
+        n
+        for n in model.graph.node
+        if n.op_type in ("MatMul", "Gemm") and len(n.input) > 1 and n.input[1] in weights
+    ]
+    chosen = [n.name for n in linears if not any(_within(p, keep) for p in _module_paths(n))]
+    with tempfile.TemporaryDirectory() as folder, quiet():
+        source, target = Path(folder) / "float.onnx", Path(folder) / "int8.onnx"
+        onnx.save(model, source)
+        quantize_dynamic(
+            source,
+            target,
+            op_types_to_quantize=["MatMul", "Gemm"],
+            per_channel=True,
+            weight_type=QuantType.QInt8,
+            nodes_to_quantize=chosen,
+        )
+        return onnx.load(target), len(chosen)
+
+
+def _module_paths(node: onnx.NodeProto) -> list[str]:
+    """The module paths torch.onnx recorded for `node` (its `name_scopes`, outermost first)."""
+    import ast
+
+    scopes = {p.key: p.value for p in node.metadata_props}.get("pkg.torch.onnx.name_scopes")
+    return ast.literal_eval(scopes) if scopes else []
+
+
+def _within(path: str, modules: tuple[str, ...]) -> bool:
+    return any(path == m or path.startswith(f"{m}.") for m in modules)
 
 
 def dequantize_int4(
@@ -318,7 +366,14 @@ def dequantize_int4(
 def quiet():
     """torch.onnx prints progress lines and logs that torchvision is missing; keep output clean."""
     loggers = [
-        logging.getLogger(name) for name in ("torch.onnx", "onnx_ir", "onnxscript", "onnxruntime")
+        logging.getLogger(name)
+        for name in (
+            "torch.onnx",
+            "onnx_ir",
+            "onnxscript",
+            "onnxruntime",
+            "",
+        )  # "": the quantizer's
     ]
     levels = [logger.level for logger in loggers]
     for logger in loggers:

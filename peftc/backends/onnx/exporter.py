@@ -32,6 +32,7 @@ from peftc.backends.onnx.contrib import (
     grouped_mm_to_onnx,
     is_all_true,
     nf4_linear_to_matmulbnb4,
+    quantize_int8,
     quiet,
     register_schemas,
     requantize_int4,
@@ -66,7 +67,7 @@ TRANSLATIONS = {
 # ops of other libraries, translated when that library has registered them
 _LIBRARY_TRANSLATIONS = {("transformers", "grouped_mm_fallback"): grouped_mm_to_onnx}
 _DTYPES = {"float32": torch.float32, "float16": torch.float16}
-_QUANT = ("nf4", "int4")
+_QUANT = ("nf4", "int4", "int8", "float")
 _ATTENTION = ("fused", "standard")
 
 
@@ -86,6 +87,7 @@ class OnnxExport:
     fused_attention: int = 0  # of those, run as com.microsoft::MultiHeadAttention
     seconds: float = 0.0
     notes: list[str] = field(default_factory=list)
+    candidates: list = field(default_factory=list)  # export_fastest's measurements
 
     def __str__(self) -> str:
         lines = [
@@ -117,49 +119,76 @@ def export(
     quant: str = "nf4",
     merged: bool = False,
     int4_block_size: int = 32,
+    int4_accuracy_level: int = 0,
     attention: str = "fused",
 ) -> OnnxExport:
     """Export `gm` (called as `gm(*args, **kwargs)`; default: its example inputs) to `path`.
 
     dynamic: batch and sequence axes (dims 0 and 1 of each input) stay symbolic.
     dtype: "float32", or "float16" (ONNX Runtime's float16 converter; inputs and outputs stay
-    float32). quant: how NF4 weights are written: "nf4" (MatMulBnb4, the file keeps peftc's bytes)
-    or
-        "int4" (requantized to MatMulNBits with `int4_block_size`; adds error, see `notes`).
+    float32).
+    quant: "nf4": NF4 weights as MatMulBnb4 (the file keeps peftc's bytes), other weights float;
+    "int4": NF4 weights requantized to MatMulNBits (`int4_block_size`, `int4_accuracy_level`: 4
+    computes in int8; adds error, see `notes`); "int8": every linear weight but the heads
+    (capture's `full_precision`) int8 per output channel, activations quantized at run time (ONNX
+    Runtime's dynamic quantization; NF4 weights decoded first); "float": NF4 weights decoded to
+    float MatMuls (no contrib op for them; the largest file).
     merged: require that no unmerged adapter branch is left (a deployment check).
     attention: "fused" (ONNX Runtime's MultiHeadAttention where it computes the op) or "standard"
     (ONNX's own ops, for runtimes without Microsoft's contrib ops).
     """
     start = time.perf_counter()
     path = writable_path(path)
+    _check_options(gm, quant, dtype, attention)
+    model, int4_weights = onnx_model(
+        gm, args, kwargs, dynamic=dynamic, merged=merged, quant=quant, attention=attention
+    )
+    notes: list[str] = []
+    if quant == "int4":
+        model = _int4(model, int4_weights, int4_block_size, int4_accuracy_level, notes)
+    model = finish(model, dtype)
+    if quant == "int8":
+        model = _int8(model, gm, notes)
+    seconds = time.perf_counter() - start
+    info = dict(dtype=dtype, quant=quant, seconds=seconds, notes=notes)
+    return write(model, path, attention=attention_count(gm), **info)
+
+
+def _int4(
+    model: onnx.ModelProto, weights: set[str], block_size: int, level: int, notes: list[str]
+) -> onnx.ModelProto:
+    model, error = requantize_int4(model, weights, block_size, level)
+    notes.append(
+        f"{len(weights)} NF4 weights requantized to int4 (MatMulNBits, blocks of {block_size}, "
+        f"accuracy level {level}): adds a relative weight error ||W_int4 - W_nf4|| / ||W_nf4|| = "
+        f"{error:.4f}"
+    )
+    return model
+
+
+def _int8(model: onnx.ModelProto, gm: fx.GraphModule, notes: list[str]) -> onnx.ModelProto:
+    model, count = quantize_int8(model, tuple(peftc_meta(gm).get("full_precision", ())))
+    notes.append(
+        f"{count} linear weights int8 per output channel, activations quantized at run time "
+        "(ONNX Runtime's dynamic quantization)"
+    )
+    return model
+
+
+def _check_options(gm: fx.GraphModule, quant: str, dtype: str, attention: str) -> None:
     if dtype not in _DTYPES:
         raise ExportError(f"dtype must be one of {', '.join(_DTYPES)}, got {dtype!r}")
     if quant not in _QUANT:
         raise ExportError(f"quant must be one of {', '.join(_QUANT)}, got {quant!r}")
     if attention not in _ATTENTION:
         raise ExportError(f"attention must be one of {', '.join(_ATTENTION)}, got {attention!r}")
-    model, int4_weights = onnx_model(
-        gm, args, kwargs, dynamic=dynamic, merged=merged, quant=quant, attention=attention
-    )
-    notes = []
-    if int4_weights:
-        model, error = requantize_int4(model, int4_weights, int4_block_size)
-        notes.append(
-            f"{len(int4_weights)} NF4 weights requantized to int4 (MatMulNBits, blocks of "
-            f"{int4_block_size}): adds a relative weight error ||W_int4 - W_nf4|| / ||W_nf4|| = "
-            f"{error:.4f}"
+    if quant == "int4" and not any(n.target is NF4_LINEAR for n in gm.graph.nodes):
+        raise ExportError(
+            "quant='int4' requantizes the graph's NF4 weights, and it has none: apply nf4 first "
+            "(heads stay float, as in QLoRA), or choose quant='int8'"
         )
-    model = finish(model, dtype)
-    return write(
-        model,
-        path,
-        dtype=dtype,
-        quant=quant,
-        seconds=time.perf_counter() - start,
-        notes=notes,
-        attention=attention_count(gm),
-        fused_attention=sum(n.op_type == "MultiHeadAttention" for n in model.graph.node),
-    )
+    if quant == "int8" and dtype != "float32":
+        raise ExportError("quant='int8' quantizes float32 weights: export with dtype='float32'")
 
 
 def attention_count(gm: fx.GraphModule) -> int:
@@ -282,6 +311,7 @@ def write(model: onnx.ModelProto, path: Path, **info: Any) -> OnnxExport:
         len(data),
         quantized_weights=count,
         quantized_bits_per_weight=bits,
+        fused_attention=sum(n.op_type == "MultiHeadAttention" for n in model.graph.node),
         **info,
     )
 
