@@ -499,3 +499,16 @@ def test_export_fastest_writes_the_fastest_candidate_that_keeps_accuracy(tmp_pat
     assert_outputs_close(run_onnx(result.path, inputs), eager(quantized, inputs), atol=1e-4)
     with pytest.raises(ExportError, match="chooses quant itself"):
         peftc_onnx.export_fastest(quantized, tmp_path / "x.onnx", accuracy=accuracy, quant="nf4")
+
+
+def test_attention_without_heads_is_refused_by_name(tmp_path):
+    """SDPA on [B, S, H] (no heads axis): MultiHeadAttention does not take it and torch.onnx's
+    decomposition does not either; the error names the node, not an IndexError."""
+
+    class HeadlessAttention(torch.nn.Module):
+        def forward(self, x):
+            return torch.nn.functional.scaled_dot_product_attention(x, x, x, is_causal=True)
+
+    gm = peftc.capture(HeadlessAttention(), (torch.randn(2, 5, 8),))
+    with pytest.raises(ExportError, match="node scaled_dot_product_attention .*only 4D"):
+        peftc_onnx.export(gm, tmp_path / "model.onnx")

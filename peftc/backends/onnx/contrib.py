@@ -196,6 +196,8 @@ def _fusable(query, key, value, attn_mask, is_causal, dropout_p) -> bool:
     shapes = (query.shape, key.shape, value.shape, () if attn_mask is None else attn_mask.shape)
     if any(shape is None for shape in shapes) or dropout_p:
         return False
+    if not len(query.shape) == len(key.shape) == len(value.shape) == 4:  # [B, N, S, H] only
+        return False
     heads = (query.shape[1], query.shape[3], key.shape[1], value.shape[3])
     static = all(isinstance(d, int) for d in heads)
     # torch aligns a causal mask top-left, ONNX Runtime bottom-right: equal when S == L
