@@ -25,10 +25,13 @@ onnx ships no schemas for contrib ops; registering them lets onnxscript build th
 
 from __future__ import annotations
 
+import ast
 import contextlib
 import io
 import logging
+import tempfile
 import warnings
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -310,9 +313,6 @@ def quantize_int8(
     """ONNX Runtime's dynamic int8 quantization of every linear (MatMul or Gemm on a weight
     initializer) but those whose weight is under a path in `keep` (heads): weights int8 per
     output channel, activations quantized at run time. The model and how many it quantized."""
-    import tempfile
-    from pathlib import Path
-
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     weights = {i.name for i in model.graph.initializer if len(i.dims) == 2}
@@ -338,8 +338,6 @@ def quantize_int8(
 
 def _module_paths(node: onnx.NodeProto) -> list[str]:
     """The module paths torch.onnx recorded for `node` (its `name_scopes`, outermost first)."""
-    import ast
-
     scopes = {p.key: p.value for p in node.metadata_props}.get("pkg.torch.onnx.name_scopes")
     return ast.literal_eval(scopes) if scopes else []
 

@@ -13,7 +13,6 @@ machine's, so choose on the machine that will serve, or force one with `export(q
 from __future__ import annotations
 
 import os
-import shutil
 import statistics
 import tempfile
 import time
@@ -27,6 +26,7 @@ from torch import fx
 
 from peftc.backends.onnx.exporter import NF4_LINEAR, OnnxExport, export, writable_path
 from peftc.errors import ExportError
+from peftc.ir.graph import peftc_meta
 
 __all__ = ["export_fastest", "Candidate", "CANDIDATES"]
 
@@ -76,6 +76,7 @@ def export_fastest(
         raise ExportError(
             f"export_fastest chooses {', '.join(refused)} itself; to force one, call export"
         )
+    threads = threads or torch.get_num_threads()
     quantized = any(n.target is NF4_LINEAR for n in gm.graph.nodes)
     chosen = [(n, o) for n, o in CANDIDATES if quantized or o["quant"] not in ("nf4", "int4")]
     with tempfile.TemporaryDirectory(dir=path.parent, prefix=".peftc-tuning-") as folder:
@@ -83,9 +84,7 @@ def export_fastest(
             name: export(gm, Path(folder) / f"{i}.onnx", **options, **extra)
             for i, (name, extra) in enumerate(chosen)
         }
-        seconds = _timed(
-            exports, inputs or _example(gm), threads or torch.get_num_threads(), repeat
-        )
+        seconds = _timed(exports, inputs or _example(gm), threads, repeat)
         measured = [
             Candidate(name, extra, seconds[name], accuracy(exports[name].path), exports[name].bytes)
             for name, extra in chosen
@@ -94,11 +93,11 @@ def export_fastest(
         kept = [c for c in measured if c.score >= reference.score - tolerance]
         best = min(kept, key=lambda c: c.seconds)
         result = exports[best.name]
-        shutil.move(result.path, path)
+        os.replace(result.path, path)  # the same folder: a rename
     result.path = path
     result.notes.append(
         f"chosen by export_fastest: {best.name}, the fastest within {tolerance} of the float "
-        f"export's accuracy on {threads or torch.get_num_threads()} threads; measured: "
+        f"export's accuracy on {threads} threads; measured: "
         + "; ".join(c.row(reference) for c in measured)
     )
     result.candidates, result.quant = measured, best.name
@@ -106,8 +105,6 @@ def export_fastest(
 
 
 def _example(gm: fx.GraphModule) -> dict[str, torch.Tensor]:
-    from peftc.ir.graph import peftc_meta
-
     example = peftc_meta(gm).get("example_inputs") or {}
     return {k: v for k, v in example.items() if isinstance(v, torch.Tensor)}
 
