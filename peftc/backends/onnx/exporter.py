@@ -278,11 +278,16 @@ def _output_names(program: torch.export.ExportedProgram) -> list[str]:
 
 
 def finish(model: onnx.ModelProto, dtype: str) -> onnx.ModelProto:
-    """Optimize (never folding graph inputs), convert to float16 if asked, and check."""
+    """Optimize (never folding graph inputs; the Identity nodes torch.onnx leaves where a
+    transpose pair cancelled removed too), convert to float16 if asked, and check."""
     import onnxscript.optimizer
+    from onnxscript import ir
 
     with quiet():
         model = onnxscript.optimizer.optimize(model)
+        graph = ir.from_proto(model)
+        ir.passes.common.IdentityEliminationPass()(graph)
+        model = ir.to_proto(graph)
         if dtype == "float16":
             from onnxruntime.transformers.float16 import convert_float_to_float16
 
