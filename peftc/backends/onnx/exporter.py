@@ -287,7 +287,10 @@ def finish(model: onnx.ModelProto, dtype: str) -> onnx.ModelProto:
         model = onnxscript.optimizer.optimize(model)
         graph = ir.from_proto(model)
         ir.passes.common.IdentityEliminationPass()(graph)
-        model = ir.to_proto(graph)
+        cleaned = ir.to_proto(graph)
+        # an Identity between two outputs (one tensor returned twice) goes with a name: keep it
+        if [o.name for o in cleaned.graph.output] == [o.name for o in model.graph.output]:
+            model = cleaned
         if dtype == "float16":
             from onnxruntime.transformers.float16 import convert_float_to_float16
 
