@@ -1,4 +1,5 @@
-"""What every benchmark script shares: its command line, thread count and timing loop."""
+"""What every benchmark script shares: its command line, thread count and timing loop, and how a
+matrix cell names what stopped it."""
 
 from __future__ import annotations
 
@@ -13,6 +14,8 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
+
+from peftc.errors import PeftcError
 
 
 def begin(
@@ -61,3 +64,21 @@ def write_json(path: str, data: dict) -> None:
     from peftc._io import atomic_write
 
     atomic_write(path, json.dumps(data, indent=2) + "\n")
+
+
+def first_line(e: BaseException, width: int = 110) -> str:
+    """An error's first line, shortened, as a Markdown table cell can hold it."""
+    return (str(e).splitlines() or [""])[0][:width].replace("|", "/")
+
+
+def outcome(run: Callable[[], str]) -> str:
+    """`run()`'s cell, or what stopped it: peftc's refusal by name, a wrong result (a parity
+    check's AssertionError), or a crash, which is a finding too."""
+    try:
+        return run()
+    except PeftcError as e:
+        return f"refused: {type(e).__name__}: {first_line(e)}"
+    except AssertionError as e:
+        return f"WRONG: {first_line(e)}"
+    except Exception as e:
+        return f"CRASH: {type(e).__name__}: {first_line(e)}"

@@ -39,7 +39,7 @@ from peftc.ir.graph import peftc_meta
 from peftc.technique.registry import for_peft_type
 from peftc.tools.parity import first_output, perturb
 
-from common import begin
+from common import begin, first_line
 
 STEPS = ("nf4", "onnx", "multi_lora", "triton")
 
@@ -48,13 +48,9 @@ def cell(step, *args) -> str:
     try:
         return step(*args)
     except PeftcError as e:
-        return f"refused: {type(e).__name__}: {_first_line(e)}"
+        return f"refused: {type(e).__name__}: {first_line(e, 100)}"
     except Exception as e:  # a crash is a finding, recorded as one
-        return f"CRASH: {type(e).__name__}: {_first_line(e)}"
-
-
-def _first_line(e: BaseException) -> str:
-    return (str(e).splitlines() or [""])[0][:100].replace("|", "/")
+        return f"CRASH: {type(e).__name__}: {first_line(e, 100)}"
 
 
 def checkpoint(peft_type: str, case: Case, folder: Path) -> Path:
@@ -156,7 +152,7 @@ def row(peft_type: str, case: Case) -> list[str]:
             folder = checkpoint(peft_type, case, scratch)
             ours = peftc.load_adapter(case.graph, folder)
         except Exception as e:  # peft's or the load's failure: nothing further to check
-            return [f"not loaded: {type(e).__name__}: {_first_line(e)}"] * len(STEPS)
+            return [f"not loaded: {type(e).__name__}: {first_line(e, 100)}"] * len(STEPS)
         dense = run(ours, case, peft_type)
         return [
             cell(nf4, case, peft_type, folder, dense),

@@ -38,11 +38,11 @@ from pathlib import Path
 import torch
 
 from peftc._io import atomic_write
-from peftc.errors import NotMergeable, PeftcError
+from peftc.errors import NotMergeable
 from peftc.technique.registry import for_peft_type
 from peftc.tools.parity import against_peft
 
-from common import begin
+from common import begin, first_line, outcome
 
 STAND_INS = ("diffusers", "datasets")  # imported by peft's shared test helpers only
 
@@ -118,21 +118,19 @@ def run_case(tests: types.ModuleType, case: tuple, folder: Path) -> str:
 
         peft.get_peft_model(copy.deepcopy(model), copy.deepcopy(config))
     except Exception as e:  # peft's own refusal: nothing to compare
-        return f"peft fails: {type(e).__name__}: {_first_line(e)}"
+        return f"peft fails: {type(e).__name__}: {first_line(e)}"
     merge = merges(tests, model_id, config, kwargs)
+    return outcome(lambda: _compared(model, args, config, folder, merge))
+
+
+def _compared(model, args: tuple, config, folder: Path, merge: bool) -> str:
+    """The PASS cell, retried without merging where peftc refuses to merge."""
     unmerged = ""
     try:
-        try:
-            parity = _parity(model, args, config, folder, merge)
-        except NotMergeable as e:  # the rest still holds, or fails, without merging
-            unmerged = f"; merge refused: {_first_line(e)}"
-            parity = _parity(model, args, config, folder / "unmerged", False)
-    except PeftcError as e:
-        return f"refused: {type(e).__name__}: {_first_line(e)}"
-    except AssertionError as e:
-        return f"WRONG: {_first_line(e)}"
-    except Exception as e:  # a crash is a finding, recorded as one
-        return f"CRASH: {type(e).__name__}: {_first_line(e)}"
+        parity = _parity(model, args, config, folder, merge)
+    except NotMergeable as e:  # the rest still holds, or fails, without merging
+        unmerged = f"; merge refused: {first_line(e)}"
+        parity = _parity(model, args, config, folder / "unmerged", False)
     merged = "-" if parity.merged is None else f"{parity.merged:.1e}"
     return f"PASS {parity.output:.1e} / {parity.gradient:.1e} / {merged}{unmerged}"
 
@@ -146,10 +144,6 @@ def _parity(model, args: tuple, config, folder: Path, merge: bool):
         if "does not change the output" not in str(e):
             raise
     return against_peft(model, args, {}, config, folder / "finer", merge=merge, tol=1e-6)
-
-
-def _first_line(e: Exception) -> str:
-    return (str(e).splitlines() or [""])[0][:110].replace("|", "/")
 
 
 def report(rows: list[tuple[str, str, str]], command: str, seconds: float) -> str:

@@ -44,14 +44,14 @@ from safetensors.torch import save_file
 
 import peftc
 from peftc._io import atomic_write
-from peftc.errors import NotMergeable, PeftcError
+from peftc.errors import NotMergeable
 from peftc.ir.graph import clone
 from peftc.technique.adapters import disable
 from peftc.technique.registry import for_peft_type
 from peftc.tools.models import example_inputs, tiny_model
 from peftc.tools.parity import against_peft, close, first_output, perturb
 
-from common import begin
+from common import begin, first_line, outcome
 
 FAMILIES = ("gpt2", "bert", "mistral", "opt")
 # the attention projections and one MLP projection (hidden 64: every size a multiple of 16)
@@ -233,15 +233,8 @@ def run_cell(peft_type: str, case: Case, folder: Path) -> str:
         config = make_config(peft_type, case, folder)
         peft_runs(peft_type, case, model, config)
     except Exception as e:  # peft's own refusal: nothing to compare
-        return f"peft fails: {type(e).__name__}: {_first_line(e)}"
-    try:
-        return check(peft_type, case, model, config, folder, technique.mergeable)
-    except PeftcError as e:
-        return f"refused: {type(e).__name__}: {_first_line(e)}"
-    except AssertionError as e:
-        return f"WRONG: {_first_line(e)}"
-    except Exception as e:  # a crash is a finding, recorded as one
-        return f"CRASH: {type(e).__name__}: {_first_line(e)}"
+        return f"peft fails: {type(e).__name__}: {first_line(e)}"
+    return outcome(lambda: check(peft_type, case, model, config, folder, technique.mergeable))
 
 
 def check(peft_type: str, case: Case, model, config, folder: Path, merge: bool) -> str:
@@ -255,7 +248,7 @@ def check(peft_type: str, case: Case, model, config, folder: Path, merge: bool) 
     try:
         parity = against_peft(model, args, kwargs, config, folder, merge=merge, **options)
     except NotMergeable as e:  # the rest still holds, or fails, without merging
-        unmerged = f"; merge refused: {_first_line(e)}"
+        unmerged = f"; merge refused: {first_line(e)}"
         parity = against_peft(model, args, kwargs, config, folder / "u", merge=False, **options)
     merged = "-" if parity.merged is None else f"{parity.merged:.1e}"
     return f"PASS {parity.output:.1e} / {parity.gradient:.1e} / {merged}{unmerged}"
@@ -398,10 +391,6 @@ BY_HAND = {
     "SHADOW": shadow_pair,
     "XLORA": xlora_pair,
 }
-
-
-def _first_line(e: BaseException) -> str:
-    return (str(e).splitlines() or [""])[0][:110].replace("|", "/")
 
 
 def _kind(cell: str) -> str:
