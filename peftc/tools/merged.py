@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import fx
 
 from peftc._io import atomic_dir
@@ -38,8 +38,6 @@ from peftc.technique.adapters import adapters
 from peftc.tools.parity import close, first_output
 
 __all__ = ["save_merged"]
-
-SAFE_WEIGHTS_NAME, CONFIG_NAME = "model.safetensors", "config.json"
 
 
 def save_merged(
@@ -62,14 +60,15 @@ def save_merged(
     merged = _merged(gm, "requantize=true" if nf4 else 'dtype="float32"')
     model = _rebuilt(gm, capture["class"], _dense_state(merged), dtype)
     quantized = _nf4_weights(merged) if nf4 else {}
+    state = _4bit_state(model, quantized, merged, dtype) if nf4 else None
     with atomic_dir(folder) as tmp:
-        model.save_pretrained(tmp, max_shard_size="1000GB")  # one file: its weights are rewritten
+        # one file: `_decoded` reads it back
+        model.save_pretrained(tmp, state_dict=state, max_shard_size="1000GB")
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         if nf4:
-            _write_4bit(tmp, quantized, _dense_linears(merged, quantized), dtype or torch.float32)
             reloaded = type(model)(model.config)
-            reloaded.load_state_dict(_decoded(tmp / SAFE_WEIGHTS_NAME), strict=False)
+            reloaded.load_state_dict(_decoded(tmp / "model.safetensors"), strict=False)
             reloaded.tie_weights()
         else:
             reloaded = type(model).from_pretrained(tmp, dtype=dtype)
@@ -106,30 +105,30 @@ def _dense_linears(gm: fx.GraphModule, quantized: dict[str, NF4Weight]) -> list[
     ]
 
 
-def _write_4bit(
-    folder: Path, weights: dict[str, NF4Weight], dense: list[str], dtype: torch.dtype
-) -> None:
-    """The dense `weight` of each NF4 module replaced by bitsandbytes' serialized 4-bit state, and
-    `quantization_config` in config.json (transformers' BitsAndBytesConfig)."""
+def _4bit_state(
+    model: torch.nn.Module,
+    weights: dict[str, NF4Weight],
+    merged: fx.GraphModule,
+    dtype: torch.dtype | None,
+) -> dict[str, torch.Tensor]:
+    """`model`'s state with each NF4 module's dense `weight` replaced by bitsandbytes' serialized
+    4-bit state; its config gets `quantization_config` (transformers' BitsAndBytesConfig), the
+    linears the graph keeps dense named in `llm_int8_skip_modules`."""
     from transformers import BitsAndBytesConfig
 
-    path = folder / SAFE_WEIGHTS_NAME
-    state = load_file(path)
+    state = dict(model.state_dict())
     for module, weight in weights.items():
-        if state.pop(f"{module}.weight", None) is None:
-            raise CheckpointError(f"save_merged: {module}.weight is not in the saved model")
-        state.update(_bnb_entries(module, weight, dtype))
-    save_file(state, path, metadata={"format": "pt"})
-    quantization = BitsAndBytesConfig(
+        del state[f"{module}.weight"]
+        state.update(_bnb_entries(module, weight, dtype or torch.float32))
+    dense = _dense_linears(merged, weights)
+    model.config.quantization_config = BitsAndBytesConfig(
         load_in_4bit=True,
         bnb_4bit_quant_type="nf4",
         bnb_4bit_use_double_quant=all(w.double_quant for w in weights.values()),
-        bnb_4bit_compute_dtype=dtype,
+        bnb_4bit_compute_dtype=dtype or torch.float32,
         llm_int8_skip_modules=[re.escape(p) for p in dense] or None,
     )
-    config = json.loads((folder / CONFIG_NAME).read_text())
-    config["quantization_config"] = quantization.to_dict()
-    (folder / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    return state
 
 
 def _bnb_entries(module: str, w: NF4Weight, dtype: torch.dtype) -> dict[str, torch.Tensor]:
