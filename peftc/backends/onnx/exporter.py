@@ -53,7 +53,7 @@ from peftc.quant.format import nf4_state
 from peftc.quant.nf4 import dequantize_absmax, dequantize_nf4
 from peftc.technique.adapters import adapters
 
-__all__ = ["export", "OnnxExport", "onnx_model", "linear_weight_bytes"]
+__all__ = ["export", "OnnxExport", "onnx_model", "quantized_file", "linear_weight_bytes"]
 
 aten = torch.ops.aten
 NF4_LINEAR = torch.ops.peftc.nf4_linear.default
@@ -139,10 +139,29 @@ def export(
     """
     start = time.perf_counter()
     path = writable_path(path)
-    _check_options(gm, quant, dtype, attention)
+    _check_options(gm, quant, dtype)
     model, int4_weights = onnx_model(
         gm, args, kwargs, dynamic=dynamic, merged=merged, quant=quant, attention=attention
     )
+    return quantized_file(
+        gm, model, int4_weights, path, quant, dtype, int4_block_size, int4_accuracy_level, start
+    )
+
+
+def quantized_file(
+    gm: fx.GraphModule,
+    model: onnx.ModelProto,
+    int4_weights: set[str],
+    path: Path,
+    quant: str,
+    dtype: str = "float32",
+    int4_block_size: int = 32,
+    int4_accuracy_level: int = 0,
+    start: float | None = None,
+) -> OnnxExport:
+    """`onnx_model`'s model of `gm` (exported for `quant`: NF4 weights kept for "nf4", decoded
+    otherwise) quantized as `quant` asks, optimized and written to `path`."""
+    start = time.perf_counter() if start is None else start
     notes: list[str] = []
     if quant == "int4":
         model = _int4(model, int4_weights, int4_block_size, int4_accuracy_level, notes)
@@ -175,13 +194,11 @@ def _int8(model: onnx.ModelProto, gm: fx.GraphModule, notes: list[str]) -> onnx.
     return model
 
 
-def _check_options(gm: fx.GraphModule, quant: str, dtype: str, attention: str) -> None:
+def _check_options(gm: fx.GraphModule, quant: str, dtype: str) -> None:
     if dtype not in _DTYPES:
         raise ExportError(f"dtype must be one of {', '.join(_DTYPES)}, got {dtype!r}")
     if quant not in _QUANT:
         raise ExportError(f"quant must be one of {', '.join(_QUANT)}, got {quant!r}")
-    if attention not in _ATTENTION:
-        raise ExportError(f"attention must be one of {', '.join(_ATTENTION)}, got {attention!r}")
     if quant == "int4" and not any(n.target is NF4_LINEAR for n in gm.graph.nodes):
         raise ExportError(
             "quant='int4' requantizes the graph's NF4 weights, and it has none: apply nf4 first "
@@ -212,6 +229,8 @@ def onnx_model(
 ) -> tuple[onnx.ModelProto, set[str]]:
     """The unoptimized float32 ONNX model of `gm`, and the names of the dense weights that stand in
     for NF4 weights when `quant="int4"` ([K, N] initializers, to requantize)."""
+    if attention not in _ATTENTION:
+        raise ExportError(f"attention must be one of {', '.join(_ATTENTION)}, got {attention!r}")
     inputs = _positional(gm, args, kwargs)
     _check_translatable(gm)
     if merged:

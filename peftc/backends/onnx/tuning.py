@@ -12,6 +12,7 @@ machine's, so choose on the machine that will serve, or force one with `export(q
 
 from __future__ import annotations
 
+import copy
 import os
 import statistics
 import tempfile
@@ -24,7 +25,13 @@ from typing import Any
 import torch
 from torch import fx
 
-from peftc.backends.onnx.exporter import NF4_LINEAR, OnnxExport, export, writable_path
+from peftc.backends.onnx.exporter import (
+    NF4_LINEAR,
+    OnnxExport,
+    onnx_model,
+    quantized_file,
+    writable_path,
+)
 from peftc.errors import ExportError
 from peftc.ir.graph import peftc_meta
 
@@ -69,7 +76,7 @@ def export_fastest(
     """Write to `path` the fastest of `CANDIDATES` whose `accuracy` (higher is better) is at most
     `tolerance` below the float export's. The result's `quant` names the one chosen, its
     `candidates` and notes hold every measurement. `inputs`: what to time (default: the capture's
-    example inputs); `options`: `export`'s others."""
+    example inputs); `options`: `onnx_model`'s (args, kwargs, dynamic, merged, attention)."""
     path = writable_path(path)
     refused = sorted(set(options) & {"quant", "int4_block_size", "int4_accuracy_level", "dtype"})
     if refused:
@@ -80,10 +87,7 @@ def export_fastest(
     quantized = any(n.target is NF4_LINEAR for n in gm.graph.nodes)
     chosen = [(n, o) for n, o in CANDIDATES if quantized or o["quant"] not in ("nf4", "int4")]
     with tempfile.TemporaryDirectory(dir=path.parent, prefix=".peftc-tuning-") as folder:
-        exports = {
-            name: export(gm, Path(folder) / f"{i}.onnx", **options, **extra)
-            for i, (name, extra) in enumerate(chosen)
-        }
+        exports = _exported(gm, chosen, Path(folder), options)
         seconds = _timed(exports, inputs or _example(gm), threads, repeat)
         measured = [
             Candidate(name, extra, seconds[name], accuracy(exports[name].path), exports[name].bytes)
@@ -102,6 +106,24 @@ def export_fastest(
     )
     result.candidates, result.quant = measured, best.name
     return result
+
+
+def _exported(
+    gm: fx.GraphModule, chosen: list, folder: Path, options: dict[str, Any]
+) -> dict[str, OnnxExport]:
+    """Each candidate's file. torch.onnx runs once per lowering (NF4 weights kept, or decoded:
+    what float, int4 and int8 start from), not once per candidate."""
+    lowered: dict[str, tuple] = {}
+    exports = {}
+    for i, (name, settings) in enumerate(chosen):
+        kind = "nf4" if settings["quant"] == "nf4" else "float"
+        if kind not in lowered:
+            lowered[kind] = onnx_model(gm, **options, quant=kind)
+        model, int4_weights = lowered[kind]
+        exports[name] = quantized_file(
+            gm, copy.deepcopy(model), int4_weights, folder / f"{i}.onnx", **settings
+        )
+    return exports
 
 
 def _example(gm: fx.GraphModule) -> dict[str, torch.Tensor]:
