@@ -7,8 +7,10 @@ import json
 import pytest
 import torch
 
+import peftc
 from peftc.errors import PeftcError
 from peftc.tools import demo
+from peftc.tools.parity import close
 
 from conftest import requires_minilm
 
@@ -29,6 +31,14 @@ def peft_accuracy(adapter, dev):
         if isinstance(module, torch.nn.Linear) and not ("lora_" in name or "classifier" in name):
             module.weight.data = dequantize_nf4(quantize_nf4(module.weight.data))
     tokenizer = AutoTokenizer.from_pretrained(model.peft_config["default"].base_model_name_or_path)
+    # peft's logits are peftc's over the NF4 base with the same adapter (a 4-step demo can
+    # predict one class, so equal accuracies alone would not show the adapter loaded)
+    captured, _, _ = demo.build("freeze")
+    ours = peftc.load_adapter(peftc.apply(captured, "nf4"), adapter).eval()
+    ids, mask = demo._batches(tokenizer, dev[0], list(range(8)), 64)
+    with torch.no_grad():
+        theirs = model(input_ids=ids, attention_mask=mask).logits
+        close(theirs, ours(ids, attention_mask=mask).logits, "peft vs peftc", tol=1e-4)
     return demo.evaluate(model, tokenizer, dev)
 
 
