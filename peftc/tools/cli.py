@@ -210,11 +210,12 @@ def _add_export(sub: argparse._SubParsersAction, model_help: str) -> None:
     export.add_argument("--dtype", choices=["float32", "float16"], default="float32")
     export.add_argument(
         "--quant",
-        choices=["nf4", "int4", "int8"],
+        choices=["nf4", "int4", "int8", "int4_int8", "float"],
         default=None,
         help="NF4 weights (from an nf4 pass) as MatMulBnb4 (nf4, the default) or requantized to "
         "MatMulNBits (int4); or every linear but the heads int8, activations quantized at run "
-        "time (int8)",
+        "time (int8), or 4-bit in the file and expanded to int8 at load, run by the int8 kernels "
+        "(int4_int8); or NF4 weights decoded to float (float)",
     )
     export.add_argument(
         "--attention",

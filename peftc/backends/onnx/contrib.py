@@ -31,6 +31,7 @@ import io
 import logging
 import tempfile
 import warnings
+from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
@@ -50,6 +51,7 @@ __all__ = [
     "is_all_true",
     "requantize_int4",
     "quantize_int8",
+    "kept",
     "quiet",
 ]
 
@@ -59,48 +61,37 @@ _FLOATS = ["tensor(float)", "tensor(float16)", "tensor(bfloat16)"]
 
 
 def register_schemas() -> None:
-    for schema in (_matmul_bnb4(), _matmul_nbits(), _multihead_attention()):
+    for schema in (
+        _matmul_bnb4(),
+        _matmul_nbits(),
+        _multihead_attention(),
+        _dynamic_quantize_matmul(),
+    ):
         _register(schema)
 
 
 def _matmul_bnb4() -> OpSchema:
-    return OpSchema(
+    return _contrib(
         "MatMulBnb4",
-        "com.microsoft",
-        1,
-        doc="Y = A @ dequantize_bnb4(B).T; B: bitsandbytes' packed 4-bit codes of the [N, K] "
-        "weight.",
-        inputs=[_param("A", "T1"), _param("B", "T2"), _param("absmax", "T1")],
-        outputs=[_param("Y", "T1")],
-        type_constraints=[("T1", _FLOATS, ""), ("T2", ["tensor(uint8)"], "")],
-        attributes=[_attr(name) for name in ("K", "N", "block_size", "quant_type")],
+        "Y = A @ dequantize_bnb4(B).T; B: bitsandbytes' packed 4-bit codes of the [N, K] weight.",
+        ["A:T1", "B:T2", "absmax:T1"],
+        [("T1", _FLOATS), ("T2", ["tensor(uint8)"])],
+        [_attr(name) for name in ("K", "N", "block_size", "quant_type")],
     )
 
 
 def _matmul_nbits() -> OpSchema:
-    optional = OpSchema.FormalParameterOption.Optional
-    return OpSchema(
+    return _contrib(
         "MatMulNBits",
-        "com.microsoft",
-        1,
-        doc="Y = A @ dequantize(B).T + bias; B: [N, K/block_size, block_size*bits/8] blockwise "
-        "codes.",
-        inputs=[
-            _param("A", "T1"),
-            _param("B", "T2"),
-            _param("scales", "T1"),
-            _param("zero_points", "T3", optional),
-            _param("g_idx", "T4", optional),
-            _param("bias", "T1", optional),
+        "Y = A @ dequantize(B).T + bias; B: [N, K/block_size, block_size*bits/8] blockwise codes.",
+        ["A:T1", "B:T2", "scales:T1", "zero_points:T3?", "g_idx:T4?", "bias:T1?"],
+        [
+            ("T1", _FLOATS),
+            ("T2", ["tensor(uint8)", "tensor(int32)"]),
+            ("T3", ["tensor(uint8)", "tensor(int32)", *_FLOATS]),
+            ("T4", ["tensor(int32)"]),
         ],
-        outputs=[_param("Y", "T1")],
-        type_constraints=[
-            ("T1", _FLOATS, ""),
-            ("T2", ["tensor(uint8)", "tensor(int32)"], ""),
-            ("T3", ["tensor(uint8)", "tensor(int32)", *_FLOATS], ""),
-            ("T4", ["tensor(int32)"], ""),
-        ],
-        attributes=[
+        [
             *(_attr(name) for name in ("K", "N", "bits", "block_size")),
             _attr("accuracy_level", required=False),
         ],
@@ -108,25 +99,55 @@ def _matmul_nbits() -> OpSchema:
 
 
 def _multihead_attention() -> OpSchema:
-    optional = OpSchema.FormalParameterOption.Optional
-    return OpSchema(
+    return _contrib(
         "MultiHeadAttention",
-        "com.microsoft",
-        1,
-        doc="softmax(scale * Q K^T + attention_bias) V over num_heads heads; query [B, S, D], "
-        "key and value [B, L, D] or [B, N, L, H].",
-        inputs=[
-            _param("query", "T"),
-            *(_param(name, "T", optional) for name in ("key", "value", "bias", "key_padding_mask")),
-            _param("attention_bias", "T", optional),
-        ],
-        outputs=[_param("output", "T")],
-        type_constraints=[("T", _FLOATS, "")],
-        attributes=[
+        "softmax(scale * Q K^T + attention_bias) V over num_heads heads; query [B, S, D], key and "
+        "value [B, L, D] or [B, N, L, H].",
+        ["query:T", "key:T?", "value:T?", "bias:T?", "key_padding_mask:T?", "attention_bias:T?"],
+        [("T", _FLOATS)],
+        [
             _attr("num_heads"),
             _attr("unidirectional", required=False),
             OpSchema.Attribute("scale", OpSchema.AttrType.FLOAT, "", required=False),
         ],
+    )
+
+
+def _dynamic_quantize_matmul() -> OpSchema:
+    return _contrib(
+        "DynamicQuantizeMatMul",
+        "Y = dequantize(quantize(A)) @ (B * b_scale) + bias; A quantized per tensor at run time, "
+        "B int8 with a scale per column.",
+        ["A:T1", "B:T2", "b_scale:T1", "b_zero_point:T2?", "bias:T1?"],
+        [("T1", ["tensor(float)"]), ("T2", ["tensor(int8)", "tensor(uint8)"])],
+    )
+
+
+def _contrib(
+    name: str,
+    doc: str,
+    inputs: list[str],
+    types: list[tuple[str, list[str]]],
+    attributes: list[OpSchema.Attribute] = (),
+) -> OpSchema:
+    """A com.microsoft schema; inputs as "name:type", "name:type?" when optional, one output."""
+    optional = OpSchema.FormalParameterOption.Optional
+    params = []
+    for spec in inputs:
+        param, type_str = spec.rstrip("?").split(":")
+        params.append(
+            _param(param, type_str, optional) if spec.endswith("?") else _param(param, type_str)
+        )
+    output = "output" if name == "MultiHeadAttention" else "Y"
+    return OpSchema(
+        name,
+        "com.microsoft",
+        1,
+        doc=doc,
+        inputs=params,
+        outputs=[_param(output, types[0][0])],
+        type_constraints=[(t, allowed, "") for t, allowed in types],
+        attributes=list(attributes),
     )
 
 
@@ -290,6 +311,8 @@ def requantize_int4(
         is_symmetric=False,
         accuracy_level=accuracy_level,
         nodes_to_include=nodes,
+        # the quantizer takes every MatMul on an initializer besides those it is given
+        nodes_to_exclude=[n.name for n in model.graph.node if n.name not in nodes],
     )
     with quiet():
         quantizer.process()
@@ -321,7 +344,7 @@ def quantize_int8(
         for n in model.graph.node
         if n.op_type in ("MatMul", "Gemm") and len(n.input) > 1 and n.input[1] in weights
     ]
-    chosen = [n.name for n in linears if not any(_within(p, keep) for p in _module_paths(n))]
+    chosen = [n.name for n in linears if not kept({p.key: p.value for p in n.metadata_props}, keep)]
     with tempfile.TemporaryDirectory() as folder, quiet():
         source, target = Path(folder) / "float.onnx", Path(folder) / "int8.onnx"
         onnx.save(model, source)
@@ -336,14 +359,11 @@ def quantize_int8(
         return onnx.load(target), len(chosen)
 
 
-def _module_paths(node: onnx.NodeProto) -> list[str]:
-    """The module paths torch.onnx recorded for `node` (its `name_scopes`, outermost first)."""
-    scopes = {p.key: p.value for p in node.metadata_props}.get("pkg.torch.onnx.name_scopes")
-    return ast.literal_eval(scopes) if scopes else []
-
-
-def _within(path: str, modules: tuple[str, ...]) -> bool:
-    return any(path == m or path.startswith(f"{m}.") for m in modules)
+def kept(metadata: Mapping[str, str], keep: tuple[str, ...]) -> bool:
+    """Whether torch.onnx recorded a node (its `metadata_props`) within a module path in `keep`."""
+    scopes = metadata.get("pkg.torch.onnx.name_scopes")
+    paths = ast.literal_eval(scopes) if scopes else []
+    return any(path == m or path.startswith(f"{m}.") for path in paths for m in keep)
 
 
 def dequantize_int4(

@@ -31,6 +31,7 @@ from peftc._io import atomic_write
 from peftc.backends.onnx.contrib import (
     grouped_mm_to_onnx,
     is_all_true,
+    kept,
     nf4_linear_to_matmulbnb4,
     quantize_int8,
     quiet,
@@ -38,6 +39,9 @@ from peftc.backends.onnx.contrib import (
     requantize_int4,
     sdpa_to_multihead_attention,
 )
+from peftc.backends.onnx.int4_int8 import GROUP as INT4_INT8_GROUP
+from peftc.backends.onnx.int4_int8 import quantize_int4_int8
+from peftc.backends.onnx.rewrites import pack_sibling_linears
 from peftc.errors import CaptureError, ExportError
 from peftc.ir.attention import causal_sdpa
 from peftc.ir.capture import export_program
@@ -67,7 +71,7 @@ TRANSLATIONS = {
 # ops of other libraries, translated when that library has registered them
 _LIBRARY_TRANSLATIONS = {("transformers", "grouped_mm_fallback"): grouped_mm_to_onnx}
 _DTYPES = {"float32": torch.float32, "float16": torch.float16}
-_QUANT = ("nf4", "int4", "int8", "float")
+_QUANT = ("nf4", "int4", "int8", "int4_int8", "float")
 _ATTENTION = ("fused", "standard")
 
 
@@ -86,6 +90,9 @@ class OnnxExport:
     attention: int = 0  # attention ops in the graph
     fused_attention: int = 0  # of those, run as com.microsoft::MultiHeadAttention
     seconds: float = 0.0
+    # (step, nodes after it): torch.onnx's graph, optimized (constants folded, Identity and
+    # transpose pairs gone), sibling linears packed, quantized
+    node_counts: list[tuple[str, int]] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     candidates: list = field(default_factory=list)  # export_fastest's measurements
 
@@ -100,6 +107,9 @@ class OnnxExport:
                 f"  attention: {self.fused_attention} of {self.attention} fused "
                 "(com.microsoft::MultiHeadAttention)"
             )
+        if self.node_counts:
+            steps = " -> ".join(f"{step} {count}" for step, count in self.node_counts)
+            lines.append(f"  nodes: {steps}")
         if self.quantized_weights:
             lines.append(
                 f"  {self.quant} weights: {self.quantized_weights:,} at "
@@ -131,7 +141,10 @@ def export(
     "int4": NF4 weights requantized to MatMulNBits (`int4_block_size`, `int4_accuracy_level`: 4
     computes in int8; adds error, see `notes`); "int8": every linear weight but the heads
     (capture's `full_precision`) int8 per output channel, activations quantized at run time (ONNX
-    Runtime's dynamic quantization; NF4 weights decoded first); "float": NF4 weights decoded to
+    Runtime's dynamic quantization; NF4 weights decoded first); "int4_int8": the same linears as
+    4-bit codes with a 4-bit multiplier per block of 32 and a scale per channel, which Runtime
+    expands to int8 at load and runs with its int8 kernels (a 4-bit file at int8's speed, see
+    `int4_int8.py`); "float": NF4 weights decoded to
     float MatMuls (no contrib op for them; the largest file).
     merged: require that no unmerged adapter branch is left (a deployment check).
     attention: "fused" (ONNX Runtime's MultiHeadAttention where it computes the op) or "standard"
@@ -163,14 +176,37 @@ def quantized_file(
     otherwise) quantized as `quant` asks, optimized and written to `path`."""
     start = time.perf_counter() if start is None else start
     notes: list[str] = []
+    counts = [("torch.onnx", len(model.graph.node))]
+    model = optimize(model)
+    counts.append(("optimized", len(model.graph.node)))
+    model, int4_weights = _packed(model, int4_weights, peftc_meta(gm).get("full_precision", ()))
+    counts.append(("sibling linears packed", len(model.graph.node)))
     if quant == "int4":
         model = _int4(model, int4_weights, int4_block_size, int4_accuracy_level, notes)
     model = finish(model, dtype)
     if quant == "int8":
         model = _int8(model, gm, notes)
+    elif quant == "int4_int8":
+        model = _int4_int8(model, gm, notes)
+    if len(model.graph.node) != counts[-1][1]:
+        counts.append((quant if dtype == "float32" else f"{quant}, {dtype}", len(model.graph.node)))
     seconds = time.perf_counter() - start
-    info = dict(dtype=dtype, quant=quant, seconds=seconds, notes=notes)
+    info = dict(dtype=dtype, quant=quant, seconds=seconds, notes=notes, node_counts=counts)
     return write(model, path, attention=attention_count(gm), **info)
+
+
+def _packed(
+    model: onnx.ModelProto, int4_weights: set[str], keep: tuple[str, ...]
+) -> tuple[onnx.ModelProto, set[str]]:
+    """Sibling linears packed into one MatMul each; only weights quantized alike share one (NF4
+    weights to requantize, heads int8 leaves in float)."""
+    model, packed = pack_sibling_linears(
+        model, lambda node: (node.inputs[1].name in int4_weights, kept(node.metadata_props, keep))
+    )
+    for name, holds in packed.items():
+        if holds[0] in int4_weights:
+            int4_weights = (int4_weights - set(holds)) | {name}
+    return model, int4_weights
 
 
 def _int4(
@@ -194,6 +230,27 @@ def _int8(model: onnx.ModelProto, gm: fx.GraphModule, notes: list[str]) -> onnx.
     return model
 
 
+def _int4_int8(model: onnx.ModelProto, gm: fx.GraphModule, notes: list[str]) -> onnx.ModelProto:
+    keep = tuple(peftc_meta(gm).get("full_precision", ()))
+    model, count, error = quantize_int4_int8(model, keep)
+    if not count:
+        notes.append(
+            "int4_int8 left every weight float: the graph has no float32 linear (MatMul or Gemm on "
+            f"a weight) outside the heads kept in full precision ({', '.join(keep) or 'none'})"
+        )
+        return model
+    notes.append(
+        f"{count} linear weights int4 in blocks of {INT4_INT8_GROUP} (4-bit multipliers of a "
+        "per-channel scale), expanded to int8 when ONNX Runtime loads the file and run by its int8 "
+        f"kernels; adds a relative weight error ||W_int4 - W|| / ||W|| = {error:.4f}"
+    )
+    try:
+        onnx.checker.check_model(model)
+    except onnx.checker.ValidationError as e:
+        raise ExportError(f"the int4_int8 model fails onnx.checker: {e}") from e
+    return model
+
+
 def _check_options(gm: fx.GraphModule, quant: str, dtype: str) -> None:
     if dtype not in _DTYPES:
         raise ExportError(f"dtype must be one of {', '.join(_DTYPES)}, got {dtype!r}")
@@ -204,8 +261,8 @@ def _check_options(gm: fx.GraphModule, quant: str, dtype: str) -> None:
             "quant='int4' requantizes the graph's NF4 weights, and it has none: apply nf4 first "
             "(heads stay float, as in QLoRA), or choose quant='int8'"
         )
-    if quant == "int8" and dtype != "float32":
-        raise ExportError("quant='int8' quantizes float32 weights: export with dtype='float32'")
+    if quant in ("int8", "int4_int8") and dtype != "float32":
+        raise ExportError(f"quant={quant!r} quantizes float32 weights: export with dtype='float32'")
 
 
 def attention_count(gm: fx.GraphModule) -> int:
@@ -296,9 +353,9 @@ def _output_names(program: torch.export.ExportedProgram) -> list[str]:
     return [name if name[0].isalpha() else f"output_{name}" for name in names]
 
 
-def finish(model: onnx.ModelProto, dtype: str) -> onnx.ModelProto:
-    """Optimize (never folding graph inputs; the Identity nodes torch.onnx leaves where a
-    transpose pair cancelled removed too), convert to float16 if asked, and check."""
+def optimize(model: onnx.ModelProto) -> onnx.ModelProto:
+    """onnxscript's optimizer (never folding graph inputs), and the Identity nodes torch.onnx
+    leaves where a transpose pair cancelled removed."""
     import onnxscript.optimizer
     from onnxscript import ir
 
@@ -307,9 +364,15 @@ def finish(model: onnx.ModelProto, dtype: str) -> onnx.ModelProto:
         graph = ir.from_proto(model)
         ir.passes.common.IdentityEliminationPass()(graph)
         cleaned = ir.to_proto(graph)
-        # an Identity between two outputs (one tensor returned twice) goes with a name: keep it
-        if [o.name for o in cleaned.graph.output] == [o.name for o in model.graph.output]:
-            model = cleaned
+    # an Identity between two outputs (one tensor returned twice) goes with a name: keep it
+    if [o.name for o in cleaned.graph.output] == [o.name for o in model.graph.output]:
+        model = cleaned
+    return model
+
+
+def finish(model: onnx.ModelProto, dtype: str) -> onnx.ModelProto:
+    """Convert an optimized model to float16 if asked, and check it."""
+    with quiet():
         if dtype == "float16":
             from onnxruntime.transformers.float16 import convert_float_to_float16
 
@@ -525,15 +588,29 @@ def _quantized_bits(model: onnx.ModelProto) -> tuple[float, int]:
     inits = {init.name: init for init in model.graph.initializer}
     bits = count = 0
     for node in model.graph.node:
-        if node.op_type not in ("MatMulBnb4", "MatMulNBits"):
+        if node.op_type in ("MatMulBnb4", "MatMulNBits"):
+            attrs = {a.name: a.i for a in node.attribute}
+            count += attrs["K"] * attrs["N"]
+            stored = [inits[name] for name in node.input[1:4] if name in inits]
+        elif node.op_type == "DynamicQuantizeMatMul" and _int4_int8_parts(node, inits):
+            stored = _int4_int8_parts(node, inits)
+            count += math.prod(stored[0].dims)
+        else:
             continue
-        attrs = {a.name: a.i for a in node.attribute}
-        count += attrs["K"] * attrs["N"]
-        bits += sum(_tensor_bytes(inits[name]) * 8 for name in node.input[1:4] if name in inits)
+        bits += sum(_tensor_bytes(tensor) * 8 for tensor in stored)
     return (bits / count if count else 0.0), count
 
 
+def _int4_int8_parts(node: onnx.NodeProto, inits: dict) -> list[onnx.TensorProto]:
+    """The int4 codes, multipliers and scales an int4_int8 DynamicQuantizeMatMul reads."""
+    prefix = node.input[2].removesuffix("_int4_scales")
+    names = [f"{prefix}_int4_{part}" for part in ("codes", "multipliers", "scales")]
+    return [inits[n] for n in names] if all(n in inits for n in names) else []
+
+
 def _tensor_bytes(tensor: onnx.TensorProto) -> int:
+    if tensor.data_type in (onnx.TensorProto.INT4, onnx.TensorProto.UINT4):
+        return (math.prod(tensor.dims) + 1) // 2
     itemsize = onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type).itemsize
     return math.prod(tensor.dims) * itemsize
 
@@ -552,4 +629,8 @@ def linear_weight_bytes(model: onnx.ModelProto) -> int:
             )
         elif node.op_type in ("MatMulBnb4", "MatMulNBits"):
             total += sum(_tensor_bytes(inits[n]) for n in node.input[1:4] if n in inits)
+        elif node.op_type == "MatMulInteger" and node.input[1] in inits:
+            total += _tensor_bytes(inits[node.input[1]])  # int8's scales not counted
+        elif node.op_type == "DynamicQuantizeMatMul":
+            total += sum(_tensor_bytes(t) for t in _int4_int8_parts(node, inits))
     return total

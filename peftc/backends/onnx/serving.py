@@ -25,7 +25,14 @@ from torch import fx
 
 from peftc._io import atomic_path, atomic_write
 from peftc.backends.onnx.contrib import requantize_int4
-from peftc.backends.onnx.exporter import OnnxExport, finish, onnx_model, writable_path, write
+from peftc.backends.onnx.exporter import (
+    OnnxExport,
+    finish,
+    onnx_model,
+    optimize,
+    writable_path,
+    write,
+)
 from peftc.errors import ExportError
 from peftc.ir.graph import get_tensor, qualify
 from peftc.ir.pipeline import apply
@@ -116,7 +123,7 @@ def _base_with_slot(
     if int4_weights:
         model, _ = requantize_int4(model, int4_weights, 32)
     slot_inputs = _slot_to_inputs(model, sites)
-    return finish(model, "float32"), slot_inputs
+    return finish(optimize(model), "float32"), slot_inputs
 
 
 def _check_servable(record: dict[str, Adapter], name: str) -> None:
