@@ -9,8 +9,13 @@ Runtime (CPU):
    fused (com.microsoft::MultiHeadAttention), and with ONNX's own ops (`attention="standard"`);
 2. NF4: `nf4` (every linear but the heads) -> MatMulBnb4;
 3. int4: the NF4 model requantized to MatMulNBits, blocks of 128 computing in int8
-   (accuracy level 4), and blocks of 32 in float;
+   (accuracy level 4), and blocks of 32 in float; and the merged model's linears as int4 codes
+   with 4-bit block multipliers, expanded to int8 at load and run by int8 kernels (int4_int8);
 4. int8: the merged model's linears int8 per channel, activations quantized at run time.
+
+Every peftc file has its sibling linears packed (q|k|v in one MatMul); the notes give each file's
+node counts through the export's steps (torch.onnx, optimized, sibling
+linears packed, quantized).
 
 Peers, timed in the same interleaved rounds: the merged module in PyTorch eager and under
 `torch.compile` (Inductor), the NF4 module in eager, and, with `--optimum-python` (an environment
@@ -57,7 +62,14 @@ PEFTC_FILES = (
         {"quant": "int4", "int4_block_size": 128, "int4_accuracy_level": 4},
     ),
     ("int4 b32", "quantized", {"quant": "int4"}),
+    ("int4 in the file, int8 kernels", "merged", {"quant": "int4_int8"}),
     ("int8 dynamic", "merged", {"quant": "int8"}),
+)
+FOUR_BIT = (
+    "NF4 (MatMulBnb4)",
+    "int4 b128, int8 compute",
+    "int4 b32",
+    "int4 in the file, int8 kernels",
 )
 
 
@@ -135,12 +147,13 @@ def bench(
 
     expected = {name: eager(g).numpy() for name, g in graphs.items()}  # base: Optimum's model
     with tempfile.TemporaryDirectory() as folder:
-        onnx_files = {}
+        onnx_files, steps = {}, {}
         for variant, source, settings in PEFTC_FILES:
             result = peftc_onnx.export(
                 graphs[source], Path(folder) / f"{len(onnx_files)}.onnx", **settings
             )
             onnx_files[variant] = (result.path, source)
+            steps[variant] = " -> ".join(f"{n}" for _, n in result.node_counts)
         for variant, path in optimum_files(optimum_python, model_name, Path(folder)).items():
             onnx_files[variant] = (path, "base")
         for variant, (path, source) in onnx_files.items():
@@ -156,6 +169,7 @@ def bench(
             notes[variant] = (
                 f"max |ORT - eager| {float(np.abs(got - expected[source]).max()):.1e}; "
                 f"attention fused {fused}; {len(ops)} nodes"
+                + (f" (export steps {steps[variant]})" if variant in steps else "")
             )
             files[variant] = (path.stat().st_size, peftc_onnx.linear_weight_bytes(model))
             fns[variant] = lambda s=session, a=arrays: s.run(None, a)
@@ -245,6 +259,12 @@ def main(argv: list[str] | None = None) -> int:
     wall = time.perf_counter() - started
     print()
     print(table(rows))
+    forward = {r["measurement"].removesuffix(" forward"): r["onnxruntime"] for r in rows}
+    fastest = min(FOUR_BIT, key=forward.__getitem__)
+    print(
+        f"\nfastest 4-bit file: {fastest}, {forward[fastest] / forward['merged fp32']:.3f} of the "
+        "merged fp32 file's time"
+    )
     print(
         "\nforward rows: vs the merged module in PyTorch eager (ratio < 1: faster); file rows: vs "
         f"the merged fp32 file. {args.threads} threads on every side; medians of {repeat} "
