@@ -60,7 +60,9 @@ def test_each_row_is_its_adapter_as_peft_serves_it(tmp_path, kernel):
             input_ids=ids, attention_mask=mask, adapter_names=[n or "__base__" for n in names]
         ).logits
     close(ours, theirs, "rows against peft's mixed batch")
-    for row, name in enumerate(names):  # and each row is that adapter's merged model
+    # and each row is that adapter's merged model: x (W + s B A) rounds otherwise than
+    # x W + s (x A) B (1.5e-5 seen under the Triton interpreter on one machine), hence 1e-4
+    for row, name in enumerate(names):
         single = peftc.apply(captured("tiny-llama"), "identity")
         if name is not None:
             single = peftc.apply(peftc.load_adapter(single, tmp_path / name, adapter=name), "merge")
@@ -68,6 +70,7 @@ def test_each_row_is_its_adapter_as_peft_serves_it(tmp_path, kernel):
             ours[row],
             single(ids[row : row + 1].repeat(2, 1), attention_mask=mask[:2]).logits[0],
             f"row {row} against {name}'s merged model",
+            tol=1e-4,
         )
 
 

@@ -80,9 +80,10 @@ def export_fastest(
     **options: Any,
 ) -> OnnxExport:
     """Write to `path` the fastest of `CANDIDATES` whose `accuracy` (higher is better) is at most
-    `tolerance` below the float export's (`choose`: times within 5 % count as one speed). The result's `quant` names the one chosen, its
-    `candidates` and notes hold every measurement. `inputs`: what to time (default: the capture's
-    example inputs); `options`: `onnx_model`'s (args, kwargs, dynamic, merged, attention)."""
+    `tolerance` below the float export's (`choose`: times within 5 % count as one speed). The
+    result's `quant` names the one chosen, its `candidates` and notes hold every measurement.
+    `inputs`: what to time (default: the capture's example inputs); `options`: `onnx_model`'s
+    (args, kwargs, dynamic, merged, attention)."""
     path = writable_path(path)
     refused = sorted(set(options) & {"quant", "int4_block_size", "int4_accuracy_level", "dtype"})
     if refused:
