@@ -653,3 +653,26 @@ def test_export_fastest_breaks_ties_by_accuracy_then_size():
     tied = candidate("int4 b32", 190, 0.813, 53)
     assert choose([float_, fast_int8, tied], 0.005).name == "int4 b32"  # same score: smaller
     assert choose([float_, candidate("int8", 100, 0.80, 56)], 0.005).name == "float"
+
+
+def test_int4_int8_stores_a_shared_weight_once(tmp_path):
+    """One linear called on two tensors: its 4-bit weight is stored and expanded once, and both
+    products read it."""
+
+    class Twice(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.linear = torch.nn.Linear(64, 32)
+
+        def forward(self, x):
+            return self.linear(x) + self.linear(x * 2)
+
+    gm = peftc.capture(Twice(), (torch.randn(2, 5, 64),))
+    result = peftc_onnx.export(gm, tmp_path / "twice.onnx", quant="int4_int8")
+    model = onnx.load(str(result.path))
+    assert [i.data_type for i in model.graph.initializer].count(onnx.TensorProto.INT4) == 1
+    assert [n.op_type for n in model.graph.node].count("DynamicQuantizeMatMul") == 2
+    assert result.quantized_weights == 64 * 32
+    x = torch.randn(3, 7, 64)
+    (got,), (expected,) = run_onnx(result.path, {"x": x}), eager(gm, {"x": x})
+    assert 0 < np.linalg.norm(got - expected) / np.linalg.norm(expected) < 0.1

@@ -354,8 +354,8 @@ def _output_names(program: torch.export.ExportedProgram) -> list[str]:
 
 
 def optimize(model: onnx.ModelProto) -> onnx.ModelProto:
-    """onnxscript's optimizer (never folding graph inputs), and the Identity nodes torch.onnx
-    leaves where a transpose pair cancelled removed."""
+    """onnxscript's optimizer (never folding graph inputs), the Identity nodes torch.onnx leaves
+    where a transpose pair cancelled removed, and equal constants stored once."""
     import onnxscript.optimizer
     from onnxscript import ir
 
@@ -363,6 +363,8 @@ def optimize(model: onnx.ModelProto) -> onnx.ModelProto:
         model = onnxscript.optimizer.optimize(model)
         graph = ir.from_proto(model)
         ir.passes.common.IdentityEliminationPass()(graph)
+        # a weight used twice is transposed into two equal constants by the folding
+        ir.passes.common.DeduplicateHashedInitializersPass()(graph)
         cleaned = ir.to_proto(graph)
     # an Identity between two outputs (one tensor returned twice) goes with a name: keep it
     if [o.name for o in cleaned.graph.output] == [o.name for o in model.graph.output]:
@@ -587,16 +589,22 @@ def _quantized_bits(model: onnx.ModelProto) -> tuple[float, int]:
     """Bits per weight of the 4-bit weights in the file (codes plus their statistics)."""
     inits = {init.name: init for init in model.graph.initializer}
     bits = count = 0
+    counted = set()  # a weight two nodes share counts once
     for node in model.graph.node:
         if node.op_type in ("MatMulBnb4", "MatMulNBits"):
-            attrs = {a.name: a.i for a in node.attribute}
-            count += attrs["K"] * attrs["N"]
             stored = [inits[name] for name in node.input[1:4] if name in inits]
-        elif node.op_type == "DynamicQuantizeMatMul" and _int4_int8_parts(node, inits):
+        elif node.op_type == "DynamicQuantizeMatMul":
             stored = _int4_int8_parts(node, inits)
-            count += math.prod(stored[0].dims)
         else:
             continue
+        if not stored or stored[0].name in counted:
+            continue
+        counted.add(stored[0].name)
+        if node.op_type == "DynamicQuantizeMatMul":
+            count += math.prod(stored[0].dims)
+        else:
+            attrs = {a.name: a.i for a in node.attribute}
+            count += attrs["K"] * attrs["N"]
         bits += sum(_tensor_bytes(tensor) * 8 for tensor in stored)
     return (bits / count if count else 0.0), count
 
@@ -617,20 +625,19 @@ def _tensor_bytes(tensor: onnx.TensorProto) -> int:
 
 def linear_weight_bytes(model: onnx.ModelProto) -> int:
     """Bytes of the weights of matrix products in `model` (MatMul/Gemm initializers and 4-bit
-    weights with their statistics); embeddings and norms not counted."""
+    weights with their statistics, each tensor once); embeddings and norms not counted."""
     inits = {init.name: init for init in model.graph.initializer}
-    total = 0
+    weights: dict[str, onnx.TensorProto] = {}
     for node in model.graph.node:
         if node.op_type in ("MatMul", "Gemm"):
-            total += sum(
-                _tensor_bytes(inits[n])
-                for n in node.input[1:2]
-                if n in inits and len(inits[n].dims) == 2
-            )
+            stored = [inits[n] for n in node.input[1:2] if n in inits and len(inits[n].dims) == 2]
         elif node.op_type in ("MatMulBnb4", "MatMulNBits"):
-            total += sum(_tensor_bytes(inits[n]) for n in node.input[1:4] if n in inits)
-        elif node.op_type == "MatMulInteger" and node.input[1] in inits:
-            total += _tensor_bytes(inits[node.input[1]])  # int8's scales not counted
+            stored = [inits[n] for n in node.input[1:4] if n in inits]
+        elif node.op_type == "MatMulInteger":
+            stored = [inits[n] for n in node.input[1:2] if n in inits]  # int8's scales not counted
         elif node.op_type == "DynamicQuantizeMatMul":
-            total += sum(_tensor_bytes(t) for t in _int4_int8_parts(node, inits))
-    return total
+            stored = _int4_int8_parts(node, inits)
+        else:
+            continue
+        weights.update((tensor.name, tensor) for tensor in stored)
+    return sum(_tensor_bytes(tensor) for tensor in weights.values())

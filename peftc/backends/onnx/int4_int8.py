@@ -25,7 +25,7 @@ import onnx
 import onnx_ir as ir
 
 from peftc.backends.onnx.contrib import kept
-from peftc.backends.onnx.rewrites import linears
+from peftc.backends.onnx.rewrites import Linear, linears
 from peftc.backends.onnx.rewrites import take_place as _take_place
 
 __all__ = ["quantize_int4_int8", "int4_int8_weight", "GROUP"]
@@ -79,13 +79,17 @@ def quantize_int4_int8(
         and linear.weight.const_value.dtype == ir.DataType.FLOAT
     ]
     error = total = 0.0
+    expanded: dict[tuple[str, bool], tuple[ir.Value, ir.Value]] = {}  # a shared weight, once
     for linear in chosen:
-        weight = linear.weight_kn()
-        parts = int4_int8_weight(weight, group)
-        deviation = _dequantized(*parts, group)[: weight.shape[0]] - weight
-        error += float((deviation.astype(np.float64) ** 2).sum())
-        total += float((weight.astype(np.float64) ** 2).sum())
-        _replace(graph.graph, linear, *parts, group)
+        key = (linear.weight.name, linear.transposed)
+        if key not in expanded:
+            weight = linear.weight_kn()
+            parts = int4_int8_weight(weight, group)
+            deviation = _dequantized(*parts, group)[: weight.shape[0]] - weight
+            error += float((deviation.astype(np.float64) ** 2).sum())
+            total += float((weight.astype(np.float64) ** 2).sum())
+            expanded[key] = _expansion(graph.graph, linear, *parts, group)
+        _replace(graph.graph, linear, *expanded[key])
     if chosen:
         graph.opset_imports[""] = max(graph.opset_imports.get("", _OPSET), _OPSET)
         graph.opset_imports.setdefault("com.microsoft", 1)
@@ -96,10 +100,12 @@ def _dequantized(codes, multipliers, scales, group: int) -> np.ndarray:
     return codes.astype(np.float32) * np.repeat(multipliers, group, axis=0) * scales
 
 
-def _replace(graph: ir.Graph, linear, codes, multipliers, scales, group: int) -> None:
-    """The linear's MatMul (and bias Add) -> the expansion of its int4 weight to int8, and
-    DynamicQuantizeMatMul."""
-    name = linear.weight.name
+def _expansion(
+    graph: ir.Graph, linear: Linear, codes, multipliers, scales, group: int
+) -> tuple[ir.Value, ir.Value]:
+    """Nodes before `linear` that multiply its 4-bit codes and multipliers out to the int8 [K, N]
+    weight (constants only: ONNX Runtime folds them at load); the int8 weight and the scales."""
+    name = linear.weight.name + ("_t" if linear.transposed else "")
     k_padded, n = codes.shape
     stored_codes = _constant(graph, f"{name}_int4_codes", codes.reshape(-1, group, n), "INT4")
     stored_multipliers = _constant(
@@ -120,23 +126,23 @@ def _replace(graph: ir.Graph, linear, codes, multipliers, scales, group: int) ->
             _constant(graph, f"{name}_int4_{b}", np.array([v])) for b, v in (("0", 0), ("k", k))
         ]
         nodes.append(ir.node("Slice", [rows.outputs[0], *bounds]))
-    int8 = ir.node("Cast", [nodes[-1].outputs[0]], {"to": ir.DataType.INT8})
+    nodes.append(ir.node("Cast", [nodes[-1].outputs[0]], {"to": ir.DataType.INT8}))
+    for i, node in enumerate(nodes):
+        node.name = f"{name}_int4_int8_{i}"
+    graph.insert_before(linear.matmul, nodes)
+    return nodes[-1].outputs[0], _constant(graph, f"{name}_int4_scales", scales)
+
+
+def _replace(graph: ir.Graph, linear: Linear, weight: ir.Value, scales: ir.Value) -> None:
+    """The linear's MatMul or Gemm (and bias Add) -> DynamicQuantizeMatMul on the int8 weight."""
     matmul = ir.node(
         "DynamicQuantizeMatMul",
-        [
-            linear.matmul.inputs[0],
-            int8.outputs[0],
-            _constant(graph, f"{name}_int4_scales", scales),
-            None,
-            linear.bias,
-        ],
+        [linear.matmul.inputs[0], weight, scales, None, linear.bias],
         domain="com.microsoft",
+        name=f"{linear.matmul.name}_int4_int8",
         metadata_props=dict(linear.matmul.metadata_props),
     )
-    nodes += [int8, matmul]
-    for i, node in enumerate(nodes):
-        node.name = f"{linear.matmul.name}_int4_int8_{i}"
-    graph.insert_before(linear.matmul, nodes)
+    graph.insert_before(linear.matmul, [matmul])
     old = linear.output
     ir.convenience.replace_all_uses_with(old, matmul.outputs[0], replace_graph_outputs=True)
     graph.remove(linear.nodes, safe=True)

@@ -39,10 +39,14 @@ class Linear:
     def nodes(self) -> list[ir.Node]:
         return [self.matmul, self.add] if self.add else [self.matmul]
 
+    @property
+    def transposed(self) -> bool:
+        """Whether the weight is stored [N, K] (a Gemm with transB)."""
+        return self.matmul.op_type == "Gemm" and bool(self.matmul.attributes.get_int("transB", 0))
+
     def weight_kn(self) -> np.ndarray:
         weight = self.weight.const_value.numpy()
-        transposed = self.matmul.op_type == "Gemm" and self.matmul.attributes.get_int("transB", 0)
-        return weight.T if transposed else weight
+        return weight.T if self.transposed else weight
 
 
 def pack_sibling_linears(
