@@ -3,6 +3,7 @@ architecture, each technique adapts the modules peft's does with its default con
 refuse."""
 
 import copy
+import logging
 
 import peft
 import pytest
@@ -51,3 +52,23 @@ def test_mixtral_s_default_is_peft_s_table_where_peft_loses_it():
         peft.get_peft_model(tiny_model("mixtral"), peft.LoraConfig(r=4))
     record = adapters(peftc.apply(graph("mixtral"), "lora"))["default"]
     assert {path.rpartition(".")[2] for path, _ in record.sites} == {"q_proj", "v_proj"}
+
+
+def test_peft_tables_are_read_without_bitsandbytes_hub_warning(tmp_path, monkeypatch, caplog):
+    """Importing peft imports bitsandbytes, which on CPUs with AVX512-BF16 logs that it could not
+    fetch a kernel from the Hub (seen on `lora(targets='all-linear')`); peftc's import of peft's
+    tables keeps that out of the user's output and leaves the logger as it was."""
+    from peftc._peft import peft_module
+
+    (tmp_path / "imports_bitsandbytes.py").write_text(
+        "import logging\n"
+        "logging.getLogger('bitsandbytes.backends.cpu.ops').warning('Failed to load CPU kernel')\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    logging.getLogger("bitsandbytes").setLevel(logging.WARNING)
+    with caplog.at_level(logging.WARNING):
+        peft_module("imports_bitsandbytes")
+    assert "Failed to load" not in caplog.text
+    assert logging.getLogger("bitsandbytes").level == logging.WARNING
+    constants = peft_module("peft.utils.constants")
+    assert "llama" in constants.TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING

@@ -3,11 +3,11 @@ architecture."""
 
 from __future__ import annotations
 
-import importlib
 from typing import Any
 
 from torch import fx
 
+from peftc._peft import peft_module
 from peftc.errors import OptionError
 from peftc.ir.graph import peftc_meta
 from peftc.ir.targets import names_pattern, select
@@ -59,7 +59,7 @@ def peft_table(name: str, pass_name: str) -> dict[str, list[str]]:
     """peft's per-family table `TRANSFORMERS_MODELS_TO_<name>_MODULES_MAPPING` (`LORA_TARGET`,
     `IA3_FEEDFORWARD`, ...), read from the installed peft."""
     try:
-        constants = importlib.import_module("peft.utils.constants")
+        constants = peft_module("peft.utils.constants")
     except ImportError:
         raise OptionError(
             f"{pass_name}: the default targets are peft's per-family table, and peft is not "

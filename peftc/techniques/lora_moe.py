@@ -11,12 +11,12 @@ shared expert's `down_proj`) is left out, as in peft. The tables are read from t
 from __future__ import annotations
 
 import dataclasses
-import importlib
 import re
 from typing import Any
 
 from torch import fx
 
+from peftc._peft import peft_module
 from peftc.errors import OptionError
 from peftc.ir.graph import peftc_meta
 from peftc.sites.selection import resolve_sites
@@ -60,7 +60,7 @@ def _peft_tables(gm: fx.GraphModule) -> tuple[dict, dict] | None:
     None where peft has no conversion for it."""
     model_type = peftc_meta(gm).get("capture", {}).get("config", {}).get("model_type")
     try:
-        conversion = importlib.import_module("peft.utils.transformers_weight_conversion")
+        conversion = peft_module("peft.utils.transformers_weight_conversion")
     except ImportError:
         if any(t.endswith("Experts") for t in peftc_meta(gm).get("module_types", {}).values()):
             raise OptionError(

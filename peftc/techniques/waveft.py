@@ -31,7 +31,6 @@ projections are refused, as peft does not adapt them.
 from __future__ import annotations
 
 import dataclasses
-import importlib
 import math
 import re
 from dataclasses import dataclass
@@ -40,6 +39,7 @@ from typing import Any
 import torch
 from torch import fx, nn
 
+from peftc._peft import peft_module
 from peftc.errors import OptionError
 from peftc.technique import (
     AdapterOptions,
@@ -108,8 +108,8 @@ def _bank(family: str) -> tuple[list[float], list[float], int]:
         s = math.sqrt(0.5)
         return [s, s], [s, -s], 0
     try:
-        wavelet = importlib.import_module("peft.tuners.waveft.wavelet")
-        constants = importlib.import_module("peft.tuners.waveft.constants")
+        wavelet = peft_module("peft.tuners.waveft.wavelet")
+        constants = peft_module("peft.tuners.waveft.constants")
     except ImportError:
         raise OptionError(
             f"waveft: wavelet_family={family!r} takes its filters from peft's tables, and peft is "
