@@ -244,11 +244,7 @@ def _int4_int8(model: onnx.ModelProto, gm: fx.GraphModule, notes: list[str]) -> 
         "per-channel scale), expanded to int8 when ONNX Runtime loads the file and run by its int8 "
         f"kernels; adds a relative weight error ||W_int4 - W|| / ||W|| = {error:.4f}"
     )
-    try:
-        onnx.checker.check_model(model)
-    except onnx.checker.ValidationError as e:
-        raise ExportError(f"the int4_int8 model fails onnx.checker: {e}") from e
-    return model
+    return checked(model)
 
 
 def _check_options(gm: fx.GraphModule, quant: str, dtype: str) -> None:
@@ -379,6 +375,10 @@ def finish(model: onnx.ModelProto, dtype: str) -> onnx.ModelProto:
             from onnxruntime.transformers.float16 import convert_float_to_float16
 
             model = convert_float_to_float16(model, keep_io_types=True, disable_shape_infer=True)
+    return checked(model)
+
+
+def checked(model: onnx.ModelProto) -> onnx.ModelProto:
     try:
         onnx.checker.check_model(model)
     except onnx.checker.ValidationError as e:

@@ -45,22 +45,20 @@ def int4_int8_weight(weight: np.ndarray, group: int = GROUP) -> tuple[np.ndarray
     ideal = np.abs(blocks).max(axis=1) / 7  # [blocks, N]: the scale that maps absmax to 7
     scales = ideal.max(axis=0) / 16
     scales[scales == 0] = 1.0
-    best_error = best_codes = best_multipliers = None
-    for rounding in (np.floor, np.ceil):
+
+    def rounded(rounding) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         multipliers = np.clip(rounding(ideal / scales), 1, 16)
         step = (scales * multipliers)[:, None, :]
         codes = np.clip(np.round(blocks / step), -8, 7)
-        error = ((codes * step - blocks) ** 2).sum(axis=1)
-        if best_error is None:
-            best_error, best_codes, best_multipliers = error, codes, multipliers
-            continue
-        better = error < best_error
-        best_codes = np.where(better[:, None, :], codes, best_codes)
-        best_multipliers = np.where(better, multipliers, best_multipliers)
-        best_error = np.minimum(error, best_error)
+        return codes, multipliers, ((codes * step - blocks) ** 2).sum(axis=1)
+
+    (low_codes, low, low_error), (high_codes, high, high_error) = map(rounded, (np.floor, np.ceil))
+    better = high_error < low_error  # [blocks, N]
+    codes = np.where(better[:, None, :], high_codes, low_codes)
+    multipliers = np.where(better, high, low)
     return (
-        best_codes.reshape(-1, n).astype(np.int8),
-        best_multipliers.astype(np.uint8),
+        codes.reshape(-1, n).astype(np.int8),
+        multipliers.astype(np.uint8),
         scales.astype(np.float32),
     )
 
@@ -88,7 +86,7 @@ def quantize_int4_int8(
             deviation = _dequantized(*parts, group)[: weight.shape[0]] - weight
             error += float((deviation.astype(np.float64) ** 2).sum())
             total += float((weight.astype(np.float64) ** 2).sum())
-            expanded[key] = _expansion(graph.graph, linear, *parts, group)
+            expanded[key] = _expansion(graph.graph, linear, *parts, group, k=weight.shape[0])
         _replace(graph.graph, linear, *expanded[key])
     if chosen:
         graph.opset_imports[""] = max(graph.opset_imports.get("", _OPSET), _OPSET)
@@ -101,7 +99,7 @@ def _dequantized(codes, multipliers, scales, group: int) -> np.ndarray:
 
 
 def _expansion(
-    graph: ir.Graph, linear: Linear, codes, multipliers, scales, group: int
+    graph: ir.Graph, linear: Linear, codes, multipliers, scales, group: int, k: int
 ) -> tuple[ir.Value, ir.Value]:
     """Nodes before `linear` that multiply its 4-bit codes and multipliers out to the int8 [K, N]
     weight (constants only: ONNX Runtime folds them at load); the int8 weight and the scales."""
@@ -120,7 +118,6 @@ def _expansion(
     product = ir.node("Mul", [code_values.outputs[0], multiplier.outputs[0]])
     rows = ir.node("Reshape", [product.outputs[0], shape])
     nodes = [code_values, multiplier_values, multiplier, product, rows]
-    k = linear.weight_kn().shape[0]
     if k != k_padded:
         bounds = [
             _constant(graph, f"{name}_int4_{b}", np.array([v])) for b, v in (("0", 0), ("k", k))

@@ -112,12 +112,9 @@ def _is_vector(value: ir.Value | None, n: int) -> bool:
 
 def _pack(graph: ir.Graph, members: list[Linear]) -> tuple[str, list[str]]:
     first = members[0]
-    weight = _initializer(
-        graph,
-        f"{first.weight.name}_packed",
-        np.concatenate([m.weight_kn() for m in members], axis=1),
-    )
-    widths = [m.weight_kn().shape[1] for m in members]
+    weights = [m.weight_kn() for m in members]
+    weight = _initializer(graph, f"{first.weight.name}_packed", np.concatenate(weights, axis=1))
+    widths = [w.shape[1] for w in weights]
     name = first.matmul.name
     matmul = ir.node(
         "MatMul",
